@@ -1,0 +1,1 @@
+"""Re-exports for the seed's ``fisher.core`` path."""

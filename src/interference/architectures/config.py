@@ -1,0 +1,97 @@
+"""QKOVConfig: the attention geometry every downstream stage reads (SPEC section 2)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch.nn as nn
+
+BLOCKS = ("Q", "K", "V", "O")
+
+
+def _first_attr(cfg, names, default=None):
+    for name in names:
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass
+class QKOVConfig:
+    """Attention geometry of a model.
+
+    Fields follow the seed's manual constructor. ``head_dim`` is d_k (Q, K),
+    ``v_head_dim`` is d_v (V, O); ``num_kv_heads`` is H_kv (None means H_kv = H).
+    ``layout`` names the registered adapter (None: detect from the modules);
+    ``include_bias`` adds Q/K/V biases to the head slices (never the O bias).
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+    hidden_dim: int | None = None
+    fused_qkv: bool = False
+    fused_qkv_transposed: bool = False
+    uses_gqa: bool = False
+    num_kv_heads: int | None = None
+    layout: str | None = None
+    include_bias: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.v_head_dim is None:
+            self.v_head_dim = self.head_dim
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        if self.num_kv_heads != self.num_heads:
+            self.uses_gqa = True
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head, H / H_kv."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """kv(h) = h // (H / H_kv): the key/value head that query head h reads."""
+        if not 0 <= head < self.num_heads:
+            raise IndexError(f"head {head} out of range [0, {self.num_heads})")
+        return head // self.group_size
+
+    def block_heads(self, block: str) -> int:
+        """Number of distinct head slices of a block: H for Q/O, H_kv for K/V."""
+        return self.num_kv_heads if block in ("K", "V") else self.num_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, include_bias: bool = False, layout: str | None = None
+                   ) -> "QKOVConfig":
+        """Read the geometry from ``model.config`` and the attention modules themselves.
+
+        ``num_key_value_heads`` and ``head_dim`` come from the model config when present;
+        the layout is detected from parameter names and module types (not the class name).
+        """
+        from .indexer import detect_layout
+
+        adapter = detect_layout(model, layout)
+        return adapter.config_from_model(model, include_bias=include_bias)
+
+
+def geometry_from_hf_config(cfg) -> dict:
+    """Heads, KV heads, head dim and width from a Hugging Face config object."""
+    hidden = _first_attr(cfg, ["hidden_size", "n_embd", "d_model", "embed_dim"])
+    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads"])
+    if hidden is None or heads is None:
+        raise ValueError("model config has no hidden size / number of attention heads")
+    kv = _first_attr(cfg, ["num_key_value_heads", "num_kv_heads", "n_head_kv"])
+    if kv is None and getattr(cfg, "multi_query", False):
+        kv = 1
+    head_dim = _first_attr(cfg, ["head_dim"], hidden // heads)
+    return {"hidden_dim": int(hidden), "num_heads": int(heads),
+            "num_kv_heads": int(kv) if kv is not None else int(heads),
+            "head_dim": int(head_dim)}

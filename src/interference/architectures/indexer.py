@@ -1,0 +1,197 @@
+"""QKOVIndexer: (block, layer, head) -> the parameter entries that belong to it.
+
+The indexer turns every block's head slices into gather indices over the flattened
+parameters, so one gradient (or weight, or Fisher) tensor becomes a head-major array
+``[n_block_heads, slice_size]`` with one ``index_select``. The concatenation over all
+(layer, block) of those arrays is the *canonical vector* of length P that the gradient
+store, the Fisher and the metric share.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .config import BLOCKS, QKOVConfig
+from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout
+
+logger = logging.getLogger("fisher.qkov")
+
+REGISTER_HINT = (
+    "Register an adapter for this layout: subclass interference.architectures.AttentionLayout "
+    "(or SplitLayout), set `name` and `patterns` (block -> regex over module paths with the "
+    "layer id as group 1), decorate it with @register_layout, or override "
+    "QKOVIndexer._build_param_patterns(). Inspect candidate names with "
+    "`[n for n, _ in model.named_parameters() if 'attn' in n]`."
+)
+
+
+def _tried(layouts) -> str:
+    return "; ".join(f"{a.name}: {a.patterns.get('Q')}" for a in layouts)
+
+
+def candidate_layouts(pattern_table: dict[str, dict[str, str]] | None = None
+                      ) -> list[AttentionLayout]:
+    """Adapters to try: the registry, with patterns replaced or added from ``pattern_table``
+    (layout name -> block -> regex). A new name becomes a split-projection adapter."""
+    table = pattern_table if pattern_table is not None else {
+        name: dict(a.patterns) for name, a in LAYOUTS.items()}
+    return [(LAYOUTS[name] if name in LAYOUTS else SplitLayout()).with_patterns(name, pats)
+            for name, pats in table.items()]
+
+
+def detect_layout(model: nn.Module, layout: str | None = None,
+                  pattern_table: dict[str, dict[str, str]] | None = None) -> AttentionLayout:
+    """Pick the adapter whose patterns match the model's modules (``layout`` forces one)."""
+    candidates = candidate_layouts(pattern_table)
+    if layout is not None:
+        named = [a for a in candidates if a.name == layout]
+        if not named:
+            raise ValueError(f"unknown attention layout {layout!r}; registered: "
+                             f"{sorted(a.name for a in candidates)}. {REGISTER_HINT}")
+        return named[0]
+    hits = [a for a in candidates if a.matches(model) and a.extra_match(model)]
+    if not hits:
+        raise KeyError(
+            f"Could not find parameter for L0 Q: no registered attention layout matches "
+            f"{type(model).__name__}. Patterns tried: {_tried(candidates)}. {REGISTER_HINT}")
+    if len(hits) > 1:
+        raise ValueError(f"ambiguous attention layout: {[a.name for a in hits]} all match; "
+                         f"set QKOVConfig(layout=...)")
+    return hits[0]
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One (layer, block) of the canonical vector: ``offset`` into it, ``n_heads`` x ``size``."""
+
+    layer: int
+    block: str
+    n_heads: int
+    size: int
+    offset: int
+    parts: tuple  # ((param_name, LongTensor [n_heads, part_size]) ...)
+
+    @property
+    def numel(self) -> int:
+        return self.n_heads * self.size
+
+
+class QKOVIndexer:
+    """Maps (block, layer, head) to slices of a model's real attention parameters.
+
+    Args:
+        model: the transformer.
+        config: its QKOVConfig (``QKOVConfig.from_model(model)`` when None); a config that
+            contradicts the weights' shapes raises ValueError naming both shapes.
+    """
+
+    def __init__(self, model: nn.Module, config: QKOVConfig | None = None):
+        self.model = model
+        self.config = config or QKOVConfig.from_model(model)
+        self.adapter = detect_layout(model, self.config.layout, self._build_param_patterns())
+        self.patterns = dict(self.adapter.patterns)
+        self.layers = sorted(self.adapter.modules_by_layer(model, "Q"))
+        if len(self.layers) != self.config.num_layers:
+            raise ValueError(f"config says num_layers={self.config.num_layers} but the model "
+                             f"has {len(self.layers)} attention layers ({self.adapter.name})")
+        self._params = dict(model.named_parameters())
+        self._modules = dict(model.named_modules())
+        self.entries: dict[tuple[int, str], BlockEntry] = {}
+        offset = 0
+        for layer in self.layers:
+            for block in BLOCKS:
+                entry = self._build_entry(layer, block, offset)
+                self.entries[(layer, block)] = entry
+                offset += entry.numel
+        self.total_size = offset
+
+    # -- extension point of the seed --------------------------------------------------
+    def _build_param_patterns(self) -> dict[str, dict[str, str]]:
+        """Layout name -> block -> regex over module paths (layer id = group 1).
+
+        Override in a subclass to extend: a new name with q/k/v row and o column modules
+        becomes a split-projection adapter, e.g.
+        ``{**super()._build_param_patterns(), "mine": {"Q": r"blocks\.(\d+)\.att\.wq", ...}}``.
+        """
+        return {name: dict(a.patterns) for name, a in LAYOUTS.items()}
+
+    # -- construction -----------------------------------------------------------------
+    def _build_entry(self, layer: int, block: str, offset: int) -> BlockEntry:
+        try:
+            hs: HeadSlices = self.adapter.slices(self.model, self.config, layer, block)
+        except KeyError:
+            raise KeyError(f"Could not find parameter for L{layer} {block}: pattern "
+                           f"{self.patterns.get(block)!r} of layout {self.adapter.name!r} "
+                           f"matched no module. {REGISTER_HINT}") from None
+        module = self._modules[hs.module]
+        weight = module.weight
+        parts = [(f"{hs.module}.weight", self._weight_index(weight, hs, layer, block))]
+        bias = getattr(module, "bias", None)
+        if self.config.include_bias and hs.axis == "rows" and bias is not None:
+            parts.append((f"{hs.module}.bias", torch.stack(
+                [torch.arange(s, s + hs.size) for s in hs.starts])))
+        n_heads = len(hs.starts)
+        size = sum(p.shape[1] for _, p in parts)
+        return BlockEntry(layer, block, n_heads, size, offset, tuple(parts))
+
+    def _weight_index(self, weight: torch.Tensor, hs: HeadSlices, layer: int, block: str
+                      ) -> torch.Tensor:
+        """LongTensor [n_heads, size·fan]: flat indices of each head's entries."""
+        flat = torch.arange(weight.numel()).view(weight.shape)
+        lin = flat.t() if hs.transposed else flat  # Linear convention [out, in]
+        extent = (hs.starts[-1] + hs.size) if hs.starts else 0
+        dim = 0 if hs.axis == "rows" else 1
+        if lin.shape[dim] < extent:
+            kind = "rows" if dim == 0 else "columns"
+            raise ValueError(
+                f"L{layer} {block}: config implies {extent} {kind} ({len(hs.starts)} heads x "
+                f"{hs.size}) in {hs.module}.weight, but its shape is {tuple(weight.shape)} "
+                f"(Linear convention {tuple(lin.shape)}). Check num_heads / num_kv_heads / "
+                f"head_dim / v_head_dim.")
+        if hs.axis == "rows":
+            idx = [lin[s:s + hs.size, :].reshape(-1) for s in hs.starts]
+        else:
+            idx = [lin[:, s:s + hs.size].reshape(-1) for s in hs.starts]
+        return torch.stack(idx)
+
+    # -- use --------------------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameters that hold any head slice, in model order."""
+        used = {name for e in self.entries.values() for name, _ in e.parts}
+        return [n for n in self._params if n in used]
+
+    def entry(self, layer: int, block: str) -> BlockEntry:
+        if (layer, block) not in self.entries:
+            raise KeyError(f"Could not find parameter for L{layer} {block}: layers are "
+                           f"{self.layers}, blocks {BLOCKS}")
+        return self.entries[(layer, block)]
+
+    def gather(self, tensors: dict[str, torch.Tensor], layer: int, block: str) -> torch.Tensor:
+        """Head-major view [n_block_heads, slice_size] of ``tensors`` (name -> tensor shaped
+        like the parameter, e.g. its gradient) for one (layer, block)."""
+        e = self.entry(layer, block)
+        pieces = [tensors[name].reshape(-1)[idx.to(tensors[name].device)].reshape(idx.shape)
+                  for name, idx in e.parts]
+        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The canonical vector [P] of ``tensors`` over all (layer, block), float32."""
+        return torch.cat([self.gather(tensors, l, b).reshape(-1).float()
+                          for (l, b) in self.entries])
+
+    def head_param_indices(self, layer: int, block: str, head: int) -> dict[str, torch.Tensor]:
+        """S(B, l, h): param name -> flat indices of the entries owned by query head ``head``
+        (for K/V: by its group kv(head))."""
+        e = self.entry(layer, block)
+        row = self.config.kv_head(head) if block in ("K", "V") else head
+        return {name: idx[row] for name, idx in e.parts}
+
+    def describe(self) -> dict:
+        """JSON-able summary: layout, layers, sizes per block (for logs and store keys)."""
+        return {"layout": self.adapter.name, "layers": self.layers, "total_size": self.total_size,
+                "config": self.config.to_dict(),
+                "blocks": {f"L{l}.{b}": [e.n_heads, e.size] for (l, b), e in self.entries.items()}}

@@ -1,0 +1,273 @@
+"""The diagonal empirical Fisher of each task and the seed's ``FisherCollector`` (SPEC 4, 7).
+
+``mode='ema'``: F_0 = 0, F_t = β F_{t-1} + (1-β) mean_{i in call t} C_i, Î = F_t / (1-β^t):
+one update per ``collect_fisher`` call. ``mode='mean'``: Î = mean of C_i over all Fisher
+samples, independent of call order. Both at full per-parameter resolution, float32
+(accumulated in float64 for the mean).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..architectures import QKOVConfig, QKOVIndexer
+from .objectives import Objective, default_objective, sample_ids_of
+from .per_sample import PerSampleGradients
+from .store import ContributionCache, GradientStore, natural_key
+
+logger = logging.getLogger("fisher.qkov")
+ROLES = ("fisher", "scored", "reference", "control", "all")
+
+
+class TaskFisher:
+    """Running Fisher of one task. ``value()`` -> float32 [P]."""
+
+    def __init__(self, size: int, mode: str, ema_decay: float):
+        if mode not in ("ema", "mean"):
+            raise ValueError(f"mode must be 'ema' or 'mean', got {mode!r}")
+        if not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        self.mode, self.beta = mode, float(ema_decay)
+        self.state = torch.zeros(size, dtype=torch.float64)
+        self.steps = 0          # EMA updates (calls)
+        self.count = 0          # samples seen
+        self.sample_ids: list[str] = []
+
+    def update(self, batch_sum: torch.Tensor, n: int, ids: list[str]):
+        """Fold in one call's batch: ``batch_sum`` = Σ_i C_i [P] (float64) over ``n`` samples."""
+        if self.mode == "ema":
+            self.state.mul_(self.beta).add_(batch_sum / n, alpha=1.0 - self.beta)
+        else:
+            self.state.add_(batch_sum)
+        self.steps += 1
+        self.count += n
+        self.sample_ids.extend(ids)
+
+    def value(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("Fisher has no samples")
+        if self.mode == "ema":
+            return (self.state / (1.0 - self.beta ** self.steps)).float()
+        return (self.state / self.count).float()
+
+
+class FisherBank:
+    """Fisher of every task; ``get(task)`` -> float32 [P]. ``collector``: backlink."""
+
+    def __init__(self, collector):
+        self.collector = collector
+        self.tasks: dict[str, TaskFisher] = {}
+
+    def get(self, task: str) -> torch.Tensor:
+        if task not in self.tasks:
+            raise KeyError(f"no Fisher collected for task {task!r}; call "
+                           f"collect_fisher(model, batch, task={task!r}, role='fisher')")
+        return self.tasks[task].value()
+
+    def __contains__(self, task):
+        return task in self.tasks
+
+
+class FisherCollector:
+    """Collects, per task, the Fisher and the per-sample gradients of attention weights.
+
+    Args:
+        enable_cross_task_analysis: keep per-sample gradients (the seed's required flag;
+            without it only the Fisher is kept).
+        gradient_memory_mb: budget of the collector's own gradient buffers; the rest spills
+            to ``spill_dir`` (a temporary folder by default). Never dropped.
+        ema_decay: β of the EMA Fisher.
+        store_dtype: storage of g_i: 'float32' | 'bfloat16' | 'float16'.
+        config: QKOVConfig (default: from the first model seen).
+        objective: per-sample loss (default: from the model's family).
+        loss_reduction: 'mean' | 'sum' for the default objective.
+        progress: tqdm bars over samples.
+    """
+
+    def __init__(self, enable_cross_task_analysis: bool = False, gradient_memory_mb: float = 100,
+                 ema_decay: float = 0.99, store_dtype: str = "float32", spill_dir=None,
+                 config: QKOVConfig | None = None, objective: Objective | None = None,
+                 loss_reduction: str = "mean", progress: bool = False):
+        self.enable_cross_task_analysis = enable_cross_task_analysis
+        self.gradient_memory_mb = gradient_memory_mb
+        self.ema_decay, self.store_dtype, self.spill_dir = ema_decay, store_dtype, spill_dir
+        self.config, self.objective = config, objective
+        self.loss_reduction, self.progress = loss_reduction, progress
+        self.token = uuid.uuid4().hex
+        self.fisher = FisherBank(self)
+        self.indexer: QKOVIndexer | None = None
+        self._store: GradientStore | None = None
+        self._model_id = None
+        self._counters: dict[str, int] = {}
+        self._all_role_ids: set[tuple[str, str]] = set()
+
+    # -- the seed's accessors ---------------------------------------------------------
+    @property
+    def gradient_manager(self) -> GradientStore:
+        if self._store is None:
+            raise ValueError("no gradients collected yet: call collect_fisher first")
+        return self._store
+
+    @property
+    def contribution_cache(self) -> ContributionCache:
+        if self._store is None:
+            return ContributionCache(_EmptyStore(), self)
+        return ContributionCache(self._store, self)
+
+    def sample_ids(self, task: str, role: str) -> list[str]:
+        """Sorted dataset ids of (task, role); role 'fisher' lists the Fisher samples."""
+        if role == "fisher":
+            tf = self.fisher.tasks.get(task)
+            return sorted(tf.sample_ids, key=natural_key) if tf else []
+        return self._store.ids(task, role) if self._store else []
+
+    # -- collection -------------------------------------------------------------------
+    def _bind(self, model: nn.Module):
+        if self.indexer is None:
+            self.config = self.config or QKOVConfig.from_model(model)
+            self.indexer = QKOVIndexer(model, self.config)
+            self.objective = self.objective or default_objective(
+                model, loss_reduction=self.loss_reduction)
+            self._model_id = id(model)
+            entries = {k: (e.offset, e.n_heads, e.size) for k, e in self.indexer.entries.items()}
+            self._store = GradientStore(self.indexer.total_size, entries,
+                                        self.gradient_memory_mb, self.store_dtype,
+                                        self.spill_dir, collector=self)
+        elif id(model) != self._model_id:
+            shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            mine = {n: tuple(p.shape) for n, p in self.indexer.model.named_parameters()}
+            if shapes != mine:
+                raise ValueError("collect_fisher got a model with other parameters than the "
+                                 "one this collector was built for; use a new FisherCollector")
+
+    def collect_fisher(self, model: nn.Module, batch: dict, task: str, mode: str = "ema",
+                       role: str = "all") -> dict:
+        """Per-sample gradients of one batch of ``task``.
+
+        role: 'fisher' (update the Fisher only), 'scored' / 'reference' / 'control' (store
+        g_i only), 'all' (the seed's flow: both; warns that Fisher and scored overlap).
+        mode: 'ema' (one EMA update with this call's mean C_i) or 'mean'.
+        Returns {'n_samples', 'mean_loss', 'sample_ids'}.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not task:
+            raise ValueError("task name must be a non-empty string")
+        self._bind(model)
+        n = self.objective.batch_size(batch)
+        if n == 0:
+            raise ValueError(f"task {task!r}: the batch has no samples")
+        ids = sample_ids_of(batch, task, n, self._counters.get(task, 0))
+        self._counters[task] = self._counters.get(task, 0) + n
+        self._check_roles(task, ids, role)
+        tf = self.fisher.tasks.get(task)
+        if role in ("fisher", "all"):
+            if tf is None:
+                tf = self.fisher.tasks[task] = TaskFisher(self.indexer.total_size, mode,
+                                                          self.ema_decay)
+            elif tf.mode != mode:
+                raise ValueError(f"task {task!r} Fisher is in mode {tf.mode!r}, got {mode!r}")
+        keep = role != "fisher" and self.enable_cross_task_analysis
+        if role == "all":
+            warnings.warn(
+                f"task {task!r}: role='all' uses the same samples for the Fisher and as scored "
+                f"samples, so the normaliser has seen what it scores (SPEC 4). Split them: "
+                f"collect_fisher(..., role='fisher') on one batch and role='scored' (and "
+                f"'reference') on disjoint batches.", stacklevel=2)
+            self._all_role_ids.update((task, s) for s in ids)
+        engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
+                                    desc=f"{task} ({role})")
+        total = torch.zeros(self.indexer.total_size, dtype=torch.float64) \
+            if role in ("fisher", "all") else None
+        losses = []
+        for g in engine(batch, ids):
+            losses.append(g.loss)
+            if total is not None:
+                total += g.vector.double().square()
+            if keep:
+                self._store.add(task, "scored" if role == "all" else role, g.sample_id,
+                                g.vector, g.loss, g.n_tokens)
+        if total is not None:
+            tf.update(total, n, ids)
+        logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
+                     sum(losses) / n)
+        return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids}
+
+    def _check_roles(self, task: str, ids: list[str], role: str):
+        """Fisher, scored and reference samples must be disjoint by dataset id (SPEC 4)."""
+        if role == "all":
+            return
+        taken = {}
+        tf = self.fisher.tasks.get(task)
+        if tf:
+            taken.update({s: "fisher" for s in tf.sample_ids})
+        if self._store:
+            for r in self._store.roles(task):
+                taken.update({s: r for s in self._store.ids(task, r)})
+        clash = [s for s in ids if s in taken]
+        if clash:
+            raise ValueError(f"task {task!r}: samples {clash[:5]} are already collected as "
+                             f"{taken[clash[0]]!r}; Fisher, scored and reference samples must "
+                             f"be disjoint by dataset id (SPEC 4)")
+
+    # -- persistence (used by the workflow) -------------------------------------------
+    def save_task(self, task: str, directory: str | os.PathLike, meta: dict | None = None):
+        """Write task's gradients (store format) and Fisher (safetensors) under ``directory``."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(meta or {}, indexer=self.indexer.describe(), task=task)
+        self._store.save(directory, meta=meta, tasks=[task])
+        tf = self.fisher.tasks[task]
+        tmp = directory / ".fisher.safetensors.tmp"
+        save_file({"state": tf.state.contiguous()}, str(tmp), metadata={
+            "mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
+            "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)})
+        os.replace(tmp, directory / "fisher.safetensors")
+
+    @classmethod
+    def from_saved(cls, directories, memory_mb: float = 0.0, **kwargs) -> "FisherCollector":
+        """A collector over saved task folders (no model needed: scoring only)."""
+        self = cls(enable_cross_task_analysis=True, gradient_memory_mb=memory_mb, **kwargs)
+        described = None
+        for d in directories:
+            d = Path(d)
+            store = GradientStore.open(d, memory_mb, collector=self)
+            desc = store.meta["indexer"]
+            if described is None:
+                described = desc
+                self.config = QKOVConfig(**desc["config"])
+                self._store = store
+                self._layers = desc["layers"]
+            else:
+                if desc != described:
+                    raise ValueError(f"{d} was collected with another model or config than "
+                                     f"{directories[0]}")
+                self._store.merge(store)
+            tensors = load_file(str(d / "fisher.safetensors"))
+            with safe_open(str(d / "fisher.safetensors"), "pt") as sf:
+                md = sf.metadata()
+            tf = TaskFisher(store.size, md["mode"], float(md["beta"]))
+            tf.state, tf.steps, tf.count = tensors["state"], int(md["steps"]), int(md["count"])
+            tf.sample_ids = json.loads(md["sample_ids"])
+            self.fisher.tasks[store.meta["task"]] = tf
+        return self
+
+    @property
+    def layers(self) -> list[int]:
+        """Real layer ids of the attention stack."""
+        if self.indexer is not None:
+            return self.indexer.layers
+        return list(getattr(self, "_layers", []))
+
+
+class _EmptyStore:
+    shards: dict = {}

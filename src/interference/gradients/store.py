@@ -1,0 +1,284 @@
+"""The gradient store: per-sample gradients g_i under their dataset ids, within a budget.
+
+Rows are canonical vectors [P] (see ``QKOVIndexer``). A row stays in memory while the
+store's own buffers fit in ``memory_mb``; past that it is appended to a raw file on disk
+(one per (task, role)) and read back by memory map, one (layer, block) column range at
+a time. Nothing is dropped or subsampled. C_i = g_i ⊙ g_i is never stored: it is derived.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROLES = ("fisher", "scored", "reference", "control")
+FORMAT_VERSION = 1
+
+
+def natural_key(sample_id: str):
+    """Sort key that orders 'math:2' before 'math:10'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(sample_id))]
+
+
+def _to_numpy(vec: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    t = vec.detach().to("cpu", dtype)
+    return (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
+
+
+def _from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).float()
+
+
+class _Shard:
+    """Rows of one (task, role): in-memory tensors first, then a raw file on disk."""
+
+    def __init__(self, size: int, dtype: torch.dtype, path: Path):
+        self.size, self.dtype, self.path = size, dtype, path
+        self.ids: list[str] = []
+        self.where: dict[str, tuple[str, int]] = {}   # id -> ('ram', k) | ('disk', row)
+        self.ram: list[torch.Tensor] = []
+        self.disk_rows = 0
+        self._map = None
+
+    @property
+    def np_dtype(self):
+        return np.int16 if self.dtype == torch.bfloat16 else np.dtype(str(self.dtype)[6:])
+
+    @property
+    def row_bytes(self) -> int:
+        return self.size * torch.finfo(self.dtype).bits // 8
+
+    def add(self, sid: str, vec: torch.Tensor, in_ram: bool):
+        if in_ram:
+            self.where[sid] = ("ram", len(self.ram))
+            self.ram.append(vec.detach().to("cpu", self.dtype).clone())
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as fh:
+                fh.write(_to_numpy(vec, self.dtype).tobytes())
+            self.where[sid] = ("disk", self.disk_rows)
+            self.disk_rows += 1
+            self._map = None
+        self.ids.append(sid)
+
+    def disk(self) -> np.ndarray:
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=self.np_dtype, mode="r",
+                                  shape=(self.disk_rows, self.size))
+        return self._map
+
+    def rows(self, ids: list[str], start: int, stop: int) -> torch.Tensor:
+        """float32 [len(ids), stop - start]: columns [start, stop) of the given rows."""
+        out = torch.empty(len(ids), stop - start)
+        for k, sid in enumerate(ids):
+            kind, pos = self.where[sid]
+            if kind == "ram":
+                out[k] = self.ram[pos][start:stop].float()
+            else:
+                out[k] = _from_numpy(self.disk()[pos, start:stop], self.dtype)
+        return out
+
+
+class GradientStore:
+    """Per-sample gradients by (task, role, sample id).
+
+    Args:
+        size: P, the canonical vector length.
+        entries: (layer, block) -> (offset, n_heads, slice_size) of the canonical vector.
+        memory_mb: budget of the in-memory rows; the rest spills to ``spill_dir``.
+        store_dtype: 'float32' | 'bfloat16' | 'float16' (storage only; reads are float32).
+    """
+
+    def __init__(self, size: int, entries: dict, memory_mb: float = 100.0,
+                 store_dtype: str = "float32", spill_dir: str | os.PathLike | None = None,
+                 collector=None):
+        if store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}")
+        self.size, self.entries = size, dict(entries)
+        self.memory_mb, self.store_dtype = float(memory_mb), store_dtype
+        self.dtype = STORE_DTYPES[store_dtype]
+        self._own_dir = spill_dir is None
+        self.spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="qkov-grads-"))
+        self.collector = collector
+        self.shards: dict[tuple[str, str], _Shard] = {}
+        self.norms: dict[tuple[str, str], float] = {}
+        self.losses: dict[tuple[str, str], float] = {}
+        self.n_tokens: dict[tuple[str, str], int] = {}
+        self._ram_bytes = 0
+
+    # -- writing ----------------------------------------------------------------------
+    def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor,
+            loss: float = float("nan"), n_tokens: int = 0):
+        """Store g_i [P] of one sample. Re-adding an id of the same (task, role) is an error."""
+        if vector.shape != (self.size,):
+            raise ValueError(f"gradient of {sample_id!r} has shape {tuple(vector.shape)}, "
+                             f"store expects ({self.size},)")
+        key = (task, role)
+        if key not in self.shards:
+            self.shards[key] = _Shard(self.size, self.dtype,
+                                      self.spill_dir / f"{task}__{role}.bin")
+        shard = self.shards[key]
+        if sample_id in shard.where:
+            raise ValueError(f"sample {sample_id!r} already stored for task {task!r} role {role!r}")
+        row = shard.row_bytes
+        in_ram = self._ram_bytes + row <= self.memory_mb * 2**20
+        shard.add(sample_id, vector, in_ram)
+        self._ram_bytes += row if in_ram else 0
+        self.norms[(task, sample_id)] = float(vector.double().norm())
+        self.losses[(task, sample_id)] = float(loss)
+        self.n_tokens[(task, sample_id)] = int(n_tokens)
+
+    # -- reading ----------------------------------------------------------------------
+    def ids(self, task: str, role: str) -> list[str]:
+        """Sample ids of (task, role), sorted naturally."""
+        shard = self.shards.get((task, role))
+        return sorted(shard.ids, key=natural_key) if shard else []
+
+    def roles(self, task: str) -> list[str]:
+        return [r for (t, r) in self.shards if t == task]
+
+    def tasks(self) -> list[str]:
+        return sorted({t for t, _ in self.shards})
+
+    def _locate(self, task: str, sample_id: str) -> _Shard:
+        for (t, _), shard in self.shards.items():
+            if t == task and sample_id in shard.where:
+                return shard
+        raise KeyError(f"no gradient stored for sample {sample_id!r} of task {task!r}; "
+                       f"collect it with collect_fisher(..., role='scored' or 'reference')")
+
+    def block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
+        """float32 [n, n_block_heads, slice_size]: g of samples ``ids`` on one (layer, block)."""
+        offset, n_heads, size = self.entries[(layer, block)]
+        out = torch.empty(len(ids), n_heads * size)
+        by_shard: dict[int, tuple[_Shard, list[int], list[str]]] = {}
+        for k, sid in enumerate(ids):
+            shard = self._locate(task, sid)
+            by_shard.setdefault(id(shard), (shard, [], []))
+            by_shard[id(shard)][1].append(k)
+            by_shard[id(shard)][2].append(sid)
+        for shard, pos, sids in by_shard.values():
+            out[pos] = shard.rows(sids, offset, offset + n_heads * size)
+        return out.view(len(ids), n_heads, size)
+
+    def vector(self, task: str, sample_id: str) -> torch.Tensor:
+        """float32 [P]: the whole g of one sample."""
+        return self._locate(task, sample_id).rows([sample_id], 0, self.size)[0]
+
+    def grad_norms(self, task: str, ids: list[str]) -> np.ndarray:
+        """[n] L2 norms of g_j over all attention parameters (computed from float32 g)."""
+        return np.array([self.norms[(task, s)] for s in ids])
+
+    def get_memory_usage(self) -> dict:
+        """Bytes held by the store's own buffers, in MB, and what spilled to disk."""
+        disk = sum(s.disk_rows * s.row_bytes for s in self.shards.values())
+        return {"ram_mb": self._ram_bytes / 2**20, "disk_mb": disk / 2**20,
+                "budget_mb": self.memory_mb,
+                "n_samples": sum(len(s.ids) for s in self.shards.values()),
+                "n_on_disk": sum(s.disk_rows for s in self.shards.values())}
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, meta: dict | None = None,
+             tasks: list[str] | None = None):
+        """Write (task, role) rows as raw ``.bin`` files plus ``index.json``, atomically:
+        everything goes to a temporary sibling folder that is renamed into place."""
+        directory = Path(directory)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        index = {"format_version": FORMAT_VERSION, "size": self.size,
+                 "store_dtype": self.store_dtype, "meta": meta or {},
+                 "entries": {f"{l}|{b}": list(v) for (l, b), v in self.entries.items()},
+                 "shards": {}}
+        for (task, role), shard in self.shards.items():
+            if tasks is not None and task not in tasks:
+                continue
+            ids = self.ids(task, role)
+            with open(tmp / f"{task}__{role}.bin", "wb") as fh:
+                for sid in ids:
+                    fh.write(_to_numpy(shard.rows([sid], 0, self.size)[0], self.dtype).tobytes())
+            index["shards"][f"{task}|{role}"] = {
+                "ids": ids, "norms": [self.norms[(task, s)] for s in ids],
+                "losses": [self.losses[(task, s)] for s in ids],
+                "n_tokens": [self.n_tokens[(task, s)] for s in ids]}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, memory_mb: float = 0.0,
+             collector=None) -> "GradientStore":
+        """Memory-map a saved store (read-only rows; nothing is loaded until asked)."""
+        directory = Path(directory)
+        index = json.loads((directory / "index.json").read_text())
+        if index.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: store format {index.get('format_version')} is not "
+                             f"{FORMAT_VERSION}; recollect the gradients")
+        entries = {(int(k.split("|")[0]), k.split("|")[1]): tuple(v)
+                   for k, v in index["entries"].items()}
+        store = cls(index["size"], entries, memory_mb, index["store_dtype"],
+                    spill_dir=directory, collector=collector)
+        store._own_dir = False
+        store.meta = index["meta"]
+        for key, info in index["shards"].items():
+            task, role = key.split("|")
+            shard = _Shard(store.size, store.dtype, directory / f"{task}__{role}.bin")
+            for row, sid in enumerate(info["ids"]):
+                shard.ids.append(sid)
+                shard.where[sid] = ("disk", row)
+                store.norms[(task, sid)] = info["norms"][row]
+                store.losses[(task, sid)] = info["losses"][row]
+                store.n_tokens[(task, sid)] = info["n_tokens"][row]
+            shard.disk_rows = len(info["ids"])
+            store.shards[(task, role)] = shard
+        return store
+
+    def merge(self, other: "GradientStore"):
+        """Adopt the shards of another store with the same layout (no copy)."""
+        if other.size != self.size or other.entries != self.entries:
+            raise ValueError("cannot merge gradient stores of different models or layouts")
+        for key, shard in other.shards.items():
+            if key in self.shards:
+                raise ValueError(f"both stores hold task {key[0]!r} role {key[1]!r}")
+            self.shards[key] = shard
+        self.norms.update(other.norms)
+        self.losses.update(other.losses)
+        self.n_tokens.update(other.n_tokens)
+
+    def close(self):
+        if self._own_dir:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class ContributionCache(Mapping):
+    """Read-only view (task, sample_id) -> C_i = g_i ⊙ g_i [P], derived from the store."""
+
+    def __init__(self, store: GradientStore, collector=None):
+        self.store, self.collector = store, collector
+
+    def _keys(self):
+        return [(t, s) for (t, r), sh in self.store.shards.items() for s in sh.ids]
+
+    def __getitem__(self, key):
+        task, sid = key
+        return self.store.vector(task, sid).square()
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self):
+        return len(self._keys())

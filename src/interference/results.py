@@ -1,0 +1,96 @@
+"""Saved results: heatmaps (npz + json) and tables, written atomically, versioned.
+
+A saved heatmap folder holds ``scores.npz`` (per block ``scores_<B>`` [n_a, n_b, n_layers,
+n_heads] and ``layer_head_avg_<B>`` [n_layers, n_heads], float64, unitless score units of
+M) and ``heatmap.json`` (the meta without live objects, and ``top_conflicts``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = "1.0"
+BLOCKS = ("Q", "K", "V", "O")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def heatmap_meta(heatmap: dict) -> dict:
+    """The heatmap's meta without live objects (the metric)."""
+    return {k: v for k, v in heatmap["meta"].items() if k != "metric"}
+
+
+def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
+                 reference_scores: dict | None = None):
+    """Write a heatmap (and optionally the reference disruptors' scores
+    ``reference_scores[B]`` [n_a, n_r, n_layers, n_heads]) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for b in BLOCKS:
+        arrays[f"scores_{b}"] = heatmap[b]["scores"]
+        arrays[f"layer_head_avg_{b}"] = heatmap[b]["layer_head_avg"]
+        if reference_scores is not None:
+            arrays[f"reference_{b}"] = reference_scores[b]
+    with atomic_path(directory / "scores.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    doc = {"schema_version": SCHEMA_VERSION, "meta": heatmap_meta(heatmap),
+           "top_conflicts": {b: heatmap[b]["top_conflicts"] for b in BLOCKS},
+           "extra": extra or {}}
+    write_json(directory / "heatmap.json", doc)
+
+
+def load_heatmap(directory) -> tuple[dict, dict | None]:
+    """(heatmap dict as made by ``compute_heatmap`` minus the metric, reference scores or None)."""
+    directory = Path(directory)
+    doc = json.loads((directory / "heatmap.json").read_text())
+    version = doc.get("schema_version")
+    if version is None or version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ValueError(f"{directory}: results schema {version} cannot be read by schema "
+                         f"{SCHEMA_VERSION}; rerun the scores rule")
+    with np.load(directory / "scores.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    heat = {"meta": doc["meta"], "extra": doc.get("extra", {})}
+    for b in BLOCKS:
+        heat[b] = {"scores": arrays[f"scores_{b}"], "layer_head_avg": arrays[f"layer_head_avg_{b}"],
+                   "top_conflicts": doc["top_conflicts"][b],
+                   "layers": doc["meta"]["layers"], "heads": doc["meta"]["heads"]}
+    ref = ({b: arrays[f"reference_{b}"] for b in BLOCKS}
+           if f"reference_Q" in arrays else None)
+    return heat, ref

@@ -1,0 +1,298 @@
+"""The QK-OV interference score and heatmaps (SPEC section 5).
+
+    M^B_{ij,l,h} = Σ_{k in S(B,l,h)} C_{i,k} / (max(Î_k, ε) + λ) · |g_{j,k}|
+
+computed per (layer, block) as one contraction over all heads and pairs:
+``einsum('ahs,bhs->abh', C_A / D, |G_B|)``.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+from ..architectures import BLOCKS, QKOVConfig
+
+logger = logging.getLogger("fisher.qkov")
+
+VARIANTS = ("qkov", "signed", "symmetric", "fisher_weighted")
+FISHER_SOURCES = ("pooled", "a", "b")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+class QKOVInterferenceMetric:
+    """Fisher-normalised interference between samples of two tasks, per block/layer/head.
+
+    Args:
+        config: the model's QKOVConfig.
+        fisher_collector: a FisherCollector holding both tasks' Fisher and gradients.
+        epsilon: floor ε of Î.
+        ridge_lambda: absolute ridge λ_abs.
+        ridge_lambda_rel: λ = max(λ_abs, ridge_lambda_rel · median Î over the (layer, block)).
+        fisher_source: 'pooled' ((Î_A + Î_B)/2), 'a' or 'b'.
+        aggregate: 'sum' over the slice, or 'mean' (divided by the slice size).
+        variant: 'qkov' | 'signed' | 'symmetric' | 'fisher_weighted' (SPEC 5).
+        gj_norm: 'none' or 'l2' (g_j divided by its L2 norm over all attention parameters).
+        top_k: number of entries in each block's ``top_conflicts``.
+        device: where contractions run (default: CUDA when available).
+    """
+
+    def __init__(self, config: QKOVConfig, fisher_collector, epsilon: float = 1e-10,
+                 ridge_lambda: float = 1e-8, ridge_lambda_rel: float = 0.0,
+                 fisher_source: str = "pooled", aggregate: str = "sum", variant: str = "qkov",
+                 gj_norm: str = "none", top_k: int = 100, device: str | None = None):
+        self.config, self.fisher_collector = config, fisher_collector
+        self.epsilon, self.ridge_lambda = float(epsilon), float(ridge_lambda)
+        self.ridge_lambda_rel = float(ridge_lambda_rel)
+        self.fisher_source = _choice("fisher_source", fisher_source, FISHER_SOURCES)
+        self.aggregate = _choice("aggregate", aggregate, ("sum", "mean"))
+        self.variant = _choice("variant", variant, VARIANTS)
+        self.gj_norm = _choice("gj_norm", gj_norm, ("none", "l2"))
+        self.top_k = int(top_k)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._cfg_check()
+
+    def _cfg_check(self):
+        ccfg = getattr(self.fisher_collector, "config", None)
+        if ccfg is not None:
+            for f in ("num_heads", "num_kv_heads", "head_dim", "v_head_dim", "num_layers"):
+                if getattr(ccfg, f) != getattr(self.config, f):
+                    raise ValueError(f"config.{f}={getattr(self.config, f)} but the collector's "
+                                     f"model has {getattr(ccfg, f)}")
+
+    def settings(self) -> dict:
+        return {"epsilon": self.epsilon, "ridge_lambda": self.ridge_lambda,
+                "ridge_lambda_rel": self.ridge_lambda_rel, "fisher_source": self.fisher_source,
+                "aggregate": self.aggregate, "variant": self.variant, "gj_norm": self.gj_norm}
+
+    # -- inputs -----------------------------------------------------------------------
+    @property
+    def _store(self):
+        return self.fisher_collector.gradient_manager
+
+    def scored_ids(self, task: str) -> list[str]:
+        ids = self.fisher_collector.sample_ids(task, "scored")
+        if not ids:
+            raise ValueError(f"task {task!r} has no scored samples: collect them with "
+                             f"collect_fisher(model, batch, task={task!r}, role='scored') and "
+                             f"FisherCollector(enable_cross_task_analysis=True)")
+        return ids
+
+    def fisher_tasks(self, task_a: str, task_b: str) -> tuple[str, ...]:
+        return {"pooled": (task_a, task_b), "a": (task_a,), "b": (task_b,)}[self.fisher_source]
+
+    def _fisher_vector(self, tasks: tuple[str, ...]) -> torch.Tensor:
+        bank = self.fisher_collector.fisher
+        return torch.stack([bank.get(t) for t in tasks]).mean(0)
+
+    def _slice(self, vec: torch.Tensor, layer: int, block: str) -> torch.Tensor:
+        offset, n_heads, size = self._store.entries[(layer, block)]
+        return vec[offset:offset + n_heads * size].view(n_heads, size)
+
+    def denominator(self, fisher: torch.Tensor, layer: int, block: str):
+        """D [n_block_heads, s] = max(Î, ε) + λ for one (layer, block), with λ and the share
+        of parameters where λ > Î."""
+        f = self._slice(fisher, layer, block).double()
+        lam = self.ridge_lambda
+        if self.ridge_lambda_rel:
+            lam = max(lam, self.ridge_lambda_rel * float(np.median(f.cpu().numpy())))
+        d = f.clamp_min(self.epsilon) + lam
+        return d.float(), lam, float((f < lam).double().mean())
+
+    def _check_disjoint(self, fisher_tasks, ids_by_task: dict[str, list[str]]):
+        bank = self.fisher_collector.fisher
+        allowed = getattr(self.fisher_collector, "_all_role_ids", set())
+        fisher_ids = {s for t in fisher_tasks for s in bank.tasks[t].sample_ids}
+        for task, ids in ids_by_task.items():
+            bad = [s for s in ids if s in fisher_ids and (task, s) not in allowed]
+            if bad:
+                raise ValueError(f"scored/reference samples {bad[:5]} of task {task!r} are also "
+                                 f"Fisher samples of {fisher_tasks}; the normaliser must not "
+                                 f"see the samples it scores (SPEC 4)")
+
+    def _heads(self, heads) -> list[int]:
+        heads = list(range(self.config.num_heads)) if heads is None else [int(h) for h in heads]
+        bad = [h for h in heads if not 0 <= h < self.config.num_heads]
+        if bad or not heads:
+            raise IndexError(f"heads {bad or heads} outside [0, {self.config.num_heads})")
+        return heads
+
+    def _layers(self, layers) -> list[int]:
+        known = self.fisher_collector.layers
+        layers = list(known) if layers is None else [int(l) for l in layers]
+        for l in layers:
+            if l not in known:
+                raise KeyError(f"Could not find parameter for L{l} Q: the model's attention "
+                               f"layers are {known[0]}..{known[-1]}")
+        return layers
+
+    # -- the contraction --------------------------------------------------------------
+    def _operands(self, task_a, ids_a, task_j, ids_j, layer, block, fisher):
+        """(left [n_a or 1, Hb, s], right [n_j, Hb, s]) on the device, float32."""
+        d, _, _ = self.denominator(fisher, layer, block)
+        d = d.to(self.device)
+        gj = self._store.block(task_j, ids_j, layer, block).to(self.device)
+        right = gj if self.variant == "signed" else gj.abs()
+        if self.gj_norm == "l2":
+            norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32,
+                                    device=self.device)
+            right = right / norms.clamp_min(1e-30)[:, None, None]
+        if self.variant == "fisher_weighted":
+            left = (self._slice(self.fisher_collector.fisher.get(task_a), layer, block)
+                    .to(self.device) / d)[None]
+        else:
+            ga = self._store.block(task_a, ids_a, layer, block).to(self.device)
+            left = {"qkov": ga.square(), "signed": ga, "symmetric": ga.abs()}[self.variant] / d
+        return left, right
+
+    def _block_scores(self, task_a, ids_a, task_j, ids_j, layer, block, fisher) -> torch.Tensor:
+        """[n_a, n_j, n_block_heads] float32 for one (layer, block)."""
+        left, right = self._operands(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+        s = torch.einsum("ahs,bhs->abh", left, right)
+        if self.aggregate == "mean":
+            s = s / left.shape[-1]
+        if s.shape[0] != len(ids_a):
+            s = s.expand(len(ids_a), -1, -1)
+        return s
+
+    def _head_columns(self, block: str, heads: list[int]) -> list[int]:
+        return [self.config.kv_head(h) for h in heads] if block in ("K", "V") else heads
+
+    def pair_scores(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
+                    layers=None, heads=None, fisher_tasks: tuple[str, ...] | None = None
+                    ) -> dict[str, np.ndarray]:
+        """Block -> M [n_a, n_j, n_layers, n_heads] (float64) of task-A samples ``ids_a`` against
+        samples ``ids_j`` of ``task_j`` (scored, reference or control). ``fisher_tasks``: tasks
+        whose Fisher normalises (default from ``fisher_source`` with task B = ``task_j``)."""
+        layers, heads = self._layers(layers), self._heads(heads)
+        fisher_tasks = fisher_tasks or self.fisher_tasks(task_a, task_j)
+        self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
+        fisher = self._fisher_vector(fisher_tasks)
+        out = {}
+        for block in BLOCKS:
+            cols = self._head_columns(block, heads)
+            arr = np.empty((len(ids_a), len(ids_j), len(layers), len(heads)))
+            for li, layer in enumerate(layers):
+                s = self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+                arr[:, :, li, :] = s[:, :, cols].double().cpu().numpy()
+            out[block] = arr
+        return out
+
+    # -- the seed's API ---------------------------------------------------------------
+    def _sample_id(self, task, pos):
+        ids = self.scored_ids(task)
+        if not 0 <= pos < len(ids):
+            raise IndexError(f"task {task!r} has {len(ids)} scored samples; got index {pos}")
+        return ids[pos]
+
+    def compute_block_head_score(self, task_a: str, sample_i: int, task_b: str, sample_j: int,
+                                 layer: int, head: int, block: str):
+        """(M^B_{ij,l,h}, diagnostics) for one cell; sample_i/j index the scored samples
+        sorted by id. Diagnostics: fisher_min, contrib_norm, grad_norm, lambda, ridge_share."""
+        _choice("block", block, BLOCKS)
+        layer, head = self._layers([layer])[0], self._heads([head])[0]
+        ia, jb = self._sample_id(task_a, sample_i), self._sample_id(task_b, sample_j)
+        tasks = self.fisher_tasks(task_a, task_b)
+        self._check_disjoint(tasks, {task_a: [ia], task_b: [jb]})
+        fisher = self._fisher_vector(tasks)
+        col = self._head_columns(block, [head])[0]
+        score = float(self._block_scores(task_a, [ia], task_b, [jb], layer, block, fisher)[0, 0, col])
+        _, lam, share = self.denominator(fisher, layer, block)
+        ga = self._store.block(task_a, [ia], layer, block)[0, col]
+        gb = self._store.block(task_b, [jb], layer, block)[0, col]
+        diag = {"fisher_min": float(self._slice(fisher, layer, block)[col].min()),
+                "contrib_norm": float(ga.double().square().norm()),
+                "grad_norm": float(gb.double().norm()), "lambda": lam, "ridge_share": share,
+                "block": block, "layer": layer, "head": head,
+                "kv_head": self.config.kv_head(head) if block in ("K", "V") else None,
+                "sample_a": ia, "sample_b": jb}
+        logger.debug("L%d H%d %s %s x %s: %.4g %s", layer, head, block, ia, jb, score, diag)
+        return score, diag
+
+    def compute_sample_pair(self, task_a: str, sample_i: int, task_b: str, sample_j: int,
+                            layer: int, head: int) -> dict[str, float]:
+        """{'Q','K','V','O'} scores of one pair at (layer, head); K/V are group kv(head)'s."""
+        return {b: self.compute_block_head_score(task_a, sample_i, task_b, sample_j, layer,
+                                                 head, b)[0] for b in BLOCKS}
+
+    def compute_heatmap(self, task_a: str, task_b: str, layers=None, heads=None,
+                        max_samples_per_task: int | None = None) -> dict:
+        """Per block: ``scores`` [n_a, n_b, n_layers, n_heads], ``layer_head_avg``
+        [n_layers, n_heads], ``top_conflicts``, ``layers``, ``heads``; plus ``meta``.
+
+        Scored samples are taken in id order, the first ``max_samples_per_task`` of each.
+        Under GQA the K/V columns of one group repeat group kv(h)'s values.
+        """
+        layers, heads = self._layers(layers), self._heads(heads)
+        ids_a = self.scored_ids(task_a)[:max_samples_per_task]
+        ids_b = self.scored_ids(task_b)[:max_samples_per_task]
+        shared = set(ids_a) & set(ids_b)
+        if shared:
+            raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
+                             f"{sorted(shared)[:5]}: interference of a set with itself is not "
+                             f"a task conflict")
+        tasks = self.fisher_tasks(task_a, task_b)
+        scores = self.pair_scores(task_a, ids_a, task_b, ids_b, layers, heads, tasks)
+        fisher = self._fisher_vector(tasks)
+        heatmap = {}
+        for block in BLOCKS:
+            heatmap[block] = {
+                "scores": scores[block],
+                "layer_head_avg": scores[block].mean(axis=(0, 1)),
+                "top_conflicts": self._top_conflicts(block, scores[block], layers, heads,
+                                                     ids_a, ids_b),
+                "layers": list(layers), "heads": list(heads),
+            }
+        ridge = {}
+        for layer in layers:
+            for block in BLOCKS:
+                _, lam, share = self.denominator(fisher, layer, block)
+                ridge[f"L{layer}.{block}"] = {"lambda": lam, "share_lambda_gt_fisher": share}
+        heatmap["meta"] = {
+            "task_a": task_a, "task_b": task_b, "layers": list(layers), "heads": list(heads),
+            "kv_head_of": [self.config.kv_head(h) for h in heads],
+            "num_kv_heads": self.config.num_kv_heads, "num_heads": self.config.num_heads,
+            "variant": self.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_b,
+            "fisher_tasks": list(tasks), "settings": self.settings(), "ridge": ridge,
+            "metric": self, "collector_token": self.fisher_collector.token,
+            "axes": {"scores": ["sample_a", "sample_b", "layer", "head"],
+                     "layer_head_avg": ["layer", "head"]},
+        }
+        shares = [v["share_lambda_gt_fisher"] for v in ridge.values()]
+        if max(shares) > 0.5:
+            warnings.warn(f"ridge λ exceeds Î on {max(shares):.0%} of the parameters of some "
+                          f"(layer, block): λ dominates the denominator; lower ridge_lambda or "
+                          f"use ridge_lambda_rel", stacklevel=2)
+        return heatmap
+
+    def _top_conflicts(self, block, scores, layers, heads, ids_a, ids_b) -> list[dict]:
+        """The k most conflicting entries (largest; smallest for 'signed'); K/V cells of one
+        GQA group are listed once, under their first selected query head."""
+        cols = list(range(len(heads)))
+        if block in ("K", "V"):
+            seen, cols = set(), []
+            for c, h in enumerate(heads):
+                if self.config.kv_head(h) not in seen:
+                    seen.add(self.config.kv_head(h))
+                    cols.append(c)
+        sub = scores[:, :, :, cols]
+        flat = sub.reshape(-1)
+        k = min(self.top_k, flat.size)
+        key = flat if self.variant == "signed" else -flat
+        top = np.argpartition(key, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+        top = top[np.argsort(key[top], kind="stable")]
+        out = []
+        for t in top:
+            i, j, li, c = np.unravel_index(t, sub.shape)
+            h = heads[cols[c]]
+            out.append({"block": block, "layer": layers[li], "head": h,
+                        "kv_head": self.config.kv_head(h) if block in ("K", "V") else None,
+                        "sample_a": ids_a[i], "sample_b": ids_b[j], "score": float(flat[t])})
+        return out

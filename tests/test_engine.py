@@ -1,0 +1,215 @@
+"""The engine against float64 brute force: gradients, Fisher, slices and every score."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interference.architectures import QKOVConfig, QKOVIndexer
+from interference.gradients import FisherCollector
+from interference.scores import QKOVInterferenceMetric
+
+from conftest import padded_batch, tiny_gpt2, tiny_llama
+from reference import brute_grads, brute_scores, fisher_mean
+
+FAMILIES = {
+    "gpt2": (tiny_gpt2, {"L": 2, "H": 4, "Hkv": 4, "dk": 8, "dv": 8}),
+    "llama": (tiny_llama, {"L": 2, "H": 4, "Hkv": 2, "dk": 12, "dv": 12}),
+}
+
+
+def _collect(model, include_bias=False, memory_mb=100.0):
+    cfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=memory_mb,
+                         config=cfg)
+    batches = {
+        ("math", "fisher"): padded_batch(5, 12, 1, "math:f"),
+        ("code", "fisher"): padded_batch(4, 12, 2, "code:f"),
+        ("math", "scored"): padded_batch(3, 12, 3, "math:s"),
+        ("code", "scored"): padded_batch(4, 11, 4, "code:s"),
+    }
+    for (task, role), b in batches.items():
+        fc.collect_fisher(model, b, task=task, mode="mean", role=role)
+    return fc, cfg, batches
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def family_run(request):
+    family = request.param
+    make, dims = FAMILIES[family]
+    model = make()
+    fc, cfg, batches = _collect(model)
+    ref = {k: brute_grads(model, b) for k, b in batches.items()}
+    fisher = {t: fisher_mean(ref[(t, "fisher")]) for t in ("math", "code")}
+    return family, dims, model, fc, cfg, ref, fisher
+
+
+# ridge_lambda=1e-14 keeps λ below Î so that the Fisher, not the ridge, shapes D
+OPTIONS = [
+    {},
+    {"ridge_lambda": 1e-14},
+    {"ridge_lambda": 1e-14, "variant": "signed"},
+    {"ridge_lambda": 1e-14, "variant": "symmetric", "aggregate": "mean"},
+    {"ridge_lambda": 1e-14, "variant": "fisher_weighted"},
+    {"ridge_lambda": 1e-14, "fisher_source": "a", "gj_norm": "l2"},
+    {"ridge_lambda": 1e-14, "fisher_source": "b", "ridge_lambda_rel": 1e-1},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_heatmap_matches_float64_brute_force(family_run, opts):
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    metric = QKOVInterferenceMetric(cfg, fc, **opts)
+    heat = metric.compute_heatmap("math", "code")
+    src = opts.get("fisher_source", "pooled")
+    F = {"pooled": {n: (fisher["math"][n] + fisher["code"][n]) / 2 for n in fisher["math"]},
+         "a": fisher["math"], "b": fisher["code"]}[src]
+    layers, heads = list(range(dims["L"])), list(range(dims["H"]))
+    for block in "QKVO":
+        want = brute_scores(family, dims, ref[("math", "scored")], ref[("code", "scored")], F,
+                            block, layers, heads, variant=opts.get("variant", "qkov"),
+                            aggregate=opts.get("aggregate", "sum"),
+                            gj_norm=opts.get("gj_norm", "none"),
+                            ridge_lambda_rel=opts.get("ridge_lambda_rel", 0.0),
+                            ridge_lambda=opts.get("ridge_lambda", 1e-8),
+                            fisher_a=fisher["math"])
+        got = heat[block]["scores"]
+        assert got.shape == want.shape == (3, 4, dims["L"], dims["H"])
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= 1e-5, (block, err)
+        np.testing.assert_allclose(heat[block]["layer_head_avg"], want.mean(axis=(0, 1)),
+                                   rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_gradients_match_brute_force_and_are_batch_independent(family_run):
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    idx = QKOVIndexer(model, cfg)
+    for sid, g in ref[("math", "scored")].items():
+        want = idx.flatten(g).double()
+        got = fc.gradient_manager.vector("math", sid)
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max())
+    # the same sample alone and inside two other batches
+    b = padded_batch(6, 12, 9, "x")
+    one = {k: v[2:3] if hasattr(v, "shape") else v[2:3] for k, v in b.items()}
+    mixed = {k: (v[[4, 2, 0]] if hasattr(v, "shape") else [v[4], v[2], v[0]]) for k, v in b.items()}
+    out = {}
+    for name, batch in [("alone", one), ("full", b), ("mixed", mixed)]:
+        c = FisherCollector(enable_cross_task_analysis=True, config=cfg)
+        c.collect_fisher(model, batch, task="t", role="scored")
+        out[name] = c.gradient_manager.vector("t", "x:2")
+    assert torch.allclose(out["alone"], out["full"], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(out["alone"], out["mixed"], rtol=1e-5, atol=1e-7)
+
+
+def test_fisher_ema_and_mean_modes(llama_model):
+    cfg = QKOVConfig.from_model(llama_model)
+    batches = [padded_batch(3, 10, s, f"m:{s}") for s in range(3)]
+    ref = [brute_grads(llama_model, b) for b in batches]
+    idx = QKOVIndexer(llama_model, cfg)
+    mean_c = [torch.stack([idx.flatten(g).double() ** 2 for g in r.values()]).mean(0) for r in ref]
+    beta = 0.9
+    ema = FisherCollector(ema_decay=beta, config=cfg)
+    for b in batches:
+        ema.collect_fisher(llama_model, b, task="m", mode="ema", role="fisher")
+    F_t = torch.zeros_like(mean_c[0])
+    for m in mean_c:
+        F_t = beta * F_t + (1 - beta) * m
+    want = F_t / (1 - beta ** 3)
+    assert torch.allclose(ema.fisher.get("m").double(), want, rtol=1e-4, atol=1e-12)
+    # one call on n samples gives the plain mean of their C_i
+    one = FisherCollector(config=cfg)
+    one.collect_fisher(llama_model, batches[0], task="m", mode="ema", role="fisher")
+    assert torch.allclose(one.fisher.get("m").double(), mean_c[0], rtol=1e-4, atol=1e-12)
+    # mean mode is independent of call order
+    a, b = FisherCollector(config=cfg), FisherCollector(config=cfg)
+    for bt in batches:
+        a.collect_fisher(llama_model, bt, task="m", mode="mean", role="fisher")
+    for bt in reversed(batches):
+        b.collect_fisher(llama_model, bt, task="m", mode="mean", role="fisher")
+    assert torch.allclose(a.fisher.get("m"), b.fisher.get("m"), rtol=1e-6)
+    assert torch.allclose(a.fisher.get("m").double(), torch.stack(mean_c).mean(0), rtol=1e-4,
+                          atol=1e-12)
+
+
+def test_memory_budget_spills_to_disk_with_identical_results(llama_model):
+    full, cfg, _ = _collect(llama_model, memory_mb=100.0)
+    tiny, _, _ = _collect(llama_model, memory_mb=0.001)
+    use = tiny.gradient_manager.get_memory_usage()
+    assert use["ram_mb"] <= 0.001 and use["n_on_disk"] == use["n_samples"] == 7
+    assert full.gradient_manager.get_memory_usage()["n_on_disk"] == 0
+    h1 = QKOVInterferenceMetric(cfg, full).compute_heatmap("math", "code")
+    h2 = QKOVInterferenceMetric(cfg, tiny).compute_heatmap("math", "code")
+    for b in "QKVO":
+        assert np.array_equal(h1[b]["scores"], h2[b]["scores"])
+
+
+def test_save_and_reload_gives_identical_heatmap(tmp_path, llama_model):
+    fc, cfg, _ = _collect(llama_model)
+    for t in ("math", "code"):
+        fc.save_task(t, tmp_path / t)
+    re = FisherCollector.from_saved([tmp_path / "math", tmp_path / "code"])
+    h1 = QKOVInterferenceMetric(cfg, fc).compute_heatmap("math", "code")
+    h2 = QKOVInterferenceMetric(re.config, re).compute_heatmap("math", "code")
+    for b in "QKVO":
+        assert np.array_equal(h1[b]["scores"], h2[b]["scores"])
+
+
+def test_qwen2_style_biases_are_included_only_on_request():
+    model = tiny_llama(bias=True)
+    dims = {"L": 2, "H": 4, "Hkv": 2, "dk": 12, "dv": 12}
+    fc, cfg, batches = _collect(model, include_bias=True)
+    ref = {k: brute_grads(model, b) for k, b in batches.items()}
+    F = {n: (a + b) / 2 for (n, a), b in zip(fisher_mean(ref[("math", "fisher")]).items(),
+                                             fisher_mean(ref[("code", "fisher")]).values())}
+    heat = QKOVInterferenceMetric(cfg, fc).compute_heatmap("math", "code")
+    for block in "QKVO":
+        want = brute_scores("llama", dims, ref[("math", "scored")], ref[("code", "scored")], F,
+                            block, [0, 1], [0, 1, 2, 3], include_bias=True)
+        assert np.abs(heat[block]["scores"] - want).max() / np.abs(want).max() <= 1e-5
+    no_bias = QKOVIndexer(model, QKOVConfig.from_model(model))
+    with_bias = QKOVIndexer(model, cfg)
+    assert with_bias.entry(0, "Q").size == no_bias.entry(0, "Q").size + 12
+    assert with_bias.entry(0, "O").size == no_bias.entry(0, "O").size  # O bias never per head
+
+
+def test_gqa_kv_columns_repeat_per_group_and_top_conflicts_list_each_once(family_run):
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    heat = QKOVInterferenceMetric(cfg, fc, top_k=1000).compute_heatmap("math", "code")
+    group = dims["H"] // dims["Hkv"]
+    for b in "KV":
+        s = heat[b]["scores"]
+        for h in range(dims["H"]):
+            assert np.array_equal(s[..., h], s[..., (h // group) * group])
+        cells = {(c["layer"], c["kv_head"], c["sample_a"], c["sample_b"])
+                 for c in heat[b]["top_conflicts"]}
+        assert len(cells) == len(heat[b]["top_conflicts"]) == 3 * 4 * dims["L"] * dims["Hkv"]
+    top = heat["Q"]["top_conflicts"]
+    assert [c["score"] for c in top] == sorted((c["score"] for c in top), reverse=True)
+    assert top[0]["score"] == heat["Q"]["scores"].max()
+    assert top[0]["sample_a"].startswith("math:s") and top[0]["sample_b"].startswith("code:s")
+
+
+def test_compute_sample_pair_and_diagnostics(family_run):
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    metric = QKOVInterferenceMetric(cfg, fc)
+    heat = metric.compute_heatmap("math", "code")
+    pair = metric.compute_sample_pair(task_a="math", sample_i=2, task_b="code", sample_j=1,
+                                      layer=1, head=3)
+    for b in "QKVO":
+        assert pair[b] == pytest.approx(heat[b]["scores"][2, 1, 1, 3], rel=1e-6)
+    score, diag = metric.compute_block_head_score("math", 0, "code", 0, 1, 2, "K")
+    assert {"fisher_min", "contrib_norm", "grad_norm"} <= set(diag)
+    assert diag["kv_head"] == 2 // (dims["H"] // dims["Hkv"])
+    assert diag["sample_a"] == "math:s:0" and diag["sample_b"] == "code:s:0"
+
+
+def test_layers_and_heads_subsets_keep_real_ids(family_run):
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    metric = QKOVInterferenceMetric(cfg, fc)
+    full = metric.compute_heatmap("math", "code")
+    sub = metric.compute_heatmap("math", "code", layers=[1], heads=[3, 1], max_samples_per_task=2)
+    assert sub["Q"]["layer_head_avg"].shape == (1, 2)
+    assert sub["meta"]["layers"] == [1] and sub["meta"]["heads"] == [3, 1]
+    assert np.allclose(sub["O"]["scores"], full["O"]["scores"][:2, :2][:, :, [1]][..., [3, 1]])
+    for c in sub["Q"]["top_conflicts"]:
+        assert c["layer"] == 1 and c["head"] in (3, 1)
