@@ -213,3 +213,18 @@ def test_layers_and_heads_subsets_keep_real_ids(family_run):
     assert np.allclose(sub["O"]["scores"], full["O"]["scores"][:2, :2][:, :, [1]][..., [3, 1]])
     for c in sub["Q"]["top_conflicts"]:
         assert c["layer"] == 1 and c["head"] in (3, 1)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hooks_engine_equals_loop_engine(family):
+    model = FAMILIES[family][0]()
+    cfg = QKOVConfig.from_model(model)
+    batch = padded_batch(7, 12, 5, "s")
+    out = {}
+    for engine in ("loop", "hooks"):
+        fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, engine=engine,
+                             micro_batch=3)
+        fc.collect_fisher(model, batch, task="t", role="scored")
+        out[engine] = torch.stack([fc.gradient_manager.vector("t", f"s:{k}") for k in range(7)])
+    scale = out["loop"].abs().max()
+    assert (out["hooks"] - out["loop"]).abs().max() <= 1e-5 * scale

@@ -64,6 +64,43 @@ def detect_layout(model: nn.Module, layout: str | None = None,
 
 
 @dataclass(frozen=True)
+class Part:
+    """One parameter's share of a (layer, block): ``axis`` 'rows' or 'cols' of the
+    Linear-convention weight, or 'bias'; ``index`` [n_heads·size] the rows/columns taken,
+    head-major; ``transposed`` for Conv1D weights stored [in, out]."""
+
+    name: str
+    axis: str
+    index: torch.Tensor
+    n_heads: int
+    size: int
+    transposed: bool = False
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """[*lead, n_heads, size·fan] from ``t`` shaped [*lead, *param.shape].
+
+        Entries are ordered (row, input) for row slices and (output, column) for column
+        slices, whatever the storage; gathers run along the stored layout (no transposed
+        index_select, which is slow on GPU), then one permuting copy.
+        """
+        idx = self.index.to(t.device)
+        n, size = self.n_heads, self.size
+        if self.axis == "bias":
+            return t.index_select(-1, idx).unflatten(-1, (n, size))
+        lead = t.shape[:-2]
+        if self.axis == "rows":
+            if self.transposed:                       # stored [*, in, out]
+                x = t.index_select(-1, idx).unflatten(-1, (n, size))   # [*, in, n, size]
+                return x.movedim(-3, -1).reshape(*lead, n, -1)       # [*, n, size, in]
+            return t.index_select(-2, idx).reshape(*lead, n, -1)
+        if self.transposed:                           # stored [*, cols, d]
+            x = t.index_select(-2, idx).unflatten(-2, (n, size))       # [*, n, size, d]
+            return x.transpose(-1, -2).reshape(*lead, n, -1)         # [*, n, d, size]
+        x = t.index_select(-1, idx).unflatten(-1, (n, size))           # [*, d, n, size]
+        return x.movedim(-2, -3).reshape(*lead, n, -1)
+
+
+@dataclass(frozen=True)
 class BlockEntry:
     """One (layer, block) of the canonical vector: ``offset`` into it, ``n_heads`` x ``size``."""
 
@@ -72,7 +109,7 @@ class BlockEntry:
     n_heads: int
     size: int
     offset: int
-    parts: tuple  # ((param_name, LongTensor [n_heads, part_size]) ...)
+    parts: tuple  # (Part, ...)
 
     @property
     def numel(self) -> int:
@@ -88,15 +125,21 @@ class QKOVIndexer:
             contradicts the weights' shapes raises ValueError naming both shapes.
     """
 
-    def __init__(self, model: nn.Module, config: QKOVConfig | None = None):
+    def __init__(self, model: nn.Module, config: QKOVConfig | None = None,
+                 layers: list[int] | None = None):
         self.model = model
         self.config = config or QKOVConfig.from_model(model)
         self.adapter = detect_layout(model, self.config.layout, self._build_param_patterns())
         self.patterns = dict(self.adapter.patterns)
-        self.layers = sorted(self.adapter.modules_by_layer(model, "Q"))
-        if len(self.layers) != self.config.num_layers:
+        self.all_layers = sorted(self.adapter.modules_by_layer(model, "Q"))
+        self.layers = self.all_layers if layers is None else sorted(int(l) for l in layers)
+        unknown = sorted(set(self.layers) - set(self.all_layers))
+        if unknown:
+            raise KeyError(f"Could not find parameter for L{unknown[0]} Q: the model's "
+                           f"attention layers are {self.all_layers}")
+        if len(self.all_layers) != self.config.num_layers:
             raise ValueError(f"config says num_layers={self.config.num_layers} but the model "
-                             f"has {len(self.layers)} attention layers ({self.adapter.name})")
+                             f"has {len(self.all_layers)} attention layers ({self.adapter.name})")
         self._params = dict(model.named_parameters())
         self._modules = dict(model.named_modules())
         self.entries: dict[tuple[int, str], BlockEntry] = {}
@@ -128,21 +171,20 @@ class QKOVIndexer:
                            f"matched no module. {REGISTER_HINT}") from None
         module = self._modules[hs.module]
         weight = module.weight
-        parts = [(f"{hs.module}.weight", self._weight_index(weight, hs, layer, block))]
+        self._check_extent(weight, hs, layer, block)
+        index = torch.cat([torch.arange(s, s + hs.size) for s in hs.starts])
+        n = len(hs.starts)
+        parts = [Part(f"{hs.module}.weight", hs.axis, index, n, hs.size, hs.transposed)]
         bias = getattr(module, "bias", None)
         if self.config.include_bias and hs.axis == "rows" and bias is not None:
-            parts.append((f"{hs.module}.bias", torch.stack(
-                [torch.arange(s, s + hs.size) for s in hs.starts])))
-        n_heads = len(hs.starts)
-        size = sum(p.shape[1] for _, p in parts)
-        return BlockEntry(layer, block, n_heads, size, offset, tuple(parts))
+            parts.append(Part(f"{hs.module}.bias", "bias", index, n, hs.size))
+        size = sum(p.take(self._params[p.name].detach()).shape[-1] for p in parts)
+        return BlockEntry(layer, block, n, size, offset, tuple(parts))
 
-    def _weight_index(self, weight: torch.Tensor, hs: HeadSlices, layer: int, block: str
-                      ) -> torch.Tensor:
-        """LongTensor [n_heads, size·fan]: flat indices of each head's entries."""
-        flat = torch.arange(weight.numel()).view(weight.shape)
-        lin = flat.t() if hs.transposed else flat  # Linear convention [out, in]
-        extent = (hs.starts[-1] + hs.size) if hs.starts else 0
+    def _check_extent(self, weight: torch.Tensor, hs: HeadSlices, layer: int, block: str):
+        """ValueError naming expected and actual shapes when the config does not fit."""
+        lin = weight.t() if hs.transposed else weight  # Linear convention [out, in]
+        extent = max(hs.starts) + hs.size if hs.starts else 0
         dim = 0 if hs.axis == "rows" else 1
         if lin.shape[dim] < extent:
             kind = "rows" if dim == 0 else "columns"
@@ -151,17 +193,12 @@ class QKOVIndexer:
                 f"{hs.size}) in {hs.module}.weight, but its shape is {tuple(weight.shape)} "
                 f"(Linear convention {tuple(lin.shape)}). Check num_heads / num_kv_heads / "
                 f"head_dim / v_head_dim.")
-        if hs.axis == "rows":
-            idx = [lin[s:s + hs.size, :].reshape(-1) for s in hs.starts]
-        else:
-            idx = [lin[:, s:s + hs.size].reshape(-1) for s in hs.starts]
-        return torch.stack(idx)
 
     # -- use --------------------------------------------------------------------------
     @property
     def param_names(self) -> list[str]:
         """Names of the parameters that hold any head slice, in model order."""
-        used = {name for e in self.entries.values() for name, _ in e.parts}
+        used = {p.name for e in self.entries.values() for p in e.parts}
         return [n for n in self._params if n in used]
 
     def entry(self, layer: int, block: str) -> BlockEntry:
@@ -174,21 +211,29 @@ class QKOVIndexer:
         """Head-major view [n_block_heads, slice_size] of ``tensors`` (name -> tensor shaped
         like the parameter, e.g. its gradient) for one (layer, block)."""
         e = self.entry(layer, block)
-        pieces = [tensors[name].reshape(-1)[idx.to(tensors[name].device)].reshape(idx.shape)
-                  for name, idx in e.parts]
-        return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        pieces = [p.take(tensors[p.name]) for p in e.parts]
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The canonical vector [P] of ``tensors`` over all (layer, block), float32."""
         return torch.cat([self.gather(tensors, l, b).reshape(-1).float()
                           for (l, b) in self.entries])
 
+    def flatten_rows(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[n, P] float32 from per-sample tensors (name -> [n, *param.shape])."""
+        return torch.cat([self.gather(tensors, l, b).flatten(1).float()
+                          for (l, b) in self.entries], dim=1)
+
     def head_param_indices(self, layer: int, block: str, head: int) -> dict[str, torch.Tensor]:
         """S(B, l, h): param name -> flat indices of the entries owned by query head ``head``
         (for K/V: by its group kv(head))."""
         e = self.entry(layer, block)
         row = self.config.kv_head(head) if block in ("K", "V") else head
-        return {name: idx[row] for name, idx in e.parts}
+        out = {}
+        for p in e.parts:
+            shape = self._params[p.name].shape
+            out[p.name] = p.take(torch.arange(int(torch.Size(shape).numel())).view(shape))[row]
+        return out
 
     def describe(self) -> dict:
         """JSON-able summary: layout, layers, sizes per block (for logs and store keys)."""

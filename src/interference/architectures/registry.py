@@ -5,6 +5,34 @@ each head's rows (Q/K/V) or columns (O) sit, in the Linear convention (weight [o
 Conv1D modules (GPT-2) store the transpose; the adapter marks them and the indexer
 transposes. Adding a layout = writing one adapter and decorating it with
 ``@register_layout``.
+
+Registered adapters (detected from module paths; Falcon's three also from its config flags):
+
+================== ============================================ ==============================
+name               modules (layer id = N)                       head h owns (Linear rows/cols)
+================== ============================================ ==============================
+llama              layers.N.self_attn.{q,k,v,o}_proj             q/k/v rows, o columns
+                   (LLaMA, Mistral, Qwen2, Gemma 3)
+opt                layers.N.self_attn.{q,k,v,out}_proj           same
+phi                layers.N.self_attn.{q,k,v}_proj + .dense      same
+bert               encoder.layer.N.attention.self.{query,key,   same
+                   value} + attention.output.dense
+vit                layer(s).N.attention.{q,k,v,o}_proj           same (transformers 5.x ViT,
+                                                                DeiT, Dinov2, ViTMAE)
+vit_legacy         encoder.layer.N.attention.attention.{query,   same (transformers 4.x ViT;
+                   key,value} + attention.output.dense          5.x VideoMAE, YOLOS, DPT)
+gpt2               h.N.attn.c_attn / c_proj (Conv1D)             [Q | K | V] cols of c_attn,
+                                                                rows of c_proj (stored)
+phi3               layers.N.self_attn.qkv_proj + o_proj          rows [Q | K | V], GQA sizes
+gpt_neox           layers.N.attention.query_key_value + dense    rows [H, (q, k, v), d]
+falcon_grouped     h.N.self_attention.query_key_value + dense    rows [H_kv, (q x p, k, v), d]
+                   (new_decoder_architecture)
+falcon_mqa         same modules (multi_query)                    rows [q_0..q_{H-1}, k, v]
+falcon_interleaved same modules (neither flag; also BLOOM)       rows [H, (q, k, v), d]
+================== ============================================ ==============================
+
+Every adapter checks the module's weight against the shape the QKOVConfig implies and
+raises ValueError naming both shapes when they differ.
 """
 from __future__ import annotations
 
@@ -46,10 +74,20 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _split_patterns(prefix: str, q: str, k: str, v: str, o: str, o_prefix: str | None = None
+                    ) -> dict[str, str]:
+    """Block -> regex for modules ``<prefix>.<name>`` (``prefix`` captures the layer id)."""
+    op = prefix if o_prefix is None else o_prefix
+    return {"Q": rf"{prefix}\.{q}", "K": rf"{prefix}\.{k}", "V": rf"{prefix}\.{v}",
+            "O": rf"{op}\.{o}"}
+
+
 class AttentionLayout:
-    """Base adapter. Subclasses set ``name`` and ``patterns`` and implement ``slices``.
+    """Base adapter. Subclasses set ``name`` and ``patterns`` and implement ``_slices``.
 
     ``patterns[block]``: a regex over module paths with one group capturing the layer id.
+    ``_slices`` returns the head slices and ``extent``, the number of rows (Q/K/V) or
+    columns (O) the whole module must have under the config; ``slices`` checks it.
     """
 
     name: str = ""
@@ -63,19 +101,30 @@ class AttentionLayout:
         return clone
 
     # -- discovery -------------------------------------------------------------------
-    def modules_by_layer(self, model: nn.Module, block: str) -> dict[int, str]:
-        """Map layer id -> module path for ``block`` (empty when the pattern matches nothing)."""
+    def _scan(self, model: nn.Module, block: str) -> tuple[dict[int, str], set[int]]:
         rx = re.compile(self.patterns[block])
-        found = {}
+        found, clashes = {}, set()
         for path, module in model.named_modules():
             m = rx.fullmatch(path)
             if m and getattr(module, "weight", None) is not None:
-                found[int(m.group(1))] = path
-        return found
+                layer = int(m.group(1))
+                if layer in found:
+                    clashes.add(layer)
+                found.setdefault(layer, path)
+        return found, clashes
+
+    def modules_by_layer(self, model: nn.Module, block: str) -> dict[int, str]:
+        """Map layer id -> module path for ``block`` (empty when the pattern matches nothing)."""
+        return self._scan(model, block)[0]
 
     def matches(self, model: nn.Module) -> bool:
-        """True when every block's pattern finds the same non-empty set of layers."""
-        layer_sets = [set(self.modules_by_layer(model, b)) for b in BLOCKS]
+        """True when every block's pattern finds the same non-empty set of layers, one
+        module per layer (two stacks with the same layer ids, e.g. an encoder and a decoder
+        or a vision tower, do not match: their heads would be mixed)."""
+        scans = [self._scan(model, b) for b in BLOCKS]
+        layer_sets = [set(found) for found, _ in scans]
+        if any(clashes for _, clashes in scans):
+            return False
         return bool(layer_sets[0]) and all(s == layer_sets[0] for s in layer_sets)
 
     def extra_match(self, model: nn.Module) -> bool:
@@ -97,8 +146,38 @@ class AttentionLayout:
             fused_qkv=fused, fused_qkv_transposed=fused and _is_conv1d(first),
             num_kv_heads=g["num_kv_heads"], layout=self.name, include_bias=include_bias)
 
+    # -- slicing ---------------------------------------------------------------------
+    def _path(self, model: nn.Module, layer: int, block: str) -> str:
+        path = self.modules_by_layer(model, block).get(layer)
+        if path is None:
+            raise KeyError(block)
+        return path
+
     def slices(self, model: nn.Module, config: QKOVConfig, layer: int, block: str
                ) -> HeadSlices:
+        """The head slices of (layer, block), checked against the module's weight shape."""
+        hs, extent = self._slices(model, config, layer, block)
+        module = model.get_submodule(hs.module)
+        shape = tuple(module.weight.shape)
+        lin = shape[::-1] if hs.transposed else shape  # Linear convention [out, in]
+        width = config.hidden_dim
+        if hs.axis == "rows":
+            want = (extent, width if width is not None else lin[1])
+        else:
+            want = (width if width is not None else lin[0], extent)
+        if len(lin) != 2 or tuple(lin) != want:
+            stored = want[::-1] if hs.transposed else want
+            raise ValueError(
+                f"L{layer} {block}: the config (num_heads={config.num_heads}, "
+                f"num_kv_heads={config.num_kv_heads}, head_dim={config.head_dim}, "
+                f"v_head_dim={config.v_head_dim}, hidden_dim={config.hidden_dim}) implies "
+                f"{hs.module}.weight of shape {stored} (layout {self.name!r}), but the "
+                f"weight's shape is {shape}. Check num_heads / num_kv_heads / head_dim / "
+                f"v_head_dim / hidden_dim, or use QKOVConfig.from_model(model).")
+        return hs
+
+    def _slices(self, model: nn.Module, config: QKOVConfig, layer: int, block: str
+                ) -> tuple[HeadSlices, int]:
         raise NotImplementedError
 
 
@@ -108,30 +187,78 @@ class AttentionLayout:
 class SplitLayout(AttentionLayout):
     """q/k/v rows per head (K/V with H_kv heads), o columns per query head."""
 
-    def slices(self, model, config, layer, block):
-        path = self.modules_by_layer(model, block).get(layer)
-        if path is None:
-            raise KeyError(block)
+    def _slices(self, model, config, layer, block):
+        path = self._path(model, layer, block)
         if block == "O":
             n, size, axis = config.num_heads, config.v_head_dim, "cols"
         else:
             n = config.block_heads(block)
             size = config.v_head_dim if block == "V" else config.head_dim
             axis = "rows"
-        return HeadSlices(path, axis, tuple(k * size for k in range(n)), size)
+        return HeadSlices(path, axis, tuple(k * size for k in range(n)), size), n * size
+
+
+_ANY = r"(?:.*\.)?"
 
 
 @register_layout
 class LlamaLayout(SplitLayout):
-    """LLaMA, Mistral, Qwen2 (q/k/v biases), Gemma: ``self_attn.{q,k,v,o}_proj``."""
+    """LLaMA, Mistral, Qwen2 (q/k/v biases), Gemma 3 (``head_dim`` != d/H; the per-head
+    q/k norms hold no head slice): ``layers.N.self_attn.{q,k,v,o}_proj``."""
 
     name = "llama"
-    patterns = {
-        "Q": r"(?:.*\.)?layers\.(\d+)\.self_attn\.q_proj",
-        "K": r"(?:.*\.)?layers\.(\d+)\.self_attn\.k_proj",
-        "V": r"(?:.*\.)?layers\.(\d+)\.self_attn\.v_proj",
-        "O": r"(?:.*\.)?layers\.(\d+)\.self_attn\.o_proj",
-    }
+    patterns = _split_patterns(_ANY + r"layers\.(\d+)\.self_attn", "q_proj", "k_proj",
+                               "v_proj", "o_proj")
+
+
+@register_layout
+class OPTLayout(SplitLayout):
+    """OPT: ``layers.N.self_attn.{q,k,v,out}_proj`` with biases."""
+
+    name = "opt"
+    patterns = _split_patterns(_ANY + r"layers\.(\d+)\.self_attn", "q_proj", "k_proj",
+                               "v_proj", "out_proj")
+
+
+@register_layout
+class PhiLayout(SplitLayout):
+    """Phi-1/1.5/2: ``layers.N.self_attn.{q,k,v}_proj`` (biases) and output ``dense``."""
+
+    name = "phi"
+    patterns = _split_patterns(_ANY + r"layers\.(\d+)\.self_attn", "q_proj", "k_proj",
+                               "v_proj", "dense")
+
+
+@register_layout
+class BertLayout(SplitLayout):
+    """BERT-style encoders (BERT, RoBERTa, MiniLM, ...):
+    ``encoder.layer.N.attention.self.{query,key,value}`` and ``attention.output.dense``."""
+
+    name = "bert"
+    patterns = _split_patterns(_ANY + r"layer\.(\d+)\.attention\.self", "query", "key", "value",
+                               "dense", o_prefix=_ANY + r"layer\.(\d+)\.attention\.output")
+
+
+@register_layout
+class ViTLayout(SplitLayout):
+    """ViT in transformers 5.x (also DeiT, Dinov2, ViTMAE):
+    ``layers.N.attention.{q,k,v,o}_proj`` (``encoder.layer.N...`` for Dinov2)."""
+
+    name = "vit"
+    patterns = _split_patterns(_ANY + r"layers?\.(\d+)\.attention", "q_proj", "k_proj",
+                               "v_proj", "o_proj")
+
+
+@register_layout
+class ViTLegacyLayout(SplitLayout):
+    """ViT as stored by transformers 4.x (and VideoMAE, YOLOS, DPT in 5.x):
+    ``encoder.layer.N.attention.attention.{query,key,value}`` and
+    ``encoder.layer.N.attention.output.dense``."""
+
+    name = "vit_legacy"
+    patterns = _split_patterns(_ANY + r"layer\.(\d+)\.attention\.attention", "query", "key",
+                               "value", "dense",
+                               o_prefix=_ANY + r"layer\.(\d+)\.attention\.output")
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,13 +278,160 @@ class GPT2Layout(AttentionLayout):
         "O": r"(?:.*\.)?h\.(\d+)\.attn\.c_proj",
     }
 
-    def slices(self, model, config, layer, block):
-        path = self.modules_by_layer(model, block)[layer]
-        transposed = _is_conv1d(dict(model.named_modules())[path])
+    def _slices(self, model, config, layer, block):
+        path = self._path(model, layer, block)
+        transposed = _is_conv1d(model.get_submodule(path))
         h, dk, dv = config.num_heads, config.head_dim, config.v_head_dim
         if block == "O":
-            return HeadSlices(path, "cols", tuple(k * dv for k in range(h)), dv, transposed)
+            return (HeadSlices(path, "cols", tuple(k * dv for k in range(h)), dv, transposed),
+                    h * dv)
         offset = {"Q": 0, "K": h * dk, "V": 2 * h * dk}[block]
         size = dv if block == "V" else dk
-        return HeadSlices(path, "rows", tuple(offset + k * size for k in range(h)), size,
-                          transposed)
+        return (HeadSlices(path, "rows", tuple(offset + k * size for k in range(h)), size,
+                           transposed), 2 * h * dk + h * dv)
+
+
+class FusedLayout(AttentionLayout):
+    """One Linear holds Q, K and V; a separate Linear is O (heads along its columns).
+
+    Subclasses give ``qkv_starts(config, block)``: the first row of each head's slice
+    (H entries for Q, H_kv for K/V) and ``qkv_rows(config)``: the fused module's rows.
+    """
+
+    def qkv_starts(self, config: QKOVConfig, block: str) -> list[int]:
+        raise NotImplementedError
+
+    def qkv_rows(self, config: QKOVConfig) -> int:
+        return (config.num_heads + config.num_kv_heads) * config.head_dim \
+            + config.num_kv_heads * config.v_head_dim
+
+    def _slices(self, model, config, layer, block):
+        path = self._path(model, layer, block)
+        if block == "O":
+            dv = config.v_head_dim
+            return (HeadSlices(path, "cols", tuple(k * dv for k in range(config.num_heads)), dv),
+                    config.num_heads * dv)
+        size = config.v_head_dim if block == "V" else config.head_dim
+        return (HeadSlices(path, "rows", tuple(self.qkv_starts(config, block)), size),
+                self.qkv_rows(config))
+
+
+@register_layout
+class Phi3Layout(FusedLayout):
+    """Phi-3: ``self_attn.qkv_proj`` rows [Q (H·d_k) | K (H_kv·d_k) | V (H_kv·d_v)],
+    output ``self_attn.o_proj``."""
+
+    name = "phi3"
+    patterns = _split_patterns(_ANY + r"layers\.(\d+)\.self_attn", "qkv_proj", "qkv_proj",
+                               "qkv_proj", "o_proj")
+
+    def qkv_starts(self, config, block):
+        h, kv, dk, dv = config.num_heads, config.num_kv_heads, config.head_dim, config.v_head_dim
+        if block == "Q":
+            return [k * dk for k in range(h)]
+        if block == "K":
+            return [h * dk + k * dk for k in range(kv)]
+        return [(h + kv) * dk + k * dv for k in range(kv)]
+
+
+class InterleavedLayout(FusedLayout):
+    """Fused rows interleaved per head: head k owns rows [k·3·d, (k+1)·3·d) as
+    [q_k (d) | k_k (d) | v_k (d)] (GPT-NeoX/Pythia, Falcon-7B-style, BLOOM). MHA only."""
+
+    def qkv_starts(self, config, block):
+        if config.num_kv_heads != config.num_heads or config.head_dim != config.v_head_dim:
+            raise ValueError(f"layout {self.name!r} interleaves [q, k, v] per head: it needs "
+                             f"num_kv_heads == num_heads and v_head_dim == head_dim, got "
+                             f"{config.num_kv_heads}/{config.num_heads} and "
+                             f"{config.v_head_dim}/{config.head_dim}")
+        d = config.head_dim
+        pos = {"Q": 0, "K": 1, "V": 2}[block]
+        return [(3 * k + pos) * d for k in range(config.num_heads)]
+
+
+@register_layout
+class GPTNeoXLayout(InterleavedLayout):
+    """GPT-NeoX / Pythia: ``layers.N.attention.query_key_value`` rows [H, (q, k, v), d_k],
+    output ``layers.N.attention.dense``."""
+
+    name = "gpt_neox"
+    patterns = _split_patterns(_ANY + r"layers\.(\d+)\.attention", "query_key_value",
+                               "query_key_value", "query_key_value", "dense")
+
+
+_FALCON = _split_patterns(_ANY + r"h\.(\d+)\.self_attention", "query_key_value",
+                          "query_key_value", "query_key_value", "dense")
+
+
+def _falcon_flags(model: nn.Module) -> tuple[bool, bool]:
+    cfg = getattr(model, "config", None)
+    return (bool(getattr(cfg, "new_decoder_architecture", False)),
+            bool(getattr(cfg, "multi_query", False)))
+
+
+class _FalconGeometry:
+    def geometry(self, model):
+        g = geometry_from_hf_config(model.config)
+        new, mq = _falcon_flags(model)
+        if new:
+            kv = getattr(model.config, "num_kv_heads", None) or \
+                getattr(model.config, "n_head_kv", None) or g["num_heads"]
+        elif mq:
+            kv = 1
+        else:
+            kv = g["num_heads"]
+        return {**g, "num_kv_heads": int(kv)}
+
+
+@register_layout
+class FalconGroupedLayout(_FalconGeometry, FusedLayout):
+    """Falcon with ``new_decoder_architecture`` (40B/180B style): per KV group g the fused
+    rows are [q_{g·p} .. q_{g·p+p-1}, k_g, v_g] (p = H / H_kv), each d_k rows."""
+
+    name = "falcon_grouped"
+    patterns = dict(_FALCON)
+
+    def extra_match(self, model):
+        return _falcon_flags(model)[0]
+
+    def qkv_starts(self, config, block):
+        p, d = config.group_size, config.head_dim
+        if block == "Q":
+            return [((h // p) * (p + 2) + h % p) * d for h in range(config.num_heads)]
+        pos = p if block == "K" else p + 1
+        return [(g * (p + 2) + pos) * d for g in range(config.num_kv_heads)]
+
+
+@register_layout
+class FalconMQALayout(_FalconGeometry, FusedLayout):
+    """Falcon with ``multi_query`` (7B style, no new_decoder_architecture): fused rows
+    [q_0 .. q_{H-1}, k, v], one shared K/V head."""
+
+    name = "falcon_mqa"
+    patterns = dict(_FALCON)
+
+    def extra_match(self, model):
+        new, mq = _falcon_flags(model)
+        return mq and not new
+
+    def qkv_starts(self, config, block):
+        d, h = config.head_dim, config.num_heads
+        if block == "Q":
+            return [k * d for k in range(h)]
+        if config.num_kv_heads != 1:
+            raise ValueError(f"layout 'falcon_mqa' has one K/V head, config says "
+                             f"num_kv_heads={config.num_kv_heads}")
+        return [h * d] if block == "K" else [(h + 1) * d]
+
+
+@register_layout
+class FalconInterleavedLayout(_FalconGeometry, InterleavedLayout):
+    """Falcon with neither flag (and BLOOM, same module names): fused rows interleaved per
+    head [H, (q, k, v), d] like GPT-NeoX."""
+
+    name = "falcon_interleaved"
+    patterns = dict(_FALCON)
+
+    def extra_match(self, model):
+        new, mq = _falcon_flags(model)
+        return not new and not mq

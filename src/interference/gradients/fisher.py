@@ -91,17 +91,25 @@ class FisherCollector:
         objective: per-sample loss (default: from the model's family).
         loss_reduction: 'mean' | 'sum' for the default objective.
         progress: tqdm bars over samples.
+        engine: per-sample gradient engine 'auto' | 'loop' | 'hooks' (see per_sample.py).
+        micro_batch: samples per batched forward of the 'hooks' engine.
+        layers: collect only these layers (default all); see ``layerwise.py``.
+        store_device: where in-budget gradients live ('cpu' default; 'cuda' keeps them on
+            the GPU and ``gradient_memory_mb`` is then a GPU budget).
     """
 
     def __init__(self, enable_cross_task_analysis: bool = False, gradient_memory_mb: float = 100,
                  ema_decay: float = 0.99, store_dtype: str = "float32", spill_dir=None,
                  config: QKOVConfig | None = None, objective: Objective | None = None,
-                 loss_reduction: str = "mean", progress: bool = False):
+                 loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
+                 micro_batch: int = 8, layers: list[int] | None = None, store_device="cpu"):
         self.enable_cross_task_analysis = enable_cross_task_analysis
         self.gradient_memory_mb = gradient_memory_mb
         self.ema_decay, self.store_dtype, self.spill_dir = ema_decay, store_dtype, spill_dir
         self.config, self.objective = config, objective
         self.loss_reduction, self.progress = loss_reduction, progress
+        self.engine, self.micro_batch = engine, micro_batch
+        self.only_layers, self.store_device = layers, store_device
         self.token = uuid.uuid4().hex
         self.fisher = FisherBank(self)
         self.indexer: QKOVIndexer | None = None
@@ -113,15 +121,13 @@ class FisherCollector:
     # -- the seed's accessors ---------------------------------------------------------
     @property
     def gradient_manager(self) -> GradientStore:
-        if self._store is None:
-            raise ValueError("no gradients collected yet: call collect_fisher first")
-        return self._store
+        """The gradient store (an empty one before the first ``collect_fisher``)."""
+        return self._store if self._store is not None else _EmptyStore(self)
 
     @property
     def contribution_cache(self) -> ContributionCache:
-        if self._store is None:
-            return ContributionCache(_EmptyStore(), self)
-        return ContributionCache(self._store, self)
+        """(task, sample_id) -> C_i = g_i ⊙ g_i, derived on access from the stored g_i."""
+        return ContributionCache(self.gradient_manager, self)
 
     def sample_ids(self, task: str, role: str) -> list[str]:
         """Sorted dataset ids of (task, role); role 'fisher' lists the Fisher samples."""
@@ -134,14 +140,15 @@ class FisherCollector:
     def _bind(self, model: nn.Module):
         if self.indexer is None:
             self.config = self.config or QKOVConfig.from_model(model)
-            self.indexer = QKOVIndexer(model, self.config)
+            self.indexer = QKOVIndexer(model, self.config, self.only_layers)
             self.objective = self.objective or default_objective(
                 model, loss_reduction=self.loss_reduction)
             self._model_id = id(model)
             entries = {k: (e.offset, e.n_heads, e.size) for k, e in self.indexer.entries.items()}
             self._store = GradientStore(self.indexer.total_size, entries,
                                         self.gradient_memory_mb, self.store_dtype,
-                                        self.spill_dir, collector=self)
+                                        self.spill_dir, collector=self,
+                                        device=self.store_device)
         elif id(model) != self._model_id:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             mine = {n: tuple(p.shape) for n, p in self.indexer.model.named_parameters()}
@@ -185,19 +192,21 @@ class FisherCollector:
                 f"'reference') on disjoint batches.", stacklevel=2)
             self._all_role_ids.update((task, s) for s in ids)
         engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
-                                    desc=f"{task} ({role})")
-        total = torch.zeros(self.indexer.total_size, dtype=torch.float64) \
-            if role in ("fisher", "all") else None
+                                    desc=f"{task} ({role})", engine=self.engine,
+                                    micro_batch=self.micro_batch)
+        wants_fisher = role in ("fisher", "all")
+        total = None
         losses = []
         for g in engine(batch, ids):
             losses.append(g.loss)
-            if total is not None:
-                total += g.vector.double().square()
+            if wants_fisher:
+                sq = g.vector.double().square()
+                total = sq if total is None else total.add_(sq)
             if keep:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
                                 g.vector, g.loss, g.n_tokens)
-        if total is not None:
-            tf.update(total, n, ids)
+        if wants_fisher:
+            tf.update(total.cpu(), n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
                      sum(losses) / n)
         return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids}
@@ -270,4 +279,22 @@ class FisherCollector:
 
 
 class _EmptyStore:
-    shards: dict = {}
+    """Stand-in store before anything is collected: empty, and says how to fill it."""
+
+    def __init__(self, collector):
+        self.collector, self.shards, self.memory_mb = collector, {}, collector.gradient_memory_mb
+
+    def ids(self, task, role):
+        return []
+
+    def roles(self, task):
+        return []
+
+    def get_memory_usage(self) -> dict:
+        return {"ram_mb": 0.0, "disk_mb": 0.0, "budget_mb": self.memory_mb, "n_samples": 0,
+                "n_on_disk": 0}
+
+    def __getattr__(self, name):
+        raise ValueError(f"no gradients collected yet (gradient_manager.{name}): call "
+                         f"collect_fisher(model, batch, task=...) with "
+                         f"FisherCollector(enable_cross_task_analysis=True) first")

@@ -1,10 +1,19 @@
 """Per-sample gradients of the attention weights (SPEC section 3).
 
-Engine ``loop``: one forward and backward per sample, on the sample's real tokens only,
-with gradients switched on for the attention parameters alone. It is exact by
-construction (a sample's gradient cannot see its batch) and on CPU it is as fast as
-vmap or per-sample hooks (shared/notes: 0.33 s vs 0.41 s per GPT-2 sample).
-Gradients accumulate in float32 whatever the model dtype.
+Two engines, equal to float tolerance (tests/test_engine.py):
+
+- ``loop``: one forward and backward per sample, on the sample's real tokens only, with
+  gradients switched on for the attention parameters alone. Exact by construction (a
+  sample's gradient cannot see its batch); on CPU as fast as vmap or hooks
+  (shared/notes: 0.33 s vs 0.41 s per GPT-2 sample). Works for every objective.
+- ``hooks``: one batched forward and backward of Σ_k L_k over a right-padded batch;
+  forward hooks keep each attention module's input x [n, T, in] and its output's
+  gradient δ [n, T, out], and the per-sample weight gradient is Σ_t δ_t x_tᵀ
+  (``einsum('nto,nti->noi')``), formed in float32. With right padding and a causal mask
+  no real token sees a pad, so this equals the per-sample loop; it is what makes GPU
+  collection run at training speed. Causal-LM objectives only.
+
+``engine='auto'`` picks ``hooks`` on CUDA for causal LMs and ``loop`` otherwise.
 """
 from __future__ import annotations
 
@@ -58,6 +67,56 @@ def _first_bad_cell(indexer: QKOVIndexer, vec: torch.Tensor) -> str:
     return "unknown location"
 
 
+def _right_pad(sample_list: list[dict], device) -> dict:
+    """Re-pad unpadded causal-LM samples to the right: ids/labels/mask [n, T_max]."""
+    T = max(int(s["input_ids"].numel()) for s in sample_list)
+    n = len(sample_list)
+    ids = torch.zeros(n, T, dtype=torch.long)
+    labels = torch.full((n, T), -100, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for k, s in enumerate(sample_list):
+        t = s["input_ids"].numel()
+        ids[k, :t], labels[k, :t], mask[k, :t] = s["input_ids"], s["labels"], 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "attention_mask": mask.to(device)}
+
+
+class _HookCapture:
+    """Forward hooks on the attention modules that form per-sample weight (and bias)
+    gradients [n, *param.shape] in float32 from x and δ."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        modules = dict(model.named_modules())
+        self.by_module: dict[str, list[str]] = {}
+        for name in names:
+            path, kind = name.rsplit(".", 1)
+            self.by_module.setdefault(path, []).append(kind)
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles = [modules[p].register_forward_hook(self._hook(p, modules[p]))
+                        for p in self.by_module]
+
+    def _hook(self, path, module):
+        conv1d = type(module).__name__ == "Conv1D"
+
+        def fwd(mod, inputs, output):
+            x = inputs[0].detach()
+
+            def bwd(delta):
+                xf, df = x.float(), delta.detach().float()
+                if "weight" in self.by_module[path]:
+                    eq = "nti,nto->nio" if conv1d else "nto,nti->noi"
+                    self.grads[f"{path}.weight"] = torch.einsum(eq, xf, df) if conv1d \
+                        else torch.einsum(eq, df, xf)
+                if "bias" in self.by_module[path]:
+                    self.grads[f"{path}.bias"] = df.sum(1)
+            output.register_hook(bwd)
+        return fwd
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 class PerSampleGradients:
     """Computes g_i for every sample of a batch.
 
@@ -69,14 +128,33 @@ class PerSampleGradients:
     """
 
     def __init__(self, model: nn.Module, indexer: QKOVIndexer, objective: Objective,
-                 progress: bool = False, desc: str = "per-sample gradients"):
+                 progress: bool = False, desc: str = "per-sample gradients",
+                 engine: str = "auto", micro_batch: int = 8):
         self.model, self.indexer, self.objective = model, indexer, objective
         self.progress, self.desc = progress, desc
         self._names = indexer.param_names
+        self.engine = self.choose_engine(model, objective, engine)
+        self.micro_batch = int(micro_batch)
+
+    @staticmethod
+    def choose_engine(model: nn.Module, objective: Objective, engine: str = "auto") -> str:
+        if engine not in ("auto", "loop", "hooks"):
+            raise ValueError(f"engine must be 'auto', 'loop' or 'hooks', got {engine!r}")
+        batched_ok = type(objective).__name__ == "CausalLMObjective"
+        if engine == "hooks" and not batched_ok:
+            raise ValueError(f"engine 'hooks' supports causal-LM objectives only, not "
+                             f"{type(objective).__name__}; use engine='loop'")
+        if engine == "auto":
+            on_cuda = next(model.parameters()).is_cuda
+            return "hooks" if (batched_ok and on_cuda) else "loop"
+        return engine
 
     def __call__(self, batch: dict, sample_ids: list[str]):
         """Yield one SampleGradient per sample, in batch order."""
         samples = self.objective.split(batch)
+        if self.engine == "hooks":
+            yield from self._hooks(samples, sample_ids)
+            return
         params = dict(self.model.named_parameters())
         iterator = zip(sample_ids, samples)
         if self.progress:
@@ -101,3 +179,49 @@ class PerSampleGradients:
                         f"{_first_bad_cell(self.indexer, vec)}")
                 n_tok = int(sample["labels"].ne(-100).sum()) if "labels" in sample else 1
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
+
+    def _hooks(self, samples: list[dict], sample_ids: list[str]):
+        """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once."""
+        device = next(self.model.parameters()).device
+        chunks = range(0, len(samples), self.micro_batch)
+        if self.progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc=self.desc, leave=False)
+        with attention_grads_only(self.model, self._names):
+            for start in chunks:
+                part = samples[start:start + self.micro_batch]
+                ids = sample_ids[start:start + self.micro_batch]
+                b = _right_pad(part, device)
+                capture = _HookCapture(self.model, self._names)
+                try:
+                    logits = self.model(input_ids=b["input_ids"],
+                                        attention_mask=b["attention_mask"]).logits[:, :-1]
+                    labels = b["labels"][:, 1:]
+                    keep = labels != -100
+                    n_tok = keep.sum(1)
+                    if (n_tok == 0).any():
+                        bad = ids[int((n_tok == 0).nonzero()[0])]
+                        raise ValueError(f"sample {bad!r}: sample has no predicted tokens")
+                    nll = torch.nn.functional.cross_entropy(
+                        logits.float().reshape(-1, logits.shape[-1]),
+                        labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
+                    per = (nll * keep).sum(1)
+                    losses = per / n_tok if self.objective.loss_reduction == "mean" else per
+                    if not torch.isfinite(losses).all():
+                        k = int((~torch.isfinite(losses)).nonzero()[0])
+                        raise NonFiniteGradientError(f"sample {ids[k]!r}: loss is "
+                                                     f"{losses[k].item()}")
+                    params = dict(self.model.named_parameters())
+                    torch.autograd.grad(losses.sum(), [params[n] for n in self._names],
+                                        allow_unused=True)
+                    rows = self.indexer.flatten_rows(capture.grads)
+                finally:
+                    capture.remove()
+                for k, sid in enumerate(ids):
+                    vec = rows[k]
+                    if not torch.isfinite(vec).all():
+                        raise NonFiniteGradientError(
+                            f"sample {sid!r}: non-finite gradient at "
+                            f"{_first_bad_cell(self.indexer, vec.cpu())}")
+                    yield SampleGradient(sid, vec.detach(), float(losses[k].detach()),
+                                         int(n_tok[k]))

@@ -41,8 +41,9 @@ def _from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 class _Shard:
     """Rows of one (task, role): in-memory tensors first, then a raw file on disk."""
 
-    def __init__(self, size: int, dtype: torch.dtype, path: Path):
+    def __init__(self, size: int, dtype: torch.dtype, path: Path, device="cpu"):
         self.size, self.dtype, self.path = size, dtype, path
+        self.device = torch.device(device)
         self.ids: list[str] = []
         self.where: dict[str, tuple[str, int]] = {}   # id -> ('ram', k) | ('disk', row)
         self.ram: list[torch.Tensor] = []
@@ -60,7 +61,7 @@ class _Shard:
     def add(self, sid: str, vec: torch.Tensor, in_ram: bool):
         if in_ram:
             self.where[sid] = ("ram", len(self.ram))
-            self.ram.append(vec.detach().to("cpu", self.dtype).clone())
+            self.ram.append(vec.detach().to(self.device, self.dtype).clone())
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as fh:
@@ -78,13 +79,13 @@ class _Shard:
 
     def rows(self, ids: list[str], start: int, stop: int) -> torch.Tensor:
         """float32 [len(ids), stop - start]: columns [start, stop) of the given rows."""
-        out = torch.empty(len(ids), stop - start)
+        out = torch.empty(len(ids), stop - start, device=self.device)
         for k, sid in enumerate(ids):
             kind, pos = self.where[sid]
             if kind == "ram":
                 out[k] = self.ram[pos][start:stop].float()
             else:
-                out[k] = _from_numpy(self.disk()[pos, start:stop], self.dtype)
+                out[k] = _from_numpy(self.disk()[pos, start:stop], self.dtype).to(self.device)
         return out
 
 
@@ -96,11 +97,13 @@ class GradientStore:
         entries: (layer, block) -> (offset, n_heads, slice_size) of the canonical vector.
         memory_mb: budget of the in-memory rows; the rest spills to ``spill_dir``.
         store_dtype: 'float32' | 'bfloat16' | 'float16' (storage only; reads are float32).
+        device: where in-budget rows live ('cpu', or 'cuda' to keep them on the GPU, in
+            which case ``memory_mb`` is a GPU budget).
     """
 
     def __init__(self, size: int, entries: dict, memory_mb: float = 100.0,
                  store_dtype: str = "float32", spill_dir: str | os.PathLike | None = None,
-                 collector=None):
+                 collector=None, device="cpu"):
         if store_dtype not in STORE_DTYPES:
             raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}")
         self.size, self.entries = size, dict(entries)
@@ -109,6 +112,7 @@ class GradientStore:
         self._own_dir = spill_dir is None
         self.spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="qkov-grads-"))
         self.collector = collector
+        self.device = torch.device(device)
         self.shards: dict[tuple[str, str], _Shard] = {}
         self.norms: dict[tuple[str, str], float] = {}
         self.losses: dict[tuple[str, str], float] = {}
@@ -125,7 +129,7 @@ class GradientStore:
         key = (task, role)
         if key not in self.shards:
             self.shards[key] = _Shard(self.size, self.dtype,
-                                      self.spill_dir / f"{task}__{role}.bin")
+                                      self.spill_dir / f"{task}__{role}.bin", self.device)
         shard = self.shards[key]
         if sample_id in shard.where:
             raise ValueError(f"sample {sample_id!r} already stored for task {task!r} role {role!r}")
@@ -159,7 +163,7 @@ class GradientStore:
     def block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
         """float32 [n, n_block_heads, slice_size]: g of samples ``ids`` on one (layer, block)."""
         offset, n_heads, size = self.entries[(layer, block)]
-        out = torch.empty(len(ids), n_heads * size)
+        out = torch.empty(len(ids), n_heads * size, device=self.device)
         by_shard: dict[int, tuple[_Shard, list[int], list[str]]] = {}
         for k, sid in enumerate(ids):
             shard = self._locate(task, sid)
@@ -252,6 +256,12 @@ class GradientStore:
         self.norms.update(other.norms)
         self.losses.update(other.losses)
         self.n_tokens.update(other.n_tokens)
+
+    def release(self):
+        """Drop every stored row (memory and spill files); the store is empty after."""
+        self.shards.clear()
+        self._ram_bytes = 0
+        self.close()
 
     def close(self):
         if self._own_dir:

@@ -21,6 +21,29 @@ VARIANTS = ("qkov", "signed", "symmetric", "fisher_weighted")
 FISHER_SOURCES = ("pooled", "a", "b")
 
 
+def _split_factor(size: int, target: int = 4096) -> int:
+    """Largest c with size % c == 0 and size / c >= target (1 when size is small)."""
+    for c in range(max(1, size // target), 0, -1):
+        if size % c == 0:
+            return c
+    return 1
+
+
+def head_contraction(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """einsum('ahs,bhs->abh') as one batched GEMM over (head, slice chunk).
+
+    left [a, h, s], right [b, h, s] -> [a, b, h]. The slice axis s (up to 10^5..10^6) is
+    split into c chunks so the GEMM has h·c independent [a x s/c] @ [s/c x b] products
+    (a 100 x 100 output per head alone leaves most of a GPU idle), then summed over c.
+    """
+    a, h, s = left.shape
+    b = right.shape[0]
+    c = _split_factor(s)
+    lhs = left.reshape(a, h * c, s // c).transpose(0, 1)            # [h·c, a, s/c]
+    rhs = right.reshape(b, h * c, s // c).permute(1, 2, 0)          # [h·c, s/c, b]
+    return torch.bmm(lhs, rhs).view(h, c, a, b).sum(1).permute(1, 2, 0)
+
+
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -155,7 +178,7 @@ class QKOVInterferenceMetric:
     def _block_scores(self, task_a, ids_a, task_j, ids_j, layer, block, fisher) -> torch.Tensor:
         """[n_a, n_j, n_block_heads] float32 for one (layer, block)."""
         left, right = self._operands(task_a, ids_a, task_j, ids_j, layer, block, fisher)
-        s = torch.einsum("ahs,bhs->abh", left, right)
+        s = head_contraction(left, right)
         if self.aggregate == "mean":
             s = s / left.shape[-1]
         if s.shape[0] != len(ids_a):

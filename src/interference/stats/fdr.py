@@ -54,10 +54,15 @@ def resolution_message(m: int, fdr_alpha: float, n_permutations: int, min_pvalue
     k = min_bh_rejections(m, fdr_alpha, min_pvalue)
     kind = "all relabellings (exact test)" if exact else "permutations"
     msg = (f"{n_permutations} {kind} for {m} distinct cells: the smallest reachable p-value "
-           f"is {min_pvalue:.3g}, so Benjamini-Hochberg at fdr_alpha={fdr_alpha} cannot "
-           f"reject fewer than {k} cell(s)")
+           f"is {min_pvalue:.3g}, ")
     if k > 1:
-        msg += " (a conflict confined to fewer cells can never be declared)"
+        msg += (f"so Benjamini-Hochberg at fdr_alpha={fdr_alpha} cannot reject fewer than {k} "
+                "cells (a conflict confined to fewer cells can never be declared)")
+    else:
+        msg += (f"more than half the Benjamini-Hochberg threshold for a single cell "
+                f"(fdr_alpha/m = {fdr_alpha / m:.3g}): BH cannot reject fewer than 1 cell, "
+                "but a lone conflict is declared only if almost no permuted statistic "
+                "reaches it")
     if not exact:
         msg += (f"; use n_permutations >= {default_n_permutations(m, fdr_alpha)} "
                 "(max(10^4, ceil(2m/fdr_alpha)))")

@@ -1,0 +1,85 @@
+"""B3: per-sample gradient throughput vs an ordinary batched forward + backward.
+
+GPT-2-small shape (12 layers, 12 heads, d = 768, vocab 50257), random init, 256 tokens.
+
+    python benchmarks/bench_gradients.py --device cuda --dtype bfloat16 --n 64
+    python benchmarks/bench_gradients.py --device cpu --n 4 --threads 2
+
+Prints one JSON line with samples/s of: the ordinary step (all parameters, one batched
+backward), and each per-sample engine (attention weights only, canonical vectors formed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import transformers as T
+
+from interference.architectures import QKOVConfig, QKOVIndexer
+from interference.gradients import CausalLMObjective, PerSampleGradients
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--engines", default="hooks,loop")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    cfg._attn_implementation = "sdpa"
+    model = T.GPT2LMHeadModel(cfg).to(args.device, dtype).eval()
+    ids = torch.randint(0, 50257, (args.n, args.tokens), device=args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = {"benchmark": "B3 per-sample gradients", "n": args.n, "tokens": args.tokens,
+           "dtype": args.dtype, "threads": torch.get_num_threads(),
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()}
+
+    def ordinary():
+        for s in range(0, args.n, args.batch):
+            x = ids[s:s + args.batch]
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    ordinary()  # warm-up
+    sync(args.device)
+    t0 = time.perf_counter()
+    ordinary()
+    sync(args.device)
+    out["ordinary_samples_per_s"] = args.n / (time.perf_counter() - t0)
+
+    indexer = QKOVIndexer(model, QKOVConfig.from_model(model))
+    sample_ids = [f"s:{k}" for k in range(args.n)]
+    for engine in args.engines.split(","):
+        eng = PerSampleGradients(model, indexer, CausalLMObjective(), engine=engine,
+                                 micro_batch=args.batch)
+        for _ in eng({k: v[:2] for k, v in batch.items()}, sample_ids[:2]):
+            pass
+        sync(args.device)
+        t0 = time.perf_counter()
+        for _ in eng(batch, sample_ids):
+            pass
+        sync(args.device)
+        out[f"{engine}_samples_per_s"] = args.n / (time.perf_counter() - t0)
+        out[f"{engine}_over_ordinary"] = out[f"{engine}_samples_per_s"] / out["ordinary_samples_per_s"]
+    out["torch"] = torch.__version__
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

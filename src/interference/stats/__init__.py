@@ -1,0 +1,31 @@
+"""Statistics of QK-OV heatmaps: permutation tests, FDR, effect sizes, bootstrap (SPEC 6).
+
+Stages, each a small module:
+- cells: the distinct (block, layer, head / kv_head) cells and their columns;
+- disruption: s_jc = mean_i M_ij,c and its normalisation (share / l2 / none);
+- permutation: one shared set of permutations, batched GEMMs, one-sided p-values;
+- fdr: Benjamini-Hochberg q-values (statsmodels) and the permutation-count check;
+- effects: Welch's t, Cohen's d, AUC;
+- bootstrap: stratified two-way bootstrap intervals;
+- statistics: QKOVStatistics, tying them together (test_disruption / test_scores /
+  test_heatmap).
+"""
+from .bootstrap import BootstrapDraws, percentile_interval, stratified_bootstrap
+from .cells import BLOCKS, broadcast_to_heads, distinct_cells, gather_cells, n_distinct_cells
+from .disruption import DISRUPTION_NORMS, disruption, normalise
+from .effects import auc, cohens_d, mean_difference, welch_t
+from .fdr import bh_qvalues, default_n_permutations, min_bh_rejections
+from .permutation import PermutationResult, permutation_test_matrix
+from .statistics import (PermutationResolutionWarning, QKOVStatistics, alternative_for,
+                         test_scores)
+
+__all__ = [
+    "QKOVStatistics", "test_scores", "alternative_for",
+    "PermutationResolutionWarning",
+    "permutation_test_matrix", "PermutationResult",
+    "bh_qvalues", "default_n_permutations", "min_bh_rejections",
+    "cohens_d", "auc", "welch_t", "mean_difference",
+    "disruption", "normalise", "DISRUPTION_NORMS",
+    "distinct_cells", "gather_cells", "broadcast_to_heads", "n_distinct_cells", "BLOCKS",
+    "stratified_bootstrap", "percentile_interval", "BootstrapDraws",
+]

@@ -1,0 +1,117 @@
+"""What the Snakefile does around the jobs: tracking settings, onstart/onsuccess/onerror,
+and the ``track`` rule.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from . import tracking
+
+logger = logging.getLogger("qkov.hooks")
+
+
+def configure_tracking(plan) -> dict:
+    """Resolve the tracking settings (from the first experiment) and export them to jobs."""
+    first = next(iter(plan.experiments.values()))
+    t = first["tracking"]
+    for exp, cfg in plan.experiments.items():
+        if cfg["tracking"] != t:
+            print(f"qkov: experiment {exp!r} has other tracking settings than "
+                  f"{first['experiment']!r}; using the latter's", file=sys.stderr)
+    uri = tracking.resolve_uri(t["uri"], plan.results)
+    artifacts = tracking.default_artifacts(uri, plan.results)
+    tracking.export_settings(t["mode"], uri, artifacts, t["timeout_s"], t["experiment_prefix"])
+    return {"mode": t["mode"], "uri": uri, "artifacts": artifacts, "timeout_s": t["timeout_s"],
+            "prefix": t["experiment_prefix"]}
+
+
+def _bounded(fn, timeout_s: float):
+    box = {}
+
+    def work():
+        try:
+            box["value"] = fn()
+        except Exception as err:
+            box["error"] = f"{type(err).__name__}: {err}"
+            box["trace"] = traceback.format_exc()
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    if "value" in box:
+        return box["value"], None
+    return None, box.get("error", f"no answer within {timeout_s:.0f} s")
+
+
+def on_start(plan, settings: dict) -> None:
+    """Direct mode: initialise the store ONCE (a fresh sqlite database must not be created by
+    concurrent jobs) and open one parent run per experiment for this workflow run."""
+    if settings["mode"] != "direct":
+        print(f"qkov: MLflow tracking mode {settings['mode']!r}"
+              + (" (records are logged by the track rule)" if settings["mode"] == "deferred" else ""),
+              file=sys.stderr)
+        return
+    names = {exp: tracking.mlflow_experiment(settings["prefix"], exp) for exp in plan.experiments}
+
+    def start():
+        tracking.init_store(settings["uri"], settings["artifacts"], list(names.values()))
+        return tracking.start_parents(settings["uri"], settings["artifacts"], names, {
+            "qkov.workflow_parent_of": os.environ.get(tracking.ENV_WORKFLOW_RUN, ""),
+            "qkov.git_commit": os.environ.get(tracking.ENV_GIT, "unknown"),
+            "qkov.tracking_mode": "direct", "qkov.argv": " ".join(sys.argv)[:5000]})
+
+    parents, err = _bounded(start, max(settings["timeout_s"], 60))
+    if parents:
+        os.environ[tracking.ENV_PARENTS] = json.dumps(parents)
+        print(f"qkov: MLflow store {settings['uri']}; parent runs {parents}", file=sys.stderr)
+    else:
+        print(f"qkov: WARNING: MLflow is not reachable at {settings['uri']} ({err}); jobs keep "
+              "their records and the track rule logs them", file=sys.stderr)
+
+
+def on_end(settings: dict, ok: bool) -> None:
+    if settings["mode"] != "direct":
+        return
+    parents = json.loads(os.environ.get(tracking.ENV_PARENTS) or "{}")
+    if parents:
+        _bounded(lambda: tracking.end_parents(settings["uri"], parents,
+                                              "FINISHED" if ok else "FAILED"),
+                 settings["timeout_s"])
+
+
+def run_track(smk) -> None:
+    """The ``track`` rule: log pending records and the experiment summary on the parent run."""
+    from .jobs import _setup_logging, read_json
+
+    _setup_logging(smk.log[0])
+    exp = smk.wildcards["exp"]
+    s = tracking.settings_from_env()
+    summary = read_json(smk.input.summary)
+    logger.info("tracking mode %s, store %s, %d records", s["mode"], s["uri"],
+                len(smk.input.records))
+    try:
+        result = tracking.sync(list(smk.input.records), exp, summary.get("metrics", {}),
+                               [smk.input.summary, smk.input.md], smk.output.tracking)
+    except Exception:
+        msg = traceback.format_exc()
+        if s["mode"] == "deferred":
+            logger.error("logging the records to MLflow failed (results are complete; rerun "
+                         "to retry):\n%s", msg)
+            raise
+        logger.warning("MLflow sync failed; records stay pending (rerun with "
+                       "`--forcerun track` to retry):\n%s", msg)
+        from interference.results import write_json
+
+        write_json(smk.output.tracking, {"mode": s["mode"], "uri": s["uri"], "status": "error",
+                                         "error": msg.splitlines()[-1], "experiment": exp})
+        return
+    n_new = sum(1 for r in result["records"].values() if r["status"] == "logged_by_track")
+    logger.info("parent run %s; %d records, %d logged now", result.get("parent_run_id"),
+                len(result["records"]), n_new)
+    Path(smk.output.tracking).touch()

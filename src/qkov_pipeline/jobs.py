@@ -1,0 +1,176 @@
+"""The frame every workflow job runs in: logging, threads, resolved config, record, timing.
+
+A stage script is two lines::
+
+    from qkov_pipeline.jobs import run_stage
+    run_stage(snakemake, "collect")
+
+:func:`run_stage` builds a :class:`Job` from the ``snakemake`` object (its ``params.slice``
+is the rule's resolved config slice, canonical JSON), and calls
+``qkov_pipeline.stages.<stage>.run(job)``. Around it, the job
+
+- logs to the rule's log file (and stderr), with a header naming the rule, wildcards,
+  config hash, threads and device;
+- fixes torch's thread count from the config (``resources.<rule>.threads``), not from
+  what the scheduler granted, so equal configs give bitwise-equal results;
+- writes the resolved config next to its outputs (``output.config``) before running;
+- writes its tracking record (``output.record``) after success, logging it to MLflow
+  in direct mode (never failing the job because of MLflow).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .config import digest
+
+logger = logging.getLogger("qkov")
+
+
+class Job:
+    """What a stage sees: inputs, outputs, its config slice and execution settings.
+
+    Attributes: ``rule``, ``wildcards`` (dict), ``slice`` (the resolved config slice),
+    ``config_hash``, ``experiment`` (whose MLflow run it belongs to), ``exec`` (the rule's
+    ``resources`` entry: threads, device, gradient_memory_mb, ...), ``input``/``output``
+    (snakemake's named lists), ``metrics`` / ``artifacts`` / ``tags`` for the record.
+    """
+
+    def __init__(self, smk):
+        self.smk = smk
+        self.rule = smk.rule
+        self.wildcards = {k: v for k, v in smk.wildcards.items()}
+        self.slice = json.loads(smk.params.slice)
+        self.config_hash = digest(self.slice)
+        meta = smk.config.get("_qkov", {})
+        key = self.wildcards.get("key")
+        self.experiment = self.wildcards.get("exp") or meta.get("owners", {}).get(key, "default")
+        self.exec = dict(meta.get("exec", {}).get(self.experiment, {}).get(self.rule, {}))
+        self.threads = int(self.exec.get("threads", smk.threads))
+        self.input, self.output = smk.input, smk.output
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[dict] = []
+        self.tags: dict[str, str] = {}
+        self.t0 = time.time()
+
+    # -- helpers for stages -----------------------------------------------------------
+    def device(self) -> str:
+        want = self.exec.get("device", "auto")
+        if want == "cpu":
+            return "cpu"
+        import torch
+
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"rule {self.rule}: resources.{self.rule}.device=cuda but no "
+                               "CUDA device is visible")
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def artifact(self, path, directory: str | None = None) -> None:
+        self.artifacts.append({"path": str(path), "dir": directory})
+
+    def metric(self, name: str, value) -> None:
+        try:
+            self.metrics[name] = float(value)
+        except (TypeError, ValueError):
+            pass
+
+    def timed(self, name: str):
+        job = self
+
+        class _T:
+            def __enter__(self_):
+                self_.t = time.time()
+                logger.info("%s ...", name)
+
+            def __exit__(self_, *exc):
+                dt = time.time() - self_.t
+                job.metric(f"time.{name}_s", dt)
+                if exc[0] is None:
+                    logger.info("%s done in %.1f s", name, dt)
+        return _T()
+
+    @property
+    def run_name(self) -> str:
+        parts = [self.rule] + [str(v) for v in self.wildcards.values()]
+        return " ".join(parts)
+
+
+def _setup_logging(log_path: str) -> None:
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    root.handlers[:] = []
+    fh = logging.FileHandler(log_path, mode="w")
+    fh.setFormatter(fmt)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    root.addHandler(fh)
+    root.addHandler(sh)
+    root.setLevel(logging.INFO)
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def write_resolved_config(job: Job) -> None:
+    import yaml
+
+    from interference.results import SCHEMA_VERSION, atomic_path
+
+    doc = {"rule": job.rule, "wildcards": job.wildcards, "experiment": job.experiment,
+           "config_hash": job.config_hash, "schema_version": SCHEMA_VERSION,
+           "execution": job.exec, "config": job.slice}
+    with atomic_path(job.output.config) as tmp:
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False, width=100))
+
+
+def run_stage(smk, stage: str) -> None:
+    """Run ``qkov_pipeline.stages.<stage>.run(job)`` inside the job frame."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    job = Job(smk)
+    # Thread counts come from the config (resources.<rule>.threads), not from what the
+    # scheduler granted: set before numpy / torch are imported, and for torch explicitly.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(job.threads)
+    _setup_logging(smk.log[0])
+    logger.info("rule %s  wildcards %s", job.rule, job.wildcards)
+    logger.info("experiment %s  config hash %s  threads %d (scheduler granted %d)",
+                job.experiment, job.config_hash, job.threads, smk.threads)
+    job.tags.update({"qkov.config_hash": job.config_hash, "qkov.threads": job.threads})
+    try:
+        write_resolved_config(job)
+        module = importlib.import_module(f"qkov_pipeline.stages.{stage}")
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(job.threads)
+        module.run(job)
+        job.metric("time.total_s", time.time() - job.t0)
+        job.artifact(job.output.config, "config")
+        record = tracking.new_record(experiment=job.experiment, rule=job.rule,
+                                     run_name=job.run_name, params=job.slice,
+                                     tags=job.tags, wildcards=job.wildcards)
+        record["metrics"] = job.metrics
+        record["artifacts"] = job.artifacts
+        record["finished"] = time.time()
+        record = tracking.log_with_timeout(record)
+        tracking.write_record(job.output.record, record)
+        logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
+                    record["status"])
+    except BaseException:
+        logger.error("rule %s failed:\n%s", job.rule, traceback.format_exc())
+        raise
+
+
+def read_json(path) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,77 @@
+"""prepare_data: one task's records, split into disjoint roles, tokenised, saved.
+
+Roles (disjoint by dataset id, seeded by the split seed): fisher, scored, reference (task A
+only) and control (task A's A' for the negative control). With ``data.match_lengths`` every
+(task, role) batch of the experiment's tasks is truncated to the same distribution of
+loss-token counts (interference.data.match_lengths), so the job prepares the whole group
+and saves its own task. Output: ``_data/<task>-<hash>/`` (manifest.json, tensors.safetensors).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch  # noqa: F401 (imported first so the job frame fixes its thread count)
+
+from ..jobs import read_json
+
+logger = logging.getLogger("qkov.data")
+
+
+def prepare_group(s: dict, tokenizer) -> dict:
+    """task -> (batches by role, records by role, meta), length-matched when asked."""
+    from interference.data import match_lengths, prepare_task
+
+    group = s["match_lengths"] or [{"task": s["task"], "spec": s["spec"], "roles": s["roles"]}]
+    out = {}
+    for entry in group:
+        roles = entry["roles"]
+        extra = {"control": roles["control"]} if roles.get("control") else None
+        batches, records, meta = prepare_task(
+            entry["spec"]["source"], tokenizer, n_fisher=roles["fisher"],
+            n_scored=roles["scored"], n_reference=roles["reference"], seed=s["split_seed"],
+            max_length=s["max_length"], loss_tokens=s["loss_tokens"], extra_roles=extra,
+            task_kwargs=entry["spec"]["kwargs"])
+        out[entry["task"]] = (batches, records, meta)
+    if s["match_lengths"]:
+        flat = {f"{t}/{r}": b for t, (bs, _, _) in out.items() for r, b in bs.items()}
+        matched = match_lengths(flat)
+        for t, (bs, recs, meta) in out.items():
+            out[t] = ({r: matched[f"{t}/{r}"] for r in bs}, recs,
+                      dict(meta, length_matching=[g["task"] for g in group]))
+    return out
+
+
+def run(job) -> None:
+    from interference.data import save_task_batches
+    from interference.models import load_tokenizer
+
+    s = job.slice
+    task = s["task"]
+    info = read_json(job.input.model)
+    if info.get("max_positions") and s["max_length"] > info["max_positions"]:
+        raise ValueError(f"data.max_length={s['max_length']} exceeds the model's "
+                         f"{info['max_positions']} positions; lower data.max_length")
+    tokenizer = load_tokenizer(Path(job.input.model).parent / "hf")
+    with job.timed("prepare"):
+        prepared = prepare_group(s, tokenizer)
+    batches, records, meta = prepared[task]
+    meta = dict(meta, task_name=task, split_seed=s["split_seed"], config_hash=job.config_hash)
+    with job.timed("save"):
+        save_task_batches(Path(job.output.manifest).parent, batches, records, meta)
+    for role, b in batches.items():
+        lengths = np.asarray(b["attention_mask"].sum(1))
+        n_loss = np.asarray(b.meta["n_loss_tokens"])
+        logger.info("%s/%s: %d samples, tokens mean %.1f (min %d, max %d), loss tokens mean "
+                    "%.1f, %d truncated at %d", task, role, len(lengths), lengths.mean(),
+                    lengths.min(), lengths.max(), n_loss.mean(), b.meta.get("n_truncated", 0),
+                    s["max_length"])
+        job.metric(f"data.{role}.n", len(lengths))
+        job.metric(f"data.{role}.mean_tokens", lengths.mean())
+        job.metric(f"data.{role}.mean_loss_tokens", n_loss.mean())
+        job.metric(f"data.{role}.n_truncated", b.meta.get("n_truncated", 0))
+        lm = b.meta.get("length_matching")
+        if lm:
+            job.metric(f"data.{role}.n_shortened", lm["n_shortened"])
+    job.artifact(job.output.manifest)

@@ -1,0 +1,99 @@
+"""scores: the QK-OV heatmap of one analysis and split seed, with its reference scores.
+
+Arm ``main``: A vs B (``compute_heatmap``). Arm ``control``: A vs A' (task A's held-out
+``control`` samples in B's place), normalised by the SAME Fisher as the main arm (pooled
+A and B by default) so the two are comparable. Both arms also score the reference
+disruptors R (held-out task-A samples) against the same task-A samples with the same
+normaliser (``pair_scores(..., fisher_tasks=...)``): the statistics compare B (or A') with R.
+Output: ``split<seed>/`` with scores.npz and heatmap.json (interference.results).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("qkov.scores")
+BLOCKS = ("Q", "K", "V", "O")
+
+
+def control_heatmap(metric, task_a: str, task_b: str) -> dict:
+    """A vs A' in compute_heatmap's format (scores, layer_head_avg, top_conflicts, meta)."""
+    collector = metric.fisher_collector
+    ids_a = metric.scored_ids(task_a)
+    ids_c = collector.sample_ids(task_a, "control")
+    if not ids_c:
+        raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
+    layers = list(collector.layers)
+    heads = list(range(metric.config.num_heads))
+    tasks = metric.fisher_tasks(task_a, task_b)
+    scores = metric.pair_scores(task_a, ids_a, task_a, ids_c, layers, heads, fisher_tasks=tasks)
+    heat = {}
+    for b in BLOCKS:
+        heat[b] = {"scores": scores[b], "layer_head_avg": scores[b].mean(axis=(0, 1)),
+                   # the metric's own ranking (largest; smallest for 'signed'), one K/V
+                   # cell per GQA group, as compute_heatmap lists them
+                   "top_conflicts": metric._top_conflicts(b, scores[b], layers, heads, ids_a, ids_c),
+                   "layers": layers, "heads": heads}
+    fisher = torch.stack([collector.fisher.get(t) for t in tasks]).mean(0)
+    ridge = {}
+    for layer in layers:
+        for b in BLOCKS:
+            _, lam, share = metric.denominator(fisher, layer, b)
+            ridge[f"L{layer}.{b}"] = {"lambda": lam, "share_lambda_gt_fisher": share}
+    heat["meta"] = {
+        "task_a": task_a, "task_b": task_a, "layers": layers, "heads": heads,
+        "kv_head_of": [metric.config.kv_head(h) for h in heads],
+        "num_kv_heads": metric.config.num_kv_heads, "num_heads": metric.config.num_heads,
+        "variant": metric.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_c,
+        "fisher_tasks": list(tasks), "settings": metric.settings(), "ridge": ridge,
+        "collector_token": collector.token, "control_of": task_b,
+        "axes": {"scores": ["sample_a", "sample_b", "layer", "head"],
+                 "layer_head_avg": ["layer", "head"]}}
+    return heat
+
+
+def run(job) -> None:
+    from interference.gradients import FisherCollector
+    from interference.results import save_heatmap
+    from interference.scores import QKOVInterferenceMetric
+
+    s = job.slice
+    a, b, arm = s["task_a"], s["task_b"], s["arm"]
+    ref_task = a if s["reference"] == "within_task" else s["reference"]
+    dirs = [Path(p) for p in job.input.grads]
+    with job.timed("open_stores"):
+        collector = FisherCollector.from_saved(dirs)
+    metric = QKOVInterferenceMetric(collector.config, collector, device=job.device(), **s["metric"])
+    with job.timed("heatmap"):
+        heat = metric.compute_heatmap(a, b) if arm == "main" else control_heatmap(metric, a, b)
+    meta = heat["meta"]
+    ids_r = collector.sample_ids(ref_task, "reference")
+    if not ids_r:
+        raise ValueError(f"no reference samples of task {ref_task!r} in the stores")
+    with job.timed("reference"):
+        ref = metric.pair_scores(a, meta["sample_ids_a"], ref_task, ids_r,
+                                 meta["layers"], meta["heads"],
+                                 fisher_tasks=tuple(meta["fisher_tasks"]))
+    store = collector.gradient_manager
+    disruptor_task = b if arm == "main" else a
+    extra = {"arm": arm, "pair": job.wildcards["pair"], "split_seed": int(job.wildcards["seed"]),
+             "disruptor_task": disruptor_task, "reference_task": ref_task,
+             "reference": s["reference"], "sample_ids_r": ids_r,
+             "norms_b": store.grad_norms(disruptor_task, meta["sample_ids_b"]).tolist(),
+             "norms_r": store.grad_norms(ref_task, ids_r).tolist(),
+             "config_hash": job.config_hash}
+    with job.timed("save"):
+        save_heatmap(Path(job.output.heatmap).parent, heat, extra=extra, reference_scores=ref)
+    for blk in BLOCKS:
+        job.metric(f"score.{blk}.mean", float(np.mean(heat[blk]["layer_head_avg"])))
+        job.metric(f"score.{blk}.reference_mean", float(np.mean(ref[blk])))
+    shares = [v["share_lambda_gt_fisher"] for v in meta["ridge"].values()]
+    job.metric("ridge.max_share_lambda_gt_fisher", max(shares))
+    logger.info("%s: %d x %d (B) and %d x %d (R) pairs, %d layers x %d heads; block means %s",
+                job.wildcards["pair"], len(meta["sample_ids_a"]), len(meta["sample_ids_b"]),
+                len(meta["sample_ids_a"]), len(ids_r), len(meta["layers"]), len(meta["heads"]),
+                {blk: f"{np.mean(heat[blk]['layer_head_avg']):.4g}" for blk in BLOCKS})
+    job.artifact(job.output.heatmap)

@@ -1,0 +1,377 @@
+"""MLflow tracking of the workflow: one parent run per workflow run, one child run per job.
+
+Every job writes a RECORD (JSON, next to its outputs): params (its resolved config slice,
+flattened), metrics, tags and artifact paths. What happens to it depends on the mode:
+
+- ``direct`` (default): the job logs the record as a child run right away, bounded by
+  ``timeout_s``; if MLflow is slow or failing the job still succeeds and the record stays
+  ``pending``. The parent run is created once, before any job starts (Snakefile
+  ``onstart``), which also initialises a fresh sqlite store, so concurrent jobs never race
+  on its creation.
+- ``deferred``: jobs only write records; the local rule ``track`` logs every pending
+  record at the end (one writer: safe where sqlite on a shared file system is not).
+- ``off``: records only.
+
+In every mode ``track`` (the last rule) logs what is still pending, idempotently: a
+record's ``record_id`` is a tag of its run, so nothing is logged twice.
+
+The store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri``, else
+``sqlite:///<results>/mlflow.db`` with artifacts under ``<results>/mlartifacts``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import threading
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("qkov.tracking")
+
+ENV_MODE = "QKOV_TRACKING_MODE"
+ENV_URI = "QKOV_TRACKING_URI"
+ENV_ARTIFACTS = "QKOV_TRACKING_ARTIFACTS"
+ENV_TIMEOUT = "QKOV_TRACKING_TIMEOUT"
+ENV_PREFIX = "QKOV_TRACKING_PREFIX"
+ENV_WORKFLOW_RUN = "QKOV_WORKFLOW_RUN_ID"
+ENV_PARENTS = "QKOV_MLFLOW_PARENT_RUNS"   # JSON {experiment name: parent run id}
+ENV_GIT = "QKOV_GIT_COMMIT"
+RECORD_VERSION = 1
+PACKAGES = ("torch", "transformers", "numpy", "scipy", "statsmodels", "pandas", "snakemake",
+            "hydra-core", "mlflow", "safetensors", "tokenizers")
+
+
+# ----------------------------------------------------------------------------- settings
+
+def resolve_uri(uri: str | None, results: str | Path) -> str:
+    """MLFLOW_TRACKING_URI > tracking.uri > sqlite:///<abs results>/mlflow.db."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if uri:
+        return uri
+    return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+
+
+def default_artifacts(uri: str, results: str | Path) -> str | None:
+    """Artifact root for experiments this workflow creates in a local sqlite store."""
+    if uri.startswith("sqlite:"):
+        return (Path(results).resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def mlflow_experiment(prefix: str, experiment: str) -> str:
+    return f"{prefix}/{experiment}"
+
+
+def settings_from_env() -> dict:
+    return {"mode": os.environ.get(ENV_MODE, "off"), "uri": os.environ.get(ENV_URI),
+            "artifacts": os.environ.get(ENV_ARTIFACTS) or None,
+            "timeout_s": float(os.environ.get(ENV_TIMEOUT, "60")),
+            "prefix": os.environ.get(ENV_PREFIX, "qkov"),
+            "workflow_run_id": os.environ.get(ENV_WORKFLOW_RUN),
+            "parents": json.loads(os.environ.get(ENV_PARENTS) or "{}")}
+
+
+def export_settings(mode: str, uri: str, artifacts: str | None, timeout_s: float,
+                    prefix: str) -> None:
+    """Put the settings where jobs (local or on a cluster) find them: the environment."""
+    os.environ[ENV_MODE] = mode
+    os.environ[ENV_URI] = uri
+    os.environ[ENV_ARTIFACTS] = artifacts or ""
+    os.environ[ENV_TIMEOUT] = str(timeout_s)
+    os.environ[ENV_PREFIX] = prefix
+    os.environ.setdefault(ENV_WORKFLOW_RUN, uuid.uuid4().hex)
+    os.environ.setdefault(ENV_GIT, git_commit(Path(__file__).resolve().parents[2]))
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def git_commit(repo: str | Path) -> str:
+    """HEAD commit of repo, '+dirty' when tracked files differ; 'unknown' without git."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        if not head:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'a.b.c': 'value'} with JSON-ish leaf strings (MLflow params)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, list) and obj and any(isinstance(x, (dict, list)) for x in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}.{i}"))
+    else:
+        out[prefix or "value"] = json.dumps(obj) if not isinstance(obj, str) else obj
+    return out
+
+
+# ----------------------------------------------------------------------------- records
+
+def new_record(*, experiment: str, rule: str, run_name: str, params: dict, tags: dict,
+               wildcards: dict) -> dict:
+    s = settings_from_env()
+    return {"record_version": RECORD_VERSION, "record_id": uuid.uuid4().hex,
+            "workflow_run_id": s["workflow_run_id"],
+            "mlflow_experiment": mlflow_experiment(s["prefix"], experiment),
+            "experiment": experiment, "rule": rule, "run_name": run_name,
+            "params": flatten(params), "metrics": {}, "artifacts": [],
+            "tags": {"qkov.rule": rule, "qkov.experiment": experiment,
+                     "qkov.wildcards": json.dumps(wildcards, sort_keys=True),
+                     **{f"qkov.wildcard.{k}": str(v) for k, v in wildcards.items()},
+                     "qkov.git_commit": os.environ.get(ENV_GIT) or "unknown",
+                     "qkov.host": platform.node(), "qkov.python": platform.python_version(),
+                     **{f"qkov.version.{k}": v for k, v in package_versions().items()},
+                     **{k: str(v) for k, v in tags.items()}},
+            "started": time.time(), "status": "pending", "mlflow": None}
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    from interference.results import write_json
+
+    write_json(path, record)
+
+
+def read_record(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- MLflow calls
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn, attempts: int = 5, what: str = "MLflow call"):
+    delay = 0.5
+    for k in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # sqlite "database is locked", HTTP errors, ...
+            if k == attempts - 1:
+                raise
+            logger.warning("%s failed (%s: %s); retrying in %.1f s", what,
+                           type(err).__name__, str(err)[:200], delay)
+            time.sleep(delay)
+            delay *= 2
+
+
+def experiment_id(client, name: str, artifacts: str | None) -> str:
+    def get_or_create():
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            loc = f"{artifacts}/{name.replace('/', '_')}" if artifacts else None
+            return client.create_experiment(name, artifact_location=loc)
+        except Exception:
+            exp = client.get_experiment_by_name(name)   # another process won the race
+            if exp is None:
+                raise
+            return exp.experiment_id
+    return _retry(get_or_create, what=f"experiment {name!r}")
+
+
+def init_store(uri: str, artifacts: str | None, experiments: list[str]) -> None:
+    """Create the store's tables (fresh sqlite) and the experiments, in ONE process."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    for name in experiments:
+        experiment_id(client, name, artifacts)
+
+
+def start_parents(uri: str, artifacts: str | None, experiments: dict[str, str],
+                  tags: dict) -> dict[str, str]:
+    """One RUNNING parent run per MLflow experiment; returns {experiment: run id}."""
+    client = _client(uri)
+    out = {}
+    for exp, mlflow_name in experiments.items():
+        eid = experiment_id(client, mlflow_name, artifacts)
+        run = _retry(lambda: client.create_run(eid, run_name=f"workflow {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                               tags={**tags, "qkov.kind": "workflow",
+                                                     "qkov.experiment": exp}),
+                     what="create parent run")
+        out[exp] = run.info.run_id
+    return out
+
+
+def end_parents(uri: str, parents: dict[str, str], status: str) -> None:
+    client = _client(uri)
+    for run_id in parents.values():
+        try:
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                _retry(lambda: client.set_terminated(run_id, status), what="end parent run")
+        except Exception as err:
+            logger.warning("could not end parent run %s: %s", run_id, err)
+
+
+def find_runs(client, experiment_name: str, tag: str, value: str):
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                              max_results=10)
+
+
+def log_record(uri: str, artifacts: str | None, record: dict, parent_run_id: str | None) -> str:
+    """Create the child run of a record (params, metrics, tags, artifacts); returns its id.
+    Idempotent: a FINISHED run with the record's id is reused, an unfinished one replaced."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = _client(uri)
+    name = record["mlflow_experiment"]
+    for run in find_runs(client, name, "qkov.record_id", record["record_id"]):
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+        client.delete_run(run.info.run_id)
+    eid = experiment_id(client, name, artifacts)
+    tags = {**record["tags"], "qkov.record_id": record["record_id"],
+            "qkov.workflow_run_id": str(record.get("workflow_run_id")), "qkov.kind": "job"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = _retry(lambda: client.create_run(eid, run_name=record["run_name"], tags=tags),
+                 what="create run")
+    rid = run.info.run_id
+    ts = int(record.get("started", time.time()) * 1000)
+    params = [Param(k[:250], v[:6000]) for k, v in sorted(record["params"].items())]
+    metrics = [Metric(k[:250], float(v), ts, 0) for k, v in sorted(record["metrics"].items())
+               if v is not None and _finite(v)]
+    for k in range(0, len(params), 100):
+        _retry(lambda: client.log_batch(rid, params=params[k:k + 100]), what="log params")
+    for k in range(0, len(metrics), 500):
+        _retry(lambda: client.log_batch(rid, metrics=metrics[k:k + 500]), what="log metrics")
+    for art in record["artifacts"]:
+        path = Path(art["path"])
+        if path.is_file():
+            _retry(lambda: client.log_artifact(rid, str(path), art.get("dir")),
+                   what=f"log artifact {path.name}")
+    _retry(lambda: client.set_terminated(rid, "FINISHED"), what="end run")
+    return rid
+
+
+def _finite(v) -> bool:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return False
+    return f == f and abs(f) != float("inf")
+
+
+def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
+    """Direct mode: log the record as a child of this workflow run's parent, within
+    timeout_s; on failure or timeout the record stays pending (``track`` logs it later)."""
+    s = settings_from_env()
+    if s["mode"] != "direct" or not s["uri"]:
+        return record
+    parent = s["parents"].get(record["experiment"])
+    box: dict = {}
+
+    def work():
+        try:
+            box["run_id"] = log_record(s["uri"], s["artifacts"], record, parent)
+        except Exception as err:
+            box["error"] = f"{type(err).__name__}: {err}"
+
+    t = threading.Thread(target=work, daemon=True, name="mlflow-log")
+    t.start()
+    t.join(timeout_s if timeout_s is not None else s["timeout_s"])
+    if "run_id" in box:
+        record["status"] = "logged"
+        record["mlflow"] = {"run_id": box["run_id"], "uri": s["uri"], "parent_run_id": parent}
+    else:
+        why = box.get("error", f"no answer within {s['timeout_s']:.0f} s")
+        record["status"] = "pending"
+        record["mlflow_error"] = why
+        logger.warning("MLflow logging deferred (%s); the track rule will log this record", why)
+    return record
+
+
+# ----------------------------------------------------------------------------- track rule
+
+def sync(record_paths: list[str], experiment: str, summary: dict | None,
+         summary_artifacts: list[str], out_path: str | Path) -> dict:
+    """Log every pending record (and the experiment's summary on the parent run).
+
+    The parent: this workflow run's (direct mode) or one created here, tagged with the
+    workflow run id (deferred mode, or direct mode when MLflow was down at start).
+    """
+    from interference.results import write_json
+
+    s = settings_from_env()
+    result = {"mode": s["mode"], "uri": s["uri"], "experiment": experiment,
+              "workflow_run_id": s["workflow_run_id"], "records": {}, "parent_run_id": None}
+    if s["mode"] == "off" or not s["uri"]:
+        for p in record_paths:
+            result["records"][p] = {"status": read_record(p).get("status"), "run_id": None}
+        write_json(out_path, result)
+        return result
+    client = _client(s["uri"])
+    name = mlflow_experiment(s["prefix"], experiment)
+    parent = s["parents"].get(experiment)
+    created_parent = False
+    if not parent:
+        found = find_runs(client, name, "qkov.workflow_parent_of", str(s["workflow_run_id"]))
+        if found:
+            parent = found[0].info.run_id
+        else:
+            parent = start_parents(s["uri"], s["artifacts"], {experiment: name}, {
+                "qkov.workflow_parent_of": str(s["workflow_run_id"]),
+                "qkov.git_commit": os.environ.get(ENV_GIT) or "unknown",
+                "qkov.tracking_mode": s["mode"]})[experiment]
+            created_parent = True
+    result["parent_run_id"] = parent
+    for p in record_paths:
+        rec = read_record(p)
+        info = rec.get("mlflow") or {}
+        if rec.get("status") == "logged" and info.get("run_id"):
+            result["records"][p] = {"status": "logged", "run_id": info["run_id"]}
+            continue
+        rid = log_record(s["uri"], s["artifacts"], rec,
+                         parent if rec.get("experiment") == experiment else None)
+        result["records"][p] = {"status": "logged_by_track", "run_id": rid}
+    if summary:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k[:250], float(v), ts, 0) for k, v in sorted(summary.items())
+                   if _finite(v)]
+        for k in range(0, len(metrics), 500):
+            _retry(lambda: client.log_batch(parent, metrics=metrics[k:k + 500]),
+                   what="log summary")
+    for art in summary_artifacts:
+        if Path(art).is_file():
+            _retry(lambda: client.log_artifact(parent, art), what="log summary artifact")
+    if created_parent:
+        client.set_terminated(parent, "FINISHED")
+    write_json(out_path, result)
+    return result

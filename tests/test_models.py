@@ -1,0 +1,126 @@
+"""Tests of interference.models: tokenizers, tiny models, offline pretrained loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interference.models import (TINY_FAMILIES, build_tokenizer, convert_to_safetensors, load_minilm,
+                                 load_pretrained, load_smollm2, load_smollm2_gguf, load_tokenizer, save_tokenizer,
+                                 tiny_model, train_bpe)
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "Question: What is 2 + 2?\nAnswer: 4",
+         "The quick brown fox jumps over the lazy dog."] * 20
+
+
+def test_bpe_deterministic_and_roundtrip(tmp_path):
+    a, b = train_bpe(TEXTS, vocab_size=300), train_bpe(TEXTS, vocab_size=300)
+    assert a.get_vocab() == b.get_vocab()
+    assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert len(a) <= 300 and a.pad_token == "<pad>" and a.eos_token == "<|endoftext|>"
+    assert a.pad_token_id != a.eos_token_id and a.padding_side == "right"
+    text = "def sub(a, b):\n    return a - b  # é"
+    enc = a(text)["input_ids"]
+    assert a.decode(enc) == text  # byte-level: lossless
+    c = load_tokenizer(save_tokenizer(a, tmp_path / "tok"))
+    assert c(text)["input_ids"] == enc and c.pad_token_id == a.pad_token_id
+    assert build_tokenizer("folder", path=tmp_path / "tok")(text)["input_ids"] == enc
+    with pytest.raises(ValueError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_default_bpe_vocab():
+    tok = build_tokenizer("bpe", vocab_size=512)
+    assert len(tok) == 512
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_models_deterministic(family):
+    before = torch.random.get_rng_state()
+    m1, m2, m3 = (tiny_model(family, vocab_size=300, seed=s) for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), before)  # global RNG untouched
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert any(not torch.equal(s1[k], s3[k]) for k in s1)
+    assert not m1.training and m1.config._attn_implementation == "eager"
+    assert all(p.dtype == torch.float32 for p in m1.parameters())
+    x = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        out1 = m1(input_ids=x, attention_mask=torch.ones_like(x))
+        out2 = m2(input_ids=x, attention_mask=torch.ones_like(x))
+    # weights are bitwise equal (above); outputs only to float tolerance, because CPU
+    # kernels may round differently with differently aligned buffers
+    torch.testing.assert_close(out1.logits, out2.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_tiny_llama_gqa_shapes():
+    m = tiny_model("llama", vocab_size=300, seed=0)
+    cfg = m.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size) == (4, 2, 24, 64)
+    attn = m.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (4 * 24, 64) and attn.k_proj.weight.shape == (2 * 24, 64)
+    assert attn.v_proj.weight.shape == (2 * 24, 64) and attn.o_proj.weight.shape == (64, 4 * 24)
+    big = tiny_model("llama", vocab_size=300, seed=0, num_hidden_layers=3, head_dim=8)
+    assert len(big.model.layers) == 3 and big.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
+    g = tiny_model("gpt2", vocab_size=300, seed=0)
+    assert g.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+    with pytest.raises(ValueError, match="unknown tiny family"):
+        tiny_model("nope")
+
+
+def test_load_pretrained_local_safetensors(tmp_path):
+    m = tiny_model("llama", vocab_size=300, seed=0)
+    m.save_pretrained(tmp_path / "m")
+    tok = train_bpe(TEXTS, vocab_size=300)
+    tok.save_pretrained(tmp_path / "m")
+    m2, tok2 = load_pretrained(tmp_path / "m")
+    x = torch.randint(0, 300, (1, 7))
+    assert all(torch.equal(v, m2.state_dict()[k]) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=x).logits, m2(input_ids=x).logits, rtol=1e-6, atol=1e-6)
+    assert tok2 is not None and not m2.training
+    (tmp_path / "bare").mkdir()
+    m.save_pretrained(tmp_path / "bare")
+    assert load_pretrained(tmp_path / "bare")[1] is None
+    with pytest.raises(ValueError, match="local folders only"):
+        load_pretrained("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_minilm():
+    model, tok = load_minilm()
+    cfg = model.config
+    assert type(model).__name__ == "BertModel"
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size) == (6, 12, 384)
+    enc = tok(["def f(x): return x", "a cat"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    assert h.shape[:2] == enc["input_ids"].shape and h.shape[2] == 384
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_convert_reload(tmp_path):
+    """GGUF load (about 15-35 s), conversion to safetensors, fast reload: identical logits."""
+    raw, tok = load_smollm2_gguf()
+    cfg = raw.config
+    assert type(raw).__name__ == "LlamaForCausalLM"
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.hidden_size, cfg.vocab_size) == (30, 9, 3, 64, 576, 49152)
+    out = convert_to_safetensors(raw, tok, tmp_path / "smollm2")
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    with pytest.raises(FileExistsError):
+        convert_to_safetensors(raw, tok, out)
+    model, tok2 = load_smollm2(cache_dir=out)  # the fast path: from_pretrained(out_dir)
+    assert getattr(model.config, "quantization_config", None) is None and not model.training
+    text = "def add(a, b):\n    return a + b\n"
+    enc, enc2 = tok(text, return_tensors="pt"), tok2(text, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], enc2["input_ids"])
+    raw_sd, new_sd = raw.state_dict(), model.state_dict()
+    assert raw_sd.keys() == new_sd.keys()
+    assert all(torch.equal(raw_sd[k], new_sd[k]) for k in raw_sd)  # bitwise-identical weights
+    with torch.no_grad():
+        a = raw(**enc, labels=enc["input_ids"])
+        b = model(**enc)
+    # identical in practice (max |diff| 0 here); a tolerance only guards against kernels
+    # that round differently with differently aligned buffers
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    assert a.loss.item() < 3.0  # real weights (random init: about ln 49152 = 10.8)

@@ -1,0 +1,253 @@
+"""The Snakemake workflow: lint, dry runs, and ONE full run of the tiny experiment.
+
+The full run (session fixture ``tiny_run``) happens once in a temporary working directory
+and is shared by read-only checks: every output, the cells table, the MLflow store (parent
+and child runs), that a rerun does nothing and that a metric change reruns only the jobs
+downstream of the scores (dry runs against the same directory).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+TINY_BUDGET_S = float(os.environ.get("QKOV_TINY_BUDGET_S", "180"))
+STAGE_RULES = ("prepare_model", "prepare_data", "collect", "scores", "stats", "tables",
+               "draw_figures", "summary", "track")
+REQUIRED_COLUMNS = ("block", "layer", "head", "statistic", "p_value", "q_value", "effect_size",
+                    "ci_low", "ci_high", "significant", "schema_version", "config_hash")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for k in [k for k in env if k.startswith("QKOV_")]:
+        env.pop(k)   # the workflow sets its own tracking variables
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a (dry) run."""
+    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+# ----------------------------------------------------------------------------- no run
+
+def test_lint_is_clean(tmp_path):
+    res = snakemake(tmp_path, "--lint", "--config", "experiment=tiny", timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_dry_run_plans_every_stage(tmp_path):
+    res = snakemake(tmp_path, "-n", "--config", "experiment=tiny", timeout=120)
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    # one model, two tasks (math, code), one pair plus its negative control
+    assert counts == {"prepare_model": 1, "prepare_data": 2, "collect": 2, "scores": 2,
+                      "stats": 2, "tables": 2, "draw_figures": 2, "summary": 1, "track": 1,
+                      "all": 1, "total": 16}, res.stdout
+
+
+def test_dry_run_default_experiment(tmp_path):
+    """The embedded default: SmolLM2, math vs code, its control; nothing runs."""
+    res = snakemake(tmp_path, "-n", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "results/default/smollm2/math__code/cells.csv" in res.stdout
+    assert "results/default/smollm2/math__code.control/cells.csv" in res.stdout
+    assert job_counts(res.stdout)["collect"] == 2
+
+
+def test_bad_config_fails_with_a_clear_message(tmp_path):
+    res = snakemake(tmp_path, "-n", "--config", "experiment=tiny",
+                    "overrides=[metric.variant=nonsense]", timeout=120)
+    assert res.returncode != 0
+    assert "metric.variant" in res.stdout + res.stderr
+    res = snakemake(tmp_path, "-n", "--config", "experiment=no_such_experiment", timeout=120)
+    assert res.returncode != 0
+    assert "unknown experiment 'no_such_experiment'" in res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------- tiny run
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qkov-workflow")
+    t0 = time.time()
+    res = snakemake(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
+    elapsed = time.time() - t0
+    if res.returncode != 0:
+        pytest.fail(f"tiny workflow failed after {elapsed:.0f} s:\n{res.stdout[-6000:]}\n"
+                    f"{res.stderr[-6000:]}")
+    results = work / "results"
+    return {"work": work, "results": results, "elapsed": elapsed, "stdout": res.stdout,
+            "stderr": res.stderr, "pair": results / "tiny" / "tiny" / "math__code",
+            "control": results / "tiny" / "tiny" / "math__code.control"}
+
+
+@pytest.mark.slow
+def test_tiny_run_is_fast(tiny_run):
+    assert tiny_run["elapsed"] < TINY_BUDGET_S, (
+        f"the tiny workflow took {tiny_run['elapsed']:.0f} s (budget {TINY_BUDGET_S:.0f} s)")
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_output(tiny_run):
+    r = tiny_run["results"]
+    models = list((r / "_models").glob("tiny-*"))
+    assert len(models) == 1
+    for f in ("model.json", "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json",
+              "config.prepare_model.yaml", "mlflow.prepare_model.json"):
+        assert (models[0] / f).is_file(), f
+    data = sorted(p.name.split("-")[0] for p in (r / "_data").iterdir())
+    assert data == ["code", "math"]
+    for d in (r / "_data").iterdir():
+        for f in ("manifest.json", "tensors.safetensors", "config.prepare_data.yaml"):
+            assert (d / f).is_file()
+    stores = {p.name.split("-")[0]: p for p in (r / "_stores").iterdir()}
+    assert sorted(stores) == ["code", "math"]
+    assert sorted(p.name for p in (stores["math"] / "grads").glob("*.bin")) == [
+        "math__control.bin", "math__reference.bin", "math__scored.bin"]
+    assert (stores["math"] / "grads" / "fisher.safetensors").is_file()
+    info = json.loads((stores["math"] / "store.json").read_text())
+    assert {k: v["n"] for k, v in info["roles"].items()} == {
+        "fisher": 16, "scored": 12, "reference": 12, "control": 12}
+    for analysis in (tiny_run["pair"], tiny_run["control"]):
+        for f in ("cells.csv", "stability.json", "config.tables.yaml", "split0/heatmap.json",
+                  "split0/scores.npz", "split0/cells.csv", "split0/stats.json",
+                  "split0/config.scores.yaml", "split0/config.stats.yaml",
+                  "figures/figures.json", "figures/heatmap_Q.png", "figures/heatmap_Q.pdf",
+                  "figures/block_comparison.png", "figures/heatmap_panel.png",
+                  "figures/top_conflicts.csv"):
+            assert (analysis / f).is_file(), analysis / f
+        for entry in json.loads((analysis / "figures" / "figures.json").read_text()):
+            assert (analysis / "figures" / entry["path"]).is_file(), entry
+    for f in ("summary.json", "summary.md", "tracking.json", "config.summary.yaml"):
+        assert (r / "tiny" / f).is_file(), f
+    # a log and a benchmark per job
+    for rule in STAGE_RULES:
+        logs = list((r / "logs" / ("figures" if rule == "draw_figures" else rule)).rglob("*.log"))
+        assert logs, rule
+        assert all(p.stat().st_size > 0 for p in logs), rule
+    assert len(list((r / "benchmarks").rglob("*.tsv"))) == 15
+
+
+@pytest.mark.slow
+def test_cells_table(tiny_run):
+    from interference.results import SCHEMA_VERSION
+
+    for analysis in (tiny_run["pair"], tiny_run["control"]):
+        cells = pd.read_csv(analysis / "cells.csv", dtype={"kv_group": str})
+        missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
+        assert not missing, missing
+        # tiny LLaMA-GQA: 2 layers x (4 Q + 2 K + 2 V + 4 O) distinct cells
+        assert len(cells) == 24
+        assert cells.groupby("block").size().to_dict() == {"K": 4, "O": 8, "Q": 8, "V": 4}
+        assert not cells.duplicated(["block", "layer", "head"]).any()
+        assert (cells["schema_version"].astype(str) == SCHEMA_VERSION).all()
+        assert cells["p_value"].between(0, 1).all() and cells["q_value"].between(0, 1).all()
+        assert (cells["q_value"] >= cells["p_value"] - 1e-12).all()
+        stats = json.loads((analysis / "split0" / "stats.json").read_text())["summary"]
+        expected = (cells["q_value"] <= stats["fdr_alpha"]) & (
+            cells["effect_size"] >= stats["min_effect_size"])
+        assert (cells["significant"].astype(bool) == expected).all()
+        assert (cells["ci_low"] <= cells["ci_high"]).all()
+        import yaml
+
+        resolved = yaml.safe_load((analysis / "split0" / "config.stats.yaml").read_text())
+        assert (cells["config_hash"] == resolved["config_hash"]).all()
+        assert resolved["config"]["stats"]["n_bootstrap"] == 200   # the tiny preset's value
+    summary = json.loads((tiny_run["results"] / "tiny" / "summary.json").read_text())
+    assert set(summary["analyses"]) == {"math__code", "math__code.control"}
+
+
+@pytest.mark.slow
+def test_mlflow_parent_and_child_runs(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    db = tiny_run["results"] / "mlflow.db"
+    assert db.is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("qkov/tiny")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("qkov.kind") == "workflow"]
+    children = [r for r in runs if r.data.tags.get("qkov.kind") == "job"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert any(k.endswith("n_significant") for k in parent.data.metrics)
+    rules = sorted(r.data.tags["qkov.rule"] for r in children)
+    assert rules == sorted(["prepare_model", "prepare_data", "prepare_data", "collect",
+                            "collect", "scores", "scores", "stats", "stats", "tables",
+                            "tables", "draw_figures", "draw_figures", "summary"])
+    for run in children:
+        assert run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.params, run.data.tags["qkov.rule"]
+        assert "time.total_s" in run.data.metrics
+        for tag in ("qkov.git_commit", "qkov.version.torch", "qkov.wildcards",
+                    "qkov.config_hash"):
+            assert tag in run.data.tags, tag
+    stats_runs = [r for r in children if r.data.tags["qkov.rule"] == "stats"]
+    assert all("stats.n_significant" in r.data.metrics for r in stats_runs)
+    assert any(p.startswith("stats.") for p in stats_runs[0].data.params)
+    fig = next(r for r in children if r.data.tags["qkov.rule"] == "draw_figures")
+    names = [a.path for a in client.list_artifacts(fig.info.run_id, "figures")]
+    assert any(n.endswith("heatmap_Q.png") for n in names), names
+    records = list(tiny_run["results"].rglob("mlflow.*.json"))
+    assert len(records) == 14
+    assert all(json.loads(p.read_text())["status"] == "logged" for p in records)
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing(tiny_run):
+    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny", timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
+
+
+@pytest.mark.slow
+def test_metric_change_reruns_only_downstream_jobs(tiny_run):
+    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny",
+                    "overrides=[metric.ridge_lambda_rel=0.01]", timeout=120)
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    assert counts.get("scores") == 2 and counts.get("stats") == 2, counts
+    assert counts.get("draw_figures") == 2 and counts.get("summary") == 1, counts
+    for rule in ("prepare_model", "prepare_data", "collect"):
+        assert rule not in counts, counts
+
+
+@pytest.mark.slow
+def test_metric_only_ablation_reuses_the_gradient_stores(tiny_run):
+    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny_fisher_source_a",
+                    timeout=120)
+    assert res.returncode == 0, res.stderr
+    counts = job_counts(res.stdout)
+    assert counts.get("scores") == 2, counts
+    for rule in ("prepare_model", "prepare_data", "collect"):
+        assert rule not in counts, counts
+    assert "results/tiny_fisher_source_a/tiny/math__code/cells.csv" in res.stdout
