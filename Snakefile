@@ -32,7 +32,7 @@ PLAN = qc.build_plan(Path(workflow.basedir) / "conf",
                      qc.as_list(config.get("experiment")), qc.as_list(config.get("overrides")))
 R = PLAN.results
 config["_qkov"] = PLAN.job_meta()
-TRACKING = hooks.configure_tracking(PLAN)
+TRACKING = hooks.configure_tracking(PLAN, main=not workflow.remote_exec)
 
 
 wildcard_constraints:
@@ -59,7 +59,7 @@ rule all:
 
 
 onstart:
-    hooks.on_start(PLAN, TRACKING)
+    hooks.on_start(PLAN, TRACKING, local_exec=getattr(workflow, "local_exec", True))
 
 
 onsuccess:

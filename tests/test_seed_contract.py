@@ -35,7 +35,9 @@ import matplotlib
 matplotlib.use("Agg")
 import torch, transformers as T
 torch.manual_seed(0)
-_cfg = T.GPT2Config(n_layer=6, n_head=12, n_embd=48, vocab_size=101, n_positions=32)
+# GPT-2-small geometry (12 layers, 12 heads, d_k 64, d 768), so that the seed's manual
+# QKOVConfig(num_layers=12, num_heads=12, head_dim=64, hidden_dim=768) describes it too
+_cfg = T.GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=101, n_positions=32)
 _cfg._attn_implementation = "eager"
 model = T.GPT2LMHeadModel(_cfg).eval()
 def _batch(seed, n=4, t=12):

@@ -296,8 +296,9 @@ def _null_runs(design, statistic, runs, m=3, n_perm=199, seed=123):
 @pytest.mark.parametrize("design", ["exchangeable", "unequal_variances"])
 def test_calibration_per_cell_and_familywise(design):
     # Welch's t is only asymptotically pivotal: its permutation null ignores the Welch
-    # degrees of freedom, an O(1/df) excess (about +10% of t at t = 0.01 for n_B = 48,
-    # n_R = 144; see docs/statistics.md). Here n is large enough for 1000 runs.
+    # degrees of freedom, an excess that shrinks with n (P(p <= 0.01) = 0.014 at n_B = 48,
+    # n_R = 144, 0.011 at 100 / 300 over 4000 runs; docs/statistics.md). The design below
+    # is the larger one.
     runs = 1000
     ps, anyq = _null_runs(design, "welch", runs, m=3 if design == "exchangeable" else 2)
     for t in (0.01, 0.05, 0.1):
@@ -611,8 +612,10 @@ class FakeMetric:
         self.fisher_collector = collector
         self.kv_head_of = kv_head_of
         self.gj_norm = gj_norm
+        self.fisher_calls = []
 
-    def pair_scores(self, task_a, ids_a, task_j, ids_j, layers, heads):
+    def pair_scores(self, task_a, ids_a, task_j, ids_j, layers, heads, fisher_tasks=None):
+        self.fisher_calls.append(fisher_tasks)
         col = self.fisher_collector
         out = {}
         for b in "QKVO":
@@ -632,7 +635,7 @@ class FakeMetric:
                           heads=list(heads), kv_head_of=[self.kv_head_of[h] for h in heads],
                           num_kv_heads=max(self.kv_head_of) + 1, variant=variant,
                           sample_ids_a=ids_a, sample_ids_b=ids_b, metric=self,
-                          collector_token=col.token)
+                          collector_token=col.token, fisher_tasks=[task_a, task_b])
         return hm
 
 
@@ -664,10 +667,12 @@ def _fake_setup(token="tok-1", with_reference=True, planted=("Q", 1, 2, 3.0)):
 
 
 def test_test_heatmap_seed_call_finds_planted_cell():
-    col, _, hm = _fake_setup()
+    col, metric, hm = _fake_setup()
     stats = QKOVStatistics(fdr_alpha=0.05, n_permutations=1000, n_bootstrap=1000,
                            min_effect_size=0.2)
     results = stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher)
+    # the reference is scored with the heatmap's Fisher normaliser, not the metric's default
+    assert metric.fisher_calls[-1] == ("math", "code")
     sig_q = results["fdr_corrected"]["Q"]
     assert [(c["layer"], c["head"]) for c in sig_q] == [(1, 2)]
     for b in "KVO":

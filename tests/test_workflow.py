@@ -251,3 +251,75 @@ def test_metric_only_ablation_reuses_the_gradient_stores(tiny_run):
     for rule in ("prepare_model", "prepare_data", "collect"):
         assert rule not in counts, counts
     assert "results/tiny_fisher_source_a/tiny/math__code/cells.csv" in res.stdout
+
+
+# ----------------------------------------------------------------------------- tracking
+
+def _tracking_env(monkeypatch, mode: str, uri: str, artifacts: str | None = None):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("QKOV_TRACKING_MODE", mode)
+    monkeypatch.setenv("QKOV_TRACKING_URI", uri)
+    monkeypatch.setenv("QKOV_TRACKING_ARTIFACTS", artifacts or "")
+    monkeypatch.setenv("QKOV_TRACKING_PREFIX", "qkov")
+    monkeypatch.setenv("QKOV_TRACKING_TIMEOUT", "5")
+    monkeypatch.setenv("QKOV_WORKFLOW_RUN_ID", "test-workflow-run")
+    monkeypatch.delenv("QKOV_MLFLOW_PARENT_RUNS", raising=False)
+
+
+@pytest.mark.slow
+def test_deferred_mode_logs_each_record_once(tiny_run, tmp_path, monkeypatch):
+    """Deferred mode (clusters): the track rule logs the records the jobs left as JSON,
+    under one parent run, and logging twice creates nothing new."""
+    from mlflow.tracking import MlflowClient
+
+    from qkov_pipeline import tracking
+
+    paths = []
+    for k, p in enumerate(sorted(tiny_run["results"].rglob("mlflow.*.json"))):
+        rec = json.loads(p.read_text())
+        rec.update(status="pending", mlflow=None)
+        q = tmp_path / "records" / f"{k}.json"
+        q.parent.mkdir(exist_ok=True)
+        q.write_text(json.dumps(rec))
+        paths.append(str(q))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _tracking_env(monkeypatch, "deferred", uri, (tmp_path / "artifacts").as_uri())
+    first = tracking.sync(paths, "tiny", {"math__code.split0.n_significant": 3}, [],
+                          tmp_path / "t1.json", config={"metric": {"variant": "qkov"}})
+    second = tracking.sync(paths, "tiny", {}, [], tmp_path / "t2.json")
+    assert first["parent_run_id"] == second["parent_run_id"]
+    ids = {p: r["run_id"] for p, r in first["records"].items()}
+    assert {p: r["run_id"] for p, r in second["records"].items()} == ids
+    assert all(r["status"] == "logged_by_track" for r in first["records"].values())
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("qkov/tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("qkov.kind") == "job"]
+    assert len(children) == len(paths) == 14
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {first["parent_run_id"]}
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.data.params["metric.variant"] == "qkov"
+    assert parent.data.metrics["math__code.split0.n_significant"] == 3
+
+
+def test_unreachable_mlflow_never_fails_a_job(monkeypatch):
+    """Direct mode with a tracking server that does not answer: the record stays pending
+    (the track rule logs it later) and nothing raises."""
+    from qkov_pipeline import hooks, tracking
+
+    _tracking_env(monkeypatch, "direct", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    rec = tracking.new_record(experiment="tiny", rule="stats", run_name="stats x",
+                              params={"stats": {"fdr_alpha": 0.05}}, tags={},
+                              wildcards={"pair": "math__code"})
+    t0 = time.time()
+    out = tracking.log_with_timeout(rec, timeout_s=5)
+    assert time.time() - t0 < 15
+    assert out["status"] == "pending" and out["mlflow_error"]
+
+    class _Plan:
+        experiments = {"tiny": {"resources": {}}}
+
+    hooks.on_start(_Plan(), {"mode": "direct", "uri": "http://127.0.0.1:9", "artifacts": None,
+                             "timeout_s": 5, "prefix": "qkov"})   # warns, does not raise

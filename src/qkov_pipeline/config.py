@@ -1,15 +1,18 @@
 """Experiment configuration: Hydra composition, validation, per-stage slices and their keys.
 
 One composed config per experiment (``conf/config.yaml`` + groups + ``conf/experiment/NAME``
-+ overrides). From it, :func:`plan` derives every job the workflow runs, each with the
-SLICE of the config that determines its output (its ``params`` in the Snakefile) and a key
-that names its folder:
++ overrides). From it, :func:`build_plan` derives every job the workflow runs, each with
+the SLICE of the config that determines its output (its ``params.slice`` in the Snakefile,
+so a config change reruns exactly the jobs whose slice changed). Shared stages are stored
+under a hash of their slice:
 
 - model   ``_models/<name>-<hash>``   : the model section;
-- data    ``_data/<task>-<hash>``      : model + task + split seed + role sizes + tokens;
+- data    ``_data/<task>-<hash>``      : model + task + split seed + role sizes + tokens
+                                        (+ the other tasks when lengths are matched);
 - store   ``_stores/<task>-<hash>``    : data + fisher settings (gradients and Fisher);
-- pair    ``<exp>/<model>/<a>__<b>/split<seed>/{main,control}``: stores + metric (+ stats).
 
+and the analyses under the experiment: ``<exp>/<model>/<a>__<b>[.control]/split<seed>/``
+(scores: stores + metric; stats: + statistics), then tables, figures and the summary.
 So a metric- or statistics-only ablation finds the same store keys and reuses the stores.
 """
 from __future__ import annotations
@@ -54,10 +57,18 @@ def compose(conf_dir: str | Path, experiment: str | None = None,
             raise ValueError(f"unknown experiment {experiment!r}: no conf/experiment/"
                              f"{experiment}.yaml (known: {', '.join(known)})")
         over = [f"experiment={experiment}"] + over
+    from hydra.errors import HydraException
+
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = hcompose(config_name="config", overrides=over)
+    except HydraException as err:
+        raise ValueError(
+            f"experiment {name!r}: cannot apply overrides {over}: {err}\nOverride values "
+            "with brackets or commas must be quoted inside the list, e.g. "
+            "--config overrides='[\"data.split_seeds=[0,1]\", metric.variant=signed]'"
+        ) from None
     finally:
         GlobalHydra.instance().clear()
     out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -285,9 +296,6 @@ class Plan:
         x = self.analysis(exp, model, pair)
         return {t: self.data_key(x["cfg"], t, int(seed)) for t in dict.fromkeys([x["a"], x["b"]])}
 
-    def experiment_analyses(self, exp: str) -> list[tuple[str, str, str]]:
-        return [k for k in self.analyses if k[0] == exp]
-
     def experiment_jobs(self, exp: str) -> dict[str, list[str]]:
         """Keys of the shared jobs (model, data, stores) one experiment needs."""
         cfg = self.experiments[exp]
@@ -322,8 +330,9 @@ class Plan:
             return canonical(self.stores[wc.key]["slice"])
         if rule == "summary":
             return canonical(summary_slice(self.experiments[wc.exp]))
-        if rule == "track":
-            return canonical(self.experiments[wc.exp]["tracking"])
+        if rule == "track":   # the parent run's params: the composed config
+            return canonical({k: v for k, v in self.experiments[wc.exp].items()
+                              if k != "resources"})
         x = self.analysis(wc.exp, wc.model, wc.pair)
         cfg, a, b, arm = x["cfg"], x["a"], x["b"], x["arm"]
         if rule == "scores":

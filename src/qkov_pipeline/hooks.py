@@ -16,17 +16,24 @@ from . import tracking
 logger = logging.getLogger("qkov.hooks")
 
 
-def configure_tracking(plan) -> dict:
-    """Resolve the tracking settings (from the first experiment) and export them to jobs."""
+def configure_tracking(plan, main: bool = True) -> dict:
+    """Resolve the tracking settings (from the first experiment) and export them to jobs.
+
+    ``main``: this is the process that schedules the jobs. A job that re-reads the Snakefile
+    on a cluster node (main=False) keeps the settings it inherited from it."""
     first = next(iter(plan.experiments.values()))
     t = first["tracking"]
     for exp, cfg in plan.experiments.items():
         if cfg["tracking"] != t:
             print(f"qkov: experiment {exp!r} has other tracking settings than "
                   f"{first['experiment']!r}; using the latter's", file=sys.stderr)
+    # a tracking server that does not answer must not stall the workflow for minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     uri = tracking.resolve_uri(t["uri"], plan.results)
     artifacts = tracking.default_artifacts(uri, plan.results)
-    tracking.export_settings(t["mode"], uri, artifacts, t["timeout_s"], t["experiment_prefix"])
+    if main:
+        tracking.export_settings(t["mode"], uri, artifacts, t["timeout_s"], t["experiment_prefix"])
     return {"mode": t["mode"], "uri": uri, "artifacts": artifacts, "timeout_s": t["timeout_s"],
             "prefix": t["experiment_prefix"]}
 
@@ -49,22 +56,39 @@ def _bounded(fn, timeout_s: float):
     return None, box.get("error", f"no answer within {timeout_s:.0f} s")
 
 
-def on_start(plan, settings: dict) -> None:
-    """Direct mode: initialise the store ONCE (a fresh sqlite database must not be created by
-    concurrent jobs) and open one parent run per experiment for this workflow run."""
-    if settings["mode"] != "direct":
-        print(f"qkov: MLflow tracking mode {settings['mode']!r}"
-              + (" (records are logged by the track rule)" if settings["mode"] == "deferred" else ""),
-              file=sys.stderr)
-        return
+def resolve_mode(settings: dict, local_exec: bool) -> str:
+    """``auto``: direct when jobs run on this machine or MLflow is a server; deferred when
+    they run on a cluster and the store is a file (sqlite on a shared file system)."""
+    if settings["mode"] != "auto":
+        return settings["mode"]
+    return "direct" if local_exec or not settings["uri"].startswith("sqlite:") else "deferred"
+
+
+def on_start(plan, settings: dict, local_exec: bool = True) -> None:
+    """Fix the tracking mode for the jobs, and in direct mode initialise the store ONCE (a
+    fresh sqlite database must not be created by concurrent jobs) and open one parent run
+    per experiment for this workflow run."""
+    settings["mode"] = resolve_mode(settings, local_exec)
+    os.environ[tracking.ENV_MODE] = settings["mode"]
     names = {exp: tracking.mlflow_experiment(settings["prefix"], exp) for exp in plan.experiments}
+    if settings["mode"] == "off":
+        return
+    if settings["mode"] == "deferred":
+        # the track rules (local, on this host) write; create the store here, once
+        _, err = _bounded(lambda: tracking.init_store(settings["uri"], settings["artifacts"],
+                                                      list(names.values())),
+                          max(settings["timeout_s"], 60))
+        print("qkov: MLflow tracking deferred: the track rule logs the job records"
+              + (f" (store not reachable now: {err})" if err else ""), file=sys.stderr)
+        return
 
     def start():
         tracking.init_store(settings["uri"], settings["artifacts"], list(names.values()))
         return tracking.start_parents(settings["uri"], settings["artifacts"], names, {
             "qkov.workflow_parent_of": os.environ.get(tracking.ENV_WORKFLOW_RUN, ""),
             "qkov.git_commit": os.environ.get(tracking.ENV_GIT, "unknown"),
-            "qkov.tracking_mode": "direct", "qkov.argv": " ".join(sys.argv)[:5000]})
+            "qkov.tracking_mode": "direct", "qkov.argv": " ".join(sys.argv)[:5000]},
+            {exp: parent_params(cfg) for exp, cfg in plan.experiments.items()})
 
     parents, err = _bounded(start, max(settings["timeout_s"], 60))
     if parents:
@@ -73,6 +97,11 @@ def on_start(plan, settings: dict) -> None:
     else:
         print(f"qkov: WARNING: MLflow is not reachable at {settings['uri']} ({err}); jobs keep "
               "their records and the track rule logs them", file=sys.stderr)
+
+
+def parent_params(cfg: dict) -> dict:
+    """The composed experiment config as the parent run's params (execution settings out)."""
+    return {k: v for k, v in cfg.items() if k != "resources"}
 
 
 def on_end(settings: dict, ok: bool) -> None:
@@ -95,9 +124,14 @@ def run_track(smk) -> None:
     summary = read_json(smk.input.summary)
     logger.info("tracking mode %s, store %s, %d records", s["mode"], s["uri"],
                 len(smk.input.records))
+    from filelock import FileLock
+
+    lock = FileLock(str(Path(smk.output.tracking).parents[1] / ".mlflow.lock"))
     try:
-        result = tracking.sync(list(smk.input.records), exp, summary.get("metrics", {}),
-                               [smk.input.summary, smk.input.md], smk.output.tracking)
+        with lock:   # one writer at a time (several experiments' track rules)
+            result = tracking.sync(list(smk.input.records), exp, summary.get("metrics", {}),
+                                   [smk.input.summary, smk.input.md], smk.output.tracking,
+                                   config=json.loads(smk.params.slice))
     except Exception:
         msg = traceback.format_exc()
         if s["mode"] == "deferred":

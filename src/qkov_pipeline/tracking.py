@@ -210,8 +210,11 @@ def init_store(uri: str, artifacts: str | None, experiments: list[str]) -> None:
 
 
 def start_parents(uri: str, artifacts: str | None, experiments: dict[str, str],
-                  tags: dict) -> dict[str, str]:
-    """One RUNNING parent run per MLflow experiment; returns {experiment: run id}."""
+                  tags: dict, configs: dict[str, dict] | None = None) -> dict[str, str]:
+    """One RUNNING parent run per MLflow experiment, with the experiment's composed config
+    as params (``configs[exp]``); returns {experiment: run id}."""
+    from mlflow.entities import Param
+
     client = _client(uri)
     out = {}
     for exp, mlflow_name in experiments.items():
@@ -220,7 +223,12 @@ def start_parents(uri: str, artifacts: str | None, experiments: dict[str, str],
                                                tags={**tags, "qkov.kind": "workflow",
                                                      "qkov.experiment": exp}),
                      what="create parent run")
-        out[exp] = run.info.run_id
+        rid = run.info.run_id
+        params = [Param(k[:250], v[:6000]) for k, v in
+                  sorted(flatten((configs or {}).get(exp, {})).items())]
+        for k in range(0, len(params), 100):
+            _retry(lambda: client.log_batch(rid, params=params[k:k + 100]), what="log params")
+        out[exp] = rid
     return out
 
 
@@ -319,7 +327,7 @@ def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
 # ----------------------------------------------------------------------------- track rule
 
 def sync(record_paths: list[str], experiment: str, summary: dict | None,
-         summary_artifacts: list[str], out_path: str | Path) -> dict:
+         summary_artifacts: list[str], out_path: str | Path, config: dict | None = None) -> dict:
     """Log every pending record (and the experiment's summary on the parent run).
 
     The parent: this workflow run's (direct mode) or one created here, tagged with the
@@ -347,7 +355,7 @@ def sync(record_paths: list[str], experiment: str, summary: dict | None,
             parent = start_parents(s["uri"], s["artifacts"], {experiment: name}, {
                 "qkov.workflow_parent_of": str(s["workflow_run_id"]),
                 "qkov.git_commit": os.environ.get(ENV_GIT) or "unknown",
-                "qkov.tracking_mode": s["mode"]})[experiment]
+                "qkov.tracking_mode": s["mode"]}, {experiment: config or {}})[experiment]
             created_parent = True
     result["parent_run_id"] = parent
     for p in record_paths:

@@ -511,8 +511,18 @@ class QKOVStatistics:
             raise ValueError(f"heatmap lacks per-sample scores for blocks "
                              f"{missing or list(BLOCKS)}")
         scores_b = {b: heatmap[b]["scores"] for b in blocks}
-        pair = metric.pair_scores(task_a, ids_a, task_r, ids_r, layers, heads)
-        scores_r = {b: pair[b] for b in blocks if b in pair}
+        # score R with the heatmap's own Fisher normaliser (e.g. pooled A+B): the metric's
+        # default for (task_a, task_r) would be A's alone when task_r == task_a
+        kwargs = {}
+        fisher_tasks = meta.get("fisher_tasks")
+        if fisher_tasks is not None:
+            kwargs["fisher_tasks"] = tuple(fisher_tasks)
+        pair = metric.pair_scores(task_a, ids_a, task_r, ids_r, layers, heads, **kwargs)
+        missing = [b for b in blocks if b not in pair]
+        if missing:
+            raise ValueError(f"metric.pair_scores returned no reference scores for blocks "
+                             f"{missing}")
+        scores_r = {b: pair[b] for b in blocks}
 
         norms_b = norms_r = None
         note = None
@@ -539,7 +549,8 @@ class QKOVStatistics:
         summary = out["summary"]
         summary.update(task_a=task_a, task_b=task_b, reference_task=task_r,
                        reference="within_task" if task_r == task_a else f"control:{task_r}",
-                       n_reference=len(ids_r), collector_token=token)
+                       n_reference=len(ids_r), collector_token=token,
+                       fisher_tasks=list(fisher_tasks) if fisher_tasks is not None else None)
         if note:
             summary["note"] = note
         out["settings"] = dict(out["settings"], variant=variant, reference=summary["reference"])

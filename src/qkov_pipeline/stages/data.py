@@ -53,6 +53,9 @@ def run(job) -> None:
     if info.get("max_positions") and s["max_length"] > info["max_positions"]:
         raise ValueError(f"data.max_length={s['max_length']} exceeds the model's "
                          f"{info['max_positions']} positions; lower data.max_length")
+    if not info.get("has_tokenizer", True):
+        raise ValueError(f"model {s['model']['name']!r} ({info['class']}) has no tokenizer: the "
+                         "workflow's tasks are text; use a text model or add an image task")
     tokenizer = load_tokenizer(Path(job.input.model).parent / "hf")
     with job.timed("prepare"):
         prepared = prepare_group(s, tokenizer)

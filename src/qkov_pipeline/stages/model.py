@@ -23,6 +23,8 @@ def build(mcfg: dict):
     tok_cfg = mcfg.get("tokenizer") or {}
     if source == "smollm2":
         return models.load_smollm2(cache_dir=None, attn_implementation=mcfg["attn_implementation"])
+    if source == "minilm":
+        return models.load_minilm(attn_implementation=mcfg["attn_implementation"])
     if source == "tiny":
         family = mcfg["family"]
         overrides = dict(mcfg.get("overrides") or {})
@@ -35,8 +37,9 @@ def build(mcfg: dict):
                 raise ValueError(f"model.family={family!r} is not a tiny family; choose from "
                                  f"{models.TINY_FAMILIES + FAMILIES_EXTRA}")
             model = tiny_model_extra(family, mcfg["vocab_size"], mcfg["seed"], **overrides)
-        kind = tok_cfg.get("kind") or "bpe"
-        tokenizer = models.build_tokenizer(kind, vocab_size=tok_cfg.get("vocab_size", 512),
+        if not tok_cfg.get("kind"):
+            return model, None   # e.g. vision models: no tokenizer
+        tokenizer = models.build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
                                            path=tok_cfg.get("path"))
         if len(tokenizer) > mcfg["vocab_size"]:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
@@ -55,26 +58,66 @@ def build(mcfg: dict):
                 raise ValueError(f"model {mcfg['path']!r} is not in the local Hugging Face "
                                  f"cache and nothing is downloaded at run time ({err}); download "
                                  "it beforehand or use source: local with a folder") from None
-        model, tokenizer = models.load_pretrained(
-            path, trust_remote_code=mcfg["trust_remote_code"], kind=mcfg["kind"],
-            attn_implementation=mcfg["attn_implementation"])
+        model, tokenizer = load_folder(path, mcfg, torch.float32)
         if tok_cfg.get("kind"):
             tokenizer = models.build_tokenizer(tok_cfg["kind"], path=tok_cfg.get("path"),
                                                vocab_size=tok_cfg.get("vocab_size", 512))
-        if tokenizer is None:
-            raise ValueError(f"{path} has no tokenizer; set model.tokenizer.kind")
         return model, tokenizer
     raise ValueError(f"unknown model.source {source!r}")
 
 
-def load(model_dir: str | Path, mcfg: dict):
-    """(model, tokenizer) from a prepared model folder, in the configured dtype."""
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
+                "masked_lm": "AutoModelForMaskedLM",
+                "image_classification": "AutoModelForImageClassification"}
+
+
+def load_folder(folder: str | Path, mcfg: dict, dtype):
+    """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
+    remote code only when model.trust_remote_code is true."""
+    import transformers
+
     from interference.models import load_pretrained
 
-    model, tok = load_pretrained(Path(model_dir) / "hf", trust_remote_code=mcfg["trust_remote_code"],
-                                 dtype=DTYPES[mcfg["dtype"]], kind=mcfg["kind"],
-                                 attn_implementation=mcfg["attn_implementation"])
-    return model.eval(), tok
+    if mcfg["kind"] in ("causal_lm", "base"):
+        model, tok = load_pretrained(folder, trust_remote_code=mcfg["trust_remote_code"],
+                                     dtype=dtype, kind=mcfg["kind"],
+                                     attn_implementation=mcfg["attn_implementation"])
+        return model.eval(), tok
+    auto = getattr(transformers, AUTO_CLASSES[mcfg["kind"]])
+    model = auto.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                 local_files_only=True,
+                                 trust_remote_code=mcfg["trust_remote_code"],
+                                 attn_implementation=mcfg["attn_implementation"]).eval()
+    has_tok = any((Path(folder) / f).is_file()
+                  for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(folder), local_files_only=True,
+        trust_remote_code=mcfg["trust_remote_code"]) if has_tok else None
+    return model, tok
+
+
+def load(model_dir: str | Path, mcfg: dict):
+    """(model, tokenizer or None) from a prepared model folder, in the configured dtype."""
+    return load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
+
+
+def save(model, tokenizer, out_dir: Path) -> None:
+    """Safetensors weights (+ tokenizer) into out_dir, atomically."""
+    from interference.models import convert_to_safetensors
+
+    if tokenizer is not None:
+        convert_to_safetensors(model, tokenizer, out_dir, overwrite=True)
+        return
+    import os
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def describe(model, tokenizer, mcfg: dict) -> dict:
@@ -89,13 +132,14 @@ def describe(model, tokenizer, mcfg: dict) -> dict:
             "n_params": int(sum(p.numel() for p in model.parameters())),
             "max_positions": int(max_pos) if max_pos else None,
             "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
-            "tokenizer_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "has_tokenizer": tokenizer is not None,
+            "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+            "eos_token_id": getattr(tokenizer, "eos_token_id", None),
             "bytes_per_gradient_float32": int(indexer.total_size) * 4}
 
 
 def run(job) -> None:
-    from interference.models import convert_to_safetensors
     from interference.results import write_json
 
     mcfg = job.slice["model"]
@@ -105,13 +149,13 @@ def run(job) -> None:
         shutil.rmtree(hf)   # left over from an interrupted run
     with job.timed("build"):
         model, tokenizer = build(mcfg)
-    if tokenizer.pad_token is None:
+    if tokenizer is not None and tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
     with job.timed("save"):
-        convert_to_safetensors(model, tokenizer, hf, overwrite=True)
+        save(model, tokenizer, hf)
     info = describe(model, tokenizer, mcfg)
     info.update(source=mcfg["source"], name=mcfg["name"], config_hash=job.config_hash)
     logger.info("model %s: %s, %d layers, %d heads, %d kv heads, head_dim %d, %d attention "

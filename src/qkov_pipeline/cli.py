@@ -1,0 +1,74 @@
+"""``qkov``: run the workflow, show a composed config, browse MLflow.
+
+    qkov run [-e EXPERIMENT ...] [-o OVERRIDE ...] [-n] [-- SNAKEMAKE ARGS]
+    qkov config [-e EXPERIMENT] [-o OVERRIDE ...]     print the composed, validated config
+    qkov ui [--results results]                       mlflow ui on 127.0.0.1
+
+``qkov run`` is ``snakemake --profile profiles/default`` in the repository root with
+``--config experiment=... overrides=[...]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config_args(experiments: list[str], overrides: list[str]) -> list[str]:
+    out = []
+    if experiments:
+        out.append("experiment=" + (experiments[0] if len(experiments) == 1
+                                    else "[" + ",".join(experiments) + "]"))
+    if overrides:
+        out.append("overrides=[" + ",".join(overrides) + "]")
+    return ["--config", *out] if out else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qkov", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the workflow (snakemake)")
+    show = sub.add_parser("config", help="print the composed config of an experiment")
+    for p in (run, show):
+        p.add_argument("-e", "--experiment", action="append", default=[],
+                       help="a file of conf/experiment (repeat for a sweep)")
+        p.add_argument("-o", "--override", action="append", default=[],
+                       help="a Hydra override, e.g. metric.variant=signed")
+    run.add_argument("-n", "--dry-run", action="store_true")
+    run.add_argument("--profile", default="profiles/default")
+    run.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                     help="after --: passed to snakemake")
+    ui = sub.add_parser("ui", help="mlflow ui on the embedded store (127.0.0.1 only)")
+    ui.add_argument("--results", default="results")
+    ui.add_argument("--port", default="5000")
+    args = parser.parse_args(argv)
+
+    if args.command == "config":
+        import yaml
+
+        from .config import compose, validate
+
+        cfg = compose(ROOT / "conf", args.experiment[0] if args.experiment else None,
+                      args.override)
+        validate(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
+        print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    if args.command == "ui":
+        db = Path(args.results).resolve() / "mlflow.db"
+        cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+               "--host", "127.0.0.1", "--port", args.port]
+        return subprocess.call(cmd)
+    extra = [a for a in args.snakemake_args if a != "--"]
+    cmd = [sys.executable, "-m", "snakemake", "--profile", args.profile,
+           *_config_args(args.experiment, args.override), *(["-n"] if args.dry_run else []),
+           *extra]
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, cwd=ROOT, env=dict(os.environ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
