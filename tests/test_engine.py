@@ -228,3 +228,22 @@ def test_hooks_engine_equals_loop_engine(family):
         out[engine] = torch.stack([fc.gradient_manager.vector("t", f"s:{k}") for k in range(7)])
     scale = out["loop"].abs().max()
     assert (out["hooks"] - out["loop"]).abs().max() <= 1e-5 * scale
+
+
+def test_save_moves_spilled_rows_and_keeps_mixed_stores_intact(tmp_path, llama_model):
+    """Budget for ~3 rows: the rest spill; save moves the spill file, appends RAM rows."""
+    full, cfg, _ = _collect(llama_model, memory_mb=100.0)
+    row_mb = full.gradient_manager.size * 4 / 2**20
+    mixed, _, _ = _collect(llama_model, memory_mb=3.5 * row_mb)
+    use = mixed.gradient_manager.get_memory_usage()
+    assert 0 < use["n_on_disk"] < use["n_samples"]
+    before = QKOVInterferenceMetric(cfg, mixed).compute_heatmap("math", "code")
+    for t in ("math", "code"):
+        mixed.save_task(t, tmp_path / t)
+    after_save = QKOVInterferenceMetric(cfg, mixed).compute_heatmap("math", "code")
+    reopened = FisherCollector.from_saved([tmp_path / "math", tmp_path / "code"])
+    again = QKOVInterferenceMetric(reopened.config, reopened).compute_heatmap("math", "code")
+    want = QKOVInterferenceMetric(cfg, full).compute_heatmap("math", "code")
+    for b in "QKVO":
+        for h in (before, after_save, again):
+            assert np.array_equal(h[b]["scores"], want[b]["scores"])

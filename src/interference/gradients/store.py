@@ -194,28 +194,55 @@ class GradientStore:
     def save(self, directory: str | os.PathLike, meta: dict | None = None,
              tasks: list[str] | None = None):
         """Write (task, role) rows as raw ``.bin`` files plus ``index.json``, atomically:
-        everything goes to a temporary sibling folder that is renamed into place."""
+        everything goes to a temporary sibling folder that is renamed into place.
+
+        Rows already spilled to disk are not copied: their file is moved (same file
+        system) and the in-memory rows appended to it, so a store is written once. After
+        saving, the store reads its rows from ``directory``.
+        """
         directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         index = {"format_version": FORMAT_VERSION, "size": self.size,
                  "store_dtype": self.store_dtype, "meta": meta or {},
                  "entries": {f"{l}|{b}": list(v) for (l, b), v in self.entries.items()},
                  "shards": {}}
+        moved = []
         for (task, role), shard in self.shards.items():
             if tasks is not None and task not in tasks:
                 continue
-            ids = self.ids(task, role)
-            with open(tmp / f"{task}__{role}.bin", "wb") as fh:
-                for sid in ids:
-                    fh.write(_to_numpy(shard.rows([sid], 0, self.size)[0], self.dtype).tobytes())
+            name = f"{task}__{role}.bin"
+            order = self._persist_rows(shard, tmp / name)
+            moved.append((shard, name, order))
             index["shards"][f"{task}|{role}"] = {
-                "ids": ids, "norms": [self.norms[(task, s)] for s in ids],
-                "losses": [self.losses[(task, s)] for s in ids],
-                "n_tokens": [self.n_tokens[(task, s)] for s in ids]}
+                "ids": order, "norms": [self.norms[(task, s)] for s in order],
+                "losses": [self.losses[(task, s)] for s in order],
+                "n_tokens": [self.n_tokens[(task, s)] for s in order]}
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+        for shard, name, order in moved:     # the store now reads from the saved files
+            shard.path, shard._map = directory / name, None
+            shard.where = {sid: ("disk", k) for k, sid in enumerate(order)}
+            shard.disk_rows, shard.ram = len(order), []
+        self._ram_bytes = sum(len(sh.ram) * sh.row_bytes for sh in self.shards.values())
+
+    def _persist_rows(self, shard: "_Shard", target: Path) -> list[str]:
+        """Put all rows of ``shard`` into ``target``; returns the ids in row order."""
+        disk_ids = sorted((sid for sid, (k, _) in shard.where.items() if k == "disk"),
+                          key=lambda sid: shard.where[sid][1])
+        ram_ids = [sid for sid in shard.ids if shard.where[sid][0] == "ram"]
+        if disk_ids:
+            shard._map = None
+            try:
+                os.replace(shard.path, target)
+            except OSError:                  # another file system: copy instead
+                shutil.copyfile(shard.path, target)
+        with open(target, "ab" if disk_ids else "wb") as fh:
+            for sid in ram_ids:
+                fh.write(_to_numpy(shard.ram[shard.where[sid][1]], self.dtype).tobytes())
+        return disk_ids + ram_ids
 
     @classmethod
     def open(cls, directory: str | os.PathLike, memory_mb: float = 0.0,

@@ -86,7 +86,7 @@ def _concatenate(parts, metric, meta, layers):
     for b in BLOCKS:
         scores = np.concatenate([p[b]["scores"] for p in parts], axis=2)
         out[b] = {"scores": scores, "layer_head_avg": scores.mean(axis=(0, 1)),
-                  "top_conflicts": metric._top_conflicts(b, scores, layers, heads,
+                  "top_conflicts": metric.top_conflicts(b, scores, layers, heads,
                                                          meta["sample_ids_a"],
                                                          meta["sample_ids_b"]),
                   "layers": list(layers), "heads": list(heads)}

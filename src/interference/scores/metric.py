@@ -269,7 +269,7 @@ class QKOVInterferenceMetric:
             heatmap[block] = {
                 "scores": scores[block],
                 "layer_head_avg": scores[block].mean(axis=(0, 1)),
-                "top_conflicts": self._top_conflicts(block, scores[block], layers, heads,
+                "top_conflicts": self.top_conflicts(block, scores[block], layers, heads,
                                                      ids_a, ids_b),
                 "layers": list(layers), "heads": list(heads),
             }
@@ -295,7 +295,8 @@ class QKOVInterferenceMetric:
                           f"use ridge_lambda_rel", stacklevel=2)
         return heatmap
 
-    def _top_conflicts(self, block, scores, layers, heads, ids_a, ids_b) -> list[dict]:
+    def top_conflicts(self, block: str, scores: np.ndarray, layers, heads, ids_a, ids_b
+                      ) -> list[dict]:
         """The k most conflicting entries (largest; smallest for 'signed'); K/V cells of one
         GQA group are listed once, under their first selected query head."""
         cols = list(range(len(heads)))

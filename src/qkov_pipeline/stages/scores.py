@@ -35,7 +35,7 @@ def control_heatmap(metric, task_a: str, task_b: str) -> dict:
         heat[b] = {"scores": scores[b], "layer_head_avg": scores[b].mean(axis=(0, 1)),
                    # the metric's own ranking (largest; smallest for 'signed'), one K/V
                    # cell per GQA group, as compute_heatmap lists them
-                   "top_conflicts": metric._top_conflicts(b, scores[b], layers, heads, ids_a, ids_c),
+                   "top_conflicts": metric.top_conflicts(b, scores[b], layers, heads, ids_a, ids_c),
                    "layers": layers, "heads": heads}
     fisher = torch.stack([collector.fisher.get(t) for t in tasks]).mean(0)
     ridge = {}
