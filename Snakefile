@@ -5,6 +5,8 @@
     snakemake --profile profiles/default --config experiment='[fisher_source_a,variant_signed]'
     snakemake --profile profiles/default --config overrides='[metric.ridge_lambda_rel=1e-2]'
     snakemake --profile profiles/default figures                 # redraw figures only
+    snakemake --profile profiles/default ablation_summary --config experiment='[a,b]'
+    snakemake --profile profiles/default --report report.html    # self-contained HTML report
 
 The experiment configuration lives in conf/ (Hydra). This file composes it, validates it
 (workflow/schemas), plans every job with the config slice that determines its output
@@ -24,6 +26,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PY
 
 from qkov_pipeline import config as qc  # noqa: E402
 from qkov_pipeline import hooks  # noqa: E402
+from qkov_pipeline.stages import figures as qf  # noqa: E402
 
 validate({k: v for k, v in config.items() if not k.startswith("_")},
          "workflow/schemas/cli.schema.yaml")
@@ -33,6 +36,7 @@ PLAN = qc.build_plan(Path(workflow.basedir) / "conf",
 R = PLAN.results
 config["_qkov"] = PLAN.job_meta()
 TRACKING = hooks.configure_tracking(PLAN, main=not workflow.remote_exec)
+SWEEP = qf.sweep_plan(PLAN)   # two or more experiments: what the ablation summary compares
 
 
 wildcard_constraints:
@@ -56,6 +60,7 @@ rule all:
     default_target: True
     input:
         PLAN.targets(),
+        [f"{SWEEP['dir']}/ablation.json"] if SWEEP else [],
 
 
 onstart:

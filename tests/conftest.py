@@ -59,3 +59,43 @@ def gpt2_model():
 @pytest.fixture
 def llama_model():
     return tiny_llama()
+
+
+# ----------------------------------------------------------------------------- workflow
+
+def run_workflow(workdir, *args: str, timeout: float = 600):
+    """``snakemake -s Snakefile -d workdir ARGS`` in a clean environment (the workflow sets
+    its own tracking variables; nothing is downloaded)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for k in [k for k in env if k.startswith("QKOV_")]:
+        env.pop(k)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(workdir),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """ONE full run of the tiny experiment per test session, shared read-only by
+    tests/test_workflow.py and tests/test_ablation.py (which copies it before adding to it)."""
+    import time
+
+    work = tmp_path_factory.mktemp("qkov-workflow")
+    t0 = time.time()
+    res = run_workflow(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
+    elapsed = time.time() - t0
+    if res.returncode != 0:
+        pytest.fail(f"tiny workflow failed after {elapsed:.0f} s:\n{res.stdout[-6000:]}\n"
+                    f"{res.stderr[-6000:]}")
+    results = work / "results"
+    return {"work": work, "results": results, "elapsed": elapsed, "stdout": res.stdout,
+            "stderr": res.stderr, "pair": results / "tiny" / "tiny" / "math__code",
+            "control": results / "tiny" / "tiny" / "math__code.control"}

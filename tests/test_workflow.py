@@ -93,19 +93,8 @@ def test_bad_config_fails_with_a_clear_message(tmp_path):
 
 # ----------------------------------------------------------------------------- tiny run
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("qkov-workflow")
-    t0 = time.time()
-    res = snakemake(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
-    elapsed = time.time() - t0
-    if res.returncode != 0:
-        pytest.fail(f"tiny workflow failed after {elapsed:.0f} s:\n{res.stdout[-6000:]}\n"
-                    f"{res.stderr[-6000:]}")
-    results = work / "results"
-    return {"work": work, "results": results, "elapsed": elapsed, "stdout": res.stdout,
-            "stderr": res.stderr, "pair": results / "tiny" / "tiny" / "math__code",
-            "control": results / "tiny" / "tiny" / "math__code.control"}
+# The session fixture ``tiny_run`` (one full run of the tiny experiment, shared with
+# tests/test_ablation.py) is in tests/conftest.py.
 
 
 @pytest.mark.slow

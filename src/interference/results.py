@@ -14,8 +14,45 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
+# What each version added; readers accept every version of the same major number (fields
+# added by a minor version are optional for them) and refuse another major with a message
+# that names the file and the fix.
+SCHEMA_HISTORY = {
+    "1.0": "heatmap.json/scores.npz, cells.csv with schema_version and config_hash",
+    "1.1": "cells.schema.json (units) beside each cells.csv; stability.json and stats.json "
+           "carry schema_version and config_hash; deterministic scores.npz",
+}
 BLOCKS = ("Q", "K", "V", "O")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def check_schema(version, where, what: str = "results") -> None:
+    """Raise ValueError unless ``version`` has the major number of SCHEMA_VERSION."""
+    if version is None or str(version).split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ValueError(
+            f"{where}: {what} written with results schema {version or 'none (unversioned)'}, "
+            f"which this version (schema {SCHEMA_VERSION}; readable: "
+            f"{', '.join(v for v in SCHEMA_HISTORY if v.split('.')[0] == SCHEMA_VERSION.split('.')[0])}) "
+            f"cannot read. Regenerate them with this version (e.g. `snakemake --forcerun scores`), "
+            f"or draw the figures with the version that wrote them (its git commit is in the "
+            f"MLflow runs' qkov.git_commit tag)")
+
+
+def save_npz(path, arrays: dict) -> None:
+    """np.savez without a clock: fixed zip timestamps, so equal arrays give equal bytes
+    (np.savez stamps each member with the current time). No pickle: plain arrays only."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, val in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    npformat.write_array(fh, np.asanyarray(val), allow_pickle=False)
 
 
 @contextlib.contextmanager
@@ -50,9 +87,14 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+# live-object keys of a heatmap's meta that mean nothing once saved: the metric, and the
+# collector's random per-process token (it would make equal results differ byte for byte)
+UNSAVED_META = ("metric", "collector_token")
+
+
 def heatmap_meta(heatmap: dict) -> dict:
-    """The heatmap's meta without live objects (the metric)."""
-    return {k: v for k, v in heatmap["meta"].items() if k != "metric"}
+    """The heatmap's meta without live objects (the metric, the collector's token)."""
+    return {k: v for k, v in heatmap["meta"].items() if k not in UNSAVED_META}
 
 
 def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
@@ -67,9 +109,7 @@ def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
         arrays[f"layer_head_avg_{b}"] = heatmap[b]["layer_head_avg"]
         if reference_scores is not None:
             arrays[f"reference_{b}"] = reference_scores[b]
-    with atomic_path(directory / "scores.npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+    save_npz(directory / "scores.npz", arrays)
     doc = {"schema_version": SCHEMA_VERSION, "meta": heatmap_meta(heatmap),
            "top_conflicts": {b: heatmap[b]["top_conflicts"] for b in BLOCKS},
            "extra": extra or {}}
@@ -80,10 +120,7 @@ def load_heatmap(directory) -> tuple[dict, dict | None]:
     """(heatmap dict as made by ``compute_heatmap`` minus the metric, reference scores or None)."""
     directory = Path(directory)
     doc = json.loads((directory / "heatmap.json").read_text())
-    version = doc.get("schema_version")
-    if version is None or version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise ValueError(f"{directory}: results schema {version} cannot be read by schema "
-                         f"{SCHEMA_VERSION}; rerun the scores rule")
+    check_schema(doc.get("schema_version"), directory / "heatmap.json", "the heatmap")
     with np.load(directory / "scores.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     heat = {"meta": doc["meta"], "extra": doc.get("extra", {})}

@@ -36,7 +36,7 @@ RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_data": "prepare_d
 # ----------------------------------------------------------------------------- compose
 
 def compose(conf_dir: str | Path, experiment: str | None = None,
-            overrides: list[str] | None = None) -> dict:
+            overrides: list[str] | None = None, _explain: bool = True) -> dict:
     """The resolved config (plain dict) of one experiment.
 
     ``experiment``: a file name of ``conf/experiment/`` (None or 'default': none).
@@ -64,11 +64,10 @@ def compose(conf_dir: str | Path, experiment: str | None = None,
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = hcompose(config_name="config", overrides=over)
     except HydraException as err:
-        raise ValueError(
-            f"experiment {name!r}: cannot apply overrides {over}: {err}\nOverride values "
-            "with brackets or commas must be quoted inside the list, e.g. "
-            "--config overrides='[\"data.split_seeds=[0,1]\", metric.variant=signed]'"
-        ) from None
+        if not _explain:
+            raise
+        raise ValueError(f"experiment {name!r}: " + _explain_hydra_error(
+            str(err), conf_dir, experiment, over)) from None
     finally:
         GlobalHydra.instance().clear()
     out = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -76,6 +75,67 @@ def compose(conf_dir: str | Path, experiment: str | None = None,
     out["experiment"] = name
     out["overrides"] = list(overrides or [])
     return out
+
+
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _explain_hydra_error(msg: str, conf_dir: Path, experiment: str | None,
+                         over: list[str]) -> str:
+    """Hydra's composition error, restated with the key or option at fault and the fix."""
+    import re
+
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:   # a key that is not in the config: usually a typo
+        key = m.group(1)
+        parent, _, leaf = key.rpartition(".")
+        known: list[str] = []
+        try:
+            base = compose(conf_dir, experiment, _explain=False)
+            node = base
+            for part in parent.split(".") if parent else []:
+                node = node[part]
+            known = sorted(node) if isinstance(node, dict) else []
+        except Exception:   # noqa: BLE001 - only for the hint
+            pass
+        where = f"{parent!r}" if parent else "the top level"
+        return (f"unknown config key {key!r}{_did_you_mean(leaf, known)}; the keys of {where} are "
+                f"{known}. Fix the override's spelling (a genuinely new key, such as a new task, is "
+                f"added with a leading '+', e.g. +task@tasks.mine=jsonl).")
+    m = re.search(r"Could not find '([^'/]+)/([^']+)'", msg)
+    if m:   # an option of a config group that has no file
+        group, option = m.group(1), m.group(2)
+        options = sorted(p.stem for p in (conf_dir / group.split("@")[0]).glob("*.yaml"))
+        return (f"unknown option {option!r} for config group {group!r}"
+                f"{_did_you_mean(option, options)}: there is no conf/{group}/{option}.yaml "
+                f"(available: {', '.join(options)}).")
+    hint = ""
+    if any("[" in o or "," in o for o in over):
+        hint = ("\nOverride values with brackets or commas must be quoted inside the list, e.g. "
+                "--config overrides='[\"data.split_seeds=[0,1]\", metric.variant=signed]'")
+    return f"cannot apply overrides {over}: {msg}{hint}"
+
+
+def _schema_at(schema: dict, path) -> dict:
+    """The sub-schema of a config path (for the keys a typo could have meant)."""
+    node = schema
+    for part in path:
+        props = node.get("properties", {})
+        if part in props:
+            node = props[part]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        elif "items" in node:
+            node = node["items"]
+        else:
+            return {}
+        if "$ref" in node:
+            node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+    return node
 
 
 def validate(cfg: dict, schema_path: str | Path) -> None:
@@ -90,23 +150,65 @@ def validate(cfg: dict, schema_path: str | Path) -> None:
         lines = []
         for e in errors[:10]:
             where = ".".join(str(p) for p in e.absolute_path) or "<top>"
+            if e.validator == "additionalProperties":
+                allowed = sorted(_schema_at(schema, e.absolute_path).get("properties", {}))
+                extra = sorted(set(e.instance) - set(allowed))
+                for key in extra:
+                    full = f"{where}.{key}" if where != "<top>" else key
+                    lines.append(f"  {full}: unknown key{_did_you_mean(key, allowed)}; allowed "
+                                 f"keys here: {allowed}")
+                continue
             lines.append(f"  {where}: {e.message}")
         raise ValueError(f"experiment {cfg.get('experiment')!r}: the config does not match "
-                         f"{schema_path}:\n" + "\n".join(lines))
+                         f"{schema_path} (set in conf/, conf/experiment/{cfg.get('experiment')}"
+                         f".yaml or an override):\n" + "\n".join(lines))
     _check_semantics(cfg)
 
 
+def _find_targets(obj, path="") -> list[str]:
+    """Config paths of Hydra ``_target_`` keys (instantiation is not used: refused)."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            here = f"{path}.{k}" if path else str(k)
+            if k in ("_target_", "_partial_", "_recursive_", "_convert_", "_args_"):
+                out.append(here)
+            out += _find_targets(v, here)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _find_targets(v, f"{path}.{i}")
+    return out
+
+
 def _check_semantics(cfg: dict) -> None:
+    targets = _find_targets(cfg)
+    if targets:
+        raise ValueError(f"config keys {targets}: Hydra instantiation (_target_ and friends) is "
+                         "not used by this workflow and is refused, so a config can never name "
+                         "code to run; remove them")
     tasks = cfg["tasks"]
     for a, b in cfg["pairs"]:
         for t in (a, b):
             if t not in tasks:
                 raise ValueError(f"pair [{a}, {b}] names task {t!r}, which is not in tasks "
-                                 f"(known: {sorted(tasks)}); add it with "
-                                 f"+task@tasks.{t}=<file of conf/task>")
+                                 f"(known: {sorted(tasks)}{_did_you_mean(t, tasks)}); add it "
+                                 f"with +task@tasks.{t}=<file of conf/task>")
         if a == b:
             raise ValueError(f"pair [{a}, {b}]: task A equals task B; the negative control "
                              "A vs A' is built in (control.enabled)")
+        # Same samples under two names: the same source with the same kwargs. (At run time the
+        # data and scores stages also compare the samples' ids and texts.)
+        if canonical(_data_spec(tasks[a])) == canonical(_data_spec(tasks[b])):
+            raise ValueError(f"pair [{a}, {b}]: tasks {a!r} and {b!r} have the same source and "
+                             "kwargs, so their samples are the same: task A equals task B. The "
+                             "negative control A vs A' (a held-out split of A) is built in "
+                             "(control.enabled); to compare two variants of one source, change "
+                             "its kwargs (e.g. the generation seed)")
+    for t, spec in tasks.items():
+        if spec.get("pack") and cfg["data"]["loss_tokens"] != "all":
+            raise ValueError(f"tasks.{t}.pack=true joins several problems into one sample, so "
+                             f"the loss covers all tokens; set data.loss_tokens=all or "
+                             f"tasks.{t}.pack=false")
     for t in tasks:
         if "__" in t or "/" in t or "-" in t:
             raise ValueError(f"task name {t!r} may not contain '__', '-' or '/'")
@@ -162,6 +264,11 @@ def pair_tasks(cfg: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _data_spec(spec: dict) -> dict:
+    """What determines a task's samples: its source and kwargs (not packing or truncation)."""
+    return {"source": spec["source"], "kwargs": spec["kwargs"]}
+
+
 def _task_data(cfg: dict, task: str) -> dict:
     return {"task": task, "spec": copy.deepcopy(cfg["tasks"][task]),
             "roles": _roles_of(cfg, task)}
@@ -169,13 +276,23 @@ def _task_data(cfg: dict, task: str) -> dict:
 
 def data_slice(cfg: dict, task: str, seed: int) -> dict:
     d = cfg["data"]
-    group = None
+    group = pairs = None
     if d["match_lengths"]:
         group = [_task_data(cfg, t) for t in pair_tasks(cfg)]
+        pairs = _compared(cfg)
     return {"v": SLICE_VERSION, "model": model_slice(cfg)["model"],
             **_task_data(cfg, task), "split_seed": int(seed),
             "max_length": d["max_length"], "loss_tokens": d["loss_tokens"],
-            "match_lengths": group}
+            "match_lengths": group, "compared": pairs}
+
+
+def _compared(cfg: dict) -> list[list[str]]:
+    """Task pairs whose samples must differ: each pair, and task A with a named reference."""
+    ref = cfg["stats"]["reference"]
+    out = [list(p) for p in cfg["pairs"]]
+    if ref != "within_task":
+        out += [[a, ref] for a, _ in cfg["pairs"] if a != ref]
+    return out
 
 
 def store_slice(cfg: dict, task: str, seed: int) -> dict:

@@ -1,5 +1,13 @@
-# draw_figures: every figure and table of one analysis from saved results (no gradients).
-# `snakemake figures` redraws them all.
+# Figures from saved results (never from gradients):
+#   draw_figures           every figure and table of one analysis
+#   draw_stability         analyses with two or more split seeds: stability across seeds
+#   draw_ablation_summary  a sweep (two or more experiments): the variants compared, MLflow
+# Targets: `snakemake figures` (all of them; add --forcerun draw_figures to redraw what is up
+# to date) and `snakemake ablation_summary --config experiment='[a,b,...]'`.
+# Editing the figure code (src/interference/figures, stages/figures.py) changes the `code`
+# parameter, so the next run redraws the figures and nothing upstream.
+
+FIGURES_CODE = qf.code_digest()
 
 
 rule draw_figures:
@@ -7,26 +15,29 @@ rule draw_figures:
         heatmap=lambda wc: PLAN.seed_files(wc, "heatmap.json")[0],
         cells=f"{R}/{{exp}}/{{model}}/{{pair}}/cells.csv",
         stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
-        seed_cells=lambda wc: PLAN.seed_files(wc, "cells.csv"),
         data=lambda wc: [f"{R}/_data/{k}/manifest.json" for k in PLAN.analysis_data(
             wc.exp, wc.model, wc.pair, PLAN.analysis(wc.exp, wc.model, wc.pair)["seeds"][0]).values()],
     output:
         manifest=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/figures.json",
-        heatmap_q=report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/heatmap_Q.png",
-                         caption="../report/heatmap.rst", category="Heatmaps",
-                         subcategory="{pair}"),
-        panel=report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/heatmap_panel.png",
-                     caption="../report/panel.rst", category="Heatmaps", subcategory="{pair}"),
-        blocks=report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/block_comparison.png",
-                      caption="../report/blocks.rst", category="Block comparison",
-                      subcategory="{pair}"),
-        pvalues=report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/pvalue_histogram.png",
-                       caption="../report/pvalues.rst", category="Diagnostics",
-                       subcategory="{pair}"),
+        heatmap_q=qf.figure_report(R, "heatmap_Q.png", "heatmap_Q", ("Heatmaps", "Q heatmap")),
+        heatmap_k=qf.figure_report(R, "heatmap_K.png", "heatmap_K", ("Heatmaps", "K heatmap")),
+        heatmap_v=qf.figure_report(R, "heatmap_V.png", "heatmap_V", ("Heatmaps", "V heatmap")),
+        heatmap_o=qf.figure_report(R, "heatmap_O.png", "heatmap_O", ("Heatmaps", "O heatmap")),
+        panel=qf.figure_report(R, "heatmap_panel.png", "panel", ("Heatmaps", "Q, K, V, O panel")),
+        blocks=qf.figure_report(R, "block_comparison.png", "blocks",
+                                ("Block comparison", "mean per block")),
+        top=qf.figure_report(R, "top_conflicts.csv", "top",
+                             ("Top conflicts", "top conflicting cells")),
+        top_tex=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/top_conflicts.tex",
+        forensics=qf.figure_report(R, "forensics.png", "forensics",
+                                   ("Sample-pair forensics", "most conflicting sample pairs")),
+        pvalues=qf.figure_report(R, "pvalue_histogram.png", "pvalues",
+                                 ("Diagnostics", "p-value histogram")),
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_figures.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_figures.json",
     params:
         slice=lambda wc: PLAN.params("draw_figures", wc),
+        code=FIGURES_CODE,
     log:
         f"{R}/logs/figures/{{exp}}/{{model}}/{{pair}}.log",
     benchmark:
@@ -42,7 +53,85 @@ rule draw_figures:
         "../scripts/figures.py"
 
 
+rule draw_stability:
+    input:
+        stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
+        seed_cells=lambda wc: PLAN.seed_files(wc, "cells.csv"),
+    output:
+        png=report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/stability.png",
+                   caption="../report/stability.rst", category="Stability across split seeds",
+                   subcategory="{exp} / {pair}", labels={"figure": "stability", "model": "{model}"}),
+        pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/stability.pdf",
+        cells=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/stability_cells.csv",
+        pairs=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/stability_pairs.csv",
+        config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_stability.yaml",
+        record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_stability.json",
+    params:
+        slice=lambda wc: PLAN.params("draw_figures", wc),
+        code=FIGURES_CODE,
+    log:
+        f"{R}/logs/stability/{{exp}}/{{model}}/{{pair}}.log",
+    benchmark:
+        f"{R}/benchmarks/stability/{{exp}}/{{model}}/{{pair}}.tsv"
+    threads: lambda wc: PLAN.resource("draw_figures", wc, "threads")
+    resources:
+        mem_mb=lambda wc: PLAN.resource("draw_figures", wc, "mem_mb"),
+        runtime=lambda wc: PLAN.resource("draw_figures", wc, "runtime"),
+        gpu=0,
+    conda:
+        "../envs/qkov.yaml"
+    script:
+        "../scripts/figures.py"
+
+
+if SWEEP:
+
+    rule draw_ablation_summary:
+        # Local: it also writes the sweep's MLflow runs (one writer, like `track`).
+        localrule: True
+        input:
+            cells=SWEEP["cells"],
+            stats=SWEEP["stats"],
+        output:
+            manifest=f"{SWEEP['dir']}/ablation.json",
+            md=report(f"{SWEEP['dir']}/ablation.md", caption="../report/ablation_table.rst",
+                      category="Ablation summary", subcategory=SWEEP["name"],
+                      labels={"figure": "table", "analysis": "all"}),
+            figures=[report(f"{SWEEP['dir']}/{p}/ablation_summary.png",
+                            caption="../report/ablation.rst", category="Ablation summary",
+                            subcategory=SWEEP["name"],
+                            labels={"figure": "ablation summary", "analysis": p})
+                     for p in SWEEP["pairs"]],
+            config=f"{SWEEP['dir']}/config.draw_ablation_summary.yaml",
+            record=f"{SWEEP['dir']}/mlflow.draw_ablation_summary.json",
+        params:
+            slice=SWEEP["slice"],
+            code=FIGURES_CODE,
+            variants=", ".join(SWEEP["variants"]),
+        log:
+            f"{R}/logs/ablation_summary/{SWEEP['name']}.log",
+        benchmark:
+            f"{R}/benchmarks/ablation_summary/{SWEEP['name']}.tsv"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+            gpu=0,
+        conda:
+            "../envs/qkov.yaml"
+        script:
+            "../scripts/ablation_summary.py"
+
+
+rule ablation_summary:
+    # Target: the sweep's ablation summary (and everything it needs).
+    input:
+        f"{SWEEP['dir']}/ablation.json" if SWEEP else (lambda wc: qf.no_sweep()),
+
+
 rule figures:
-    # Target: the figures of every analysis of the planned experiments.
+    # Target: every figure of the planned experiments (and the sweep's ablation summary).
     input:
         [f"{R}/{e}/{m}/{p}/figures/figures.json" for (e, m, p) in PLAN.analyses],
+        qf.stability_files(PLAN),
+        [f"{SWEEP['dir']}/ablation.json"] if SWEEP else [],

@@ -1,4 +1,6 @@
 # summary: the experiment's run summary (json + markdown); track: MLflow bookkeeping (local).
+# The HTML report (`snakemake --report report.html`) shows every output wrapped in report()
+# (here and in figures.smk) with its caption from workflow/report/*.rst.
 
 
 rule summary:
@@ -11,7 +13,7 @@ rule summary:
     output:
         json=f"{R}/{{exp}}/summary.json",
         md=report(f"{R}/{{exp}}/summary.md", caption="../report/summary.rst",
-                  category="Summary"),
+                  category="Summary", subcategory="{exp}", labels={"table": "run summary"}),
         config=f"{R}/{{exp}}/config.summary.yaml",
         record=f"{R}/{{exp}}/mlflow.summary.json",
     params:
@@ -36,7 +38,8 @@ rule track:
     # the workflow run's MLflow parent run. Local: one writer, on the submitting host.
     localrule: True
     input:
-        records=lambda wc: PLAN.records(wc.exp),
+        records=lambda wc: PLAN.records(wc.exp)
+        + qf.stability_files(PLAN, wc.exp, "mlflow.draw_stability.json"),
         summary=f"{R}/{{exp}}/summary.json",
         md=f"{R}/{{exp}}/summary.md",
     output:

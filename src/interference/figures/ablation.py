@@ -7,6 +7,8 @@
   negative (``signed``) are passed in ``flip`` and negated first.
 - The number of significant cells per variant (stacked by block) and, as a marker, the
   number with q <= alpha alone.
+- Variants on different layer x head grids (a model ablation) have no common cells: their
+  correlation is n/a; their counts are still compared.
 
 Inputs: ``maps`` {variant: {block: layer_head_avg [n_layers, n_heads]}} (same axes for all
 variants) and ``cells`` {variant: cells DataFrame or CSV path}.
@@ -32,22 +34,31 @@ def rank_correlations(maps: Maps, block: str = "pooled", kv_head_of=None,
                       flip: Iterable[str] = ()) -> pd.DataFrame:
     """Spearman correlations [n_variants, n_variants] between the maps of one block (or
     'pooled': the mean over the blocks all variants have). kv_head_of [n_heads] selects the
-    distinct K/V columns (None: all columns are distinct)."""
+    distinct K/V columns (None: all columns are distinct); a mapping {variant: kv_head_of}
+    gives each variant its own. Variants on different grids (another model: other shape or
+    kv grouping) have no common cells: their correlation is NaN."""
     names = list(maps)
+    kv = dict(kv_head_of) if isinstance(kv_head_of, Mapping) else dict.fromkeys(names, kv_head_of)
     blocks = [b for b in style.BLOCKS if all(b in maps[n] for n in names)]
     if block != "pooled":
         blocks = [block]
     mats = []
     for b in blocks:
-        arrs = [np.asarray(maps[n][b], dtype=float) * (-1 if n in flip else 1) for n in names]
-        if len({a.shape for a in arrs}) != 1:
-            raise ValueError(f"block {b}: maps have different shapes "
-                             f"{[a.shape for a in arrs]}; compare maps on the same axes")
-        cols = distinct_head_positions(b, kv_head_of if kv_head_of is not None
-                                       else range(arrs[0].shape[1]))
-        vecs = np.stack([a[:, cols].ravel() for a in arrs], axis=1)  # [n_cells, n_variants]
-        mats.append(pd.DataFrame(vecs, columns=names).corr(method="spearman").to_numpy())
-    return pd.DataFrame(np.mean(mats, axis=0), index=names, columns=names)
+        arrs = {n: np.asarray(maps[n][b], dtype=float) * (-1 if n in flip else 1) for n in names}
+        grids: dict[tuple, list[str]] = {}   # variants on the same grid are compared
+        for n in names:
+            k = kv.get(n)
+            grids.setdefault((arrs[n].shape, None if k is None else tuple(int(x) for x in k)),
+                             []).append(n)
+        mat = np.full((len(names), len(names)), np.nan)
+        for (shape, k), members in grids.items():
+            cols = distinct_head_positions(b, k if k is not None else range(shape[1]))
+            vecs = np.stack([arrs[n][:, cols].ravel() for n in members], axis=1)  # [cells, v]
+            idx = [names.index(n) for n in members]
+            mat[np.ix_(idx, idx)] = pd.DataFrame(vecs).corr(method="spearman").to_numpy()
+        mats.append(mat)
+    with np.errstate(all="ignore"):
+        return pd.DataFrame(np.mean(mats, axis=0), index=names, columns=names)
 
 
 def significant_set(cells) -> set[str]:

@@ -29,11 +29,20 @@ REQUIRED = ("block", "layer", "head", "kv_group", "p_value", "q_value", "statist
 def load_cells(cells: pd.DataFrame | str | Path) -> pd.DataFrame:
     """The cells table (a DataFrame or a CSV path) with normalised dtypes: kv_group str,
     layer/head int, significant/q_significant bool. Missing columns are an error."""
+    from ..results import check_schema
+
+    where = "cells table" if isinstance(cells, pd.DataFrame) else str(cells)
     df = (pd.read_csv(cells, dtype={"kv_group": str}) if not isinstance(cells, pd.DataFrame)
           else cells.copy())
+    versions = (sorted({str(v) for v in df["schema_version"].dropna()})
+                if "schema_version" in df.columns else [])
+    for version in versions:
+        check_schema(version, where, "the cells table")
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise ValueError(f"cells table lacks columns {missing}")
+        raise ValueError(f"{where} lacks columns {missing} (schema "
+                         f"{', '.join(versions) or 'unversioned'}): regenerate it with the "
+                         f"statistics stage of this version (`snakemake --forcerun stats`)")
     df["kv_group"] = df["kv_group"].astype(str)
     df["layer"] = df["layer"].astype(int)
     df["head"] = df["head"].astype(int)

@@ -4,6 +4,14 @@
 one update per ``collect_fisher`` call. ``mode='mean'``: Î = mean of C_i over all Fisher
 samples, independent of call order. Both at full per-parameter resolution, float32
 (accumulated in float64 for the mean).
+
+Shards (separate jobs over disjoint samples of one task): each saves its Fisher as PARTIAL
+SUMS and counts (``FisherCollector(fisher_partials=True)``: one float64 Σ C_i per
+``collect_fisher`` call, plus the count); :meth:`FisherCollector.gather_saved` adds all
+partial sums in sample order and divides by the total count, so the gathered Fisher is the
+exact mean over all Fisher samples -- bitwise equal to one collector that made the same
+calls in the same order. The EMA depends on the order of its updates across calls and is
+not sharded (refused).
 """
 from __future__ import annotations
 
@@ -31,16 +39,24 @@ ROLES = ("fisher", "scored", "reference", "control", "all")
 class TaskFisher:
     """Running Fisher of one task. ``value()`` -> float32 [P]."""
 
-    def __init__(self, size: int, mode: str, ema_decay: float):
+    def __init__(self, size: int, mode: str, ema_decay: float, keep_partials: bool = False):
         if mode not in ("ema", "mean"):
             raise ValueError(f"mode must be 'ema' or 'mean', got {mode!r}")
         if not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        if keep_partials and mode != "mean":
+            raise ValueError(f"Fisher mode {mode!r} cannot be sharded: the EMA depends on the "
+                             "order of its updates across calls, so partial EMAs of separate "
+                             "jobs do not combine into the EMA of one run. Use mode='mean' "
+                             "(exact and order-free) or collect the task in one job")
         self.mode, self.beta = mode, float(ema_decay)
         self.state = torch.zeros(size, dtype=torch.float64)
         self.steps = 0          # EMA updates (calls)
         self.count = 0          # samples seen
         self.sample_ids: list[str] = []
+        # shards: one (Σ_i C_i float64 [P], n) per update, in call order
+        self.keep_partials = keep_partials
+        self.partials: list[tuple[torch.Tensor, int]] = []
 
     def update(self, batch_sum: torch.Tensor, n: int, ids: list[str]):
         """Fold in one call's batch: ``batch_sum`` = Σ_i C_i [P] (float64) over ``n`` samples."""
@@ -48,6 +64,8 @@ class TaskFisher:
             self.state.mul_(self.beta).add_(batch_sum / n, alpha=1.0 - self.beta)
         else:
             self.state.add_(batch_sum)
+            if self.keep_partials:
+                self.partials.append((batch_sum.detach().to("cpu", torch.float64).clone(), n))
         self.steps += 1
         self.count += n
         self.sample_ids.extend(ids)
@@ -96,13 +114,17 @@ class FisherCollector:
         layers: collect only these layers (default all); see ``layerwise.py``.
         store_device: where in-budget gradients live ('cpu' default; 'cuda' keeps them on
             the GPU and ``gradient_memory_mb`` is then a GPU budget).
+        fisher_partials: keep each ``collect_fisher`` call's Fisher sum and count, and save
+            them (``save_task``), so that shards of one task collected in separate jobs
+            can be combined exactly (``gather_saved``). Mode 'mean' only.
     """
 
     def __init__(self, enable_cross_task_analysis: bool = False, gradient_memory_mb: float = 100,
                  ema_decay: float = 0.99, store_dtype: str = "float32", spill_dir=None,
                  config: QKOVConfig | None = None, objective: Objective | None = None,
                  loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
-                 micro_batch: int = 8, layers: list[int] | None = None, store_device="cpu"):
+                 micro_batch: int = 8, layers: list[int] | None = None, store_device="cpu",
+                 fisher_partials: bool = False):
         self.enable_cross_task_analysis = enable_cross_task_analysis
         self.gradient_memory_mb = gradient_memory_mb
         self.ema_decay, self.store_dtype, self.spill_dir = ema_decay, store_dtype, spill_dir
@@ -110,6 +132,7 @@ class FisherCollector:
         self.loss_reduction, self.progress = loss_reduction, progress
         self.engine, self.micro_batch = engine, micro_batch
         self.only_layers, self.store_device = layers, store_device
+        self.fisher_partials = fisher_partials
         self.token = uuid.uuid4().hex
         self.fisher = FisherBank(self)
         self.indexer: QKOVIndexer | None = None
@@ -163,7 +186,8 @@ class FisherCollector:
         role: 'fisher' (update the Fisher only), 'scored' / 'reference' / 'control' (store
         g_i only), 'all' (the seed's flow: both; warns that Fisher and scored overlap).
         mode: 'ema' (one EMA update with this call's mean C_i) or 'mean'.
-        Returns {'n_samples', 'mean_loss', 'sample_ids'}.
+        Returns {'n_samples', 'mean_loss', 'sample_ids', 'losses'} (losses: per sample, in
+        batch order).
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -180,7 +204,7 @@ class FisherCollector:
         if role in ("fisher", "all"):
             if tf is None:
                 tf = self.fisher.tasks[task] = TaskFisher(self.indexer.total_size, mode,
-                                                          self.ema_decay)
+                                                          self.ema_decay, self.fisher_partials)
             elif tf.mode != mode:
                 raise ValueError(f"task {task!r} Fisher is in mode {tf.mode!r}, got {mode!r}")
         keep = role != "fisher" and self.enable_cross_task_analysis
@@ -209,7 +233,8 @@ class FisherCollector:
             tf.update(total.cpu(), n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
                      sum(losses) / n)
-        return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids}
+        return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids,
+                "losses": losses}
 
     def _check_roles(self, task: str, ids: list[str], role: str):
         """Fisher, scored and reference samples must be disjoint by dataset id (SPEC 4)."""
@@ -229,18 +254,23 @@ class FisherCollector:
                              f"be disjoint by dataset id (SPEC 4)")
 
     # -- persistence (used by the workflow) -------------------------------------------
-    def save_task(self, task: str, directory: str | os.PathLike, meta: dict | None = None):
-        """Write task's gradients (store format) and Fisher (safetensors) under ``directory``."""
+    def save_task(self, task: str, directory: str | os.PathLike, meta: dict | None = None,
+                  partial: bool = False):
+        """Write task's gradients (store format) and Fisher (safetensors) under ``directory``.
+
+        ``partial=True`` (a shard): the task may have no Fisher samples here (an empty
+        Fisher, count 0, is written) and the Fisher's partial sums are saved with it.
+        """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(meta or {}, indexer=self.indexer.describe(), task=task)
         self._store.save(directory, meta=meta, tasks=[task])
-        tf = self.fisher.tasks[task]
-        tmp = directory / ".fisher.safetensors.tmp"
-        save_file({"state": tf.state.contiguous()}, str(tmp), metadata={
-            "mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
-            "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)})
-        os.replace(tmp, directory / "fisher.safetensors")
+        tf = self.fisher.tasks.get(task)
+        if tf is None and partial:
+            tf = TaskFisher(self.indexer.total_size, "mean", self.ema_decay)
+        elif tf is None:
+            tf = self.fisher.tasks[task]      # KeyError, as before
+        _save_fisher(directory / "fisher.safetensors", tf, with_partials=partial)
 
     @classmethod
     def from_saved(cls, directories, memory_mb: float = 0.0, **kwargs) -> "FisherCollector":
@@ -270,12 +300,106 @@ class FisherCollector:
             self.fisher.tasks[store.meta["task"]] = tf
         return self
 
+    @staticmethod
+    def gather_saved(directories, directory: str | os.PathLike, meta: dict | None = None,
+                     link: bool = True):
+        """Combine the saved shards of ONE task (``save_task(..., partial=True)`` in
+        separate jobs, disjoint samples, in sample order) into one saved task folder.
+
+        Gradients: :meth:`GradientStore.gather` (row files hard-linked, not copied).
+        Fisher: Σ of every shard's partial sums in order / total count -- the exact mean
+        over all Fisher samples (a shard saved without partial sums contributes its sum
+        as one partial). Mode 'ema' is refused. Returns the gathered folder's Path.
+        """
+        directories = [Path(d) for d in directories]
+        if not directories:
+            raise ValueError("gather_saved needs at least one shard folder")
+        tasks, described, parts = set(), None, []
+        state, count, steps, ids, beta = None, 0, 0, [], None
+        for d in directories:
+            index = json.loads((d / "index.json").read_text())
+            tasks.add(index["meta"].get("task"))
+            desc = index["meta"].get("indexer")
+            if described is None:
+                described = desc
+            elif desc != described:
+                raise ValueError(f"{d} was collected with another model or config than "
+                                 f"{directories[0]}")
+            with safe_open(str(d / "fisher.safetensors"), "pt") as sf:
+                md = sf.metadata()
+                if md["mode"] != "mean":
+                    raise ValueError(
+                        f"{d}: Fisher mode {md['mode']!r} cannot be sharded: the EMA depends "
+                        "on the order of its updates, so partial EMAs of separate jobs do "
+                        "not combine into the EMA of one run. Use fisher.mode=mean (exact, "
+                        "order-free) or one shard")
+                beta = beta if beta is not None else md["beta"]
+                counts = json.loads(md.get("partial_counts") or "null")
+                if counts is None:            # no partial sums saved: the sum is one part
+                    counts = [int(md["count"])] if int(md["count"]) else []
+                    tensors = [sf.get_tensor("state")] if counts else []
+                else:
+                    tensors = [sf.get_tensor(f"partial.{k}") for k in range(len(counts))]
+                if sum(counts) != int(md["count"]):
+                    raise ValueError(f"{d}: partial counts {counts} do not add up to the "
+                                     f"Fisher's count {md['count']}")
+                if state is None:
+                    state = torch.zeros(sf.get_slice("state").get_shape()[0],
+                                        dtype=torch.float64)
+                for t in tensors:            # in sample order, as one collector would
+                    state.add_(t.to(torch.float64))
+                count += int(md["count"])
+                steps += int(md["steps"])
+                ids += json.loads(md["sample_ids"])
+                parts.append({"folder": str(d), "count": int(md["count"]),
+                              "partials": len(counts)})
+        if len(tasks) != 1:
+            raise ValueError(f"the shards hold different tasks {sorted(map(str, tasks))}; "
+                             "gather the shards of one task")
+        if len(set(ids)) != len(ids):
+            raise ValueError("the shards' Fisher samples overlap; shards must be disjoint")
+        tf = TaskFisher(int(state.numel()), "mean", float(beta))
+        tf.state, tf.count, tf.steps, tf.sample_ids = state, count, steps, ids
+        task = next(iter(tasks))
+        first_meta = json.loads((directories[0] / "index.json").read_text())["meta"]
+        gathered_meta = dict(first_meta if meta is None else dict(
+            meta, indexer=described, task=task), shards=parts)
+
+        def add_fisher(tmp: Path):
+            _save_fisher(tmp / "fisher.safetensors", tf, with_partials=False)
+
+        GradientStore.gather(directories, directory, meta=gathered_meta, link=link,
+                             before_publish=add_fisher)
+        return Path(directory)
+
     @property
     def layers(self) -> list[int]:
         """Real layer ids of the attention stack."""
         if self.indexer is not None:
             return self.indexer.layers
         return list(getattr(self, "_layers", []))
+
+
+def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> None:
+    """fisher.safetensors: the running state (mean mode: Σ C_i, float64) + count, mode, ids;
+    with_partials: also each update's partial sum (``partial.<k>``, counts in metadata)."""
+    path = Path(path)
+    tensors = {"state": tf.state.contiguous()}
+    metadata = {"mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
+                "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)}
+    if with_partials:
+        if tf.mode != "mean":
+            raise ValueError(f"Fisher mode {tf.mode!r} cannot be saved as partial sums "
+                             "(shards): use mode='mean'")
+        if tf.count and not tf.partials:
+            raise ValueError("this Fisher kept no partial sums; build the collector with "
+                             "fisher_partials=True to save a shard")
+        for k, (t, _) in enumerate(tf.partials):
+            tensors[f"partial.{k}"] = t.contiguous()
+        metadata["partial_counts"] = json.dumps([n for _, n in tf.partials])
+    tmp = path.parent / f".{path.name}.tmp"
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
 
 
 class _EmptyStore:

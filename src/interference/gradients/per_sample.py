@@ -69,6 +69,18 @@ def _first_bad_cell(indexer: QKOVIndexer, vec: torch.Tensor) -> str:
     return "unknown location"
 
 
+def _nonfinite_loss_message(model: nn.Module, sid: str, loss: float) -> str:
+    """Name the sample and where the non-finite values come from: the first weights that
+    hold NaN/Inf (their names carry the layer), else say the weights are finite."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        where = f"non-finite weights in {bad[:3]}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    else:
+        where = ("every weight is finite: the forward pass overflowed (try float32 / "
+                 "model.dtype) or the sample's inputs are invalid")
+    return f"sample {sid!r}: loss is {loss}; {where}"
+
+
 def _right_pad(sample_list: list[dict], device) -> dict:
     """Re-pad unpadded causal-LM samples to the right: ids/labels/mask [n, T_max]."""
     T = max(int(s["input_ids"].numel()) for s in sample_list)
@@ -168,7 +180,8 @@ class PerSampleGradients:
                 except ValueError as err:
                     raise ValueError(f"sample {sid!r}: {err}") from None
                 if not torch.isfinite(loss):
-                    raise NonFiniteGradientError(f"sample {sid!r}: loss is {loss.item()}")
+                    raise NonFiniteGradientError(
+                        _nonfinite_loss_message(self.model, sid, loss.item()))
                 grads = torch.autograd.grad(loss, [params[n] for n in self._names],
                                             allow_unused=True)
                 tensors = {n: (g if g is not None else torch.zeros_like(params[n]))
@@ -210,8 +223,8 @@ class PerSampleGradients:
                     losses = per / n_tok if self.objective.loss_reduction == "mean" else per
                     if not torch.isfinite(losses).all():
                         k = int((~torch.isfinite(losses)).nonzero()[0])
-                        raise NonFiniteGradientError(f"sample {ids[k]!r}: loss is "
-                                                     f"{losses[k].item()}")
+                        raise NonFiniteGradientError(
+                            _nonfinite_loss_message(self.model, ids[k], losses[k].item()))
                     params = dict(self.model.named_parameters())
                     torch.autograd.grad(losses.sum(), [params[n] for n in self._names],
                                         allow_unused=True)

@@ -4,9 +4,14 @@ Rows are canonical vectors [P] (see ``QKOVIndexer``). A row stays in memory whil
 store's own buffers fit in ``memory_mb``; past that it is appended to a raw file on disk
 (one per (task, role)) and read back by memory map, one (layer, block) column range at
 a time. Nothing is dropped or subsampled. C_i = g_i ⊙ g_i is never stored: it is derived.
+
+Shards: stores collected in separate jobs over disjoint samples (of one task) are combined by
+:meth:`GradientStore.gather` without copying rows: each part's row file is hard-linked into
+the gathered folder and the index lists, per (task, role), the parts in order.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -49,6 +54,30 @@ class _Shard:
         self.ram: list[torch.Tensor] = []
         self.disk_rows = 0
         self._map = None
+        # a gathered store: disk rows live in several files, [(path, rows)] in row order
+        self.parts: list[tuple[Path, int]] | None = None
+        self._starts: list[int] = []
+        self._maps: dict[int, np.memmap] = {}
+
+    def set_parts(self, parts: list[tuple[Path, int]]):
+        """Disk rows come from several files (in order); row r of the shard is row
+        r - start of the part holding it."""
+        self.parts = [(Path(p), int(n)) for p, n in parts]
+        self._starts, start = [], 0
+        for _, n in self.parts:
+            self._starts.append(start)
+            start += n
+        self.disk_rows, self._maps, self._map = start, {}, None
+
+    def disk_row(self, row: int) -> np.ndarray:
+        """Row ``row`` of the disk rows (memory-mapped, not loaded)."""
+        if not self.parts:
+            return self.disk()[row]
+        k = bisect.bisect_right(self._starts, row) - 1
+        if k not in self._maps:
+            path, n = self.parts[k]
+            self._maps[k] = np.memmap(path, dtype=self.np_dtype, mode="r", shape=(n, self.size))
+        return self._maps[k][row - self._starts[k]]
 
     @property
     def np_dtype(self):
@@ -63,6 +92,9 @@ class _Shard:
             self.where[sid] = ("ram", len(self.ram))
             self.ram.append(vec.detach().to(self.device, self.dtype).clone())
         else:
+            if self.parts:
+                raise ValueError("a gathered store's rows are read-only on disk; add rows "
+                                 "to a store being collected, then save and gather it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as fh:
                 fh.write(_to_numpy(vec, self.dtype).tobytes())
@@ -85,7 +117,7 @@ class _Shard:
             if kind == "ram":
                 out[k] = self.ram[pos][start:stop].float()
             else:
-                out[k] = _from_numpy(self.disk()[pos, start:stop], self.dtype).to(self.device)
+                out[k] = _from_numpy(self.disk_row(pos)[start:stop], self.dtype).to(self.device)
         return out
 
 
@@ -233,7 +265,14 @@ class GradientStore:
         disk_ids = sorted((sid for sid, (k, _) in shard.where.items() if k == "disk"),
                           key=lambda sid: shard.where[sid][1])
         ram_ids = [sid for sid in shard.ids if shard.where[sid][0] == "ram"]
-        if disk_ids:
+        if disk_ids and shard.parts:       # a gathered store: concatenate its parts (copy)
+            shard._maps = {}
+            with open(target, "wb") as out:
+                for path, _ in shard.parts:
+                    with open(path, "rb") as src:
+                        shutil.copyfileobj(src, out, 2**24)
+            shard.parts = None
+        elif disk_ids:
             shard._map = None
             try:
                 os.replace(shard.path, target)
@@ -269,8 +308,88 @@ class GradientStore:
                 store.losses[(task, sid)] = info["losses"][row]
                 store.n_tokens[(task, sid)] = info["n_tokens"][row]
             shard.disk_rows = len(info["ids"])
+            if info.get("parts"):               # a gathered store (see gather)
+                parts = [(directory / p["file"], int(p["rows"])) for p in info["parts"]]
+                if sum(n for _, n in parts) != len(info["ids"]):
+                    raise ValueError(f"{directory}: the parts of {key} hold "
+                                     f"{sum(n for _, n in parts)} rows, the index lists "
+                                     f"{len(info['ids'])} ids")
+                for path, n in parts:
+                    size = path.stat().st_size if path.is_file() else -1
+                    if size != n * shard.row_bytes:
+                        raise ValueError(f"{path}: {size} bytes, expected {n} rows of "
+                                         f"{shard.row_bytes} bytes (an interrupted gather?)")
+                shard.set_parts(parts)
             store.shards[(task, role)] = shard
         return store
+
+    @classmethod
+    def gather(cls, directories, directory: str | os.PathLike, meta: dict | None = None,
+               link: bool = True, before_publish=None) -> "GradientStore":
+        """Combine saved stores of DISJOINT samples (the shards of one collection, saved
+        by :meth:`save`) into one saved store at ``directory``, without copying rows.
+
+        Each input's row files are hard-linked (copied where the file system cannot link,
+        or with ``link=False``) into ``directory/parts/<i>/``; the index lists, per
+        (task, role), the ids of all inputs in input order and the part files holding
+        them. Inputs must share size, layout and store dtype; a sample id may appear in
+        one input only. ``meta``: the gathered index's meta (default: the first input's).
+        ``before_publish(tmp)``: called with the finished temporary folder before it is
+        renamed into place (to add files atomically, e.g. the Fisher). Returns the
+        gathered store, opened.
+        """
+        directories = [Path(d) for d in directories]
+        if not directories:
+            raise ValueError("gather needs at least one saved store")
+        stores = [cls.open(d) for d in directories]
+        first = stores[0]
+        for d, st in zip(directories[1:], stores[1:]):
+            if (st.size, st.entries, st.store_dtype) != (first.size, first.entries,
+                                                          first.store_dtype):
+                raise ValueError(f"cannot gather {d} with {directories[0]}: other model, "
+                                 "layout or store dtype")
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        index = {"format_version": FORMAT_VERSION, "size": first.size,
+                 "store_dtype": first.store_dtype,
+                 "meta": dict(first.meta if meta is None else meta),
+                 "entries": {f"{l}|{b}": list(v) for (l, b), v in first.entries.items()},
+                 "shards": {}}
+        owner: dict[tuple[str, str], int] = {}
+        try:
+            for i, (d, st) in enumerate(zip(directories, stores)):
+                for (task, role), shard in st.shards.items():
+                    order = sorted(shard.ids, key=lambda sid: shard.where[sid][1])
+                    for sid in order:
+                        if (task, sid) in owner:
+                            raise ValueError(f"sample {sid!r} of task {task!r} is in "
+                                             f"{directories[owner[(task, sid)]]} and {d}: "
+                                             "shards must hold disjoint samples")
+                        owner[(task, sid)] = i
+                    files = shard.parts or [(shard.path, shard.disk_rows)]
+                    entry = index["shards"].setdefault(f"{task}|{role}", {
+                        "ids": [], "norms": [], "losses": [], "n_tokens": [], "parts": []})
+                    for j, (src, n) in enumerate(files):
+                        name = f"parts/{i}" + (f".{j}" if len(files) > 1 else "") + \
+                            f"/{task}__{role}.bin"
+                        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                        _link_or_copy(Path(src), tmp / name, link)
+                        entry["parts"].append({"file": name, "rows": int(n)})
+                    entry["ids"] += order
+                    entry["norms"] += [st.norms[(task, s)] for s in order]
+                    entry["losses"] += [st.losses[(task, s)] for s in order]
+                    entry["n_tokens"] += [st.n_tokens[(task, s)] for s in order]
+            (tmp / "index.json").write_text(json.dumps(index, indent=1))
+            if before_publish is not None:
+                before_publish(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return cls.open(directory)
 
     def merge(self, other: "GradientStore"):
         """Adopt the shards of another store with the same layout (no copy)."""
@@ -299,6 +418,17 @@ class GradientStore:
             self.close()
         except Exception:
             pass
+
+
+def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:
+    """Hard-link src to dst (no copy, same file system), else copy it."""
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 class ContributionCache(Mapping):

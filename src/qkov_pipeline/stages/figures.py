@@ -1,19 +1,37 @@
 """figures: every figure and table of one analysis (interference.figures), from saved results.
 
-The primary split seed's heatmap with the analysis's cells table (significant cells boxed),
-the block comparison, top conflicts, sample-pair forensics (texts from the prepared data)
-and the p-value histogram; with two or more split seeds also the stability report.
+Rule ``draw_figures``: the primary split seed's heatmap with the analysis's cells table
+(significant cells boxed), the block comparison, top conflicts, sample-pair forensics (texts
+from the prepared data), the p-value histogram and, when the statistics saved
+``null_top.npz`` next to ``stats.json``, the permutation null of the top cells.
+Rule ``draw_stability`` (analyses with two or more split seeds): the stability report.
+Rule ``draw_ablation_summary`` (a sweep: two or more experiments): the variants compared
+(:func:`sweep_plan`, :func:`run_ablation`), one MLflow run per variant under one parent.
 Nothing is recomputed from gradients.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.figures")
 BLOCKS = ("Q", "K", "V", "O")
+# config sections that never change what an analysis finds (not compared across variants)
+NOT_ABLATED = ("resources", "experiment", "overrides", "workflow", "tracking", "figures")
+ABLATION_DIR = "_ablations"
+MAX_SWEEP_NAME = 100
+
+
+def _quiet() -> None:
+    for name in ("fontTools", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def texts_from_data(manifests) -> dict[str, dict]:
@@ -25,36 +43,390 @@ def texts_from_data(manifests) -> dict[str, dict]:
     return texts
 
 
+def code_digest() -> str:
+    """Hash of the figure code (interference.figures and this module): a rule parameter, so
+    editing how a figure is drawn redraws the figures (and nothing upstream)."""
+    here = Path(__file__).resolve()
+    files = sorted((here.parents[2] / "interference" / "figures").glob("*.py")) + [here]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------- the rules' helpers
+
+def figure_report(results: str, name: str, caption: str, label: tuple[str, str]):
+    """An output of draw_figures shown in the HTML report: category = what it shows,
+    subcategory = experiment / analysis, caption = workflow/report/<caption>.rst."""
+    from snakemake.io import report
+
+    return report(f"{results}/{{exp}}/{{model}}/{{pair}}/figures/{name}",
+                  caption=f"../report/{caption}.rst", category=label[0],
+                  subcategory="{exp} / {pair}", labels={"figure": label[1], "model": "{model}"})
+
+
+def stability_files(plan, exp: str | None = None, name: str = "stability.png") -> list[str]:
+    """<analysis>/figures/<name> of every analysis with two or more split seeds."""
+    return [f"{plan.analysis_dir(e, m, p)}/figures/{name}"
+            for (e, m, p), x in plan.analyses.items()
+            if len(x["seeds"]) > 1 and (exp is None or e == exp)]
+
+
+def no_sweep():
+    raise ValueError("the ablation summary compares two or more experiments (with a task "
+                     "pair in common): snakemake ablation_summary --config experiment='["
+                     "fisher_source_pooled,fisher_source_a,fisher_source_b]' (docs/ablations.md)")
+
+
+# ----------------------------------------------------------------------------- one analysis
+
 def run(job) -> None:
+    if job.rule == "draw_stability":
+        return run_stability(job)
     import matplotlib
 
     matplotlib.use("Agg")
-    from interference.figures import make_all_figures, write_stability_report
-    from interference.results import write_json
+    _quiet()
+    from interference.figures import make_all_figures
 
     fcfg = job.slice["figures"]
-    seeds = job.slice["tables"]["split_seeds"]
     out = Path(job.output.manifest).parent
     heatmap_dir = Path(job.input.heatmap).parent
     summary = read_json(job.input.stats[0])["summary"]
+    null = heatmap_dir / "null_top.npz"   # written by the statistics when they keep the null
     with job.timed("figures"):
         paths = make_all_figures(heatmap_dir, job.input.cells, out,
                                  texts=texts_from_data(job.input.data), summary=summary,
+                                 null_npz=null if null.is_file() else None,
                                  n_top=fcfg["n_top"], n_forensic_cells=fcfg["n_forensic_cells"],
                                  n_pairs=fcfg["n_pairs"], n_bootstrap=fcfg["n_bootstrap"],
                                  seed=fcfg["seed"])
-    if len(seeds) > 1:
-        maps = {s: {blk: read_json(p)["layer_head_avg"][blk]["estimate"] for blk in BLOCKS}
-                for s, p in zip(seeds, job.input.stats)}
-        kv = read_json(job.input.stats[0])["kv_head_of"]
-        entries = write_stability_report(maps, dict(zip(seeds, job.input.seed_cells)), out,
-                                         kv_head_of=kv)
-        manifest = read_json(job.output.manifest)
-        manifest += [dict(e, path=str(Path(e["path"]).relative_to(out))) for e in entries]
-        write_json(job.output.manifest, manifest)
-        paths += [Path(e["path"]) for e in entries]
     for p in paths:
         if p.suffix in (".png", ".csv", ".tex", ".md"):
             job.artifact(p, "figures")
+    n_sig = int(summary.get("n_significant", 0))
     job.metric("figures.n_files", len(paths))
+    job.metric("figures.n_significant_marked", n_sig)
     logger.info("%d figure and table files in %s", len(paths), out)
+
+
+def run_stability(job) -> None:
+    """Stability across the analysis's split seeds (Spearman of the maps, Jaccard of the
+    significant sets, how many seeds flag each cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _quiet()
+    from interference.figures import write_stability_report
+
+    seeds = job.slice["tables"]["split_seeds"]
+    out = Path(job.output.png).parent
+    maps = {s: {blk: read_json(p)["layer_head_avg"][blk]["estimate"] for blk in BLOCKS}
+            for s, p in zip(seeds, job.input.stats)}
+    kv = read_json(job.input.stats[0])["kv_head_of"]
+    with job.timed("stability"):
+        entries = write_stability_report(maps, dict(zip(seeds, job.input.seed_cells)), out,
+                                         kv_head_of=kv)
+    for e in entries:
+        job.artifact(e["path"], "figures")
+    job.metric("figures.n_split_seeds", len(seeds))
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def _flat(obj, prefix: str = "") -> dict[str, object]:
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def ablated_settings(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
+    """{experiment: {key: value}} for every flattened config key whose value differs between
+    the experiments (execution, tracking and figure settings left out)."""
+    flat = {e: _flat({k: v for k, v in c.items() if k not in NOT_ABLATED})
+            for e, c in configs.items()}
+    keys = sorted(set().union(*flat.values()))
+    canon = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
+    varied = [k for k in keys if len({canon(f.get(k)) for f in flat.values()}) > 1]
+    return {e: {k: f.get(k) for k in varied} for e, f in flat.items()}
+
+
+def sweep_name(experiments: list[str]) -> str:
+    """The sweep's folder name: the experiment names joined by '+' (long lists: the first
+    ones and a hash of all)."""
+    name = "+".join(experiments)
+    if len(name) <= MAX_SWEEP_NAME:
+        return name
+    h = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = "+".join(experiments[:3])[:MAX_SWEEP_NAME - 20]
+    return f"{head}+{len(experiments) - 3}more-{h}"
+
+
+def sweep_plan(plan) -> dict | None:
+    """What the ablation summary of a sweep compares (None for a single experiment).
+
+    Variants are the experiments in the order given (the first is the baseline); for every
+    analysis name (``math__code``, ``math__code.control``) that two or more variants have,
+    their primary split seed's maps and the analysis's cells table are compared."""
+    variants = list(plan.experiments)
+    if len(variants) < 2:
+        return None
+    name = sweep_name(variants)
+    groups: dict[str, list[dict]] = {}
+    for (exp, model, pair), x in plan.analyses.items():
+        base = plan.analysis_dir(exp, model, pair)
+        groups.setdefault(pair, []).append({
+            "exp": exp, "model": model, "cells": f"{base}/cells.csv",
+            "stats": f"{base}/split{x['seeds'][0]}/stats.json"})
+    groups = {p: g for p, g in groups.items() if len(g) >= 2}
+    if not groups:
+        import sys
+
+        print(f"qkov: experiments {variants} share no analysis (task pair): no ablation "
+              "summary", file=sys.stderr)
+        return None
+    configs = plan.experiments
+    out = f"{plan.results}/{ABLATION_DIR}/{name}"
+    slice_ = {"v": 1, "sweep": name, "variants": variants, "baseline": variants[0],
+              "ablated": ablated_settings(configs),
+              "flip": [e for e in variants if configs[e]["metric"]["variant"] == "signed"],
+              "analyses": groups}
+    return {"name": name, "dir": out, "variants": variants, "pairs": list(groups),
+            "slice": json.dumps(slice_, sort_keys=True, separators=(",", ":")),
+            "cells": [e["cells"] for g in groups.values() for e in g],
+            "stats": [e["stats"] for g in groups.values() for e in g]}
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _value(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def summarise_sweep(s: dict, out: Path) -> dict:
+    """Draw every analysis's ablation summary; returns the sweep's manifest (ablation.json)."""
+    import numpy as np
+
+    from interference.figures import (jaccard, rank_correlations, significant_counts,
+                                      significant_set, write_ablation_summary)
+
+    base = s["baseline"]
+    doc = {"sweep": s["sweep"], "variants": s["variants"], "baseline": base,
+           "ablated": s["ablated"], "flip": s["flip"], "analyses": {}}
+    for pair, group in s["analyses"].items():
+        names = [e["exp"] for e in group]
+        maps, cells, kv, alpha = {}, {}, {}, {}
+        for e in group:
+            st = read_json(e["stats"])
+            maps[e["exp"]] = {b: np.asarray(st["layer_head_avg"][b]["estimate"]) for b in BLOCKS}
+            kv[e["exp"]] = st["kv_head_of"]
+            cells[e["exp"]] = e["cells"]
+            alpha[e["exp"]] = (st["summary"].get("fdr_alpha"), st["summary"].get("min_effect_size"))
+        entries = write_ablation_summary(maps, cells, out / pair, kv_head_of=kv,
+                                         flip=[n for n in names if n in s["flip"]])
+        rho = rank_correlations(maps, "pooled", kv, [n for n in names if n in s["flip"]])
+        counts = significant_counts(cells)
+        sets = {n: significant_set(cells[n]) for n in names}
+        ref = base if base in names else names[0]
+        rows = {}
+        for e in group:
+            n = e["exp"]
+            rows[n] = {"model": e["model"], "cells_csv": e["cells"],
+                       "n_significant": int(counts.loc[n, "significant"]),
+                       "n_q_significant": int(counts.loc[n, "q_significant"]),
+                       "n_significant_by_block": {b: int(counts.loc[n, b]) for b in BLOCKS},
+                       "spearman_vs_baseline": float(rho.loc[n, ref]),
+                       "jaccard_vs_baseline": float(jaccard(sets[n], sets[ref])),
+                       "fdr_alpha": alpha[n][0], "min_effect_size": alpha[n][1]}
+        off = rho.to_numpy()[~np.eye(len(names), dtype=bool)]
+        off = off[np.isfinite(off)]
+        doc["analyses"][pair] = {
+            "baseline": ref, "variants": rows,
+            "spearman_min": float(off.min()) if off.size else None,
+            "spearman_mean": float(off.mean()) if off.size else None,
+            "figures": [str(Path(x["path"]).relative_to(out)) for x in entries],
+            "caption": entries[0]["caption"] if entries else ""}
+    return doc
+
+
+def sweep_markdown(doc: dict) -> str:
+    lines = [f"# Ablation summary: `{doc['sweep']}`", "",
+             f"Variants (baseline first): {', '.join(f'`{v}`' for v in doc['variants'])}.", ""]
+    keys = sorted(set().union(*(set(a) for a in doc["ablated"].values())))
+    if keys:
+        lines += ["## What differs", "", "| variant | " + " | ".join(f"`{k}`" for k in keys)
+                  + " |", "|---|" + "---|" * len(keys)]
+        for v in doc["variants"]:
+            lines.append(f"| {v} | " + " | ".join(_value(doc["ablated"][v].get(k))
+                                                  for k in keys) + " |")
+        lines.append("")
+    for pair, a in doc["analyses"].items():
+        lines += [f"## `{pair}`", "",
+                  f"Baseline `{a['baseline']}`. A cell is significant when q <= alpha and "
+                  "Cohen's d >= the threshold; Spearman: rank correlation of the layer x head "
+                  "maps with the baseline's (mean over blocks; n/a: another grid); Jaccard: "
+                  "overlap of the significant cells with the baseline's (n/a: both empty).", "",
+                  "| variant | model | significant | Q | K | V | O | q <= alpha | Spearman vs "
+                  "baseline | Jaccard vs baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for v, r in a["variants"].items():
+            by = r["n_significant_by_block"]
+            lines.append(f"| {v} | {r['model']} | **{r['n_significant']}** | "
+                         + " | ".join(str(by[b]) for b in BLOCKS)
+                         + f" | {r['n_q_significant']} | {_fmt(r['spearman_vs_baseline'])} | "
+                         f"{_fmt(r['jaccard_vs_baseline'])} |")
+        lines += ["", f"Figure: `{pair}/ablation_summary.png` (PDF beside it); tables "
+                  f"`{pair}/ablation_summary_correlations.csv`, `{pair}/ablation_summary_counts.csv`.",
+                  ""]
+    return "\n".join(lines)
+
+
+def experiment_run(doc: dict, variant: str, results: Path, settings: dict) -> str | None:
+    """The variant's MLflow parent run that holds its job runs: the one its tracking.json
+    names when that is newer than its cells tables (nothing reran since), else this
+    invocation's (its jobs run now)."""
+    current = (settings.get("parents") or {}).get(variant)
+    tracking_json = results / variant / "tracking.json"
+    cells = [Path(a["variants"][variant]["cells_csv"]) for a in doc["analyses"].values()
+             if variant in a["variants"]]
+    try:
+        if tracking_json.is_file() and all(tracking_json.stat().st_mtime >= c.stat().st_mtime
+                                           for c in cells):
+            return read_json(tracking_json).get("parent_run_id") or current
+    except (OSError, ValueError):
+        pass
+    return current
+
+
+def log_sweep(doc: dict, out: Path, settings: dict, lock_path: Path) -> dict:
+    """MLflow: experiment ``<prefix>/ablations``, one parent run per sweep (its figures and
+    tables as artifacts) and one child run per variant: params ``variant`` and the ablated
+    settings (``ablation.<key>``), metrics per analysis (significant cells per block,
+    Spearman and Jaccard against the baseline). Select the children and Compare."""
+    from filelock import FileLock
+    from mlflow.entities import Metric, Param
+
+    from .. import tracking
+
+    uri, prefix = settings["uri"], settings["prefix"]
+    name = f"{prefix}/ablations"
+    tags = {"qkov.sweep": doc["sweep"], "qkov.workflow_run_id": str(settings["workflow_run_id"]),
+            "qkov.git_commit": os.environ.get(tracking.ENV_GIT) or "unknown"}
+    with FileLock(str(lock_path)):
+        client = tracking._client(uri)
+        eid = tracking.experiment_id(client, name, settings["artifacts"])
+        parent = tracking._retry(lambda: client.create_run(
+            eid, run_name=f"sweep {doc['sweep']}",
+            tags={**tags, "qkov.kind": "ablation_sweep", "qkov.baseline": doc["baseline"],
+                  "qkov.variants": ",".join(doc["variants"])[:5000]}), what="create sweep run")
+        pid = parent.info.run_id
+        ts = int(time.time() * 1000)
+        keys = sorted(set().union(*(set(a) for a in doc["ablated"].values())))
+        client.log_batch(pid, params=[Param("variants", ",".join(doc["variants"])[:6000]),
+                                      Param("baseline", doc["baseline"]),
+                                      Param("ablated_keys", ",".join(keys)[:6000] or "none")],
+                         metrics=[Metric(f"{pair}.spearman_{k}", a[f"spearman_{k}"], ts, 0)
+                                  for pair, a in doc["analyses"].items() for k in ("min", "mean")
+                                  if a[f"spearman_{k}"] is not None])
+        for p in sorted(out.rglob("*")):
+            if p.is_file() and p.suffix in (".png", ".pdf", ".csv", ".md", ".json") \
+                    and not p.name.startswith(("mlflow.", "config.")):
+                tracking._retry(lambda: client.log_artifact(pid, str(p), str(p.parent.relative_to(out))
+                                                            if p.parent != out else None),
+                                what=f"log artifact {p.name}")
+        children = {}
+        for v in doc["variants"]:
+            ctags = {**tags, "qkov.kind": "ablation_variant", "qkov.experiment": v,
+                     "mlflow.parentRunId": pid}
+            link = experiment_run(doc, v, out.parents[1], settings)
+            if link:
+                ctags["qkov.experiment_run_id"] = link
+            run = tracking._retry(lambda: client.create_run(eid, run_name=v, tags=ctags),
+                                  what="create variant run")
+            rid = run.info.run_id
+            params = [Param("variant", v), Param("baseline", doc["baseline"])]
+            params += [Param(f"ablation.{k}"[:250], _value(doc["ablated"][v].get(k))[:6000])
+                       for k in keys]
+            metrics = []
+            for pair, a in doc["analyses"].items():
+                r = a["variants"].get(v)
+                if r is None:
+                    continue
+                vals = {"n_significant": r["n_significant"], "n_q_significant": r["n_q_significant"],
+                        "spearman_vs_baseline": r["spearman_vs_baseline"],
+                        "jaccard_vs_baseline": r["jaccard_vs_baseline"],
+                        **{f"{b}.n_significant": r["n_significant_by_block"][b] for b in BLOCKS}}
+                metrics += [Metric(f"{pair}.{k}", float(x), ts, 0) for k, x in vals.items()
+                            if x is not None and tracking._finite(x)]
+            client.log_batch(rid, params=params, metrics=metrics)
+            client.set_terminated(rid, "FINISHED")
+            children[v] = rid
+        client.set_terminated(pid, "FINISHED")
+    return {"experiment": name, "parent_run_id": pid, "variant_run_ids": children}
+
+
+def run_ablation(smk) -> None:
+    """Rule ``draw_ablation_summary`` (local): figures, ablation.json/.md, MLflow runs."""
+    import matplotlib
+    import yaml
+
+    from interference.results import atomic_path, write_json
+
+    from .. import tracking
+    from ..jobs import _setup_logging
+
+    matplotlib.use("Agg")
+    _setup_logging(smk.log[0])
+    _quiet()
+    t0 = time.time()
+    s = json.loads(smk.params.slice)
+    out = Path(smk.output.manifest).parent
+    logger.info("ablation summary of sweep %s: variants %s", s["sweep"], s["variants"])
+    with atomic_path(smk.output.config) as tmp:
+        tmp.write_text(yaml.safe_dump({"rule": smk.rule, "sweep": s["sweep"], "config": s},
+                                      sort_keys=False, width=100))
+    doc = summarise_sweep(s, out)
+    write_json(smk.output.manifest, doc)
+    with atomic_path(smk.output.md) as tmp:
+        tmp.write_text(sweep_markdown(doc))
+    for pair, a in doc["analyses"].items():
+        for v, r in a["variants"].items():
+            logger.info("%-24s %-28s %3d significant, Spearman vs %s %s, Jaccard %s", pair, v,
+                        r["n_significant"], a["baseline"], _fmt(r["spearman_vs_baseline"]),
+                        _fmt(r["jaccard_vs_baseline"]))
+    settings = tracking.settings_from_env()
+    record = {"sweep": s["sweep"], "mode": settings["mode"], "uri": settings["uri"],
+              "status": "off", "time_s": None}
+    if settings["mode"] != "off" and settings["uri"]:
+        box: dict = {}
+
+        def work():
+            try:
+                box["value"] = log_sweep(doc, out, settings,
+                                         Path(smk.output.manifest).parents[2] / ".mlflow.lock")
+            except Exception as err:  # MLflow never fails the job
+                box["error"] = f"{type(err).__name__}: {err}"
+
+        th = threading.Thread(target=work, daemon=True, name="mlflow-ablation")
+        th.start()
+        th.join(max(settings["timeout_s"], 60))
+        if "value" in box:
+            record.update(status="logged", **box["value"])
+            logger.info("MLflow: experiment %s, sweep run %s", box["value"]["experiment"],
+                        box["value"]["parent_run_id"])
+        else:
+            record.update(status="error",
+                          error=box.get("error", f"no answer within {settings['timeout_s']} s"))
+            logger.warning("MLflow logging of the sweep failed (%s); the figures are complete; "
+                           "rerun with --forcerun draw_ablation_summary to retry", record["error"])
+    record["time_s"] = time.time() - t0
+    write_json(smk.output.record, record)
+    logger.info("finished in %.1f s", record["time_s"])

@@ -2,9 +2,11 @@
 
 Per analysis (pair and its control) and split seed: distinct cells, cells with q <= alpha,
 significant cells (q and d), per block, the global B/R disruption ratio and its p-value,
-block means; the control's count beside the pair's (it should be about 0). Per task and
-role: samples, mean tokens, mean loss and mean gradient norm (what differs besides
-content). ``metrics``: the same numbers flat, logged on the MLflow parent run.
+block means; the control's count beside the pair's (it should be about 0); with several
+split seeds, the stability across them (rank correlation, Jaccard, cells flagged by all
+seeds). Per task and role: samples, mean tokens, mean loss and mean gradient norm (what
+differs besides content). ``metrics``: the same numbers flat, logged on the MLflow parent
+run.
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ def collect(job) -> dict:
         a["cells_csv"] = str(p)
         a["n_significant_all_seeds"] = int((table["n_seeds_significant"]
                                             == table["n_split_seeds"]).sum())
+        stab = p.parent / "stability.json"   # written by the same tables job as cells.csv
+        if stab.is_file():
+            a["stability"] = read_json(stab).get("summary")
+    doc["control"] = control_vs_pair(doc["analyses"])
     for path in job.input.figures:
         p = Path(path)
         doc["analyses"][p.parent.parent.name]["figures"] = [
@@ -51,10 +57,27 @@ def collect(job) -> dict:
     for path in job.input.stores:
         info = read_json(path)
         t = doc["tasks"].setdefault(info["task"], {})
+        # no timings here (they live in MLflow): equal configs give an equal summary.json
         t[info["split_seed"]] = {role: {k: r.get(k) for k in (
-            "n", "mean_tokens", "mean_loss", "mean_grad_norm", "seconds_per_sample")}
+            "n", "mean_tokens", "mean_loss", "mean_grad_norm")}
             for role, r in info["roles"].items()}
+    doc["units"] = {
+        "n_significant": "distinct cells with q <= alpha and Cohen's d >= min_effect_size",
+        "n_q_significant": "distinct cells with q <= alpha (what the FDR guarantee covers)",
+        "block_means": "mean QK-OV score M over sample pairs, layers and heads (unitless)",
+        "global.ratio": "mean total disruption of B over that of R (unitless)",
+        "tasks.mean_tokens": "tokens per sample (attention mask)",
+        "tasks.mean_loss": "mean per-sample loss (cross-entropy, nats per token for "
+                           "loss_reduction mean)",
+        "tasks.mean_grad_norm": "mean L2 norm of g_i over the attention parameters"}
     m = doc["metrics"]
+    for pair, c in doc["control"].items():
+        m[f"{pair}.control_n_significant"] = c["control_n_significant"]
+    for pair, a in doc["analyses"].items():
+        st = a.get("stability") or {}
+        for key in ("mean_spearman", "mean_jaccard_significant"):
+            if st.get(key) is not None:
+                m[f"{pair}.{key}"] = st[key]
     for pair, a in doc["analyses"].items():
         for seed, r in a["seeds"].items():
             key = f"{pair}.split{seed}"
@@ -65,6 +88,25 @@ def collect(job) -> dict:
                 m[f"{key}.{blk}.n_significant"] = r["n_significant_by_block"].get(blk, 0)
                 m[f"{key}.{blk}.mean_score"] = r["block_means"][blk]
     return doc
+
+
+def control_vs_pair(analyses: dict) -> dict:
+    """pair -> its significant counts beside its negative control's, per split seed."""
+    out = {}
+    for pair, a in analyses.items():
+        if a["arm"] != "main" or f"{pair}.control" not in analyses:
+            continue
+        c = analyses[f"{pair}.control"]
+        seeds = sorted(set(a["seeds"]) & set(c["seeds"]))
+        out[pair] = {
+            "n_cells": a["seeds"][seeds[0]]["n_cells"] if seeds else None,
+            "pair_n_significant": sum(a["seeds"][k]["n_significant"] for k in seeds),
+            "control_n_significant": sum(c["seeds"][k]["n_significant"] for k in seeds),
+            "control_n_q_significant": sum(c["seeds"][k]["n_q_significant"] for k in seeds),
+            "by_seed": {k: {"pair": a["seeds"][k]["n_significant"],
+                            "control": c["seeds"][k]["n_significant"]} for k in seeds},
+            "n_seeds": len(seeds)}
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -86,6 +128,40 @@ def markdown(doc: dict) -> str:
                          f"{r['n_q_significant']} | **{r['n_significant']}** | "
                          + " | ".join(str(by.get(b, 0)) for b in BLOCKS)
                          + f" | {g['ratio']:.3g} ({g['p_value']:.3g}) |")
+    if doc.get("control"):
+        lines += ["", "## Negative control", "",
+                  "The control A vs A' replaces B by held-out samples of A, with the same "
+                  "normaliser and reference; nothing task-specific separates A' from R, so it "
+                  "should flag about no cell. If it flags many, something other than task "
+                  "content (length, scale, the split) drives the pair's cells too.", "",
+                  "| pair | split seeds | pair: significant | control: significant | "
+                  "control: q <= alpha | verdict |", "|---|---|---|---|---|---|"]
+        for pair, c in doc["control"].items():
+            n = c["control_n_significant"]
+            verdict = ("ok: the control flags no cell" if n == 0 else
+                       f"CHECK: the control flags {n} cell(s) over {c['n_seeds']} seed(s)")
+            lines.append(f"| {pair} | {c['n_seeds']} | {c['pair_n_significant']} | {n} | "
+                         f"{c['control_n_q_significant']} | {verdict} |")
+    stab = [(pair, a["stability"]) for pair, a in doc["analyses"].items()
+            if (a.get("stability") or {}).get("n_seeds", 1) > 1]
+    if stab:
+        lines += ["", "## Replication across split seeds", "",
+                  "Spearman rank correlation of the layer x head maps between split seeds "
+                  "(mean over seed pairs), Jaccard overlap of the significant sets, and how many "
+                  "cells all seeds flag (`cells.csv`: `n_seeds_significant`; figure: "
+                  "`figures/stability.png`).", "",
+                  "| analysis | seeds | " + " | ".join(f"rho {b}" for b in BLOCKS)
+                  + " | Jaccard | flagged by all seeds | by at least one |",
+                  "|---|---|" + "---|" * len(BLOCKS) + "---|---|---|"]
+        for pair, st in stab:
+            n = st["n_seeds"]
+            by = st["n_cells_flagged_by"]
+            jac = st.get("mean_jaccard_significant")
+            lines.append(f"| {pair} | {n} | "
+                         + " | ".join(f"{st.get(f'mean_spearman_{b}', float('nan')):.2f}"
+                                      for b in BLOCKS)
+                         + f" | {'n/a' if jac is None or jac != jac else f'{jac:.2f}'} | "
+                         f"{by.get(str(n), 0)} | {sum(v for k, v in by.items() if k != '0')} |")
     lines += ["", "## Mean QK-OV score per block", "",
               "| analysis | split seed | " + " | ".join(BLOCKS) + " |",
               "|---|---|" + "---|" * len(BLOCKS)]

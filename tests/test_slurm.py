@@ -1,0 +1,406 @@
+"""Sharded gradient collection, and the workflow on a REAL single-node SLURM cluster.
+
+Sharding (everywhere, seconds): the shard plan, shards gathered by the library equal one
+collector bitwise (gradients and Fisher), EMA refused, GPU locks, the planned jobs.
+
+SLURM (``@pytest.mark.slurm``; needs root and Debian's slurmctld, slurmd, slurm-client and
+munge, which .ci/run installs; skipped elsewhere, or failed when QKOV_REQUIRE_SLURM=1):
+the test starts munge + slurmctld + slurmd (tests/slurm_cluster.py), then runs, at the
+same time,
+
+- the tiny workflow with 2 shards per task through ``snakemake --executor slurm`` (the
+  profile profiles/slurm, squeue status, a hard ``timeout -s KILL``),
+- the tiny workflow with an invalid value injected (``tasks.math.kwargs.n=5``: too few
+  records) that makes prepare_data raise,
+- (only when no session-wide local tiny run is shared) the tiny workflow locally,
+
+and checks that every job ran as a SLURM job (job ids in .snakemake/slurm_logs, each
+COMPLETED in the job-completion log, SLURM_JOB_ID inside the shard jobs), that the outputs
+equal the local unsharded run's (cells.csv byte for byte, scores, Fisher), that the MLflow
+runs exist (deferred tracking: the local track rule logged the jobs' records), and that
+the failing rule fails the run (FAILED in the job-completion log, non-zero exit, no hang).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import padded_batch, tiny_llama  # noqa: E402
+from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+PROFILE = ROOT / "profiles" / "slurm"
+SHARDS = "++resources.collect.shards=2"   # ++: works whether conf/ has the key or not
+SLURM_TIMEOUT_S = int(os.environ.get("QKOV_SLURM_TIMEOUT_S", "480"))
+ANALYSES = ("math__code", "math__code.control")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for k in [k for k in env if k.startswith("QKOV_")]:
+        env.pop(k)   # the workflow sets its own tracking variables
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _snakemake_cmd(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+# ============================================================================ shard plan
+
+def test_shard_plan_splits_whole_units_contiguously():
+    from qkov_pipeline.stages.gradients import shard_plan
+
+    sizes = {"fisher": 16, "scored": 12, "reference": 12, "control": 12}
+    assert shard_plan(sizes, 1) == [{"fisher": (0, 16), "scored": (0, 12),
+                                     "reference": (0, 12), "control": (0, 12)}]
+    for k in range(1, 12):
+        plan = shard_plan(sizes, k)
+        assert len(plan) == min(k, 8)            # 8 units of <= 8 samples
+        for role, n in sizes.items():            # every sample exactly once, in order
+            ranges = [p[role] for p in plan if role in p]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(a % 8 == 0 for a, _ in ranges)   # whole micro-batch units
+        loads = [sum(b - a for a, b in p.values()) for p in plan]
+        assert min(loads) > 0
+    assert [sum(b - a for a, b in p.values()) for p in shard_plan(sizes, 2)] == [28, 24]
+
+
+def _collect(model, batches, ranges, partials):
+    """What a collect job does: the Fisher one 8-sample unit per call, stored roles whole."""
+    from interference.gradients import FisherCollector
+    from qkov_pipeline.stages.gradients import MICRO_BATCH, take
+
+    fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.02,
+                         fisher_partials=partials)
+    for role in ("fisher", "scored", "reference"):
+        if role not in ranges:
+            continue
+        a, b = ranges[role]
+        calls = [(u, min(u + MICRO_BATCH, b)) for u in range(a, b, MICRO_BATCH)] \
+            if role == "fisher" else [(a, b)]
+        for u, v in calls:
+            fc.collect_fisher(model, take(batches[role], u, v), task="t", mode="mean",
+                              role=role)
+    return fc
+
+
+def test_sharded_collection_equals_one_collector_bitwise(tmp_path):
+    """Shards saved with partial sums and gathered == one collector: every g_i, norm and
+    loss, and the Fisher (float64 sums, counts, ids) bitwise; rows hard-linked."""
+    from interference.gradients import FisherCollector
+    from qkov_pipeline.stages.gradients import shard_plan
+
+    model = tiny_llama()
+    batches = {"fisher": padded_batch(20, 12, 1, "f"), "scored": padded_batch(13, 12, 2, "s"),
+               "reference": padded_batch(9, 12, 3, "r")}
+    sizes = {r: len(b["sample_ids"]) for r, b in batches.items()}
+    one = _collect(model, batches, {r: (0, n) for r, n in sizes.items()}, False)
+    one.save_task("t", tmp_path / "one")
+    ref = FisherCollector.from_saved([tmp_path / "one"])
+    for k in (2, 3, 5):
+        dirs = []
+        for i, ranges in enumerate(shard_plan(sizes, k)):
+            _collect(model, batches, ranges, True).save_task("t", tmp_path / f"{k}.{i}",
+                                                              partial=True)
+            dirs.append(tmp_path / f"{k}.{i}")
+        FisherCollector.gather_saved(dirs, tmp_path / f"g{k}")
+        got = FisherCollector.from_saved([tmp_path / f"g{k}"])
+        fa, fb = ref.fisher.tasks["t"], got.fisher.tasks["t"]
+        assert torch.equal(fa.state, fb.state) and fa.count == fb.count == 20
+        assert fa.sample_ids == fb.sample_ids
+        assert torch.equal(ref.fisher.get("t"), got.fisher.get("t"))
+        sa, sb = ref.gradient_manager, got.gradient_manager
+        for role in ("scored", "reference"):
+            assert sa.ids("t", role) == sb.ids("t", role)
+            for sid in sa.ids("t", role):
+                assert torch.equal(sa.vector("t", sid), sb.vector("t", sid))
+                assert sa.norms[("t", sid)] == sb.norms[("t", sid)]
+                assert sa.losses[("t", sid)] == sb.losses[("t", sid)]
+            assert torch.equal(sa.block("t", sa.ids("t", role), 1, "Q"),
+                               sb.block("t", sb.ids("t", role), 1, "Q"))
+        # rows are hard-linked from the shards, not copied
+        part = next((tmp_path / f"g{k}").rglob("parts/*/t__scored.bin"))
+        assert part.stat().st_nlink == 2
+    # a gathered store saved again is one plain store (parts concatenated)
+    got = FisherCollector.from_saved([tmp_path / "g3"])
+    got.gradient_manager.save(tmp_path / "resaved", meta=got.gradient_manager.meta)
+    from interference.gradients import GradientStore
+
+    again = GradientStore.open(tmp_path / "resaved")
+    assert sorted(p.name for p in (tmp_path / "resaved").glob("*.bin")) == [
+        "t__reference.bin", "t__scored.bin"]
+    for sid in ref.gradient_manager.ids("t", "scored"):
+        assert torch.equal(again.vector("t", sid), ref.gradient_manager.vector("t", sid))
+
+
+def test_ema_fisher_cannot_be_sharded(tmp_path):
+    from interference.gradients import FisherCollector
+    from qkov_pipeline.stages.gradients import planned_shards
+
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        FisherCollector(fisher_partials=True).collect_fisher(
+            tiny_llama(), padded_batch(4, 8, 0, "x"), task="t", mode="ema", role="fisher")
+    fc = FisherCollector(enable_cross_task_analysis=True)
+    fc.collect_fisher(tiny_llama(), padded_batch(4, 8, 0, "x"), task="t", mode="ema",
+                      role="fisher")
+    fc.collect_fisher(tiny_llama(), padded_batch(4, 8, 1, "y"), task="t", mode="ema",
+                      role="scored")
+    fc.save_task("t", tmp_path / "a")
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        FisherCollector.gather_saved([tmp_path / "a"], tmp_path / "g")
+    store_slice = {"fisher": {"mode": "ema"},
+                   "data": {"roles": {"fisher": 16, "scored": 12}}}
+    assert planned_shards(store_slice, 1) == 0
+    with pytest.raises(ValueError, match="fisher.mode=mean"):
+        planned_shards(store_slice, 2)
+
+
+def test_overlapping_shards_are_refused(tmp_path):
+    from interference.gradients import FisherCollector
+
+    model = tiny_llama()
+    batch = padded_batch(8, 8, 0, "x")
+    for name in ("a", "b"):
+        fc = FisherCollector(enable_cross_task_analysis=True, fisher_partials=True)
+        fc.collect_fisher(model, batch, task="t", mode="mean", role="scored")
+        fc.save_task("t", tmp_path / name, partial=True)
+    with pytest.raises(ValueError, match="disjoint"):
+        FisherCollector.gather_saved([tmp_path / "a", tmp_path / "b"], tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+
+
+def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
+    """Two jobs that start together on a 2-GPU host take different GPUs (both asking for
+    GPU 0 first), and a GPU is free again when its job ends."""
+    code = ("import sys, time; from qkov_pipeline.stages.gradients import acquire_gpu; "
+            "k = acquire_gpu(['0', '1'], int(sys.argv[1]), sys.argv[2]); "
+            "print(k, flush=True); time.sleep(float(sys.argv[3]))")
+    env = _env()
+
+    def job(preferred, hold):
+        return subprocess.Popen([sys.executable, "-c", code, str(preferred), str(tmp_path),
+                                 str(hold)], stdout=subprocess.PIPE, text=True, env=env)
+    first = job(0, 3)
+    first_gpu = first.stdout.readline().strip()
+    second = job(0, 0)
+    assert {first_gpu, second.stdout.readline().strip()} == {"0", "1"}
+    second.wait(30)
+    first.wait(30)
+    third = job(1, 0)
+    assert third.stdout.readline().strip() == "1"
+    third.wait(30)
+
+
+def test_shards_are_planned_as_separate_jobs(tmp_path):
+    base = ["-n", "--config", "experiment=tiny"]
+    res = subprocess.run(_snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}]"),
+                         capture_output=True, text=True, timeout=180, env=_env())
+    assert res.returncode == 0, res.stderr
+    counts = _job_counts(res.stdout)
+    assert counts["collect_shard"] == 4 and counts["collect"] == 2, counts
+    res = subprocess.run(_snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}, fisher.mode=ema]"),
+                         capture_output=True, text=True, timeout=180, env=_env())
+    assert res.returncode != 0
+    assert "fisher.mode=mean" in res.stdout + res.stderr
+
+
+# ============================================================================ SLURM
+
+def _require_slurm() -> None:
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("QKOV_REQUIRE_SLURM") == "1":
+            pytest.fail(f"QKOV_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _require_slurm()
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+def _slurm_cmd(workdir: Path, *config: str) -> list[str]:
+    return ["timeout", "-s", "KILL", str(SLURM_TIMEOUT_S), *_snakemake_cmd(
+        workdir, "--workflow-profile", str(PROFILE), "--executor", "slurm", "--jobs", "4",
+        "--default-resources", "slurm_partition=debug", "--slurm-status-command", "squeue",
+        "--slurm-init-seconds-before-status-checks", "1", "--config", *config)]
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(cluster, request, tmp_path_factory):
+    """The SLURM runs (and, if no shared local tiny run exists, the local one), at once."""
+    runs = {"ok": tmp_path_factory.mktemp("slurm-tiny"),
+            "fail": tmp_path_factory.mktemp("slurm-fail")}
+    procs = {
+        "ok": _slurm_cmd(runs["ok"], "experiment=tiny", f"overrides=[{SHARDS}]"),
+        "fail": _slurm_cmd(runs["fail"], "experiment=tiny", "overrides=[tasks.math.kwargs.n=5]"),
+    }
+    try:   # the session's local tiny run, where a conftest shares it
+        local = request.getfixturevalue("tiny_run")["work"]
+    except pytest.FixtureLookupError:
+        local = tmp_path_factory.mktemp("local-tiny")
+        procs["local"] = ["timeout", "-s", "KILL", "900", *_snakemake_cmd(
+            local, "--cores", "2", "--config", "experiment=tiny")]
+    out = {"local": local}
+    t0 = time.time()
+    started = {}
+    for name, cmd in procs.items():
+        log = open(tmp_path_factory.getbasetemp() / f"slurm-{name}.log", "w")
+        started[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          text=True, env=cluster.env(_env())), log)
+    ended = {}
+    while len(ended) < len(started):
+        for name, (proc, _) in started.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.time() - t0
+        time.sleep(0.5)
+    for name, (proc, log) in started.items():
+        log.close()
+        out[name] = {"rc": proc.returncode, "elapsed": ended[name], "work": runs.get(name, local),
+                     "output": Path(log.name).read_text(errors="replace")}
+    out["total_s"] = time.time() - t0
+    if "local" in started and out["local"]["rc"] != 0:
+        pytest.fail(f"the local tiny run failed:\n{out['local']['output'][-5000:]}")
+    out["local"] = local
+    print(f"\nSLURM runs: ok {out['ok']['elapsed']:.0f} s, fail {out['fail']['elapsed']:.0f} s, "
+          f"all {out['total_s']:.0f} s")
+    return out
+
+
+def _slurm_job_ids(work: Path) -> dict[str, str]:
+    """SLURM job id -> rule, from the plugin's per-job logs."""
+    ids = {}
+    for p in (work / ".snakemake" / "slurm_logs").rglob("*.log"):
+        ids[p.stem] = p.relative_to(work / ".snakemake" / "slurm_logs").parts[0][len("rule_"):]
+    return ids
+
+
+@pytest.mark.slurm
+def test_tiny_workflow_runs_as_slurm_jobs(slurm_runs, cluster):
+    run = slurm_runs["ok"]
+    assert run["rc"] == 0, (f"rc {run['rc']} after {run['elapsed']:.0f} s (137 = killed by the "
+                            f"{SLURM_TIMEOUT_S} s timeout):\n{run['output'][-8000:]}\n"
+                            f"{cluster.logs()}")
+    ids = _slurm_job_ids(run["work"])
+    rules = sorted(ids.values())
+    # every job but the local track rule was a SLURM job: 2 shards per task, then gathered
+    assert rules == sorted(["prepare_model"] + ["prepare_data"] * 2 + ["collect_shard"] * 4 +
+                           ["collect"] * 2 + ["scores"] * 2 + ["stats"] * 2 +
+                           ["tables"] * 2 + ["draw_figures"] * 2 + ["summary"]), rules
+    states = cluster.completed_jobs()
+    assert {i: states.get(i) for i in ids} == {i: "COMPLETED" for i in ids}
+    for store in (run["work"] / "results" / "_stores").iterdir():
+        info = json.loads((store / "store.json").read_text())
+        assert info["n_shards"] == 2
+        shard_jobs = [s["device_info"]["slurm_job_id"] for s in info["shards"]]
+        assert len(set(shard_jobs)) == 2 and all(ids.get(j) == "collect_shard"
+                                                 for j in shard_jobs), shard_jobs
+        assert not (store / "shards").exists() or not any((store / "shards").rglob("*.json"))
+    assert "localrule track" in run["output"]
+
+
+@pytest.mark.slurm
+def test_slurm_sharded_outputs_equal_the_local_run(slurm_runs):
+    from safetensors.torch import load_file
+
+    assert slurm_runs["ok"]["rc"] == 0
+    slurm = slurm_runs["ok"]["work"] / "results"
+    local = Path(slurm_runs["local"]) / "results"
+    for pair in ANALYSES:
+        a = (local / "tiny" / "tiny" / pair / "cells.csv").read_bytes()
+        b = (slurm / "tiny" / "tiny" / pair / "cells.csv").read_bytes()
+        assert a == b, f"{pair}/cells.csv differs between the local and the SLURM run"
+        sa = np.load(local / "tiny" / "tiny" / pair / "split0" / "scores.npz")
+        sb = np.load(slurm / "tiny" / "tiny" / pair / "split0" / "scores.npz")
+        assert sorted(sa.files) == sorted(sb.files)
+        for k in sa.files:
+            assert np.array_equal(sa[k], sb[k]), (pair, k)
+        ha = json.loads((local / "tiny" / "tiny" / pair / "split0" / "heatmap.json").read_text())
+        hb = json.loads((slurm / "tiny" / "tiny" / pair / "split0" / "heatmap.json").read_text())
+        for h in (ha, hb):
+            h["meta"].pop("collector_token", None)     # a random id of the scoring run
+        assert ha == hb, pair
+    stores_a = {p.name: p for p in (local / "_stores").iterdir()}
+    stores_b = {p.name: p for p in (slurm / "_stores").iterdir()}
+    assert sorted(stores_a) == sorted(stores_b)      # same store keys: shards are execution
+    for key in stores_a:
+        fa = load_file(str(stores_a[key] / "grads" / "fisher.safetensors"))["state"]
+        fb = load_file(str(stores_b[key] / "grads" / "fisher.safetensors"))["state"]
+        assert torch.equal(fa, fb), key
+        ia = json.loads((stores_a[key] / "store.json").read_text())
+        ib = json.loads((stores_b[key] / "store.json").read_text())
+        for role, entry in ia["roles"].items():
+            for k in ("n", "sample_ids", "mean_loss", "mean_tokens", "grad_norms", "losses"):
+                assert entry.get(k) == ib["roles"][role].get(k), (key, role, k)
+
+
+@pytest.mark.slurm
+def test_mlflow_runs_exist_after_the_slurm_run(slurm_runs):
+    """Deferred tracking: the jobs wrote records only; the local track rule logged them."""
+    from mlflow.tracking import MlflowClient
+
+    assert slurm_runs["ok"]["rc"] == 0
+    results = slurm_runs["ok"]["work"] / "results"
+    tracking = json.loads((results / "tiny" / "tracking.json").read_text())
+    assert tracking["mode"] == "deferred"
+    assert {r["status"] for r in tracking["records"].values()} == {"logged_by_track"}
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("qkov/tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("qkov.kind") == "workflow"]
+    children = [r for r in runs if r.data.tags.get("qkov.kind") == "job"]
+    assert len(parents) == 1
+    assert sorted(r.data.tags["qkov.rule"] for r in children) == sorted(
+        ["prepare_model", "prepare_data", "prepare_data", "collect", "collect", "scores",
+         "scores", "stats", "stats", "tables", "tables", "draw_figures", "draw_figures",
+         "summary"])
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    collect = [r for r in children if r.data.tags["qkov.rule"] == "collect"]
+    assert all(r.data.metrics["shards.n"] == 2 for r in collect)
+    assert all("shard1.time.collect_s" in r.data.metrics for r in collect)
+
+
+@pytest.mark.slurm
+def test_a_failing_rule_fails_the_slurm_run(slurm_runs, cluster):
+    run = slurm_runs["fail"]
+    assert run["rc"] not in (0, 124, 137), f"rc {run['rc']}:\n{run['output'][-5000:]}"
+    assert "Error in rule prepare_data" in run["output"], run["output"][-5000:]
+    ids = _slurm_job_ids(run["work"])
+    states = cluster.completed_jobs()
+    failed = [i for i, rule in ids.items() if states.get(i) == "FAILED"]
+    assert failed and all(ids[i] == "prepare_data" for i in failed), (ids, states)
+    assert not (run["work"] / "results" / "tiny" / "summary.json").exists()
