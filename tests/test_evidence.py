@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -253,6 +252,12 @@ def test_control_runs_beside_every_pair_and_the_summary_counts_its_flags(sweep_r
         md = (sweep_run["results"] / exp / "summary.md").read_text()
         assert "## Negative control" in md and "| math__code | 2 |" in md
         assert any(figs.endswith("heatmap_panel.png") for figs in control["figures"])
+        # the figure that shows the control's count beside the pair's, and its data
+        assert (sweep_run["results"] / exp / "control_vs_pair.png").is_file()
+        bars = pd.read_csv(sweep_run["results"] / exp / "control_vs_pair.csv")
+        assert bars.loc[bars["arm"] == "control", "n_significant"].sum() == c["control_n_significant"]
+        assert bars.loc[bars["arm"] == "pair", "n_significant"].sum() == c["pair_n_significant"]
+        assert "control_vs_pair.png" in md
     # the control's own cells table: B replaced by A' (task_b is A), same cells
     cells = pd.read_csv(sweep_run["control"] / "cells.csv", dtype={"kv_group": str})
     assert set(cells["arm"]) == {"control"} and set(cells["task_b"]) == {"math"}

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -300,7 +299,6 @@ def test_scores_stage_refuses_a_or_b_samples_shared_but_allows_the_control(sweep
     from interference.gradients import FisherCollector
     from qkov_pipeline.stages.scores import check_disjoint_tasks, store_metas
 
-    dirs = sorted((sweep_run["results"] / "_stores").glob("*/grads"))[:2]
     dirs = [d for d in sorted((sweep_run["results"] / "_stores").glob("*/grads"))
             if json.loads((d / "index.json").read_text())["meta"]["data"]["split_seed"] == 0]
     metas = store_metas(dirs)
@@ -484,17 +482,19 @@ def test_kill_9_during_collection_and_scoring_then_rerun_gives_identical_bytes(
     results = work / "results"
     config = ["--config", "experiment=tiny"]
 
-    def collecting(proc):
+    seen = []
+
+    def collecting(proc):   # a gradient job is collecting; its store is not saved
         for log in (results / "logs" / "collect").glob("*.log"):
-            if "g_i stored" in log.read_text(errors="ignore") and \
+            if re.search(r"g_i stored|Fisher only", log.read_text(errors="ignore")) and \
                     not (results / "_stores" / log.stem / "store.json").exists():
+                seen.append(log.stem)
                 return "group"
         return None
 
     killed, out = run_and_kill(work, ["--cores", "2", *config], collecting)
     assert killed == "group", "the gradient job was never seen running:\n" + out[-3000:]
-    stores = list((results / "_stores").glob("*"))
-    assert not all((s / "store.json").is_file() for s in stores) or len(stores) < 2
+    assert not (results / "_stores" / seen[0] / "store.json").exists()
     # the killed Snakemake left its lock: unlock (docs/reliability.md), then rerun; this time
     # kill -9 only a scores job while it computes
     assert run_snakemake(work, "--unlock", *config, timeout=120).returncode == 0

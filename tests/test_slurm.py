@@ -10,8 +10,8 @@ same time,
 
 - the tiny workflow with 2 shards per task through ``snakemake --executor slurm`` (the
   profile profiles/slurm, squeue status, a hard ``timeout -s KILL``),
-- the tiny workflow with an invalid value injected (``tasks.math.kwargs.n=5``: too few
-  records) that makes prepare_data raise,
+- the tiny workflow with an invalid value injected (``model.family=no_such_family``, which
+  the schema allows) that makes the first job, prepare_model, raise,
 - (only when no session-wide local tiny run is shared) the tiny workflow locally,
 
 and checks that every job ran as a SLURM job (job ids in .snakemake/slurm_logs, each
@@ -265,7 +265,8 @@ def slurm_runs(cluster, request, tmp_path_factory):
             "fail": tmp_path_factory.mktemp("slurm-fail")}
     procs = {
         "ok": _slurm_cmd(runs["ok"], "experiment=tiny", f"overrides=[{SHARDS}]"),
-        "fail": _slurm_cmd(runs["fail"], "experiment=tiny", "overrides=[tasks.math.kwargs.n=5]"),
+        "fail": _slurm_cmd(runs["fail"], "experiment=tiny",
+                           "overrides=[model.family=no_such_family]"),
     }
     try:   # the session's local tiny run, where a conftest shares it
         local = request.getfixturevalue("tiny_run")["work"]
@@ -398,9 +399,10 @@ def test_mlflow_runs_exist_after_the_slurm_run(slurm_runs):
 def test_a_failing_rule_fails_the_slurm_run(slurm_runs, cluster):
     run = slurm_runs["fail"]
     assert run["rc"] not in (0, 124, 137), f"rc {run['rc']}:\n{run['output'][-5000:]}"
-    assert "Error in rule prepare_data" in run["output"], run["output"][-5000:]
+    assert "Error in rule prepare_model" in run["output"], run["output"][-5000:]
     ids = _slurm_job_ids(run["work"])
     states = cluster.completed_jobs()
     failed = [i for i, rule in ids.items() if states.get(i) == "FAILED"]
-    assert failed and all(ids[i] == "prepare_data" for i in failed), (ids, states)
-    assert not (run["work"] / "results" / "tiny" / "summary.json").exists()
+    assert failed and all(ids[i] == "prepare_model" for i in failed), (ids, states)
+    assert sorted(ids.values()) == ["prepare_model"]        # nothing ran after it
+    assert not list((run["work"] / "results").glob("_models/*/model.json"))

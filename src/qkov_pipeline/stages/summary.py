@@ -35,7 +35,8 @@ def collect(job) -> dict:
                                               "task_b": sm["task_b"], "model": sm["model"],
                                               "seeds": {}})
         a["seeds"][seed] = {k: sm.get(k) for k in (
-            "n_cells", "n_q_significant", "n_significant", "n_significant_by_block",
+            "n_cells", "n_cells_by_block", "n_q_significant", "n_significant",
+            "n_significant_by_block",
             "n_q_significant_by_block", "block_means", "global", "min_pvalue",
             "n_permutations", "exact", "fdr_alpha", "min_effect_size", "n_a", "n_b", "n_r",
             "warnings", "test")}
@@ -179,6 +180,9 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {task} | {seed} | {role} | {r['n']} | {r['mean_tokens']:.1f} | "
                              f"{r['mean_loss']:.4f} | {norm} |")
     lines += ["", "## Files", ""]
+    if doc.get("figures"):
+        lines.append("- negative control beside each pair: "
+                     + ", ".join(f"`{f}`" for f in doc["figures"]))
     for pair, a in doc["analyses"].items():
         lines.append(f"- `{pair}`: `{a.get('cells_csv')}`; figures: "
                      + ", ".join(f"`{f}`" for f in a.get("figures", []) if f.endswith(".png")))
@@ -189,10 +193,62 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def control_figure(doc: dict, out_dir: Path) -> list[Path]:
+    """``control_vs_pair.{png,csv}``: per pair, significant cells per block (summed over split
+    seeds) of the pair and of its negative control, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    from interference.figures import style
+
+    rows = []
+    for pair, c in doc["control"].items():
+        for arm, name in (("pair", pair), ("control", f"{pair}.control")):
+            seeds = doc["analyses"][name]["seeds"]
+            for blk in BLOCKS:
+                rows.append({"pair": pair, "arm": arm, "block": blk, "n_seeds": len(seeds),
+                             "n_cells": sum((r.get("n_cells_by_block") or {}).get(blk, 0)
+                                            for r in seeds.values()),
+                             "n_significant": sum(r["n_significant_by_block"].get(blk, 0)
+                                                  for r in seeds.values()),
+                             "n_q_significant": sum(r["n_q_significant_by_block"].get(blk, 0)
+                                                    for r in seeds.values())})
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    pairs = list(doc["control"])
+    with style.context():
+        fig, axes = style.new_figure(3.2 * len(pairs), 2.4, ncols=len(pairs), squeeze=False)
+        for ax, pair in zip(axes[0], pairs):
+            sub = table[table["pair"] == pair]
+            x = np.arange(len(BLOCKS))
+            for k, (arm, colour) in enumerate((("pair", style.OKABE_ITO[0]),
+                                               ("control", style.OKABE_ITO[1]))):
+                vals = sub[sub["arm"] == arm].set_index("block").loc[list(BLOCKS), "n_significant"]
+                bars = ax.bar(x + (k - 0.5) * 0.38, vals.to_numpy(), 0.38, color=colour,
+                              label="A vs B" if arm == "pair" else "control A vs A'")
+                ax.bar_label(bars, fontsize=6)
+            n_seeds = int(sub["n_seeds"].iloc[0])
+            cells = sub[sub["arm"] == "pair"].set_index("block").loc[list(BLOCKS), "n_cells"]
+            ax.set_xticks(x, [f"{b}\n{int(n) // max(n_seeds, 1)} cells" for b, n in
+                              zip(BLOCKS, cells)])
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("significant cells" + (f" (sum of {n_seeds} seeds)" if n_seeds > 1 else ""))
+            ax.set_title(pair.replace("__", " vs "))
+            ax.legend(frameon=False)
+        paths = style.save_figure(fig, out_dir / "control_vs_pair", formats=("png",))
+    paths.append(style.write_csv(out_dir / "control_vs_pair.csv", table))
+    return paths
+
+
 def run(job) -> None:
     from interference.results import atomic_path, write_json
 
     doc = collect(job)
+    doc["figures"] = [str(p) for p in control_figure(doc, Path(job.output.json).parent)]
     write_json(job.output.json, doc)
     with atomic_path(job.output.md) as tmp:
         tmp.write_text(markdown(doc))
@@ -204,3 +260,5 @@ def run(job) -> None:
                         seed, r["n_significant"], r["n_cells"], r["n_q_significant"])
     job.artifact(job.output.md)
     job.artifact(job.output.json)
+    for f in doc["figures"]:
+        job.artifact(f, "figures")
