@@ -101,8 +101,6 @@ def test_unknown_architecture_names_the_patterns_and_the_fix():
     assert "register_layout" in msg and "_build_param_patterns" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="qkov_pipeline/stages/model.py writes hf/ before "
-                   "describe() fails; fix: call describe() before save() (lead's file)")
 def test_unknown_architecture_in_the_workflow_leaves_no_model_folder(tmp_path):
     """prepare_model on a local folder of an unregistered architecture fails with the seed's
     error and leaves nothing in its output folder (Snakemake removes the declared outputs;

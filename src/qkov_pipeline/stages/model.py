@@ -154,9 +154,9 @@ def run(job) -> None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
+    info = describe(model, tokenizer, mcfg)   # an unknown layout fails here, before any output
     with job.timed("save"):
         save(model, tokenizer, hf)
-    info = describe(model, tokenizer, mcfg)
     info.update(source=mcfg["source"], name=mcfg["name"], config_hash=job.config_hash)
     logger.info("model %s: %s, %d layers, %d heads, %d kv heads, head_dim %d, %d attention "
                 "parameters (%.1f MB per float32 gradient)", mcfg["name"], info["class"],
