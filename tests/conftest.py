@@ -99,3 +99,17 @@ def tiny_run(tmp_path_factory):
     return {"work": work, "results": results, "elapsed": elapsed, "stdout": res.stdout,
             "stderr": res.stderr, "pair": results / "tiny" / "tiny" / "math__code",
             "control": results / "tiny" / "tiny" / "math__code.control"}
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a Snakemake (dry) run's output."""
+    import re
+
+    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        counts[m.group(1)] = int(m.group(2))
+    return counts

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_workflow
+from conftest import job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -38,16 +39,6 @@ NEW_STORES = ("samples_32", "samples_96", "max_length_64", "max_length_256",
               "model_qwen2_0_5b")
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """Rule -> count from the 'Job stats' table of a (dry) run's output."""
-    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 def _ok(res):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -52,15 +53,6 @@ def run_snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess
                           timeout=timeout, env=smk_env())
 
 
-def job_counts(output: str) -> dict[str, int]:
-    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 _RUNS: dict[str, dict] = {}

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import padded_batch, tiny_llama  # noqa: E402
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from conftest import job_counts as _job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
@@ -61,15 +62,6 @@ def _snakemake_cmd(workdir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
 
 
-def _job_counts(output: str) -> dict[str, int]:
-    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 # ============================================================================ shard plan

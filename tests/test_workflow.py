@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
@@ -42,16 +43,6 @@ def snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.Com
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
-def job_counts(output: str) -> dict[str, int]:
-    """Rule -> count from the 'Job stats' table of a (dry) run."""
-    block = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        counts[m.group(1)] = int(m.group(2))
-    return counts
 
 
 # ----------------------------------------------------------------------------- no run
