@@ -5,8 +5,10 @@ gradients resident on the device; forming C_i / D and |g_j| is included.
     python benchmarks/bench_scoring.py --device cuda            # the B1 target (GPU)
     python benchmarks/bench_scoring.py --device cpu --n 16      # CPU, smaller n
 
-Prints one JSON line: our time, the memory-bandwidth floor, the original algorithm's
-per-pair time measured on the CPU on the same inputs and its extrapolation to n x n.
+Prints one JSON line: the time of each contraction path (the fused Triton kernel at each
+precision, the unfused torch path in float32 and TF32), each one's error against a float64
+computation of the same map, the memory-bandwidth floor, and the original algorithm's
+per-pair time measured on the CPU on the same inputs with its extrapolation to n x n.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_baseline import original_pairwise_scores  # noqa: E402
 
-from interference.scores.metric import head_contraction  # noqa: E402
+from interference.scores.contraction import contract, triton_available  # noqa: E402
 
 
 def make_inputs(n, layers, heads, head_dim, device, seed=0):
@@ -37,13 +39,19 @@ def make_inputs(n, layers, heads, head_dim, device, seed=0):
     return ga, gb, fisher
 
 
-def ours(ga, gb, fisher, eps=1e-10, lam=1e-8):
-    """The library's contraction: per (layer, block) einsum('ahs,bhs->abh')."""
+def ours(ga, gb, fisher, eps=1e-10, lam=1e-8, backend="auto", precision="tf32x3",
+         dtype=torch.float32):
+    """The library's contraction per (layer, block): Σ_s g_a² / D · |g_b| -> [L·4, a, b, H].
+    dtype float64: the reference (torch path, float64 throughout)."""
     out = []
     for layer in range(ga.shape[0]):
         for b in range(4):
-            d = fisher[layer, b].clamp_min(eps) + lam
-            out.append(head_contraction(ga[layer, b].square() / d, gb[layer, b].abs()))
+            w = (fisher[layer, b].to(dtype).clamp_min(eps) + lam).reciprocal()
+            out.append(contract(ga[layer, b].to(dtype), gb[layer, b].to(dtype), w,
+                                backend=backend, precision=precision)
+                       if dtype == torch.float32 else
+                       torch.einsum("ahs,hs,bhs->abh", ga[layer, b].to(dtype).square(), w,
+                                    gb[layer, b].to(dtype).abs()))
     return torch.stack(out)
 
 
@@ -76,15 +84,27 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--baseline-pairs", type=int, default=2)
-    ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="measured device copy bandwidth (GB/s, read+write) for the floor")
     args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     L, H, dh, n = args.layers, args.heads, args.head_dim, args.n
     ga, gb, fisher = make_inputs(n, L, H, dh, args.device)
     P = L * 4 * H * dh * H * dh
-    t_ours = timed(lambda: ours(ga, gb, fisher), args.device)
+    paths = {"torch_fp32": ("torch", "ieee", False), "torch_tf32": ("torch", "ieee", True)}
+    if triton_available(torch.device(args.device)):
+        paths.update({f"triton_{p}": ("triton", p, False) for p in ("tf32x3", "ieee", "tf32")})
+    ref = ours(ga[:, :, :8], gb, fisher, dtype=torch.float64)   # 8 x n rows: a float64 check
+    times, errors = {}, {}
+    for name, (backend, precision, tf32) in paths.items():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        times[name] = timed(lambda: ours(ga, gb, fisher, backend=backend, precision=precision),
+                            args.device)
+        got = ours(ga[:, :, :8], gb, fisher, backend=backend, precision=precision).double()
+        errors[name] = float(((got - ref).abs().amax(dim=(1, 2, 3)) /
+                              ref.abs().amax(dim=(1, 2, 3))).max())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    default = "triton_tf32x3" if "triton_tf32x3" in times else "torch_fp32"
+    t_ours = times[default]
 
     # bandwidth: a device-to-device copy of the operands
     if args.bandwidth_gbs is None:
@@ -111,7 +131,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     base = original_pairwise_scores(A, B, fdict, L, H, dh)
     t_pair = (time.perf_counter() - t0) / (k * 1)
-    res = ours(ga[:, :, :k], gb[:, :, :1], fisher).cpu()
+    res = ours(ga[:, :, :k], gb[:, :, :1], fisher, backend="torch").cpu()
     err = max(abs(res[l * 4 + b, i, 0, h].item() - base[(i, 0, l, h, Bk)]) /
               abs(base[(i, 0, l, h, Bk)]) for i in range(k) for l in range(L)
               for b, Bk in enumerate("QKVO") for h in range(H))
@@ -119,7 +139,8 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
     print(json.dumps({
         "benchmark": "B1 scoring", "device": dev_name, "n": n, "attention_weights": P,
-        "tf32": args.tf32, "ours_s": t_ours, "bandwidth_GBps": bw, "floor_s": floor,
+        "default_path": default, "ours_s": t_ours, "times_s": times,
+        "max_rel_err_vs_float64": errors, "bandwidth_GBps": bw, "floor_s": floor,
         "ours_over_floor": t_ours / floor, "baseline_per_pair_s": t_pair,
         "baseline_extrapolated_s": t_base, "speedup": t_base / t_ours,
         "max_rel_err_vs_baseline": err, "torch": torch.__version__}))

@@ -8,8 +8,10 @@ gradient storage. Prints one JSON line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import padded_batch, tiny_gpt2, tiny_llama  # noqa: E402
 
 from interference.architectures import QKOVConfig  # noqa: E402
+from interference.gradients import per_sample  # noqa: E402
 from interference.gradients import FisherCollector  # noqa: E402
 from interference.scores import QKOVInterferenceMetric  # noqa: E402
 
 
-def run(model, device, engine, store_dtype="float32"):
-    model = model.to(device)
+def run(model, device, engine, store_dtype="float32", backend="auto", dtype=torch.float32):
+    model = model.to(device, dtype)
     fc = FisherCollector(enable_cross_task_analysis=True, config=QKOVConfig.from_model(model),
                          engine=engine, store_dtype=store_dtype)
     fc.collect_fisher(model, padded_batch(8, 24, 1, "a:f"), task="a", mode="mean", role="fisher")
     fc.collect_fisher(model, padded_batch(8, 24, 2, "b:f"), task="b", mode="mean", role="fisher")
     fc.collect_fisher(model, padded_batch(6, 24, 3, "a:s"), task="a", mode="mean", role="scored")
     fc.collect_fisher(model, padded_batch(6, 24, 4, "b:s"), task="b", mode="mean", role="scored")
-    return QKOVInterferenceMetric(fc.config, fc, ridge_lambda=1e-14, device=device
-                                  ).compute_heatmap("a", "b")
+    return QKOVInterferenceMetric(fc.config, fc, ridge_lambda=1e-14, device=device,
+                                  backend=backend).compute_heatmap("a", "b")
 
 
 def rel(h1, h2):
@@ -46,8 +49,16 @@ def main():
         ref = run(make(), "cpu", "loop")
         out[f"{name}_hooks_cuda_vs_loop_cpu"] = rel(run(make(), "cuda", "hooks"), ref)
         out[f"{name}_loop_cuda_vs_loop_cpu"] = rel(run(make(), "cuda", "loop"), ref)
+        out[f"{name}_triton_vs_torch_cuda"] = rel(run(make(), "cuda", "hooks", backend="triton"),
+                                                  run(make(), "cuda", "hooks", backend="torch"))
         for dt in ("bfloat16", "float16"):
             out[f"{name}_store_{dt}_rel_err"] = rel(run(make(), "cpu", "loop", dt), ref)
+        # a bfloat16 model: per-sample sums formed with TF32 (exact for bf16 inputs) vs
+        # full float32 matmuls
+        tf32 = run(make(), "cuda", "hooks", dtype=torch.bfloat16)
+        with mock.patch.object(per_sample, "_tf32_if_exact", lambda *a: contextlib.nullcontext()):
+            fp32 = run(make(), "cuda", "hooks", dtype=torch.bfloat16)
+        out[f"{name}_bf16_model_tf32_vs_fp32_sums"] = rel(tf32, fp32)
     print(json.dumps(out))
 
 

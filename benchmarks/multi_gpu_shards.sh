@@ -7,6 +7,8 @@
 #
 #   benchmarks/multi_gpu_shards.sh [WORKDIR]          # default: a fresh temporary folder
 #   GPUS=4 SHARDS=4 benchmarks/multi_gpu_shards.sh    # other sizes
+#   PY=python3 OVERRIDES=", ++tracking.mode=off" SMK_ARGS="--scheduler greedy" \
+#       benchmarks/multi_gpu_shards.sh                # a machine without MLflow or PuLP
 #
 # Needs: the project's .venv with a CUDA build of torch, and >= GPUS visible GPUs.
 set -euo pipefail
@@ -16,6 +18,8 @@ GPUS=${GPUS:-2}
 SHARDS=${SHARDS:-2}
 WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/qkov-multi-gpu.XXXXXX")}
 PY=${PY:-$ROOT/.venv/bin/python}
+OVERRIDES=${OVERRIDES:-}
+SMK_ARGS=${SMK_ARGS:-}
 mkdir -p "$WORK"
 
 "$PY" - "$GPUS" <<'PYEOF'
@@ -30,8 +34,8 @@ PYEOF
 echo "workflow in $WORK"
 t0=$(date +%s)
 PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m snakemake -s "$ROOT/Snakefile" -d "$WORK" \
-    --cores "$((2 * GPUS + 2))" --resources gpu="$GPUS" --config experiment=tiny \
-    overrides="[++resources.collect.shards=$SHARDS, resources.collect.gpu=1, resources.collect.device=cuda]" \
+    --cores "$((2 * GPUS + 2))" --resources gpu="$GPUS" $SMK_ARGS --config experiment=tiny \
+    overrides="[++resources.collect.shards=$SHARDS, resources.collect.gpu=1, resources.collect.device=cuda$OVERRIDES]" \
     > "$WORK/snakemake.log" 2>&1 || { tail -n 60 "$WORK/snakemake.log"; exit 1; }
 echo "workflow done in $(( $(date +%s) - t0 )) s (log: $WORK/snakemake.log)"
 

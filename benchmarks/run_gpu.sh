@@ -8,8 +8,7 @@ OUT=${OUT:-benchmarks/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python3 benchmarks/check_cuda.py | tee -a "$OUT/gpu.jsonl"
 python3 benchmarks/bench_scoring.py --device cuda --n 100 --baseline-pairs 1 | tee -a "$OUT/gpu.jsonl"
-python3 benchmarks/bench_scoring.py --device cuda --n 100 --tf32 --baseline-pairs 1 | tee -a "$OUT/gpu.jsonl"
-python3 benchmarks/bench_gradients.py --device cuda --dtype bfloat16 --n 64 --batch 16 --engines hooks,loop | tee -a "$OUT/gpu.jsonl"
+python3 benchmarks/bench_gradients.py --device cuda --dtype bfloat16 --n 128 --batch 16 --engines hooks | tee -a "$OUT/gpu.jsonl"
 python3 benchmarks/bench_gradients.py --device cuda --dtype float32 --n 64 --batch 16 --engines hooks | tee -a "$OUT/gpu.jsonl"
 if [ -f benchmarks/bench_stats.py ]; then python3 benchmarks/bench_stats.py | tee -a "$OUT/gpu.jsonl"; fi
 if [ "${B2:-}" = "rehearsal" ]; then python3 benchmarks/bench_7b.py --layers 4 | tee -a "$OUT/gpu.jsonl"; fi

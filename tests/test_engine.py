@@ -8,6 +8,7 @@ import torch
 from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
 from interference.scores import QKOVInterferenceMetric
+from interference.scores.contraction import triton_available
 
 from conftest import padded_batch, tiny_gpt2, tiny_llama
 from reference import brute_grads, brute_scores, fisher_mean
@@ -56,10 +57,16 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_heatmap_matches_float64_brute_force(family_run, opts):
+def test_heatmap_matches_float64_brute_force(family_run, opts, backend):
+    """Both contraction backends (the fused Triton kernel runs in Triton's interpreter on a
+    machine without a GPU) against the float64 brute force."""
     family, dims, model, fc, cfg, ref, fisher = family_run
-    metric = QKOVInterferenceMetric(cfg, fc, **opts)
+    if backend == "triton" and not triton_available(torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("triton is not installed")
+    metric = QKOVInterferenceMetric(cfg, fc, backend=backend, precision="tf32x3", **opts)
     heat = metric.compute_heatmap("math", "code")
     src = opts.get("fisher_source", "pooled")
     F = {"pooled": {n: (fisher["math"][n] + fisher["code"][n]) / 2 for n in fisher["math"]},

@@ -399,31 +399,20 @@ IGNORED = ("logs/", "benchmarks/", "mlflow.db", "mlartifacts/")
 VOLATILE = ("store.json", "tracking.json")   # timings and run ids inside
 
 
-def _safetensors_bytes(data: bytes) -> bytes:
-    """The file with its JSON header's keys sorted: safetensors writes the ``__metadata__``
-    map in a per-process random order (a Rust HashMap), so two saves of equal tensors and
-    equal metadata can differ in header byte order only."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True).encode()
-    return header + data[8 + n:]
-
-
 def comparable(root: Path) -> dict[str, str]:
     """Relative path -> SHA-256 of every result file that must not change between two runs
     of one config: data, stores, scores, tables, stats, figures' data, resolved configs,
     PNGs. Excluded: logs, benchmarks, MLflow records and store, store.json / tracking.json
     (timings, run ids), PDFs (creation dates) and Snakemake's / the lock's hidden files.
-    Safetensors headers are compared with sorted keys (see _safetensors_bytes)."""
+    Safetensors files are compared byte for byte (fisher.safetensors keeps its metadata in
+    one key, so the header order cannot vary between processes)."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
         if (not p.is_file() or rel.startswith(IGNORED) or p.name.startswith(("mlflow.", "."))
                 or p.name in VOLATILE or p.suffix == ".pdf"):
             continue
-        data = p.read_bytes()
-        if p.suffix == ".safetensors":
-            data = _safetensors_bytes(data)
-        out[rel] = hashlib.sha256(data).hexdigest()
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 

@@ -44,6 +44,48 @@ def make_scores(rng, n_a, n_j, n_layers, kv_head_of, scale=1.0, blocks="QKVO"):
 
 # ------------------------------------------------------ p-values vs scipy
 @pytest.mark.parametrize("alternative", ["greater", "less"])
+def test_kept_null_of_top_cells_equals_scipy_null_distribution(alternative):
+    """keep_null_top: the T* samples of the k most extreme cells are scipy's exact null
+    distribution of those cells (as multisets), and they reproduce the p-values."""
+    rng = np.random.default_rng(3)
+    xb = rng.normal(0.0, 1.0, (5, 7)) + np.linspace(-1, 1, 7)
+    xr = rng.normal(0.0, 1.0, (4, 7))
+    xb[:, 2] = xr[0, 2] = 1.0
+    xr[1:, 2] = 1.0                                       # a constant cell: never "top"
+    res = qs.permutation_test_matrix(xb, xr, alternative=alternative, n_permutations=10_000,
+                                     keep_null_top=3)
+    ref = sps.permutation_test((xb, xr), welch_stat, permutation_type="independent",
+                               alternative=alternative, n_resamples=10_000, vectorized=True,
+                               axis=0)
+    key = ref.statistic if alternative == "greater" else -ref.statistic
+    want_cols = [c for c in np.argsort(-key, kind="stable") if c != 2][:3]
+    assert list(res.null_top_columns) == want_cols
+    assert res.null_top.shape == (3, math.comb(9, 5))
+    for row, c in zip(res.null_top, res.null_top_columns):
+        np.testing.assert_allclose(np.sort(row), np.sort(ref.null_distribution[:, c]),
+                                   rtol=1e-10, atol=1e-12)
+        tol = 1e-12 * abs(res.statistic[c])
+        extreme = row >= res.statistic[c] - tol if alternative == "greater" else \
+            row <= res.statistic[c] + tol
+        assert extreme.mean() == pytest.approx(res.pvalue[c], abs=1e-12)
+    assert qs.permutation_test_matrix(xb, xr).null_top.shape == (0, 0)
+
+
+def test_statistics_return_the_named_null_of_the_top_cells():
+    rng = np.random.default_rng(4)
+    kv = [0, 0, 1, 1]
+    sb, sr = make_scores(rng, 5, 8, 2, kv, scale=1.5), make_scores(rng, 5, 8, 2, kv)
+    out = QKOVStatistics(n_permutations=2000, n_bootstrap=0, n_null_top=4).test_scores(
+        sb, sr, [0, 1], [0, 1, 2, 3], kv)
+    nt, cells = out["null_top"], out["cells"]
+    assert nt["null"].shape == (4, 2000) and len(nt["cells"]) == 4
+    top = cells.sort_values("statistic", ascending=False, kind="stable").head(4)
+    assert list(nt["cells"]) == list(top["name"])
+    np.testing.assert_allclose(nt["statistic"], top["statistic"])
+    np.testing.assert_allclose(nt["null"].mean(axis=1), top["null_mean"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less"])
 @pytest.mark.parametrize("statistic", ["welch", "mean_diff"])
 def test_pvalues_exact_equal_scipy(alternative, statistic):
     rng = np.random.default_rng(0)

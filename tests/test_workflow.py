@@ -122,6 +122,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         for f in ("cells.csv", "stability.json", "config.tables.yaml", "split0/heatmap.json",
                   "split0/scores.npz", "split0/cells.csv", "split0/stats.json",
                   "split0/config.scores.yaml", "split0/config.stats.yaml",
+                  "split0/null_top.npz", "figures/null_top.png",
                   "figures/figures.json", "figures/heatmap_Q.png", "figures/heatmap_Q.pdf",
                   "figures/block_comparison.png", "figures/heatmap_panel.png",
                   "figures/top_conflicts.csv"):

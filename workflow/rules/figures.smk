@@ -15,6 +15,7 @@ rule draw_figures:
         heatmap=lambda wc: PLAN.seed_files(wc, "heatmap.json")[0],
         cells=f"{R}/{{exp}}/{{model}}/{{pair}}/cells.csv",
         stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
+        null_top=lambda wc: PLAN.seed_files(wc, "null_top.npz")[0],
         data=lambda wc: [f"{R}/_data/{k}/manifest.json" for k in PLAN.analysis_data(
             wc.exp, wc.model, wc.pair, PLAN.analysis(wc.exp, wc.model, wc.pair)["seeds"][0]).values()],
     output:
@@ -33,6 +34,8 @@ rule draw_figures:
                                    ("Sample-pair forensics", "most conflicting sample pairs")),
         pvalues=qf.figure_report(R, "pvalue_histogram.png", "pvalues",
                                  ("Diagnostics", "p-value histogram")),
+        null_top=qf.figure_report(R, "null_top.png", "null_top",
+                                  ("Diagnostics", "permutation null of the top cells")),
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_figures.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_figures.json",
     params:

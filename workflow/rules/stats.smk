@@ -9,6 +9,7 @@ rule stats:
     output:
         cells=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/cells.csv",
         stats=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/stats.json",
+        null_top=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/null_top.npz",
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/config.stats.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/mlflow.stats.json",
     params:

@@ -153,7 +153,7 @@ class QKOVIndexer:
 
     # -- extension point of the seed --------------------------------------------------
     def _build_param_patterns(self) -> dict[str, dict[str, str]]:
-        """Layout name -> block -> regex over module paths (layer id = group 1).
+        r"""Layout name -> block -> regex over module paths (layer id = group 1).
 
         Override in a subclass to extend: a new name with q/k/v row and o column modules
         becomes a split-projection adapter, e.g.

@@ -292,8 +292,7 @@ class FisherCollector:
                                      f"{directories[0]}")
                 self._store.merge(store)
             tensors = load_file(str(d / "fisher.safetensors"))
-            with safe_open(str(d / "fisher.safetensors"), "pt") as sf:
-                md = sf.metadata()
+            md = _fisher_metadata(d / "fisher.safetensors")
             tf = TaskFisher(store.size, md["mode"], float(md["beta"]))
             tf.state, tf.steps, tf.count = tensors["state"], int(md["steps"]), int(md["count"])
             tf.sample_ids = json.loads(md["sample_ids"])
@@ -325,8 +324,8 @@ class FisherCollector:
             elif desc != described:
                 raise ValueError(f"{d} was collected with another model or config than "
                                  f"{directories[0]}")
+            md = _fisher_metadata(d / "fisher.safetensors")
             with safe_open(str(d / "fisher.safetensors"), "pt") as sf:
-                md = sf.metadata()
                 if md["mode"] != "mean":
                     raise ValueError(
                         f"{d}: Fisher mode {md['mode']!r} cannot be sharded: the EMA depends "
@@ -398,8 +397,17 @@ def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> Non
             tensors[f"partial.{k}"] = t.contiguous()
         metadata["partial_counts"] = json.dumps([n for _, n in tf.partials])
     tmp = path.parent / f".{path.name}.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
+    # one metadata key holding sorted JSON: safetensors writes several keys in a
+    # per-process hash order, so equal Fisher states would differ in their bytes
+    save_file(tensors, str(tmp), metadata={"qkov": json.dumps(metadata, sort_keys=True)})
     os.replace(tmp, path)
+
+
+def _fisher_metadata(path: Path) -> dict[str, str]:
+    """The metadata written by :func:`_save_fisher` (also the older one-key-per-field form)."""
+    with safe_open(str(path), "pt") as sf:
+        md = sf.metadata() or {}
+    return json.loads(md["qkov"]) if "qkov" in md else md
 
 
 class _EmptyStore:

@@ -95,6 +95,24 @@ def _right_pad(sample_list: list[dict], device) -> dict:
             "attention_mask": mask.to(device)}
 
 
+@contextlib.contextmanager
+def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
+    """Allow TF32 tensor-core matmuls while forming Σ_t δ_t x_tᵀ from bfloat16/float16
+    activations: every such value is exact in TF32 (8-bit exponent, 10-bit mantissa), so the
+    products are exact and the sum accumulates in float32 as before, at tensor-core speed
+    (B3 in benchmarks/RESULTS.md). Float32 models keep full float32 matmuls."""
+    low = (torch.bfloat16, torch.float16)
+    if not (cuda and x_dtype in low and d_dtype in low):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 class _HookCapture:
     """Forward hooks on the attention modules that form per-sample weight (and bias)
     gradients [n, *param.shape] in float32 from x and δ."""
@@ -119,8 +137,9 @@ class _HookCapture:
                 xf, df = x.float(), delta.detach().float()
                 if "weight" in self.by_module[path]:
                     eq = "nti,nto->nio" if conv1d else "nto,nti->noi"
-                    self.grads[f"{path}.weight"] = torch.einsum(eq, xf, df) if conv1d \
-                        else torch.einsum(eq, df, xf)
+                    with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
+                        self.grads[f"{path}.weight"] = torch.einsum(eq, xf, df) if conv1d \
+                            else torch.einsum(eq, df, xf)
                 if "bias" in self.by_module[path]:
                     self.grads[f"{path}.bias"] = df.sum(1)
             output.register_hook(bwd)

@@ -19,7 +19,7 @@ mirrored for the lower tail.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations, islice
 from typing import Iterator
 
@@ -39,7 +39,8 @@ class PermutationResult:
     (C(n_b + n_r, n_b) when exact); exact: whether all relabellings were enumerated;
     alternative: 'greater' or 'less'; statistic_name: 'welch' or 'mean_diff';
     min_pvalue: the smallest p-value this N can give; constant: columns with no variation
-    (T = 0, p = 1)."""
+    (T = 0, p = 1); null_top_columns [k] and null_top [k, N]: the permutation samples T* of
+    the k columns with the most extreme observed T (``keep_null_top=k``; empty otherwise)."""
 
     statistic: np.ndarray
     pvalue: np.ndarray
@@ -51,6 +52,8 @@ class PermutationResult:
     statistic_name: str
     min_pvalue: float
     constant: np.ndarray
+    null_top_columns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    null_top: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 class _GroupStatistic:
@@ -140,8 +143,8 @@ def default_batch_size(m: int) -> int:
 def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
                             alternative: str = "greater", n_permutations: int = 10_000,
                             seed=0, batch_size: int | None = None,
-                            tol_factor: float = 100.0,
-                            progress: bool = False) -> PermutationResult:
+                            tol_factor: float = 100.0, progress: bool = False,
+                            keep_null_top: int = 0) -> PermutationResult:
     """Column-wise two-sample permutation test with one shared set of permutations.
 
     Parameters
@@ -156,6 +159,9 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     batch_size : permutations per GEMM batch (default: about 2^21 / m).
     tol_factor : tolerance multiplier, tol_c = tol_factor * eps * |T_c|.
     progress : show a tqdm progress bar over batches.
+    keep_null_top : keep the permutation samples T* of this many columns, those with the
+        most extreme observed T in the direction of ``alternative`` (constant ones last),
+        for the null-distribution figure; [k, N] float64.
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; expected one of {STATISTICS}")
@@ -227,12 +233,17 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
         except ImportError:  # pragma: no cover - tqdm is optional
             bar = None
 
+    k_top = min(max(int(keep_null_top), 0), m)
+    top_cols = np.lexsort((-(sign * t_obs), constant))[:k_top]   # non-constant first
+    kept: list[np.ndarray] = []
     count = np.zeros(m, dtype=np.int64)
     shift = t_obs.copy()                  # shifted sums for a stable null variance
     s1 = np.zeros(m)
     s2 = np.zeros(m)
     for masks in batches:
         t = stat(masks)
+        if k_top:
+            kept.append(t[:, top_cols].T.copy())
         if sign > 0:
             count += np.count_nonzero(t >= threshold, axis=0)
         else:
@@ -255,8 +266,10 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     mean_dev = s1 / n_used
     null_mean = shift + mean_dev
     null_var = np.maximum(s2 / n_used - mean_dev ** 2, 0.0) * (n_used / max(n_used - 1, 1))
+    null_top = np.concatenate(kept, axis=1) if kept else np.zeros((k_top, 0))
     return PermutationResult(statistic=t_obs, pvalue=pvalue, null_mean=null_mean,
                              null_sd=np.sqrt(null_var), n_permutations=int(n_used),
                              exact=bool(exact), alternative=alternative,
                              statistic_name=statistic, min_pvalue=float(min_p),
-                             constant=constant)
+                             constant=constant, null_top_columns=top_cols.astype(np.int64),
+                             null_top=null_top)

@@ -90,6 +90,8 @@ class QKOVStatistics:
     batch_size : permutations per GEMM batch (None: about 2^21 / m).
     progress : tqdm progress bar over permutation batches.
     kv_rtol : relative tolerance for the check that the K/V columns of a kv group agree.
+    n_null_top : keep the permutation samples T* of this many top cells (``out["null_top"]``:
+        columns, null [k, N], statistic, cells), for the null-distribution figure.
     """
 
     def __init__(self, fdr_alpha: float = 0.05, n_permutations: int | None = None,
@@ -97,7 +99,7 @@ class QKOVStatistics:
                  statistic: str = "welch", disruption_norm: str = "share",
                  fdr_family: str = "all", ci_level: float = 0.95, tol_factor: float = 100.0,
                  batch_size: int | None = None, progress: bool = False,
-                 kv_rtol: float = 1e-6):
+                 kv_rtol: float = 1e-6, n_null_top: int = 0):
         if not 0 < float(fdr_alpha) < 1:
             raise ValueError(f"fdr_alpha must be in (0, 1), got {fdr_alpha}")
         if n_permutations is not None and int(n_permutations) < 1:
@@ -127,6 +129,9 @@ class QKOVStatistics:
         self.batch_size = batch_size
         self.progress = bool(progress)
         self.kv_rtol = float(kv_rtol)
+        if int(n_null_top) < 0:
+            raise ValueError(f"n_null_top must be >= 0, got {n_null_top}")
+        self.n_null_top = int(n_null_top)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -198,7 +203,8 @@ class QKOVStatistics:
         res = permutation_test_matrix(all_b, all_r, statistic=self.statistic,
                                       alternative=alternative, n_permutations=n_perm,
                                       seed=perm_seed, batch_size=self.batch_size,
-                                      tol_factor=self.tol_factor, progress=self.progress)
+                                      tol_factor=self.tol_factor, progress=self.progress,
+                                      keep_null_top=self.n_null_top + k if self.n_null_top else 0)
         warn_list: list[str] = []
         # BH can only declare a single cell when the smallest reachable p-value is at most
         # alpha / m; N >= 2m / alpha leaves a factor 2 of room (SPEC 6).
@@ -265,6 +271,12 @@ class QKOVStatistics:
                "extra": {"statistic": res.statistic[m:m + k], "p_value": res.pvalue[m:m + k],
                          "null_mean": res.null_mean[m:m + k],
                          "null_sd": res.null_sd[m:m + k]}}
+        keep = [i for i, c in enumerate(res.null_top_columns) if c < m][:self.n_null_top]
+        cols = res.null_top_columns[keep]
+        out["null_top"] = {"columns": cols, "null": res.null_top[keep],
+                           "statistic": res.statistic[cols],
+                           "cells": table["name"].to_numpy()[cols].astype(str)
+                           if "name" in table else np.array([f"cell{c}" for c in cols])}
         self._finish(out)
         return out
 

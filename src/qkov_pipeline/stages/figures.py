@@ -2,8 +2,8 @@
 
 Rule ``draw_figures``: the primary split seed's heatmap with the analysis's cells table
 (significant cells boxed), the block comparison, top conflicts, sample-pair forensics (texts
-from the prepared data), the p-value histogram and, when the statistics saved
-``null_top.npz`` next to ``stats.json``, the permutation null of the top cells.
+from the prepared data), the p-value histogram and the permutation null of the top cells
+(``null_top.npz``, written by the statistics next to ``stats.json``).
 Rule ``draw_stability`` (analyses with two or more split seeds): the stability report.
 Rule ``draw_ablation_summary`` (a sweep: two or more experiments): the variants compared
 (:func:`sweep_plan`, :func:`run_ablation`), one MLflow run per variant under one parent.
@@ -94,11 +94,11 @@ def run(job) -> None:
     out = Path(job.output.manifest).parent
     heatmap_dir = Path(job.input.heatmap).parent
     summary = read_json(job.input.stats[0])["summary"]
-    null = heatmap_dir / "null_top.npz"   # written by the statistics when they keep the null
+    null = Path(job.input.null_top)       # the statistics' permutation null of the top cells
     with job.timed("figures"):
         paths = make_all_figures(heatmap_dir, job.input.cells, out,
                                  texts=texts_from_data(job.input.data), summary=summary,
-                                 null_npz=null if null.is_file() else None,
+                                 null_npz=null,
                                  n_top=fcfg["n_top"], n_forensic_cells=fcfg["n_forensic_cells"],
                                  n_pairs=fcfg["n_pairs"], n_bootstrap=fcfg["n_bootstrap"],
                                  seed=fcfg["seed"])

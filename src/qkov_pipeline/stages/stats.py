@@ -134,6 +134,9 @@ def run(job) -> None:
                      "interval of the B - R mean difference of disruption shares",
                      "layer_head_avg": "mean QK-OV score M (unitless)"}}
     write_json(job.output.stats, doc)
+    nt = res["null_top"]
+    with atomic_path(job.output.null_top) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, null=nt["null"], statistic=nt["statistic"], cells=nt["cells"])
     job.metric("stats.n_cells", summary["n_cells"])
     job.metric("stats.n_q_significant", summary["n_q_significant"])
     job.metric("stats.n_significant", summary["n_significant"])

@@ -1,0 +1,216 @@
+"""The one contraction behind every score: per head h,
+
+    out[a, b, h] = Σ_s  f(left[a, h, s]) · w[h, s] · g(right[b, h, s])
+
+with f ∈ {square, identity, abs} applied to task A's gradients (C_i = g_i², SPEC 5),
+w = 1 / D the Fisher normaliser, and g ∈ {abs, identity} applied to task B's.
+
+Two implementations, equal to float32 rounding at the default precision
+(tests/test_contraction.py):
+
+- ``torch``: forms f(left)·w and g(right) as tensors, then one batched GEMM over
+  (head, slice chunk) (``head_contraction``). Any device.
+- ``triton``: one fused kernel on CUDA. Each program loads a tile of task-A rows, a tile of
+  task-B rows and the matching slice of w, applies f, w and g in registers and feeds the
+  tensor cores, so the operands are read from memory once and nothing else is written
+  (B1 in benchmarks/RESULTS.md). Each program sums one chunk of the slice axis into its own
+  partial; the partials are added in a fixed order, so results are deterministic.
+
+``contract(..., backend='auto')`` takes triton on CUDA when it is importable, else torch.
+Measured on an H200 for the B1 map (100 x 100 pairs, GPT-2-small attention): torch 47 ms,
+triton 'tf32x3' 13.3 ms (max relative error vs float64 5e-7), 'bf16x3' 8.5 ms (9e-6);
+the memory-bandwidth floor is 5.3 ms (benchmarks/RESULTS.md).
+
+Triton's CPU interpreter mis-handles bfloat16 dots, so 'bf16x3' is checked against float64
+on a GPU (benchmarks/check_cuda.py) and its arithmetic on the CPU by
+``emulate_bf16x3`` (tests/test_contraction.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+LEFT_OPS = ("square", "identity", "abs")
+RIGHT_OPS = ("abs", "identity")
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16x3")
+
+try:  # Triton is optional: present with CUDA builds of torch, and in the dev extras
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - absent, or broken (no compiler): torch path
+    triton = None
+
+
+def _split_factor(size: int, target: int = 4096) -> int:
+    """Largest c with size % c == 0 and size / c >= target (1 when size is small)."""
+    for c in range(max(1, size // target), 0, -1):
+        if size % c == 0:
+            return c
+    return 1
+
+
+def head_contraction(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """einsum('ahs,bhs->abh') as one batched GEMM over (head, slice chunk).
+
+    left [a, h, s], right [b, h, s] -> [a, b, h]. The slice axis s (up to 10^5..10^6) is
+    split into c chunks so the GEMM has h·c independent [a x s/c] @ [s/c x b] products
+    (a 100 x 100 output per head alone leaves most of a GPU idle), then summed over c.
+    """
+    a, h, s = left.shape
+    b = right.shape[0]
+    c = _split_factor(s)
+    lhs = left.reshape(a, h * c, s // c).transpose(0, 1)            # [h·c, a, s/c]
+    rhs = right.reshape(b, h * c, s // c).permute(1, 2, 0)          # [h·c, s/c, b]
+    return torch.bmm(lhs, rhs).view(h, c, a, b).sum(1).permute(1, 2, 0)
+
+
+def _apply(op: str, x: torch.Tensor) -> torch.Tensor:
+    return {"square": torch.square, "abs": torch.abs, "identity": lambda t: t}[op](x)
+
+
+def contract_torch(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:
+    """Reference path: [a, h, s], [b, h, s], [h, s] -> [a, b, h] float32."""
+    return head_contraction(_apply(left_op, left) * weight, _apply(right_op, right))
+
+
+if triton is not None:
+    @triton.jit
+    def _contract_kernel(A, B, W, OUT, n_a, n_b, n_h, s, chunk,
+                         stride_an, stride_ah, stride_bn, stride_bh, stride_wh,
+                         LEFT_OP: tl.constexpr, RIGHT_OP: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # grid: (tiles of the a x b output, heads, chunks of the slice axis)
+        tile, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        tiles_n = tl.cdiv(n_b, BLOCK_N)
+        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_rows = A + h.to(tl.int64) * stride_ah + rm.to(tl.int64)[:, None] * stride_an
+        b_rows = B + h.to(tl.int64) * stride_bh + rn.to(tl.int64)[:, None] * stride_bn
+        w_row = W + h.to(tl.int64) * stride_wh
+        k_start = c * chunk
+        k_stop = tl.minimum(k_start + chunk, s)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_start, k_stop, BLOCK_K):
+            kk = k + rk
+            in_k = kk < k_stop
+            x = tl.load(a_rows + kk[None, :], mask=(rm[:, None] < n_a) & in_k[None, :], other=0.0)
+            y = tl.load(b_rows + kk[None, :], mask=(rn[:, None] < n_b) & in_k[None, :], other=0.0)
+            w = tl.load(w_row + kk, mask=in_k, other=0.0)
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+            if LEFT_OP == 0:
+                x = x * x
+            elif LEFT_OP == 2:
+                x = tl.abs(x)
+            if RIGHT_OP == 0:
+                y = tl.abs(y)
+            x = x * w[None, :]
+            if PRECISION == "bf16x3":
+                # x ≈ x_hi + x_lo in bfloat16 (16 significant bits); the small cross terms
+                # first, x_lo·y_lo (~2^-16 relative) dropped
+                x_hi = x.to(tl.bfloat16)
+                x_lo = (x - x_hi.to(tl.float32)).to(tl.bfloat16)
+                y_hi = y.to(tl.bfloat16)
+                y_lo = (y - y_hi.to(tl.float32)).to(tl.bfloat16)
+                part = tl.dot(x_lo, tl.trans(y_hi))
+                part = tl.dot(x_hi, tl.trans(y_lo), part)
+                acc = tl.dot(x_hi, tl.trans(y_hi), acc + part)
+            else:
+                acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+        out = OUT + ((c * n_h + h).to(tl.int64) * n_a + rm[:, None]) * n_b + rn[None, :]
+        tl.store(out, acc, mask=(rm[:, None] < n_a) & (rn[None, :] < n_b))
+
+
+def _num_chunks(s: int, block_k: int, programs_per_chunk: int, target_programs: int) -> int:
+    """Chunks of the slice axis so the grid has about ``target_programs`` programs."""
+    want = max(1, target_programs // max(programs_per_chunk, 1))
+    return max(1, min(want, triton.cdiv(s, block_k)))
+
+
+def contract_triton(left, right, weight, left_op="square", right_op="abs",
+                    precision: str = "tf32x3", tiles: dict | None = None) -> torch.Tensor:
+    """Fused kernel: [a, h, s], [b, h, s], [h, s] -> [a, b, h] float32.
+
+    ``precision``: how tl.dot multiplies the float32 operands: 'ieee' (float32 FMA, no
+    tensor cores), 'tf32x3' (three TF32 products, float32-accurate), 'bf16x3' (three
+    bfloat16 products, 16 significant bits) or 'tf32' (one TF32 product, ~1e-3 relative).
+    ``tiles``: overrides of the launch configuration (keys block_m, block_n, block_k,
+    num_warps, num_stages, waves), for benchmarks/tune_contraction.py."""
+    if triton is None:
+        raise RuntimeError("the triton backend needs the triton package")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    n_a, n_h, s = left.shape
+    n_b = right.shape[0]
+    left, right, weight = (t if t.stride(-1) == 1 else t.contiguous()
+                           for t in (left, right, weight))
+    cfg = {"block_m": min(128, max(16, triton.next_power_of_2(n_a))),
+           "block_n": min(128, max(16, triton.next_power_of_2(n_b))),
+           "block_k": 64, "num_stages": 3, "waves": 2}   # tuned on an H200 (RESULTS.md)
+    cfg["num_warps"] = 8 if cfg["block_m"] * cfg["block_n"] >= 128 * 128 else 4
+    cfg.update(tiles or {})
+    block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+    n_tiles = triton.cdiv(n_a, block_m) * triton.cdiv(n_b, block_n)
+    if left.is_cuda:
+        sms = torch.cuda.get_device_properties(left.device).multi_processor_count
+    else:  # the interpreter (TRITON_INTERPRET=1): few programs keep it quick
+        sms = 1
+    chunks = _num_chunks(s, block_k, n_tiles * n_h, cfg["waves"] * sms)
+    chunk = triton.cdiv(triton.cdiv(s, chunks), block_k) * block_k
+    chunks = triton.cdiv(s, chunk)
+    partial = torch.empty((chunks, n_h, n_a, n_b), dtype=torch.float32, device=left.device)
+    _contract_kernel[(n_tiles, n_h, chunks)](
+        left, right, weight, partial, n_a, n_b, n_h, s, chunk,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1), weight.stride(0),
+        LEFT_OP=LEFT_OPS.index(left_op), RIGHT_OP=RIGHT_OPS.index(right_op),
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return partial.sum(0).permute(1, 2, 0)
+
+
+def emulate_bf16x3(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:
+    """What the kernel's 'bf16x3' computes, in plain torch: x = f(left)·w and y = g(right)
+    split into bfloat16 hi + lo parts, hi·hi + hi·lo + lo·hi summed in float64."""
+    x = _apply(left_op, left.float()) * weight.float()
+    y = _apply(right_op, right.float())
+    parts = []
+    for t in (x, y):
+        hi = t.to(torch.bfloat16).float()
+        parts.append((hi.double(), (t - hi).to(torch.bfloat16).double()))
+    (xh, xl), (yh, yl) = parts
+    e = "ahs,bhs->abh"
+    return (torch.einsum(e, xh, yh) + torch.einsum(e, xh, yl) + torch.einsum(e, xl, yh)).float()
+
+
+def triton_available(device: torch.device) -> bool:
+    """The fused kernel can run here: CUDA with triton, or triton's CPU interpreter."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def contract(left, right, weight, left_op="square", right_op="abs", backend="auto",
+             precision="tf32x3") -> torch.Tensor:
+    """out[a, b, h] = Σ_s f(left[a,h,s]) · weight[h,s] · g(right[b,h,s]), float32.
+
+    left [a, h, s] (a may be 1), right [b, h, s], weight [h, s], all on one device.
+    backend: 'auto' (triton on CUDA when available, else torch), 'torch' or 'triton'."""
+    if left_op not in LEFT_OPS or right_op not in RIGHT_OPS:
+        raise ValueError(f"left_op in {LEFT_OPS}, right_op in {RIGHT_OPS}; got "
+                         f"{left_op!r}, {right_op!r}")
+    if left.shape[1:] != right.shape[1:] or weight.shape != left.shape[1:]:
+        raise ValueError(f"shapes do not match: left {tuple(left.shape)}, right "
+                         f"{tuple(right.shape)}, weight {tuple(weight.shape)}")
+    if backend == "auto":
+        backend = "triton" if (left.is_cuda and triton is not None) else "torch"
+    if backend == "triton":
+        if not triton_available(left.device):
+            raise RuntimeError("backend='triton' needs CUDA (or TRITON_INTERPRET=1) and triton")
+        return contract_triton(left, right, weight, left_op, right_op, precision)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return contract_torch(left.float(), right.float(), weight.float(), left_op, right_op)
