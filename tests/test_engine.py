@@ -57,6 +57,20 @@ OPTIONS = [
 ]
 
 
+def _brute_block(family_run, opts, block):
+    """Float64 brute-force scores [n_a, n_b, L, H] of one block under metric options."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    F = {"pooled": {n: (fisher["math"][n] + fisher["code"][n]) / 2 for n in fisher["math"]},
+         "a": fisher["math"], "b": fisher["code"]}[opts.get("fisher_source", "pooled")]
+    return brute_scores(family, dims, ref[("math", "scored")], ref[("code", "scored")], F,
+                        block, list(range(dims["L"])), list(range(dims["H"])),
+                        variant=opts.get("variant", "qkov"),
+                        aggregate=opts.get("aggregate", "sum"),
+                        gj_norm=opts.get("gj_norm", "none"),
+                        ridge_lambda_rel=opts.get("ridge_lambda_rel", 0.0),
+                        ridge_lambda=opts.get("ridge_lambda", 1e-8), fisher_a=fisher["math"])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_heatmap_matches_float64_brute_force(family_run, opts, backend):
@@ -68,24 +82,27 @@ def test_heatmap_matches_float64_brute_force(family_run, opts, backend):
         pytest.skip("triton is not installed")
     metric = QKOVInterferenceMetric(cfg, fc, backend=backend, precision="tf32x3", **opts)
     heat = metric.compute_heatmap("math", "code")
-    src = opts.get("fisher_source", "pooled")
-    F = {"pooled": {n: (fisher["math"][n] + fisher["code"][n]) / 2 for n in fisher["math"]},
-         "a": fisher["math"], "b": fisher["code"]}[src]
-    layers, heads = list(range(dims["L"])), list(range(dims["H"]))
     for block in "QKVO":
-        want = brute_scores(family, dims, ref[("math", "scored")], ref[("code", "scored")], F,
-                            block, layers, heads, variant=opts.get("variant", "qkov"),
-                            aggregate=opts.get("aggregate", "sum"),
-                            gj_norm=opts.get("gj_norm", "none"),
-                            ridge_lambda_rel=opts.get("ridge_lambda_rel", 0.0),
-                            ridge_lambda=opts.get("ridge_lambda", 1e-8),
-                            fisher_a=fisher["math"])
+        want = _brute_block(family_run, opts, block)
         got = heat[block]["scores"]
         assert got.shape == want.shape == (3, 4, dims["L"], dims["H"])
         err = np.abs(got - want).max() / np.abs(want).max()
         assert err <= 1e-5, (block, err)
         np.testing.assert_allclose(heat[block]["layer_head_avg"], want.mean(axis=(0, 1)),
                                    rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_layer_head_average_without_pairs_matches_brute_force(family_run, opts):
+    """layer_head_average (means of the operands, no pairwise products) equals the mean
+    over pairs of the float64 brute-force scores."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    avg = QKOVInterferenceMetric(cfg, fc, backend="torch", **opts).layer_head_average(
+        "math", "code")
+    for block in "QKVO":
+        want = _brute_block(family_run, opts, block).mean(axis=(0, 1))
+        assert avg[block].shape == want.shape
+        assert np.abs(avg[block] - want).max() <= 1e-5 * np.abs(want).max(), block
 
 
 def test_gradients_match_brute_force_and_are_batch_independent(family_run):
