@@ -105,6 +105,36 @@ def test_layer_head_average_without_pairs_matches_brute_force(family_run, opts):
         assert np.abs(avg[block] - want).max() <= 1e-5 * np.abs(want).max(), block
 
 
+@pytest.mark.parametrize("variant", ["qkov", "fisher_weighted"])
+def test_device_budget_scores_in_tiles_with_the_same_result(family_run, variant, monkeypatch):
+    """device_memory_mb smaller than one block's operands: the block is scored in tiles of
+    rows (more contractions, each within the budget) and the numbers do not change."""
+    from interference.scores import metric as metric_mod
+
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    opts = {"ridge_lambda": 1e-14, "variant": variant, "gj_norm": "l2", "backend": "torch"}
+    full = QKOVInterferenceMetric(cfg, fc, **opts)
+    calls = []
+    real = metric_mod.contract
+    monkeypatch.setattr(metric_mod, "contract", lambda *a, **k: calls.append(a[1].shape[0])
+                        or real(*a, **k))
+    want = full.compute_heatmap("math", "code")
+    n_full = len(calls)
+    _, n_heads, size = fc.gradient_manager.entries[(0, "Q")]
+    tiny = QKOVInterferenceMetric(cfg, fc, device_memory_mb=2.5 * n_heads * size * 4 / 2 ** 20,
+                                  **opts)                  # 1 Q row of each task per tile
+    calls.clear()
+    got = tiny.compute_heatmap("math", "code")
+    assert len(calls) > n_full and max(calls) <= 2     # K/V rows of GQA are smaller
+    avg = tiny.layer_head_average("math", "code")
+    for block in "QKVO":
+        np.testing.assert_allclose(got[block]["scores"], want[block]["scores"], rtol=1e-6,
+                                   atol=1e-7 * np.abs(want[block]["scores"]).max())
+        np.testing.assert_allclose(avg[block], want[block]["layer_head_avg"], rtol=1e-6)
+    with pytest.raises(ValueError, match="device_memory_mb"):
+        QKOVInterferenceMetric(cfg, fc, device_memory_mb=0)
+
+
 def test_gradients_match_brute_force_and_are_batch_independent(family_run):
     family, dims, model, fc, cfg, ref, fisher = family_run
     idx = QKOVIndexer(model, cfg)

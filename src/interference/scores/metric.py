@@ -45,6 +45,9 @@ class QKOVInterferenceMetric:
         top_k: number of entries in each block's ``top_conflicts``.
         device: where contractions run (default: CUDA when available).
         backend: 'auto' (the fused Triton kernel on CUDA, else torch), 'torch' or 'triton'.
+        device_memory_mb: budget of one contraction's operands on the device (task-A and
+            task-B gradient rows, float32); larger blocks are scored in tiles of rows that fit.
+            None: no limit.
         precision: products in the Triton kernel: 'tf32x3' (float32-accurate, the default),
             'bf16x3' (1.6x faster on an H200, ~1e-5 relative), 'ieee' or 'tf32' (~1e-3).
     """
@@ -53,7 +56,8 @@ class QKOVInterferenceMetric:
                  ridge_lambda: float = 1e-8, ridge_lambda_rel: float = 0.0,
                  fisher_source: str = "pooled", aggregate: str = "sum", variant: str = "qkov",
                  gj_norm: str = "none", top_k: int = 100, device: str | None = None,
-                 backend: str = "auto", precision: str = "tf32x3"):
+                 backend: str = "auto", precision: str = "tf32x3",
+                 device_memory_mb: float | None = None):
         self.config, self.fisher_collector = config, fisher_collector
         self.epsilon, self.ridge_lambda = float(epsilon), float(ridge_lambda)
         self.ridge_lambda_rel = float(ridge_lambda_rel)
@@ -65,6 +69,9 @@ class QKOVInterferenceMetric:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.backend = _choice("backend", backend, ("auto", "torch", "triton"))
         self.precision = _choice("precision", precision, PRECISIONS)
+        if device_memory_mb is not None and not float(device_memory_mb) > 0:
+            raise ValueError(f"device_memory_mb must be > 0 or None, got {device_memory_mb}")
+        self.device_memory_mb = None if device_memory_mb is None else float(device_memory_mb)
         self._cfg_check()
 
     def _cfg_check(self):
@@ -142,31 +149,55 @@ class QKOVInterferenceMetric:
         return layers
 
     # -- the contraction --------------------------------------------------------------
-    def _operands(self, task_a, ids_a, task_j, ids_j, layer, block, fisher):
-        """(left [n_a or 1, Hb, s], left_op, right [n_j, Hb, s], right_op, weight = 1/D
-        [Hb, s], norms [n_j] or None) on the device: M = Σ_s f(left)·weight·g(right) / norm."""
-        d, _, _ = self.denominator(fisher, layer, block)
-        weight = d.to(self.device).reciprocal()
-        right = self._store.block(task_j, ids_j, layer, block).to(self.device)
-        right_op = "identity" if self.variant == "signed" else "abs"
+    def _left(self, task_a, ids_a, layer, block) -> tuple[torch.Tensor, str]:
+        """(left [n_a, Hb, s] or the task-A Fisher [1, Hb, s], f) on the device."""
         if self.variant == "fisher_weighted":
             left = self._slice(self.fisher_collector.fisher.get(task_a), layer, block)[None]
-            left_op = "identity"
-        else:
-            left = self._store.block(task_a, ids_a, layer, block)
-            left_op = {"qkov": "square", "signed": "identity", "symmetric": "abs"}[self.variant]
+            return left.to(self.device), "identity"
+        left = self._store.block(task_a, ids_a, layer, block).to(self.device)
+        return left, {"qkov": "square", "signed": "identity", "symmetric": "abs"}[self.variant]
+
+    def _right(self, task_j, ids_j, layer, block):
+        """(right [n_j, Hb, s], g, norms [n_j] or None) on the device."""
+        right = self._store.block(task_j, ids_j, layer, block).to(self.device)
         norms = None
         if self.gj_norm == "l2":
             norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32,
                                     device=self.device).clamp_min(1e-30)
-        return left.to(self.device), left_op, right, right_op, weight, norms
+        return right, "identity" if self.variant == "signed" else "abs", norms
+
+    def _weight(self, fisher, layer, block) -> torch.Tensor:
+        """1 / D [Hb, s] on the device."""
+        return self.denominator(fisher, layer, block)[0].to(self.device).reciprocal()
+
+    def _rows_per_tile(self, layer: int, block: str) -> int | None:
+        """Gradient rows of one (layer, block) that fit the device budget together with as
+        many rows of the other task (None: no budget)."""
+        if self.device_memory_mb is None:
+            return None
+        _, n_heads, size = self._store.entries[(layer, block)]
+        row_bytes = n_heads * size * 4
+        return max(1, int(self.device_memory_mb * 2 ** 20 // (2 * row_bytes)))
 
     def _block_scores(self, task_a, ids_a, task_j, ids_j, layer, block, fisher) -> torch.Tensor:
-        """[n_a, n_j, n_block_heads] float32 for one (layer, block)."""
-        left, left_op, right, right_op, weight, norms = self._operands(
-            task_a, ids_a, task_j, ids_j, layer, block, fisher)
-        s = contract(left, right, weight, left_op, right_op,
-                     backend=self.backend, precision=self.precision)
+        """[n_a, n_j, n_block_heads] float32 for one (layer, block); in tiles of rows when
+        the operands exceed ``device_memory_mb``."""
+        r = self._rows_per_tile(layer, block)
+        weight = self._weight(fisher, layer, block)
+        if r is None or len(ids_a) + len(ids_j) <= 2 * r:
+            return self._tile_scores(task_a, ids_a, task_j, ids_j, layer, block, weight)
+        rows = [[self._tile_scores(task_a, ids_a[a0:a0 + r], task_j, ids_j[j0:j0 + r],
+                                   layer, block, weight)
+                 for j0 in range(0, len(ids_j), r)] for a0 in range(0, len(ids_a), r)]
+        return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
+
+    def _tile_scores(self, task_a, ids_a, task_j, ids_j, layer, block, weight) -> torch.Tensor:
+        """[len(ids_a), len(ids_j), n_block_heads] float32: one contraction on the device,
+        M = Σ_s f(left)·(1/D)·g(right) (/ norm_j)."""
+        left, left_op = self._left(task_a, ids_a, layer, block)
+        right, right_op, norms = self._right(task_j, ids_j, layer, block)
+        s = contract(left, right, weight, left_op, right_op, backend=self.backend,
+                     precision=self.precision)
         if norms is not None:
             s = s / norms[None, :, None]
         if self.aggregate == "mean":
@@ -177,16 +208,25 @@ class QKOVInterferenceMetric:
 
     def _block_mean(self, task_a, ids_a, task_j, ids_j, layer, block, fisher) -> torch.Tensor:
         """mean over all (i, j) pairs of M, [n_block_heads] float64, without pairwise
-        products: mean_ij Σ_s x_is w_s y_js = Σ_s (mean_i x_is) w_s (mean_j y_js)."""
-        left, left_op, right, right_op, weight, norms = self._operands(
-            task_a, ids_a, task_j, ids_j, layer, block, fisher)
+        products: mean_ij Σ_s x_is w_s y_js = Σ_s (mean_i x_is) w_s (mean_j y_js).
+        Rows are summed in tiles within ``device_memory_mb``."""
         f = {"square": torch.square, "abs": torch.abs, "identity": lambda x: x}
-        x = f[left_op](left.float()).mean(0, dtype=torch.float64)
-        y = f[right_op](right.float())
-        if norms is not None:
-            y = y / norms[:, None, None]
-        y = y.mean(0, dtype=torch.float64)
-        m = (x * weight.double() * y).sum(-1)
+        r = self._rows_per_tile(layer, block) or max(len(ids_a), len(ids_j))
+        x = y = 0.0
+        n_x = 0
+        for k in range(0, len(ids_a), r):
+            left, left_op = self._left(task_a, ids_a[k:k + r], layer, block)
+            x = x + f[left_op](left.float()).sum(0, dtype=torch.float64)
+            n_x += left.shape[0]
+            if self.variant == "fisher_weighted":
+                break                                   # one row: the task-A Fisher
+        for k in range(0, len(ids_j), r):
+            right, right_op, norms = self._right(task_j, ids_j[k:k + r], layer, block)
+            g = f[right_op](right.float())
+            if norms is not None:
+                g = g / norms[:, None, None]
+            y = y + g.sum(0, dtype=torch.float64)
+        m = ((x / n_x) * self._weight(fisher, layer, block).double() * (y / len(ids_j))).sum(-1)
         return m / left.shape[-1] if self.aggregate == "mean" else m
 
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:

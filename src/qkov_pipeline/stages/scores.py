@@ -139,7 +139,9 @@ def run(job) -> None:
                          collector.sample_ids(b, "scored") if arm == "main"
                          else collector.sample_ids(a, "control"),
                          ref_task, collector.sample_ids(ref_task, "reference"))
-    metric = QKOVInterferenceMetric(collector.config, collector, device=job.device(), **s["metric"])
+    metric = QKOVInterferenceMetric(collector.config, collector, device=job.device(),
+                                    device_memory_mb=job.exec.get("device_memory_mb"),
+                                    **s["metric"])
     with job.timed("heatmap"):
         heat = metric.compute_heatmap(a, b) if arm == "main" else control_heatmap(metric, a, b)
     meta = heat["meta"]
