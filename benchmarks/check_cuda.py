@@ -1,6 +1,6 @@
 """CUDA correctness: the GPU paths equal the CPU reference (run on a GPU machine).
 
-    python benchmarks/check_cuda.py
+    python benchmarks/check_cuda.py [--big]     # --big: also a LLaMA-7B-shaped block
 
 Tiny LLaMA-GQA and GPT-2: per-sample gradients with the hooks engine on CUDA vs the loop
 engine on CPU, the heatmap computed on CUDA vs CPU, and the error of bfloat16 / float16
@@ -43,8 +43,28 @@ def rel(h1, h2):
                for b in "QKVO")
 
 
+def big_block(out, n=100, heads=32, s=128 * 4096, rows=8):
+    """One LLaMA-7B-shaped (layer, block): 100 x 100 pairs, 32 heads, 524,288 weights per
+    head (int64 offsets past 2^31 elements in all), the Triton kernel at each precision vs
+    float64 on ``rows`` task-A rows."""
+    from interference.scores.contraction import contract
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    left = torch.randn(n, heads, s, device="cuda", generator=g)
+    right = torch.randn(n, heads, s, device="cuda", generator=g)
+    weight = torch.rand(heads, s, device="cuda", generator=g) + 0.01
+    want = torch.einsum("ahs,hs,bhs->abh", left[:rows].double().square(), weight.double(),
+                        right.double().abs())
+    for precision in ("tf32x3", "bf16x3"):
+        got = contract(left, right, weight, backend="triton", precision=precision)[:rows]
+        out[f"llama7b_block_triton_{precision}_rel_err"] = float(
+            ((got.double() - want).abs().max() / want.abs().max()))
+
+
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if "--big" in sys.argv:
+        big_block(out)
     for name, make in [("llama", tiny_llama), ("gpt2", tiny_gpt2)]:
         ref = run(make(), "cpu", "loop")
         out[f"{name}_hooks_cuda_vs_loop_cpu"] = rel(run(make(), "cuda", "hooks"), ref)

@@ -10,6 +10,9 @@ from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, emul
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
+# the default 'bf16x3' keeps 16 bits per operand (<= 2^-16 relative per term); few terms
+# average little, so on a GPU the kernel is held to 3e-5 (float32 paths: 1e-6)
+TOL = {"torch": 1e-6, "triton": 3e-5 if DEVICE.type == "cuda" else 1e-6}
 F64 = {"square": torch.square, "identity": lambda t: t, "abs": torch.abs}
 
 
@@ -37,7 +40,7 @@ def test_contraction_matches_float64(backend, left_op, right_op, shape):
     got = contract(left, right, weight, left_op, right_op, backend=backend).cpu().double()
     want = reference(left.cpu(), right.cpu(), weight.cpu(), left_op, right_op)
     assert got.shape == (shape[0], shape[1], shape[2])
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    assert ((got - want).abs().max() / want.abs().max()).item() < TOL[backend]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,11 +51,11 @@ def test_contraction_takes_views_and_low_precision_storage(backend):
     lv, rv, wv = left[:, 1:4], right[:, 1:4], weight[1:4]
     want = reference(lv.cpu(), rv.cpu(), wv.cpu(), "square", "abs")
     got = contract(lv, rv, wv, backend=backend).cpu().double()
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    assert ((got - want).abs().max() / want.abs().max()).item() < TOL[backend]
     lb, rb = lv.to(torch.bfloat16), rv.to(torch.bfloat16)
     want_b = reference(lb.cpu().float(), rb.cpu().float(), wv.cpu(), "square", "abs")
     got_b = contract(lb, rb, wv, backend=backend).cpu().double()
-    assert ((got_b - want_b).abs().max() / want_b.abs().max()).item() < 1e-6
+    assert ((got_b - want_b).abs().max() / want_b.abs().max()).item() < TOL[backend]
 
 
 @pytest.mark.parametrize("left_op", LEFT_OPS)
@@ -76,7 +79,8 @@ def test_split_gemm_equals_einsum():
     left, right, _ = operands(6, 5, 3, 3 * 4096, seed=1)     # s splits into 3 chunks
     want = torch.einsum("ahs,bhs->abh", left.double(), right.double())
     got = head_contraction(left, right).double()
-    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-6
+    # signed terms cancel: float32 sums of 4096 of them carry ~1e-6 of the largest cell
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
 def test_bad_input_is_named():

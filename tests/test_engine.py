@@ -80,6 +80,8 @@ def test_heatmap_matches_float64_brute_force(family_run, opts, backend):
     if backend == "triton" and not triton_available(torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")):
         pytest.skip("triton is not installed")
+    # tf32x3 (2^-21 per term) on a GPU: these tiny models sum few terms, so bf16x3's 2^-16
+    # per term is not averaged away (it is checked in test_contraction.py)
     metric = QKOVInterferenceMetric(cfg, fc, backend=backend, precision="tf32x3", **opts)
     heat = metric.compute_heatmap("math", "code")
     for block in "QKVO":

@@ -18,12 +18,13 @@ Two implementations, equal to float32 rounding at the default precision
 
 ``contract(..., backend='auto')`` takes triton on CUDA when it is importable, else torch.
 Measured on an H200 for the B1 map (100 x 100 pairs, GPT-2-small attention): torch 47 ms,
-triton 'tf32x3' 13.3 ms (max relative error vs float64 5e-7), 'bf16x3' 8.5 ms (9e-6);
-the memory-bandwidth floor is 5.3 ms (benchmarks/RESULTS.md).
+triton 'bf16x3' (the default) 8.9 ms and 'tf32x3' 13.0 ms, both within 7e-7 of float64
+(largest cell error relative to the block's largest score); the memory-bandwidth floor is
+5.3 ms (benchmarks/RESULTS.md).
 
-Triton's CPU interpreter mis-handles bfloat16 dots, so 'bf16x3' is checked against float64
-on a GPU (benchmarks/check_cuda.py) and its arithmetic on the CPU by
-``emulate_bf16x3`` (tests/test_contraction.py).
+Triton's CPU interpreter mis-handles bfloat16 dots, so there 'bf16x3' runs as 'ieee'; the
+kernel's 'bf16x3' is checked against float64 on a GPU (benchmarks/check_cuda.py,
+tests/test_contraction.py) and its arithmetic on the CPU by ``emulate_bf16x3``.
 """
 from __future__ import annotations
 
@@ -115,9 +116,11 @@ if triton is not None:
                 x_lo = (x - x_hi.to(tl.float32)).to(tl.bfloat16)
                 y_hi = y.to(tl.bfloat16)
                 y_lo = (y - y_hi.to(tl.float32)).to(tl.bfloat16)
+                # the tensor cores accumulate one step only; the running sum is an IEEE
+                # float32 add (passing acc into the bfloat16 MMAs lost ~2^-11 over 10^5 terms)
                 part = tl.dot(x_lo, tl.trans(y_hi))
                 part = tl.dot(x_hi, tl.trans(y_lo), part)
-                acc = tl.dot(x_hi, tl.trans(y_hi), acc + part)
+                acc += tl.dot(x_hi, tl.trans(y_hi), part)
             else:
                 acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
         out = OUT + ((c * n_h + h).to(tl.int64) * n_a + rm[:, None]) * n_b + rn[None, :]
@@ -131,25 +134,29 @@ def _num_chunks(s: int, block_k: int, programs_per_chunk: int, target_programs: 
 
 
 def contract_triton(left, right, weight, left_op="square", right_op="abs",
-                    precision: str = "tf32x3", tiles: dict | None = None) -> torch.Tensor:
+                    precision: str = "bf16x3", tiles: dict | None = None) -> torch.Tensor:
     """Fused kernel: [a, h, s], [b, h, s], [h, s] -> [a, b, h] float32.
 
-    ``precision``: how tl.dot multiplies the float32 operands: 'ieee' (float32 FMA, no
-    tensor cores), 'tf32x3' (three TF32 products, float32-accurate), 'bf16x3' (three
-    bfloat16 products, 16 significant bits) or 'tf32' (one TF32 product, ~1e-3 relative).
+    ``precision``: how tl.dot multiplies the float32 operands: 'bf16x3' (each operand split
+    into two bfloat16 parts, three products: 16 significant bits per operand, at most
+    2^-16 relative per term; the fastest accurate choice), 'tf32x3' (the same with TF32
+    parts: 2^-21 per term, 1.6x slower), 'ieee' (float32 FMA, no tensor cores) or 'tf32'
+    (one TF32 product, ~1e-3 relative: not for results).
     ``tiles``: overrides of the launch configuration (keys block_m, block_n, block_k,
     num_warps, num_stages, waves), for benchmarks/tune_contraction.py."""
     if triton is None:
         raise RuntimeError("the triton backend needs the triton package")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not left.is_cuda and precision == "bf16x3":
+        precision = "ieee"   # Triton's CPU interpreter computes bfloat16 dots wrongly
     n_a, n_h, s = left.shape
     n_b = right.shape[0]
     left, right, weight = (t if t.stride(-1) == 1 else t.contiguous()
                            for t in (left, right, weight))
     cfg = {"block_m": min(128, max(16, triton.next_power_of_2(n_a))),
            "block_n": min(128, max(16, triton.next_power_of_2(n_b))),
-           "block_k": 64, "num_stages": 3, "waves": 2}   # tuned on an H200 (RESULTS.md)
+           "block_k": 64, "num_stages": 3, "waves": 1}   # tuned on an H200 (RESULTS.md)
     cfg["num_warps"] = 8 if cfg["block_m"] * cfg["block_n"] >= 128 * 128 else 4
     cfg.update(tiles or {})
     block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
@@ -194,7 +201,7 @@ def triton_available(device: torch.device) -> bool:
 
 
 def contract(left, right, weight, left_op="square", right_op="abs", backend="auto",
-             precision="tf32x3") -> torch.Tensor:
+             precision="bf16x3") -> torch.Tensor:
     """out[a, b, h] = Σ_s f(left[a,h,s]) · weight[h,s] · g(right[b,h,s]), float32.
 
     left [a, h, s] (a may be 1), right [b, h, s], weight [h, s], all on one device.
