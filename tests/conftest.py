@@ -11,6 +11,10 @@ if not os.path.exists("/dev/nvidiactl"):
     # check the same kernel source that CUDA compiles (set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as T
@@ -67,23 +71,31 @@ def llama_model():
 
 # ----------------------------------------------------------------------------- workflow
 
-def run_workflow(workdir, *args: str, timeout: float = 600):
-    """``snakemake -s Snakefile -d workdir ARGS`` in a clean environment (the workflow sets
-    its own tracking variables; nothing is downloaded)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
 
-    root = Path(__file__).resolve().parents[1]
+
+def workflow_env() -> dict:
+    """The environment a workflow run gets: no inherited MLflow or qkov tracking variables
+    (the workflow sets its own), offline, the repository's src on PYTHONPATH."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     for k in [k for k in env if k.startswith("QKOV_")]:
         env.pop(k)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "-d", str(workdir),
-           *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def snakemake_cmd(workdir, *args: str) -> list[str]:
+    """``python -m snakemake -s Snakefile -d workdir ARGS``."""
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d",
+            str(workdir), *args]
+
+
+def run_workflow(workdir, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run :func:`snakemake_cmd` in :func:`workflow_env`, capturing its output."""
+    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True,
+                          timeout=timeout, env=workflow_env())
 
 
 @pytest.fixture(scope="session")

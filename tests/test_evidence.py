@@ -10,18 +10,15 @@ on the tokenizers alone (seconds).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import job_counts
+from conftest import job_counts, run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -32,26 +29,6 @@ SWEEP_OVERRIDES = ["data.split_seeds=[0,1]"]
 
 
 # ----------------------------------------------------------------------------- runs
-
-def smk_env() -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for k in [k for k in env if k.startswith("QKOV_")]:
-        env.pop(k)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-            *args]
-
-
-def run_snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(workdir, *args), capture_output=True, text=True,
-                          timeout=timeout, env=smk_env())
-
 
 
 
@@ -73,7 +50,7 @@ def sweep_run(tmp_path_factory):
 
         work = tmp_path_factory.mktemp("qkov-sweep")
         t0 = time.time()
-        res = run_snakemake(work, "--cores", "4", "--config", f"experiment=[{','.join(SWEEP)}]",
+        res = run_workflow(work, "--cores", "4", "--config", f"experiment=[{','.join(SWEEP)}]",
                             "overrides=[" + ",".join(f'"{o}"' for o in SWEEP_OVERRIDES) + "]",
                             timeout=900)
         elapsed = time.time() - t0
@@ -100,7 +77,7 @@ def tiny_reference(request, tmp_path_factory):
 
     def make():
         work = tmp_path_factory.mktemp("qkov-tiny-ref")
-        res = run_snakemake(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
+        res = run_workflow(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
         if res.returncode != 0:
             pytest.fail(f"tiny run failed:\n{res.stdout[-6000:]}\n{res.stderr[-6000:]}")
         return {"work": work, "results": work / "results"}

@@ -33,7 +33,8 @@ CONF = ROOT / "conf"
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_evidence import run_snakemake, sweep_run, tiny_reference  # noqa: E402,F401
+from conftest import run_workflow, snakemake_cmd, workflow_env  # noqa: E402
+from test_evidence import sweep_run, tiny_reference  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -167,7 +168,7 @@ def test_config_typo_and_unknown_option_name_the_key_and_the_fix(tmp_path):
 
 @pytest.mark.slow
 def test_config_typo_stops_the_workflow_before_any_job(tmp_path):
-    res = run_snakemake(tmp_path, "-n", "--config", "experiment=tiny",
+    res = run_workflow(tmp_path, "-n", "--config", "experiment=tiny",
                         "overrides=[stats.fdr_alpah=0.1]", timeout=120)
     assert res.returncode != 0
     out = res.stdout + res.stderr
@@ -205,7 +206,7 @@ def test_task_without_samples_or_file_names_the_task_and_the_key(tmp_path, bpe):
 def test_missing_data_file_fails_the_run_without_partial_output(tmp_path):
     """End to end: the data job fails, its message names the task and the path, and no data,
     store or result file exists afterwards (Snakemake removes a failed job's outputs)."""
-    res = run_snakemake(tmp_path, "--cores", "2", "--config", "experiment=tiny",
+    res = run_workflow(tmp_path, "--cores", "2", "--config", "experiment=tiny",
                         'overrides=["+task@tasks.mine=jsonl","tasks.mine.kwargs.path=/no/such.jsonl",'
                         '"pairs=[[math,mine]]"]', timeout=300)
     assert res.returncode != 0
@@ -443,10 +444,10 @@ def run_and_kill(work: Path, args: list[str], trigger, timeout: float = 400):
     """Start Snakemake in its own process group; when trigger(proc) returns a target, kill
     -9 it ('group': Snakemake and every job, like a crash; an int: that job's process
     alone, like the kernel's OOM killer). Returns (what was killed, output)."""
-    from test_evidence import snakemake_cmd, smk_env
 
-    proc = subprocess.Popen(snakemake_cmd(work, *args), env=smk_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(snakemake_cmd(work, *args), env=workflow_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     killed, t0 = None, time.time()
     while proc.poll() is None and killed is None and time.time() - t0 < timeout:
         target = trigger(proc)
@@ -484,7 +485,7 @@ def test_kill_9_during_collection_and_scoring_then_rerun_gives_identical_bytes(
     assert not (results / "_stores" / seen[0] / "store.json").exists()
     # the killed Snakemake left its lock: unlock (docs/reliability.md), then rerun; this time
     # kill -9 only a scores job while it computes
-    assert run_snakemake(work, "--unlock", *config, timeout=120).returncode == 0
+    assert run_workflow(work, "--unlock", *config, timeout=120).returncode == 0
 
     def scoring(proc):
         for p in _descendants(proc.pid):
@@ -496,7 +497,7 @@ def test_kill_9_during_collection_and_scoring_then_rerun_gives_identical_bytes(
     killed, out = run_and_kill(work, ["--cores", "2", "--rerun-incomplete", *config], scoring)
     assert isinstance(killed, int), "no scores job was seen running:\n" + out[-3000:]
     assert "Error in rule scores" in out, out[-3000:]
-    res = run_snakemake(work, "--cores", "2", "--rerun-incomplete", *config, timeout=600)
+    res = run_workflow(work, "--cores", "2", "--rerun-incomplete", *config, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     n = assert_same_results(tiny_reference["results"], results)
     assert n > 60

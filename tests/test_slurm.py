@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -39,27 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import padded_batch, tiny_llama  # noqa: E402
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
 from conftest import job_counts as _job_counts
+from conftest import snakemake_cmd, workflow_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
 PROFILE = ROOT / "profiles" / "slurm"
 SHARDS = "++resources.collect.shards=2"   # ++: works whether conf/ has the key or not
 SLURM_TIMEOUT_S = int(os.environ.get("QKOV_SLURM_TIMEOUT_S", "480"))
 ANALYSES = ("math__code", "math__code.control")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for k in [k for k in env if k.startswith("QKOV_")]:
-        env.pop(k)   # the workflow sets its own tracking variables
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def _snakemake_cmd(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
 
 
 
@@ -195,7 +180,7 @@ def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
     code = ("import sys, time; from qkov_pipeline.stages.gradients import acquire_gpu; "
             "k = acquire_gpu(['0', '1'], int(sys.argv[1]), sys.argv[2]); "
             "print(k, flush=True); time.sleep(float(sys.argv[3]))")
-    env = _env()
+    env = workflow_env()
 
     def job(preferred, hold):
         return subprocess.Popen([sys.executable, "-c", code, str(preferred), str(tmp_path),
@@ -213,13 +198,13 @@ def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
 
 def test_shards_are_planned_as_separate_jobs(tmp_path):
     base = ["-n", "--config", "experiment=tiny"]
-    res = subprocess.run(_snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}]"),
-                         capture_output=True, text=True, timeout=180, env=_env())
+    res = subprocess.run(snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}]"),
+                         capture_output=True, text=True, timeout=180, env=workflow_env())
     assert res.returncode == 0, res.stderr
     counts = _job_counts(res.stdout)
     assert counts["collect_shard"] == 4 and counts["collect"] == 2, counts
-    res = subprocess.run(_snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}, fisher.mode=ema]"),
-                         capture_output=True, text=True, timeout=180, env=_env())
+    res = subprocess.run(snakemake_cmd(tmp_path, *base, f"overrides=[{SHARDS}, fisher.mode=ema]"),
+                         capture_output=True, text=True, timeout=180, env=workflow_env())
     assert res.returncode != 0
     assert "fisher.mode=mean" in res.stdout + res.stderr
 
@@ -244,7 +229,7 @@ def cluster(tmp_path_factory):
 
 
 def _slurm_cmd(workdir: Path, *config: str) -> list[str]:
-    return ["timeout", "-s", "KILL", str(SLURM_TIMEOUT_S), *_snakemake_cmd(
+    return ["timeout", "-s", "KILL", str(SLURM_TIMEOUT_S), *snakemake_cmd(
         workdir, "--workflow-profile", str(PROFILE), "--executor", "slurm", "--jobs", "4",
         "--default-resources", "slurm_partition=debug", "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "1", "--config", *config)]
@@ -264,7 +249,7 @@ def slurm_runs(cluster, request, tmp_path_factory):
         local = request.getfixturevalue("tiny_run")["work"]
     except pytest.FixtureLookupError:
         local = tmp_path_factory.mktemp("local-tiny")
-        procs["local"] = ["timeout", "-s", "KILL", "900", *_snakemake_cmd(
+        procs["local"] = ["timeout", "-s", "KILL", "900", *snakemake_cmd(
             local, "--cores", "2", "--config", "experiment=tiny")]
     out = {"local": local}
     t0 = time.time()
@@ -272,7 +257,7 @@ def slurm_runs(cluster, request, tmp_path_factory):
     for name, cmd in procs.items():
         log = open(tmp_path_factory.getbasetemp() / f"slurm-{name}.log", "w")
         started[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          text=True, env=cluster.env(_env())), log)
+                                          text=True, env=cluster.env(workflow_env())), log)
     ended = {}
     while len(ended) < len(started):
         for name, (proc, _) in started.items():

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import job_counts
+from conftest import job_counts, run_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
-SNAKEFILE = ROOT / "Snakefile"
 TINY_BUDGET_S = float(os.environ.get("QKOV_TINY_BUDGET_S", "180"))
 STAGE_RULES = ("prepare_model", "prepare_data", "collect", "scores", "stats", "tables",
                "draw_figures", "summary", "track")
@@ -28,33 +22,18 @@ REQUIRED_COLUMNS = ("block", "layer", "head", "statistic", "p_value", "q_value",
                     "ci_low", "ci_high", "significant", "schema_version", "config_hash")
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for k in [k for k in env if k.startswith("QKOV_")]:
-        env.pop(k)   # the workflow sets its own tracking variables
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-
-
 
 
 # ----------------------------------------------------------------------------- no run
 
 def test_lint_is_clean(tmp_path):
-    res = snakemake(tmp_path, "--lint", "--config", "experiment=tiny", timeout=120)
+    res = run_workflow(tmp_path, "--lint", "--config", "experiment=tiny", timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr
 
 
 def test_dry_run_plans_every_stage(tmp_path):
-    res = snakemake(tmp_path, "-n", "--config", "experiment=tiny", timeout=120)
+    res = run_workflow(tmp_path, "-n", "--config", "experiment=tiny", timeout=120)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
     # one model, two tasks (math, code), one pair plus its negative control
@@ -65,7 +44,7 @@ def test_dry_run_plans_every_stage(tmp_path):
 
 def test_dry_run_default_experiment(tmp_path):
     """The embedded default: SmolLM2, math vs code, its control; nothing runs."""
-    res = snakemake(tmp_path, "-n", timeout=120)
+    res = run_workflow(tmp_path, "-n", timeout=120)
     assert res.returncode == 0, res.stderr
     assert "results/default/smollm2/math__code/cells.csv" in res.stdout
     assert "results/default/smollm2/math__code.control/cells.csv" in res.stdout
@@ -73,11 +52,11 @@ def test_dry_run_default_experiment(tmp_path):
 
 
 def test_bad_config_fails_with_a_clear_message(tmp_path):
-    res = snakemake(tmp_path, "-n", "--config", "experiment=tiny",
+    res = run_workflow(tmp_path, "-n", "--config", "experiment=tiny",
                     "overrides=[metric.variant=nonsense]", timeout=120)
     assert res.returncode != 0
     assert "metric.variant" in res.stdout + res.stderr
-    res = snakemake(tmp_path, "-n", "--config", "experiment=no_such_experiment", timeout=120)
+    res = run_workflow(tmp_path, "-n", "--config", "experiment=no_such_experiment", timeout=120)
     assert res.returncode != 0
     assert "unknown experiment 'no_such_experiment'" in res.stdout + res.stderr
 
@@ -208,14 +187,14 @@ def test_mlflow_parent_and_child_runs(tiny_run):
 
 @pytest.mark.slow
 def test_rerun_does_nothing(tiny_run):
-    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny", timeout=120)
+    res = run_workflow(tiny_run["work"], "-n", "--config", "experiment=tiny", timeout=120)
     assert res.returncode == 0, res.stderr
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
 
 
 @pytest.mark.slow
 def test_metric_change_reruns_only_downstream_jobs(tiny_run):
-    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny",
+    res = run_workflow(tiny_run["work"], "-n", "--config", "experiment=tiny",
                     "overrides=[metric.ridge_lambda_rel=0.01]", timeout=120)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
@@ -227,7 +206,7 @@ def test_metric_change_reruns_only_downstream_jobs(tiny_run):
 
 @pytest.mark.slow
 def test_metric_only_ablation_reuses_the_gradient_stores(tiny_run):
-    res = snakemake(tiny_run["work"], "-n", "--config", "experiment=tiny_fisher_source_a",
+    res = run_workflow(tiny_run["work"], "-n", "--config", "experiment=tiny_fisher_source_a",
                     timeout=120)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)

@@ -66,13 +66,14 @@ def head_contraction(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.bmm(lhs, rhs).view(h, c, a, b).sum(1).permute(1, 2, 0)
 
 
-def _apply(op: str, x: torch.Tensor) -> torch.Tensor:
+def apply_op(op: str, x: torch.Tensor) -> torch.Tensor:
+    """f or g of the contraction: 'square', 'abs' or 'identity' of x."""
     return {"square": torch.square, "abs": torch.abs, "identity": lambda t: t}[op](x)
 
 
 def contract_torch(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:
     """Reference path: [a, h, s], [b, h, s], [h, s] -> [a, b, h] float32."""
-    return head_contraction(_apply(left_op, left) * weight, _apply(right_op, right))
+    return head_contraction(apply_op(left_op, left) * weight, apply_op(right_op, right))
 
 
 if triton is not None:
@@ -181,8 +182,8 @@ def contract_triton(left, right, weight, left_op="square", right_op="abs",
 def emulate_bf16x3(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:
     """What the kernel's 'bf16x3' computes, in plain torch: x = f(left)·w and y = g(right)
     split into bfloat16 hi + lo parts, hi·hi + hi·lo + lo·hi summed in float64."""
-    x = _apply(left_op, left.float()) * weight.float()
-    y = _apply(right_op, right.float())
+    x = apply_op(left_op, left.float()) * weight.float()
+    y = apply_op(right_op, right.float())
     parts = []
     for t in (x, y):
         hi = t.to(torch.bfloat16).float()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..architectures import BLOCKS, QKOVConfig
-from .contraction import PRECISIONS, contract, head_contraction  # noqa: F401  (re-export)
+from .contraction import PRECISIONS, apply_op, contract
 
 logger = logging.getLogger("fisher.qkov")
 
@@ -211,19 +211,18 @@ class QKOVInterferenceMetric:
         """mean over all (i, j) pairs of M, [n_block_heads] float64, without pairwise
         products: mean_ij Σ_s x_is w_s y_js = Σ_s (mean_i x_is) w_s (mean_j y_js).
         Rows are summed in tiles within ``device_memory_mb``."""
-        f = {"square": torch.square, "abs": torch.abs, "identity": lambda x: x}
         r = self._rows_per_tile(layer, block) or max(len(ids_a), len(ids_j))
         x = y = 0.0
         n_x = 0
         for k in range(0, len(ids_a), r):
             left, left_op = self._left(task_a, ids_a[k:k + r], layer, block)
-            x = x + f[left_op](left.float()).sum(0, dtype=torch.float64)
+            x = x + apply_op(left_op, left.float()).sum(0, dtype=torch.float64)
             n_x += left.shape[0]
             if self.variant == "fisher_weighted":
                 break                                   # one row: the task-A Fisher
         for k in range(0, len(ids_j), r):
             right, right_op, norms = self._right(task_j, ids_j[k:k + r], layer, block)
-            g = f[right_op](right.float())
+            g = apply_op(right_op, right.float())
             if norms is not None:
                 g = g / norms[:, None, None]
             y = y + g.sum(0, dtype=torch.float64)
@@ -306,16 +305,23 @@ class QKOVInterferenceMetric:
             raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
                              f"{sorted(shared)[:5]}: interference of a set with itself is not "
                              f"a task conflict")
-        tasks = self.fisher_tasks(task_a, task_b)
-        scores = self.pair_scores(task_a, ids_a, task_b, ids_b, layers, heads, tasks)
-        fisher = self._fisher_vector(tasks)
+        return self.heatmap_of(task_a, ids_a, task_b, ids_b, layers, heads,
+                               self.fisher_tasks(task_a, task_b))
+
+    def heatmap_of(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
+                   layers: list[int], heads: list[int], fisher_tasks: tuple[str, ...]) -> dict:
+        """:meth:`compute_heatmap`'s result for given samples: task-A samples ``ids_a``
+        against samples ``ids_j`` of ``task_j`` (scored, or a control split of task A),
+        normalised by the Fisher of ``fisher_tasks``."""
+        scores = self.pair_scores(task_a, ids_a, task_j, ids_j, layers, heads, fisher_tasks)
+        fisher = self._fisher_vector(fisher_tasks)
         heatmap = {}
         for block in BLOCKS:
             heatmap[block] = {
                 "scores": scores[block],
                 "layer_head_avg": scores[block].mean(axis=(0, 1)),
                 "top_conflicts": self.top_conflicts(block, scores[block], layers, heads,
-                                                     ids_a, ids_b),
+                                                     ids_a, ids_j),
                 "layers": list(layers), "heads": list(heads),
             }
         ridge = {}
@@ -324,11 +330,11 @@ class QKOVInterferenceMetric:
                 _, lam, share = self.denominator(fisher, layer, block)
                 ridge[f"L{layer}.{block}"] = {"lambda": lam, "share_lambda_gt_fisher": share}
         heatmap["meta"] = {
-            "task_a": task_a, "task_b": task_b, "layers": list(layers), "heads": list(heads),
+            "task_a": task_a, "task_b": task_j, "layers": list(layers), "heads": list(heads),
             "kv_head_of": [self.config.kv_head(h) for h in heads],
             "num_kv_heads": self.config.num_kv_heads, "num_heads": self.config.num_heads,
-            "variant": self.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_b,
-            "fisher_tasks": list(tasks), "settings": self.settings(), "ridge": ridge,
+            "variant": self.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_j,
+            "fisher_tasks": list(fisher_tasks), "settings": self.settings(), "ridge": ridge,
             "metric": self, "collector_token": self.fisher_collector.token,
             "axes": {"scores": ["sample_a", "sample_b", "layer", "head"],
                      "layer_head_avg": ["layer", "head"]},

@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import digest
 
@@ -27,38 +26,16 @@ BLOCKS = ("Q", "K", "V", "O")
 
 
 def control_heatmap(metric, task_a: str, task_b: str) -> dict:
-    """A vs A' in compute_heatmap's format (scores, layer_head_avg, top_conflicts, meta)."""
-    collector = metric.fisher_collector
-    ids_a = metric.scored_ids(task_a)
-    ids_c = collector.sample_ids(task_a, "control")
+    """A vs A' in compute_heatmap's format: task A's scored samples against its control
+    samples, normalised as the pair A vs B is."""
+    ids_c = metric.fisher_collector.sample_ids(task_a, "control")
     if not ids_c:
         raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
-    layers = list(collector.layers)
-    heads = list(range(metric.config.num_heads))
-    tasks = metric.fisher_tasks(task_a, task_b)
-    scores = metric.pair_scores(task_a, ids_a, task_a, ids_c, layers, heads, fisher_tasks=tasks)
-    heat = {}
-    for b in BLOCKS:
-        heat[b] = {"scores": scores[b], "layer_head_avg": scores[b].mean(axis=(0, 1)),
-                   # the metric's own ranking (largest; smallest for 'signed'), one K/V
-                   # cell per GQA group, as compute_heatmap lists them
-                   "top_conflicts": metric.top_conflicts(b, scores[b], layers, heads, ids_a, ids_c),
-                   "layers": layers, "heads": heads}
-    fisher = torch.stack([collector.fisher.get(t) for t in tasks]).mean(0)
-    ridge = {}
-    for layer in layers:
-        for b in BLOCKS:
-            _, lam, share = metric.denominator(fisher, layer, b)
-            ridge[f"L{layer}.{b}"] = {"lambda": lam, "share_lambda_gt_fisher": share}
-    heat["meta"] = {
-        "task_a": task_a, "task_b": task_a, "layers": layers, "heads": heads,
-        "kv_head_of": [metric.config.kv_head(h) for h in heads],
-        "num_kv_heads": metric.config.num_kv_heads, "num_heads": metric.config.num_heads,
-        "variant": metric.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_c,
-        "fisher_tasks": list(tasks), "settings": metric.settings(), "ridge": ridge,
-        "collector_token": collector.token, "control_of": task_b,
-        "axes": {"scores": ["sample_a", "sample_b", "layer", "head"],
-                 "layer_head_avg": ["layer", "head"]}}
+    heat = metric.heatmap_of(task_a, metric.scored_ids(task_a), task_a, ids_c,
+                             list(metric.fisher_collector.layers),
+                             list(range(metric.config.num_heads)),
+                             metric.fisher_tasks(task_a, task_b))
+    heat["meta"]["control_of"] = task_b
     return heat
 
 
