@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, emulate_bf16x3,
-                                             head_contraction, triton_available)
+from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, contract_triton,
+                                             emulate_bf16x3, head_contraction,
+                                             triton_available)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
@@ -41,6 +42,17 @@ def test_contraction_matches_float64(backend, left_op, right_op, shape):
     want = reference(left.cpu(), right.cpu(), weight.cpu(), left_op, right_op)
     assert got.shape == (shape[0], shape[1], shape[2])
     assert ((got - want).abs().max() / want.abs().max()).item() < TOL[backend]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+@pytest.mark.parametrize("waves", [1, 3, 8, 40])
+def test_triton_chunks_of_the_slice_axis_add_up(waves):
+    """More programs per SM split the slice axis into more chunks (the last one short, or
+    more chunks than BLOCK_K steps): each chunk's partial covers its part exactly once."""
+    left, right, weight = operands(3, 5, 1, 1000, seed=7)
+    want = reference(left.cpu(), right.cpu(), weight.cpu(), "square", "abs")
+    got = contract_triton(left, right, weight, tiles={"waves": waves, "block_k": 32})
+    assert ((got.cpu().double() - want).abs().max() / want.abs().max()).item() < TOL["triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

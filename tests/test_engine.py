@@ -137,6 +137,26 @@ def test_device_budget_scores_in_tiles_with_the_same_result(family_run, variant,
         QKOVInterferenceMetric(cfg, fc, device_memory_mb=0)
 
 
+def test_tf32_sums_only_for_low_precision_cuda_activations():
+    """The hooks engine allows TF32 only where it is exact (bfloat16/float16 inputs on CUDA)
+    and restores the global flag afterwards; float32 models keep float32 matmuls."""
+    from interference.gradients.per_sample import _tf32_if_exact
+
+    flag = torch.backends.cuda.matmul
+    before = flag.allow_tf32
+    try:
+        flag.allow_tf32 = False
+        with _tf32_if_exact(torch.bfloat16, torch.bfloat16, True):
+            assert flag.allow_tf32
+        assert not flag.allow_tf32
+        for args in [(torch.float32, torch.float32, True), (torch.bfloat16, torch.float32, True),
+                     (torch.float16, torch.float16, False)]:
+            with _tf32_if_exact(*args):
+                assert not flag.allow_tf32, args
+    finally:
+        flag.allow_tf32 = before
+
+
 def test_gradients_match_brute_force_and_are_batch_independent(family_run):
     family, dims, model, fc, cfg, ref, fisher = family_run
     idx = QKOVIndexer(model, cfg)
