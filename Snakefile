@@ -53,6 +53,7 @@ include: "workflow/rules/gradients.smk"
 include: "workflow/rules/scores.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/validation.smk"
 include: "workflow/rules/report.smk"
 
 

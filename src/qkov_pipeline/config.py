@@ -27,9 +27,10 @@ from typing import Any
 SLICE_VERSION = 1  # bump when the meaning of a slice changes (forces new keys)
 # rule -> its section of `resources` in conf/config.yaml
 RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_data": "prepare_data",
-                    "collect": "collect", "scores": "scores", "stats": "stats",
-                    "tables": "summary", "draw_figures": "figures", "summary": "summary",
-                    "track": "summary"}
+                    "prepare_eval": "prepare_data", "collect": "collect", "scores": "scores",
+                    "stats": "stats", "validate": "validate", "tables": "summary",
+                    "draw_figures": "figures", "draw_validation": "figures",
+                    "summary": "summary", "track": "summary"}
 
 
 
@@ -300,6 +301,11 @@ def store_slice(cfg: dict, task: str, seed: int) -> dict:
             "fisher": copy.deepcopy(cfg["fisher"])}
 
 
+def validated_tasks(cfg: dict) -> list[str]:
+    """Tasks that need held-out eval samples: both tasks of every pair."""
+    return list(dict.fromkeys(t for pair in cfg["pairs"] for t in pair))
+
+
 def analyses(cfg: dict) -> list[dict]:
     """The analysis folders of an experiment: each pair A vs B (arm 'main') and, beside it,
     its negative control A vs A' (arm 'control', folder '<a>__<b>.control')."""
@@ -335,6 +341,27 @@ def figures_slice(cfg: dict, a: str, b: str, arm: str) -> dict:
             "figures": copy.deepcopy(cfg["figures"])}
 
 
+def eval_slice(cfg: dict, task: str, seed: int) -> dict:
+    """The held-out ``eval`` samples of a task (validation): drawn after every other role of
+    the same split, so they are disjoint from all of them and the other roles (and the
+    stores) stay exactly those of the run without validation."""
+    return {"v": SLICE_VERSION, "data": data_slice(cfg, task, seed),
+            "n_eval": cfg["validation"]["n_eval"]}
+
+
+def validation_slice(cfg: dict, a: str, b: str, seed: int) -> dict:
+    settings = {k: v for k, v in cfg["validation"].items() if k not in ("enabled", "n_eval")}
+    return {"v": SLICE_VERSION, "stats": stats_slice(cfg, a, b, seed, "main"),
+            "eval": {t: eval_slice(cfg, t, seed) for t in (a, b)},
+            "validation": copy.deepcopy(settings)}
+
+
+def validation_figures_slice(cfg: dict, a: str, b: str) -> dict:
+    seeds = list(cfg["data"]["split_seeds"])
+    return {"v": SLICE_VERSION, "validation": validation_slice(cfg, a, b, seeds[0]),
+            "figures": copy.deepcopy(cfg["figures"])}
+
+
 def summary_slice(cfg: dict) -> dict:
     return {"v": SLICE_VERSION, "experiment": cfg["experiment"],
             "analyses": {x["pair"]: figures_slice(cfg, x["a"], x["b"], x["arm"])
@@ -347,8 +374,9 @@ def summary_slice(cfg: dict) -> dict:
 class Plan:
     """Every job of one or more experiments, keyed as the Snakefile's wildcards are.
 
-    models / data / stores: key -> {'slice', 'hash', ...}; analyses[(exp, model, pair)]:
-    {'cfg', 'a', 'b', 'arm', 'seeds'}; experiments[name]: the composed config.
+    models / data / stores / evals: key -> {'slice', 'hash', ...};
+    analyses[(exp, model, pair)]: {'cfg', 'a', 'b', 'arm', 'seeds'}; experiments[name]: the
+    composed config.
     """
 
     results: str
@@ -356,6 +384,7 @@ class Plan:
     models: dict[str, dict] = field(default_factory=dict)
     data: dict[str, dict] = field(default_factory=dict)
     stores: dict[str, dict] = field(default_factory=dict)
+    evals: dict[str, dict] = field(default_factory=dict)
     analyses: dict[tuple[str, str, str], dict] = field(default_factory=dict)
 
     def add(self, cfg: dict) -> None:
@@ -376,6 +405,12 @@ class Plan:
                 self.stores.setdefault(self.store_key(cfg, task, seed), {
                     "slice": sslice, "hash": digest(sslice), "task": task, "model_key": mkey,
                     "data_key": self.data_key(cfg, task, seed), "seed": seed, "owner": exp})
+                if cfg["validation"]["enabled"] and task in validated_tasks(cfg):
+                    eslice = eval_slice(cfg, task, seed)
+                    self.evals.setdefault(self.eval_key(cfg, task, seed), {
+                        "slice": eslice, "hash": digest(eslice), "task": task,
+                        "model_key": mkey, "data_key": self.data_key(cfg, task, seed),
+                        "seed": seed, "owner": exp})
         for x in analyses(cfg):
             self.analyses[(exp, cfg["model"]["name"], x["pair"])] = dict(
                 x, cfg=cfg, seeds=list(cfg["data"]["split_seeds"]), model_key=mkey)
@@ -392,6 +427,40 @@ class Plan:
     @staticmethod
     def store_key(cfg: dict, task: str, seed: int) -> str:
         return f"{task}-{digest(store_slice(cfg, task, seed))}"
+
+    @staticmethod
+    def eval_key(cfg: dict, task: str, seed: int) -> str:
+        return f"{task}-{digest(eval_slice(cfg, task, seed))}"
+
+    def validated(self, exp: str | None = None) -> list[tuple[str, str, str]]:
+        """(exp, model, pair) of every main analysis whose validation is on."""
+        return [k for k, x in self.analyses.items() if x["arm"] == "main"
+                and x["cfg"]["validation"]["enabled"] and (exp is None or k[0] == exp)]
+
+    def validation_inputs(self, wc) -> dict[str, list[str]]:
+        """The validate job's inputs: model, B's data, both tasks' eval samples and stores,
+        and the map's cells.csv."""
+        x = self.analysis(wc.exp, wc.model, wc.pair)
+        cfg, seed, r = x["cfg"], int(wc.seed), self.results
+        stores = self.analysis_stores(wc.exp, wc.model, wc.pair, seed)
+        return {"model": [f"{r}/_models/{x['model_key']}/model.json"],
+                "train": [f"{r}/_data/{self.data_key(cfg, x['b'], seed)}/manifest.json"],
+                "eval": [f"{r}/_eval/{self.eval_key(cfg, t, seed)}/manifest.json"
+                         for t in (x["a"], x["b"])],
+                "grads": [f"{r}/_stores/{k}/grads" for k in stores.values()],
+                "stores": [f"{r}/_stores/{k}/store.json" for k in stores.values()],
+                "cells": [f"{self.analysis_dir(wc.exp, wc.model, wc.pair)}/split{seed}/cells.csv"]}
+
+    def validation_files(self, exp: str, name: str, figures: bool = False) -> list[str]:
+        """<analysis>/split<seed>/validation/<name> (figures: <analysis>/figures/<name>) of
+        every validated analysis of ``exp``."""
+        out = []
+        for (e, model, pair) in self.validated(exp):
+            base = self.analysis_dir(e, model, pair)
+            seeds = self.analyses[(e, model, pair)]["seeds"]
+            out += ([f"{base}/figures/{name}"] if figures else
+                    [f"{base}/split{s}/validation/{name}" for s in seeds])
+        return out
 
     def analysis(self, exp: str, model: str, pair: str) -> dict:
         try:
@@ -427,7 +496,7 @@ class Plan:
         """The experiment a job belongs to (shared jobs: the first that planned them)."""
         if "exp" in wc.keys():
             return wc.exp
-        for table in (self.models, self.data, self.stores):
+        for table in (self.models, self.data, self.stores, self.evals):
             if wc.key in table:
                 return table[wc.key]["owner"]
         raise ValueError(f"unknown key {wc.key!r}: not planned by any experiment")
@@ -443,6 +512,8 @@ class Plan:
             return canonical(self.models[wc.key]["slice"])
         if rule == "prepare_data":
             return canonical(self.data[wc.key]["slice"])
+        if rule == "prepare_eval":
+            return canonical(self.evals[wc.key]["slice"])
         if rule == "collect":
             return canonical(self.stores[wc.key]["slice"])
         if rule == "summary":
@@ -460,6 +531,10 @@ class Plan:
             return canonical(tables_slice(cfg, a, b, arm))
         if rule == "draw_figures":
             return canonical(figures_slice(cfg, a, b, arm))
+        if rule == "validate":
+            return canonical(validation_slice(cfg, a, b, int(wc.seed)))
+        if rule == "draw_validation":
+            return canonical(validation_figures_slice(cfg, a, b))
         raise ValueError(f"no config slice for rule {rule!r}")
 
     def analysis_dir(self, exp: str, model: str, pair: str) -> str:
@@ -490,6 +565,12 @@ class Plan:
         out += self.experiment_files(exp, "mlflow.stats.json", per_seed=True)
         out += self.experiment_files(exp, "mlflow.tables.json")
         out += self.experiment_files(exp, "figures/mlflow.draw_figures.json")
+        if self.validated(exp):
+            cfg = self.experiments[exp]
+            out += [f"{self.results}/_eval/{self.eval_key(cfg, t, s)}/mlflow.prepare_eval.json"
+                    for s in cfg["data"]["split_seeds"] for t in validated_tasks(cfg)]
+            out += self.validation_files(exp, "mlflow.validate.json")
+            out += self.validation_files(exp, "mlflow.draw_validation.json", figures=True)
         out.append(f"{self.results}/{exp}/mlflow.summary.json")
         return list(dict.fromkeys(out))
 
@@ -504,7 +585,7 @@ class Plan:
     # -- what jobs need at run time (Snakemake config, not params) ---------------------
     def job_meta(self) -> dict:
         owners = {}
-        for table in (self.models, self.data, self.stores):
+        for table in (self.models, self.data, self.stores, self.evals):
             owners.update({k: v["owner"] for k, v in table.items()})
         exec_ = {}
         for exp, cfg in self.experiments.items():

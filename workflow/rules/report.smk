@@ -10,6 +10,9 @@ rule summary:
         figures=lambda wc: PLAN.experiment_files(wc.exp, "figures/figures.json"),
         stores=lambda wc: [f"{R}/_stores/{k}/store.json"
                            for k in PLAN.experiment_jobs(wc.exp)["stores"]],
+        validation=lambda wc: PLAN.validation_files(wc.exp, "validation.json"),
+        validation_figures=lambda wc: PLAN.validation_files(wc.exp, "validation_scatter.png",
+                                                            figures=True),
     output:
         json=f"{R}/{{exp}}/summary.json",
         md=report(f"{R}/{{exp}}/summary.md", caption="../report/summary.rst",

@@ -51,6 +51,13 @@ def collect(job) -> dict:
         if stab.is_file():
             a["stability"] = read_json(stab).get("summary")
     doc["control"] = control_vs_pair(doc["analyses"])
+    for path in getattr(job.input, "validation", []) or []:
+        p = Path(path)
+        v = read_json(p)
+        a = doc["analyses"][p.parent.parent.parent.name]
+        a.setdefault("validation", {})[int(p.parent.parent.name.removeprefix("split"))] = {
+            k: v[k] for k in ("n_cells", "n_cells_total", "n_eval_a", "n_eval_b", "task_a",
+                              "task_b", "verdict")}
     for path in job.input.figures:
         p = Path(path)
         doc["analyses"][p.parent.parent.name]["figures"] = [
@@ -186,6 +193,19 @@ def markdown(doc: dict) -> str:
     for pair, a in doc["analyses"].items():
         lines.append(f"- `{pair}`: `{a.get('cells_csv')}`; figures: "
                      + ", ".join(f"`{f}`" for f in a.get("figures", []) if f.endswith(".png")))
+    validated = [(pair, seed, v) for pair, a in doc["analyses"].items()
+                 for seed, v in sorted((a.get("validation") or {}).items())]
+    if validated:
+        from interference.validation.report import verdict_lines
+
+        lines += ["", "## Counterfactual validation: does a flagged cell matter?", "",
+                  "Each cell alone was moved along task B's mean gradient and task A's held-out "
+                  "loss measured (docs/interpreting.md). Spearman rho of each score with that "
+                  "change across cells (interval: bootstrap over cells), against baselines that "
+                  "need no map; then fine-tuning on B with the map's top cells frozen against "
+                  "matched random cells (`figures/validation_*.png`).", ""]
+        for pair, seed, v in validated:
+            lines += verdict_lines(pair, seed, v)
     warn = [(pair, w) for pair, a in doc["analyses"].items()
             for r in a["seeds"].values() for w in (r.get("warnings") or [])]
     if warn:
