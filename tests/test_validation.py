@@ -280,3 +280,78 @@ def test_planted_interference_is_recovered_and_a_random_score_is_not():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         ValidationSettings(**bad)
+
+
+# ----------------------------------------------------------------------------- workflow
+
+def test_dry_run_validate_experiment_reuses_the_default_stores(tmp_path):
+    """`validate` is the default plus the validation: the same data and store keys (so a
+    default run's stores are reused), plus eval samples per task, validate and its figures."""
+    from conftest import job_counts, run_workflow
+
+    res = run_workflow(tmp_path, "-n", "--config", "experiment=validate", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = job_counts(res.stdout)
+    assert (counts["prepare_eval"], counts["validate"], counts["draw_validation"]) == (2, 1, 1)
+    default = run_workflow(tmp_path, "-n", timeout=120)
+    stores = {line.split("_stores/")[1].split("/")[0] for line in default.stdout.splitlines()
+              if "_stores/" in line}
+    assert stores and all(f"_stores/{k}/store.json" in res.stdout for k in stores)
+
+
+def test_tiny_validation_in_the_workflow(tiny_run, tmp_path):
+    """The tiny experiment's validation in a copy of the session's tiny run: only the
+    validation's jobs (and the map they read) run; its tables, figures and verdict are
+    complete and consistent."""
+    import json
+    import shutil
+    import time
+
+    from conftest import run_workflow
+
+    from interference.validation.report import verdict_lines
+
+    work = tmp_path / "w"
+    shutil.copytree(tiny_run["work"], work, symlinks=True)
+    t0 = time.time()
+    res = run_workflow(work, "validation", "--cores", "2", "--config",
+                       "experiment=tiny_validate", timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-6000:]
+    out = res.stdout + res.stderr
+    assert "rule collect" not in out and "rule prepare_data" not in out
+    base = work / "results" / "tiny_validate" / "tiny" / "math__code"
+    vdir = base / "split0" / "validation"
+    bench = (work / "results" / "benchmarks" / "validate" / "tiny_validate" / "tiny"
+             / "math__code" / "split0.tsv").read_text().splitlines()[1].split("\t")[0]
+    print(f"tiny validation: workflow {time.time() - t0:.0f} s, validate job {bench} s")
+    cells = pd.read_csv(vdir / "validation_cells.csv")
+    assert sorted(cells["step_rule"].unique()) == ["adam", "relative"]
+    assert len(cells) == 2 * 24 and cells.groupby("step_rule")["name"].nunique().eq(24).all()
+    assert np.isfinite(cells[["delta_loss_a", "delta_loss_b", "predicted_delta_a"]]).all().all()
+    validity = pd.read_csv(vdir / "validity.csv")
+    assert {"mean_M[qkov]", "mean_M[signed]", "mean_M[symmetric]", "mean_M[fisher_weighted]",
+            "effect_size", "grad_share", "first_order", "overlap", "random"} <= set(
+        validity["candidate"])
+    arms = pd.read_csv(vdir / "arms.csv")
+    for f, g in arms[arms.arm != "none"].groupby("fraction"):
+        assert g.groupby("arm")["n_frozen_params"].nunique().eq(1).all()
+        assert g["n_frozen_params"].nunique() == 1       # random arms match the top arm
+    doc = json.loads((vdir / "validation.json").read_text())
+    assert set(doc["verdict"]) == {"relative", "adam", "intervention"}
+    assert any("the map" in line for line in verdict_lines("math__code", 0, doc))
+    # eval samples: held out from every role of the stores
+    evals = [json.loads(p.read_text()) for p in (work / "results" / "_eval").glob("*/manifest.json")]
+    assert len(evals) == 2
+    for m in evals:
+        task = m["meta"]["task_name"]
+        eval_ids = set(m["roles"]["eval"]["sample_ids"])
+        for store in (work / "results" / "_stores").glob(f"{task}-*/store.json"):
+            used = {i for r in json.loads(store.read_text())["roles"].values()
+                    for i in r.get("sample_ids", [])}
+            assert used and not eval_ids & used
+    for name in ("validation_scatter", "validation_precision", "validation_intervention"):
+        assert (base / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert (base / "figures" / f"{name}.pdf").is_file()
+    again = run_workflow(work, "validation", "--cores", "2", "--config",
+                         "experiment=tiny_validate", timeout=300)
+    assert "Nothing to be done" in again.stdout + again.stderr

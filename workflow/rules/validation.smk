@@ -62,12 +62,6 @@ rule validate:
         "../scripts/validate.py"
 
 
-def _validation_figure(name, caption, label):
-    return report(f"{R}/{{exp}}/{{model}}/{{pair}}/figures/{name}",
-                  caption=f"../report/{caption}.rst", category="Counterfactual validation",
-                  subcategory="{exp} / {pair}", labels={"figure": label, "model": "{model}"})
-
-
 rule draw_validation:
     input:
         json=lambda wc: PLAN.seed_files(wc, "validation/validation.json")[0],
@@ -76,14 +70,14 @@ rule draw_validation:
         precision=lambda wc: PLAN.seed_files(wc, "validation/precision.csv")[0],
         arms=lambda wc: PLAN.seed_files(wc, "validation/arms.csv")[0],
     output:
-        scatter=_validation_figure("validation_scatter.png", "validation_scatter",
-                                   "score vs measured interference"),
+        scatter=qf.figure_report(R, "validation_scatter.png", "validation_scatter",
+                                 ("Counterfactual validation", "score vs measured harm")),
         scatter_pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/validation_scatter.pdf",
-        precision=_validation_figure("validation_precision.png", "validation_precision",
-                                     "precision@k"),
+        precision=qf.figure_report(R, "validation_precision.png", "validation_precision",
+                                   ("Counterfactual validation", "precision@k")),
         precision_pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/validation_precision.pdf",
-        arms=_validation_figure("validation_intervention.png", "validation_intervention",
-                                "forgetting vs learning per arm"),
+        arms=qf.figure_report(R, "validation_intervention.png", "validation_intervention",
+                              ("Counterfactual validation", "forgetting vs learning")),
         arms_pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/validation_intervention.pdf",
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_validation.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_validation.json",
