@@ -355,3 +355,22 @@ def test_tiny_validation_in_the_workflow(tiny_run, tmp_path):
     again = run_workflow(work, "validation", "--cores", "2", "--config",
                          "experiment=tiny_validate", timeout=300)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_skipping_unchanged_blocks_gives_the_same_counterfactuals():
+    from interference.validation import measure
+
+    model = _model(layers=3, seed=2)
+    objective = default_objective(model)
+    params = CellParams(model, QKOVIndexer(model))
+    cells = distinct_cells(params.indexer)
+    gen = torch.Generator().manual_seed(0)
+    g = {c: torch.randn(params.size(c), generator=gen) for c in cells}
+    sq = {c: v * v + 0.1 for c, v in g.items()}
+    ea, eb = _batch(6, 10, 20, "a"), _batch(5, 10, 21, "b")
+    rule = StepRule("relative", relative=0.05)
+    fast = measure(model, objective, params, cells, rule, g, sq, ea, eb, 4, False, True)
+    slow = measure(model, objective, params, cells, rule, g, sq, ea, eb, 4, False, False)
+    np.testing.assert_array_equal(fast.delta_a, slow.delta_a)
+    np.testing.assert_array_equal(fast.delta_b, slow.delta_b)
+    assert np.abs(fast.delta_a).max() > 0

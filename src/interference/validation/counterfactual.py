@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..gradients.objectives import CausalLMObjective
 from .cells import Cell, CellParams
-from .losses import mean_loss_gradient, sample_losses
+from .losses import BlockCache, block_modules, mean_loss_gradient, sample_losses
 
 STEP_RULES = ("relative", "adam")
 
@@ -103,19 +104,53 @@ def cell_vectors(params: CellParams, tensors: dict[str, torch.Tensor], cells: li
     return out
 
 
+def _caches(model, objective, params: CellParams) -> tuple | None:
+    """Block caches for eval A and B when the blocks below a cell can be skipped: a causal
+    LM with every layer indexed (else None: full forward passes)."""
+    ix = params.indexer
+    if not isinstance(objective, CausalLMObjective) or ix.layers != ix.all_layers:
+        return None
+    paths = [ix.entry(layer, "Q").parts[0].name.rsplit(".", 1)[0] for layer in ix.layers]
+    try:
+        blocks = block_modules(model, paths)
+    except ValueError:
+        return None
+    return BlockCache(blocks), BlockCache(blocks)
+
+
+def _losses(model, objective, batch, micro_batch, cache, position):
+    if cache is None or position == 0:
+        return sample_losses(model, objective, batch, micro_batch).cpu()
+    with cache.skipping_below(position):
+        return sample_losses(model, objective, batch, micro_batch).cpu()
+
+
 def measure(model, objective, params: CellParams, cells: list[Cell], rule: StepRule,
             g_mean: dict[Cell, torch.Tensor], g_sq: dict[Cell, torch.Tensor],
             eval_a: dict, eval_b: dict, micro_batch: int = 16,
-            progress: bool = True) -> Counterfactuals:
-    """Step each cell alone by ``rule`` (restored bitwise after), measure A and B."""
+            progress: bool = True, skip_unchanged: bool = True) -> Counterfactuals:
+    """Step each cell alone by ``rule`` (restored bitwise after), measure A and B.
+
+    ``skip_unchanged``: a cell of layer l cannot change the outputs of the blocks below l,
+    so those are taken from the unchanged model's forward pass (causal LMs; checked
+    against a full forward pass on the first cell it applies to)."""
     model.eval()
     names = list(dict.fromkeys(n for c in cells for n, _ in params.parts(c)))
     grad_a = cell_vectors(params, mean_loss_gradient(model, objective, eval_a, names,
                                                      micro_batch), cells)
     grad_b = cell_vectors(params, mean_loss_gradient(model, objective, eval_b, names,
                                                      micro_batch), cells)
-    base_a = sample_losses(model, objective, eval_a, micro_batch).cpu()
-    base_b = sample_losses(model, objective, eval_b, micro_batch).cpu()
+    caches = _caches(model, objective, params) if skip_unchanged else None
+    if caches is None:
+        base_a = sample_losses(model, objective, eval_a, micro_batch).cpu()
+        base_b = sample_losses(model, objective, eval_b, micro_batch).cpu()
+    else:
+        with caches[0].recording():
+            base_a = sample_losses(model, objective, eval_a, micro_batch).cpu()
+        with caches[1].recording():
+            base_b = sample_losses(model, objective, eval_b, micro_batch).cpu()
+    position = {layer: k for k, layer in enumerate(params.indexer.layers)}
+    checked = False
     n = len(cells)
     delta_a = np.zeros((n, len(base_a)))
     delta_b = np.zeros((n, len(base_b)))
@@ -124,9 +159,17 @@ def measure(model, objective, params: CellParams, cells: list[Cell], rule: StepR
                                disable=not progress, mininterval=5)):
         theta = params.read(c)
         step = rule.step(theta, g_mean[c].to(theta.device), g_sq[c].to(theta.device))
+        pos = position[c.layer]
         with params.shifted(c, step):
-            la = sample_losses(model, objective, eval_a, micro_batch).cpu()
-            lb = sample_losses(model, objective, eval_b, micro_batch).cpu()
+            la = _losses(model, objective, eval_a, micro_batch, caches and caches[0], pos)
+            lb = _losses(model, objective, eval_b, micro_batch, caches and caches[1], pos)
+            if caches is not None and pos > 0 and not checked:
+                full = sample_losses(model, objective, eval_a, micro_batch).cpu()
+                if not torch.allclose(full, la, rtol=1e-5, atol=1e-6):
+                    raise RuntimeError(f"skipping the blocks below {c.name} changed the "
+                                       f"losses (max diff {float((full - la).abs().max()):.3g})"
+                                       "; run with skip_unchanged=False")
+                checked = True
         delta_a[k] = (la.double() - base_a.double()).numpy()
         delta_b[k] = (lb.double() - base_b.double()).numpy()
         pred_a[k] = float(torch.dot(grad_a[c].double(), step.double().to(grad_a[c].device)))

@@ -7,6 +7,8 @@ tokens; other objectives run sample by sample.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ def _right_padded(samples: list[dict], device) -> tuple[torch.Tensor, torch.Tens
 
 def _causal_losses(model: nn.Module, samples: list[dict], reduction: str) -> torch.Tensor:
     ids, mask, labels = _right_padded(samples, _device(model))
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:]
     keep = target != -100
     nll = F.cross_entropy(logits.transpose(1, 2), torch.where(keep, target, 0),
@@ -73,3 +75,72 @@ def mean_loss_gradient(model: nn.Module, objective: Objective, batch: dict,
         for name, g in zip(names, got):
             grads[name] += g.float()
     return grads
+
+
+def block_modules(model: nn.Module, module_paths: list[str]) -> list[nn.Module]:
+    """The transformer block holding each of ``module_paths`` (e.g. each layer's Q
+    projection): its ancestor that is an element of an ``nn.ModuleList``."""
+    modules = dict(model.named_modules())
+    out = []
+    for path in module_paths:
+        parts = path.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            if parts[k].isdigit() and isinstance(modules.get(".".join(parts[:k])), nn.ModuleList):
+                out.append(modules[".".join(parts[:k + 1])])
+                break
+        else:
+            raise ValueError(f"{path}: no enclosing block in an nn.ModuleList")
+    return out
+
+
+class BlockCache:
+    """Outputs of every transformer block for a fixed sequence of forward passes (one
+    :func:`sample_losses` call), so that after changing the parameters of block l a
+    repeat of those passes can skip blocks 0..l-1: their outputs cannot change.
+
+    Use: ``with cache.recording(): sample_losses(...)`` once on the unchanged model, then
+    ``with cache.skipping_below(l): sample_losses(...)`` with the same batch and micro-batch.
+    """
+
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks = blocks
+        self.outputs: list[list] = [[] for _ in blocks]
+
+    @contextmanager
+    def recording(self):
+        self.outputs = [[] for _ in self.blocks]
+        handles = [b.register_forward_hook(
+            lambda mod, inp, out, k=k: self.outputs[k].append(_detached(out)))
+            for k, b in enumerate(self.blocks)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def skipping_below(self, position: int):
+        counters = [0] * position
+
+        def cached(k):
+            def forward(*args, **kwargs):
+                out = self.outputs[k][counters[k]]
+                counters[k] += 1
+                return out
+            return forward
+
+        for k in range(position):
+            self.blocks[k].forward = cached(k)
+        try:
+            yield self
+        finally:
+            for k in range(position):
+                del self.blocks[k].forward
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
