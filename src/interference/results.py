@@ -1,5 +1,10 @@
 """Saved results: heatmaps (npz + json) and tables, written atomically, versioned.
 
+The library's one way to write a file or a folder atomically (:func:`atomic_path`,
+:func:`atomic_dir`, and on them :func:`write_bytes`, :func:`write_json`, :func:`save_npz`):
+write next to the target, then rename into place, so a reader sees the old or the new
+content, never a part.
+
 A saved heatmap folder holds ``scores.npz`` (per block ``scores_<B>`` [n_a, n_b, n_layers,
 n_heads] and ``layer_head_avg_<B>`` [n_layers, n_heads], float64, unitless score units of
 M) and ``heatmap.json`` (the meta without live objects, and ``top_conflicts``).
@@ -9,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._tables import BLOCKS
 
 SCHEMA_VERSION = "1.1"
 # What each version added; readers accept every version of the same major number (fields
@@ -23,7 +31,6 @@ SCHEMA_HISTORY = {
     "1.1": "cells.schema.json (units) beside each cells.csv; stability.json and stats.json "
            "carry schema_version and config_hash; deterministic scores.npz",
 }
-BLOCKS = ("Q", "K", "V", "O")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -68,6 +75,32 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder next to the folder ``path``; on success it replaces ``path``
+    (an existing ``path`` is removed first), on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (``fsync``: flushed to disk before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def write_json(path, obj):

@@ -295,6 +295,25 @@ def _finite(v) -> bool:
     return f == f and abs(f) != float("inf")
 
 
+def bounded(fn, timeout_s: float, name: str = "mlflow") -> tuple[Any, str | None]:
+    """``(fn(), None)``, or ``(None, why)`` when fn raised or gave no answer within
+    ``timeout_s`` (it runs in a daemon thread, so a hung MLflow never holds the job)."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = fn()
+        except Exception as err:  # MLflow never fails the job
+            box["error"] = f"{type(err).__name__}: {err}"
+
+    th = threading.Thread(target=work, daemon=True, name=name)
+    th.start()
+    th.join(timeout_s)
+    if "value" in box:
+        return box["value"], None
+    return None, box.get("error", f"no answer within {timeout_s:.0f} s")
+
+
 def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
     """Direct mode: log the record as a child of this workflow run's parent, within
     timeout_s; on failure or timeout the record stays pending (``track`` logs it later)."""
@@ -302,22 +321,12 @@ def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
     if s["mode"] != "direct" or not s["uri"]:
         return record
     parent = s["parents"].get(record["experiment"])
-    box: dict = {}
-
-    def work():
-        try:
-            box["run_id"] = log_record(s["uri"], s["artifacts"], record, parent)
-        except Exception as err:
-            box["error"] = f"{type(err).__name__}: {err}"
-
-    t = threading.Thread(target=work, daemon=True, name="mlflow-log")
-    t.start()
-    t.join(timeout_s if timeout_s is not None else s["timeout_s"])
-    if "run_id" in box:
+    run_id, why = bounded(lambda: log_record(s["uri"], s["artifacts"], record, parent),
+                          timeout_s if timeout_s is not None else s["timeout_s"], "mlflow-log")
+    if why is None:
         record["status"] = "logged"
-        record["mlflow"] = {"run_id": box["run_id"], "uri": s["uri"], "parent_run_id": parent}
+        record["mlflow"] = {"run_id": run_id, "uri": s["uri"], "parent_run_id": parent}
     else:
-        why = box.get("error", f"no answer within {s['timeout_s']:.0f} s")
         record["status"] = "pending"
         record["mlflow_error"] = why
         logger.warning("MLflow logging deferred (%s); the track rule will log this record", why)

@@ -14,7 +14,8 @@ import warnings
 import numpy as np
 import torch
 
-from ..architectures import BLOCKS, QKOVConfig
+from .._tables import BLOCKS, SHARED_BLOCKS
+from ..architectures import QKOVConfig
 from .contraction import PRECISIONS, apply_op, contract
 
 logger = logging.getLogger("fisher.qkov")
@@ -230,7 +231,7 @@ class QKOVInterferenceMetric:
         return m / left.shape[-1] if self.aggregate == "mean" else m
 
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:
-        return [self.config.kv_head(h) for h in heads] if block in ("K", "V") else heads
+        return [self.config.kv_head(h) for h in heads] if block in SHARED_BLOCKS else heads
 
     def pair_scores(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
                     layers=None, heads=None, fisher_tasks: tuple[str, ...] | None = None
@@ -278,7 +279,7 @@ class QKOVInterferenceMetric:
                 "contrib_norm": float(ga.double().square().norm()),
                 "grad_norm": float(gb.double().norm()), "lambda": lam, "ridge_share": share,
                 "block": block, "layer": layer, "head": head,
-                "kv_head": self.config.kv_head(head) if block in ("K", "V") else None,
+                "kv_head": self.config.kv_head(head) if block in SHARED_BLOCKS else None,
                 "sample_a": ia, "sample_b": jb}
         logger.debug("L%d H%d %s %s x %s: %.4g %s", layer, head, block, ia, jb, score, diag)
         return score, diag
@@ -370,7 +371,7 @@ class QKOVInterferenceMetric:
         """The k most conflicting entries (largest; smallest for 'signed'); K/V cells of one
         GQA group are listed once, under their first selected query head."""
         cols = list(range(len(heads)))
-        if block in ("K", "V"):
+        if block in SHARED_BLOCKS:
             seen, cols = set(), []
             for c, h in enumerate(heads):
                 if self.config.kv_head(h) not in seen:
@@ -387,6 +388,6 @@ class QKOVInterferenceMetric:
             i, j, li, c = np.unravel_index(t, sub.shape)
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
-                        "kv_head": self.config.kv_head(h) if block in ("K", "V") else None,
+                        "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
                         "sample_a": ids_a[i], "sample_b": ids_b[j], "score": float(flat[t])})
         return out

@@ -15,14 +15,14 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from pathlib import Path
+
+from interference._tables import BLOCKS
 
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.figures")
-BLOCKS = ("Q", "K", "V", "O")
 # config sections that never change what an analysis finds (not compared across variants)
 NOT_ABLATED = ("resources", "experiment", "overrides", "workflow", "tracking", "figures")
 ABLATION_DIR = "_ablations"
@@ -406,25 +406,15 @@ def run_ablation(smk) -> None:
     record = {"sweep": s["sweep"], "mode": settings["mode"], "uri": settings["uri"],
               "status": "off", "time_s": None}
     if settings["mode"] != "off" and settings["uri"]:
-        box: dict = {}
-
-        def work():
-            try:
-                box["value"] = log_sweep(doc, out, settings,
-                                         Path(smk.output.manifest).parents[2] / ".mlflow.lock")
-            except Exception as err:  # MLflow never fails the job
-                box["error"] = f"{type(err).__name__}: {err}"
-
-        th = threading.Thread(target=work, daemon=True, name="mlflow-ablation")
-        th.start()
-        th.join(max(settings["timeout_s"], 60))
-        if "value" in box:
-            record.update(status="logged", **box["value"])
-            logger.info("MLflow: experiment %s, sweep run %s", box["value"]["experiment"],
-                        box["value"]["parent_run_id"])
+        lock = Path(smk.output.manifest).parents[2] / ".mlflow.lock"
+        logged, err = tracking.bounded(lambda: log_sweep(doc, out, settings, lock),
+                                       max(settings["timeout_s"], 60), "mlflow-ablation")
+        if err is None:
+            record.update(status="logged", **logged)
+            logger.info("MLflow: experiment %s, sweep run %s", logged["experiment"],
+                        logged["parent_run_id"])
         else:
-            record.update(status="error",
-                          error=box.get("error", f"no answer within {settings['timeout_s']} s"))
+            record.update(status="error", error=err)
             logger.warning("MLflow logging of the sweep failed (%s); the figures are complete; "
                            "rerun with --forcerun draw_ablation_summary to retry", record["error"])
     record["time_s"] = time.time() - t0

@@ -34,10 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from interference._tables import ROLES
+
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.gradients")
-ROLE_ORDER = ("fisher", "scored", "reference", "control")
+ROLE_ORDER = ROLES  # units are collected role by role in this order
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MICRO_BATCH = 8          # samples per batched forward of the gradient engine (and shard unit)
 _HELD_LOCKS: list = []   # GPU lock files held for the job's lifetime

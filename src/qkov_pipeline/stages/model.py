@@ -108,16 +108,10 @@ def save(model, tokenizer, out_dir: Path) -> None:
     if tokenizer is not None:
         convert_to_safetensors(model, tokenizer, out_dir, overwrite=True)
         return
-    import os
-    import tempfile
+    from interference.results import atomic_dir
 
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def describe(model, tokenizer, mcfg: dict) -> dict:

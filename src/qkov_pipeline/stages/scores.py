@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from interference._tables import BLOCKS, ROLES
+
 from ..config import digest
 
 logger = logging.getLogger("qkov.scores")
-BLOCKS = ("Q", "K", "V", "O")
 
 
 def control_heatmap(metric, task_a: str, task_b: str) -> dict:
@@ -84,7 +85,7 @@ def check_disjoint_tasks(collector, metas: dict[str, dict], a: str, disruptor: s
     for task, ids, what in ((disruptor, disruptor_ids, "disruptors"),
                             (ref_task, ref_ids, "reference disruptors")):
         if task == a:   # the same task: roles are disjoint by id (split_task, collector)
-            a_role = {i: r for r in ("fisher", "scored", "reference", "control")
+            a_role = {i: r for r in ROLES
                       for i in collector.sample_ids(a, r)}
             clash = [i for i in ids if i in a_role and a_role[i] not in ("control", "reference")]
         else:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from interference._tables import BLOCKS
+
 logger = logging.getLogger("qkov.stats")
-BLOCKS = ("Q", "K", "V", "O")
 LEAD = ["schema_version", "config_hash", "experiment", "model", "pair", "arm", "split_seed",
         "task_a", "task_b", "block", "layer", "head", "kv_head", "statistic", "p_value",
         "q_value", "effect_size", "ci_low", "ci_high", "significant"]

@@ -16,10 +16,11 @@ import logging
 import numpy as np
 import pandas as pd
 
+from interference._tables import BLOCKS
+
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.tables")
-BLOCKS = ("Q", "K", "V", "O")
 
 
 def merge(frames: dict[int, pd.DataFrame]) -> pd.DataFrame:
