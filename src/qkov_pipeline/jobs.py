@@ -63,15 +63,11 @@ class Job:
 
     # -- helpers for stages -----------------------------------------------------------
     def device(self) -> str:
-        want = self.exec.get("device", "auto")
-        if want == "cpu":
-            return "cpu"
-        import torch
+        """'cpu' or 'cuda' from resources.<rule>.device (auto | cpu | cuda)."""
+        from interference.device import resolve_device
 
-        if want == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"rule {self.rule}: resources.{self.rule}.device=cuda but no "
-                               "CUDA device is visible")
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.exec.get("device", "auto"),
+                              f"rule {self.rule}: resources.{self.rule}.device")
 
     def artifact(self, path, directory: str | None = None) -> None:
         self.artifacts.append({"path": str(path), "dir": directory})

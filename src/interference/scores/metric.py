@@ -16,6 +16,7 @@ import torch
 
 from .._tables import BLOCKS, SHARED_BLOCKS
 from ..architectures import QKOVConfig
+from ..device import resolve_device
 from .contraction import PRECISIONS, apply_op, contract
 
 logger = logging.getLogger("fisher.qkov")
@@ -68,7 +69,7 @@ class QKOVInterferenceMetric:
         self.variant = _choice("variant", variant, VARIANTS)
         self.gj_norm = _choice("gj_norm", gj_norm, ("none", "l2"))
         self.top_k = int(top_k)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(resolve_device(device))
         self.backend = _choice("backend", backend, ("auto", "torch", "triton"))
         self.precision = _choice("precision", precision, PRECISIONS)
         if device_memory_mb is not None and not float(device_memory_mb) > 0:

@@ -212,14 +212,12 @@ def choose_device(want: str = "auto", slot: int = 0) -> tuple[str, dict]:
     """
     info = {"host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    if want == "cpu":
-        return "cpu", dict(info, how="config")
+    from interference.device import resolve_device
+
+    if resolve_device(want, "resources.collect.device") == "cpu":
+        return "cpu", dict(info, how="config" if want == "cpu" else "no CUDA device")
     import torch
 
-    if not torch.cuda.is_available():
-        if want == "cuda":
-            raise RuntimeError("resources.collect.device=cuda but no CUDA device is visible")
-        return "cpu", dict(info, how="no CUDA device")
     n = torch.cuda.device_count()
     visible = (info["cuda_visible_devices"] or "").split(",")
     ids = [v.strip() for v in visible] if len(visible) == n and all(visible) else \
