@@ -515,10 +515,11 @@ def test_saved_scores_are_bitwise_reproducible(tmp_path, monkeypatch):
     heat = {b: {"scores": rng.random((2, 3, 2, 4)), "layer_head_avg": rng.random((2, 4)),
                 "top_conflicts": []} for b in "QKVO"}
     heat["meta"] = {"layers": [0, 1], "heads": [0, 1, 2, 3], "collector_token": os.urandom(8).hex(),
-                    "metric": object()}
+                    "compute": {"device": "cpu", "backend": "torch"}}
     save_heatmap(tmp_path / "a", heat)
     monkeypatch.setattr(time, "time", lambda: 1e9)   # another day
     heat["meta"]["collector_token"] = "another process"
+    heat["meta"]["compute"] = {"device": "cuda:1", "backend": "triton"}   # how, not what
     save_heatmap(tmp_path / "b", heat)
     for name in ("scores.npz", "heatmap.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -120,13 +120,14 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-# live-object keys of a heatmap's meta that mean nothing once saved: the metric, and the
-# collector's random per-process token (it would make equal results differ byte for byte)
-UNSAVED_META = ("metric", "collector_token")
+# keys of a heatmap's meta that mean nothing once saved: how this process computed (device,
+# backend), and the collector's random per-process token (it would make equal results differ
+# byte for byte)
+UNSAVED_META = ("compute", "collector_token")
 
 
 def heatmap_meta(heatmap: dict) -> dict:
-    """The heatmap's meta without live objects (the metric, the collector's token)."""
+    """The heatmap's meta without the per-process keys (compute settings, collector token)."""
     return {k: v for k, v in heatmap["meta"].items() if k not in UNSAVED_META}
 
 
@@ -150,7 +151,7 @@ def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
 
 
 def load_heatmap(directory) -> tuple[dict, dict | None]:
-    """(heatmap dict as made by ``compute_heatmap`` minus the metric, reference scores or None)."""
+    """(heatmap dict as made by ``compute_heatmap`` minus UNSAVED_META, reference scores or None)."""
     directory = Path(directory)
     doc = json.loads((directory / "heatmap.json").read_text())
     check_schema(doc.get("schema_version"), directory / "heatmap.json", "the heatmap")
