@@ -388,11 +388,9 @@ def _reference_scores(scorer, meta: Mapping[str, Any], task_r: str, ids_r: list,
     """Block -> [n_a, n_r, L, H]: task A's samples against the reference disruptors, with
     the heatmap's own Fisher normaliser (e.g. pooled A+B: the metric's default for
     (task_a, task_r) would be A's alone when task_r == task_a)."""
-    kwargs = {}
-    if meta.get("fisher_tasks") is not None:
-        kwargs["fisher_tasks"] = tuple(meta["fisher_tasks"])
-    pair = scorer.pair_scores(meta["task_a"], list(meta["sample_ids_a"]), task_r, ids_r,
-                              list(meta["layers"]), list(meta["heads"]), **kwargs)
+    from ..scores.arms import reference_scores
+
+    pair = reference_scores(scorer, meta, task_r, ids_r)
     missing = [b for b in blocks if b not in pair]
     if missing:
         raise ValueError(f"metric.pair_scores returned no reference scores for blocks "
