@@ -284,8 +284,7 @@ def _collect_role(collector, model, batch: dict, task: str, role: str, mode: str
 def _load(job, ex: dict, slot: int):
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.data import load_task_batches
-
-    from . import model as model_stage
+    from interference.models import load_prepared
 
     s = job.slice
     d = s["data"]
@@ -293,7 +292,7 @@ def _load(job, ex: dict, slot: int):
     device, dev_info = choose_device(ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):
-        model, _ = model_stage.load(Path(job.input.model).parent, d["model"])
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"])
         model.to(device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
