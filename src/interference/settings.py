@@ -9,6 +9,7 @@ them cheaply.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,11 @@ import numpy as np
 
 from ._tables import (AGGREGATES, DISRUPTION_NORMS, FDR_FAMILIES, FISHER_SOURCES, GJ_NORMS,
                       STATISTICS, VARIANTS)
+
+
+def param_value(v) -> str:
+    """A setting as a string (an MLflow param, a table cell): strings as they are, else JSON."""
+    return v if isinstance(v, str) else json.dumps(v)
 
 
 def choice(name: str, value, allowed: tuple) -> Any:

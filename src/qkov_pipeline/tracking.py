@@ -335,11 +335,6 @@ def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- ablation sweeps
 
-def param_value(v) -> str:
-    """A setting as an MLflow param (and table) value: strings as they are, else JSON."""
-    return v if isinstance(v, str) else json.dumps(v)
-
-
 def experiment_run(doc: dict, variant: str, results: Path, settings: dict) -> str | None:
     """The variant's MLflow parent run that holds its job runs: the one its tracking.json
     names when that is newer than its cells tables (nothing reran since), else this
@@ -366,6 +361,7 @@ def log_sweep(doc: dict, out: Path, settings: dict, lock_path: Path) -> dict:
     from mlflow.entities import Metric, Param
 
     from interference._tables import BLOCKS
+    from interference.settings import param_value
 
     uri, prefix = settings["uri"], settings["prefix"]
     name = f"{prefix}/ablations"

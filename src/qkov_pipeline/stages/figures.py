@@ -20,7 +20,6 @@ from pathlib import Path
 from interference._tables import BLOCKS
 
 from ..jobs import read_json
-from ..tracking import param_value
 
 logger = logging.getLogger("qkov.figures")
 # config sections that never change what an analysis finds (not compared across variants)
@@ -202,94 +201,12 @@ def sweep_plan(plan) -> dict | None:
             "stats": [e["stats"] for g in groups.values() for e in g]}
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "n/a"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def summarise_sweep(s: dict, out: Path) -> dict:
-    """Draw every analysis's ablation summary; returns the sweep's manifest (ablation.json)."""
-    import numpy as np
-
-    from interference.figures import (jaccard, rank_correlations, significant_counts,
-                                      significant_set, write_ablation_summary)
-
-    base = s["baseline"]
-    doc = {"sweep": s["sweep"], "variants": s["variants"], "baseline": base,
-           "ablated": s["ablated"], "flip": s["flip"], "analyses": {}}
-    for pair, group in s["analyses"].items():
-        names = [e["exp"] for e in group]
-        maps, cells, kv, alpha = {}, {}, {}, {}
-        for e in group:
-            st = read_json(e["stats"])
-            maps[e["exp"]] = {b: np.asarray(st["layer_head_avg"][b]["estimate"]) for b in BLOCKS}
-            kv[e["exp"]] = st["kv_head_of"]
-            cells[e["exp"]] = e["cells"]
-            alpha[e["exp"]] = (st["summary"].get("fdr_alpha"), st["summary"].get("min_effect_size"))
-        entries = write_ablation_summary(maps, cells, out / pair, kv_head_of=kv,
-                                         flip=[n for n in names if n in s["flip"]])
-        rho = rank_correlations(maps, "pooled", kv, [n for n in names if n in s["flip"]])
-        counts = significant_counts(cells)
-        sets = {n: significant_set(cells[n]) for n in names}
-        ref = base if base in names else names[0]
-        rows = {}
-        for e in group:
-            n = e["exp"]
-            rows[n] = {"model": e["model"], "cells_csv": e["cells"],
-                       "n_significant": int(counts.loc[n, "significant"]),
-                       "n_q_significant": int(counts.loc[n, "q_significant"]),
-                       "n_significant_by_block": {b: int(counts.loc[n, b]) for b in BLOCKS},
-                       "spearman_vs_baseline": float(rho.loc[n, ref]),
-                       "jaccard_vs_baseline": float(jaccard(sets[n], sets[ref])),
-                       "fdr_alpha": alpha[n][0], "min_effect_size": alpha[n][1]}
-        off = rho.to_numpy()[~np.eye(len(names), dtype=bool)]
-        off = off[np.isfinite(off)]
-        doc["analyses"][pair] = {
-            "baseline": ref, "variants": rows,
-            "spearman_min": float(off.min()) if off.size else None,
-            "spearman_mean": float(off.mean()) if off.size else None,
-            "figures": [str(Path(x["path"]).relative_to(out)) for x in entries],
-            "caption": entries[0]["caption"] if entries else ""}
-    return doc
-
-
-def sweep_markdown(doc: dict) -> str:
-    lines = [f"# Ablation summary: `{doc['sweep']}`", "",
-             f"Variants (baseline first): {', '.join(f'`{v}`' for v in doc['variants'])}.", ""]
-    keys = sorted(set().union(*(set(a) for a in doc["ablated"].values())))
-    if keys:
-        lines += ["## What differs", "", "| variant | " + " | ".join(f"`{k}`" for k in keys)
-                  + " |", "|---|" + "---|" * len(keys)]
-        for v in doc["variants"]:
-            lines.append(f"| {v} | " + " | ".join(param_value(doc["ablated"][v].get(k))
-                                                  for k in keys) + " |")
-        lines.append("")
-    for pair, a in doc["analyses"].items():
-        lines += [f"## `{pair}`", "",
-                  f"Baseline `{a['baseline']}`. A cell is significant when q <= alpha and "
-                  "Cohen's d >= the threshold; Spearman: rank correlation of the layer x head "
-                  "maps with the baseline's (mean over blocks; n/a: another grid); Jaccard: "
-                  "overlap of the significant cells with the baseline's (n/a: both empty).", "",
-                  "| variant | model | significant | Q | K | V | O | q <= alpha | Spearman vs "
-                  "baseline | Jaccard vs baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for v, r in a["variants"].items():
-            by = r["n_significant_by_block"]
-            lines.append(f"| {v} | {r['model']} | **{r['n_significant']}** | "
-                         + " | ".join(str(by[b]) for b in BLOCKS)
-                         + f" | {r['n_q_significant']} | {_fmt(r['spearman_vs_baseline'])} | "
-                         f"{_fmt(r['jaccard_vs_baseline'])} |")
-        lines += ["", f"Figure: `{pair}/ablation_summary.png` (PDF beside it); tables "
-                  f"`{pair}/ablation_summary_correlations.csv`, `{pair}/ablation_summary_counts.csv`.",
-                  ""]
-    return "\n".join(lines)
-
-
 def run_ablation(smk) -> None:
     """Rule ``draw_ablation_summary`` (local): figures, ablation.json/.md, MLflow runs."""
     import matplotlib
     import yaml
 
+    from interference.figures.sweep import fmt_value, summarise_sweep, sweep_markdown
     from interference.results import atomic_path, write_json
 
     from .. import tracking
@@ -312,8 +229,8 @@ def run_ablation(smk) -> None:
     for pair, a in doc["analyses"].items():
         for v, r in a["variants"].items():
             logger.info("%-24s %-28s %3d significant, Spearman vs %s %s, Jaccard %s", pair, v,
-                        r["n_significant"], a["baseline"], _fmt(r["spearman_vs_baseline"]),
-                        _fmt(r["jaccard_vs_baseline"]))
+                        r["n_significant"], a["baseline"], fmt_value(r["spearman_vs_baseline"]),
+                        fmt_value(r["jaccard_vs_baseline"]))
     settings = tracking.settings_from_env()
     record = {"sweep": s["sweep"], "mode": settings["mode"], "uri": settings["uri"],
               "status": "off", "time_s": None}
