@@ -272,10 +272,10 @@ def test_save_is_atomic(tok, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(store.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         save_task_batches(out, {"fisher": batches["fisher"]}, {"fisher": records["fisher"]}, {"other": 1})
-    monkeypatch.setattr(store.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     assert sorted(os.listdir(out)) == ["manifest.json", "tensors.safetensors"]  # no temp left
     assert load_task_batches(out)[2] == meta  # the earlier save is intact
     # a torn pair (new tensors, old manifest) is detected

@@ -296,11 +296,12 @@ def test_scores_stage_refuses_a_or_b_samples_shared_but_allows_the_control(sweep
     """At scoring time (always, also without length matching): B's disruptors and the
     reference disruptors must not be task-A samples; A' (the control split) is not."""
     from interference.gradients import FisherCollector
-    from qkov_pipeline.stages.scores import check_disjoint_tasks, store_metas
+    from interference.scores.arms import check_disjoint_tasks
+    from qkov_pipeline.stages.scores import store_contents, store_metas
 
     dirs = [d for d in sorted((sweep_run["results"] / "_stores").glob("*/grads"))
             if json.loads((d / "index.json").read_text())["meta"]["data"]["split_seed"] == 0]
-    metas = store_metas(dirs)
+    metas = store_contents(store_metas(dirs))
     fc = FisherCollector.from_saved(dirs)
     ref = fc.sample_ids("math", "reference")
     check_disjoint_tasks(fc, metas, "math", "code", fc.sample_ids("code", "scored"), "math", ref)
@@ -515,10 +516,11 @@ def test_saved_scores_are_bitwise_reproducible(tmp_path, monkeypatch):
     heat = {b: {"scores": rng.random((2, 3, 2, 4)), "layer_head_avg": rng.random((2, 4)),
                 "top_conflicts": []} for b in "QKVO"}
     heat["meta"] = {"layers": [0, 1], "heads": [0, 1, 2, 3], "collector_token": os.urandom(8).hex(),
-                    "metric": object()}
+                    "compute": {"device": "cpu", "backend": "torch"}}
     save_heatmap(tmp_path / "a", heat)
     monkeypatch.setattr(time, "time", lambda: 1e9)   # another day
     heat["meta"]["collector_token"] = "another process"
+    heat["meta"]["compute"] = {"device": "cuda:1", "backend": "triton"}   # how, not what
     save_heatmap(tmp_path / "b", heat)
     for name in ("scores.npz", "heatmap.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

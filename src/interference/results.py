@@ -1,18 +1,28 @@
 """Saved results: heatmaps (npz + json) and tables, written atomically, versioned.
 
+The library's one way to write a file or a folder atomically (:func:`atomic_path`,
+:func:`atomic_dir`, and on them :func:`write_bytes`, :func:`write_json`, :func:`save_npz`):
+write next to the target, then rename into place, so a reader sees the old or the new
+content, never a part.
+
 A saved heatmap folder holds ``scores.npz`` (per block ``scores_<B>`` [n_a, n_b, n_layers,
 n_heads] and ``layer_head_avg_<B>`` [n_layers, n_heads], float64, unitless score units of
-M) and ``heatmap.json`` (the meta without live objects, and ``top_conflicts``).
+M) and ``heatmap.json`` (the meta without per-process keys, and ``top_conflicts``). The
+cells tables (cells.csv) have the data dictionary :data:`COLUMNS`, written beside each
+table by :func:`write_table_schema`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ._tables import BLOCKS
 
 SCHEMA_VERSION = "1.1"
 # What each version added; readers accept every version of the same major number (fields
@@ -23,7 +33,6 @@ SCHEMA_HISTORY = {
     "1.1": "cells.schema.json (units) beside each cells.csv; stability.json and stats.json "
            "carry schema_version and config_hash; deterministic scores.npz",
 }
-BLOCKS = ("Q", "K", "V", "O")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -70,6 +79,32 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder next to the folder ``path``; on success it replaces ``path``
+    (an existing ``path`` is removed first), on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes(path, data: bytes, fsync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (``fsync``: flushed to disk before the rename)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
@@ -87,13 +122,81 @@ def _jsonable(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-# live-object keys of a heatmap's meta that mean nothing once saved: the metric, and the
-# collector's random per-process token (it would make equal results differ byte for byte)
-UNSAVED_META = ("metric", "collector_token")
+# ------------------------------------------------------------------ cells tables
+# the leading columns of a cells table, in this order (the other columns follow)
+LEAD = ["schema_version", "config_hash", "experiment", "model", "pair", "arm", "split_seed",
+        "task_a", "task_b", "block", "layer", "head", "kv_head", "statistic", "p_value",
+        "q_value", "effect_size", "ci_low", "ci_high", "significant"]
+
+# The cells tables' data dictionary: column -> (unit, meaning). Written beside every cells.csv
+# as <name>.schema.json together with the schema version and the config hash (issue 10).
+SHARE = "share of a disruptor's total disruption (unitless, 0..1; `disruption_norm: share`)"
+COLUMNS = {
+    "schema_version": ("version", "results schema version of interference.results"),
+    "config_hash": ("hash", "hash of the resolved config slice that determined this table"),
+    "experiment": ("name", "experiment (conf/experiment file or 'default')"),
+    "model": ("name", "model name (conf/model)"),
+    "pair": ("name", "analysis folder: '<a>__<b>' or its negative control '<a>__<b>.control'"),
+    "arm": ("name", "main (A vs B) or control (A vs A', a held-out split of A)"),
+    "split_seed": ("integer", "split seed of the statistics in this row (the primary one in the "
+                              "analysis-level table)"),
+    "task_a": ("name", "task A (whose important parameters are disrupted)"),
+    "task_b": ("name", "task B (the disruptor; A' for the control)"),
+    "block": ("Q|K|V|O", "projection block"),
+    "layer": ("index", "real layer id"),
+    "head": ("index", "query head id (K/V cells: the first query head of the group)"),
+    "kv_head": ("index", "key/value head id (= head without GQA)"),
+    "kv_group": ("indices", "query heads sharing the cell, comma-separated"),
+    "n_query_heads": ("count", "query heads sharing the cell"),
+    "shared": ("bool", "K/V cell shared by a GQA group"),
+    "layer_pos": ("index", "row of the cell on the heatmap"),
+    "head_pos": ("index", "column of the cell on the heatmap"),
+    "name": ("cell name", "'Q/L3/H5' for Q/O, 'K/L3/KV1' for K/V"),
+    "statistic": ("t (unitless)", "Welch's t of disruption shares, B vs R (or their mean "
+                                  "difference with statistic: mean_diff, in " + SHARE + ")"),
+    "p_value": ("probability", "one-sided permutation p-value, (1 + k) / (1 + N) or exact"),
+    "q_value": ("probability", "Benjamini-Hochberg q-value over the FDR family"),
+    "effect_size": ("Cohen's d (sd units)", "two-sample Cohen's d of disruption shares, pooled sd"),
+    "auc": ("probability", "P(share of a B disruptor > share of an R disruptor)"),
+    "mean_b": (SHARE, "mean over B (or A') disruptors"),
+    "mean_r": (SHARE, "mean over the reference disruptors R"),
+    "mean_diff": (SHARE, "mean_b - mean_r"),
+    "null_mean": ("same as statistic", "mean of the permutation null"),
+    "null_sd": ("same as statistic", "sd of the permutation null"),
+    "ci_low": (SHARE, "bootstrap percentile interval of mean_diff, lower end"),
+    "ci_high": (SHARE, "bootstrap percentile interval of mean_diff, upper end"),
+    "ci_low_by": (SHARE, "Benjamini-Yekutieli-adjusted interval (for selected cells), lower end"),
+    "ci_high_by": (SHARE, "Benjamini-Yekutieli-adjusted interval, upper end"),
+    "constant": ("bool", "the cell's shares are constant: p = 1"),
+    "q_significant": ("bool", "q_value <= fdr_alpha (what the FDR guarantee covers)"),
+    "significant": ("bool", "q_value <= fdr_alpha and effect_size >= min_effect_size"),
+    "n_seeds_q_significant": ("count", "split seeds in which the cell has q <= alpha"),
+    "n_seeds_significant": ("count", "split seeds in which the cell is significant"),
+    "n_split_seeds": ("count", "split seeds of the analysis"),
+}
+
+
+def write_table_schema(csv_path, columns, config_hash: str, extra: dict | None = None) -> Path:
+    """``<table>.schema.json`` beside a CSV: schema version, config hash, units per column."""
+    csv_path = Path(csv_path)
+    out = csv_path.with_name(csv_path.stem + ".schema.json")
+    doc = {"table": csv_path.name, "schema_version": SCHEMA_VERSION, "config_hash": config_hash,
+           "columns": {c: dict(zip(("unit", "meaning"), COLUMNS.get(c, ("", "")))) for c in columns},
+           **(extra or {})}
+    write_json(out, doc)
+    return out
+
+
+
+# ------------------------------------------------------------------ heatmaps
+# keys of a heatmap's meta that mean nothing once saved: how this process computed (device,
+# backend), and the collector's random per-process token (it would make equal results differ
+# byte for byte)
+UNSAVED_META = ("compute", "collector_token")
 
 
 def heatmap_meta(heatmap: dict) -> dict:
-    """The heatmap's meta without live objects (the metric, the collector's token)."""
+    """The heatmap's meta without the per-process keys (compute settings, collector token)."""
     return {k: v for k, v in heatmap["meta"].items() if k not in UNSAVED_META}
 
 
@@ -117,7 +220,7 @@ def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
 
 
 def load_heatmap(directory) -> tuple[dict, dict | None]:
-    """(heatmap dict as made by ``compute_heatmap`` minus the metric, reference scores or None)."""
+    """(heatmap dict as made by ``compute_heatmap`` minus UNSAVED_META, reference scores or None)."""
     directory = Path(directory)
     doc = json.loads((directory / "heatmap.json").read_text())
     check_schema(doc.get("schema_version"), directory / "heatmap.json", "the heatmap")

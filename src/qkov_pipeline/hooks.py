@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import traceback
 from pathlib import Path
 
@@ -38,24 +37,6 @@ def configure_tracking(plan, main: bool = True) -> dict:
             "prefix": t["experiment_prefix"]}
 
 
-def _bounded(fn, timeout_s: float):
-    box = {}
-
-    def work():
-        try:
-            box["value"] = fn()
-        except Exception as err:
-            box["error"] = f"{type(err).__name__}: {err}"
-            box["trace"] = traceback.format_exc()
-
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    th.join(timeout_s)
-    if "value" in box:
-        return box["value"], None
-    return None, box.get("error", f"no answer within {timeout_s:.0f} s")
-
-
 def resolve_mode(settings: dict, local_exec: bool) -> str:
     """``auto``: direct when jobs run on this machine or MLflow is a server; deferred when
     they run on a cluster and the store is a file (sqlite on a shared file system)."""
@@ -75,9 +56,9 @@ def on_start(plan, settings: dict, local_exec: bool = True) -> None:
         return
     if settings["mode"] == "deferred":
         # the track rules (local, on this host) write; create the store here, once
-        _, err = _bounded(lambda: tracking.init_store(settings["uri"], settings["artifacts"],
-                                                      list(names.values())),
-                          max(settings["timeout_s"], 60))
+        _, err = tracking.bounded(lambda: tracking.init_store(
+            settings["uri"], settings["artifacts"], list(names.values())),
+            max(settings["timeout_s"], 60))
         print("qkov: MLflow tracking deferred: the track rule logs the job records"
               + (f" (store not reachable now: {err})" if err else ""), file=sys.stderr)
         return
@@ -90,7 +71,7 @@ def on_start(plan, settings: dict, local_exec: bool = True) -> None:
             "qkov.tracking_mode": "direct", "qkov.argv": " ".join(sys.argv)[:5000]},
             {exp: parent_params(cfg) for exp, cfg in plan.experiments.items()})
 
-    parents, err = _bounded(start, max(settings["timeout_s"], 60))
+    parents, err = tracking.bounded(start, max(settings["timeout_s"], 60))
     if parents:
         os.environ[tracking.ENV_PARENTS] = json.dumps(parents)
         print(f"qkov: MLflow store {settings['uri']}; parent runs {parents}", file=sys.stderr)
@@ -109,9 +90,9 @@ def on_end(settings: dict, ok: bool) -> None:
         return
     parents = json.loads(os.environ.get(tracking.ENV_PARENTS) or "{}")
     if parents:
-        _bounded(lambda: tracking.end_parents(settings["uri"], parents,
-                                              "FINISHED" if ok else "FAILED"),
-                 settings["timeout_s"])
+        tracking.bounded(lambda: tracking.end_parents(settings["uri"], parents,
+                                                      "FINISHED" if ok else "FAILED"),
+                         settings["timeout_s"])
 
 
 def run_track(smk) -> None:

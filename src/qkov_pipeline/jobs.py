@@ -1,4 +1,5 @@
-"""The frame every workflow job runs in: logging, threads, resolved config, record, timing.
+"""The frame every workflow job runs in: logging, threads, device (and GPU locks), resolved
+config, record, timing.
 
 A stage script is two lines::
 
@@ -23,7 +24,9 @@ import importlib
 import json
 import logging
 import os
+import platform
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -33,6 +36,7 @@ from . import tracking
 from .config import digest
 
 logger = logging.getLogger("qkov")
+_HELD_LOCKS: list = []   # GPU lock files held for the job's lifetime
 
 
 class Job:
@@ -63,15 +67,11 @@ class Job:
 
     # -- helpers for stages -----------------------------------------------------------
     def device(self) -> str:
-        want = self.exec.get("device", "auto")
-        if want == "cpu":
-            return "cpu"
-        import torch
+        """'cpu' or 'cuda' from resources.<rule>.device (auto | cpu | cuda)."""
+        from interference.device import resolve_device
 
-        if want == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"rule {self.rule}: resources.{self.rule}.device=cuda but no "
-                               "CUDA device is visible")
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.exec.get("device", "auto"),
+                              f"rule {self.rule}: resources.{self.rule}.device")
 
     def artifact(self, path, directory: str | None = None) -> None:
         self.artifacts.append({"path": str(path), "dir": directory})
@@ -174,3 +174,70 @@ def run_stage(smk, stage: str) -> None:
 
 def read_json(path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- devices
+
+def acquire_gpu(ids: list[str], preferred: int = 0, lock_dir: str | Path | None = None,
+                poll_s: float = 1.0) -> int:
+    """Index (into ``ids``, the visible GPUs) of a GPU no other qkov job on this host holds.
+
+    One lock file per GPU (``fcntl.flock``, released when the process ends, also when it is
+    killed); tries ``preferred`` first, then the next ones; waits while all are taken.
+    ``lock_dir``: ``$QKOV_GPU_LOCK_DIR`` or ``<tmp>/qkov-gpu-locks-<uid>``.
+    """
+    import fcntl
+
+    lock_dir = Path(lock_dir or os.environ.get("QKOV_GPU_LOCK_DIR") or
+                    Path(tempfile.gettempdir()) / f"qkov-gpu-locks-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    n = len(ids)
+    order = [(int(preferred) + k) % n for k in range(n)]
+    waited = False
+    while True:
+        for k in order:
+            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ids[k]))
+            fh = open(lock_dir / f"gpu-{name}.lock", "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.close()
+                continue
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()} {platform.node()}\n")
+            fh.flush()
+            _HELD_LOCKS.append(fh)
+            return k
+        if not waited:
+            logger.info("all %d GPUs are held by other jobs (%s); waiting", n, lock_dir)
+            waited = True
+        time.sleep(poll_s)
+
+
+def choose_device(want: str = "auto", slot: int = 0) -> tuple[str, dict]:
+    """The torch device of a collect job and how it was chosen (for the manifest).
+
+    ``want``: resources.collect.device (auto | cpu | cuda). Several visible GPUs and no
+    scheduler assignment: a free one by lock (:func:`acquire_gpu`, ``slot`` first);
+    otherwise the first visible GPU (SLURM's ``--gpus`` makes it the job's own).
+    """
+    info = {"host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    from interference.device import resolve_device
+
+    if resolve_device(want, "resources.collect.device") == "cpu":
+        return "cpu", dict(info, how="config" if want == "cpu" else "no CUDA device")
+    import torch
+
+    n = torch.cuda.device_count()
+    visible = (info["cuda_visible_devices"] or "").split(",")
+    ids = [v.strip() for v in visible] if len(visible) == n and all(visible) else \
+        [str(k) for k in range(n)]
+    if n == 1 or info["slurm_job_id"] or os.environ.get("QKOV_GPU_LOCKS") == "0":
+        idx, how = 0, "first visible GPU" + (" (SLURM)" if info["slurm_job_id"] else "")
+    else:
+        idx, how = acquire_gpu(ids, slot % n), f"lock (slot {slot} of {n} GPUs)"
+    torch.cuda.set_device(idx)
+    info.update(how=how, index=idx, gpu=ids[idx], name=torch.cuda.get_device_name(idx))
+    return f"cuda:{idx}", info

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
-BLOCKS = ("Q", "K", "V", "O")
+from .._tables import BLOCKS, SHARED_BLOCKS
 
 
 def _first_attr(cfg, names, default=None):
@@ -63,7 +63,7 @@ class QKOVConfig:
 
     def block_heads(self, block: str) -> int:
         """Number of distinct head slices of a block: H for Q/O, H_kv for K/V."""
-        return self.num_kv_heads if block in ("K", "V") else self.num_heads
+        return self.num_kv_heads if block in SHARED_BLOCKS else self.num_heads
 
     def to_dict(self) -> dict:
         return asdict(self)

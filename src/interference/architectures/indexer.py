@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .config import BLOCKS, QKOVConfig
+from .config import BLOCKS, SHARED_BLOCKS, QKOVConfig
 from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout
 
 logger = logging.getLogger("fisher.qkov")
@@ -228,7 +228,7 @@ class QKOVIndexer:
         """S(B, l, h): param name -> flat indices of the entries owned by query head ``head``
         (for K/V: by its group kv(head))."""
         e = self.entry(layer, block)
-        row = self.config.kv_head(head) if block in ("K", "V") else head
+        row = self.config.kv_head(head) if block in SHARED_BLOCKS else head
         out = {}
         for p in e.parts:
             shape = self._params[p.name].shape

@@ -13,9 +13,9 @@ import hashlib
 from collections import Counter
 from typing import Mapping
 
+from .._tables import CORE_ROLES
 from .tasks import Record
 
-CORE_ROLES = ("fisher", "scored", "reference")
 
 
 def _rank_key(seed: int, record_id: str) -> bytes:

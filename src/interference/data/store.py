@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -25,27 +23,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..results import write_bytes
 from .tasks import Record
 from .tokenization import TokenizedBatch
 
 FORMAT, VERSION = "interference.task_batches", 1
 TENSOR_FILE, MANIFEST_FILE = "tensors.safetensors", "manifest.json"
 _KEYS = ("input_ids", "attention_mask", "labels")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes data to path via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_task_batches(path: str | Path, batches_by_role: Mapping[str, TokenizedBatch],
@@ -79,8 +63,8 @@ def save_task_batches(path: str | Path, batches_by_role: Mapping[str, TokenizedB
                 "tensors_sha256": hashlib.sha256(data).hexdigest(), "roles": roles}
     text = json.dumps(manifest, ensure_ascii=False, allow_nan=False, indent=1)
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path / TENSOR_FILE, data)
-    atomic_write_bytes(path / MANIFEST_FILE, text.encode("utf-8"))
+    write_bytes(path / TENSOR_FILE, data, fsync=True)
+    write_bytes(path / MANIFEST_FILE, text.encode("utf-8"), fsync=True)
     return path
 
 

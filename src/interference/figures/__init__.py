@@ -3,7 +3,8 @@
 Modules: inputs (readers and the null_top.npz format), style (colour-blind-safe look,
 atomic writers), heatmaps (layer x head maps per block), blocks (block comparison with a
 bootstrap), tables (top conflicting cells), forensics (sample pairs), diagnostics
-(p-values, permutation nulls), ablation (variants compared), stability (split seeds), make
+(p-values, permutation nulls), ablation (variants compared), sweep (an ablation sweep's
+manifest and report), stability (split seeds), make
 (everything for one analysis, with a manifest). See docs/figures.md.
 """
 from .ablation import (jaccard, jaccard_matrix, rank_correlations, significant_counts,

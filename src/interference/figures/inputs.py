@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-SHARED_BLOCKS = ("K", "V")
+from .._tables import SHARED_BLOCKS
+
 REQUIRED = ("block", "layer", "head", "kv_group", "p_value", "q_value", "statistic",
             "effect_size", "significant")
 

@@ -15,10 +15,9 @@ import matplotlib as mpl
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .._tables import BLOCKS, SHARED_BLOCKS
 from ..results import atomic_path
 
-BLOCKS = ("Q", "K", "V", "O")
-SHARED_BLOCKS = ("K", "V")
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000"]
 BLOCK_COLOURS = dict(zip(BLOCKS, OKABE_ITO))

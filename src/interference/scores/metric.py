@@ -14,19 +14,14 @@ import warnings
 import numpy as np
 import torch
 
-from ..architectures import BLOCKS, QKOVConfig
+from .._tables import BACKENDS, BLOCKS, SHARED_BLOCKS
+from ..architectures import QKOVConfig
+from ..device import resolve_device
+from ..settings import MetricSettings
+from ..settings import choice as _choice
 from .contraction import PRECISIONS, apply_op, contract
 
 logger = logging.getLogger("fisher.qkov")
-
-VARIANTS = ("qkov", "signed", "symmetric", "fisher_weighted")
-FISHER_SOURCES = ("pooled", "a", "b")
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 class QKOVInterferenceMetric:
@@ -60,15 +55,11 @@ class QKOVInterferenceMetric:
                  backend: str = "auto", precision: str = "bf16x3",
                  device_memory_mb: float | None = None):
         self.config, self.fisher_collector = config, fisher_collector
-        self.epsilon, self.ridge_lambda = float(epsilon), float(ridge_lambda)
-        self.ridge_lambda_rel = float(ridge_lambda_rel)
-        self.fisher_source = _choice("fisher_source", fisher_source, FISHER_SOURCES)
-        self.aggregate = _choice("aggregate", aggregate, ("sum", "mean"))
-        self.variant = _choice("variant", variant, VARIANTS)
-        self.gj_norm = _choice("gj_norm", gj_norm, ("none", "l2"))
+        self.options = MetricSettings(epsilon, ridge_lambda, ridge_lambda_rel, fisher_source,
+                                      aggregate, variant, gj_norm)
         self.top_k = int(top_k)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.backend = _choice("backend", backend, ("auto", "torch", "triton"))
+        self.device = torch.device(resolve_device(device))
+        self.backend = _choice("backend", backend, BACKENDS)
         self.precision = _choice("precision", precision, PRECISIONS)
         if device_memory_mb is not None and not float(device_memory_mb) > 0:
             raise ValueError(f"device_memory_mb must be > 0 or None, got {device_memory_mb}")
@@ -83,10 +74,25 @@ class QKOVInterferenceMetric:
                     raise ValueError(f"config.{f}={getattr(self.config, f)} but the collector's "
                                      f"model has {getattr(ccfg, f)}")
 
+    # the score's settings, read-only (self.options: a frozen MetricSettings)
+    epsilon = property(lambda self: self.options.epsilon)
+    ridge_lambda = property(lambda self: self.options.ridge_lambda)
+    ridge_lambda_rel = property(lambda self: self.options.ridge_lambda_rel)
+    fisher_source = property(lambda self: self.options.fisher_source)
+    aggregate = property(lambda self: self.options.aggregate)
+    variant = property(lambda self: self.options.variant)
+    gj_norm = property(lambda self: self.options.gj_norm)
+
     def settings(self) -> dict:
-        return {"epsilon": self.epsilon, "ridge_lambda": self.ridge_lambda,
-                "ridge_lambda_rel": self.ridge_lambda_rel, "fisher_source": self.fisher_source,
-                "aggregate": self.aggregate, "variant": self.variant, "gj_norm": self.gj_norm}
+        """The score's settings as a plain dict (saved in a heatmap's meta)."""
+        return self.options.to_dict()
+
+    def compute_settings(self) -> dict:
+        """How (not what) the metric computes: plain values that rebuild an equal metric
+        with :meth:`settings` (``QKOVInterferenceMetric(config, collector, **settings,
+        **compute_settings)``)."""
+        return {"top_k": self.top_k, "device": str(self.device), "backend": self.backend,
+                "precision": self.precision, "device_memory_mb": self.device_memory_mb}
 
     # -- inputs -----------------------------------------------------------------------
     @property
@@ -230,7 +236,7 @@ class QKOVInterferenceMetric:
         return m / left.shape[-1] if self.aggregate == "mean" else m
 
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:
-        return [self.config.kv_head(h) for h in heads] if block in ("K", "V") else heads
+        return [self.config.kv_head(h) for h in heads] if block in SHARED_BLOCKS else heads
 
     def pair_scores(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
                     layers=None, heads=None, fisher_tasks: tuple[str, ...] | None = None
@@ -278,7 +284,7 @@ class QKOVInterferenceMetric:
                 "contrib_norm": float(ga.double().square().norm()),
                 "grad_norm": float(gb.double().norm()), "lambda": lam, "ridge_share": share,
                 "block": block, "layer": layer, "head": head,
-                "kv_head": self.config.kv_head(head) if block in ("K", "V") else None,
+                "kv_head": self.config.kv_head(head) if block in SHARED_BLOCKS else None,
                 "sample_a": ia, "sample_b": jb}
         logger.debug("L%d H%d %s %s x %s: %.4g %s", layer, head, block, ia, jb, score, diag)
         return score, diag
@@ -335,7 +341,7 @@ class QKOVInterferenceMetric:
             "num_kv_heads": self.config.num_kv_heads, "num_heads": self.config.num_heads,
             "variant": self.variant, "sample_ids_a": ids_a, "sample_ids_b": ids_j,
             "fisher_tasks": list(fisher_tasks), "settings": self.settings(), "ridge": ridge,
-            "metric": self, "collector_token": self.fisher_collector.token,
+            "compute": self.compute_settings(), "collector_token": self.fisher_collector.token,
             "axes": {"scores": ["sample_a", "sample_b", "layer", "head"],
                      "layer_head_avg": ["layer", "head"]},
         }
@@ -370,7 +376,7 @@ class QKOVInterferenceMetric:
         """The k most conflicting entries (largest; smallest for 'signed'); K/V cells of one
         GQA group are listed once, under their first selected query head."""
         cols = list(range(len(heads)))
-        if block in ("K", "V"):
+        if block in SHARED_BLOCKS:
             seen, cols = set(), []
             for c, h in enumerate(heads):
                 if self.config.kv_head(h) not in seen:
@@ -387,6 +393,6 @@ class QKOVInterferenceMetric:
             i, j, li, c = np.unravel_index(t, sub.shape)
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
-                        "kv_head": self.config.kv_head(h) if block in ("K", "V") else None,
+                        "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
                         "sample_a": ids_a[i], "sample_b": ids_b[j], "score": float(flat[t])})
         return out

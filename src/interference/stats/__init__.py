@@ -7,8 +7,10 @@ Stages, each a small module:
 - fdr: Benjamini-Hochberg q-values (statsmodels) and the permutation-count check;
 - effects: Welch's t, Cohen's d, AUC;
 - bootstrap: stratified two-way bootstrap intervals;
+- checks / assemble: the validate and assemble steps of each test (validate -> compute ->
+  assemble), named results (DisruptionInputs, ScoreArrays, PermutationResult);
 - statistics: QKOVStatistics, tying them together (test_disruption / test_scores /
-  test_heatmap).
+  test_heatmap); its settings are a frozen StatisticsSettings (interference.settings).
 """
 from .bootstrap import BootstrapDraws, percentile_interval, stratified_bootstrap
 from .cells import BLOCKS, broadcast_to_heads, distinct_cells, gather_cells, n_distinct_cells
@@ -16,11 +18,12 @@ from .disruption import DISRUPTION_NORMS, disruption, normalise
 from .effects import auc, cohens_d, mean_difference, welch_t
 from .fdr import bh_qvalues, default_n_permutations, min_bh_rejections
 from .permutation import PermutationResult, permutation_test_matrix
+from ..settings import StatisticsSettings
 from .statistics import (PermutationResolutionWarning, QKOVStatistics, alternative_for,
                          test_scores)
 
 __all__ = [
-    "QKOVStatistics", "test_scores", "alternative_for",
+    "QKOVStatistics", "StatisticsSettings", "test_scores", "alternative_for",
     "PermutationResolutionWarning",
     "permutation_test_matrix", "PermutationResult",
     "bh_qvalues", "default_n_permutations", "min_bh_rejections",

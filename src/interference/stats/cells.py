@@ -15,8 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-BLOCKS = ("Q", "K", "V", "O")
-SHARED_BLOCKS = ("K", "V")  # blocks whose parameters are shared by a kv group
+from .._tables import BLOCKS, SHARED_BLOCKS
 
 CELL_COLUMNS = ["block", "layer", "head", "kv_head", "kv_group", "n_query_heads", "shared",
                 "layer_pos", "head_pos", "head_positions", "name"]

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-DISRUPTION_NORMS = ("share", "l2", "none")
+from .._tables import DISRUPTION_NORMS
 
 
 def disruption(cube: np.ndarray) -> np.ndarray:

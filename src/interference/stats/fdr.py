@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from statsmodels.stats.multitest import multipletests
 
-FDR_FAMILIES = ("all", "block")
+from .._tables import FDR_FAMILIES
 
 
 def bh_qvalues(pvalues, families: Sequence | None = None) -> np.ndarray:

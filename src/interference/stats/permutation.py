@@ -25,8 +25,9 @@ from typing import Iterator
 
 import numpy as np
 
-STATISTICS = ("welch", "mean_diff")
-ALTERNATIVES = ("greater", "less")
+from .._tables import ALTERNATIVES, STATISTICS
+from .effects import two_groups
+
 _EPS = np.finfo(np.float64).eps
 
 
@@ -163,33 +164,8 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
         most extreme observed T in the direction of ``alternative`` (constant ones last),
         for the null-distribution figure; [k, N] float64.
     """
-    if statistic not in STATISTICS:
-        raise ValueError(f"unknown statistic {statistic!r}; expected one of {STATISTICS}")
-    if alternative not in ALTERNATIVES:
-        raise ValueError(f"unknown alternative {alternative!r}; expected one of "
-                         f"{ALTERNATIVES}")
-    x_b = np.asarray(x_b, dtype=np.float64)
-    x_r = np.asarray(x_r, dtype=np.float64)
-    if x_b.ndim == 1:
-        x_b = x_b[:, None]
-    if x_r.ndim == 1:
-        x_r = x_r[:, None]
-    if x_b.ndim != 2 or x_r.ndim != 2 or x_b.shape[1] != x_r.shape[1]:
-        raise ValueError(f"x_b and x_r must be [n, m] with the same m; got {x_b.shape} and "
-                         f"{x_r.shape}")
-    n_b, m = x_b.shape
-    n_r = x_r.shape[0]
-    if n_b < 2 or n_r < 2:
-        raise ValueError(f"each group needs at least 2 disruptors (got n_b={n_b}, "
-                         f"n_r={n_r})")
-    if int(n_permutations) < 1:
-        raise ValueError("n_permutations must be >= 1")
-    n_permutations = int(n_permutations)
-    x = np.vstack([x_b, x_r])
-    if not np.all(np.isfinite(x)):
-        raise ValueError("disruption matrices contain NaN or infinite values")
-    n = n_b + n_r
-
+    x, n_b, n_permutations = _check_groups(x_b, x_r, statistic, alternative, n_permutations)
+    n, m = x.shape
     xc = x - x.mean(axis=0)
     sd = xc.std(axis=0, ddof=1)
     scale = np.abs(x).max(axis=0)
@@ -201,43 +177,84 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     observed_mask[0, :n_b] = 1.0
     t_obs = stat(observed_mask)[0]
     sign = 1.0 if alternative == "greater" else -1.0
-    u_obs = sign * t_obs
-    threshold = u_obs - tol_factor * _EPS * np.abs(u_obs)
 
     n_all = math.comb(n, n_b)
     exact = n_all <= n_permutations
     n_used = n_all if exact else n_permutations
-    if batch_size is None:
-        batch_size = default_batch_size(m)
-    batch_size = max(1, int(batch_size))
-
-    if exact:
-        batches = _exact_masks(n, n_b, batch_size)
-    else:
-        rng = np.random.default_rng(seed)
-
-        def _gen():
-            left = n_used
-            while left > 0:
-                b = min(batch_size, left)
-                left -= b
-                yield _random_masks(rng, b, n, n_b)
-
-        batches = _gen()
-
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=n_used, unit="perm", desc="permutations")
-        except ImportError:  # pragma: no cover - tqdm is optional
-            bar = None
-
+    batch_size = default_batch_size(m) if batch_size is None else max(1, int(batch_size))
     k_top = min(max(int(keep_null_top), 0), m)
     top_cols = np.lexsort((-(sign * t_obs), constant))[:k_top]   # non-constant first
+    scan = _scan_null(stat, _mask_batches(n, n_b, n_used, exact, batch_size, seed), t_obs,
+                      sign, tol_factor, top_cols, _progress_bar(progress, n_used))
+    return _assemble(scan, t_obs, n_used, exact, alternative, statistic, constant, top_cols)
+
+
+def _check_groups(x_b, x_r, statistic: str, alternative: str, n_permutations
+                  ) -> tuple[np.ndarray, int, int]:
+    """(pooled [n_b + n_r, m] float64 with B first, n_b, N) after checking the inputs."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; expected one of {STATISTICS}")
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"unknown alternative {alternative!r}; expected one of "
+                         f"{ALTERNATIVES}")
+    x_b, x_r = two_groups(x_b, x_r)
+    n_b, n_r = x_b.shape[0], x_r.shape[0]
+    if n_b < 2 or n_r < 2:
+        raise ValueError(f"each group needs at least 2 disruptors (got n_b={n_b}, "
+                         f"n_r={n_r})")
+    if int(n_permutations) < 1:
+        raise ValueError("n_permutations must be >= 1")
+    x = np.vstack([x_b, x_r])
+    if not np.all(np.isfinite(x)):
+        raise ValueError("disruption matrices contain NaN or infinite values")
+    return x, n_b, int(n_permutations)
+
+
+def _mask_batches(n: int, n_b: int, n_used: int, exact: bool, batch_size: int,
+                  seed) -> Iterator[np.ndarray]:
+    """The relabellings as batches of 0/1 masks [b, n]: all of them when ``exact``, else
+    ``n_used`` random ones from ``seed``."""
+    if exact:
+        yield from _exact_masks(n, n_b, batch_size)
+        return
+    rng = np.random.default_rng(seed)
+    left = n_used
+    while left > 0:
+        b = min(batch_size, left)
+        left -= b
+        yield _random_masks(rng, b, n, n_b)
+
+
+def _progress_bar(progress: bool, total: int):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, unit="perm", desc="permutations")
+    except ImportError:  # pragma: no cover - tqdm is optional
+        return None
+
+
+@dataclass(frozen=True)
+class _NullScan:
+    """What one pass over the permutations accumulates, per column [m]: the count of T* at
+    least as extreme as T, the sums of (T* - T) and of its square, and the kept T* of the
+    top columns ([k, N])."""
+
+    count: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    null_top: np.ndarray
+
+
+def _scan_null(stat: _GroupStatistic, batches, t_obs: np.ndarray, sign: float,
+               tol_factor: float, top_cols: np.ndarray, bar) -> _NullScan:
+    u_obs = sign * t_obs
+    threshold = u_obs - tol_factor * _EPS * np.abs(u_obs)
+    m, k_top = t_obs.shape[0], top_cols.shape[0]
     kept: list[np.ndarray] = []
     count = np.zeros(m, dtype=np.int64)
-    shift = t_obs.copy()                  # shifted sums for a stable null variance
+    shift = t_obs                         # shifted sums for a stable null variance
     s1 = np.zeros(m)
     s2 = np.zeros(m)
     for masks in batches:
@@ -256,20 +273,25 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
             bar.update(masks.shape[0])
     if bar is not None:
         bar.close()
+    null_top = np.concatenate(kept, axis=1) if kept else np.zeros((k_top, 0))
+    return _NullScan(count=count, s1=s1, s2=s2, null_top=null_top)
 
+
+def _assemble(scan: _NullScan, t_obs: np.ndarray, n_used: int, exact: bool, alternative: str,
+              statistic: str, constant: np.ndarray, top_cols: np.ndarray) -> PermutationResult:
     if exact:
-        pvalue = count / n_used
+        pvalue = scan.count / n_used
         min_p = 1.0 / n_used
     else:
-        pvalue = (1.0 + count) / (1.0 + n_used)
+        pvalue = (1.0 + scan.count) / (1.0 + n_used)
         min_p = 1.0 / (1.0 + n_used)
-    mean_dev = s1 / n_used
-    null_mean = shift + mean_dev
-    null_var = np.maximum(s2 / n_used - mean_dev ** 2, 0.0) * (n_used / max(n_used - 1, 1))
-    null_top = np.concatenate(kept, axis=1) if kept else np.zeros((k_top, 0))
+    mean_dev = scan.s1 / n_used
+    null_mean = t_obs + mean_dev
+    null_var = (np.maximum(scan.s2 / n_used - mean_dev ** 2, 0.0)
+                * (n_used / max(n_used - 1, 1)))
     return PermutationResult(statistic=t_obs, pvalue=pvalue, null_mean=null_mean,
                              null_sd=np.sqrt(null_var), n_permutations=int(n_used),
                              exact=bool(exact), alternative=alternative,
                              statistic_name=statistic, min_pvalue=float(min_p),
                              constant=constant, null_top_columns=top_cols.astype(np.int64),
-                             null_top=null_top)
+                             null_top=scan.null_top)

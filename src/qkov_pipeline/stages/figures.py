@@ -14,15 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import threading
 import time
 from pathlib import Path
+
+from interference._tables import BLOCKS
 
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.figures")
-BLOCKS = ("Q", "K", "V", "O")
 # config sections that never change what an analysis finds (not compared across variants)
 NOT_ABLATED = ("resources", "experiment", "overrides", "workflow", "tracking", "figures")
 ABLATION_DIR = "_ablations"
@@ -202,182 +201,12 @@ def sweep_plan(plan) -> dict | None:
             "stats": [e["stats"] for g in groups.values() for e in g]}
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return "n/a"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def _value(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
-
-
-def summarise_sweep(s: dict, out: Path) -> dict:
-    """Draw every analysis's ablation summary; returns the sweep's manifest (ablation.json)."""
-    import numpy as np
-
-    from interference.figures import (jaccard, rank_correlations, significant_counts,
-                                      significant_set, write_ablation_summary)
-
-    base = s["baseline"]
-    doc = {"sweep": s["sweep"], "variants": s["variants"], "baseline": base,
-           "ablated": s["ablated"], "flip": s["flip"], "analyses": {}}
-    for pair, group in s["analyses"].items():
-        names = [e["exp"] for e in group]
-        maps, cells, kv, alpha = {}, {}, {}, {}
-        for e in group:
-            st = read_json(e["stats"])
-            maps[e["exp"]] = {b: np.asarray(st["layer_head_avg"][b]["estimate"]) for b in BLOCKS}
-            kv[e["exp"]] = st["kv_head_of"]
-            cells[e["exp"]] = e["cells"]
-            alpha[e["exp"]] = (st["summary"].get("fdr_alpha"), st["summary"].get("min_effect_size"))
-        entries = write_ablation_summary(maps, cells, out / pair, kv_head_of=kv,
-                                         flip=[n for n in names if n in s["flip"]])
-        rho = rank_correlations(maps, "pooled", kv, [n for n in names if n in s["flip"]])
-        counts = significant_counts(cells)
-        sets = {n: significant_set(cells[n]) for n in names}
-        ref = base if base in names else names[0]
-        rows = {}
-        for e in group:
-            n = e["exp"]
-            rows[n] = {"model": e["model"], "cells_csv": e["cells"],
-                       "n_significant": int(counts.loc[n, "significant"]),
-                       "n_q_significant": int(counts.loc[n, "q_significant"]),
-                       "n_significant_by_block": {b: int(counts.loc[n, b]) for b in BLOCKS},
-                       "spearman_vs_baseline": float(rho.loc[n, ref]),
-                       "jaccard_vs_baseline": float(jaccard(sets[n], sets[ref])),
-                       "fdr_alpha": alpha[n][0], "min_effect_size": alpha[n][1]}
-        off = rho.to_numpy()[~np.eye(len(names), dtype=bool)]
-        off = off[np.isfinite(off)]
-        doc["analyses"][pair] = {
-            "baseline": ref, "variants": rows,
-            "spearman_min": float(off.min()) if off.size else None,
-            "spearman_mean": float(off.mean()) if off.size else None,
-            "figures": [str(Path(x["path"]).relative_to(out)) for x in entries],
-            "caption": entries[0]["caption"] if entries else ""}
-    return doc
-
-
-def sweep_markdown(doc: dict) -> str:
-    lines = [f"# Ablation summary: `{doc['sweep']}`", "",
-             f"Variants (baseline first): {', '.join(f'`{v}`' for v in doc['variants'])}.", ""]
-    keys = sorted(set().union(*(set(a) for a in doc["ablated"].values())))
-    if keys:
-        lines += ["## What differs", "", "| variant | " + " | ".join(f"`{k}`" for k in keys)
-                  + " |", "|---|" + "---|" * len(keys)]
-        for v in doc["variants"]:
-            lines.append(f"| {v} | " + " | ".join(_value(doc["ablated"][v].get(k))
-                                                  for k in keys) + " |")
-        lines.append("")
-    for pair, a in doc["analyses"].items():
-        lines += [f"## `{pair}`", "",
-                  f"Baseline `{a['baseline']}`. A cell is significant when q <= alpha and "
-                  "Cohen's d >= the threshold; Spearman: rank correlation of the layer x head "
-                  "maps with the baseline's (mean over blocks; n/a: another grid); Jaccard: "
-                  "overlap of the significant cells with the baseline's (n/a: both empty).", "",
-                  "| variant | model | significant | Q | K | V | O | q <= alpha | Spearman vs "
-                  "baseline | Jaccard vs baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for v, r in a["variants"].items():
-            by = r["n_significant_by_block"]
-            lines.append(f"| {v} | {r['model']} | **{r['n_significant']}** | "
-                         + " | ".join(str(by[b]) for b in BLOCKS)
-                         + f" | {r['n_q_significant']} | {_fmt(r['spearman_vs_baseline'])} | "
-                         f"{_fmt(r['jaccard_vs_baseline'])} |")
-        lines += ["", f"Figure: `{pair}/ablation_summary.png` (PDF beside it); tables "
-                  f"`{pair}/ablation_summary_correlations.csv`, `{pair}/ablation_summary_counts.csv`.",
-                  ""]
-    return "\n".join(lines)
-
-
-def experiment_run(doc: dict, variant: str, results: Path, settings: dict) -> str | None:
-    """The variant's MLflow parent run that holds its job runs: the one its tracking.json
-    names when that is newer than its cells tables (nothing reran since), else this
-    invocation's (its jobs run now)."""
-    current = (settings.get("parents") or {}).get(variant)
-    tracking_json = results / variant / "tracking.json"
-    cells = [Path(a["variants"][variant]["cells_csv"]) for a in doc["analyses"].values()
-             if variant in a["variants"]]
-    try:
-        if tracking_json.is_file() and all(tracking_json.stat().st_mtime >= c.stat().st_mtime
-                                           for c in cells):
-            return read_json(tracking_json).get("parent_run_id") or current
-    except (OSError, ValueError):
-        pass
-    return current
-
-
-def log_sweep(doc: dict, out: Path, settings: dict, lock_path: Path) -> dict:
-    """MLflow: experiment ``<prefix>/ablations``, one parent run per sweep (its figures and
-    tables as artifacts) and one child run per variant: params ``variant`` and the ablated
-    settings (``ablation.<key>``), metrics per analysis (significant cells per block,
-    Spearman and Jaccard against the baseline). Select the children and Compare."""
-    from filelock import FileLock
-    from mlflow.entities import Metric, Param
-
-    from .. import tracking
-
-    uri, prefix = settings["uri"], settings["prefix"]
-    name = f"{prefix}/ablations"
-    tags = {"qkov.sweep": doc["sweep"], "qkov.workflow_run_id": str(settings["workflow_run_id"]),
-            "qkov.git_commit": os.environ.get(tracking.ENV_GIT) or "unknown"}
-    with FileLock(str(lock_path)):
-        client = tracking._client(uri)
-        eid = tracking.experiment_id(client, name, settings["artifacts"])
-        parent = tracking._retry(lambda: client.create_run(
-            eid, run_name=f"sweep {doc['sweep']}",
-            tags={**tags, "qkov.kind": "ablation_sweep", "qkov.baseline": doc["baseline"],
-                  "qkov.variants": ",".join(doc["variants"])[:5000]}), what="create sweep run")
-        pid = parent.info.run_id
-        ts = int(time.time() * 1000)
-        keys = sorted(set().union(*(set(a) for a in doc["ablated"].values())))
-        client.log_batch(pid, params=[Param("variants", ",".join(doc["variants"])[:6000]),
-                                      Param("baseline", doc["baseline"]),
-                                      Param("ablated_keys", ",".join(keys)[:6000] or "none")],
-                         metrics=[Metric(f"{pair}.spearman_{k}", a[f"spearman_{k}"], ts, 0)
-                                  for pair, a in doc["analyses"].items() for k in ("min", "mean")
-                                  if a[f"spearman_{k}"] is not None])
-        for p in sorted(out.rglob("*")):
-            if p.is_file() and p.suffix in (".png", ".pdf", ".csv", ".md", ".json") \
-                    and not p.name.startswith(("mlflow.", "config.")):
-                tracking._retry(lambda: client.log_artifact(pid, str(p), str(p.parent.relative_to(out))
-                                                            if p.parent != out else None),
-                                what=f"log artifact {p.name}")
-        children = {}
-        for v in doc["variants"]:
-            ctags = {**tags, "qkov.kind": "ablation_variant", "qkov.experiment": v,
-                     "mlflow.parentRunId": pid}
-            link = experiment_run(doc, v, out.parents[1], settings)
-            if link:
-                ctags["qkov.experiment_run_id"] = link
-            run = tracking._retry(lambda: client.create_run(eid, run_name=v, tags=ctags),
-                                  what="create variant run")
-            rid = run.info.run_id
-            params = [Param("variant", v), Param("baseline", doc["baseline"])]
-            params += [Param(f"ablation.{k}"[:250], _value(doc["ablated"][v].get(k))[:6000])
-                       for k in keys]
-            metrics = []
-            for pair, a in doc["analyses"].items():
-                r = a["variants"].get(v)
-                if r is None:
-                    continue
-                vals = {"n_significant": r["n_significant"], "n_q_significant": r["n_q_significant"],
-                        "spearman_vs_baseline": r["spearman_vs_baseline"],
-                        "jaccard_vs_baseline": r["jaccard_vs_baseline"],
-                        **{f"{b}.n_significant": r["n_significant_by_block"][b] for b in BLOCKS}}
-                metrics += [Metric(f"{pair}.{k}", float(x), ts, 0) for k, x in vals.items()
-                            if x is not None and tracking._finite(x)]
-            client.log_batch(rid, params=params, metrics=metrics)
-            client.set_terminated(rid, "FINISHED")
-            children[v] = rid
-        client.set_terminated(pid, "FINISHED")
-    return {"experiment": name, "parent_run_id": pid, "variant_run_ids": children}
-
-
 def run_ablation(smk) -> None:
     """Rule ``draw_ablation_summary`` (local): figures, ablation.json/.md, MLflow runs."""
     import matplotlib
     import yaml
 
+    from interference.figures.sweep import fmt_value, summarise_sweep, sweep_markdown
     from interference.results import atomic_path, write_json
 
     from .. import tracking
@@ -400,31 +229,21 @@ def run_ablation(smk) -> None:
     for pair, a in doc["analyses"].items():
         for v, r in a["variants"].items():
             logger.info("%-24s %-28s %3d significant, Spearman vs %s %s, Jaccard %s", pair, v,
-                        r["n_significant"], a["baseline"], _fmt(r["spearman_vs_baseline"]),
-                        _fmt(r["jaccard_vs_baseline"]))
+                        r["n_significant"], a["baseline"], fmt_value(r["spearman_vs_baseline"]),
+                        fmt_value(r["jaccard_vs_baseline"]))
     settings = tracking.settings_from_env()
     record = {"sweep": s["sweep"], "mode": settings["mode"], "uri": settings["uri"],
               "status": "off", "time_s": None}
     if settings["mode"] != "off" and settings["uri"]:
-        box: dict = {}
-
-        def work():
-            try:
-                box["value"] = log_sweep(doc, out, settings,
-                                         Path(smk.output.manifest).parents[2] / ".mlflow.lock")
-            except Exception as err:  # MLflow never fails the job
-                box["error"] = f"{type(err).__name__}: {err}"
-
-        th = threading.Thread(target=work, daemon=True, name="mlflow-ablation")
-        th.start()
-        th.join(max(settings["timeout_s"], 60))
-        if "value" in box:
-            record.update(status="logged", **box["value"])
-            logger.info("MLflow: experiment %s, sweep run %s", box["value"]["experiment"],
-                        box["value"]["parent_run_id"])
+        lock = Path(smk.output.manifest).parents[2] / ".mlflow.lock"
+        logged, err = tracking.bounded(lambda: tracking.log_sweep(doc, out, settings, lock),
+                                       max(settings["timeout_s"], 60), "mlflow-ablation")
+        if err is None:
+            record.update(status="logged", **logged)
+            logger.info("MLflow: experiment %s, sweep run %s", logged["experiment"],
+                        logged["parent_run_id"])
         else:
-            record.update(status="error",
-                          error=box.get("error", f"no answer within {settings['timeout_s']} s"))
+            record.update(status="error", error=err)
             logger.warning("MLflow logging of the sweep failed (%s); the figures are complete; "
                            "rerun with --forcerun draw_ablation_summary to retry", record["error"])
     record["time_s"] = time.time() - t0

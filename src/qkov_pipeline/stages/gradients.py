@@ -20,27 +20,26 @@ refused with more than one shard.
 
 GPUs: on a machine with several visible GPUs and no scheduler assigning them (no
 ``SLURM_JOB_ID``), each collect job takes a free GPU by a lock file
-(:func:`acquire_gpu`; shard i tries GPU i mod n first), so shards that run at the same time
-run on different GPUs. Under SLURM (``resources.collect.gpu: 1`` -> ``--gpus=1``) the job
+(:func:`qkov_pipeline.jobs.acquire_gpu`; shard i tries GPU i mod n first), so shards that
+run at the same time run on different GPUs. Under SLURM (``resources.collect.gpu: 1`` -> ``--gpus=1``) the job
 uses the GPU SLURM gave it. store.json ``shards`` / ``device_info`` say which device ran what.
 """
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from ..jobs import read_json
+from interference._tables import ROLES
+
+from ..jobs import choose_device, read_json
 
 logger = logging.getLogger("qkov.gradients")
-ROLE_ORDER = ("fisher", "scored", "reference", "control")
+ROLE_ORDER = ROLES  # units are collected role by role in this order
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MICRO_BATCH = 8          # samples per batched forward of the gradient engine (and shard unit)
-_HELD_LOCKS: list = []   # GPU lock files held for the job's lifetime
 
 
 # ----------------------------------------------------------------------------- planning
@@ -162,75 +161,6 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
             "the size) or fewer scored/reference/control samples")
 
 
-# ----------------------------------------------------------------------------- devices
-
-def acquire_gpu(ids: list[str], preferred: int = 0, lock_dir: str | Path | None = None,
-                poll_s: float = 1.0) -> int:
-    """Index (into ``ids``, the visible GPUs) of a GPU no other qkov job on this host holds.
-
-    One lock file per GPU (``fcntl.flock``, released when the process ends, also when it is
-    killed); tries ``preferred`` first, then the next ones; waits while all are taken.
-    ``lock_dir``: ``$QKOV_GPU_LOCK_DIR`` or ``<tmp>/qkov-gpu-locks-<uid>``.
-    """
-    import fcntl
-
-    lock_dir = Path(lock_dir or os.environ.get("QKOV_GPU_LOCK_DIR") or
-                    Path(tempfile.gettempdir()) / f"qkov-gpu-locks-{os.getuid()}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    n = len(ids)
-    order = [(int(preferred) + k) % n for k in range(n)]
-    waited = False
-    while True:
-        for k in order:
-            name = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(ids[k]))
-            fh = open(lock_dir / f"gpu-{name}.lock", "a+")
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                continue
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"{os.getpid()} {platform.node()}\n")
-            fh.flush()
-            _HELD_LOCKS.append(fh)
-            return k
-        if not waited:
-            logger.info("all %d GPUs are held by other jobs (%s); waiting", n, lock_dir)
-            waited = True
-        time.sleep(poll_s)
-
-
-def choose_device(want: str = "auto", slot: int = 0) -> tuple[str, dict]:
-    """The torch device of a collect job and how it was chosen (for the manifest).
-
-    ``want``: resources.collect.device (auto | cpu | cuda). Several visible GPUs and no
-    scheduler assignment: a free one by lock (:func:`acquire_gpu`, ``slot`` first);
-    otherwise the first visible GPU (SLURM's ``--gpus`` makes it the job's own).
-    """
-    info = {"host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    if want == "cpu":
-        return "cpu", dict(info, how="config")
-    import torch
-
-    if not torch.cuda.is_available():
-        if want == "cuda":
-            raise RuntimeError("resources.collect.device=cuda but no CUDA device is visible")
-        return "cpu", dict(info, how="no CUDA device")
-    n = torch.cuda.device_count()
-    visible = (info["cuda_visible_devices"] or "").split(",")
-    ids = [v.strip() for v in visible] if len(visible) == n and all(visible) else \
-        [str(k) for k in range(n)]
-    if n == 1 or info["slurm_job_id"] or os.environ.get("QKOV_GPU_LOCKS") == "0":
-        idx, how = 0, "first visible GPU" + (" (SLURM)" if info["slurm_job_id"] else "")
-    else:
-        idx, how = acquire_gpu(ids, slot % n), f"lock (slot {slot} of {n} GPUs)"
-    torch.cuda.set_device(idx)
-    info.update(how=how, index=idx, gpu=ids[idx], name=torch.cuda.get_device_name(idx))
-    return f"cuda:{idx}", info
-
-
 # ----------------------------------------------------------------------------- jobs
 
 def collect_exec(job) -> dict:
@@ -284,8 +214,7 @@ def _collect_role(collector, model, batch: dict, task: str, role: str, mode: str
 def _load(job, ex: dict, slot: int):
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.data import load_task_batches
-
-    from . import model as model_stage
+    from interference.models import load_prepared
 
     s = job.slice
     d = s["data"]
@@ -293,7 +222,7 @@ def _load(job, ex: dict, slot: int):
     device, dev_info = choose_device(ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):
-        model, _ = model_stage.load(Path(job.input.model).parent, d["model"])
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"])
         model.to(device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))

@@ -1,11 +1,8 @@
 """scores: the QK-OV heatmap of one analysis and split seed, with its reference scores.
 
-Arm ``main``: A vs B (``compute_heatmap``). Arm ``control``: A vs A' (task A's held-out
-``control`` samples in B's place), normalised by the SAME Fisher as the main arm (pooled
-A and B by default) so the two are comparable. Both arms also score the reference
-disruptors R (held-out task-A samples) against the same task-A samples with the same
-normaliser (``pair_scores(..., fisher_tasks=...)``): the statistics compare B (or A') with R.
-Output: ``split<seed>/`` with scores.npz and heatmap.json (interference.results).
+The arms (``main``: A vs B; ``control``: A vs A', normalised by the same Fisher) and the
+reference disruptors' scores are :mod:`interference.scores.arms`. Output: ``split<seed>/``
+with scores.npz and heatmap.json (interference.results).
 
 Before scoring, the job refuses a stale store (its recorded config hash is not the hash of
 the store slice this analysis needs) and a task B whose samples are task A's (same ids and
@@ -19,24 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from interference._tables import BLOCKS
+
 from ..config import digest
 
 logger = logging.getLogger("qkov.scores")
-BLOCKS = ("Q", "K", "V", "O")
-
-
-def control_heatmap(metric, task_a: str, task_b: str) -> dict:
-    """A vs A' in compute_heatmap's format: task A's scored samples against its control
-    samples, normalised as the pair A vs B is."""
-    ids_c = metric.fisher_collector.sample_ids(task_a, "control")
-    if not ids_c:
-        raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
-    heat = metric.heatmap_of(task_a, metric.scored_ids(task_a), task_a, ids_c,
-                             list(metric.fisher_collector.layers),
-                             list(range(metric.config.num_heads)),
-                             metric.fisher_tasks(task_a, task_b))
-    heat["meta"]["control_of"] = task_b
-    return heat
 
 
 def store_metas(dirs) -> dict[str, dict]:
@@ -72,37 +56,16 @@ def check_stores(s: dict, metas: dict[str, dict]) -> None:
                 f"`snakemake --forcerun collect`")
 
 
-def check_disjoint_tasks(collector, metas: dict[str, dict], a: str, disruptor: str,
-                         disruptor_ids: list[str], ref_task: str, ref_ids: list[str]) -> None:
-    """B's disruptors (A' for the control) and the reference disruptors must not be samples
-    of task A (any role): "task A equals task B" is decided by sample ids and texts, never by
-    names. A held-out split of A shares none, so the negative control passes."""
-    content = {t: (m.get("data") or {}).get("content") for t, m in metas.items()}
-    a_ids = set(collector.sample_ids(a, "fisher"))
-    for role in collector.gradient_manager.roles(a):
-        a_ids |= set(collector.sample_ids(a, role))
-    for task, ids, what in ((disruptor, disruptor_ids, "disruptors"),
-                            (ref_task, ref_ids, "reference disruptors")):
-        if task == a:   # the same task: roles are disjoint by id (split_task, collector)
-            a_role = {i: r for r in ("fisher", "scored", "reference", "control")
-                      for i in collector.sample_ids(a, r)}
-            clash = [i for i in ids if i in a_role and a_role[i] not in ("control", "reference")]
-        else:
-            ca, cb = content.get(a), content.get(task)
-            clash = [i for i in ids if i in a_ids and (ca is None or cb is None
-                                                       or ca.get(i) == cb.get(i))]
-        if clash:
-            raise ValueError(
-                f"the {what} ({task!r}: {len(clash)} of {len(ids)} samples, e.g. {clash[:3]}) are "
-                f"also samples of task A ({a!r}) with the same text: task A equals task B here. "
-                "The negative control A vs A' is built in (control.enabled); to compare two "
-                "variants of a source, make their samples differ")
+def store_contents(metas: dict[str, dict]) -> dict[str, dict | None]:
+    """task -> {sample id: content digest} recorded with its store (None where unknown)."""
+    return {t: (m.get("data") or {}).get("content") for t, m in metas.items()}
 
 
 def run(job) -> None:
     from interference.gradients import FisherCollector
     from interference.results import save_heatmap
     from interference.scores import QKOVInterferenceMetric
+    from interference.scores.arms import arm_heatmap, check_disjoint_tasks, reference_scores
 
     s = job.slice
     a, b, arm = s["task_a"], s["task_b"], s["arm"]
@@ -112,7 +75,7 @@ def run(job) -> None:
     check_stores(s, metas)
     with job.timed("open_stores"):
         collector = FisherCollector.from_saved(dirs)
-    check_disjoint_tasks(collector, metas, a, b if arm == "main" else a,
+    check_disjoint_tasks(collector, store_contents(metas), a, b if arm == "main" else a,
                          collector.sample_ids(b, "scored") if arm == "main"
                          else collector.sample_ids(a, "control"),
                          ref_task, collector.sample_ids(ref_task, "reference"))
@@ -120,15 +83,11 @@ def run(job) -> None:
                                     device_memory_mb=job.exec.get("device_memory_mb"),
                                     **s["metric"])
     with job.timed("heatmap"):
-        heat = metric.compute_heatmap(a, b) if arm == "main" else control_heatmap(metric, a, b)
+        heat = arm_heatmap(metric, arm, a, b)
     meta = heat["meta"]
     ids_r = collector.sample_ids(ref_task, "reference")
-    if not ids_r:
-        raise ValueError(f"no reference samples of task {ref_task!r} in the stores")
     with job.timed("reference"):
-        ref = metric.pair_scores(a, meta["sample_ids_a"], ref_task, ids_r,
-                                 meta["layers"], meta["heads"],
-                                 fisher_tasks=tuple(meta["fisher_tasks"]))
+        ref = reference_scores(metric, meta, ref_task, ids_r)
     store = collector.gradient_manager
     disruptor_task = b if arm == "main" else a
     extra = {"arm": arm, "pair": job.wildcards["pair"], "split_seed": int(job.wildcards["seed"]),

@@ -5,7 +5,8 @@ the control arm, A') against the reference disruptors R, one row per DISTINCT ce
 kv head under GQA). Output: ``split<seed>/cells.csv`` (the statistics' table plus
 schema_version, config_hash and the analysis' coordinates; units and meanings of its
 columns in ``cells.schema.json`` beside it) and ``stats.json`` (summary, settings,
-layer_head_avg with bootstrap intervals, fdr_corrected, units).
+layer_head_avg with bootstrap intervals, fdr_corrected, units). The cells tables' data
+dictionary (column -> unit, meaning) is interference.results.COLUMNS.
 """
 from __future__ import annotations
 
@@ -14,75 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from interference._tables import BLOCKS
+
 logger = logging.getLogger("qkov.stats")
-BLOCKS = ("Q", "K", "V", "O")
-LEAD = ["schema_version", "config_hash", "experiment", "model", "pair", "arm", "split_seed",
-        "task_a", "task_b", "block", "layer", "head", "kv_head", "statistic", "p_value",
-        "q_value", "effect_size", "ci_low", "ci_high", "significant"]
-
-# The cells tables' data dictionary: column -> (unit, meaning). Written beside every cells.csv
-# as <name>.schema.json together with the schema version and the config hash (issue 10).
-SHARE = "share of a disruptor's total disruption (unitless, 0..1; `disruption_norm: share`)"
-COLUMNS = {
-    "schema_version": ("version", "results schema version of interference.results"),
-    "config_hash": ("hash", "hash of the resolved config slice that determined this table"),
-    "experiment": ("name", "experiment (conf/experiment file or 'default')"),
-    "model": ("name", "model name (conf/model)"),
-    "pair": ("name", "analysis folder: '<a>__<b>' or its negative control '<a>__<b>.control'"),
-    "arm": ("name", "main (A vs B) or control (A vs A', a held-out split of A)"),
-    "split_seed": ("integer", "split seed of the statistics in this row (the primary one in the "
-                              "analysis-level table)"),
-    "task_a": ("name", "task A (whose important parameters are disrupted)"),
-    "task_b": ("name", "task B (the disruptor; A' for the control)"),
-    "block": ("Q|K|V|O", "projection block"),
-    "layer": ("index", "real layer id"),
-    "head": ("index", "query head id (K/V cells: the first query head of the group)"),
-    "kv_head": ("index", "key/value head id (= head without GQA)"),
-    "kv_group": ("indices", "query heads sharing the cell, comma-separated"),
-    "n_query_heads": ("count", "query heads sharing the cell"),
-    "shared": ("bool", "K/V cell shared by a GQA group"),
-    "layer_pos": ("index", "row of the cell on the heatmap"),
-    "head_pos": ("index", "column of the cell on the heatmap"),
-    "name": ("cell name", "'Q/L3/H5' for Q/O, 'K/L3/KV1' for K/V"),
-    "statistic": ("t (unitless)", "Welch's t of disruption shares, B vs R (or their mean "
-                                  "difference with statistic: mean_diff, in " + SHARE + ")"),
-    "p_value": ("probability", "one-sided permutation p-value, (1 + k) / (1 + N) or exact"),
-    "q_value": ("probability", "Benjamini-Hochberg q-value over the FDR family"),
-    "effect_size": ("Cohen's d (sd units)", "two-sample Cohen's d of disruption shares, pooled sd"),
-    "auc": ("probability", "P(share of a B disruptor > share of an R disruptor)"),
-    "mean_b": (SHARE, "mean over B (or A') disruptors"),
-    "mean_r": (SHARE, "mean over the reference disruptors R"),
-    "mean_diff": (SHARE, "mean_b - mean_r"),
-    "null_mean": ("same as statistic", "mean of the permutation null"),
-    "null_sd": ("same as statistic", "sd of the permutation null"),
-    "ci_low": (SHARE, "bootstrap percentile interval of mean_diff, lower end"),
-    "ci_high": (SHARE, "bootstrap percentile interval of mean_diff, upper end"),
-    "ci_low_by": (SHARE, "Benjamini-Yekutieli-adjusted interval (for selected cells), lower end"),
-    "ci_high_by": (SHARE, "Benjamini-Yekutieli-adjusted interval, upper end"),
-    "constant": ("bool", "the cell's shares are constant: p = 1"),
-    "q_significant": ("bool", "q_value <= fdr_alpha (what the FDR guarantee covers)"),
-    "significant": ("bool", "q_value <= fdr_alpha and effect_size >= min_effect_size"),
-    "n_seeds_q_significant": ("count", "split seeds in which the cell has q <= alpha"),
-    "n_seeds_significant": ("count", "split seeds in which the cell is significant"),
-    "n_split_seeds": ("count", "split seeds of the analysis"),
-}
-
-
-def write_table_schema(csv_path, columns, config_hash: str, extra: dict | None = None) -> Path:
-    """``<table>.schema.json`` beside a CSV: schema version, config hash, units per column."""
-    from interference.results import SCHEMA_VERSION, write_json
-
-    csv_path = Path(csv_path)
-    out = csv_path.with_name(csv_path.stem + ".schema.json")
-    doc = {"table": csv_path.name, "schema_version": SCHEMA_VERSION, "config_hash": config_hash,
-           "columns": {c: dict(zip(("unit", "meaning"), COLUMNS.get(c, ("", "")))) for c in columns},
-           **(extra or {})}
-    write_json(out, doc)
-    return out
 
 
 def run(job) -> None:
-    from interference.results import SCHEMA_VERSION, atomic_path, load_heatmap, write_json
+    from interference.results import (LEAD, SCHEMA_VERSION, atomic_path, load_heatmap,
+                                      write_json, write_table_schema)
     from interference.stats import QKOVStatistics
 
     s = job.slice

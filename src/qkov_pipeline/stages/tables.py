@@ -16,10 +16,11 @@ import logging
 import numpy as np
 import pandas as pd
 
+from interference._tables import BLOCKS
+
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.tables")
-BLOCKS = ("Q", "K", "V", "O")
 
 
 def merge(frames: dict[int, pd.DataFrame]) -> pd.DataFrame:
@@ -68,9 +69,8 @@ def stability_summary(stab: dict, table: pd.DataFrame, n_seeds: int) -> dict:
 
 
 def run(job) -> None:
-    from interference.results import SCHEMA_VERSION, atomic_path, write_json
+    from interference.results import SCHEMA_VERSION, atomic_path, write_json, write_table_schema
 
-    from .stats import write_table_schema
 
     seeds = job.slice["split_seeds"]
     frames = {s: pd.read_csv(p, dtype={"kv_group": str}) for s, p in zip(seeds, job.input.cells)}

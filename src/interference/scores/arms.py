@@ -1,0 +1,82 @@
+"""The arms of an analysis and the reference disruptors' scores (SPEC 5-6).
+
+Arm ``main``: task A vs task B (:meth:`QKOVInterferenceMetric.compute_heatmap`). Arm
+``control``: A vs A' (task A's held-out ``control`` samples in B's place), normalised by the
+SAME Fisher as the main arm so the two are comparable. Both arms also score the reference
+disruptors R against the same task-A samples with the same normaliser
+(:func:`reference_scores`): the statistics compare B (or A') with R.
+
+"Task A equals task B" is decided by samples (ids and texts), never by task names
+(:func:`check_disjoint_tasks`).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .._tables import ROLES
+
+
+def control_heatmap(metric, task_a: str, task_b: str) -> dict:
+    """A vs A' in compute_heatmap's format: task A's scored samples against its control
+    samples, normalised as the pair A vs B is (``meta['control_of']`` = task B)."""
+    ids_c = metric.fisher_collector.sample_ids(task_a, "control")
+    if not ids_c:
+        raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
+    heat = metric.heatmap_of(task_a, metric.scored_ids(task_a), task_a, ids_c,
+                             list(metric.fisher_collector.layers),
+                             list(range(metric.config.num_heads)),
+                             metric.fisher_tasks(task_a, task_b))
+    heat["meta"]["control_of"] = task_b
+    return heat
+
+
+def arm_heatmap(metric, arm: str, task_a: str, task_b: str) -> dict:
+    """The heatmap of one arm: 'main' (A vs B) or 'control' (A vs A')."""
+    if arm == "main":
+        return metric.compute_heatmap(task_a, task_b)
+    if arm == "control":
+        return control_heatmap(metric, task_a, task_b)
+    raise ValueError(f"arm must be 'main' or 'control', got {arm!r}")
+
+
+def reference_scores(metric, meta: Mapping, task_r: str, ids_r: list[str]
+                     ) -> dict[str, np.ndarray]:
+    """Block -> M [n_a, n_r, n_layers, n_heads]: the heatmap's task-A samples against the
+    reference disruptors ``ids_r`` of ``task_r``, on the heatmap's layers and heads and with
+    its own Fisher normaliser (``meta['fisher_tasks']``, e.g. pooled A+B; the metric's
+    default for (task_a, task_r) would be A's alone when task_r == task_a)."""
+    if not ids_r:
+        raise ValueError(f"no reference samples of task {task_r!r} in the stores")
+    fisher_tasks = meta.get("fisher_tasks")
+    return metric.pair_scores(meta["task_a"], list(meta["sample_ids_a"]), task_r, list(ids_r),
+                              list(meta["layers"]), list(meta["heads"]),
+                              fisher_tasks=tuple(fisher_tasks) if fisher_tasks else None)
+
+
+def check_disjoint_tasks(collector, content: Mapping[str, Mapping[str, str] | None], a: str,
+                         disruptor: str, disruptor_ids: list[str], ref_task: str,
+                         ref_ids: list[str]) -> None:
+    """B's disruptors (A' for the control) and the reference disruptors must not be samples
+    of task A (any role): "task A equals task B" is decided by sample ids and texts
+    (``content[task]``: id -> content digest, None where unknown), never by names. A
+    held-out split of A shares none, so the negative control passes."""
+    a_ids = set(collector.sample_ids(a, "fisher"))
+    for role in collector.gradient_manager.roles(a):
+        a_ids |= set(collector.sample_ids(a, role))
+    for task, ids, what in ((disruptor, disruptor_ids, "disruptors"),
+                            (ref_task, ref_ids, "reference disruptors")):
+        if task == a:   # the same task: roles are disjoint by id (split_task, collector)
+            a_role = {i: r for r in ROLES for i in collector.sample_ids(a, r)}
+            clash = [i for i in ids if i in a_role and a_role[i] not in ("control", "reference")]
+        else:
+            ca, cb = content.get(a), content.get(task)
+            clash = [i for i in ids if i in a_ids and (ca is None or cb is None
+                                                       or ca.get(i) == cb.get(i))]
+        if clash:
+            raise ValueError(
+                f"the {what} ({task!r}: {len(clash)} of {len(ids)} samples, e.g. {clash[:3]}) are "
+                f"also samples of task A ({a!r}) with the same text: task A equals task B here. "
+                "The negative control A vs A' is built in (control.enabled); to compare two "
+                "variants of a source, make their samples differ")
