@@ -4,6 +4,7 @@ rounding) on every layout the hooks engine supports, and the float64 brute force
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -154,7 +155,7 @@ def test_spill_to_disk_under_a_tiny_budget(tmp_path):
     use = spilled.gradient_manager.get_memory_usage()
     assert use["n_on_disk"] > 0 and use["n_on_disk"] < use["n_samples"]
     assert use["ram_mb"] <= 0.03 and use["disk_mb"] > 0
-    assert list((tmp_path / "spill").glob("*.fbin"))
+    assert list((tmp_path / "spill").glob("*.bin"))
     _assert_same(spilled, dense, cfg)
     # the contribution cache (C_i = g_i ⊙ g_i) reads rebuilt rows
     sid = spilled.gradient_manager.ids("code", "scored")[-1]
@@ -170,7 +171,9 @@ def test_save_open_round_trip(tmp_path, memory_mb):
             for t in ("math", "code")}
     for task in ("math", "code"):
         fc.save_task(task, tmp_path / task)
-    assert list((tmp_path / "math").glob("*.fbin")) and not list((tmp_path / "math").glob("*.bin"))
+    index = json.loads((tmp_path / "math" / "index.json").read_text())
+    assert index["format_version"] == 2 and index["factor_layout"]["fmt"] == "auto"
+    assert sorted(p.name for p in (tmp_path / "math").glob("*.bin")) == ["math__scored.bin"]
     after_save = _heatmap(fc, cfg)                         # the store now reads the files
     loaded = FisherCollector.from_saved([tmp_path / "math", tmp_path / "code"])
     assert loaded.gradient_format == "auto"

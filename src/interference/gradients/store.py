@@ -229,7 +229,7 @@ class GradientStore:
 
     def _new_shard(self, task: str, role: str):
         if self.layout is not None:
-            return _FactoredShard(self.layout, self.spill_dir / f"{task}__{role}.fbin",
+            return _FactoredShard(self.layout, self.spill_dir / f"{task}__{role}.bin",
                                   self.device)
         return _Shard(self.size, self.dtype, self.spill_dir / f"{task}__{role}.bin", self.device)
 
@@ -393,7 +393,7 @@ class GradientStore:
         self._ram_bytes = sum(len(sh.ram) * sh.row_bytes for sh in self.shards.values())
 
     def _save_factored(self, directory: Path, tmp: Path, index: dict, tasks):
-        """:meth:`save` for factored records: one ``.fbin`` per (task, role), the records
+        """:meth:`save` for factored records: one ``.bin`` per (task, role) (as dense rows), the records
         in order; the index gives each sample's T and byte offset."""
         index["format_version"] = FACTORED_FORMAT_VERSION
         index["factor_layout"] = self.layout.to_dict()
@@ -401,7 +401,7 @@ class GradientStore:
         for (task, role), shard in self.shards.items():
             if tasks is not None and task not in tasks:
                 continue
-            name = f"{task}__{role}.fbin"
+            name = f"{task}__{role}.bin"
             order, offsets = self._persist_records(shard, tmp / name)
             moved.append((shard, name, order, offsets))
             index["shards"][f"{task}|{role}"] = {
@@ -678,7 +678,7 @@ def _gather_factored(index, tmp: Path, i: int, d: Path, st: GradientStore, task:
     base = len(entry["files"])
     for j, src in enumerate(shard.files):
         name = f"parts/{i}" + (f".{j}" if len(shard.files) > 1 else "") + \
-            f"/{task}__{role}.fbin"
+            f"/{task}__{role}.bin"
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(Path(src), tmp / name, link)
         entry["files"].append(name)
