@@ -221,6 +221,46 @@ def test_gather_of_factored_shards(tmp_path):
             "x", {}, 3, in_ram=False)
 
 
+def test_sharded_factored_collection_equals_one_collector_bitwise(tmp_path):
+    """Shards (one holding Fisher samples only, so no record and no input groups yet)
+    saved with partial sums and gathered == one collector: rows, norms, Fisher bitwise;
+    record files hard-linked."""
+    from qkov_pipeline.stages.gradients import MICRO_BATCH, take
+
+    model = tiny_llama()
+    batches = {"fisher": padded_batch(10, 12, 1, "f"), "scored": padded_batch(5, 12, 2, "s")}
+
+    def collect(ranges, partials):
+        fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.02,
+                             fisher_partials=partials, gradient_format="factored")
+        for role, (a, b) in ranges.items():
+            calls = [(u, min(u + MICRO_BATCH, b)) for u in range(a, b, MICRO_BATCH)] \
+                if role == "fisher" else [(a, b)]
+            for u, v in calls:
+                fc.collect_fisher(model, take(batches[role], u, v), task="t", mode="mean",
+                                  role=role)
+        return fc
+
+    collect({"fisher": (0, 10), "scored": (0, 5)}, False).save_task("t", tmp_path / "one")
+    plan = [{"fisher": (0, 8)}, {"fisher": (8, 10), "scored": (0, 2)}, {"scored": (2, 5)}]
+    dirs = []
+    for i, ranges in enumerate(plan):
+        collect(ranges, True).save_task("t", tmp_path / f"p{i}", partial=True)
+        dirs.append(tmp_path / f"p{i}")
+    FisherCollector.gather_saved(dirs, tmp_path / "g")
+    ref = FisherCollector.from_saved([tmp_path / "one"])
+    got = FisherCollector.from_saved([tmp_path / "g"])
+    assert got.gradient_format == "factored"
+    assert torch.equal(ref.fisher.get("t"), got.fisher.get("t"))
+    sa, sb = ref.gradient_manager, got.gradient_manager
+    assert sa.ids("t", "scored") == sb.ids("t", "scored")
+    for sid in sa.ids("t", "scored"):
+        assert torch.equal(sa.vector("t", sid), sb.vector("t", sid))
+        assert sa.norms[("t", sid)] == sb.norms[("t", sid)]
+    part = next((tmp_path / "g").rglob("parts/*/t__scored.bin"))
+    assert part.stat().st_nlink == 2
+
+
 def test_stored_factors_do_not_depend_on_the_batch():
     """The same sample in two batches (other companions, other padding): same T, same
     rebuilt gradient, equal to a batch of one."""
@@ -270,7 +310,7 @@ def test_switch_and_engine_checks():
     with pytest.raises(ValueError, match="hooks"):
         FisherCollector(enable_cross_task_analysis=True, gradient_format="factored",
                         engine="loop").collect_fisher(tiny_llama(), b, task="m", role="scored")
-    # the seed's collector is unchanged: dense rows, same memory report
+    # the seed's collector is unchanged: dense rows by default, same memory report
     seed = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=100)
     seed.collect_fisher(tiny_llama(), padded_batch(2, 10, 1, "s"), task="math", mode="ema")
     assert seed.gradient_manager.gradient_format == "dense"

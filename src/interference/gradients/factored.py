@@ -118,6 +118,22 @@ class FactorLayout:
     def __eq__(self, other):
         return isinstance(other, FactorLayout) and self.to_dict() == other.to_dict()
 
+    def compatible(self, other) -> bool:
+        """Same projections, parts and format; input groups equal where both are known (a
+        store that kept no record, e.g. a shard of Fisher samples only, has none yet)."""
+        if not isinstance(other, FactorLayout):
+            return False
+        a, b = self.to_dict(), other.to_dict()
+        if a["groups"] is None or b["groups"] is None:
+            a["groups"] = b["groups"] = None
+        return a == b
+
+    def adopt_groups(self, other: "FactorLayout"):
+        """Take ``other``'s input groups when this layout has none yet."""
+        if self.groups is None and other.groups is not None:
+            self.groups = dict(other.groups)
+            self._plans = {}
+
     # -- what a sample of T tokens keeps --------------------------------------------
     def factored(self, path: str, T: int) -> bool:
         """Keep x, δ of ``path`` for a T-token sample (else its dense gradient)."""

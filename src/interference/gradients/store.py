@@ -549,10 +549,14 @@ class GradientStore:
         stores = [cls.open(d) for d in directories]
         first = stores[0]
         for d, st in zip(directories[1:], stores[1:]):
-            if (st.size, st.entries, st.store_dtype, st.layout) != (
-                    first.size, first.entries, first.store_dtype, first.layout):
+            same_format = (st.layout is None and first.layout is None) or (
+                st.layout is not None and st.layout.compatible(first.layout))
+            if (st.size, st.entries, st.store_dtype) != (first.size, first.entries,
+                                                          first.store_dtype) or not same_format:
                 raise ValueError(f"cannot gather {d} with {directories[0]}: other model, "
                                  "layout, store dtype or gradient format")
+            if first.layout is not None:
+                first.layout.adopt_groups(st.layout)
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -608,9 +612,13 @@ class GradientStore:
         if other.size != self.size or other.entries != self.entries:
             raise ValueError("cannot merge gradient stores of different models or layouts")
         if (self.layout is None) != (other.layout is None) or (
-                self.layout is not None and self.layout.to_dict() != other.layout.to_dict()):
+                self.layout is not None and not self.layout.compatible(other.layout)):
             raise ValueError(f"cannot merge a {self.gradient_format} store with a "
                              f"{other.gradient_format} one (other gradient format or model)")
+        if self.layout is not None:
+            self.layout.adopt_groups(other.layout)
+            for shard in other.shards.values():
+                shard.layout = self.layout
         for key, shard in other.shards.items():
             if key in self.shards:
                 raise ValueError(f"both stores hold task {key[0]!r} role {key[1]!r}")
