@@ -5,6 +5,13 @@ store's own buffers fit in ``memory_mb``; past that it is appended to a raw file
 (one per (task, role)) and read back by memory map, one (layer, block) column range at
 a time. Nothing is dropped or subsampled. C_i = g_i ⊙ g_i is never stored: it is derived.
 
+Factored stores (``layout`` = a :class:`~.factored.FactorLayout`, from
+``FisherCollector(gradient_format='factored' | 'auto')``): instead of a row, each sample
+keeps the inputs x and output gradients δ of the attention projections (the dense
+gradient of a projection where that is smaller), a variable-length record in the same
+in-memory-then-``.bin`` scheme; ``block`` rebuilds the rows of one (layer, block) on the
+requested device. Saved with ``format_version`` 2 (dense stores keep version 1).
+
 Shards: stores collected in separate jobs over disjoint samples (of one task) are combined by
 :meth:`GradientStore.gather` without copying rows: each part's row file is hard-linked into
 the gathered folder and the index lists, per (task, role), the parts in order.
