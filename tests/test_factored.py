@@ -31,6 +31,8 @@ FAMILIES = {
     "falcon_mqa": (lambda: tiny_model_extra("falcon_mqa"), False),
     "falcon_mha": (lambda: tiny_model_extra("falcon_mha"), True),
     "opt": (lambda: tiny_model_extra("opt"), True),
+    "gemma3": (lambda: tiny_model_extra("gemma3"), False),             # head_dim 16, q/k norms
+    "phi": (lambda: tiny_model_extra("phi"), True),                    # output `dense`
 }
 RTOL = 1e-5
 
