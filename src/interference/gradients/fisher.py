@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..architectures import QKOVConfig, QKOVIndexer
 from .objectives import Objective, default_objective, sample_ids_of
 from .per_sample import PerSampleGradients
+from .factored import GRADIENT_FORMATS, FactorLayout
 from .store import ContributionCache, GradientStore, natural_key
 
 logger = logging.getLogger("fisher.qkov")
@@ -117,6 +118,13 @@ class FisherCollector:
         fisher_partials: keep each ``collect_fisher`` call's Fisher sum and count, and save
             them (``save_task``), so that shards of one task collected in separate jobs
             can be combined exactly (``gather_saved``). Mode 'mean' only.
+        gradient_format: how the store keeps g_i: 'dense' (rows [P]), 'factored' (per
+            sample the inputs x and output gradients δ of every attention projection, in
+            the model's dtype; rows are rebuilt when scored, see ``factored.py``) or 'auto'
+            (factored for each projection where that is smaller: T·(d_in + d_out) values
+            against d_in·d_out). Factored needs the 'hooks' engine; with the 'loop' engine
+            'auto' is dense. Fisher and grad norms come from the collection-time g_i in
+            every format.
     """
 
     def __init__(self, enable_cross_task_analysis: bool = False, gradient_memory_mb: float = 100,
@@ -124,7 +132,11 @@ class FisherCollector:
                  config: QKOVConfig | None = None, objective: Objective | None = None,
                  loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
                  micro_batch: int = 8, layers: list[int] | None = None, store_device="cpu",
-                 fisher_partials: bool = False):
+                 fisher_partials: bool = False, gradient_format: str = "dense"):
+        if gradient_format not in GRADIENT_FORMATS:
+            raise ValueError(f"gradient_format must be one of {GRADIENT_FORMATS}, got "
+                             f"{gradient_format!r}")
+        self.gradient_format = gradient_format
         self.enable_cross_task_analysis = enable_cross_task_analysis
         self.gradient_memory_mb = gradient_memory_mb
         self.ema_decay, self.store_dtype, self.spill_dir = ema_decay, store_dtype, spill_dir
@@ -168,10 +180,19 @@ class FisherCollector:
                 model, loss_reduction=self.loss_reduction)
             self._model_id = id(model)
             entries = {k: (e.offset, e.n_heads, e.size) for k, e in self.indexer.entries.items()}
+            engine = PerSampleGradients.choose_engine(model, self.objective, self.engine)
+            fmt = self.gradient_format
+            if fmt == "factored" and engine != "hooks":
+                raise ValueError(f"gradient_format='factored' needs the 'hooks' engine "
+                                 f"(causal LMs); engine here is {engine!r}: use 'dense' or "
+                                 "'auto'")
+            layout = None
+            if fmt != "dense" and engine == "hooks":
+                layout = FactorLayout.from_indexer(self.indexer, fmt, self.store_dtype)
             self._store = GradientStore(self.indexer.total_size, entries,
                                         self.gradient_memory_mb, self.store_dtype,
                                         self.spill_dir, collector=self,
-                                        device=self.store_device)
+                                        device=self.store_device, layout=layout)
         elif id(model) != self._model_id:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             mine = {n: tuple(p.shape) for n, p in self.indexer.model.named_parameters()}
@@ -217,7 +238,8 @@ class FisherCollector:
             self._all_role_ids.update((task, s) for s in ids)
         engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
                                     desc=f"{task} ({role})", engine=self.engine,
-                                    micro_batch=self.micro_batch)
+                                    micro_batch=self.micro_batch,
+                                    factors=keep and self._store.layout is not None)
         wants_fisher = role in ("fisher", "all")
         total = None
         losses = []
@@ -228,7 +250,7 @@ class FisherCollector:
                 total = sq if total is None else total.add_(sq)
             if keep:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
-                                g.vector, g.loss, g.n_tokens)
+                                g.vector, g.loss, g.n_tokens, factors=g.factors)
         if wants_fisher:
             tf.update(total.cpu(), n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
@@ -285,6 +307,7 @@ class FisherCollector:
                 described = desc
                 self.config = QKOVConfig(**desc["config"])
                 self._store = store
+                self.gradient_format = store.gradient_format
                 self._layers = desc["layers"]
             else:
                 if desc != described:

@@ -35,12 +35,20 @@ class NonFiniteGradientError(FloatingPointError):
 
 @dataclass
 class SampleGradient:
-    """g_i of one sample: ``vector`` [P] float32 in the indexer's canonical order."""
+    """g_i of one sample: ``vector`` [P] float32 in the indexer's canonical order.
+
+    ``factors`` (hooks engine with ``factors=True``): what the factored store keeps, the
+    sample's own tokens only (padding excluded): ``T`` (its real tokens), ``x``
+    {input group (its first module's path): [T, d_in] model dtype}, ``delta`` {module path:
+    [T, d_out] model dtype} and ``grads`` {param name: float32 per-sample gradient} (for
+    the projections that the store keeps dense).
+    """
 
     sample_id: str
     vector: torch.Tensor
     loss: float
     n_tokens: int
+    factors: dict | None = None
 
 
 @contextlib.contextmanager
@@ -117,23 +125,48 @@ class _HookCapture:
     """Forward hooks on the attention modules that form per-sample weight (and bias)
     gradients [n, *param.shape] in float32 from x and δ."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], keep_factors: bool = False):
         modules = dict(model.named_modules())
         self.by_module: dict[str, list[str]] = {}
         for name in names:
             path, kind = name.rsplit(".", 1)
             self.by_module.setdefault(path, []).append(kind)
         self.grads: dict[str, torch.Tensor] = {}
+        # keep_factors: x [n, T, in] and δ [n, T, out] of every module, in the model's dtype
+        self.keep_factors = keep_factors
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
         self.handles = [modules[p].register_forward_hook(self._hook(p, modules[p]))
                         for p in self.by_module]
+
+    def input_groups(self) -> dict[str, str]:
+        """module path -> the first module (in model order) that read the same input tensor
+        (LLaMA's q/k/v_proj read one hidden state: its x is kept once)."""
+        groups, seen = {}, []
+        for path in self.by_module:
+            x = self.inputs[path]
+            for leader in seen:
+                y = self.inputs[leader]
+                if (y.data_ptr(), y.shape, y.stride(), y.dtype) == \
+                        (x.data_ptr(), x.shape, x.stride(), x.dtype):
+                    groups[path] = leader
+                    break
+            else:
+                groups[path] = path
+                seen.append(path)
+        return groups
 
     def _hook(self, path, module):
         conv1d = type(module).__name__ == "Conv1D"
 
         def fwd(mod, inputs, output):
             x = inputs[0].detach()
+            if self.keep_factors:
+                self.inputs[path] = x
 
             def bwd(delta):
+                if self.keep_factors:
+                    self.deltas[path] = delta.detach()
                 xf, df = x.float(), delta.detach().float()
                 if "weight" in self.by_module[path]:
                     eq = "nti,nto->nio" if conv1d else "nto,nti->noi"
@@ -162,12 +195,16 @@ class PerSampleGradients:
 
     def __init__(self, model: nn.Module, indexer: QKOVIndexer, objective: Objective,
                  progress: bool = False, desc: str = "per-sample gradients",
-                 engine: str = "auto", micro_batch: int = 8):
+                 engine: str = "auto", micro_batch: int = 8, factors: bool = False):
         self.model, self.indexer, self.objective = model, indexer, objective
+        self.factors = bool(factors)
         self.progress, self.desc = progress, desc
         self._names = indexer.param_names
         self.engine = self.choose_engine(model, objective, engine)
         self.micro_batch = int(micro_batch)
+        if self.factors and self.engine != "hooks":
+            raise ValueError("factored per-sample gradients need the 'hooks' engine (x and δ of "
+                             f"each projection); engine is {self.engine!r}")
 
     @staticmethod
     def choose_engine(model: nn.Module, objective: Objective, engine: str = "auto") -> str:
@@ -225,7 +262,7 @@ class PerSampleGradients:
                 part = samples[start:start + self.micro_batch]
                 ids = sample_ids[start:start + self.micro_batch]
                 b = _right_pad(part, device)
-                capture = _HookCapture(self.model, self._names)
+                capture = _HookCapture(self.model, self._names, keep_factors=self.factors)
                 try:
                     logits = self.model(input_ids=b["input_ids"],
                                         attention_mask=b["attention_mask"]).logits[:, :-1]
@@ -248,13 +285,23 @@ class PerSampleGradients:
                     torch.autograd.grad(losses.sum(), [params[n] for n in self._names],
                                         allow_unused=True)
                     rows = self.indexer.flatten_rows(capture.grads)
+                    groups = capture.input_groups() if self.factors else None
                 finally:
                     capture.remove()
+                real = b["attention_mask"].sum(1)
                 for k, sid in enumerate(ids):
                     vec = rows[k]
                     if not torch.isfinite(vec).all():
                         raise NonFiniteGradientError(
                             f"sample {sid!r}: non-finite gradient at "
                             f"{_first_bad_cell(self.indexer, vec.cpu())}")
+                    factors = None
+                    if self.factors:
+                        t = int(real[k])      # the sample's own tokens (right padding)
+                        factors = {
+                            "T": t, "groups": groups,
+                            "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
+                            "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
+                            "grads": {n: g[k] for n, g in capture.grads.items()}}
                     yield SampleGradient(sid, vec.detach(), float(losses[k].detach()),
-                                         int(n_tok[k]))
+                                         int(n_tok[k]), factors)

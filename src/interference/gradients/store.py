@@ -5,6 +5,13 @@ store's own buffers fit in ``memory_mb``; past that it is appended to a raw file
 (one per (task, role)) and read back by memory map, one (layer, block) column range at
 a time. Nothing is dropped or subsampled. C_i = g_i ⊙ g_i is never stored: it is derived.
 
+Factored stores (``layout`` = a :class:`~.factored.FactorLayout`, from
+``FisherCollector(gradient_format='factored' | 'auto')``): instead of a row, each sample
+keeps the inputs x and output gradients δ of the attention projections (the dense
+gradient of a projection where that is smaller), a variable-length record in the same
+in-memory-then-``.bin`` scheme; ``block`` rebuilds the rows of one (layer, block) on the
+requested device. Saved with ``format_version`` 2 (dense stores keep version 1).
+
 Shards: stores collected in separate jobs over disjoint samples (of one task) are combined by
 :meth:`GradientStore.gather` without copying rows: each part's row file is hard-linked into
 the gathered folder and the index lists, per (task, role), the parts in order.
@@ -23,9 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .factored import FactorLayout
+
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROLES = ("fisher", "scored", "reference", "control")
 FORMAT_VERSION = 1
+FACTORED_FORMAT_VERSION = 2     # stores of factored records (index has 'factor_layout')
 
 
 def natural_key(sample_id: str):
@@ -121,6 +131,70 @@ class _Shard:
         return out
 
 
+class _FactoredShard:
+    """Factored records of one (task, role): per sample its x and δ (and the dense
+    gradients of projections kept dense), variable length (they depend on the sample's
+    token count T). In-memory records first, then appended to a raw file; a record on disk
+    is (file, byte offset), its length follows from T."""
+
+    def __init__(self, layout: FactorLayout, path: Path, device="cpu"):
+        self.layout, self.path = layout, path
+        self.device = torch.device(device)
+        self.ids: list[str] = []
+        self.T: dict[str, int] = {}
+        self.where: dict[str, tuple] = {}       # id -> ('ram', record) | ('disk', (file, offset))
+        self.files: list[Path] = [path]         # file 0: this shard's spill / saved file
+        self.file_bytes = 0                     # bytes written to file 0
+        self._maps: dict[int, np.memmap] = {}
+        self.read_only = False                  # a gathered store
+
+    def record_bytes(self, sid: str) -> int:
+        return self.layout.plan(self.T[sid])["bytes"]
+
+    def add(self, sid: str, rec: dict, T: int, in_ram: bool):
+        self.T[sid] = int(T)
+        if in_ram:
+            self.where[sid] = ("ram", {k: v.to(self.device) for k, v in rec.items()})
+        else:
+            if self.read_only:
+                raise ValueError("a gathered store's rows are read-only on disk; add rows "
+                                 "to a store being collected, then save and gather it")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = self.layout.encode(rec, T)
+            with open(self.path, "ab") as fh:
+                fh.write(data)
+            self.where[sid] = ("disk", (0, self.file_bytes))
+            self.file_bytes += len(data)
+            self._maps.pop(0, None)
+        self.ids.append(sid)
+
+    def _map(self, k: int) -> np.memmap:
+        if k not in self._maps:
+            self._maps[k] = np.memmap(self.files[k], dtype=np.uint8, mode="r")
+        return self._maps[k]
+
+    def record(self, sid: str, keys=None) -> tuple[int, dict]:
+        """(T, section key -> tensor) of one sample (only ``keys`` if given)."""
+        kind, pos = self.where[sid]
+        T = self.T[sid]
+        if kind == "ram":
+            rec = pos if keys is None else {k: v for k, v in pos.items() if k in keys}
+            return T, rec
+        k, off = pos
+        buf = self._map(k)[off:off + self.layout.plan(T)["bytes"]]
+        return T, self.layout.decode(buf, T, keys)
+
+    def disk_bytes(self) -> int:
+        return sum(self.record_bytes(s) for s, (k, _) in self.where.items() if k == "disk")
+
+    def ram_bytes(self) -> int:
+        return sum(self.record_bytes(s) for s, (k, _) in self.where.items() if k == "ram")
+
+    @property
+    def disk_rows(self) -> int:
+        return sum(1 for k, _ in self.where.values() if k == "disk")
+
+
 class GradientStore:
     """Per-sample gradients by (task, role, sample id).
 
@@ -131,11 +205,14 @@ class GradientStore:
         store_dtype: 'float32' | 'bfloat16' | 'float16' (storage only; reads are float32).
         device: where in-budget rows live ('cpu', or 'cuda' to keep them on the GPU, in
             which case ``memory_mb`` is a GPU budget).
+        layout: a :class:`FactorLayout`: keep factored records (x and δ of each
+            projection, see ``factored.py``) instead of rows; ``add`` then needs the
+            sample's ``factors`` and ``block`` rebuilds rows from them. None: dense rows.
     """
 
     def __init__(self, size: int, entries: dict, memory_mb: float = 100.0,
                  store_dtype: str = "float32", spill_dir: str | os.PathLike | None = None,
-                 collector=None, device="cpu"):
+                 collector=None, device="cpu", layout: FactorLayout | None = None):
         if store_dtype not in STORE_DTYPES:
             raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}")
         self.size, self.entries = size, dict(entries)
@@ -150,15 +227,49 @@ class GradientStore:
         self.losses: dict[tuple[str, str], float] = {}
         self.n_tokens: dict[tuple[str, str], int] = {}
         self._ram_bytes = 0
+        self.layout = layout
 
     # -- writing ----------------------------------------------------------------------
+    @property
+    def gradient_format(self) -> str:
+        return "dense" if self.layout is None else self.layout.fmt
+
+    def _new_shard(self, task: str, role: str):
+        if self.layout is not None:
+            return _FactoredShard(self.layout, self.spill_dir / f"{task}__{role}.bin",
+                                  self.device)
+        return _Shard(self.size, self.dtype, self.spill_dir / f"{task}__{role}.bin", self.device)
+
     def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor,
-            loss: float = float("nan"), n_tokens: int = 0):
-        """Store g_i [P] of one sample. Re-adding an id of the same (task, role) is an error."""
+            loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None):
+        """Store g_i [P] of one sample. Re-adding an id of the same (task, role) is an error.
+
+        A factored store keeps the sample's ``factors`` (see ``SampleGradient``) instead;
+        ``vector`` (the collection-time g_i) gives its exact norm."""
         if vector.shape != (self.size,):
             raise ValueError(f"gradient of {sample_id!r} has shape {tuple(vector.shape)}, "
                              f"store expects ({self.size},)")
         key = (task, role)
+        if self.layout is not None:
+            if factors is None:
+                raise ValueError(f"this store keeps factored gradients ({self.layout.fmt}); "
+                                 f"sample {sample_id!r} came without its factors (x, δ)")
+            if key not in self.shards:
+                self.shards[key] = self._new_shard(task, role)
+            shard = self.shards[key]
+            if sample_id in shard.where:
+                raise ValueError(f"sample {sample_id!r} already stored for task {task!r} "
+                                 f"role {role!r}")
+            rec = self.layout.record(factors)
+            T = int(factors["T"])
+            nbytes = self.layout.plan(T)["bytes"]
+            in_ram = self._ram_bytes + nbytes <= self.memory_mb * 2**20
+            shard.add(sample_id, rec, T, in_ram)
+            self._ram_bytes += nbytes if in_ram else 0
+            self.norms[(task, sample_id)] = float(vector.double().norm())
+            self.losses[(task, sample_id)] = float(loss)
+            self.n_tokens[(task, sample_id)] = int(n_tokens)
+            return
         if key not in self.shards:
             self.shards[key] = _Shard(self.size, self.dtype,
                                       self.spill_dir / f"{task}__{role}.bin", self.device)
@@ -192,8 +303,27 @@ class GradientStore:
         raise KeyError(f"no gradient stored for sample {sample_id!r} of task {task!r}; "
                        f"collect it with collect_fisher(..., role='scored' or 'reference')")
 
-    def block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
-        """float32 [n, n_block_heads, slice_size]: g of samples ``ids`` on one (layer, block)."""
+    def block(self, task: str, ids: list[str], layer: int, block: str,
+              device=None) -> torch.Tensor:
+        """float32 [n, n_block_heads, slice_size]: g of samples ``ids`` on one (layer, block).
+
+        ``device``: where the rows are wanted (default: the store's device); a factored
+        store rebuilds them there."""
+        if self.layout is not None:
+            device = torch.device(device) if device is not None else self.device
+            records = []
+            for sid in ids:
+                shard = self._locate(task, sid)
+                keys = self.layout.keys_for(layer, block, shard.T[sid])
+                records.append(shard.record(sid, keys))
+            _, n_heads, size = self.entries[(layer, block)]
+            if not records:
+                return torch.empty(0, n_heads, size, device=device)
+            return self.layout.rebuild(records, layer, block, device)
+        out = self._dense_block(task, ids, layer, block)
+        return out if device is None else out.to(device)
+
+    def _dense_block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
         offset, n_heads, size = self.entries[(layer, block)]
         out = torch.empty(len(ids), n_heads * size, device=self.device)
         by_shard: dict[int, tuple[_Shard, list[int], list[str]]] = {}
@@ -208,7 +338,12 @@ class GradientStore:
 
     def vector(self, task: str, sample_id: str) -> torch.Tensor:
         """float32 [P]: the whole g of one sample."""
-        return self._locate(task, sample_id).rows([sample_id], 0, self.size)[0]
+        shard = self._locate(task, sample_id)
+        if self.layout is not None:
+            rec = [shard.record(sample_id)]
+            return torch.cat([self.layout.rebuild(rec, l, b, self.device).reshape(-1)
+                              for (l, b) in self.entries])
+        return shard.rows([sample_id], 0, self.size)[0]
 
     def grad_norms(self, task: str, ids: list[str]) -> np.ndarray:
         """[n] L2 norms of g_j over all attention parameters (computed from float32 g)."""
@@ -216,7 +351,8 @@ class GradientStore:
 
     def get_memory_usage(self) -> dict:
         """Bytes held by the store's own buffers, in MB, and what spilled to disk."""
-        disk = sum(s.disk_rows * s.row_bytes for s in self.shards.values())
+        disk = sum(s.disk_bytes() if isinstance(s, _FactoredShard) else s.disk_rows * s.row_bytes
+                   for s in self.shards.values())
         return {"ram_mb": self._ram_bytes / 2**20, "disk_mb": disk / 2**20,
                 "budget_mb": self.memory_mb,
                 "n_samples": sum(len(s.ids) for s in self.shards.values()),
@@ -239,6 +375,9 @@ class GradientStore:
                  "store_dtype": self.store_dtype, "meta": meta or {},
                  "entries": {f"{l}|{b}": list(v) for (l, b), v in self.entries.items()},
                  "shards": {}}
+        if self.layout is not None:
+            self._save_factored(directory, tmp, index, tasks)
+            return
         moved = []
         for (task, role), shard in self.shards.items():
             if tasks is not None and task not in tasks:
@@ -259,6 +398,73 @@ class GradientStore:
             shard.where = {sid: ("disk", k) for k, sid in enumerate(order)}
             shard.disk_rows, shard.ram = len(order), []
         self._ram_bytes = sum(len(sh.ram) * sh.row_bytes for sh in self.shards.values())
+
+    def _save_factored(self, directory: Path, tmp: Path, index: dict, tasks):
+        """:meth:`save` for factored records: one ``.bin`` per (task, role) (as dense rows), the records
+        in order; the index gives each sample's T and byte offset."""
+        index["format_version"] = FACTORED_FORMAT_VERSION
+        index["factor_layout"] = self.layout.to_dict()
+        moved = []
+        for (task, role), shard in self.shards.items():
+            if tasks is not None and task not in tasks:
+                continue
+            name = f"{task}__{role}.bin"
+            order, offsets = self._persist_records(shard, tmp / name)
+            moved.append((shard, name, order, offsets))
+            index["shards"][f"{task}|{role}"] = {
+                "ids": order, "norms": [self.norms[(task, s)] for s in order],
+                "losses": [self.losses[(task, s)] for s in order],
+                "n_tokens": [self.n_tokens[(task, s)] for s in order],
+                "T": [shard.T[s] for s in order], "offsets": offsets,
+                "files": [name], "file_of": [0] * len(order)}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        for shard, name, order, offsets in moved:     # now read from the saved files
+            shard.path = directory / name
+            shard.files, shard._maps, shard.read_only = [shard.path], {}, False
+            shard.where = {sid: ("disk", (0, off)) for sid, off in zip(order, offsets)}
+            shard.file_bytes = shard.path.stat().st_size
+        self._ram_bytes = sum(sh.ram_bytes() for sh in self.shards.values())
+
+    def _persist_records(self, shard: "_FactoredShard", target: Path):
+        """Put all records of ``shard`` into ``target``: (ids, byte offsets) in order."""
+        disk_ids = [sid for sid in shard.ids if shard.where[sid][0] == "disk"]
+        ram_ids = [sid for sid in shard.ids if shard.where[sid][0] == "ram"]
+        order, offsets = [], []
+        plain = (not shard.read_only and len(shard.files) == 1 and disk_ids
+                 and all(shard.where[s][1][0] == 0 for s in disk_ids))
+        if plain:                            # the spill file: move it, offsets unchanged
+            shard._maps = {}
+            try:
+                os.replace(shard.files[0], target)
+            except OSError:
+                shutil.copyfile(shard.files[0], target)
+            order = sorted(disk_ids, key=lambda sid: shard.where[sid][1][1])
+            offsets = [shard.where[sid][1][1] for sid in order]
+            end = target.stat().st_size
+            mode = "ab"
+        else:                                # gathered records: copy them one by one
+            end, mode = 0, "wb"
+            with open(target, "wb") as out:
+                for sid in disk_ids:
+                    k, off = shard.where[sid][1]
+                    data = shard._map(k)[off:off + shard.record_bytes(sid)].tobytes()
+                    out.write(data)
+                    order.append(sid)
+                    offsets.append(end)
+                    end += len(data)
+            shard._maps = {}
+            mode = "ab"
+        with open(target, mode) as fh:
+            for sid in ram_ids:
+                data = self.layout.encode(shard.where[sid][1], shard.T[sid])
+                fh.write(data)
+                order.append(sid)
+                offsets.append(end)
+                end += len(data)
+        return order, offsets
 
     def _persist_rows(self, shard: "_Shard", target: Path) -> list[str]:
         """Put all rows of ``shard`` into ``target``; returns the ids in row order."""
@@ -289,17 +495,23 @@ class GradientStore:
         """Memory-map a saved store (read-only rows; nothing is loaded until asked)."""
         directory = Path(directory)
         index = json.loads((directory / "index.json").read_text())
-        if index.get("format_version") != FORMAT_VERSION:
+        if index.get("format_version") not in (FORMAT_VERSION, FACTORED_FORMAT_VERSION):
             raise ValueError(f"{directory}: store format {index.get('format_version')} is not "
-                             f"{FORMAT_VERSION}; recollect the gradients")
+                             f"{FORMAT_VERSION} or {FACTORED_FORMAT_VERSION}; recollect the "
+                             "gradients")
         entries = {(int(k.split("|")[0]), k.split("|")[1]): tuple(v)
                    for k, v in index["entries"].items()}
+        layout = FactorLayout.from_dict(index["factor_layout"]) \
+            if index.get("factor_layout") else None
         store = cls(index["size"], entries, memory_mb, index["store_dtype"],
-                    spill_dir=directory, collector=collector)
+                    spill_dir=directory, collector=collector, layout=layout)
         store._own_dir = False
         store.meta = index["meta"]
         for key, info in index["shards"].items():
             task, role = key.split("|")
+            if layout is not None:
+                store.shards[(task, role)] = _open_factored(store, directory, task, info)
+                continue
             shard = _Shard(store.size, store.dtype, directory / f"{task}__{role}.bin")
             for row, sid in enumerate(info["ids"]):
                 shard.ids.append(sid)
@@ -344,10 +556,14 @@ class GradientStore:
         stores = [cls.open(d) for d in directories]
         first = stores[0]
         for d, st in zip(directories[1:], stores[1:]):
+            same_format = (st.layout is None and first.layout is None) or (
+                st.layout is not None and st.layout.compatible(first.layout))
             if (st.size, st.entries, st.store_dtype) != (first.size, first.entries,
-                                                          first.store_dtype):
+                                                          first.store_dtype) or not same_format:
                 raise ValueError(f"cannot gather {d} with {directories[0]}: other model, "
-                                 "layout or store dtype")
+                                 "layout, store dtype or gradient format")
+            if first.layout is not None:
+                first.layout.adopt_groups(st.layout)
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -357,9 +573,16 @@ class GradientStore:
                  "entries": {f"{l}|{b}": list(v) for (l, b), v in first.entries.items()},
                  "shards": {}}
         owner: dict[tuple[str, str], int] = {}
+        if first.layout is not None:
+            index["format_version"] = FACTORED_FORMAT_VERSION
+            index["factor_layout"] = first.layout.to_dict()
         try:
             for i, (d, st) in enumerate(zip(directories, stores)):
                 for (task, role), shard in st.shards.items():
+                    if first.layout is not None:
+                        _gather_factored(index, tmp, i, d, st, task, role, shard, owner,
+                                         directories, link)
+                        continue
                     order = sorted(shard.ids, key=lambda sid: shard.where[sid][1])
                     for sid in order:
                         if (task, sid) in owner:
@@ -395,6 +618,14 @@ class GradientStore:
         """Adopt the shards of another store with the same layout (no copy)."""
         if other.size != self.size or other.entries != self.entries:
             raise ValueError("cannot merge gradient stores of different models or layouts")
+        if (self.layout is None) != (other.layout is None) or (
+                self.layout is not None and not self.layout.compatible(other.layout)):
+            raise ValueError(f"cannot merge a {self.gradient_format} store with a "
+                             f"{other.gradient_format} one (other gradient format or model)")
+        if self.layout is not None:
+            self.layout.adopt_groups(other.layout)
+            for shard in other.shards.values():
+                shard.layout = self.layout
         for key, shard in other.shards.items():
             if key in self.shards:
                 raise ValueError(f"both stores hold task {key[0]!r} role {key[1]!r}")
@@ -418,6 +649,61 @@ class GradientStore:
             self.close()
         except Exception:
             pass
+
+
+def _open_factored(store: GradientStore, directory: Path, task: str, info: dict):
+    """A saved (task, role) of factored records, memory-mapped lazily."""
+    files = [directory / f for f in info["files"]]
+    shard = _FactoredShard(store.layout, files[0])
+    shard.files = files
+    shard.read_only = len(files) > 1
+    ends = [0] * len(files)
+    for r, sid in enumerate(info["ids"]):
+        k, off, T = int(info["file_of"][r]), int(info["offsets"][r]), int(info["T"][r])
+        shard.ids.append(sid)
+        shard.T[sid] = T
+        shard.where[sid] = ("disk", (k, off))
+        ends[k] = max(ends[k], off + store.layout.plan(T)["bytes"])
+        store.norms[(task, sid)] = info["norms"][r]
+        store.losses[(task, sid)] = info["losses"][r]
+        store.n_tokens[(task, sid)] = info["n_tokens"][r]
+    for path, end in zip(files, ends):
+        size = path.stat().st_size if path.is_file() else -1
+        if size < end:
+            raise ValueError(f"{path}: {size} bytes, the index needs {end} (an interrupted "
+                             "save or gather?)")
+    shard.file_bytes = ends[0]
+    return shard
+
+
+def _gather_factored(index, tmp: Path, i: int, d: Path, st: GradientStore, task: str,
+                     role: str, shard: "_FactoredShard", owner: dict, directories, link):
+    """One input (task, role) of :meth:`GradientStore.gather`, factored records: its files
+    are linked in, its records keep their offsets."""
+    order = sorted(shard.ids, key=lambda sid: shard.where[sid][1])
+    for sid in order:
+        if (task, sid) in owner:
+            raise ValueError(f"sample {sid!r} of task {task!r} is in "
+                             f"{directories[owner[(task, sid)]]} and {d}: "
+                             "shards must hold disjoint samples")
+        owner[(task, sid)] = i
+    entry = index["shards"].setdefault(f"{task}|{role}", {
+        "ids": [], "norms": [], "losses": [], "n_tokens": [], "T": [], "offsets": [],
+        "files": [], "file_of": []})
+    base = len(entry["files"])
+    for j, src in enumerate(shard.files):
+        name = f"parts/{i}" + (f".{j}" if len(shard.files) > 1 else "") + \
+            f"/{task}__{role}.bin"
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(Path(src), tmp / name, link)
+        entry["files"].append(name)
+    entry["ids"] += order
+    entry["norms"] += [st.norms[(task, s)] for s in order]
+    entry["losses"] += [st.losses[(task, s)] for s in order]
+    entry["n_tokens"] += [st.n_tokens[(task, s)] for s in order]
+    entry["T"] += [shard.T[s] for s in order]
+    entry["offsets"] += [shard.where[s][1][1] for s in order]
+    entry["file_of"] += [base + shard.where[s][1][0] for s in order]
 
 
 def _link_or_copy(src: Path, dst: Path, link: bool = True) -> None:

@@ -161,12 +161,12 @@ class QKOVInterferenceMetric:
         if self.variant == "fisher_weighted":
             left = self._slice(self.fisher_collector.fisher.get(task_a), layer, block)[None]
             return left.to(self.device), "identity"
-        left = self._store.block(task_a, ids_a, layer, block).to(self.device)
+        left = self._store.block(task_a, ids_a, layer, block, device=self.device)
         return left, {"qkov": "square", "signed": "identity", "symmetric": "abs"}[self.variant]
 
     def _right(self, task_j, ids_j, layer, block):
         """(right [n_j, Hb, s], g, norms [n_j] or None) on the device."""
-        right = self._store.block(task_j, ids_j, layer, block).to(self.device)
+        right = self._store.block(task_j, ids_j, layer, block, device=self.device)
         norms = None
         if self.gj_norm == "l2":
             norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32,

@@ -191,7 +191,7 @@ def _collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool):
         gradient_memory_mb=float(ex.get("gradient_memory_mb", 1024)),
         ema_decay=f["ema_decay"], store_dtype=f["store_dtype"], spill_dir=spill, config=qcfg,
         loss_reduction=f["loss_reduction"], progress=True, micro_batch=MICRO_BATCH,
-        fisher_partials=partials)
+        fisher_partials=partials, gradient_format=ex.get("gradient_format", "dense"))
 
 
 def _collect_role(collector, model, batch: dict, task: str, role: str, mode: str,

@@ -1,0 +1,276 @@
+"""Factored per-sample gradients (issue 15, item 1).
+
+A linear map's per-sample gradient is a sum over the sample's tokens,
+∇W_i = Σ_t δ_{i,t} x_{i,t}ᵀ (Linear convention [out, in]; the bias gets Σ_t δ_{i,t}). For a
+projection with T·(d_in + d_out) < d_in·d_out values it is smaller to keep x_i [T, d_in]
+and δ_i [T, d_out] (in the model's dtype) than the gradient itself; the input x is kept
+once per group of projections that read the same tensor (LLaMA's q/k/v_proj). The store
+rebuilds a (layer, block)'s head-major rows [n, n_block_heads, slice_size] from the
+factors on the scoring device, computing only the rows (or columns) of the projection
+that the block's head slices own, and puts them through the indexer's own ``Part.take``
+so that fused layouts (GPT-2 c_attn, NeoX query_key_value, Phi-3 qkv_proj, Falcon) and
+GQA index exactly as the dense path does.
+
+``FactorLayout`` describes the attention projections of one model (serialisable, so a
+saved store rebuilds without the model); ``FactorLayout.plan(T)`` says which projections a
+sample of T tokens keeps factored (``gradient_format`` 'factored': all; 'auto': those
+where the factors take fewer bytes than the dense gradient). A sample's record depends
+only on its own tokens, never on its batch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..architectures.indexer import Part
+from .per_sample import _tf32_if_exact
+
+GRADIENT_FORMATS = ("auto", "dense", "factored")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+_ALIGN = 8
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().to("cpu")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
+    np_dtype = np.int16 if dtype == torch.bfloat16 else np.dtype(dtype_name(dtype))
+    arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+    t = torch.from_numpy(arr.copy())
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+class FactorLayout:
+    """The attention projections of a model and how one sample's record is laid out.
+
+    Args:
+        modules: module path -> {'d_in', 'd_out', 'conv1d', 'params': {'weight': name,
+            'bias': name (optional)}, 'shapes': {kind: param shape}}, in model order.
+        parts: 'layer|block' -> [Part fields] (the indexer's entry parts).
+        fmt: 'auto' or 'factored'.
+        factor_dtype: the model's dtype (x and δ are kept in it).
+        store_dtype: dtype of the dense gradients of projections kept dense.
+        groups: module path -> input group (the first module reading the same x); set
+            from the first captured batch.
+    """
+
+    def __init__(self, modules: dict, parts: dict, fmt: str, factor_dtype: str,
+                 store_dtype: str, groups: dict | None = None):
+        if fmt not in ("auto", "factored"):
+            raise ValueError(f"a factor layout's format is 'auto' or 'factored', got {fmt!r}")
+        self.modules, self.fmt = modules, fmt
+        self.factor_dtype, self.store_dtype = factor_dtype, store_dtype
+        self.fdt, self.sdt = DTYPES[factor_dtype], DTYPES[store_dtype]
+        self.groups = dict(groups) if groups else None
+        self.parts_spec = parts
+        self.parts = {(int(k.split("|")[0]), k.split("|")[1]):
+                      [Part(p["name"], p["axis"], torch.tensor(p["index"], dtype=torch.long),
+                            p["n_heads"], p["size"], p["transposed"]) for p in v]
+                      for k, v in parts.items()}
+        self._plans: dict[int, dict] = {}
+
+    @classmethod
+    def from_indexer(cls, indexer, fmt: str, store_dtype: str) -> "FactorLayout":
+        model = indexer.model
+        mods = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        names = indexer.param_names
+        modules: dict[str, dict] = {}
+        for name in names:
+            path, kind = name.rsplit(".", 1)
+            m = mods[path]
+            if path not in modules:
+                w = m.weight
+                conv1d = type(m).__name__ == "Conv1D"
+                d_in, d_out = (w.shape[0], w.shape[1]) if conv1d else (w.shape[1], w.shape[0])
+                if w.dim() != 2:
+                    raise ValueError(f"{path}.weight is not a matrix: cannot factor it")
+                modules[path] = {"d_in": int(d_in), "d_out": int(d_out), "conv1d": conv1d,
+                                 "params": {}, "shapes": {}}
+            modules[path]["params"][kind] = name
+            modules[path]["shapes"][kind] = list(params[name].shape)
+        parts = {f"{l}|{b}": [{"name": p.name, "axis": p.axis, "index": p.index.tolist(),
+                               "n_heads": p.n_heads, "size": p.size,
+                               "transposed": p.transposed} for p in e.parts]
+                 for (l, b), e in indexer.entries.items()}
+        fdt = dtype_name(next(model.parameters()).dtype)
+        return cls(modules, parts, fmt, fdt, store_dtype)
+
+    def to_dict(self) -> dict:
+        return {"modules": self.modules, "parts": self.parts_spec, "fmt": self.fmt,
+                "factor_dtype": self.factor_dtype, "store_dtype": self.store_dtype,
+                "groups": self.groups}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FactorLayout":
+        return cls(d["modules"], d["parts"], d["fmt"], d["factor_dtype"], d["store_dtype"],
+                   d.get("groups"))
+
+    def __eq__(self, other):
+        return isinstance(other, FactorLayout) and self.to_dict() == other.to_dict()
+
+    def compatible(self, other) -> bool:
+        """Same projections, parts and format; input groups equal where both are known (a
+        store that kept no record, e.g. a shard of Fisher samples only, has none yet)."""
+        if not isinstance(other, FactorLayout):
+            return False
+        a, b = self.to_dict(), other.to_dict()
+        if a["groups"] is None or b["groups"] is None:
+            a["groups"] = b["groups"] = None
+        return a == b
+
+    def adopt_groups(self, other: "FactorLayout"):
+        """Take ``other``'s input groups when this layout has none yet."""
+        if self.groups is None and other.groups is not None:
+            self.groups = dict(other.groups)
+            self._plans = {}
+
+    # -- what a sample of T tokens keeps --------------------------------------------
+    def factored(self, path: str, T: int) -> bool:
+        """Keep x, δ of ``path`` for a T-token sample (else its dense gradient)."""
+        if self.fmt == "factored":
+            return True
+        m = self.modules[path]
+        fbytes = torch.finfo(self.fdt).bits // 8
+        sbytes = torch.finfo(self.sdt).bits // 8
+        return T * (m["d_in"] + m["d_out"]) * fbytes < m["d_in"] * m["d_out"] * sbytes
+
+    def plan(self, T: int) -> dict:
+        """Sections of a T-token record: key -> (byte offset, dtype, shape), and 'bytes'.
+        Keys: ('x', group), ('delta', module), ('grad', param name)."""
+        if T in self._plans:
+            return self._plans[T]
+        if self.groups is None:
+            raise ValueError("the factor layout has no input groups yet (nothing collected)")
+        sections, off = {}, 0
+
+        def put(key, dtype, shape):
+            nonlocal off
+            sections[key] = (off, dtype, tuple(shape))
+            nbytes = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
+            off += -(-nbytes // _ALIGN) * _ALIGN
+
+        for path, m in self.modules.items():
+            g = self.groups[path]
+            if self.factored(path, T):
+                if ("x", g) not in sections:
+                    put(("x", g), self.fdt, (T, self.modules[g]["d_in"]))
+                put(("delta", path), self.fdt, (T, m["d_out"]))
+            else:
+                for kind, name in m["params"].items():
+                    put(("grad", name), self.sdt, m["shapes"][kind])
+        plan = {"sections": sections, "bytes": off,
+                "factored": {p: self.factored(p, T) for p in self.modules}}
+        self._plans[T] = plan
+        return plan
+
+    # -- records --------------------------------------------------------------------
+    def set_groups(self, groups: dict):
+        groups = {p: groups[p] for p in self.modules}
+        if self.groups is None:
+            self.groups = groups
+        elif groups != self.groups:
+            raise ValueError(f"the projections' shared inputs changed between batches "
+                             f"({self.groups} then {groups}); use gradient_format='dense'")
+
+    def record(self, factors: dict) -> dict:
+        """One sample's kept tensors (cloned, contiguous): section key -> tensor."""
+        self.set_groups(factors["groups"])
+        plan = self.plan(int(factors["T"]))
+        out = {}
+        for key in plan["sections"]:
+            kind, name = key
+            src = factors["grads" if kind == "grad" else kind][name]
+            out[key] = src.detach().to(self.fdt if kind != "grad" else self.sdt).contiguous().clone()
+        return out
+
+    def encode(self, rec: dict, T: int) -> bytes:
+        plan = self.plan(T)
+        buf = bytearray(plan["bytes"])
+        for key, (off, _, _) in plan["sections"].items():
+            b = to_bytes(rec[key])
+            buf[off:off + len(b)] = b
+        return bytes(buf)
+
+    def decode(self, buf, T: int, keys=None) -> dict:
+        """Section key -> tensor from the bytes of one record (only ``keys`` if given)."""
+        plan = self.plan(T)
+        out = {}
+        for key, (off, dtype, shape) in plan["sections"].items():
+            if keys is not None and key not in keys:
+                continue
+            n = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
+            out[key] = from_bytes(buf[off:off + n], dtype, shape)
+        return out
+
+    def keys_for(self, layer: int, block: str, T: int) -> set:
+        """Section keys a (layer, block) needs from a T-token record."""
+        plan = self.plan(T)
+        keys = set()
+        for p in self.parts[(layer, block)]:
+            path, kind = p.name.rsplit(".", 1)
+            if plan["factored"][path]:
+                keys |= {("x", self.groups[path]), ("delta", path)}
+            else:
+                keys.add(("grad", p.name))
+        return keys
+
+    def all_keys(self, T: int) -> set:
+        return set(self.plan(T)["sections"])
+
+    # -- rebuilding -----------------------------------------------------------------
+    def rebuild(self, records: list[tuple[int, dict]], layer: int, block: str,
+                device) -> torch.Tensor:
+        """float32 [n, n_block_heads, slice_size] of one (layer, block) from the records
+        [(T, {section key: tensor})] of n samples, computed on ``device``."""
+        device = torch.device(device)
+        n = len(records)
+        pieces = []
+        for p in self.parts[(layer, block)]:
+            path, kind = p.name.rsplit(".", 1)
+            out = None
+            fac = [k for k, (T, _) in enumerate(records) if self.plan(T)["factored"][path]]
+            den = [k for k, (T, _) in enumerate(records) if not self.plan(T)["factored"][path]]
+            if fac:
+                got = self._from_factors([records[k] for k in fac], p, path, kind, device)
+                out = torch.empty(n, *got.shape[1:], device=device)
+                out[fac] = got
+            if den:
+                g = torch.stack([records[k][1][("grad", p.name)] for k in den]).to(device)
+                got = p.take(g.float())
+                if out is None:
+                    out = torch.empty(n, *got.shape[1:], device=device)
+                out[den] = got
+            pieces.append(out)
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+    def _from_factors(self, recs, p: Part, path: str, kind: str, device) -> torch.Tensor:
+        """Part ``p`` of the rebuilt gradient of ``path`` for factored records."""
+        group = self.groups[path]
+        Tmax = max(T for T, _ in recs)
+        m = self.modules[path]
+        idx = p.index.to(device)
+        x = torch.zeros(len(recs), Tmax, m["d_in"], dtype=self.fdt, device=device)
+        d = torch.zeros(len(recs), Tmax, m["d_out"], dtype=self.fdt, device=device)
+        for k, (T, rec) in enumerate(recs):       # zero padding adds exact zeros
+            d[k, :T] = rec[("delta", path)].to(device)
+            if kind == "weight":
+                x[k, :T] = rec[("x", group)].to(device)
+        if kind == "bias":
+            sub = d.index_select(-1, idx).float().sum(1)                     # [n, nh·s]
+            return Part(p.name, "bias", torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+        with _tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
+            if p.axis == "rows":       # G[idx, :] = δ[:, idx]ᵀ x, Linear convention
+                sub = torch.einsum("nto,nti->noi", d.index_select(-1, idx).float(), x.float())
+            else:                      # G[:, idx] = δᵀ x[:, idx]
+                sub = torch.einsum("nto,nti->noi", d.float(), x.index_select(-1, idx).float())
+        return Part(p.name, p.axis, torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
