@@ -118,7 +118,7 @@ def main() -> None:
 
     from interference.gradients import FisherCollector
     from interference.gradients.objectives import default_objective
-    from interference.models import load_tokenizer
+    from interference.models import build_from_config, load_prepared, load_tokenizer, save_prepared
     from interference.scores import QKOVInterferenceMetric
     from interference.stats import QKOVStatistics
     from interference.architectures import QKOVIndexer
@@ -127,7 +127,6 @@ def main() -> None:
     from interference.validation.io import concat_batches, save_validation
     from interference.validation.losses import sample_losses
     from qkov_pipeline import config as qc
-    from qkov_pipeline.stages import model as model_stage
     from qkov_pipeline.stages.data import prepare_group
     from qkov_pipeline.stages.prepare_eval import eval_split
 
@@ -163,11 +162,11 @@ def main() -> None:
         print(f"{name}: {times[name]:.1f} s", flush=True)
 
     t = time.time()   # as rule prepare_model, then as every job loads it
-    model, tokenizer = model_stage.build(cfg["model"])
+    model, tokenizer = build_from_config(cfg["model"])
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model_stage.save(model, tokenizer, out / "_model" / "hf")
-    model, _ = model_stage.load(out / "_model", cfg["model"])
+    save_prepared(model, tokenizer, out / "_model" / "hf")
+    model, _ = load_prepared(out / "_model", cfg["model"])
     tokenizer = load_tokenizer(out / "_model" / "hf")
     model.to(device).eval()
     tick("model", t)

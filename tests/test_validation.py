@@ -374,3 +374,22 @@ def test_skipping_unchanged_blocks_gives_the_same_counterfactuals():
     np.testing.assert_array_equal(fast.delta_a, slow.delta_a)
     np.testing.assert_array_equal(fast.delta_b, slow.delta_b)
     assert np.abs(fast.delta_a).max() > 0
+
+
+def test_the_sweep_summary_ranks_variants_by_predictive_validity():
+    from interference.figures.sweep import validity_markdown, validity_of
+
+    def vdoc(variant, d, m):
+        return {"variant": variant, "verdict": {"adam": {
+            "rho": {"effect_size": d, f"mean_M[{variant}]": m, "first_order": 0.9},
+            "best_baseline": "first_order", "best_baseline_rho": 0.9}, "intervention": []}}
+
+    a = {"variants": {"qkov": {"validity": validity_of(vdoc("qkov", 0.05, -0.58))},
+                      "signed": {"validity": validity_of(vdoc("signed", 0.6, 0.91))},
+                      "other": {}}}
+    assert a["variants"]["signed"]["validity"]["adam"]["rho_mean_score"] == 0.91
+    lines = validity_markdown(a)
+    rows = [line for line in lines if line.startswith("| adam")]
+    assert [r.split("|")[3].strip() for r in rows] == ["signed", "qkov"]
+    assert "first_order (0.90)" in rows[0]
+    assert validity_markdown({"variants": {"x": {}}}) == []

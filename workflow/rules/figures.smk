@@ -95,6 +95,7 @@ if SWEEP:
         input:
             cells=SWEEP["cells"],
             stats=SWEEP["stats"],
+            validation=SWEEP["validation"],
         output:
             manifest=f"{SWEEP['dir']}/ablation.json",
             md=report(f"{SWEEP['dir']}/ablation.md", caption="../report/ablation_table.rst",

@@ -53,6 +53,8 @@ def summarise_sweep(s: dict, out: Path) -> dict:
                        "spearman_vs_baseline": float(rho.loc[n, ref]),
                        "jaccard_vs_baseline": float(jaccard(sets[n], sets[ref])),
                        "fdr_alpha": alpha[n][0], "min_effect_size": alpha[n][1]}
+            if e.get("validation"):
+                rows[n]["validity"] = validity_of(json.loads(Path(e["validation"]).read_text()))
         off = rho.to_numpy()[~np.eye(len(names), dtype=bool)]
         off = off[np.isfinite(off)]
         doc["analyses"][pair] = {
@@ -62,6 +64,42 @@ def summarise_sweep(s: dict, out: Path) -> dict:
             "figures": [str(Path(x["path"]).relative_to(out)) for x in entries],
             "caption": entries[0]["caption"] if entries else ""}
     return doc
+
+
+def validity_of(vdoc: dict) -> dict:
+    """Per step rule, from a validation.json: Spearman rho of the variant's own mean score
+    and effect size with the measured ΔL_A, and the best baseline's."""
+    own = f"mean_M[{vdoc.get('variant', 'qkov')}]"
+    out = {}
+    for rule, v in vdoc["verdict"].items():
+        if rule == "intervention":
+            continue
+        out[rule] = {"rho_mean_score": v["rho"].get(own), "rho_effect_size": v["rho"].get(
+            "effect_size"), "best_baseline": v["best_baseline"],
+            "best_baseline_rho": v["best_baseline_rho"]}
+    return out
+
+
+def validity_markdown(a: dict) -> list[str]:
+    """Variants ranked by how well their map predicts measured interference (Spearman rho of
+    the effect size that decides significance; ties by the mean score's rho)."""
+    rows = [(v, rule, r) for v, x in a["variants"].items()
+            for rule, r in (x.get("validity") or {}).items()]
+    if not rows:
+        return []
+    rows.sort(key=lambda t: (t[1], -(t[2]["rho_effect_size"] or -9),
+                             -(t[2]["rho_mean_score"] or -9)))
+    lines = ["Predictive validity (counterfactual validation, docs/interpreting.md): Spearman "
+             "rho with the measured change of A's loss per cell, ranked per step rule.", "",
+             "| step rule | rank | variant | rho: effect size | rho: mean score | best baseline "
+             "(rho) |", "|---|---|---|---|---|---|"]
+    rank = {}
+    for v, rule, r in rows:
+        rank[rule] = rank.get(rule, 0) + 1
+        lines.append(f"| {rule} | {rank[rule]} | {v} | {fmt_value(r['rho_effect_size'])} | "
+                     f"{fmt_value(r['rho_mean_score'])} | {r['best_baseline']} "
+                     f"({fmt_value(r['best_baseline_rho'])}) |")
+    return lines + [""]
 
 
 def sweep_markdown(doc: dict) -> str:
@@ -91,7 +129,8 @@ def sweep_markdown(doc: dict) -> str:
                          + " | ".join(str(by[b]) for b in BLOCKS)
                          + f" | {r['n_q_significant']} | {fmt_value(r['spearman_vs_baseline'])} | "
                          f"{fmt_value(r['jaccard_vs_baseline'])} |")
-        lines += ["", f"Figure: `{pair}/ablation_summary.png` (PDF beside it); tables "
+        lines += [""] + validity_markdown(a)
+        lines += [f"Figure: `{pair}/ablation_summary.png` (PDF beside it); tables "
                   f"`{pair}/ablation_summary_correlations.csv`, `{pair}/ablation_summary_counts.csv`.",
                   ""]
     return "\n".join(lines)

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..scores.metric import VARIANTS, QKOVInterferenceMetric
+from .._tables import VARIANTS
+from ..scores.metric import QKOVInterferenceMetric
 from .cells import KV_BLOCKS, Cell
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..architectures import QKOVIndexer
-from ..architectures.config import BLOCKS
+from .._tables import BLOCKS, SHARED_BLOCKS
 
-KV_BLOCKS = ("K", "V")
+KV_BLOCKS = SHARED_BLOCKS
 
 
 @dataclass(frozen=True, order=True)

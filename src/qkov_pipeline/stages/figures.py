@@ -179,9 +179,11 @@ def sweep_plan(plan) -> dict | None:
     groups: dict[str, list[dict]] = {}
     for (exp, model, pair), x in plan.analyses.items():
         base = plan.analysis_dir(exp, model, pair)
-        groups.setdefault(pair, []).append({
-            "exp": exp, "model": model, "cells": f"{base}/cells.csv",
-            "stats": f"{base}/split{x['seeds'][0]}/stats.json"})
+        entry = {"exp": exp, "model": model, "cells": f"{base}/cells.csv",
+                 "stats": f"{base}/split{x['seeds'][0]}/stats.json"}
+        if (exp, model, pair) in plan.validated():
+            entry["validation"] = f"{base}/split{x['seeds'][0]}/validation/validation.json"
+        groups.setdefault(pair, []).append(entry)
     groups = {p: g for p, g in groups.items() if len(g) >= 2}
     if not groups:
         import sys
@@ -198,7 +200,9 @@ def sweep_plan(plan) -> dict | None:
     return {"name": name, "dir": out, "variants": variants, "pairs": list(groups),
             "slice": json.dumps(slice_, sort_keys=True, separators=(",", ":")),
             "cells": [e["cells"] for g in groups.values() for e in g],
-            "stats": [e["stats"] for g in groups.values() for e in g]}
+            "stats": [e["stats"] for g in groups.values() for e in g],
+            "validation": [e["validation"] for g in groups.values() for e in g
+                           if "validation" in e]}
 
 
 def run_ablation(smk) -> None:

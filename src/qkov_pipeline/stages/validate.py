@@ -26,7 +26,7 @@ def run(job) -> None:
     from interference.validation import ValidationSettings, validate_map
     from interference.validation.io import check_disjoint_eval, concat_batches, save_validation
 
-    from . import model as model_stage
+    from interference.models import load_prepared
 
     s = job.slice
     scores = s["stats"]["scores"]
@@ -38,7 +38,7 @@ def run(job) -> None:
     device = job.device()
     with job.timed("load"):
         collector = FisherCollector.from_saved(dirs)
-        model, _ = model_stage.load(Path(job.input.model[0]).parent, mcfg)
+        model, _ = load_prepared(Path(job.input.model[0]).parent, mcfg)
         model.to(device).eval()
         evals = {}
         for path in job.input.eval:
