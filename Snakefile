@@ -10,7 +10,7 @@
 
 The experiment configuration lives in conf/ (Hydra). This file composes it, validates it
 (workflow/schemas), plans every job with the config slice that determines its output
-(qkov_pipeline.config) and includes one rule file per stage. See docs/workflow.md.
+(qkov_pipeline.plan, the only module the rule files use) and includes one rule file per stage. See docs/workflow.md.
 """
 import os
 import sys
@@ -24,19 +24,18 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
 
-from qkov_pipeline import config as qc  # noqa: E402
 from qkov_pipeline import hooks  # noqa: E402
-from qkov_pipeline.stages import figures as qf  # noqa: E402
+from qkov_pipeline import plan as qp  # noqa: E402
 
 validate({k: v for k, v in config.items() if not k.startswith("_")},
          "workflow/schemas/cli.schema.yaml")
-PLAN = qc.build_plan(Path(workflow.basedir) / "conf",
+PLAN = qp.build_plan(Path(workflow.basedir) / "conf",
                      Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
-                     qc.as_list(config.get("experiment")), qc.as_list(config.get("overrides")))
+                     qp.as_list(config.get("experiment")), qp.as_list(config.get("overrides")))
 R = PLAN.results
 config["_qkov"] = PLAN.job_meta()
 TRACKING = hooks.configure_tracking(PLAN, main=not workflow.remote_exec)
-SWEEP = qf.sweep_plan(PLAN)   # two or more experiments: what the ablation summary compares
+SWEEP = qp.sweep_plan(PLAN)   # two or more experiments: what the ablation summary compares
 
 
 wildcard_constraints:

@@ -126,7 +126,7 @@ def main() -> None:
     from interference.validation.run import intervention_arms
     from interference.validation.io import concat_batches, save_validation
     from interference.validation.losses import sample_losses
-    from qkov_pipeline import config as qc
+    from qkov_pipeline import plan as qc
     from qkov_pipeline.stages.data import prepare_group
     from qkov_pipeline.stages.prepare_eval import eval_split
 

@@ -63,25 +63,26 @@ def test_metric_only_ablations_reuse_the_default_stores():
     """Stores are keyed by what determines them: a metric ablation finds the default's keys,
     a data, dtype or model ablation gets its own."""
     from qkov_pipeline import config as qc
+    from qkov_pipeline import plan as qp
 
     default = qc.compose(CONF, None)
 
     def stores(cfg):
-        return sorted(qc.Plan.store_key(cfg, t, s) for s in cfg["data"]["split_seeds"]
-                      for t in qc.pair_tasks(cfg))
+        return sorted(qp.Plan.store_key(cfg, t, s) for s in cfg["data"]["split_seeds"]
+                      for t in qp.pair_tasks(cfg))
 
     for name, value in METRIC_ONLY.items():
         cfg = qc.compose(CONF, name)
         assert stores(cfg) == stores(default), name
-        diff = qc.canonical(cfg["metric"]) != qc.canonical(default["metric"])
+        diff = qp.canonical(cfg["metric"]) != qp.canonical(default["metric"])
         assert diff == (value is not None), name
     for name in NEW_STORES:
         assert set(stores(qc.compose(CONF, name))).isdisjoint(stores(default)), name
 
 
 def test_sweep_plan_and_ablated_settings():
-    from qkov_pipeline import config as qc
-    from qkov_pipeline.stages import figures as qf
+    from qkov_pipeline import plan as qc
+    from qkov_pipeline import plan as qf
 
     plan = qc.build_plan(CONF, SCHEMA, ["fisher_source_pooled", "fisher_source_a",
                                         "variant_signed"])

@@ -46,7 +46,7 @@ def shared_run(key: str, make):
 @pytest.fixture(scope="session")
 def sweep_run(tmp_path_factory):
     def make():
-        from qkov_pipeline.config import build_plan
+        from qkov_pipeline.plan import build_plan
 
         work = tmp_path_factory.mktemp("qkov-sweep")
         t0 = time.time()
@@ -161,7 +161,8 @@ def test_default_data_keeps_code_as_code_and_trims_it_only_modestly():
     problems of ~30 tokens cut HumanEval to its signature and docstring start.)"""
     from interference.data import load_task
     from interference.models import build_tokenizer
-    from qkov_pipeline.config import compose, data_slice
+    from qkov_pipeline.config import compose
+    from qkov_pipeline.plan import data_slice
     from qkov_pipeline.stages.data import prepare_group
 
     cfg = compose(CONF)

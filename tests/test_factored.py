@@ -227,7 +227,8 @@ def test_sharded_factored_collection_equals_one_collector_bitwise(tmp_path):
     """Shards (one holding Fisher samples only, so no record and no input groups yet)
     saved with partial sums and gathered == one collector: rows, norms, Fisher bitwise;
     record files hard-linked."""
-    from qkov_pipeline.stages.gradients import MICRO_BATCH, take
+    from qkov_pipeline.plan import MICRO_BATCH
+    from qkov_pipeline.stages.gradients import take
 
     model = tiny_llama()
     batches = {"fisher": padded_batch(10, 12, 1, "f"), "scored": padded_batch(5, 12, 2, "s")}

@@ -44,7 +44,7 @@ class FakeJob:
 
     def __init__(self, slice_: dict, input: dict, output: dict, wildcards: dict | None = None,
                  rule: str = "test"):
-        from qkov_pipeline.config import digest
+        from qkov_pipeline.plan import digest
 
         self.slice, self.config_hash = slice_, digest(slice_)
         self.input, self.output = SimpleNamespace(**input), SimpleNamespace(**output)
@@ -177,7 +177,7 @@ def test_config_typo_stops_the_workflow_before_any_job(tmp_path):
 
 
 def _data_slice(cfg, task="math", seed=0):
-    from qkov_pipeline.config import data_slice
+    from qkov_pipeline.plan import data_slice
 
     return data_slice(cfg, task, seed)
 
@@ -360,7 +360,7 @@ def test_a_store_from_another_model_or_config_is_refused(tmp_path, gpt2_model, l
 def test_the_workflow_detects_a_stale_store(sweep_run, tmp_path):
     """A store whose recorded config hash is not the one the analysis needs (copied from
     another run, model or version) is refused before scoring, naming it and the fix."""
-    from qkov_pipeline.config import scores_slice
+    from qkov_pipeline.plan import scores_slice
     from qkov_pipeline.stages.scores import check_stores, store_metas
 
     cfg = sweep_run["plan"].experiments["tiny"]

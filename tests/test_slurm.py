@@ -52,7 +52,7 @@ ANALYSES = ("math__code", "math__code.control")
 # ============================================================================ shard plan
 
 def test_shard_plan_splits_whole_units_contiguously():
-    from qkov_pipeline.stages.gradients import shard_plan
+    from qkov_pipeline.plan import shard_plan
 
     sizes = {"fisher": 16, "scored": 12, "reference": 12, "control": 12}
     assert shard_plan(sizes, 1) == [{"fisher": (0, 16), "scored": (0, 12),
@@ -73,7 +73,8 @@ def test_shard_plan_splits_whole_units_contiguously():
 def _collect(model, batches, ranges, partials):
     """What a collect job does: the Fisher one 8-sample unit per call, stored roles whole."""
     from interference.gradients import FisherCollector
-    from qkov_pipeline.stages.gradients import MICRO_BATCH, take
+    from qkov_pipeline.plan import MICRO_BATCH
+    from qkov_pipeline.stages.gradients import take
 
     fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.02,
                          fisher_partials=partials)
@@ -93,7 +94,7 @@ def test_sharded_collection_equals_one_collector_bitwise(tmp_path):
     """Shards saved with partial sums and gathered == one collector: every g_i, norm and
     loss, and the Fisher (float64 sums, counts, ids) bitwise; rows hard-linked."""
     from interference.gradients import FisherCollector
-    from qkov_pipeline.stages.gradients import shard_plan
+    from qkov_pipeline.plan import shard_plan
 
     model = tiny_llama()
     batches = {"fisher": padded_batch(20, 12, 1, "f"), "scored": padded_batch(13, 12, 2, "s"),
@@ -140,7 +141,7 @@ def test_sharded_collection_equals_one_collector_bitwise(tmp_path):
 
 def test_ema_fisher_cannot_be_sharded(tmp_path):
     from interference.gradients import FisherCollector
-    from qkov_pipeline.stages.gradients import planned_shards
+    from qkov_pipeline.plan import planned_shards
 
     with pytest.raises(ValueError, match="cannot be sharded"):
         FisherCollector(fisher_partials=True).collect_fisher(

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .config import digest
+from .plan import digest
 
 logger = logging.getLogger("qkov")
 _HELD_LOCKS: list = []   # GPU lock files held for the job's lifetime

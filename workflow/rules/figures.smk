@@ -7,7 +7,7 @@
 # Editing the figure code (src/interference/figures, stages/figures.py) changes the `code`
 # parameter, so the next run redraws the figures and nothing upstream.
 
-FIGURES_CODE = qf.code_digest()
+FIGURES_CODE = qp.code_digest()
 
 
 rule draw_figures:
@@ -20,21 +20,21 @@ rule draw_figures:
             wc.exp, wc.model, wc.pair, PLAN.analysis(wc.exp, wc.model, wc.pair)["seeds"][0]).values()],
     output:
         manifest=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/figures.json",
-        heatmap_q=qf.figure_report(R, "heatmap_Q.png", "heatmap_Q", ("Heatmaps", "Q heatmap")),
-        heatmap_k=qf.figure_report(R, "heatmap_K.png", "heatmap_K", ("Heatmaps", "K heatmap")),
-        heatmap_v=qf.figure_report(R, "heatmap_V.png", "heatmap_V", ("Heatmaps", "V heatmap")),
-        heatmap_o=qf.figure_report(R, "heatmap_O.png", "heatmap_O", ("Heatmaps", "O heatmap")),
-        panel=qf.figure_report(R, "heatmap_panel.png", "panel", ("Heatmaps", "Q, K, V, O panel")),
-        blocks=qf.figure_report(R, "block_comparison.png", "blocks",
+        heatmap_q=qp.figure_report(R, "heatmap_Q.png", "heatmap_Q", ("Heatmaps", "Q heatmap")),
+        heatmap_k=qp.figure_report(R, "heatmap_K.png", "heatmap_K", ("Heatmaps", "K heatmap")),
+        heatmap_v=qp.figure_report(R, "heatmap_V.png", "heatmap_V", ("Heatmaps", "V heatmap")),
+        heatmap_o=qp.figure_report(R, "heatmap_O.png", "heatmap_O", ("Heatmaps", "O heatmap")),
+        panel=qp.figure_report(R, "heatmap_panel.png", "panel", ("Heatmaps", "Q, K, V, O panel")),
+        blocks=qp.figure_report(R, "block_comparison.png", "blocks",
                                 ("Block comparison", "mean per block")),
-        top=qf.figure_report(R, "top_conflicts.csv", "top",
+        top=qp.figure_report(R, "top_conflicts.csv", "top",
                              ("Top conflicts", "top conflicting cells")),
         top_tex=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/top_conflicts.tex",
-        forensics=qf.figure_report(R, "forensics.png", "forensics",
+        forensics=qp.figure_report(R, "forensics.png", "forensics",
                                    ("Sample-pair forensics", "most conflicting sample pairs")),
-        pvalues=qf.figure_report(R, "pvalue_histogram.png", "pvalues",
+        pvalues=qp.figure_report(R, "pvalue_histogram.png", "pvalues",
                                  ("Diagnostics", "p-value histogram")),
-        null_top=qf.figure_report(R, "null_top.png", "null_top",
+        null_top=qp.figure_report(R, "null_top.png", "null_top",
                                   ("Diagnostics", "permutation null of the top cells")),
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_figures.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_figures.json",
@@ -130,12 +130,12 @@ if SWEEP:
 rule ablation_summary:
     # Target: the sweep's ablation summary (and everything it needs).
     input:
-        f"{SWEEP['dir']}/ablation.json" if SWEEP else (lambda wc: qf.no_sweep()),
+        f"{SWEEP['dir']}/ablation.json" if SWEEP else (lambda wc: qp.no_sweep()),
 
 
 rule figures:
     # Target: every figure of the planned experiments (and the sweep's ablation summary).
     input:
         [f"{R}/{e}/{m}/{p}/figures/figures.json" for (e, m, p) in PLAN.analyses],
-        qf.stability_files(PLAN),
+        qp.stability_files(PLAN),
         [f"{SWEEP['dir']}/ablation.json"] if SWEEP else [],

@@ -8,17 +8,15 @@
 # _stores/<key>/shards/<i>/ (temporary), then `collect` gathers them into the same outputs
 # as one job would write (row files hard-linked, Fisher = sum of partial sums / count;
 # bitwise equal to the unsharded store). See qkov_pipeline.stages.gradients, docs/slurm.md.
-from qkov_pipeline.stages import gradients as _gradients
-
-_gradients.check_plan(PLAN)   # fisher.mode=ema cannot be sharded: refuse before any job
+qp.check_plan(PLAN)   # fisher.mode=ema cannot be sharded: refuse before any job
 
 
 rule collect:
     input:
         model=lambda wc: f"{R}/_models/{PLAN.stores[wc.key]['model_key']}/model.json",
         data=lambda wc: f"{R}/_data/{PLAN.stores[wc.key]['data_key']}/manifest.json",
-        shards=lambda wc: _gradients.shard_files(PLAN, wc, "shard.json"),
-        shard_grads=lambda wc: _gradients.shard_files(PLAN, wc, "grads"),
+        shards=lambda wc: qp.shard_files(PLAN, wc, "shard.json"),
+        shard_grads=lambda wc: qp.shard_files(PLAN, wc, "grads"),
     output:
         grads=(temp(directory(f"{R}/_stores/{{key}}/grads")) if PLAN.temp_stores()
                else directory(f"{R}/_stores/{{key}}/grads")),
@@ -31,11 +29,11 @@ rule collect:
         f"{R}/logs/collect/{{key}}.log",
     benchmark:
         f"{R}/benchmarks/collect/{{key}}.tsv"
-    threads: lambda wc: _gradients.resource(PLAN, wc, "threads", gathered=1)
+    threads: lambda wc: qp.resource(PLAN, wc, "threads", gathered=1)
     resources:
         mem_mb=lambda wc: PLAN.resource("collect", wc, "mem_mb"),
         runtime=lambda wc: PLAN.resource("collect", wc, "runtime"),
-        gpu=lambda wc: _gradients.resource(PLAN, wc, "gpu", gathered=0),
+        gpu=lambda wc: qp.resource(PLAN, wc, "gpu", gathered=0),
     conda:
         "../envs/qkov.yaml"
     script:

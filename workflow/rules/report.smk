@@ -42,7 +42,7 @@ rule track:
     localrule: True
     input:
         records=lambda wc: PLAN.records(wc.exp)
-        + qf.stability_files(PLAN, wc.exp, "mlflow.draw_stability.json"),
+        + qp.stability_files(PLAN, wc.exp, "mlflow.draw_stability.json"),
         summary=f"{R}/{{exp}}/summary.json",
         md=f"{R}/{{exp}}/summary.md",
     output:

@@ -22,10 +22,6 @@ from interference._tables import BLOCKS
 from ..jobs import read_json
 
 logger = logging.getLogger("qkov.figures")
-# config sections that never change what an analysis finds (not compared across variants)
-NOT_ABLATED = ("resources", "experiment", "overrides", "workflow", "tracking", "figures")
-ABLATION_DIR = "_ablations"
-MAX_SWEEP_NAME = 100
 
 
 def _quiet() -> None:
@@ -42,40 +38,7 @@ def texts_from_data(manifests) -> dict[str, dict]:
     return texts
 
 
-def code_digest() -> str:
-    """Hash of the figure code (interference.figures and this module): a rule parameter, so
-    editing how a figure is drawn redraws the figures (and nothing upstream)."""
-    here = Path(__file__).resolve()
-    files = sorted((here.parents[2] / "interference" / "figures").glob("*.py")) + [here]
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()[:12]
-
-
 # ----------------------------------------------------------------------------- the rules' helpers
-
-def figure_report(results: str, name: str, caption: str, label: tuple[str, str]):
-    """An output of draw_figures shown in the HTML report: category = what it shows,
-    subcategory = experiment / analysis, caption = workflow/report/<caption>.rst."""
-    from snakemake.io import report
-
-    return report(f"{results}/{{exp}}/{{model}}/{{pair}}/figures/{name}",
-                  caption=f"../report/{caption}.rst", category=label[0],
-                  subcategory="{exp} / {pair}", labels={"figure": label[1], "model": "{model}"})
-
-
-def stability_files(plan, exp: str | None = None, name: str = "stability.png") -> list[str]:
-    """<analysis>/figures/<name> of every analysis with two or more split seeds."""
-    return [f"{plan.analysis_dir(e, m, p)}/figures/{name}"
-            for (e, m, p), x in plan.analyses.items()
-            if len(x["seeds"]) > 1 and (exp is None or e == exp)]
-
-
-def no_sweep():
-    raise ValueError("the ablation summary compares two or more experiments (with a task "
-                     "pair in common): snakemake ablation_summary --config experiment='["
-                     "fisher_source_pooled,fisher_source_a,fisher_source_b]' (docs/ablations.md)")
 
 
 # ----------------------------------------------------------------------------- one analysis
@@ -133,76 +96,6 @@ def run_stability(job) -> None:
 
 
 # ----------------------------------------------------------------------------- sweeps
-
-def _flat(obj, prefix: str = "") -> dict[str, object]:
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    else:
-        out[prefix] = obj
-    return out
-
-
-def ablated_settings(configs: dict[str, dict]) -> dict[str, dict[str, object]]:
-    """{experiment: {key: value}} for every flattened config key whose value differs between
-    the experiments (execution, tracking and figure settings left out)."""
-    flat = {e: _flat({k: v for k, v in c.items() if k not in NOT_ABLATED})
-            for e, c in configs.items()}
-    keys = sorted(set().union(*flat.values()))
-    canon = lambda v: json.dumps(v, sort_keys=True)  # noqa: E731
-    varied = [k for k in keys if len({canon(f.get(k)) for f in flat.values()}) > 1]
-    return {e: {k: f.get(k) for k in varied} for e, f in flat.items()}
-
-
-def sweep_name(experiments: list[str]) -> str:
-    """The sweep's folder name: the experiment names joined by '+' (long lists: the first
-    ones and a hash of all)."""
-    name = "+".join(experiments)
-    if len(name) <= MAX_SWEEP_NAME:
-        return name
-    h = hashlib.sha256(name.encode()).hexdigest()[:8]
-    head = "+".join(experiments[:3])[:MAX_SWEEP_NAME - 20]
-    return f"{head}+{len(experiments) - 3}more-{h}"
-
-
-def sweep_plan(plan) -> dict | None:
-    """What the ablation summary of a sweep compares (None for a single experiment).
-
-    Variants are the experiments in the order given (the first is the baseline); for every
-    analysis name (``math__code``, ``math__code.control``) that two or more variants have,
-    their primary split seed's maps and the analysis's cells table are compared."""
-    variants = list(plan.experiments)
-    if len(variants) < 2:
-        return None
-    name = sweep_name(variants)
-    groups: dict[str, list[dict]] = {}
-    for (exp, model, pair), x in plan.analyses.items():
-        base = plan.analysis_dir(exp, model, pair)
-        entry = {"exp": exp, "model": model, "cells": f"{base}/cells.csv",
-                 "stats": f"{base}/split{x['seeds'][0]}/stats.json"}
-        if (exp, model, pair) in plan.validated():
-            entry["validation"] = f"{base}/split{x['seeds'][0]}/validation/validation.json"
-        groups.setdefault(pair, []).append(entry)
-    groups = {p: g for p, g in groups.items() if len(g) >= 2}
-    if not groups:
-        import sys
-
-        print(f"qkov: experiments {variants} share no analysis (task pair): no ablation "
-              "summary", file=sys.stderr)
-        return None
-    configs = plan.experiments
-    out = f"{plan.results}/{ABLATION_DIR}/{name}"
-    slice_ = {"v": 1, "sweep": name, "variants": variants, "baseline": variants[0],
-              "ablated": ablated_settings(configs),
-              "flip": [e for e in variants if configs[e]["metric"]["variant"] == "signed"],
-              "analyses": groups}
-    return {"name": name, "dir": out, "variants": variants, "pairs": list(groups),
-            "slice": json.dumps(slice_, sort_keys=True, separators=(",", ":")),
-            "cells": [e["cells"] for g in groups.values() for e in g],
-            "stats": [e["stats"] for g in groups.values() for e in g],
-            "validation": [e["validation"] for g in groups.values() for e in g
-                           if "validation" in e]}
 
 
 def run_ablation(smk) -> None:

@@ -32,95 +32,14 @@ import shutil
 import time
 from pathlib import Path
 
-from interference._tables import ROLES
-
 from ..jobs import choose_device, read_json
+from ..plan import MICRO_BATCH, ROLE_ORDER, planned_shards, shard_plan
 
 logger = logging.getLogger("qkov.gradients")
-ROLE_ORDER = ROLES  # units are collected role by role in this order
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MICRO_BATCH = 8          # samples per batched forward of the gradient engine (and shard unit)
 
 
 # ----------------------------------------------------------------------------- planning
-
-def shard_plan(role_sizes: dict[str, int], shards: int,
-               micro_batch: int = MICRO_BATCH) -> list[dict[str, tuple[int, int]]]:
-    """Split a task's samples into at most ``shards`` contiguous groups of whole units.
-
-    A unit is ``micro_batch`` consecutive samples of one role (the last one of a role may be
-    shorter); units are ordered by role (ROLE_ORDER) then position. Returns one
-    ``{role: (start, stop)}`` per shard (each role's range contiguous), as many shards as
-    requested but at most one per unit, balanced by sample count.
-    """
-    if int(shards) < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    units = []
-    for role in ROLE_ORDER:
-        n = int(role_sizes.get(role, 0) or 0)
-        units += [(role, a, min(a + micro_batch, n)) for a in range(0, n, micro_batch)]
-    if not units:
-        raise ValueError(f"no samples to collect (role sizes {role_sizes})")
-    k = min(int(shards), len(units))
-    total = sum(b - a for _, a, b in units)
-    groups, j, done = [], 0, 0
-    for s in range(k):
-        left = k - s - 1                       # shards after this one, one unit each
-        take = [units[j]]
-        j, done = j + 1, done + units[j][2] - units[j][1]
-        target = total * (s + 1) / k
-        while j < len(units) - left and (s == k - 1 or
-                                         done + (units[j][2] - units[j][1]) / 2 <= target):
-            take.append(units[j])
-            done += units[j][2] - units[j][1]
-            j += 1
-        groups.append(take)
-    out = []
-    for take in groups:
-        ranges: dict[str, tuple[int, int]] = {}
-        for role, a, b in take:
-            lo, _ = ranges.get(role, (a, b))
-            ranges[role] = (lo, b)
-        out.append(ranges)
-    return out
-
-
-def planned_shards(store_slice: dict, shards: int) -> int:
-    """How many shard jobs a store gets (0: collected in one job), from its config slice."""
-    if int(shards or 1) <= 1:
-        return 0
-    if store_slice["fisher"]["mode"] != "mean":
-        raise ValueError(
-            f"resources.collect.shards={shards} but fisher.mode={store_slice['fisher']['mode']!r}: "
-            "the EMA Fisher depends on the order of its updates, so partial EMAs of separate "
-            "jobs do not combine into the EMA of one run. Use fisher.mode=mean (exact, "
-            "order-free; the default) or resources.collect.shards=1")
-    n = len(shard_plan(store_slice["data"]["roles"], shards))
-    return n if n > 1 else 0
-
-
-def n_shards(plan, wc) -> int:
-    """Shard jobs of store ``wc.key`` of a workflow Plan (0: collected in one job)."""
-    return planned_shards(plan.stores[wc.key]["slice"], plan.resource("collect", wc, "shards", 1))
-
-
-def shard_files(plan, wc, name: str) -> list[str]:
-    """``_stores/<key>/shards/<i>/<name>`` of every shard of store ``wc.key`` (the gather's
-    inputs; none when the store is collected in one job)."""
-    return [f"{plan.results}/_stores/{wc.key}/shards/{i}/{name}"
-            for i in range(n_shards(plan, wc))]
-
-
-def resource(plan, wc, name: str, gathered):
-    """resources.collect.<name> of rule collect, or ``gathered`` when it only gathers."""
-    return gathered if n_shards(plan, wc) else plan.resource("collect", wc, name, 0)
-
-
-def check_plan(plan) -> None:
-    """Refuse, before any job starts, stores that cannot be sharded (fisher.mode=ema)."""
-    for store in plan.stores.values():
-        shards = plan.experiments[store["owner"]]["resources"]["collect"].get("shards", 1)
-        planned_shards(store["slice"], shards)
 
 
 def take(batch: dict, start: int, stop: int) -> dict:

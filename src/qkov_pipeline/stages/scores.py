@@ -18,7 +18,7 @@ import numpy as np
 
 from interference._tables import BLOCKS
 
-from ..config import digest
+from ..plan import digest
 
 logger = logging.getLogger("qkov.scores")
 
