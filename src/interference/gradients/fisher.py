@@ -27,6 +27,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .._tables import ROLES
 from ..architectures import QKOVConfig, QKOVIndexer
 from .objectives import Objective, default_objective, sample_ids_of
 from .per_sample import PerSampleGradients
@@ -34,7 +35,7 @@ from .factored import GRADIENT_FORMATS, FactorLayout
 from .store import ContributionCache, GradientStore, natural_key
 
 logger = logging.getLogger("fisher.qkov")
-ROLES = ("fisher", "scored", "reference", "control", "all")
+COLLECT_ROLES = ROLES + ("all",)   # collect_fisher's roles: the sample roles and the seed's "all"
 
 
 class TaskFisher:
@@ -210,8 +211,8 @@ class FisherCollector:
         Returns {'n_samples', 'mean_loss', 'sample_ids', 'losses'} (losses: per sample, in
         batch order).
         """
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if role not in COLLECT_ROLES:
+            raise ValueError(f"role must be one of {COLLECT_ROLES}, got {role!r}")
         if not task:
             raise ValueError("task name must be a non-empty string")
         self._bind(model)

@@ -33,7 +33,6 @@ import torch
 from .factored import FactorLayout
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROLES = ("fisher", "scored", "reference", "control")
 FORMAT_VERSION = 1
 FACTORED_FORMAT_VERSION = 2     # stores of factored records (index has 'factor_layout')
 

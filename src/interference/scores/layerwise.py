@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
 from ..gradients import FisherCollector
 from .metric import QKOVInterferenceMetric
 
-ROLES = ("fisher", "scored", "reference", "control")
 
 
 def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, task_b: str, *,
