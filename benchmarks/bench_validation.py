@@ -123,6 +123,7 @@ def main() -> None:
     from interference.stats import QKOVStatistics
     from interference.architectures import QKOVIndexer
     from interference.validation import CellParams, ValidationSettings, distinct_cells, validate_map
+    from interference.validation.candidates import map_means
     from interference.validation.run import intervention_arms
     from interference.validation.io import concat_batches, save_validation
     from interference.validation.losses import sample_losses
@@ -229,11 +230,11 @@ def main() -> None:
     result = part
     if settings.intervention:
         params = CellParams(model, QKOVIndexer(model, collector.config))
-        own = part.cells.drop_duplicates("name").set_index("name")
         all_cells = distinct_cells(params.indexer)
-        mean_score = own.loc[[c.name for c in all_cells], f"mean_M[{cfg['metric']['variant']}]"]
+        mean_score = map_means(collector, collector.config, a, b, cfg["metric"], all_cells,
+                               device)[f"mean_M[{cfg['metric']['variant']}]"]
         arms, comparison = intervention_arms(
-            model, objective, params, all_cells, cells, mean_score.to_numpy(), train_b,
+            model, objective, params, all_cells, cells, mean_score, train_b,
             evals[a], evals[b], settings, cfg["metric"]["variant"] == "signed", progress=True)
         result = replace(part, arms=arms, comparison=comparison)
     tick("validate_arms", t)
