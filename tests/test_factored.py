@@ -228,7 +228,7 @@ def test_sharded_factored_collection_equals_one_collector_bitwise(tmp_path):
     saved with partial sums and gathered == one collector: rows, norms, Fisher bitwise;
     record files hard-linked."""
     from qkov_pipeline.plan import MICRO_BATCH
-    from qkov_pipeline.stages.gradients import take
+    from interference.gradients.collect import take
 
     model = tiny_llama()
     batches = {"fisher": padded_batch(10, 12, 1, "f"), "scored": padded_batch(5, 12, 2, "s")}

@@ -386,7 +386,7 @@ def test_the_workflow_detects_a_stale_store(sweep_run, tmp_path):
 
 
 def test_disk_check_refuses_with_the_size_it_needs(tmp_path):
-    from qkov_pipeline.stages.gradients import check_disk, disk_plan
+    from interference.gradients.collect import check_disk, disk_plan
 
     plan = disk_plan(n_params=10**9, n_stored=10**4, store_dtype="float32")
     with pytest.raises(RuntimeError, match=r"not enough disk for the gradient store .* it needs "

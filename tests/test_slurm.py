@@ -74,7 +74,7 @@ def _collect(model, batches, ranges, partials):
     """What a collect job does: the Fisher one 8-sample unit per call, stored roles whole."""
     from interference.gradients import FisherCollector
     from qkov_pipeline.plan import MICRO_BATCH
-    from qkov_pipeline.stages.gradients import take
+    from interference.gradients.collect import take
 
     fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.02,
                          fisher_partials=partials)

@@ -11,7 +11,6 @@ Nothing is recomputed from gradients.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
