@@ -582,13 +582,7 @@ class GradientStore:
                         _gather_factored(index, tmp, i, d, st, task, role, shard, owner,
                                          directories, link)
                         continue
-                    order = sorted(shard.ids, key=lambda sid: shard.where[sid][1])
-                    for sid in order:
-                        if (task, sid) in owner:
-                            raise ValueError(f"sample {sid!r} of task {task!r} is in "
-                                             f"{directories[owner[(task, sid)]]} and {d}: "
-                                             "shards must hold disjoint samples")
-                        owner[(task, sid)] = i
+                    order = _claim(owner, shard, task, i, d, directories)
                     files = shard.parts or [(shard.path, shard.disk_rows)]
                     entry = index["shards"].setdefault(f"{task}|{role}", {
                         "ids": [], "norms": [], "losses": [], "n_tokens": [], "parts": []})
@@ -675,17 +669,24 @@ def _open_factored(store: GradientStore, directory: Path, task: str, info: dict)
     return shard
 
 
-def _gather_factored(index, tmp: Path, i: int, d: Path, st: GradientStore, task: str,
-                     role: str, shard: "_FactoredShard", owner: dict, directories, link):
-    """One input (task, role) of :meth:`GradientStore.gather`, factored records: its files
-    are linked in, its records keep their offsets."""
-    order = sorted(shard.ids, key=lambda sid: shard.where[sid][1])
+def _claim(owner: dict, shard, task: str, i: int, d: Path, directories) -> list[str]:
+    """Record input ``i`` as the owner of the shard's samples and return them in stored
+    order; a sample another input already holds is an error: gathered shards are disjoint."""
+    order = sorted(shard.ids, key=lambda s: shard.where[s][1])
     for sid in order:
         if (task, sid) in owner:
             raise ValueError(f"sample {sid!r} of task {task!r} is in "
                              f"{directories[owner[(task, sid)]]} and {d}: "
                              "shards must hold disjoint samples")
         owner[(task, sid)] = i
+    return order
+
+
+def _gather_factored(index, tmp: Path, i: int, d: Path, st: GradientStore, task: str,
+                     role: str, shard: "_FactoredShard", owner: dict, directories, link):
+    """One input (task, role) of :meth:`GradientStore.gather`, factored records: its files
+    are linked in, its records keep their offsets."""
+    order = _claim(owner, shard, task, i, d, directories)
     entry = index["shards"].setdefault(f"{task}|{role}", {
         "ids": [], "norms": [], "losses": [], "n_tokens": [], "T": [], "offsets": [],
         "files": [], "file_of": []})
