@@ -71,9 +71,11 @@ class CellParams:
         """|S(c)|: the number of parameters of the cell."""
         return sum(int(i.numel()) for _, i in self.parts(cell))
 
-    def read(self, cell: Cell) -> torch.Tensor:
-        """The cell's current values, float32 [size]."""
-        return torch.cat([self.params[n].detach().reshape(-1)[i].float()
+    def read(self, cell: Cell, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """float32 [size]: ``tensors`` (name -> tensor shaped like the parameter, e.g. its
+        gradient; default: the parameters themselves) at S(c), in canonical order."""
+        tensors = tensors if tensors is not None else self.params
+        return torch.cat([tensors[n].detach().reshape(-1)[i.to(tensors[n].device)].float()
                           for n, i in self.parts(cell)])
 
     def save(self, cells) -> dict:

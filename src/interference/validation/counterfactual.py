@@ -76,6 +76,7 @@ class Counterfactuals:
         delta_a: [n_cells, n_eval_a] per-sample change of task A's loss (nats).
         delta_b: [n_cells, n_eval_b] the same for task B.
         predicted_a / predicted_b: [n_cells] first-order predictions <∇L^eval, Δθ_c>.
+        steps: cell -> Δθ_c, float32 [size] on the CPU.
         step_norm / theta_norm: [n_cells] ||Δθ_c|| and ||θ_c||.
         base_a / base_b: [n_eval] losses of the unchanged model.
     """
@@ -90,18 +91,7 @@ class Counterfactuals:
     theta_norm: np.ndarray
     base_a: np.ndarray
     base_b: np.ndarray
-    meta: dict = field(default_factory=dict)
-
-
-def cell_vectors(params: CellParams, tensors: dict[str, torch.Tensor], cells: list[Cell]
-                 ) -> dict[Cell, torch.Tensor]:
-    """cell -> float32 [size]: ``tensors`` (name -> tensor shaped like the parameter, e.g.
-    a gradient) read at S(c), in canonical order."""
-    out = {}
-    for c in cells:
-        out[c] = torch.cat([tensors[n].reshape(-1)[i.to(tensors[n].device)].float()
-                            for n, i in params.parts(c)])
-    return out
+    steps: dict = field(default_factory=dict)
 
 
 def _caches(model, objective, params: CellParams) -> tuple | None:
@@ -136,10 +126,10 @@ def measure(model, objective, params: CellParams, cells: list[Cell], rule: StepR
     against a full forward pass on the first cell it applies to)."""
     model.eval()
     names = list(dict.fromkeys(n for c in cells for n, _ in params.parts(c)))
-    grad_a = cell_vectors(params, mean_loss_gradient(model, objective, eval_a, names,
-                                                     micro_batch), cells)
-    grad_b = cell_vectors(params, mean_loss_gradient(model, objective, eval_b, names,
-                                                     micro_batch), cells)
+    full_a = mean_loss_gradient(model, objective, eval_a, names, micro_batch)
+    full_b = mean_loss_gradient(model, objective, eval_b, names, micro_batch)
+    grad_a = {c: params.read(c, full_a) for c in cells}
+    grad_b = {c: params.read(c, full_b) for c in cells}
     caches = _caches(model, objective, params) if skip_unchanged else None
     if caches is None:
         base_a = sample_losses(model, objective, eval_a, micro_batch).cpu()
@@ -150,6 +140,7 @@ def measure(model, objective, params: CellParams, cells: list[Cell], rule: StepR
         with caches[1].recording():
             base_b = sample_losses(model, objective, eval_b, micro_batch).cpu()
     position = {layer: k for k, layer in enumerate(params.indexer.layers)}
+    steps: dict[Cell, torch.Tensor] = {}
     checked = False
     n = len(cells)
     delta_a = np.zeros((n, len(base_a)))
@@ -175,10 +166,11 @@ def measure(model, objective, params: CellParams, cells: list[Cell], rule: StepR
         pred_a[k] = float(torch.dot(grad_a[c].double(), step.double().to(grad_a[c].device)))
         pred_b[k] = float(torch.dot(grad_b[c].double(), step.double().to(grad_b[c].device)))
         step_norm[k], theta_norm[k] = float(step.norm()), float(theta.norm())
+        steps[c] = step.cpu()
     after = sample_losses(model, objective, eval_a, micro_batch).cpu()
     exact = after.device.type == "cpu"
     if not (torch.equal(after, base_a) if exact else torch.allclose(after, base_a, atol=1e-5)):
         raise RuntimeError("the model changed during the counterfactuals: a cell was not "
                            "restored bitwise")
     return Counterfactuals(rule, list(cells), delta_a, delta_b, pred_a, pred_b, step_norm,
-                           theta_norm, base_a.numpy(), base_b.numpy())
+                           theta_norm, base_a.numpy(), base_b.numpy(), steps)

@@ -77,12 +77,18 @@ def _order(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     return out
 
 
+def trainable_names(model, params: CellParams, settings: FinetuneSettings) -> list[str]:
+    """The parameters the fine-tuning updates: the attention weights or all."""
+    if settings.trainable == "attention":
+        return params.indexer.param_names
+    return [n for n, _ in model.named_parameters()]
+
+
 def finetune(model, objective, train: dict, params: CellParams, frozen: list[Cell],
              settings: FinetuneSettings, seed: int, micro_batch: int = 16) -> list[float]:
     """Fine-tune ``model`` in place on ``train`` with ``frozen`` cells fixed; returns the
     training loss per step."""
-    names = (params.indexer.param_names if settings.trainable == "attention"
-             else [n for n, p in model.named_parameters()])
+    names = trainable_names(model, params, settings)
     trainable = [params.params[n] for n in names]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -141,9 +147,8 @@ def run_arms(model, objective, train_b: dict, eval_a: dict, eval_b: dict,
              micro_batch: int = 16, progress: bool = True) -> pd.DataFrame:
     """Every arm x seed: one row with arm, fraction, k, draw, seed, n_frozen_params,
     frozen (cell names), loss_a/b before and after, forgetting, learning."""
-    names = (params.indexer.param_names if settings.trainable == "attention"
-             else [n for n, _ in model.named_parameters()])
-    start = {n: params.params[n].detach().clone() for n in names}
+    start = {n: params.params[n].detach().clone()
+             for n in trainable_names(model, params, settings)}
     before_a = float(sample_losses(model, objective, eval_a, micro_batch).mean())
     before_b = float(sample_losses(model, objective, eval_b, micro_batch).mean())
     arms = arm_sets(ranked, fractions, n_random, seeds[0] if seeds else 0)

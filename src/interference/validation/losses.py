@@ -43,19 +43,20 @@ def _causal_losses(model: nn.Module, samples: list[dict], reduction: str) -> tor
     return total / keep.sum(1).clamp(min=1) if reduction == "mean" else total
 
 
+def _chunk_losses(model: nn.Module, objective: Objective, samples: list[dict]) -> torch.Tensor:
+    """float32 [len(samples)]: one forward pass for causal LMs, else sample by sample."""
+    if isinstance(objective, CausalLMObjective):
+        return _causal_losses(model, samples, objective.loss_reduction)
+    return torch.stack([objective.loss(model, s).float() for s in samples])
+
+
 def sample_losses(model: nn.Module, objective: Objective, batch: dict,
                   micro_batch: int = 16, grad: bool = False) -> torch.Tensor:
     """float32 [n]: each sample's loss; with ``grad`` the graph is kept (for a backward)."""
     samples = objective.split(batch)
-    out = []
     with torch.set_grad_enabled(grad):
-        for start in range(0, len(samples), micro_batch):
-            part = samples[start:start + micro_batch]
-            if isinstance(objective, CausalLMObjective):
-                out.append(_causal_losses(model, part, objective.loss_reduction))
-            else:
-                out.append(torch.stack([objective.loss(model, s).float() for s in part]))
-    return torch.cat(out)
+        return torch.cat([_chunk_losses(model, objective, samples[k:k + micro_batch])
+                          for k in range(0, len(samples), micro_batch)])
 
 
 def mean_loss_gradient(model: nn.Module, objective: Objective, batch: dict,
@@ -66,11 +67,7 @@ def mean_loss_gradient(model: nn.Module, objective: Objective, batch: dict,
     grads = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
     samples = objective.split(batch)
     for start in range(0, n, micro_batch):
-        chunk = samples[start:start + micro_batch]
-        if isinstance(objective, CausalLMObjective):
-            loss = _causal_losses(model, chunk, objective.loss_reduction).sum() / n
-        else:
-            loss = torch.stack([objective.loss(model, s).float() for s in chunk]).sum() / n
+        loss = _chunk_losses(model, objective, samples[start:start + micro_batch]).sum() / n
         got = torch.autograd.grad(loss, [params[name] for name in names])
         for name, g in zip(names, got):
             grads[name] += g.float()

@@ -174,9 +174,8 @@ def validate_map(model, objective, collector, task_a: str, task_b: str, cells_ta
         t0 = time.time()
         cf = measure(model, objective, params, cells, rule, mom_b.mean, mom_b.sq, eval_a,
                      eval_b, settings.micro_batch, progress)
-        steps = {c: rule.step(params.read(c).cpu(), mom_b.mean[c], mom_b.sq[c]) for c in cells}
         cand = {**{k: v[pick] for k, v in means.items()}, **stats,
-                **baselines(cells, mom_a, mom_b, steps, settings.seed)}
+                **baselines(cells, mom_a, mom_b, cf.steps, settings.seed)}
         truth = cf.delta_a.mean(1)
         logger.info("counterfactuals (%s) of %d cells: %.1f s", rule_name, len(cells),
                     time.time() - t0)
