@@ -241,25 +241,22 @@ def read_json_file(path, rebuild: str = "rerun the job that wrote it"):
 
 
 def verify_inputs(paths, records: str = "mlflow.*.json") -> tuple[int, int]:
-    """Check the files of ``paths`` (files or folders) against the digests recorded by the
-    jobs that wrote them: a record (``records``, a glob) in the same folder whose
-    ``outputs`` list the path. Every output of such a job is checked (a manifest's job also
-    wrote the tensors it describes). Returns (files checked, their bytes); files no record
-    lists are not checked. Raises :class:`IntegrityError` (see :func:`verify_file`)."""
+    """Check the files of ``paths`` (files, or folders: every file under them) against the
+    digests recorded by the jobs that wrote them: a record (``records``, a glob) in the
+    same folder whose ``outputs`` list the path. Returns (files checked, their bytes);
+    files no record lists are not checked (an older results version, a user's file).
+    Raises :class:`IntegrityError` (see :func:`verify_file`)."""
     recorded: dict[Path, dict] = {}
-    chosen: dict[Path, tuple[dict, str]] = {}
+    n_files = n_bytes = 0
     for p in map(Path, paths):
         folder = p.parent
         if folder not in recorded:
             recorded[folder] = _recorded_outputs(folder, records)
         for rec, (outputs, rule) in recorded[folder].items():
-            if any(rel == p.name or rel.startswith(p.name + "/") for rel in outputs):
-                chosen[rec] = (outputs, rule)
-    n_files = n_bytes = 0
-    for rec, (outputs, rule) in chosen.items():
-        for rel, expected in outputs.items():
-            verify_file(rec.parent / rel, expected, f"snakemake --forcerun {rule}")
-            n_files, n_bytes = n_files + 1, n_bytes + expected["bytes"]
+            for rel, expected in outputs.items():
+                if rel == p.name or rel.startswith(p.name + "/"):
+                    verify_file(folder / rel, expected, f"snakemake --forcerun {rule}")
+                    n_files, n_bytes = n_files + 1, n_bytes + expected["bytes"]
     return n_files, n_bytes
 
 

@@ -63,6 +63,7 @@ class Job:
         self.metrics: dict[str, float] = {}
         self.artifacts: list[dict] = []
         self.tags: dict[str, str] = {}
+        self.record: dict | None = None      # once written: the job's tracking record
         self.t0 = time.time()
 
     # -- helpers for stages -----------------------------------------------------------
@@ -157,8 +158,11 @@ def run_stage(smk, stage: str) -> None:
         finish(job)
     except BaseException as err:
         logger.error("rule %s failed:\n%s", job.rule, traceback.format_exc())
-        tracking.log_failure(job.experiment, job.rule, job.run_name, job.slice, job.tags,
-                             job.wildcards, f"{type(err).__name__}: {err}")
+        if job.record and job.record.get("mlflow"):   # MLflow logged it, then the job failed
+            tracking.mark_failed(job.record)
+        else:
+            tracking.log_failure(job.experiment, job.rule, job.run_name, job.slice, job.tags,
+                                 job.wildcards, f"{type(err).__name__}: {err}")
         raise
 
 
@@ -191,12 +195,8 @@ def finish(job: Job) -> None:
     where = Path(job.output.record).parent
     record["outputs"] = output_digests([p for p in job.output if p != job.output.record], where)
     tracking.write_record(job.output.record, record)
-    record = tracking.log_with_timeout(record)
-    try:
-        tracking.write_record(job.output.record, record)
-    except BaseException:
-        tracking.mark_failed(record)
-        raise
+    job.record = tracking.log_with_timeout(record)
+    tracking.write_record(job.output.record, record)
     logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
                 record["status"])
 

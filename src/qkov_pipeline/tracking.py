@@ -218,8 +218,9 @@ def init_store(uri: str, artifacts: str | None, experiments: list[str]) -> None:
     db = Path(uri[len("sqlite:///"):])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db.parent / f".{db.name}.init.lock")):
-        if db.exists() and not _usable(uri):
+        if db.exists() and not _usable(db):
             _set_aside(db)
+            _forget_engine(uri)
         if not db.exists():
             tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
@@ -230,13 +231,37 @@ def init_store(uri: str, artifacts: str | None, experiments: list[str]) -> None:
             experiment_id(client, name, artifacts)
 
 
-def _usable(uri: str) -> bool:
+def _usable(db: Path) -> bool:
+    """The sqlite store's schema is complete (MLflow's latest revision is stamped). Read
+    with sqlite3, not MLflow: an MLflow connection to a broken file would stay open."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
     try:
-        _client(uri).search_experiments(max_results=1)
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error as err:
+        rows, why = [], str(err)
+    else:
+        why = f"schema version {rows[0][0] if rows else 'none'}"
+    if rows and rows[0][0] == _get_latest_schema_revision():
         return True
-    except Exception as err:
-        logger.warning("MLflow store %s is unusable: %s", uri, str(err).splitlines()[0][:300])
-        return False
+    logger.warning("MLflow store %s is not usable (%s)", db, why)
+    return False
+
+
+def _forget_engine(uri: str) -> None:
+    """Drop MLflow's cached connection to a store file that was moved aside (this process
+    tried it before), so the new file is opened."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    except (ImportError, AttributeError):
+        pass
 
 
 def _set_aside(db: Path) -> None:
@@ -249,9 +274,10 @@ def _set_aside(db: Path) -> None:
     except sqlite3.Error:
         n_runs = 0                     # no runs table: its creation never finished
     if n_runs:
-        raise RuntimeError(f"MLflow store {db} holds {n_runs} runs but MLflow cannot open it; "
-                           "it was left as it is. Move it away (the next run makes a new "
-                           "one and `snakemake --forcerun track` logs every record again)")
+        raise RuntimeError(f"MLflow store {db} holds {n_runs} runs but its schema is "
+                           "incomplete or old; it was left as it is. Back it up and run "
+                           f"`mlflow db upgrade sqlite:///{db}`, or move it away (the next run "
+                           "makes a new one and `snakemake --forcerun track` logs every record)")
     aside = db.with_name(f"{db.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(db, aside)
     print(f"qkov: the MLflow store {db} was left unusable by an interrupted creation and "
