@@ -317,12 +317,17 @@ def test_store_left_half_made_by_a_crash_is_made_again_and_track_logs_every_reco
         T.write_record(records[-1], rec)
     T.init_store(uri, None, ["qkov/tiny"])
     assert list(tmp_path.glob("mlflow.db.unusable-*"))
+    late = T.new_record(experiment="tiny", rule="stats", run_name="stats", params={},
+                        tags={}, wildcards={})
+    assert T.log_with_timeout(late)["status"] == "pending"   # store usable, still no parent
+    records.append(tmp_path / "mlflow.stats.json")
+    T.write_record(records[-1], late)
     for _ in range(2):                      # track, then `--forcerun track`
         out = T.sync([str(p) for p in records], "tiny", None, [], tmp_path / "tracking.json")
     runs = _runs(db)
     jobs = [r for r in runs if r[2] == "job"]
     parents = [r for r in runs if r[2] == "workflow"]
-    assert len(jobs) == 2 and len(parents) == 1 and all(r[0] == "FINISHED" for r in jobs)
+    assert len(jobs) == 3 and len(parents) == 1 and all(r[0] == "FINISHED" for r in jobs)
     assert {r[1] for r in jobs} == {out["parent_run_id"]}
 
 

@@ -202,8 +202,11 @@ def _exact_size(n: int) -> str:
 
 
 def size_text(n: float) -> str:
-    """A size for messages: '2.31 GB' from 1 GiB up, else '0.14 MB' (never '0.00 GB')."""
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.2f} MB"
+    """A size for messages: '2.31 GB' from 1 GiB up, '3.00 MB' from 1 MiB, else '12.5 KB'
+    (never '0.00 GB')."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
 def verify_file(path, expected: dict, rebuild: str) -> None:

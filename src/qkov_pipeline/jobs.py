@@ -14,9 +14,13 @@ is the rule's resolved config slice, canonical JSON), and calls
   config hash, threads and device;
 - fixes torch's thread count from the config (``resources.<rule>.threads``), not from
   what the scheduler granted, so equal configs give bitwise-equal results;
+- runs offline (:func:`offline_environment`: no telemetry, no model hub);
+- checks its inputs against the sizes and digests their jobs recorded
+  (:func:`check_inputs`) and stops naming the file and the rule to force when one changed;
 - writes the resolved config next to its outputs (``output.config``) before running;
-- writes its tracking record (``output.record``) after success, logging it to MLflow
-  in direct mode (never failing the job because of MLflow).
+- writes its tracking record (``output.record``) after success, with the size and digest
+  of every output, logging it to MLflow in direct mode (never failing the job because of
+  MLflow); a failed job is a FAILED run.
 """
 from __future__ import annotations
 
