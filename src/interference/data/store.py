@@ -84,7 +84,7 @@ def load_task_batches(path: str | Path) -> tuple[dict[str, TokenizedBatch], dict
         raise ValueError(f"{path}: unknown format {manifest.get('format')!r} v{manifest.get('version')!r}")
     data = (path / TENSOR_FILE).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["tensors_sha256"]:
-        raise IntegrityError(f"{path / TENSOR_FILE} does not match its manifest (expected sha256 "
+        raise IntegrityError(f"{path / TENSOR_FILE} does not match the manifest (expected sha256 "
                              f"{manifest['tensors_sha256']}, found {hashlib.sha256(data).hexdigest()}, "
                              f"{len(data)} bytes): it was changed, truncated or mixed with another "
                              f"save; rebuild it: {REBUILD}")
