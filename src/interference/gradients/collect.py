@@ -44,15 +44,17 @@ def disk_plan(n_params: int, n_stored: int, store_dtype: str) -> dict:
 
 
 def check_disk(where: Path, plan: dict, safety: float) -> None:
+    from ..results import size_text
+
     free = shutil.disk_usage(where).free
-    gb = 2 ** 30
-    logger.info("gradient store: %.2f GB on disk (peak %.2f GB while saving); %.2f GB free at %s",
-                plan["final_bytes"] / gb, plan["peak_bytes"] / gb, free / gb, where)
+    need, kept = size_text(plan["peak_bytes"]), size_text(plan["final_bytes"])
+    logger.info("gradient store: %s on disk (peak %s while saving); %s free at %s",
+                kept, need, size_text(free), where)
     if plan["peak_bytes"] > safety * free:
         raise RuntimeError(
             f"not enough disk for the gradient store at {where}: it needs up to "
-            f"{plan['peak_bytes'] / gb:.2f} GB while saving ({plan['final_bytes'] / gb:.2f} GB "
-            f"kept) but {free / gb:.2f} GB are free (workflow.disk_safety={safety}). Free space, "
+            f"{need} while saving ({kept} kept) but {size_text(free)} are free "
+            f"(workflow.disk_safety={safety}). Free space, "
             "point workflow.results at a bigger disk, use fisher.store_dtype=bfloat16 (half "
             "the size) or fewer scored/reference/control samples")
 

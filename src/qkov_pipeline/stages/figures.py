@@ -50,19 +50,21 @@ def run(job) -> None:
     matplotlib.use("Agg")
     _quiet()
     from interference.figures import make_all_figures
+    from interference.results import staged_files
 
     fcfg = job.slice["figures"]
     out = Path(job.output.manifest).parent
     heatmap_dir = Path(job.input.heatmap).parent
     summary = read_json(job.input.stats[0])["summary"]
     null = Path(job.input.null_top)       # the statistics' permutation null of the top cells
-    with job.timed("figures"):
-        paths = make_all_figures(heatmap_dir, job.input.cells, out,
+    with job.timed("figures"), staged_files(out) as tmp:   # a failure leaves no file
+        paths = make_all_figures(heatmap_dir, job.input.cells, tmp,
                                  texts=texts_from_data(job.input.data), summary=summary,
                                  null_npz=null,
                                  n_top=fcfg["n_top"], n_forensic_cells=fcfg["n_forensic_cells"],
                                  n_pairs=fcfg["n_pairs"], n_bootstrap=fcfg["n_bootstrap"],
                                  seed=fcfg["seed"])
+        paths = [out / p.relative_to(tmp) for p in paths]
     for p in paths:
         if p.suffix in (".png", ".csv", ".tex", ".md"):
             job.artifact(p, "figures")
