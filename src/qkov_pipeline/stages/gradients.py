@@ -73,8 +73,7 @@ def load_inputs(job, ex: dict, slot: int):
     device, dev_info = choose_device(ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):
-        model, _ = load_prepared(Path(job.input.model).parent, d["model"])
-        model.to(device)
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"], device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
     if unknown:
