@@ -123,6 +123,50 @@ def estimate(n_model_params: int, tokens: list[int], passes: int, device: str,
     return 6.0 * n_model_params * float(sum(tokens)) * passes / rate
 
 
+def stored_format(model, gradient_format: str) -> str:
+    """The format a collector with ``gradient_format`` stores for ``model``: factored rows
+    need the hooks engine (causal LMs); other models keep dense rows."""
+    from .objectives import default_objective
+    from .per_sample import PerSampleGradients
+
+    if gradient_format == "dense":
+        return "dense"
+    engine = PerSampleGradients.choose_engine(model, default_objective(model), "auto")
+    return gradient_format if engine == "hooks" else "dense"
+
+
+def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradient_format: str,
+                        gradient_memory_mb: float, device: str, threads: int) -> dict:
+    """What collecting ``batches`` (role -> batch; 'fisher' rows are not stored) will take,
+    before any work: ``rows_bytes`` (the stored gradients, :func:`layer_bytes`),
+    ``disk`` (:func:`disk_plan`), ``memory_bytes`` (model + rows held within
+    ``gradient_memory_mb`` + the float64 Fisher) and ``seconds`` (:func:`estimate`)."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    stored = [int(t) for role, b in batches.items() if role != "fisher"
+              for t in b["attention_mask"].sum(1).tolist()]
+    every = [int(t) for b in batches.values() for t in b["attention_mask"].sum(1).tolist()]
+    fmt = stored_format(model, gradient_format)
+    rows = sum(layer_bytes(indexer, stored, store_dtype, fmt, dtype).values())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    fisher = 8 * indexer.total_size
+    memory = model_bytes + min(rows, gradient_memory_mb * 2**20) + fisher
+    n_model = sum(p.numel() for p in model.parameters())
+    return {"format": fmt, "rows_bytes": int(rows), "model_bytes": int(model_bytes),
+            "fisher_bytes": int(fisher), "memory_bytes": int(memory),
+            "disk": disk_plan(indexer.total_size, len(stored), store_dtype, rows),
+            "seconds": estimate(n_model, every, 1, device, dtype, threads)}
+
+
+def log_estimate(task: str, est: dict) -> None:
+    logger.info("%s: estimate before collecting: %s of %s gradient rows (disk %s), memory "
+                "about %s (model %s, rows held %s, Fisher %s), about %.1f s of "
+                "forward+backward", task, size(est["rows_bytes"]), est["format"],
+                size(est["disk"]["final_bytes"]), size(est["memory_bytes"]),
+                size(est["model_bytes"]),
+                size(est["memory_bytes"] - est["model_bytes"] - est["fisher_bytes"]),
+                size(est["fisher_bytes"]), est["seconds"])
+
+
 def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int,
                    layers: list[int] | None = None, store_device="cpu"):
     """A FisherCollector for the fisher settings ``f`` and the collect rule's execution
