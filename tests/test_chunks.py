@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import job_counts, run_workflow
+from conftest import ROOT, job_counts, run_workflow
 
 CHUNKS = "++resources.collect.layer_chunks=2"
 
@@ -32,9 +32,16 @@ def test_chunked_cells_equal_the_stores_run_byte_for_byte(tiny_run, tmp_path):
     assert not (work / targets[0]).parent.joinpath("chunks", "0").exists()   # temporary
 
 
-def test_layer_chunks_refuse_what_needs_every_layer(tmp_path):
-    for bad, what in (("metric.gj_norm=l2", "gj_norm"),
-                      ("validation.enabled=true", "validation")):
-        res = run_workflow(tmp_path, "-n", "--config", "experiment=tiny",
-                           f"overrides=[{CHUNKS},{bad}]", timeout=120)
-        assert res.returncode != 0 and what in res.stdout + res.stderr
+def test_layer_chunks_refuse_what_needs_every_layer():
+    """Planned before any job: settings that need a whole-model gradient or the stores."""
+    from qkov_pipeline import plan as qp
+
+    schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    plan = qp.build_plan(ROOT / "conf", schema, ["tiny"], [CHUNKS])
+    qp.check_plan(plan)
+    assert plan.experiment_jobs("tiny")["stores"] == []
+    assert len(plan.chunk_dirs("tiny", "tiny", "math__code.control", 0)) == 2
+    for bad, what in (("metric.gj_norm=l2", "gj_norm"), ("validation.enabled=true", "validation"),
+                      ("resources.collect.shards=2", "shards")):
+        with pytest.raises(ValueError, match=what):
+            qp.check_plan(qp.build_plan(ROOT / "conf", schema, ["tiny"], [CHUNKS, bad]))

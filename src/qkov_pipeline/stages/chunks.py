@@ -65,7 +65,7 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     """This chunk's layers, passes and estimate (rows in memory, seconds), logged before
     any collection; refuses (ValueError) a layer whose rows exceed the budget."""
     from interference.architectures import QKOVConfig, QKOVIndexer
-    from interference.gradients.collect import estimate, layer_bytes, size
+    from interference.gradients.collect import estimate, layer_bytes, size, stored_format
     from interference.scores.layerwise import chunk_layers, layer_passes
 
     s = job.slice
@@ -83,7 +83,8 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     every = [int(t) for by_role in batches.values() for b in by_role.values()
              for t in b["attention_mask"].sum(1).tolist()]
     per_layer = layer_bytes(indexer, stored, fisher["store_dtype"],
-                            ex.get("gradient_format", "dense"), mcfg["dtype"])
+                            stored_format(model, ex.get("gradient_format", "dense")),
+                            mcfg["dtype"])
     budget = memory_budget(ex, device)
     passes = layer_passes(chunks[index], per_layer, budget)
     n_model = sum(p.numel() for p in model.parameters())
@@ -149,6 +150,7 @@ def run_chunk(job) -> None:
         "passes": plan["passes"], "rows_bytes": plan["rows_bytes"],
         "budget_bytes": plan["budget_bytes"], "estimate_s": plan["estimate_s"],
         "seconds_collect_and_score": seconds, "seconds_total": time.time() - t0,
+        "seconds_load": job.metrics.get("time.load_s"), "started": t0, "finished": time.time(),
         "device": device, "device_info": dev_info, "threads": threads,
         "peak_device_bytes": _peak(device), "config_hash": job.config_hash})
     logger.info("chunk %d: layers %s collected and scored in %.1f s (estimate %.0f s)",
@@ -199,5 +201,7 @@ def run_join(job) -> None:
     job.metric("chunks.n", len(infos))
     job.metric("time.chunks_wall_s", max(i["seconds_total"] for i in infos))
     write(job, heat, ref, ids_r, norms_b, norms_r, layer_chunks=[
-        {k: i[k] for k in ("index", "layers", "passes", "device", "seconds_total")}
+        {k: i[k] for k in ("index", "layers", "passes", "device", "device_info", "seconds_total",
+                           "seconds_load", "seconds_collect_and_score", "estimate_s",
+                           "rows_bytes", "peak_device_bytes", "started", "finished")}
         for i in infos])
