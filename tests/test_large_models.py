@@ -9,7 +9,7 @@ import torch
 
 from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
-from interference.gradients.collect import (check_disk, collection_estimate, disk_plan,
+from interference.gradients.collect import (check_disk, check_memory, collection_estimate, disk_plan,
                                             estimate, layer_bytes, size, RATE_FLOPS)
 from interference.scores import QKOVInterferenceMetric
 from interference.scores.layerwise import chunk_layers, layer_passes
@@ -124,6 +124,11 @@ def test_collection_estimate_and_disk_refusal(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="not enough disk"):
         check_disk(tmp_path, disk_plan(idx.total_size, 300, "float32"), 0.9)
     assert size(512) == "512 B" and size(3.5 * 2**20) == "3.5 MB" and size(2.6 * 2**40) == "2.6 TB"
+    need = est["memory_bytes"] - est["model_bytes"]
+    check_memory(est, need)                  # exactly enough
+    check_memory(est, None)                  # unknown: not checked
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        check_memory(est, need - 1)
 
 
 def test_collect_job_refuses_before_any_work(tmp_path, monkeypatch):

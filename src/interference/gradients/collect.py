@@ -157,6 +157,30 @@ def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradien
             "seconds": estimate(n_model, every, 1, device, dtype, threads)}
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(est: dict, available: int | None, loaded: bool = True) -> None:
+    """Refuse (RuntimeError, before any work) a CPU collection whose host memory (rows held
+    within gradient_memory_mb + the float64 Fisher, plus the model unless ``loaded``)
+    exceeds ``available`` bytes (None: not checked)."""
+    need = est["memory_bytes"] - (est["model_bytes"] if loaded else 0)
+    if available is not None and need > available:
+        raise RuntimeError(
+            f"not enough memory to collect: it needs about {size(need)} more (gradient rows "
+            f"held in memory and the float64 Fisher of {size(est['fisher_bytes'])}) but "
+            f"{size(available)} are available. Lower resources.collect.gradient_memory_mb "
+            "(rows beyond it go to disk) or use resources.collect.layer_chunks > 1")
+
+
 def log_estimate(task: str, est: dict) -> None:
     logger.info("%s: estimate before collecting: %s of %s gradient rows (disk %s), memory "
                 "about %s (model %s, rows held %s, Fisher %s), about %.1f s of "

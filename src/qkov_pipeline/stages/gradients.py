@@ -29,9 +29,9 @@ import shutil
 import time
 from pathlib import Path
 
-from interference.gradients.collect import (check_disk, collect_role, collection_estimate,
-                                            log_estimate, make_collector, role_entry,
-                                            stored_entry)
+from interference.gradients.collect import (available_memory, check_disk, check_memory,
+                                            collect_role, collection_estimate, log_estimate,
+                                            make_collector, role_entry, stored_entry)
 
 from ..jobs import choose_device
 from ..plan import MICRO_BATCH, ROLE_ORDER
@@ -86,7 +86,8 @@ def load_inputs(job, ex: dict, slot: int):
 def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str,
                        threads: int, where: Path) -> dict:
     """The collection's estimate (rows, disk, memory, time), logged and recorded before
-    any work; refuses (RuntimeError) a store the disk cannot hold."""
+    any work; refuses (RuntimeError) a store the disk cannot hold and, on the CPU, rows and
+    Fisher the host memory cannot hold."""
     est = collection_estimate(model, indexer, batches, job.slice["fisher"]["store_dtype"],
                               ex.get("gradient_format", "dense"),
                               float(ex.get("gradient_memory_mb", 1024)), device, threads)
@@ -94,6 +95,8 @@ def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str
     for k in ("rows_bytes", "memory_bytes", "seconds"):
         job.metric(f"estimate.{k}", est[k])
     check_disk(where, est["disk"], float(ex.get("disk_safety", 0.9)))
+    if device == "cpu":
+        check_memory(est, available_memory())
     return est
 
 
