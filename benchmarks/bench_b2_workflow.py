@@ -57,18 +57,20 @@ def run_workflow(work: Path, exp: str, gpus: int, overrides: str, extra: list[st
     return seconds, work / targets[0]
 
 
-def job_peaks(results: Path) -> dict[str, float]:
-    """rule -> the largest max_rss (MB) of its jobs (Snakemake benchmark files)."""
-    out = {}
+def job_stats(results: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(rule -> the largest max_rss in MB of its jobs, rule -> the longest wall seconds of
+    its jobs), from Snakemake's benchmark files."""
+    rss, secs = {}, {}
     for tsv in (results / "benchmarks").rglob("*.tsv"):
         rule = tsv.relative_to(results / "benchmarks").parts[0]
         head, row = tsv.read_text().splitlines()[:2]
         rec = dict(zip(head.split("\t"), row.split("\t")))
-        try:
-            out[rule] = max(out.get(rule, 0.0), float(rec["max_rss"]))
-        except (KeyError, ValueError):
-            pass
-    return out
+        for out, key in ((rss, "max_rss"), (secs, "s")):
+            try:
+                out[rule] = max(out.get(rule, 0.0), float(rec[key]))
+            except (KeyError, ValueError):
+                pass
+    return rss, secs
 
 
 def plain_forward_backward(results: Path, device: str) -> dict:
@@ -158,7 +160,7 @@ def main(argv=None):
     load = max(by_gpu.values()) if by_gpu else 0.0
     plain = plain_forward_backward(results, args.device)
     end_to_end = wall - load
-    peaks = job_peaks(results)
+    peaks, seconds = job_stats(results)
     row = {"benchmark": "B2 through the workflow", "experiment": args.experiment,
            "gpus": args.gpus, "workflow_wall_s": wall, "model_load_s": load,
            "end_to_end_s": end_to_end, **plain,
@@ -167,6 +169,7 @@ def main(argv=None):
                                          "seconds_collect_and_score", "estimate_s",
                                          "peak_device_bytes")} for c in chunks],
            "peak_host_rss_mb": max(peaks.values()) if peaks else None, "peak_rss_by_rule_mb": peaks,
+           "seconds_by_rule": seconds,
            "results_disk_bytes": du(results), "cells": str(cells)}
     try:
         import torch
@@ -190,6 +193,7 @@ def main(argv=None):
               f"{c['seconds_load'] or 0:.1f} s, collect+score {c['seconds_collect_and_score']:.1f} s "
               f"(estimate {c['estimate_s']:.0f} s), peak GPU "
               f"{(peak or 0) / 2**30:.1f} GiB")
+    say("  longest job per rule (s):     " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     say(f"  peak host resident memory     {row['peak_host_rss_mb'] or 0:8.0f} MB (largest job)")
     say(f"  results on disk               {row['results_disk_bytes'] / 2**20:8.1f} MB")
 
