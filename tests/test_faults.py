@@ -491,8 +491,8 @@ def test_disk_check_states_small_sizes_in_mb(tmp_path, caplog):
     small = {"final_bytes": 3 * 2**20, "peak_bytes": 3 * 2**20}
     with caplog.at_level(logging.INFO, logger="interference.gradients.collect"):
         check_disk(tmp_path, small, 0.9)
-    assert "3.00 MB on disk (peak 3.00 MB while saving)" in caplog.text
-    with pytest.raises(RuntimeError, match=r"needs up to 3\.00 MB while saving \(3\.00 MB kept\)"
+    assert "3.0 MB on disk (peak 3.0 MB while saving)" in caplog.text
+    with pytest.raises(RuntimeError, match=r"needs up to 3\.0 MB while saving \(3\.0 MB kept\)"
                                            r" but \d+\.\d\d [MG]B are free"):
         check_disk(tmp_path, small, 1e-12)
     assert "0.00 GB" not in caplog.text

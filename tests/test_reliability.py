@@ -397,7 +397,7 @@ def test_disk_check_refuses_with_the_size_it_needs(tmp_path):
 
     plan = disk_plan(n_params=10**9, n_stored=10**4, store_dtype="float32")
     with pytest.raises(RuntimeError, match=r"not enough disk for the gradient store .* it needs "
-                                           r"up to 37252\.90 GB .*store_dtype=bfloat16"):
+                                           r"up to 36\.4 TB .*store_dtype=bfloat16"):
         check_disk(tmp_path, plan, 0.9)
     check_disk(tmp_path, disk_plan(10, 10, "float32"), 0.9)
 

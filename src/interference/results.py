@@ -201,12 +201,15 @@ def _exact_size(n: int) -> str:
     return f"{n} bytes" if n < 2**20 else f"{n} bytes ({size_text(n)})"
 
 
-def size_text(n: float) -> str:
-    """A size for messages: '2.31 GB' from 1 GiB up, '3.00 MB' from 1 MiB, else '12.5 KB'
-    (never '0.00 GB')."""
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GB"
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+def size_text(n_bytes: float) -> str:
+    """Bytes as text in the unit that reads best (powers of 1024): '512 B', '3.4 MB',
+    '12.1 GB', '2.6 TB'; never '0.00 GB'."""
+    n = float(n_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def verify_file(path, expected: dict, rebuild: str) -> None:
