@@ -86,13 +86,13 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
     """Refuse (RuntimeError, before any work) a store whose peak size exceeds ``safety`` x
     the free disk at ``where``."""
     free = shutil.disk_usage(where).free
+    peak, kept = size_text(plan["peak_bytes"]), size_text(plan["final_bytes"])
     logger.info("gradient store: %s on disk (peak %s while saving); %s free at %s",
-                size_text(plan["final_bytes"]), size_text(plan["peak_bytes"]), size_text(free), where)
+                kept, peak, size_text(free), where)
     if plan["peak_bytes"] > safety * free:
         raise RuntimeError(
             f"not enough disk for the gradient store at {where}: it needs up to "
-            f"{size_text(plan['peak_bytes'])} while saving ({size_text(plan['final_bytes'])} kept) but "
-            f"{size_text(free)} are free (workflow.disk_safety={safety}). Free space, point "
+            f"{peak} while saving ({kept} kept) but {size_text(free)} are free (workflow.disk_safety={safety}). Free space, point "
             "workflow.results at a bigger disk, use resources.collect.gradient_format=auto "
             "(factored rows where smaller), fisher.store_dtype=bfloat16 (half the size of "
             "dense rows), resources.collect.layer_chunks > 1 (nothing stored) or fewer "
