@@ -32,8 +32,9 @@ GJ_NORMS = ("none", "l2")
 BACKENDS = ("auto", "torch", "triton")
 """Contraction backends of the score (auto: the fused Triton kernel on CUDA, else torch)."""
 
-STATISTICS = ("welch", "mean_diff")
-"""Permutation test statistics: Welch's t (studentised) or the plain mean difference."""
+STATISTICS = ("brunner_munzel", "welch", "mean_diff")
+"""Permutation test statistics: Brunner-Munzel's studentised rank statistic (default),
+Welch's t (studentised; the former default) or the plain mean difference (ablation)."""
 
 ALTERNATIVES = ("greater", "less")
 """Tails of the one-sided tests."""

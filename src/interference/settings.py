@@ -85,8 +85,9 @@ class StatisticsSettings:
     seed: Any = 0
     """int, None or numpy SeedSequence seeding permutations and bootstrap (independent
     children of it)."""
-    statistic: str = "welch"
-    """'welch' (studentised) or 'mean_diff' (ablation) (STATISTICS)."""
+    statistic: str = "brunner_munzel"
+    """'brunner_munzel' (studentised ranks, default), 'welch' (studentised means, the former
+    default) or 'mean_diff' (ablation) (STATISTICS; docs/statistics.md says why)."""
     disruption_norm: str = "share"
     """'share', 'l2' or 'none' (DISRUPTION_NORMS, see interference.stats.disruption)."""
     fdr_family: str = "all"

@@ -12,6 +12,10 @@ from scipy.stats import norm
 from .permutation import PermutationResult
 
 TEST_NAMES = {
+    "brunner_munzel": "two-sample permutation test of Brunner-Munzel's studentised rank "
+                      "statistic (on the normal scale through its Satterthwaite t); "
+                      "H0: P(share_B > share_R) + P(=)/2 = 1/2, exact when B/R labels are "
+                      "exchangeable",
     "welch": "two-sample permutation test of Welch's t (studentised), B/R labels "
              "exchangeable under H0",
     "mean_diff": "two-sample permutation test of the mean difference, B/R labels "

@@ -73,7 +73,8 @@ class QKOVStatistics:
         significant conflict.
     seed : int (or None / numpy SeedSequence) seeding permutations and bootstrap; the
         permutation and bootstrap streams are independent children of it.
-    statistic : 'welch' (default) or 'mean_diff' (ablation, not studentised).
+    statistic : 'brunner_munzel' (default, studentised ranks), 'welch' (studentised means,
+        the former default) or 'mean_diff' (ablation, not studentised).
     disruption_norm : 'share' (default), 'l2' or 'none' (see :mod:`.disruption`).
     fdr_family : 'all' (all distinct cells of all blocks, default) or 'block'.
     ci_level : level of the bootstrap percentile intervals (default 0.95).
@@ -87,7 +88,7 @@ class QKOVStatistics:
 
     def __init__(self, fdr_alpha: float = 0.05, n_permutations: int | None = None,
                  n_bootstrap: int = 1000, min_effect_size: float = 0.2, *, seed=0,
-                 statistic: str = "welch", disruption_norm: str = "share",
+                 statistic: str = "brunner_munzel", disruption_norm: str = "share",
                  fdr_family: str = "all", ci_level: float = 0.95, tol_factor: float = 100.0,
                  batch_size: int | None = None, progress: bool = False,
                  kv_rtol: float = 1e-6, n_null_top: int = 0):
