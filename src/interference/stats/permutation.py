@@ -27,7 +27,7 @@ import numpy as np
 
 from .._tables import ALTERNATIVES, STATISTICS
 from .effects import two_groups
-from .rank import brunner_munzel_z, null_statistics, tie_pattern
+from .rank import brunner_munzel_z, null_statistics, tie_patterns
 
 _EPS = np.finfo(np.float64).eps
 
@@ -267,9 +267,10 @@ def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: f
     counts by binary search in each batch's sorted null."""
     n, m = x.shape
     t_obs = brunner_munzel_z(x[:n_b], x[n_b:])
+    patterns = tie_patterns(x)
     groups: dict[tuple[int, ...], list[int]] = {}
-    for c in range(m):
-        groups.setdefault(tie_pattern(x[:, c]), []).append(c)
+    for c, pat in enumerate(patterns):
+        groups.setdefault(pat, []).append(c)
     constant = np.zeros(m, dtype=bool)
     constant[[c for pat, cols in groups.items() if len(pat) == 1 for c in cols]] = True
     t_obs[constant] = 0.0
@@ -292,7 +293,7 @@ def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: f
             s1[cols] += null.sum()
             s2[cols] += (null * null).sum()
         if top_cols.size:
-            kept.append(np.stack([nulls[tie_pattern(x[:, c])] for c in top_cols]))
+            kept.append(np.stack([nulls[patterns[c]] for c in top_cols]))
         if bar is not None:
             bar.update(masks.shape[0])
     if bar is not None:

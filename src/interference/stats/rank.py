@@ -88,6 +88,32 @@ def tie_pattern(column: np.ndarray) -> tuple[int, ...]:
     return tuple(int(c) for c in counts)
 
 
+def tie_patterns(x: np.ndarray) -> list[tuple[int, ...]]:
+    """:func:`tie_pattern` of every column of x [n, m] (tie-free columns found at once)."""
+    s = np.sort(x, axis=0)
+    has_ties = np.any(s[1:] == s[:-1], axis=0)
+    free = (1,) * x.shape[0]
+    return [tie_pattern(x[:, c]) if has_ties[c] else free for c in range(x.shape[1])]
+
+
+def _null_no_ties(masks: np.ndarray, n_b: int) -> np.ndarray:
+    """:func:`null_statistics` without ties: the k-th "B" in rank order has internal rank k,
+    so the placement of a B at rank position t is t - c_t and that of an R is c_t, with c_t
+    the number of B at positions <= t. [b, N] -> [b]."""
+    n = masks.shape[1]
+    pos = np.arange(1.0, n + 1.0)
+    c = np.cumsum(masks, axis=1)
+    pos_c = c * pos                                    # [b, N]
+    ks = np.arange(1.0, n_b + 1.0)
+    sum_c_b, sum_c2_b = ks.sum(), (ks * ks).sum()      # sum over B of c_t and c_t^2
+    rank_b = masks @ pos
+    sum_pb = rank_b - sum_c_b
+    sum_pb2 = masks @ (pos * pos) - 2.0 * np.einsum("bn,bn->b", masks, pos_c) + sum_c2_b
+    sum_c = c.sum(axis=1)
+    sum_c2 = np.einsum("bn,bn->b", c, c)
+    return _z_from_sums(sum_pb, sum_pb2, sum_c - sum_c_b, sum_c2 - sum_c2_b, n_b, n - n_b)
+
+
 def null_statistics(masks_sorted: np.ndarray, sizes: tuple[int, ...], n_b: int) -> np.ndarray:
     """W* of relabellings of a column whose sorted values form tie groups of ``sizes``.
 
@@ -98,8 +124,8 @@ def null_statistics(masks_sorted: np.ndarray, sizes: tuple[int, ...], n_b: int) 
     sizes_arr = np.asarray(sizes, dtype=np.float64)
     n = int(sizes_arr.sum())
     n_r = n - n_b
-    if len(sizes) == n:                                   # no ties: group = position
-        in_b = masks_sorted
+    if len(sizes) == n:
+        return _null_no_ties(masks_sorted, n_b)
     else:
         starts = np.concatenate([[0], np.cumsum(sizes[:-1])]).astype(np.intp)
         in_b = np.add.reduceat(masks_sorted, starts, axis=1)   # [b, G] B count per group
