@@ -43,6 +43,7 @@ from .effects import auc as auc_fn
 from .effects import cohens_d
 from .fdr import bh_qvalues, default_n_permutations, min_bh_rejections, resolution_message
 from .permutation import PermutationResult, permutation_test_matrix
+from .power import power_summary
 
 logger = logging.getLogger("fisher.qkov")
 TEST_NAMES = assemble.TEST_NAMES
@@ -50,6 +51,11 @@ TEST_NAMES = assemble.TEST_NAMES
 
 class PermutationResolutionWarning(UserWarning):
     """Too few permutations (or disruptors) for Benjamini-Hochberg at this many cells."""
+
+
+class FisherOverlapWarning(UserWarning):
+    """Task B's scored samples also entered the Fisher normaliser (the seed's role='all'):
+    B and the reference disruptors are then not exchangeable and p-values are optimistic."""
 
 
 def alternative_for(variant: str) -> str:
@@ -227,6 +233,7 @@ class QKOVStatistics:
             "fdr_alpha": self.fdr_alpha,
             "fdr_family": self.fdr_family,
             "min_effect_size": self.min_effect_size,
+            "power": power_summary(int(x_b.shape[0]), int(x_r.shape[0]), m, self.fdr_alpha),
             "warnings": warn_list,
         }
 
@@ -316,7 +323,8 @@ class QKOVStatistics:
 
     # --------------------------------------------------------- seed's API
     def test_heatmap(self, heatmap: Mapping[str, Any], contribs, grads, fisher, *,
-                     reference: str | None = None, scorer=None) -> dict[str, Any]:
+                     reference: str | None = None, scorer=None,
+                     allow_fisher_overlap: bool | None = None) -> dict[str, Any]:
         """Test a heatmap from ``QKOVInterferenceMetric.compute_heatmap``.
 
         heatmap : {'Q','K','V','O': {'scores': [n_a, n_b, L, H], ...}, 'meta': {...}}.
@@ -329,6 +337,11 @@ class QKOVStatistics:
         scorer : the metric that scores the reference disruptors (it must use the same
             collector); None rebuilds it from that collector and the heatmap's
             ``meta['settings']`` and ``meta['compute']``.
+        allow_fisher_overlap : what to do when task B's scored samples are also Fisher
+            samples of the heatmap's normaliser (the seed's ``role='all'``): None (default)
+            runs, with a FisherOverlapWarning and the warning in ``summary['warnings']``;
+            True runs and records the same without warning; False raises ValueError.
+            Either way ``summary['fisher_overlap_b']`` counts those samples (0 when split).
 
         Returns the results of :meth:`test_scores`, plus task names in the summary.
         """
@@ -352,6 +365,7 @@ class QKOVStatistics:
         _check_layer_head_avg(heatmap, blocks, out)
         fisher_tasks = meta.get("fisher_tasks")
         summary = out["summary"]
+        _fisher_overlap(collector, task_b, ids_b, fisher_tasks, allow_fisher_overlap, summary)
         summary.update(task_a=task_a, task_b=task_b, reference_task=task_r,
                        reference="within_task" if task_r == task_a else f"control:{task_r}",
                        n_reference=len(ids_r), collector_token=meta.get("collector_token"),
@@ -370,6 +384,33 @@ class QKOVStatistics:
                     "scores already use L2-normalised g_j (metric gj_norm='l2')")
         return (np.asarray(grads.grad_norms(task_b, ids_b), dtype=np.float64),
                 np.asarray(grads.grad_norms(task_r, ids_r), dtype=np.float64), None)
+
+
+def _fisher_overlap(collector, task_b: str, ids_b: list, fisher_tasks, allow: bool | None,
+                    summary: dict) -> None:
+    """Count task B's scored samples that are Fisher samples of a task whose Fisher
+    normalises the heatmap (all tasks when meta lacks 'fisher_tasks'); record the count in
+    summary['fisher_overlap_b'], and warn or raise as ``allow`` says."""
+    tasks = list(fisher_tasks) if fisher_tasks is not None else list(collector.fisher.tasks)
+    in_fisher = set()
+    if task_b in tasks:
+        in_fisher = set(collector.sample_ids(task_b, "fisher")) & set(ids_b)
+    summary["fisher_overlap_b"] = len(in_fisher)
+    summary["fisher_overlap_allowed"] = bool(allow) if in_fisher else None
+    if not in_fisher:
+        return
+    msg = (f"{len(in_fisher)} of {len(ids_b)} scored samples of task {task_b!r} are also in "
+           f"its Fisher (collected with role='all'): the normaliser has seen group B but not "
+           f"the reference group, so B and R are not exchangeable and p-values are "
+           f"optimistic. Collect B with role='fisher' and role='scored' on disjoint batches "
+           f"(docs/QUICK_REFERENCE.md).")
+    if allow is False:
+        raise ValueError(msg + " (allow_fisher_overlap=False)")
+    summary["warnings"].append(msg)
+    if allow is None:
+        warnings.warn(msg + " Pass allow_fisher_overlap=True to accept it.",
+                      FisherOverlapWarning, stacklevel=3)
+        logger.warning(msg)
 
 
 def _rebuild_metric(collector, meta: Mapping[str, Any]):
