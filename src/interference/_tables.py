@@ -42,5 +42,9 @@ ALTERNATIVES = ("greater", "less")
 DISRUPTION_NORMS = ("share", "l2", "none")
 """Normalisations of a disruptor's per-cell disruption (SPEC 6)."""
 
+CI_METHODS = ("basic", "percentile", "bc")
+"""Bootstrap interval methods: basic (default), percentile (the former default), bias-corrected
+percentile."""
+
 FDR_FAMILIES = ("all", "block")
 """Benjamini-Hochberg families: all distinct cells together, or each block apart."""

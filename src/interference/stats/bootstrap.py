@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
+from .._tables import CI_METHODS
 from .disruption import normalise
 
 
@@ -86,12 +87,8 @@ def percentile_interval(draws: np.ndarray, level) -> tuple[np.ndarray, np.ndarra
     return lo, hi
 
 
-CI_METHODS = ("bc", "percentile", "basic")
-"""Bootstrap interval methods: bias-corrected percentile (default), percentile, basic."""
-
-
 def bootstrap_interval(draws: np.ndarray, estimate: np.ndarray, level,
-                       method: str = "bc") -> tuple[np.ndarray, np.ndarray]:
+                       method: str = "basic") -> tuple[np.ndarray, np.ndarray]:
     """Interval per column from bootstrap draws [n_draws, m] of an estimate [m].
 
     - ``percentile``: the (1-level)/2 and (1+level)/2 quantiles of the draws;

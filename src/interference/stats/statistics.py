@@ -34,7 +34,7 @@ import pandas as pd
 from .._tables import VARIANTS
 from ..settings import StatisticsSettings
 from . import assemble
-from .bootstrap import percentile_interval, stratified_bootstrap
+from .bootstrap import bootstrap_interval, stratified_bootstrap
 from .cells import broadcast_to_heads, distinct_cells, gather_cells
 from .checks import (check_disjoint, check_disruption, check_ids, check_scores,
                      heatmap_blocks, heatmap_collector, reference_samples)
@@ -83,7 +83,9 @@ class QKOVStatistics:
         the former default) or 'mean_diff' (ablation, not studentised).
     disruption_norm : 'share' (default), 'l2' or 'none' (see :mod:`.disruption`).
     fdr_family : 'all' (all distinct cells of all blocks, default) or 'block'.
-    ci_level : level of the bootstrap percentile intervals (default 0.95).
+    ci_level : level of the bootstrap intervals (default 0.95).
+    ci_method : 'basic' (default), 'percentile' (the former default) or 'bc'; see
+        :func:`.bootstrap.bootstrap_interval` and docs/statistics.md for the coverage.
     tol_factor : p-value tolerance, T* >= T - tol_factor * eps * |T| counts as extreme.
     batch_size : permutations per GEMM batch (None: about 2^21 / m).
     progress : tqdm progress bar over permutation batches.
@@ -95,14 +97,15 @@ class QKOVStatistics:
     def __init__(self, fdr_alpha: float = 0.05, n_permutations: int | None = None,
                  n_bootstrap: int = 1000, min_effect_size: float = 0.2, *, seed=0,
                  statistic: str = "brunner_munzel", disruption_norm: str = "share",
-                 fdr_family: str = "all", ci_level: float = 0.95, tol_factor: float = 100.0,
+                 fdr_family: str = "all", ci_level: float = 0.95, ci_method: str = "basic",
+                 tol_factor: float = 100.0,
                  batch_size: int | None = None, progress: bool = False,
                  kv_rtol: float = 1e-6, n_null_top: int = 0):
         self.options = StatisticsSettings(
             fdr_alpha=fdr_alpha, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
             min_effect_size=min_effect_size, seed=seed, statistic=statistic,
             disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
-            tol_factor=tol_factor, batch_size=batch_size, progress=progress, kv_rtol=kv_rtol,
+            ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size, progress=progress, kv_rtol=kv_rtol,
             n_null_top=n_null_top)
 
     # the settings, read-only (self.options: a frozen StatisticsSettings)
@@ -115,6 +118,7 @@ class QKOVStatistics:
     disruption_norm = property(lambda self: self.options.disruption_norm)
     fdr_family = property(lambda self: self.options.fdr_family)
     ci_level = property(lambda self: self.options.ci_level)
+    ci_method = property(lambda self: self.options.ci_method)
     tol_factor = property(lambda self: self.options.tol_factor)
     batch_size = property(lambda self: self.options.batch_size)
     progress = property(lambda self: self.options.progress)
@@ -305,19 +309,22 @@ class QKOVStatistics:
                    "ci_low": np.full((n_layers, n_heads), np.nan),
                    "ci_high": np.full((n_layers, n_heads), np.nan)} for b in arrays.blocks}
         summary["ci_level"] = self.ci_level
+        summary["ci_method"] = self.ci_method
         if self.n_bootstrap > 0:
             _, boot_seed, _ = self._streams()
             draws = stratified_bootstrap(cube_b, cube_r, n_bootstrap=self.n_bootstrap,
                                          disruption_norm=self.disruption_norm,
                                          norms_b=norms_b, norms_r=norms_r, seed=boot_seed)
-            lo, hi = percentile_interval(draws.mean_diff, self.ci_level)
+            lo, hi = bootstrap_interval(draws.mean_diff, table["mean_diff"].to_numpy(),
+                                        self.ci_level, self.ci_method)
             table["ci_low"], table["ci_high"] = lo, hi
-            alo, ahi = percentile_interval(draws.avg_b, self.ci_level)
+            alo, ahi = bootstrap_interval(draws.avg_b, cube_b.mean(axis=(0, 1)),
+                                          self.ci_level, self.ci_method)
             for b in arrays.blocks:
                 lha[b]["ci_low"] = broadcast_to_heads(alo, cells, b, n_layers, n_heads)
                 lha[b]["ci_high"] = broadcast_to_heads(ahi, cells, b, n_layers, n_heads)
             assemble.by_intervals(table, draws.mean_diff, summary, self.fdr_alpha,
-                                  self.fdr_family)
+                                  self.fdr_family, self.ci_method)
         summary["n_bootstrap"] = self.n_bootstrap
         return lha
 
