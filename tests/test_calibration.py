@@ -161,3 +161,28 @@ def test_test_heatmap_flags_b_samples_in_the_fisher():
     res = stats.test_heatmap(*args, scorer=metric)
     assert res["summary"]["fisher_overlap_b"] == 0
     assert not any("role='all'" in w for w in res["summary"]["warnings"])
+
+
+def test_power_in_summary_markdown_and_plan_script():
+    import importlib.util
+    from pathlib import Path
+
+    from interference.figures.summary import markdown
+
+    rng = np.random.default_rng(5)
+    res = QKOVStatistics(n_permutations=500, n_bootstrap=0).test_disruption(
+        rng.normal(size=(12, 40)), rng.normal(size=(20, 40)))
+    pw = res["summary"]["power"]
+    assert pw["mde_d"] == pytest.approx(minimal_detectable_effect(12, 20, 40, 0.05), rel=1e-12)
+    seed = {"n_cells": 40, "n_q_significant": 0, "n_significant": 0,
+            "n_significant_by_block": {}, "global": {"ratio": 1.0, "p_value": 0.5},
+            "block_means": {b: 0.0 for b in "QKVO"}, "power": pw}
+    doc = {"experiment": "x", "schema_version": "1", "config_hash": "h", "tasks": {},
+           "analyses": {"a__b": {"arm": "main", "seeds": {0: seed}}}}
+    assert f"Cohen's d >= **{pw['mde_d']:.2f}**" in markdown(doc)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "power_plan.py"
+    spec = importlib.util.spec_from_file_location("power_plan", path)
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    assert "n_B = 124" in plan.main(["--effect", "0.6"])
+    assert "= 0.988" in plan.main(["--n-b", "48", "--n-r", "48"])
