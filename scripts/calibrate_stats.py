@@ -47,7 +47,8 @@ from interference.stats.permutation import _random_masks  # noqa: E402
 from interference.stats.rank import brunner_munzel_z, null_statistics  # noqa: E402
 from interference.stats.simulate import SHAPES, Design, b_location, draw  # noqa: E402
 
-RESULTS = Path(os.environ.get("CALIBRATION_RESULTS", ROOT / "benchmarks" / "calibration" / "results.json"))
+RESULTS = Path(os.environ.get("CALIBRATION_RESULTS",
+                              ROOT / "benchmarks" / "calibration" / "results.json"))
 FIG = ROOT / "docs" / "figures" / "stats_calibration_grid.png"
 DOC = ROOT / "docs" / "statistics.md"
 ALPHA, M, N_PERM = 0.05, 720, 28_800

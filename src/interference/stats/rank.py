@@ -1,5 +1,5 @@
 """Brunner-Munzel's studentised rank statistic and its permutation test (the default cell
-test, chosen by scripts/simulate_stats.py; see docs/statistics.md).
+test, chosen with scripts/calibrate_stats.py; see docs/statistics.md).
 
 For a cell, with B's values x_B [n_B] and R's x_R [n_R], the placement of a B value is the
 number of R values below it (ties count one half), and the other way round for R:
@@ -12,7 +12,12 @@ of scipy.stats.brunnermunzel with B as its second sample, so W > 0 when B tends 
 Null in words: a randomly chosen B disruptor is as likely to put the larger share on the
 cell as a randomly chosen R disruptor (AUC = 1/2). The permutation test of W (Neubert and
 Brunner, 2007) is exact when B and R are exchangeable and asymptotically exact under that
-null for any spreads and shapes.
+null for any spreads and shapes. The statistic permuted here is W on the normal scale of
+its Satterthwaite t distribution (:func:`z_score`): the permutation null of plain W is
+nearly normal while W itself has t-like tails when the smaller group is the more variable,
+which broke the tails BH uses (n_B = 48 vs n_R = 144, B twice as spread: 1.8 times the
+nominal rate at p = 7e-5); the z of W's t p-value carries that correction into every
+relabelling.
 
 Why this is cheap: W depends on the data only through the ranks. When a cell has no ties,
 the pooled ranks are 1..N whatever the data, so W* of a relabelling depends only on which
@@ -23,9 +28,6 @@ data - a valid permutation p-value for every cell, though not the literal same r
 of the disruptors across cells (which only the GEMM path of the other statistics keeps).
 """
 from __future__ import annotations
-
-import math
-from typing import Iterable
 
 import numpy as np
 from scipy.stats import norm, rankdata

@@ -105,8 +105,8 @@ class QKOVStatistics:
             fdr_alpha=fdr_alpha, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
             min_effect_size=min_effect_size, seed=seed, statistic=statistic,
             disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
-            ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size, progress=progress, kv_rtol=kv_rtol,
-            n_null_top=n_null_top)
+            ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size,
+            progress=progress, kv_rtol=kv_rtol, n_null_top=n_null_top)
 
     # the settings, read-only (self.options: a frozen StatisticsSettings)
     fdr_alpha = property(lambda self: self.options.fdr_alpha)
