@@ -117,10 +117,12 @@ def run_design(test: str, method: str, design: Design, runs: int, seed: int, ref
 def save(rows: list[dict], command: str, seconds: float) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    keys = {(r["kind"], r.get("test"), r.get("method"), r.get("design"), r.get("n_a"))
-            for r in rows}
-    old = [r for r in old if (r["kind"], r.get("test"), r.get("method"), r.get("design"),
-                              r.get("n_a")) not in keys]
+    def key(r):
+        return (r["kind"], r.get("test"), r.get("method"), r.get("design"), r.get("n_a"),
+                r.get("seed", 17), r.get("runs"))
+
+    keys = {key(r) for r in rows}
+    old = [r for r in old if key(r) not in keys]
     for r in rows:
         r["command"], r["command_seconds"] = command, round(seconds, 1)
     RESULTS.write_text(json.dumps(old + rows, indent=1))
@@ -137,7 +139,7 @@ def cmd_grid(args, command: str) -> None:
                                                   args.seed)
         row = run_design(args.test, args.method, d, args.runs, args.seed,
                          refs.get((d.n_b, d.n_r)))
-        row["kind"] = "grid"
+        row["kind"], row["seed"] = "grid", args.seed
         rows.append(row)
         print(json.dumps(row), flush=True)
     save(rows, command, time.perf_counter() - t0)
