@@ -109,7 +109,9 @@ def cmd_report(args, results_path, fig_path, doc_path) -> str:
     text = "\n".join(
         [f"Measured by the commands below (tables: `scripts/calibrate_stats.py report "
          f"--update-docs`; rows in `{results_path.relative_to(doc_path.parents[1])}`).", ""]
-        + commands(rows) + ["", "**Cell tests** (bound on any discovery: 0.05 + 2 MC s.e.; "
+        + commands(rows) + ["", "(Runs made side by side wrote to separate files through the "
+                            "CALIBRATION_RESULTS variable and were merged into one.)", "",
+                            "**Cell tests** (bound on any discovery: 0.05 + 2 MC s.e.; "
                             "FDP marked when over 0.05 + 2 s.e.):", ""]
         + grid_table(grid) + ["", "**Bootstrap intervals** of a cell's mean share difference "
                               "(48 + 48 disruptors, 1000 stratified draws):", ""]
