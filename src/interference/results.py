@@ -307,8 +307,9 @@ COLUMNS = {
     "layer_pos": ("index", "row of the cell on the heatmap"),
     "head_pos": ("index", "column of the cell on the heatmap"),
     "name": ("cell name", "'Q/L3/H5' for Q/O, 'K/L3/KV1' for K/V"),
-    "statistic": ("t (unitless)", "Welch's t of disruption shares, B vs R (or their mean "
-                                  "difference with statistic: mean_diff, in " + SHARE + ")"),
+    "statistic": ("z (unitless)", "Brunner-Munzel's rank statistic of disruption shares, B vs "
+                                  "R, on the normal scale (Welch's t with statistic: welch; "
+                                  "mean difference in " + SHARE + " with mean_diff)"),
     "p_value": ("probability", "one-sided permutation p-value, (1 + k) / (1 + N) or exact"),
     "q_value": ("probability", "Benjamini-Hochberg q-value over the FDR family"),
     "effect_size": ("Cohen's d (sd units)", "two-sample Cohen's d of disruption shares, pooled sd"),
@@ -318,8 +319,8 @@ COLUMNS = {
     "mean_diff": (SHARE, "mean_b - mean_r"),
     "null_mean": ("same as statistic", "mean of the permutation null"),
     "null_sd": ("same as statistic", "sd of the permutation null"),
-    "ci_low": (SHARE, "bootstrap percentile interval of mean_diff, lower end"),
-    "ci_high": (SHARE, "bootstrap percentile interval of mean_diff, upper end"),
+    "ci_low": (SHARE, "bootstrap interval of mean_diff (ci_method: basic by default), lower end"),
+    "ci_high": (SHARE, "bootstrap interval of mean_diff, upper end"),
     "ci_low_by": (SHARE, "Benjamini-Yekutieli-adjusted interval (for selected cells), lower end"),
     "ci_high_by": (SHARE, "Benjamini-Yekutieli-adjusted interval, upper end"),
     "constant": ("bool", "the cell's shares are constant: p = 1"),
