@@ -1,0 +1,224 @@
+"""The cell explorer: its tables against brute force, an offline page, and a real browser.
+
+The browser test drives Debian's headless Chromium through Selenium (chromedriver from the
+``chromium-driver`` package; nothing is downloaded): it opens the page from disk, clicks a
+cell of the K map at its pixel position and reads what the page then shows. It skips only
+where Chromium or chromedriver is absent (QKOV_REQUIRE_BROWSER=1, set by .ci/run as root,
+turns that skip into a failure). The screenshot is kept in $QKOV_TEST_ARTIFACTS (default:
+the test's tmp_path).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from interference.figures import explorer as X
+from interference.figures.inputs import cell_name
+from test_figures import HEADS, LAYERS, N_A, N_B, fake_cells, fake_heatmap
+
+CLICKED = "K/L3/KV1"            # layer 3 = row 0; kv group 1 = query heads 4, 5, 6 (x 3..5)
+
+
+def texts():
+    out = {f"math:{k}": {"prompt": f"What is {k} <+> {k}?", "answer": str(2 * k)}
+           for k in range(N_A)}
+    out.update({f"code:{k}": f"def f{k}(x):\n    return x | {k}" for k in range(N_B)})
+    return out
+
+
+def validation():
+    rows = [dict(step_rule=r, name=n, delta_loss_a=s * 0.01, delta_loss_a_se=0.002,
+                 predicted_delta_a=s * 0.009, delta_loss_b=-0.02)
+            for r, s in (("adam", 1.0), ("relative", 2.0)) for n in (CLICKED, "Q/L7/H4")]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("explorer")
+    control = fake_cells(seed=5).assign(significant=False, statistic=-0.123)
+    return X.write_explorer(fake_heatmap(), fake_cells(), tmp_path / "explorer.html", texts(),
+                            control_cells=control, validation=validation(),
+                            summary={"fdr_alpha": 0.05, "min_effect_size": 0.2}, k=3)
+
+
+def test_cell_pairs_match_a_brute_force_sort():
+    heat, cells = fake_heatmap(), fake_cells()
+    pairs = X.cell_pairs(heat, cells, {}, k=4)
+    assert len(pairs) == 4 * len(cells)
+    for cell in cells.to_dict("records"):
+        name = cell_name(cell)
+        hp = HEADS.index(int(str(cell["kv_group"]).split(",")[0]))
+        m = heat[cell["block"]]["scores"][:, :, LAYERS.index(cell["layer"]), hp]
+        ref = sorted(((float(m[i, j]), f"math:{i}", f"code:{j}") for i in range(N_A)
+                      for j in range(N_B)), key=lambda t: -t[0])[:4]
+        got = pairs[pairs["cell"] == name]
+        assert list(got["rank"]) == [1, 2, 3, 4]
+        assert list(zip(got["score"], got["sample_a"], got["sample_b"])) == ref
+
+
+def test_signed_variant_takes_the_most_negative_pairs():
+    m = np.array([[0.5, -2.0], [-3.0, 1.0]])
+    i, j = X.top_pairs(m, 2, signed=True)
+    assert list(zip(i, j)) == [(1, 0), (0, 1)]
+    i, j = X.top_pairs(m, 1)
+    assert list(zip(i, j)) == [(1, 1)]
+
+
+def test_cell_table_positions_statistics_and_panels():
+    heat, cells = fake_heatmap(), fake_cells()
+    control = fake_cells(seed=5)
+    pairs = X.cell_pairs(heat, cells, X.load_texts(texts()), k=2)
+    t = X.explorer_cells(heat, cells, pairs, control, validation()).set_index("name")
+    assert len(t) == len(cells)
+    k = t.loc[CLICKED]
+    assert (k.x, k.width, k.y) == (4.0, 3, 0)                 # spans heads 4, 5, 6
+    assert k.M == pytest.approx(heat["K"]["layer_head_avg"][0, 3])
+    q = t.loc["Q/L7/H4"]
+    assert (q.x, q.width, q.y) == (HEADS.index(4), 1, 1) and q.significant
+    row = cells[(cells.block == "K") & (cells.layer == 3) & (cells.kv_head == 1)].iloc[0]
+    assert k.d == row.effect_size and k.q == row.q_value
+    ctrl = control[(control.block == "K") & (control.layer == 3) & (control.kv_head == 1)]
+    assert f"T {float(ctrl.statistic.iloc[0]):.4g}" in k.stats_html
+    assert "measured ΔL_A (adam step)</th><td>0.01 ± 0.002" in k.stats_html
+    assert "not among the validated cells" in t.loc["O/L11/H0"].stats_html
+    assert "&lt;+&gt;" in k.texts_html and "<+>" not in k.texts_html   # texts escaped
+    no_val = X.explorer_cells(heat, cells, pairs).set_index("name")
+    assert "no validation run" in no_val.loc[CLICKED].stats_html
+    assert "no control analysis" in no_val.loc[CLICKED].stats_html
+
+
+def test_page_is_self_contained(page):
+    text = page.read_text()
+    assert "<script src" not in text and "<link " not in text      # nothing fetched
+    assert "Bokeh" in text and "map_K" in text and len(text) > 500_000
+
+
+# ----------------------------------------------------------------------------- real browser
+
+
+def chrome():
+    """A headless Chromium driven by Debian's chromedriver, or a skip (a failure under
+    QKOV_REQUIRE_BROWSER=1) where either is missing."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        msg = ("Chromium and chromedriver are not installed (Debian: apt-get install "
+               "chromium chromium-driver); the explorer's browser test needs them")
+        if os.environ.get("QKOV_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1300"):
+        opts.add_argument(arg)
+    opts.binary_location = binary
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+# (x, y) in the viewport of data point (x, y) on the figure named arguments[0]
+PIXEL_OF = """
+const fig = Bokeh.documents[0].get_model_by_name(arguments[0]);
+const view = Bokeh.index.find_one(fig);
+const box = view.canvas_view.el.getBoundingClientRect();
+return [box.left + view.frame.x_scale.compute(arguments[1]),
+        box.top + view.frame.y_scale.compute(arguments[2])];
+"""
+# the rendered text of the page, shadow roots included
+DEEP_TEXT = """
+const out = [];
+function walk(n) {
+  if (n.nodeType === Node.TEXT_NODE) { out.push(n.textContent); return; }
+  if (n.shadowRoot) walk(n.shadowRoot);
+  for (const c of n.childNodes) walk(c);
+}
+walk(document.body);
+return out.join(' ');
+"""
+VISIBLE = """
+const fig = Bokeh.documents[0].get_model_by_name(arguments[0]);
+return fig.renderers.filter(r => r.glyph).map(r => r.visible);
+"""
+PRESS = """
+const label = arguments[0];
+function find(n) {
+  if (n.shadowRoot) { const f = find(n.shadowRoot); if (f) return f; }
+  for (const c of n.children || []) {
+    if (c.tagName === 'BUTTON' && c.textContent.trim() === label) return c;
+    const f = find(c); if (f) return f;
+  }
+  return null;
+}
+const b = find(document.body); b.click(); return b !== null;
+"""
+
+
+def screenshot_after_click(html: Path, png: Path, block: str, x: float, y: float,
+                           quantity: str | None = None) -> str:
+    """Open ``html`` in headless Chromium, click data point (x, y) of block's map with the
+    mouse (optionally first press the map switch's button ``quantity``), save a screenshot
+    to ``png``; returns the page's rendered text."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome()
+    try:
+        driver.get(html.resolve().as_uri())
+        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
+            "return window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+            "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('map_O')) != null"))
+        if quantity:
+            assert driver.execute_script(PRESS, quantity)
+        px, py = driver.execute_script(PIXEL_OF, f"map_{block}", x, y)
+        actions = ActionChains(driver)
+        actions.w3c_actions.pointer_action.move_to_location(int(px), int(py)).click()
+        actions.perform()
+        WebDriverWait(driver, 10).until(lambda d: "Top pairs of" in d.execute_script(DEEP_TEXT))
+        png.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(png))
+        return driver.execute_script(DEEP_TEXT)
+    finally:
+        driver.quit()
+
+
+def test_browser_click_shows_statistics_pairs_and_texts(page, tmp_path):
+    artifacts = Path(os.environ.get("QKOV_TEST_ARTIFACTS", tmp_path))
+    png = artifacts / "explorer_click.png"
+    text = screenshot_after_click(page, png, "K", 4.0, 0.0)
+    print(f"\nexplorer screenshot: {png}")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    heat = fake_heatmap()
+    m = heat["K"]["scores"][:, :, 0, 3]
+    order = np.argsort(-m.ravel(), kind="stable")[:3]
+    assert f"Top pairs of {CLICKED}" in text and "query heads 4, 5, 6" in text
+    for f in order:                                  # the pair table and both texts
+        i, j = np.unravel_index(f, m.shape)
+        assert f"math:{i}" in text and f"code:{j}" in text
+        assert f"What is {i} <+> {i}? → {2 * i}" in text
+        assert f"return x | {j}" in text
+    assert "measured ΔL_A (adam step)" in text and "T -0.123" in text     # validation, control
+
+
+def test_browser_switches_the_map_to_effect_size(page, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chrome()
+    try:
+        driver.get(page.resolve().as_uri())
+        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
+            "return window.Bokeh !== undefined && Bokeh.documents.length > 0"))
+        assert driver.execute_script(VISIBLE, "map_Q") == [True, False, False]
+        assert driver.execute_script(PRESS, X.QUANTITIES["d"])
+        WebDriverWait(driver, 5).until(
+            lambda d: d.execute_script(VISIBLE, "map_Q") == [False, True, False])
+        assert driver.execute_script(VISIBLE, "map_K") == [False, True, False]
+    finally:
+        driver.quit()
