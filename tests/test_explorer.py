@@ -85,6 +85,7 @@ def test_cell_table_positions_statistics_and_panels():
     assert k.d == row.effect_size and k.q == row.q_value
     ctrl = control[(control.block == "K") & (control.layer == 3) & (control.kv_head == 1)]
     assert f"T {float(ctrl.statistic.iloc[0]):.4g}" in k.stats_html
+    assert "95% bootstrap interval [" in k.stats_html
     assert "measured ΔL_A (adam step)</th><td>0.01 ± 0.002" in k.stats_html
     assert "not among the validated cells" in t.loc["O/L11/H0"].stats_html
     assert "&lt;+&gt;" in k.texts_html and "<+>" not in k.texts_html   # texts escaped

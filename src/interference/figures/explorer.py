@@ -24,6 +24,7 @@ import pandas as pd
 from .._tables import BLOCKS, SHARED_BLOCKS
 from ..results import load_heatmap
 from . import style
+from .forensics import top_pairs
 from .inputs import cell_name, grid_positions, load_cells, load_texts
 
 QUANTITIES = {"M": "mean score M", "d": "effect size d", "q": "BH q value"}
@@ -47,15 +48,6 @@ ON_SWITCH = "groups.forEach((g, k) => g.forEach(m => { m.visible = (k === cb_obj
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def top_pairs(scores: np.ndarray, k: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) index arrays [k] of the k most extreme entries of ``scores`` [n_a, n_b]: the
-    largest (the smallest for the signed variant, where conflict is negative), ties broken
-    by position."""
-    flat = np.asarray(scores, dtype=float).ravel()
-    order = np.argsort(flat if signed else -flat, kind="stable")[:k]
-    return np.unravel_index(order, np.shape(scores))
 
 
 def cell_pairs(heatmap: Mapping, cells: pd.DataFrame, texts: Mapping[str, str], k: int = 5
@@ -112,7 +104,8 @@ def stats_html(cell: Mapping, control: Mapping | None, measured: list[dict] | No
             ("mean score M", _num(cell["M"])), ("statistic T", _num(cell["statistic"])),
             ("permutation p", _num(cell["p_value"])), ("BH q", _num(cell["q_value"])),
             ("effect size d", _num(cell["effect_size"])), ("AUC", _num(cell.get("auc"))),
-            ("bootstrap interval", f"[{_num(cell.get('ci_low'))}, {_num(cell.get('ci_high'))}]"),
+            ("mean difference B − R", f"{_num(cell.get('mean_diff'))}, 95% bootstrap interval "
+             f"[{_num(cell.get('ci_low'))}, {_num(cell.get('ci_high'))}]"),
             ("significant", ("<b>yes</b>" if cell["significant"] else "no") + f" ({rule})"),
             ("significant in split seeds", seeds)]
     if control is None:
@@ -137,11 +130,12 @@ def texts_html(name: str, pairs: pd.DataFrame) -> str:
     pre = "style='white-space:pre-wrap;margin:2px 0 8px 0;font-size:12px'"
     parts = [f"<h4 style='margin:4px 0'>Top pairs of {html.escape(name)}: texts</h4>"]
     for r in pairs.to_dict("records"):
+        sides = "".join(
+            f"<div style='flex:1;min-width:0'><b>{tag} {html.escape(r[f'sample_{s}'])}</b>"
+            f"<pre {pre}>{html.escape(r[f'text_{s}'] or '(no text)')}</pre></div>"
+            for tag, s in (("A", "a"), ("B", "b")))
         parts.append(f"<div class='pair'><b>#{r['rank']}</b> score {_num(r['score'])}"
-                     f"<br><b>A {html.escape(r['sample_a'])}</b><pre {pre}>"
-                     f"{html.escape(r['text_a'] or '(no text)')}</pre>"
-                     f"<b>B {html.escape(r['sample_b'])}</b><pre {pre}>"
-                     f"{html.escape(r['text_b'] or '(no text)')}</pre></div>")
+                     f"<div style='display:flex;gap:16px'>{sides}</div></div>")
     return "".join(parts)
 
 
