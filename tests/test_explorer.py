@@ -223,3 +223,26 @@ def test_browser_switches_the_map_to_effect_size(page, tmp_path):
         assert driver.execute_script(VISIBLE, "map_K") == [False, True, False]
     finally:
         driver.quit()
+
+
+def test_qkov_ui_opens_the_explorer(tmp_path, monkeypatch, capsys):
+    import webbrowser
+
+    from qkov_pipeline import cli
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", lambda uri: opened.append(uri) or True)
+    base = tmp_path / "default" / "smollm2"
+    for pair in ("math__code.control", "math__code", "math__text"):
+        (base / pair / "figures").mkdir(parents=True)
+        (base / pair / "figures" / "explorer.html").write_text("<html></html>")
+    assert cli.main(["ui", "--results", str(tmp_path), "--explorer"]) == 0
+    assert opened[-1] == (base / "math__code" / "figures" / "explorer.html").resolve().as_uri()
+    assert cli.main(["ui", "--results", str(tmp_path), "--explorer", "math__code.control"]) == 0
+    assert opened[-1].endswith("math__code.control/figures/explorer.html")
+    assert cli.main(["ui", "--results", str(tmp_path), "--explorer", "-e", "tiny"]) == 1
+    assert "snakemake figures --config experiment=tiny" in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    assert cli.main(["ui", "--results", str(tmp_path)]) == 0 and "mlflow" in calls[0]
+    assert capsys.readouterr().out.count("cell explorer (no server needed): file://") == 3

@@ -284,7 +284,12 @@ def test_forensics_figure_shows_full_ids_texts_and_a_dominant_sample(tmp_path):
     from interference.figures.forensics import dominance_note, draw_forensics
 
     note = dominance_note(table)
-    assert note == f"Note: task-A sample {long_a[2]} is in 20 of 20 top pairs (4 of 4 cells)."
+    assert note == (f"Note: task-A sample {long_a[2]} is in at least half of the top pairs of "
+                    "4 of 4 cells (20 of 20 pairs).")
+    half = table[table["cell"].isin(table["cell"].unique()[:2])]   # 2 of 3 cells: still
+    assert "2 of 3 cells (10 of 15" in dominance_note(pd.concat([half, table[table.cell == (
+        table.cell.unique()[2])].assign(sample_a="math:other")]))
+    assert dominance_note(table.assign(sample_a=[f"s{k}" for k in range(len(table))])) == ""
     fig, axes = new_figure(11, 12, nrows=4, ncols=2, squeeze=False)
     draw_forensics(list(axes), table)
     drawn = "\n".join(t.get_text() for ax in axes[:, 1] for t in ax.texts)

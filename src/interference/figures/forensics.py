@@ -69,24 +69,28 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def dominant_samples(table: pd.DataFrame, share: float = 0.5) -> list[dict]:
-    """Samples in at least ``share`` of the table's pairs (one sample dominating the top
-    cells): [{'task': 'A'|'B', 'sample', 'n_pairs', 'n_cells'}], most frequent first."""
+    """Samples that dominate the top cells: in at least ``share`` of the top pairs of at
+    least ``share`` of the cells. [{'task': 'A'|'B', 'sample', 'n_cells', 'n_pairs'}], the
+    most cells first."""
     out = []
+    n_cells = table["cell"].nunique()
     for task, col in (("A", "sample_a"), ("B", "sample_b")):
         if table.empty:
             continue
-        counts = table[col].value_counts()
-        for sample, n in counts[counts >= share * len(table)].items():
-            out.append(dict(task=task, sample=str(sample), n_pairs=int(n),
-                            n_cells=int(table.loc[table[col] == sample, "cell"].nunique())))
-    return sorted(out, key=lambda d: -d["n_pairs"])
+        per_cell = table.groupby(["cell", col]).size() / table.groupby("cell").size()
+        strong = per_cell[per_cell >= share].reset_index()
+        for sample, n in strong[col].value_counts().items():
+            if n >= share * n_cells:
+                out.append(dict(task=task, sample=str(sample), n_cells=int(n),
+                                n_pairs=int((table[col] == sample).sum())))
+    return sorted(out, key=lambda d: (-d["n_cells"], -d["n_pairs"]))
 
 
 def dominance_note(table: pd.DataFrame) -> str:
     """One sentence naming the dominating samples ('' when none dominates)."""
-    notes = [f"task-{d['task']} sample {d['sample']} is in {d['n_pairs']} of {len(table)} top "
-             f"pairs ({d['n_cells']} of {table['cell'].nunique()} cells)"
-             for d in dominant_samples(table)]
+    notes = [f"task-{d['task']} sample {d['sample']} is in at least half of the top pairs of "
+             f"{d['n_cells']} of {table['cell'].nunique()} cells ({d['n_pairs']} of "
+             f"{len(table)} pairs)" for d in dominant_samples(table)]
     return ("Note: " + "; ".join(notes) + ".") if notes else ""
 
 

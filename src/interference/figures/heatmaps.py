@@ -108,7 +108,7 @@ def draw_block_heatmap(ax, heatmap: Mapping, cells: pd.DataFrame, block: str,
     for lp, hp in significant_squares(cells, block, layers, heads):
         ax.add_patch(Rectangle((hp - 0.5, lp - 0.5), 1, 1, fill=False, edgecolor="black",
                                lw=1.4, gid=MARK_GID, path_effects=_HALO))
-    ax.figure.colorbar(im, ax=ax, shrink=0.8, label=QUANTITIES[quantity])
+    ax.figure.colorbar(im, ax=ax, shrink=0.8, label="M" if quantity == "mean" else "d")
     ax.set_title(title or block)
     return im
 
