@@ -103,7 +103,7 @@ def test_page_is_self_contained(page):
 # ----------------------------------------------------------------------------- real browser
 
 
-def chrome():
+def chrome(window: tuple[int, int] = (1400, 1300)):
     """A headless Chromium driven by Debian's chromedriver, or a skip (a failure under
     QKOV_REQUIRE_BROWSER=1) where either is missing."""
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,7 +119,7 @@ def chrome():
 
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1300"):
+                f"--window-size={window[0]},{window[1]}"):
         opts.add_argument(arg)
     opts.binary_location = binary
     return webdriver.Chrome(service=Service(driver), options=opts)
@@ -133,11 +133,12 @@ const box = view.canvas_view.el.getBoundingClientRect();
 return [box.left + view.frame.x_scale.compute(arguments[1]),
         box.top + view.frame.y_scale.compute(arguments[2])];
 """
-# the rendered text of the page, shadow roots included
+# the rendered text of the page, shadow roots included, scripts (the embedded data) not
 DEEP_TEXT = """
 const out = [];
 function walk(n) {
   if (n.nodeType === Node.TEXT_NODE) { out.push(n.textContent); return; }
+  if (['SCRIPT', 'STYLE', 'TEMPLATE'].includes(n.tagName)) return;
   if (n.shadowRoot) walk(n.shadowRoot);
   for (const c of n.childNodes) walk(c);
 }
@@ -162,60 +163,69 @@ const b = find(document.body); b.click(); return b !== null;
 """
 
 
-def screenshot_after_click(html: Path, png: Path, block: str, x: float, y: float,
-                           quantity: str | None = None) -> str:
-    """Open ``html`` in headless Chromium, click data point (x, y) of block's map with the
-    mouse (optionally first press the map switch's button ``quantity``), save a screenshot
-    to ``png``; returns the page's rendered text."""
+def open_page(driver, html: Path) -> None:
+    """Load ``html`` from disk and wait until Bokeh has drawn the four maps."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(html.resolve().as_uri())
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+        "return window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
+        "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('map_O')) != null"))
+
+
+def click_cell(driver, block: str, x: float, y: float) -> str:
+    """Click data point (x, y) of block's map with the mouse (then move it away, so no
+    tooltip hides the map); returns the page's rendered text once the panels are filled."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = chrome()
+    px, py = driver.execute_script(PIXEL_OF, f"map_{block}", x, y)
+    actions = ActionChains(driver)
+    actions.w3c_actions.pointer_action.move_to_location(int(px), int(py)).click()
+    actions.w3c_actions.pointer_action.move_to_location(1, 1)
+    actions.perform()
+    WebDriverWait(driver, 10).until(lambda d: "Top pairs of" in d.execute_script(DEEP_TEXT))
+    return driver.execute_script(DEEP_TEXT)
+
+
+def screenshot_after_click(html: Path, png: Path, block: str, x: float, y: float,
+                           window: tuple[int, int] = (1400, 1300)) -> str:
+    """Open ``html`` in headless Chromium, click data point (x, y) of block's map, save a
+    screenshot to ``png`` (how docs/figures/explorer.png was made); returns the page text."""
+    driver = chrome(window)
     try:
-        driver.get(html.resolve().as_uri())
-        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-            "return window.Bokeh !== undefined && Bokeh.documents.length > 0 && "
-            "Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('map_O')) != null"))
-        if quantity:
-            assert driver.execute_script(PRESS, quantity)
-        px, py = driver.execute_script(PIXEL_OF, f"map_{block}", x, y)
-        actions = ActionChains(driver)
-        actions.w3c_actions.pointer_action.move_to_location(int(px), int(py)).click()
-        actions.perform()
-        WebDriverWait(driver, 10).until(lambda d: "Top pairs of" in d.execute_script(DEEP_TEXT))
+        open_page(driver, html)
+        text = click_cell(driver, block, x, y)
         png.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(png))
-        return driver.execute_script(DEEP_TEXT)
+        return text
     finally:
         driver.quit()
 
 
 def test_browser_click_shows_statistics_pairs_and_texts(page, tmp_path):
-    artifacts = Path(os.environ.get("QKOV_TEST_ARTIFACTS", tmp_path))
-    png = artifacts / "explorer_click.png"
-    text = screenshot_after_click(page, png, "K", 4.0, 0.0)
-    print(f"\nexplorer screenshot: {png}")
-    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
-    heat = fake_heatmap()
-    m = heat["K"]["scores"][:, :, 0, 3]
-    order = np.argsort(-m.ravel(), kind="stable")[:3]
-    assert f"Top pairs of {CLICKED}" in text and "query heads 4, 5, 6" in text
-    for f in order:                                  # the pair table and both texts
-        i, j = np.unravel_index(f, m.shape)
-        assert f"math:{i}" in text and f"code:{j}" in text
-        assert f"What is {i} <+> {i}? → {2 * i}" in text
-        assert f"return x | {j}" in text
-    assert "measured ΔL_A (adam step)" in text and "T -0.123" in text     # validation, control
-
-
-def test_browser_switches_the_map_to_effect_size(page, tmp_path):
+    """One browser session: click a K cell (shared by query heads 4, 5, 6), read the
+    panels, keep a screenshot; then switch the maps to the effect size."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    png = Path(os.environ.get("QKOV_TEST_ARTIFACTS", tmp_path)) / "explorer_click.png"
     driver = chrome()
     try:
-        driver.get(page.resolve().as_uri())
-        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-            "return window.Bokeh !== undefined && Bokeh.documents.length > 0"))
+        open_page(driver, page)
+        assert "Top pairs of" not in driver.execute_script(DEEP_TEXT)
+        text = click_cell(driver, "K", 4.0, 0.0)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(png))
+        print(f"\nexplorer screenshot: {png}")
+        heat = fake_heatmap()
+        m = heat["K"]["scores"][:, :, 0, 3]
+        assert f"Top pairs of {CLICKED}" in text and "query heads 4, 5, 6" in text
+        for f in np.argsort(-m.ravel(), kind="stable")[:3]:   # the pair table, both texts
+            i, j = np.unravel_index(f, m.shape)
+            assert f"math:{i}" in text and f"code:{j}" in text
+            assert f"What is {i} <+> {i}? → {2 * i}" in text
+            assert f"return x | {j}" in text
+        assert "measured ΔL_A (adam step)" in text and "T -0.123" in text  # validation, control
         assert driver.execute_script(VISIBLE, "map_Q") == [True, False, False]
         assert driver.execute_script(PRESS, X.QUANTITIES["d"])
         WebDriverWait(driver, 5).until(
@@ -223,6 +233,7 @@ def test_browser_switches_the_map_to_effect_size(page, tmp_path):
         assert driver.execute_script(VISIBLE, "map_K") == [False, True, False]
     finally:
         driver.quit()
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_qkov_ui_opens_the_explorer(tmp_path, monkeypatch, capsys):

@@ -25,12 +25,12 @@ from .._tables import BLOCKS, SHARED_BLOCKS
 from ..results import load_heatmap
 from . import style
 from .forensics import top_pairs
-from .inputs import cell_name, grid_positions, load_cells, load_texts
+from .inputs import cell_name, excerpt, grid_positions, load_cells, load_texts
 
 QUANTITIES = {"M": "mean score M", "d": "effect size d", "q": "BH q value"}
 PAIR_COLUMNS = ["cell", "rank", "sample_a", "sample_b", "score", "text_a", "text_b"]
 TEXT_CHARS = 1200           # characters of each sample's text kept in the page
-CELL_PX = (34, 22)          # (width per query head, height per layer) of the maps, pixels
+CELL_PX = (34, 22)          # (width per query head, most height per layer) of a map, pixels
 
 ON_TAP = """
 const i = src.selected.indices[0];
@@ -68,6 +68,15 @@ def cell_pairs(heatmap: Mapping, cells: pd.DataFrame, texts: Mapping[str, str], 
                              score=float(m[i, j]), text_a=texts.get(a, "")[:TEXT_CHARS],
                              text_b=texts.get(b, "")[:TEXT_CHARS]))
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def table_rows(pairs: pd.DataFrame, chars: int = 120) -> pd.DataFrame:
+    """The pair table's rows: one-line excerpts of the texts (the full texts are shown
+    below the table, so the page carries them once)."""
+    return pairs.assign(text_a=[excerpt(t, chars) for t in pairs["text_a"]],
+                        text_b=[excerpt(t, chars) for t in pairs["text_b"]])
+
+
 
 
 def validation_by_cell(validation: pd.DataFrame | None) -> dict[str, list[dict]]:
@@ -171,8 +180,9 @@ def explorer_cells(heatmap: Mapping, cells: pd.DataFrame, pairs: pd.DataFrame,
     return pd.DataFrame(rows)
 
 
-def _mappers(table: pd.DataFrame, signed: bool) -> dict:
-    """One colour mapper per quantity, shared by the four blocks."""
+def _mappers(table: pd.DataFrame, signed: bool, block: str) -> dict:
+    """One colour mapper per quantity: M scaled per block (as the static heatmaps), d and q
+    shared by the four blocks (comparable across blocks)."""
     from bokeh.models import LinearColorMapper, LogColorMapper
     from bokeh.palettes import RdBu11, Viridis256
 
@@ -183,7 +193,7 @@ def _mappers(table: pd.DataFrame, signed: bool) -> dict:
         lim = float(np.nanmax(np.abs(v))) or 1.0
         return LinearColorMapper(palette=diverging, low=-lim, high=lim)
 
-    m = table["M"].to_numpy()
+    m = table.loc[table["block"] == block, "M"].to_numpy()
     q_low = float(min(np.nanmin(table["q"]), 0.5))
     return {"M": centred(m) if signed else LinearColorMapper(
                 palette=Viridis256, low=float(np.nanmin(m)), high=float(np.nanmax(m))),
@@ -203,7 +213,8 @@ def block_figure(block: str, source, meta: Mapping, mappers: dict):
     fig = figure(name=f"map_{block}", title=f"{block}" + (" (one cell per kv group)"
                                                           if shared else ""),
                  width=max(230, 110 + CELL_PX[0] * len(heads)),
-                 height=max(170, 70 + CELL_PX[1] * len(layers)),
+                 height=max(170, 70 + max(12, min(CELL_PX[1], 480 // len(layers)))
+                            * len(layers)),
                  x_range=(-0.5, len(heads) - 0.5), y_range=(-0.5, len(layers) - 0.5),
                  tools="", toolbar_location=None, x_axis_label="query head",
                  y_axis_label="layer")
@@ -238,7 +249,8 @@ def header_html(meta: Mapping, summary: Mapping | None, n_pairs: int, validated:
             "<p style='max-width:1100px'>Click a cell of any block's layer x head map to see "
             f"its statistics and its {n_pairs} most conflicting (task-A, task-B) sample pairs "
             "with both texts. Colour: the quantity chosen below (M: the mean score over all "
-            "pairs; d: the effect size of the permutation test that decides significance; q: "
+            "pairs, scaled per block; d: the effect size of the permutation test that decides "
+            "significance, one scale for all blocks; q: "
             "its BH-adjusted p value, log scale, bright = small). Outlined black: significant "
             f"({html.escape(style.significance_rule(summary))}). K/V parameters are shared by "
             "the query heads of a GQA group: one wide cell per group, groups separated by "
@@ -255,11 +267,11 @@ def explorer_layout(heatmap: Mapping, table: pd.DataFrame, pairs: pd.DataFrame,
                               RadioButtonGroup, TableColumn)
 
     meta = heatmap["meta"]
-    mappers = _mappers(table, meta.get("variant") == "signed")
     sources = {b: ColumnDataSource(table[table["block"] == b].reset_index(drop=True),
                                    name=f"cells_{b}") for b in BLOCKS}
     figs, groups = [], {k: [] for k in QUANTITIES}
     for b in BLOCKS:
+        mappers = _mappers(table, meta.get("variant") == "signed", b)
         fig, layers_of = block_figure(b, sources[b], meta, mappers)
         figs.append(fig)
         for k, models in layers_of.items():
@@ -270,7 +282,7 @@ def explorer_layout(heatmap: Mapping, table: pd.DataFrame, pairs: pd.DataFrame,
     stats = Div(text="<i>Click a cell.</i>", name="stats", width=560)
     texts = Div(text="", name="texts", width=1100)
     shown = ColumnDataSource({c: [] for c in PAIR_COLUMNS}, name="pairs_shown")
-    every = ColumnDataSource(pairs, name="pairs_all")
+    every = ColumnDataSource(table_rows(pairs), name="pairs_all")
     columns = [TableColumn(field="rank", title="#", width=30),
                TableColumn(field="sample_a", title="task-A sample id", width=190),
                TableColumn(field="sample_b", title="task-B sample id", width=190),
