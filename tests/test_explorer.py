@@ -119,7 +119,8 @@ def chrome(window: tuple[int, int] = (1400, 1300)):
 
     opts = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={window[0]},{window[1]}"):
+                f"--window-size={window[0]},{window[1]}",
+                "--host-resolver-rules=MAP * ~NOTFOUND"):   # offline: no host resolves
         opts.add_argument(arg)
     opts.binary_location = binary
     return webdriver.Chrome(service=Service(driver), options=opts)
@@ -257,3 +258,13 @@ def test_qkov_ui_opens_the_explorer(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
     assert cli.main(["ui", "--results", str(tmp_path)]) == 0 and "mlflow" in calls[0]
     assert capsys.readouterr().out.count("cell explorer (no server needed): file://") == 3
+
+
+def test_the_workflow_writes_an_explorer_per_analysis(tiny_run):
+    """draw_figures writes explorer.html for both analyses of the tiny run; the main one
+    carries the control's value of each cell, the control itself has none."""
+    for analysis, ctrl in ((tiny_run["pair"], True), (tiny_run["control"], False)):
+        page = (analysis / "figures" / "explorer.html").read_text()
+        assert "<script src" not in page and "map_K" in page
+        assert ("no control analysis" in page) != ctrl
+        assert "no validation run for this analysis" in page
