@@ -89,6 +89,8 @@ def test_cell_table_positions_statistics_and_panels():
     assert "measured ΔL_A (adam step)</th><td>0.01 ± 0.002" in k.stats_html
     assert "not among the validated cells" in t.loc["O/L11/H0"].stats_html
     assert "&lt;+&gt;" in k.texts_html and "<+>" not in k.texts_html   # texts escaped
+    with pytest.raises(ValueError, match="lacks columns"):
+        X.explorer_cells(heat, cells, pairs, validation=validation().drop(columns="name"))
     no_val = X.explorer_cells(heat, cells, pairs).set_index("name")
     assert "no validation run" in no_val.loc[CLICKED].stats_html
     assert "no control analysis" in no_val.loc[CLICKED].stats_html

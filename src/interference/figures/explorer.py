@@ -29,6 +29,7 @@ from .inputs import cell_name, excerpt, grid_positions, load_cells, load_texts
 
 QUANTITIES = {"M": "mean score M", "d": "effect size d", "q": "BH q value"}
 PAIR_COLUMNS = ["cell", "rank", "sample_a", "sample_b", "score", "text_a", "text_b"]
+VALIDATION_COLUMNS = {"step_rule", "name", "delta_loss_a"}
 TEXT_CHARS = 1200           # characters of each sample's text kept in the page
 CELL_PX = (34, 22)          # (width per query head, most height per layer) of a map, pixels
 
@@ -83,6 +84,10 @@ def validation_by_cell(validation: pd.DataFrame | None) -> dict[str, list[dict]]
     """Cell name -> the validation's rows of that cell (one per step rule)."""
     if validation is None or validation.empty:
         return {}
+    missing = sorted(VALIDATION_COLUMNS - set(validation.columns))
+    if missing:
+        raise ValueError(f"the validation table lacks columns {missing}: pass the validate "
+                         "rule's validation_cells.csv")
     return {name: g.to_dict("records") for name, g in validation.groupby("name", sort=False)}
 
 
@@ -279,7 +284,7 @@ def explorer_layout(heatmap: Mapping, table: pd.DataFrame, pairs: pd.DataFrame,
     switch = RadioButtonGroup(labels=list(QUANTITIES.values()), active=0, name="quantity")
     switch.js_on_change("active", CustomJS(args=dict(groups=list(groups.values())),
                                            code=ON_SWITCH))
-    stats = Div(text="<i>Click a cell.</i>", name="stats", width=560)
+    stats = Div(text="<i>Click a cell.</i>", name="stats", width=900)
     texts = Div(text="", name="texts", width=1100)
     shown = ColumnDataSource({c: [] for c in PAIR_COLUMNS}, name="pairs_shown")
     every = ColumnDataSource(table_rows(pairs), name="pairs_all")
@@ -323,5 +328,6 @@ def write_explorer(heatmap, cells, out_html: str | Path, texts=None, *, control_
     pairs = cell_pairs(heatmap, cells, load_texts(texts), k)
     table = explorer_cells(heatmap, cells, pairs, control, validation, summary)
     layout = explorer_layout(heatmap, table, pairs, summary, validation is not None)
-    page = file_html(layout, INLINE, title=f"QK-OV cell explorer: {style.describe(heatmap['meta'])}")
+    page = file_html(layout, INLINE,
+                     title=f"QK-OV cell explorer: {style.describe(heatmap['meta'])}")
     return style.write_text(out_html, page)
