@@ -194,25 +194,32 @@ def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_b
         enable_cross_task_analysis=True,
         gradient_memory_mb=float(ex.get("gradient_memory_mb", 1024)),
         ema_decay=f["ema_decay"], store_dtype=f["store_dtype"], spill_dir=spill, config=qcfg,
-        loss_reduction=f["loss_reduction"], progress=True, micro_batch=micro_batch,
+        loss_reduction=f["loss_reduction"], progress=False, micro_batch=micro_batch,
         fisher_partials=partials, gradient_format=ex.get("gradient_format", "dense"),
         layers=layers, store_device=store_device)
 
 
 def collect_role(collector, model, batch: dict, task: str, role: str, mode: str,
                  start: int, stop: int, micro_batch: int) -> dict:
-    """Samples [start, stop) of one role. The Fisher (mode mean) is summed one micro-batch
-    unit per call, so shards (whole units) and one job add the same sums in the same order.
+    """Samples [start, stop) of one role, one micro-batch unit per call (the engine's own
+    micro-batches, so the same numbers), under one progress bar counting the role's samples
+    (rate, ETA). The Fisher (mode mean) is summed one unit per call, so shards (whole units)
+    and one job add the same sums in the same order; mode ema takes one call (one update).
     Returns n, per-sample losses (batch order), sample ids, seconds."""
+    from tqdm.auto import tqdm
+
     t = time.time()
-    calls = [(start, stop)]
-    if role == "fisher" and mode == "mean":
-        calls = [(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
+    calls = [(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
+    if role == "fisher" and mode != "mean":
+        calls = [(start, stop)]
     losses, ids = [], []
-    for a, b in calls:
-        res = collector.collect_fisher(model, take(batch, a, b), task=task, mode=mode, role=role)
-        losses += res["losses"]
-        ids += list(res["sample_ids"])
+    with tqdm(total=stop - start, desc=f"{task} ({role})", unit="sample") as bar:
+        for a, b in calls:
+            res = collector.collect_fisher(model, take(batch, a, b), task=task, mode=mode,
+                                           role=role)
+            losses += res["losses"]
+            ids += list(res["sample_ids"])
+            bar.update(b - a)
     return {"n": stop - start, "losses": losses, "sample_ids": ids, "seconds": time.time() - t}
 
 
