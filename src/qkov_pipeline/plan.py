@@ -416,6 +416,18 @@ class Plan:
         x = self.analysis(wc.exp, wc.model, wc.pair)
         return [f"{self.analysis_dir(wc.exp, wc.model, wc.pair)}/split{s}/{name}" for s in x["seeds"]]
 
+    def control_cells(self, wc) -> list[str]:
+        """The negative control's cells.csv beside a main analysis (none for a control)."""
+        ctrl = f"{wc.pair}.control"
+        return ([f"{self.results}/{wc.exp}/{wc.model}/{ctrl}/cells.csv"]
+                if (wc.exp, wc.model, ctrl) in self.analyses else [])
+
+    def validation_cells(self, wc) -> list[str]:
+        """The primary split seed's validation_cells.csv where the analysis is validated."""
+        if (wc.exp, wc.model, wc.pair) not in self.validated(wc.exp):
+            return []
+        return self.seed_files(wc, "validation/validation_cells.csv")[:1]
+
     def experiment_files(self, exp: str, name: str, per_seed: bool = False) -> list[str]:
         out = []
         for (e, model, pair), x in self.analyses.items():

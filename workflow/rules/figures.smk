@@ -11,20 +11,6 @@
 FIGURES_CODE = qp.code_digest()
 
 
-def control_cells(wc):
-    """The negative control's cells.csv beside a main analysis (none for a control)."""
-    ctrl = f"{wc.pair}.control"
-    return ([f"{R}/{wc.exp}/{wc.model}/{ctrl}/cells.csv"]
-            if (wc.exp, wc.model, ctrl) in PLAN.analyses else [])
-
-
-def validation_cells(wc):
-    """The primary split seed's validation_cells.csv where the analysis is validated."""
-    if (wc.exp, wc.model, wc.pair) not in PLAN.validated(wc.exp):
-        return []
-    return PLAN.seed_files(wc, "validation/validation_cells.csv")[:1]
-
-
 rule draw_figures:
     input:
         heatmap=lambda wc: PLAN.seed_files(wc, "heatmap.json")[0],
@@ -33,8 +19,8 @@ rule draw_figures:
         null_top=lambda wc: PLAN.seed_files(wc, "null_top.npz")[0],
         data=lambda wc: [f"{R}/_data/{k}/manifest.json" for k in PLAN.analysis_data(
             wc.exp, wc.model, wc.pair, PLAN.analysis(wc.exp, wc.model, wc.pair)["seeds"][0]).values()],
-        control=control_cells,           # for the explorer: the control's value of a cell
-        validation=validation_cells,     # for the explorer: measured effects, if validated
+        control=PLAN.control_cells,           # for the explorer: the control's value of a cell
+        validation=PLAN.validation_cells,     # for the explorer: measured effects, if validated
     output:
         manifest=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/figures.json",
         heatmap_q=qp.figure_report(R, "heatmap_Q.png", "heatmap_Q", ("Heatmaps", "Q heatmap")),
