@@ -237,7 +237,9 @@ def main(argv=None):
            "ratio_end_to_end_to_plain": end_to_end / plain["plain_fwd_bwd_s"],
            "chunks": [{k: c[k] for k in ("index", "device", "passes", "seconds_load",
                                          "seconds_collect_and_score", "estimate_s",
-                                         "peak_device_bytes")} for c in chunks],
+                                         "peak_device_bytes")}
+                      | {k: c.get(k) for k in ("micro_batch", "predicted_peak_bytes")}
+                      for c in chunks],
            "peak_host_rss_mb": max(peaks.values()) if peaks else None, "peak_rss_by_rule_mb": peaks,
            "seconds_by_rule": seconds,
            "results_disk_bytes": du(results), "cells": str(cells)}
@@ -261,8 +263,9 @@ def main(argv=None):
         peak = c["peak_device_bytes"]
         say(f"  chunk {c['index']} on {c['device']}: {len(c['passes'])} pass(es), load "
               f"{c['seconds_load'] or 0:.1f} s, collect+score {c['seconds_collect_and_score']:.1f} s "
-              f"(estimate {c['estimate_s']:.0f} s), peak GPU "
-              f"{(peak or 0) / 2**30:.1f} GiB")
+              f"(estimate {c['estimate_s']:.0f} s), micro-batch {c['micro_batch']}, peak GPU "
+              f"{(peak or 0) / 2**30:.1f} GiB (predicted beyond the model "
+              f"{(c['predicted_peak_bytes'] or 0) / 2**30:.1f} GiB)")
     say("  longest job per rule (s):     " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     say(f"  peak host resident memory     {row['peak_host_rss_mb'] or 0:8.0f} MB (largest job)")
     say(f"  results on disk               {row['results_disk_bytes'] / 2**20:8.1f} MB")

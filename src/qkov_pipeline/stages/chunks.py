@@ -87,11 +87,12 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     tokens = {(t, r): [int(x) for x in b["attention_mask"].sum(1).tolist()]
               for t, by_role in batches.items() for r, b in by_role.items()}
     budget = memory_budget(ex, device)
+    fmt = stored_format(model, ex.get("gradient_format", "dense"))
     plan = plan_chunk(model, indexer, chunks[index],
                       [x for (_, r), v in tokens.items() if r != "fisher" for x in v],
                       [x for v in tokens.values() for x in v], [len(v) for v in tokens.values()],
-                      fisher["store_dtype"], stored_format(model, ex.get("gradient_format", "dense")),
-                      mcfg["dtype"], budget, device, threads, MICRO_BATCH)
+                      fisher["store_dtype"], fmt, mcfg["dtype"], budget, device, threads,
+                      MICRO_BATCH)
     fisher_bytes = 8 * len(batches) * sum(e.numel for (l, _), e in indexer.entries.items()
                                           if l in chunks[index])   # float64 on the host, per task
     logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers, micro-batch %d; "
@@ -221,4 +222,5 @@ def run_join(job) -> None:
         {k: i[k] for k in ("index", "layers", "passes", "device", "device_info", "seconds_total",
                            "seconds_load", "seconds_collect_and_score", "estimate_s",
                            "rows_bytes", "peak_device_bytes", "started", "finished")}
+        | {k: i.get(k) for k in ("micro_batch", "predicted_peak_bytes")}
         for i in infos])
