@@ -323,3 +323,18 @@ def test_planner_fits_the_budget_with_fewest_passes_then_smaller_micro_batches()
         assert peak(p, 8) <= budget
     with pytest.raises(ValueError, match="over the memory budget"):
         plan_passes(layers, peak, peak([3], 1) - 1, by_pass)
+
+
+def test_passes_sum_every_fisher_before_holding_rows(monkeypatch):
+    """pass_memory counts no stored row during a Fisher micro-batch: layerwise._collect
+    collects every task's Fisher samples first, then the stored roles task by task."""
+    from interference.scores import layerwise
+
+    calls = []
+    monkeypatch.setattr(layerwise, "collect_role",
+                        lambda c, m, b, task, role, *a: calls.append((task, role)))
+    batches = {t: {r: {"sample_ids": ["x"]} for r in ("fisher", "scored", "reference")}
+               for t in ("math", "code")}
+    layerwise._collect(None, None, batches, "mean", 8)
+    assert calls == [("math", "fisher"), ("code", "fisher"), ("math", "scored"),
+                     ("math", "reference"), ("code", "scored"), ("code", "reference")]
