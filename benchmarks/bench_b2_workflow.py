@@ -3,6 +3,7 @@ and in the same run one plain forward+backward over the same samples.
 
     python benchmarks/bench_b2_workflow.py WORKDIR [--gpus 1] [--experiment b2_7b]
         [--overrides '...'] [--device cuda]
+    python benchmarks/bench_b2_workflow.py WORKDIR --dry-plan [--gpu-gib 139.8]
 
 1. Runs ``snakemake ... --config experiment=b2_7b --resources gpu=N`` up to the pair's
    cells.csv (model, data, chunk_scores, scores, stats, tables: gradients -> map ->
@@ -133,6 +134,67 @@ def _find(doc, key):
     return None
 
 
+CUDA_CONTEXT_GIB = 0.6   # what a process's CUDA context and cuBLAS take before the model
+
+
+def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict:
+    """The chunk jobs' plans (layerwise.plan_chunk) for ``exp`` on a GPU of ``gpu_gib``
+    GiB, without data or memory: the model on the meta device, every sample at
+    data.max_length tokens (the worst case), the budget as a chunk job takes it (80% of
+    the free memory after the model and a CUDA context, or resources.collect.chunk_memory_mb)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from interference.architectures import QKOVConfig, QKOVIndexer
+    from interference.gradients.collect import stored_format
+    from interference.models import DTYPES, random_config, random_model
+    from interference.scores.layerwise import chunk_layers, plan_chunk
+    from qkov_pipeline import plan as qp
+
+    ov = [o.strip() for o in overrides.strip("[]").split(",") if o.strip()]
+    cfg = qp.build_plan(ROOT / "conf", ROOT / "workflow" / "schemas" / "config.schema.yaml",
+                        [exp], ov).experiments[exp]
+    mcfg, col = cfg["model"], cfg["resources"]["collect"]
+    model = random_model(random_config(mcfg), int(mcfg.get("seed", 0)), DTYPES[mcfg["dtype"]],
+                         "meta")
+    indexer = QKOVIndexer(model, QKOVConfig.from_model(model, include_bias=mcfg.get(
+        "include_bias", False)))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = gpu_gib * 2**30 - model_bytes - CUDA_CONTEXT_GIB * 2**30
+    budget = col["chunk_memory_mb"] * 2**20 if col.get("chunk_memory_mb") else 0.8 * free
+    T = int(cfg["data"]["max_length"])
+    sizes = [n for t in qp.pair_tasks(cfg) for n in qp._roles_of(cfg, t).values() if n]
+    stored = [T] * sum(n for t in qp.pair_tasks(cfg)
+                       for r, n in qp._roles_of(cfg, t).items() if r != "fisher")
+    fmt = stored_format(model, col.get("gradient_format", "dense"))
+    chunks = []
+    for layers in chunk_layers(indexer.layers, qp.layer_chunks(cfg)):
+        plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes,
+                          cfg["fisher"]["store_dtype"], fmt, mcfg["dtype"], budget, "cuda",
+                          threads, qp.MICRO_BATCH)
+        chunks.append({"layers": layers, "passes": plan["passes"],
+                       "micro_batch": plan["micro_batch"], "estimate_s": plan["estimate_s"],
+                       "memory": plan["memory"]})
+    return {"experiment": exp, "gpu_gib": gpu_gib, "model_bytes": model_bytes,
+            "budget_bytes": budget, "format": fmt, "samples": sum(sizes), "tokens": T,
+            "chunks": chunks}
+
+
+def print_dry_plan(row: dict) -> None:
+    gib = 2**30
+    print(f"{row['experiment']} on a {row['gpu_gib']:.1f} GiB GPU: model "
+          f"{row['model_bytes'] / gib:.1f} GiB, budget per pass {row['budget_bytes'] / gib:.1f} "
+          f"GiB beyond it; {row['samples']} samples of <= {row['tokens']} tokens, "
+          f"{row['format']} rows")
+    for c, ch in enumerate(row["chunks"]):
+        print(f"chunk {c}: layers {ch['layers'][0]}-{ch['layers'][-1]} in {len(ch['passes'])} "
+              f"pass(es), micro-batch {ch['micro_batch']}, about {ch['estimate_s']:.0f} s")
+        for p, m in zip(ch["passes"], ch["memory"]):
+            terms = ", ".join(f"{k} {m[k] / gib:.1f}" for k in
+                              ("rows", "grads", "cat", "copies", "fisher", "act"))
+            print(f"  pass layers {p[0]}-{p[-1]}: predicted peak {m['peak'] / gib:.1f} GiB "
+                  f"beyond the model (Fisher phase {m['fisher_phase'] / gib:.1f}, stored phase "
+                  f"{m['stored_phase'] / gib:.1f}; {terms} GiB)")
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -145,7 +207,15 @@ def main(argv=None):
     ap.add_argument("--overrides", default="++tracking.mode=off")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smk-args", default="", help="extra snakemake arguments")
+    ap.add_argument("--dry-plan", action="store_true",
+                    help="print the chunk jobs' passes, micro-batch and predicted peak memory "
+                         "per pass, run nothing")
+    ap.add_argument("--gpu-gib", type=float, default=139.8,
+                    help="the GPU's memory for --dry-plan (H200: 139.8)")
     args = ap.parse_args(argv)
+    if args.dry_plan:
+        print_dry_plan(dry_plan(args.experiment, args.overrides, args.gpu_gib))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     wall, cells = run_workflow(args.work, args.experiment, args.gpus, args.overrides,
                                args.smk_args.split())
@@ -167,7 +237,9 @@ def main(argv=None):
            "ratio_end_to_end_to_plain": end_to_end / plain["plain_fwd_bwd_s"],
            "chunks": [{k: c[k] for k in ("index", "device", "passes", "seconds_load",
                                          "seconds_collect_and_score", "estimate_s",
-                                         "peak_device_bytes")} for c in chunks],
+                                         "peak_device_bytes")}
+                      | {k: c.get(k) for k in ("micro_batch", "predicted_peak_bytes")}
+                      for c in chunks],
            "peak_host_rss_mb": max(peaks.values()) if peaks else None, "peak_rss_by_rule_mb": peaks,
            "seconds_by_rule": seconds,
            "results_disk_bytes": du(results), "cells": str(cells)}
@@ -191,8 +263,9 @@ def main(argv=None):
         peak = c["peak_device_bytes"]
         say(f"  chunk {c['index']} on {c['device']}: {len(c['passes'])} pass(es), load "
               f"{c['seconds_load'] or 0:.1f} s, collect+score {c['seconds_collect_and_score']:.1f} s "
-              f"(estimate {c['estimate_s']:.0f} s), peak GPU "
-              f"{(peak or 0) / 2**30:.1f} GiB")
+              f"(estimate {c['estimate_s']:.0f} s), micro-batch {c['micro_batch']}, peak GPU "
+              f"{(peak or 0) / 2**30:.1f} GiB (predicted beyond the model "
+              f"{(c['predicted_peak_bytes'] or 0) / 2**30:.1f} GiB)")
     say("  longest job per rule (s):     " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     say(f"  peak host resident memory     {row['peak_host_rss_mb'] or 0:8.0f} MB (largest job)")
     say(f"  results on disk               {row['results_disk_bytes'] / 2**20:8.1f} MB")

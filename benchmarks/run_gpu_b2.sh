@@ -7,6 +7,7 @@
 #   GPUS=2 bash benchmarks/run_gpu_b2.sh          # two GPUs: the chunks side by side (issue 21)
 #   EXP=b2_7b OUT=dir WORK=dir bash benchmarks/run_gpu_b2.sh
 #   SITE=/path/site-packages bash ...             # snakemake + hydra carried as a folder
+#   python benchmarks/bench_b2_workflow.py /tmp/x --dry-plan --gpu-gib 139.8   # plan only
 #
 # Output: $OUT/b2.jsonl (one JSON line per run) and a table on stdout: workflow wall time,
 # model load on the critical path, end to end with the load excluded (bar <= 60 s on one
@@ -30,8 +31,14 @@ OVERRIDES=${OVERRIDES:-++tracking.mode=off}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$ROOT/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# growable CUDA segments (as the chunk jobs set them): fewer "reserved but unallocated" GiB
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 "$PY" -c "import snakemake, hydra, torch; print('snakemake', snakemake.__version__, '| torch', torch.__version__, '|', torch.cuda.device_count(), 'GPU(s)', torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
+GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null \
+      | awk '{printf "%.1f", $1 / 1024}' || true)
+"$PY" benchmarks/bench_b2_workflow.py "$WORK" --experiment "$EXP" --overrides "$OVERRIDES" \
+    --dry-plan ${GIB:+--gpu-gib "$GIB"}
 "$PY" benchmarks/bench_b2_workflow.py "$WORK" --experiment "$EXP" --gpus "$GPUS" \
     --overrides "$OVERRIDES" --smk-args "--scheduler greedy" | tee -a "$OUT/b2.jsonl"
 echo "workdir: $WORK (snakemake.log, results/logs/chunk_scores/...)"

@@ -10,10 +10,10 @@ import torch
 from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
 from interference.gradients.collect import (check_disk, check_memory, collection_estimate, disk_plan,
-                                            estimate, layer_bytes, RATE_FLOPS)
+                                            estimate, layer_bytes, pass_memory, RATE_FLOPS)
 from interference.results import size_text as size
 from interference.scores import QKOVInterferenceMetric
-from interference.scores.layerwise import chunk_layers, layer_passes
+from interference.scores.layerwise import chunk_layers, layer_passes, plan_passes
 
 from conftest import padded_batch, tiny_gpt2, tiny_llama
 from reference import brute_grads, brute_scores, fisher_mean
@@ -234,3 +234,107 @@ def test_random_model_from_a_named_shape():
     assert next(a.parameters()).dtype == torch.bfloat16
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), k
+
+
+# ------------------------------------------------------------- memory of a pass, the planner
+
+def _measured_pass(model, layers, batch, role):
+    """Bytes actually allocated in one micro-batch of a collection over ``layers``: the
+    hooks' per-sample gradients, the gathered pieces that are copies, the [m, P] rows, and
+    the activations saved for the backward (distinct storages, parameters excluded)."""
+    cfg = QKOVConfig.from_model(model)
+    got = {"act": {}}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    original = QKOVIndexer.flatten_rows
+
+    def flatten_rows(self, tensors):
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors.values()}
+        got["grads"] = sum(t.untyped_storage().nbytes() for t in tensors.values())
+        pieces = [self.gather(tensors, l, b).flatten(1) for (l, b) in self.entries]
+        got["copies"] = sum(p.untyped_storage().nbytes() for p in pieces
+                            if p.untyped_storage().data_ptr() not in ptrs)
+        rows = original(self, tensors)
+        got["cat"], got["P"] = rows.untyped_storage().nbytes(), rows.shape[1]
+        return rows
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            got["act"][ptr] = t.untyped_storage().nbytes()
+        return t
+
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, layers=layers,
+                         micro_batch=len(batch["sample_ids"]), gradient_format="dense")
+    QKOVIndexer.flatten_rows = flatten_rows
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fc.collect_fisher(model, batch, task="math", mode="mean", role=role)
+    finally:
+        QKOVIndexer.flatten_rows = original
+    got["act"] = sum(got["act"].values())
+    return got
+
+
+@pytest.mark.parametrize("layers", [[0, 1, 2], [2]])
+def test_pass_memory_bounds_the_tensors_allocated(layers):
+    """collect.pass_memory against the tensors one micro-batch really allocates (tiny
+    LLaMA-GQA, eager attention): per-sample gradients and rows exactly, the copies and the
+    activations saved for the backward bounded (the activations within 3x: an estimate),
+    the Fisher's 24 bytes per parameter of the measured row width."""
+    model = tiny_llama(n_layer=3, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    batch = padded_batch(4, 16, 1, "m:s")
+    got = _measured_pass(model, layers, batch, "scored")
+    rows = sum(layer_bytes(idx, batch["attention_mask"].sum(1).tolist(), "float32", "dense",
+                           "float32")[l] for l in layers)
+    want = pass_memory(idx, layers, rows, 4, 16)
+    assert want["grads"] == got["grads"] and want["cat"] == got["cat"]
+    assert want["fisher"] == 24 * got["P"] and want["rows"] == 4 * 4 * got["P"]
+    assert got["copies"] <= want["copies"] <= got["copies"] + want["grads"]
+    assert got["act"] <= want["act"] <= 3 * got["act"], (got["act"], want["act"])
+    base = max(want["act"] + want["grads"], want["grads"] + want["cat"] + want["copies"])
+    assert want["peak"] == max(max(base, want["grads"] + want["cat"] + want["fisher"]),
+                               want["rows"] + max(base, want["grads"] + want["cat"] + 4 * got["P"]))
+
+
+def test_planner_fits_the_budget_with_fewest_passes_then_smaller_micro_batches():
+    """plan_passes: every pass within the budget; more layers than fit at micro-batch 8
+    give one pass at a smaller micro-batch when passes cost more than micro-batches (and
+    more passes at 8 when micro-batches are priced higher); a layer that cannot fit is
+    refused."""
+    model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    per = layer_bytes(idx, [16] * 20, "float32", "dense", "float32")
+
+    def peak(p, m):
+        return pass_memory(idx, p, sum(per[l] for l in p), m, 16)["peak"]
+
+    layers = [0, 1, 2, 3]
+    by_pass = lambda n, m: 10.0 * n + 0.01 * n * (-(-40 // m))      # noqa: E731
+    assert plan_passes(layers, peak, peak(layers, 8), by_pass)["passes"] == [layers]
+    budget = (peak(layers, 2) + peak(layers, 4)) / 2          # all 4 fit at 2, not at 4
+    plan = plan_passes(layers, peak, budget, by_pass)
+    assert (plan["passes"], plan["micro_batch"]) == ([layers], 2)
+    by_micro = lambda n, m: 1.0 * n + 10.0 * n * (-(-40 // m))     # noqa: E731
+    plan = plan_passes(layers, peak, budget, by_micro)
+    assert plan["micro_batch"] == 8 and len(plan["passes"]) > 1
+    assert [l for p in plan["passes"] for l in p] == layers
+    for p in plan["passes"]:
+        assert peak(p, 8) <= budget
+    with pytest.raises(ValueError, match="over the memory budget"):
+        plan_passes(layers, peak, peak([3], 1) - 1, by_pass)
+
+
+def test_passes_sum_every_fisher_before_holding_rows(monkeypatch):
+    """pass_memory counts no stored row during a Fisher micro-batch: layerwise._collect
+    collects every task's Fisher samples first, then the stored roles task by task."""
+    from interference.scores import layerwise
+
+    calls = []
+    monkeypatch.setattr(layerwise, "collect_role",
+                        lambda c, m, b, task, role, *a: calls.append((task, role)))
+    batches = {t: {r: {"sample_ids": ["x"]} for r in ("fisher", "scored", "reference")}
+               for t in ("math", "code")}
+    layerwise._collect(None, None, batches, "mean", 8)
+    assert calls == [("math", "fisher"), ("code", "fisher"), ("math", "scored"),
+                     ("math", "reference"), ("code", "scored"), ("code", "reference")]

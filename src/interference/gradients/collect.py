@@ -104,15 +104,21 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
 # engine ~ 40 TFLOP/s float32, ~ 150 TFLOP/s bfloat16)
 RATE_FLOPS = {"cpu": 13e9, "cuda/float32": 40e12, "cuda/bfloat16": 150e12,
               "cuda/float16": 150e12}
+# Fixed cost of one micro-batch beyond its FLOPs (kernel launches of a whole forward and
+# backward, the per-sample rows' gather and cat, Python), assumed, seconds: it prices the
+# choice between fewer passes and smaller micro-batches (:func:`estimate`).
+MICRO_BATCH_S = {"cpu": 0.005, "cuda": 0.03}
 
 
 def estimate(n_model_params: int, tokens: list[int], passes: int, device: str,
-             model_dtype: str, threads: int) -> float:
+             model_dtype: str, threads: int, micro_batches: int = 0) -> float:
     """Seconds of gradient collection, roughly: ``passes`` forward+backward passes of
-    6 x ``n_model_params`` FLOPs per token over ``tokens`` at :data:`RATE_FLOPS`."""
-    rate = RATE_FLOPS["cpu"] * max(1, threads) if device.startswith("cpu") else \
-        RATE_FLOPS[f"cuda/{model_dtype}"]
-    return 6.0 * n_model_params * float(sum(tokens)) * passes / rate
+    6 x ``n_model_params`` FLOPs per token over ``tokens`` at :data:`RATE_FLOPS`, plus
+    :data:`MICRO_BATCH_S` for each of the ``micro_batches`` micro-batches of every pass."""
+    cpu = device.startswith("cpu")
+    rate = RATE_FLOPS["cpu"] * max(1, threads) if cpu else RATE_FLOPS[f"cuda/{model_dtype}"]
+    fixed = MICRO_BATCH_S["cpu" if cpu else "cuda"] * micro_batches
+    return (6.0 * n_model_params * float(sum(tokens)) / rate + fixed) * passes
 
 
 def stored_format(model, gradient_format: str) -> str:
@@ -251,3 +257,81 @@ def check_shards(task: str, shards: list[dict], dirs: list, ids_by_role: dict[st
         if got != [str(i) for i in ids]:
             raise ValueError(f"{task}/{role}: the shards collected {len(got)} samples, not the "
                              f"data's {len(ids)} in order")
+
+
+# ------------------------------------------------------------------ memory of one layer pass
+
+
+def _dims(model) -> dict:
+    """Width h, MLP width, layers, vocabulary, heads and attention kind of a decoder."""
+    c = model.config
+    h = getattr(c, "hidden_size", None) or c.n_embd
+    inter = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
+    return {"h": int(h), "inter": int(inter),
+            "n_layers": int(getattr(c, "num_hidden_layers", None) or c.n_layer),
+            "vocab": int(c.vocab_size),
+            "heads": int(getattr(c, "num_attention_heads", None) or c.n_head),
+            "eager": getattr(c, "_attn_implementation", "eager") == "eager"}
+
+
+def activation_bytes(model, layers: list[int], micro_batch: int, max_tokens: int) -> int:
+    """Bytes saved for the backward of one micro-batch (``micro_batch`` samples padded to
+    ``max_tokens``) when gradients start at ``min(layers)``: per token and block from there
+    up, 12 h-wide and 4 MLP-wide values in the model dtype plus two float32 norm inputs
+    (eager attention: + 2 x heads x T probabilities), and the logits (model dtype, their
+    float32 copy and its softmax). An estimate; the test measures it on a tiny model."""
+    d, b = _dims(model), next(model.parameters()).element_size()
+    per_token = b * (12 * d["h"] + 4 * d["inter"]) + 8 * d["h"]
+    if d["eager"]:
+        per_token += 2 * b * d["heads"] * max_tokens
+    tokens = micro_batch * max_tokens
+    above = d["n_layers"] - min(layers)
+    return int(tokens * (above * per_token + d["vocab"] * (b + 8)))
+
+
+def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
+                max_tokens: int) -> dict:
+    """Peak bytes of one pass over ``layers`` (beyond the model), micro-batch ``micro_batch``,
+    the Fisher samples of every task collected before any stored row (layerwise._collect).
+
+    With P = the pass's attention parameters and m = ``micro_batch`` (bytes):
+      rows   = ``rows_bytes``: the pass's stored rows of every sample (:func:`layer_bytes`);
+      grads  = 4 m P: the hooks' float32 per-sample weight gradients [m, *param];
+      copies = 4 m (P_c + P_1): ``flatten_rows``'s head-major pieces that are copies
+               (P_c: parameters of those blocks; index_select copies them all), held until
+               the cat, and one piece's permuting intermediate (P_1: the largest block);
+      cat    = 4 m P: the [m, P] float32 rows (``grads`` stays live while they are used);
+      fisher = 24 P: a Fisher micro-batch's float64 running Σ g², one sample's float64
+               copy and its square;
+      store  = 4 P: the store's copy of one sample's row;
+      act    = :func:`activation_bytes` (freed as the backward produces ``grads``).
+    peak = max(fisher phase: max(act + grads, grads + copies + cat, grads + cat + fisher),
+               stored phase: rows + max(act + grads, grads + copies + cat, grads + cat + store)).
+    """
+    mine = [(l, b) for (l, b) in indexer.entries if l in layers]
+    P = sum(indexer.entries[k].numel for k in mine)
+    Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
+    P1 = max(indexer.entries[k].numel for k in mine)
+    m = int(micro_batch)
+    out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
+           "copies": 4 * m * (Pc + P1) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
+           "act": activation_bytes(indexer.model, layers, m, max_tokens)}
+    g, c = out["grads"], out["cat"]
+    base = max(out["act"] + g, g + out["copies"] + c)
+    out["fisher_phase"] = max(base, g + c + out["fisher"])
+    out["stored_phase"] = out["rows"] + max(base, g + c + out["store"])
+    out["transient"] = out["stored_phase"] - out["rows"]
+    out["peak"] = max(out["fisher_phase"], out["stored_phase"])
+    return out
+
+
+def _gathered_view(indexer, layer: int, block: str) -> bool:
+    """Whether ``flatten_rows``'s piece of (layer, block) is a view of the per-sample
+    gradients (no copy), decided on meta tensors (no memory)."""
+    import torch
+
+    params = dict(indexer.model.named_parameters())
+    names = [p.name for p in indexer.entry(layer, block).parts]
+    fake = {n: torch.empty((1, *params[n].shape), device="meta") for n in names}
+    piece = indexer.gather(fake, layer, block).flatten(1)
+    return any(piece._base is t for t in fake.values())

@@ -12,6 +12,8 @@ that layer's gradients and Fisher, so the result equals the stored path
 - :func:`chunk_layers`: a model's layers in contiguous chunks (the workflow's chunk jobs);
 - :func:`layer_passes`: a chunk's layers in passes whose rows fit a memory budget (one
   forward + backward per sample and pass);
+- :func:`plan_passes`: the passes and micro-batch of least time whose peak memory (rows,
+  per-sample gradients of a micro-batch, Fisher, activations) fits a budget;
 - :func:`score_layers`: collect and score some layers, pass by pass, for the arms of an
   analysis (main A vs B, control A vs A') and the reference disruptors;
 - :func:`join_heatmaps`: chunks' heatmaps (and reference scores) -> one heatmap;
@@ -72,14 +74,109 @@ def layer_passes(layers: list[int], bytes_of_layer: dict[int, int],
     return passes
 
 
+def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
+                budget_bytes: float | None, seconds_of: Callable[[int, int], float],
+                micro_batches: tuple[int, ...] = (8, 4, 2, 1)) -> dict:
+    """The fastest split of ``layers`` into contiguous passes, and its micro-batch, whose
+    every pass peaks within ``budget_bytes``.
+
+    For each micro-batch m of ``micro_batches`` the layers are packed greedily from the
+    lowest (``peak_of(pass_layers, m)``: bytes, monotone in the pass's layers, e.g.
+    collect.pass_memory); among the m whose single layers fit, the one of least
+    ``seconds_of(n_passes, m)`` wins, ties to the larger m. A pass re-runs every sample's
+    forward and backward, a smaller m only adds per-micro-batch overhead, so fewer passes
+    with a smaller m usually win (see collect.estimate).
+    Returns {'passes', 'micro_batch', 'seconds', 'peaks': bytes per pass}; budget None:
+    one pass with the largest m. ValueError when no m fits a single layer.
+    """
+    if budget_bytes is None:
+        m = max(micro_batches)
+        return {"passes": [list(layers)], "micro_batch": m, "seconds": seconds_of(1, m),
+                "peaks": [peak_of(list(layers), m)]}
+    best = None
+    for m in sorted(micro_batches, reverse=True):
+        passes = _pack(layers, lambda p: peak_of(p, m), budget_bytes)
+        if passes is not None:
+            t = seconds_of(len(passes), m)
+            if best is None or t < best["seconds"]:
+                best = {"passes": passes, "micro_batch": m, "seconds": t,
+                        "peaks": [peak_of(p, m) for p in passes]}
+    if best is None:
+        m = min(micro_batches)
+        worst = max(layers, key=lambda l: peak_of([l], m))
+        raise ValueError(f"one layer's pass peaks at {peak_of([worst], m) / 2**30:.2f} GiB "
+                         f"(layer {worst}, micro-batch {m}), over the memory budget "
+                         f"({budget_bytes / 2**30:.2f} GiB): use fewer or shorter samples, or "
+                         "a larger budget")
+    return best
+
+
+def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list[int],
+               role_sizes: list[int], store_dtype: str, gradient_format: str, model_dtype: str,
+               budget_bytes: float | None, device: str, threads: int,
+               max_micro_batch: int = 8) -> dict:
+    """Passes and micro-batch of one chunk (:func:`plan_passes` over collect.pass_memory
+    and collect.estimate).
+
+    Args:
+        stored / every: tokens of each stored sample / of every sample (Fisher included).
+        role_sizes: samples of each (task, role) collection call (micro-batches per pass).
+        gradient_format: the stored format (collect.stored_format).
+        budget_bytes: peak bytes a pass may use beyond the model (None: no limit).
+    Returns plan_passes' dict plus 'memory' (collect.pass_memory of each pass), 'rows_bytes'
+    (largest pass), 'estimate_s'.
+    """
+    from ..gradients.collect import estimate, layer_bytes, pass_memory
+
+    per_layer = layer_bytes(indexer, stored, store_dtype, gradient_format, model_dtype)
+    longest = max(every)
+    n_model = sum(p.numel() for p in model.parameters())
+    sizes = [2 ** k for k in range(int(max_micro_batch).bit_length()) if 2 ** k < max_micro_batch]
+    cands = tuple(sorted({int(max_micro_batch), *sizes}, reverse=True))
+
+    def memory(p, m):
+        return pass_memory(indexer, p, sum(per_layer[l] for l in p), m, longest)
+
+    def seconds(n_passes, m):
+        n_micro = sum(-(-n // m) for n in role_sizes)
+        return estimate(n_model, every, n_passes, device, model_dtype, threads, n_micro)
+
+    plan = plan_passes(layers, lambda p, m: memory(p, m)["peak"], budget_bytes, seconds, cands)
+    plan["memory"] = [memory(p, plan["micro_batch"]) for p in plan["passes"]]
+    plan["rows_bytes"] = max(x["rows"] for x in plan["memory"])
+    plan["estimate_s"] = plan["seconds"]
+    return plan
+
+
+def _pack(layers: list[int], peak: Callable[[list[int]], int],
+          budget: float) -> list[list[int]] | None:
+    """Contiguous passes, each as long as ``peak`` stays within ``budget`` (None: a layer
+    alone is over it)."""
+    passes, cur = [], []
+    for layer in layers:
+        if cur and peak(cur + [layer]) <= budget:
+            cur.append(layer)
+            continue
+        if peak([layer]) > budget:
+            return None
+        if cur:
+            passes.append(cur)
+        cur = [layer]
+    passes.append(cur)
+    return passes
+
+
 def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> None:
-    """Every task's roles in :data:`ROLES` order, as the workflow's collect job runs them."""
-    for task, by_role in batches.items():
-        for role in ROLES:
-            if role in by_role:
-                n = len(by_role[role]["sample_ids"])
-                collect_role(collector, model, by_role[role], task, role, fisher_mode, 0, n,
-                             micro_batch)
+    """Every task's Fisher samples, then every task's stored roles in :data:`ROLES` order
+    (no stored row is held while a Fisher is summed: collect.pass_memory). Each role's
+    numbers are those of the workflow's collect job (per task and role, same order)."""
+    for phase in (("fisher",), tuple(r for r in ROLES if r != "fisher")):
+        for task, by_role in batches.items():
+            for role in phase:
+                if role in by_role:
+                    n = len(by_role[role]["sample_ids"])
+                    collect_role(collector, model, by_role[role], task, role, fisher_mode, 0,
+                                 n, micro_batch)
 
 
 def _arm_disruptors(collector, arm: str, task_a: str, task_b: str):

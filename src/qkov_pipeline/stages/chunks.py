@@ -15,6 +15,7 @@ device type and threads; tests/test_chunks.py).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -50,8 +51,11 @@ def _load(job, ex: dict, slot: int):
 
 
 def memory_budget(ex: dict, device: str) -> float:
-    """Bytes for one pass's gradient rows: resources.collect.chunk_memory_mb, else 80% of
-    the GPU's free memory (after the model), else gradient_memory_mb on the CPU."""
+    """Bytes one pass may peak at beyond the model (stored rows, a micro-batch's per-sample
+    gradients and their copy, the Fisher's float64 sums, activations: collect.pass_memory):
+    resources.collect.chunk_memory_mb, else 80% of the GPU's free memory after the model
+    (20% left for the CUDA context, cuBLAS workspaces, the scoring and the estimate's
+    error), else gradient_memory_mb on the CPU."""
     if ex.get("chunk_memory_mb"):
         return float(ex["chunk_memory_mb"]) * 2**20
     if device.startswith("cuda"):
@@ -62,12 +66,13 @@ def memory_budget(ex: dict, device: str) -> float:
 
 
 def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict:
-    """This chunk's layers, passes and estimate (rows in memory, seconds), logged before
-    any collection; refuses (ValueError) a layer whose rows exceed the budget."""
+    """This chunk's layers, passes, micro-batch and estimate (peak memory per pass,
+    seconds), logged before any collection (layerwise.plan_chunk); refuses (ValueError) a
+    chunk whose single layer does not fit the budget at micro-batch 1."""
     from interference.architectures import QKOVConfig, QKOVIndexer
-    from interference.gradients.collect import estimate, layer_bytes, stored_format
+    from interference.gradients.collect import stored_format
     from interference.results import size_text as size
-    from interference.scores.layerwise import chunk_layers, layer_passes
+    from interference.scores.layerwise import chunk_layers, plan_chunk
 
     s = job.slice
     mcfg = next(iter(s["stores"].values()))["data"]["model"]
@@ -79,28 +84,31 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     if index >= len(chunks):
         raise ValueError(f"chunk {index}: the model has {len(indexer.layers)} attention "
                          f"layers, so only {len(chunks)} chunks (layer_chunks={k})")
-    stored = [int(t) for by_role in batches.values() for role, b in by_role.items()
-              if role != "fisher" for t in b["attention_mask"].sum(1).tolist()]
-    every = [int(t) for by_role in batches.values() for b in by_role.values()
-             for t in b["attention_mask"].sum(1).tolist()]
-    per_layer = layer_bytes(indexer, stored, fisher["store_dtype"],
-                            stored_format(model, ex.get("gradient_format", "dense")),
-                            mcfg["dtype"])
+    tokens = {(t, r): [int(x) for x in b["attention_mask"].sum(1).tolist()]
+              for t, by_role in batches.items() for r, b in by_role.items()}
     budget = memory_budget(ex, device)
-    passes = layer_passes(chunks[index], per_layer, budget)
-    n_model = sum(p.numel() for p in model.parameters())
-    seconds = estimate(n_model, every, len(passes), device, mcfg["dtype"], threads)
-    rows = max(sum(per_layer[l] for l in p) for p in passes)
+    fmt = stored_format(model, ex.get("gradient_format", "dense"))
+    plan = plan_chunk(model, indexer, chunks[index],
+                      [x for (_, r), v in tokens.items() if r != "fisher" for x in v],
+                      [x for v in tokens.values() for x in v], [len(v) for v in tokens.values()],
+                      fisher["store_dtype"], fmt, mcfg["dtype"], budget, device, threads,
+                      MICRO_BATCH)
     fisher_bytes = 8 * len(batches) * sum(e.numel for (l, _), e in indexer.entries.items()
-                                          if l in chunks[index])   # float64, per task
-    logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers; rows in memory "
-                "<= %s per pass (budget %s); Fisher %s; about %.1f s of forward+backward",
-                index, len(chunks), chunks[index], len(passes), max(len(p) for p in passes),
-                size(rows), size(budget), size(fisher_bytes),
-                seconds)
-    return {"index": index, "n_chunks": len(chunks), "layers": chunks[index],
-            "passes": passes, "qkov_config": qcfg, "rows_bytes": rows, "fisher_bytes": fisher_bytes,
-            "budget_bytes": budget, "estimate_s": seconds}
+                                          if l in chunks[index])   # float64 on the host, per task
+    logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers, micro-batch %d; "
+                "peak beyond the model <= %s per pass (budget %s; rows %s, per-sample "
+                "gradients %s + copy, Fisher sums %s, activations %s); host Fisher %s; about "
+                "%.1f s of forward+backward", index, len(chunks), chunks[index],
+                len(plan["passes"]), max(len(p) for p in plan["passes"]), plan["micro_batch"],
+                size(max(plan["peaks"])), size(budget), size(plan["rows_bytes"]),
+                size(plan["memory"][0]["grads"]), size(plan["memory"][0]["fisher"]),
+                size(plan["memory"][0]["act"]), size(fisher_bytes), plan["estimate_s"])
+    if plan["micro_batch"] != MICRO_BATCH:
+        logger.warning("chunk %d: micro-batch %d instead of %d to fit the budget: the Fisher "
+                       "is summed in other units, so cells.csv may differ from the stores' "
+                       "run in the last digits", index, plan["micro_batch"], MICRO_BATCH)
+    return dict(plan, index=index, n_chunks=len(chunks), layers=chunks[index],
+                qkov_config=qcfg, fisher_bytes=fisher_bytes, budget_bytes=budget)
 
 
 def run_chunk(job) -> None:
@@ -118,16 +126,26 @@ def run_chunk(job) -> None:
     spill = out.parent / f".spill{job.wildcards['chunk']}"
     shutil.rmtree(spill, ignore_errors=True)
     t0 = time.time()
+    # before CUDA starts: large, variously sized blocks (a micro-batch's [m, P] rows and
+    # their cat, records of varying token counts) fragment fixed segments (the B2 OOM
+    # found 31.6 GiB reserved but unallocated); growable segments let freed pages serve
+    # the next large block. An explicit setting of the user's is kept.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     model, batches, metas, device, dev_info, threads = _load(job, ex, int(job.wildcards["chunk"]))
     plan = chunk_plan(job, model, batches, ex, device, threads)
     fisher = next(iter(s["stores"].values()))["fisher"]
     scores_ex = job.smk.config.get("_qkov", {}).get("exec", {}).get(job.experiment, {}) \
         .get("scores", {})
-    held = dict(ex, gradient_memory_mb=plan["budget_bytes"] / 2**20) \
-        if device.startswith("cuda") else ex
+    m = plan["micro_batch"]
+    transient = {tuple(p): x["transient"] for p, x in zip(plan["passes"], plan["memory"])}
 
     def make(layers):
-        return make_collector(fisher, held, plan["qkov_config"], spill, False, MICRO_BATCH,
+        # on the GPU the store holds what the stored roles' transients leave of the budget
+        # (beyond it rows spill to disk rather than run out of memory)
+        held = dict(ex, gradient_memory_mb=max(
+            0.0, plan["budget_bytes"] - transient[tuple(layers)]) / 2**20) \
+            if device.startswith("cuda") else ex
+        return make_collector(fisher, held, plan["qkov_config"], spill, False, m,
                               layers=layers, store_device=device)
 
     ref_task = s["task_a"] if s["reference"] == "within_task" else s["reference"]
@@ -137,7 +155,7 @@ def run_chunk(job) -> None:
                            arms=tuple(s["arms"]), reference_task=ref_task,
                            metric_kwargs=dict(s["metric"], device=device,
                                               device_memory_mb=scores_ex.get("device_memory_mb")),
-                           fisher_mode=fisher["mode"], micro_batch=MICRO_BATCH,
+                           fisher_mode=fisher["mode"], micro_batch=m,
                            contents={t: m.get("content") for t, m in metas.items()})
     seconds = time.time() - t_collect
     shutil.rmtree(spill, ignore_errors=True)
@@ -148,7 +166,8 @@ def run_chunk(job) -> None:
             "sample_ids_r": r["ids_r"]})
     write_json(out / "chunk.json", {
         "index": plan["index"], "n_chunks": plan["n_chunks"], "layers": plan["layers"],
-        "passes": plan["passes"], "rows_bytes": plan["rows_bytes"],
+        "passes": plan["passes"], "micro_batch": m, "rows_bytes": plan["rows_bytes"],
+        "predicted_peak_bytes": max(plan["peaks"]),
         "budget_bytes": plan["budget_bytes"], "estimate_s": plan["estimate_s"],
         "seconds_collect_and_score": seconds, "seconds_total": time.time() - t0,
         "seconds_load": job.metrics.get("time.load_s"), "started": t0, "finished": time.time(),
@@ -158,8 +177,6 @@ def run_chunk(job) -> None:
                 plan["index"], plan["layers"], seconds, plan["estimate_s"])
     # a chunk is part of its pair's scores: the join puts its numbers in the scores record
     # and it logs no MLflow run of its own (as a collect shard)
-    import os
-
     os.environ[tracking.ENV_MODE] = "off"
 
 
@@ -205,4 +222,5 @@ def run_join(job) -> None:
         {k: i[k] for k in ("index", "layers", "passes", "device", "device_info", "seconds_total",
                            "seconds_load", "seconds_collect_and_score", "estimate_s",
                            "rows_bytes", "peak_device_bytes", "started", "finished")}
+        | {k: i.get(k) for k in ("micro_batch", "predicted_peak_bytes")}
         for i in infos])

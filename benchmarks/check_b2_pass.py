@@ -1,0 +1,101 @@
+"""One B2 layer chunk on one GPU without the workflow: the planner's predicted peak
+(collect.pass_memory) against torch.cuda.max_memory_allocated, and its time estimate
+against the wall time of collecting and scoring.
+
+    python benchmarks/check_b2_pass.py [--chunk 0] [--chunks 2] [--tokens 256]
+
+The LLaMA-2-7B shape with random bfloat16 weights (conf/model/llama2_7b.yaml) on cuda:0,
+the B2 sizes of conf/experiment/b2_7b.yaml (per task 32 Fisher + 100 scored samples, 100
+task-A reference samples), every sample ``--tokens`` random tokens (the worst case the plan
+assumes), budget 80% of the free memory after the model as a chunk job takes it. Prints one
+JSON line. Needs torch (CUDA), transformers, numpy, scipy, pyyaml, safetensors, tqdm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def batch(n: int, tokens: int, vocab: int, prefix: str, gen) -> dict:
+    import torch
+
+    ids = torch.randint(1, vocab, (n, tokens), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
+
+
+def main(argv=None):
+    import torch
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from interference.architectures import QKOVConfig, QKOVIndexer
+    from interference.gradients.collect import make_collector, stored_format
+    from interference.models import DTYPES, random_config, random_model
+    from interference.scores.layerwise import chunk_layers, plan_chunk, score_layers
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--chunk", type=int, default=0)
+    ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256)
+    args = ap.parse_args(argv)
+    mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
+    data = yaml.safe_load((ROOT / "conf" / "experiment" / "b2_7b.yaml").read_text())["data"]
+    dev = "cuda:0"
+    t0 = time.perf_counter()
+    model = random_model(random_config(mcfg), mcfg["seed"], DTYPES[mcfg["dtype"]], dev)
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    qcfg = QKOVConfig.from_model(model)
+    indexer = QKOVIndexer(model, qcfg)
+    gen = torch.Generator().manual_seed(0)
+    V, T = 512, args.tokens
+    batches = {t: {"fisher": batch(data["n_fisher"], T, V, f"{t}:f", gen),
+                   "scored": batch(data["n_scored"], T, V, f"{t}:s", gen)}
+               for t in ("math", "code")}
+    batches["math"]["reference"] = batch(data["n_reference"], T, V, "math:r", gen)
+    sizes = [len(b["sample_ids"]) for by in batches.values() for b in by.values()]
+    stored = [T] * (sum(sizes) - 2 * data["n_fisher"])
+    budget = 0.8 * torch.cuda.mem_get_info(0)[0]
+    base = torch.cuda.memory_allocated(0)
+    layers = chunk_layers(indexer.layers, args.chunks)[args.chunk]
+    fmt = stored_format(model, "auto")
+    plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes, "float32", fmt,
+                      mcfg["dtype"], budget, "cuda", 4, 8)
+    fisher = {"ema_decay": 0.99, "store_dtype": "float32", "loss_reduction": "mean"}
+    m = plan["micro_batch"]
+    held = {"gradient_memory_mb": (budget - plan["memory"][0]["transient"]) / 2**20,
+            "gradient_format": "auto"}
+
+    def make(ls):
+        return make_collector(fisher, held, qcfg, Path("/tmp/b2check_spill"), False, m,
+                              layers=ls, store_device=dev)
+
+    torch.cuda.reset_peak_memory_stats(0)
+    t0 = time.perf_counter()
+    score_layers(model, batches, "math", "code", plan["passes"], make,
+                 metric_kwargs={"device": dev}, fisher_mode="mean", micro_batch=m,
+                 progress=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(0) - base
+    gib = 2**30
+    print(json.dumps({
+        "chunk": args.chunk, "layers": layers, "passes": plan["passes"], "micro_batch": m,
+        "format": fmt, "budget_gib": budget / gib, "model_gib": base / gib,
+        "predicted_peak_gib": max(plan["peaks"]) / gib, "measured_peak_gib": peak / gib,
+        "reserved_peak_gib": torch.cuda.max_memory_reserved(0) / gib,
+        "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
+        "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
