@@ -137,6 +137,59 @@ def test_device_budget_scores_in_tiles_with_the_same_result(family_run, variant,
         QKOVInterferenceMetric(cfg, fc, device_memory_mb=0)
 
 
+@pytest.mark.parametrize("budget_rows", [None, 3.0])
+def test_prefetched_operands_give_the_float64_scores(family_run, budget_rows):
+    """The overlapped path (the next (layer, block)'s operands loaded in a worker thread
+    while the current one is scored; threaded here on the CPU as on CUDA) against the
+    float64 brute force, with no budget and with a budget that fits one block's operands
+    but not two (those blocks are scored alone, the rest prefetched)."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    opts = {"ridge_lambda": 1e-14, "gj_norm": "l2"}
+    _, n_heads, size = fc.gradient_manager.entries[(0, "Q")]
+    # two blocks' operands of 7 rows need 4 · 7 rows of budget (see _rows_per_tile): with
+    # 3 · 7 Q rows, Q and O are scored alone; GQA's K/V rows (half as long) are prefetched
+    mb = None if budget_rows is None else budget_rows * 7 * n_heads * size * 4 / 2 ** 20
+    metric = QKOVInterferenceMetric(cfg, fc, backend="torch", device_memory_mb=mb, **opts)
+    assert metric.prefetch is False                 # the default on the CPU
+    metric.prefetch = True
+    loads = []
+    real = metric._operands
+    metric._operands = lambda *a: loads.append(a[5]) or real(*a)
+    heat = metric.compute_heatmap("math", "code")
+    if budget_rows is None:
+        assert len(loads) == 4 * dims["L"]
+    else:
+        assert sorted(loads) == (sorted(["K", "V"] * dims["L"]) if dims["Hkv"] < dims["H"] else [])
+    for block in "QKVO":
+        want = _brute_block(family_run, opts, block)
+        err = np.abs(heat[block]["scores"] - want).max() / np.abs(want).max()
+        assert err <= 1e-5, (block, err)
+    assert heat["meta"]["compute"]["device_memory_mb"] == mb
+
+
+def test_prefetched_yields_in_order_threaded_or_not():
+    from interference.device import prefetched
+
+    seen = []
+    for threaded in (False, True):
+        got = list(prefetched(range(5), lambda j: (seen.append(j), torch.full((2,), j))[1],
+                              "cpu", threaded))
+        assert [j for j, _ in got] == list(range(5))
+        assert [int(t[0]) for _, t in got] == list(range(5))
+    assert seen == list(range(5)) * 2
+
+
+def test_memory_budget_settings():
+    from interference.device import memory_budget_mb
+
+    assert memory_budget_mb("auto", "cpu") is None      # no device budget on the CPU
+    assert memory_budget_mb(None, "cpu") is None
+    assert memory_budget_mb("512", "cpu") == 512.0
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="device_memory_mb"):
+            memory_budget_mb(bad, "cpu")
+
+
 def test_tf32_sums_only_for_low_precision_cuda_activations():
     """The hooks engine allows TF32 only where it is exact (bfloat16/float16 inputs on CUDA)
     and restores the global flag afterwards; float32 models keep float32 matmuls."""
