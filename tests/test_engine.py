@@ -137,12 +137,13 @@ def test_device_budget_scores_in_tiles_with_the_same_result(family_run, variant,
         QKOVInterferenceMetric(cfg, fc, device_memory_mb=0)
 
 
-@pytest.mark.parametrize("budget_rows", [None, 3.0])
+@pytest.mark.parametrize("budget_rows", [None, 3.0, 1e6])
 def test_prefetched_operands_give_the_float64_scores(family_run, budget_rows):
     """The overlapped path (the next (layer, block)'s operands loaded in a worker thread
     while the current one is scored; threaded here on the CPU as on CUDA) against the
-    float64 brute force, with no budget and with a budget that fits one block's operands
-    but not two (those blocks are scored alone, the rest prefetched)."""
+    float64 brute force, with no budget, with a budget that fits one block's operands
+    but not two (those blocks are scored alone, the rest prefetched), and with one that
+    holds both tasks' whole rows (read once, every block a view of them)."""
     family, dims, model, fc, cfg, ref, fisher = family_run
     opts = {"ridge_lambda": 1e-14, "gj_norm": "l2"}
     _, n_heads, size = fc.gradient_manager.entries[(0, "Q")]
@@ -155,8 +156,17 @@ def test_prefetched_operands_give_the_float64_scores(family_run, budget_rows):
     loads = []
     real = metric._operands
     metric._operands = lambda *a: loads.append(a[5]) or real(*a)
-    heat = metric.compute_heatmap("math", "code")
-    if budget_rows is None:
+    reads = []
+    store = fc.gradient_manager
+    real_columns = store.columns
+    store.columns = lambda task, ids, *a: (reads.append(task) if not a else None) or \
+        real_columns(task, ids, *a)                 # whole rows: no column range
+    try:
+        heat = metric.compute_heatmap("math", "code")
+    finally:
+        del store.columns
+    assert reads == (["math", "code"] if budget_rows == 1e6 else [])
+    if budget_rows in (None, 1e6):
         assert len(loads) == 4 * dims["L"]
     else:
         assert sorted(loads) == (sorted(["K", "V"] * dims["L"]) if dims["Hkv"] < dims["H"] else [])

@@ -325,16 +325,29 @@ class GradientStore:
 
     def _dense_block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
         offset, n_heads, size = self.entries[(layer, block)]
-        out = torch.empty(len(ids), n_heads * size, device=self.device)
+        return self.columns(task, ids, offset, offset + n_heads * size).view(
+            len(ids), n_heads, size)
+
+    def columns(self, task: str, ids: list[str], start: int = 0, stop: int | None = None
+                ) -> torch.Tensor:
+        """float32 [n, stop - start] on the store's device: columns [start, stop) of the
+        canonical rows of samples ``ids`` (dense stores)."""
+        if self.layout is not None:
+            raise ValueError("columns() reads dense rows; a factored store rebuilds them "
+                             "per (layer, block) with block()")
+        stop = self.size if stop is None else stop
         by_shard: dict[int, tuple[_Shard, list[int], list[str]]] = {}
         for k, sid in enumerate(ids):
             shard = self._locate(task, sid)
             by_shard.setdefault(id(shard), (shard, [], []))
             by_shard[id(shard)][1].append(k)
             by_shard[id(shard)][2].append(sid)
+        if len(by_shard) == 1:               # one shard: its rows are the result
+            return next(iter(by_shard.values()))[0].rows(ids, start, stop)
+        out = torch.empty(len(ids), stop - start, device=self.device)
         for shard, pos, sids in by_shard.values():
-            out[pos] = shard.rows(sids, offset, offset + n_heads * size)
-        return out.view(len(ids), n_heads, size)
+            out[pos] = shard.rows(sids, start, stop)
+        return out
 
     def vector(self, task: str, sample_id: str) -> torch.Tensor:
         """float32 [P]: the whole g of one sample."""

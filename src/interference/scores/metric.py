@@ -66,6 +66,7 @@ class QKOVInterferenceMetric:
         self._device_memory_setting = device_memory_mb
         self.device_memory_mb = memory_budget_mb(device_memory_mb, self.device)
         self.prefetch = self.device.type == "cuda"   # overlap copies with the kernel
+        self._held: dict[tuple, torch.Tensor] = {}   # (task, ids) -> rows [n, P] on the device
         self._cfg_check()
 
     def _cfg_check(self):
@@ -179,8 +180,13 @@ class QKOVInterferenceMetric:
 
     # -- the contraction --------------------------------------------------------------
     def _rows(self, task, ids, layer, block) -> torch.Tensor:
-        """[n, Hb, s] gradient rows on the device: a factored store rebuilds them there, a
-        dense store's host rows are copied through pinned memory (non-blocking)."""
+        """[n, Hb, s] gradient rows on the device: a view of the resident rows when they
+        are held (see _hold_rows), else a factored store rebuilds them there and a dense
+        store's host rows are copied through pinned memory (non-blocking)."""
+        held = self._held.get((task, tuple(ids)))
+        if held is not None:
+            offset, n_heads, size = self._store.entries[(layer, block)]
+            return held[:, offset:offset + n_heads * size].view(len(ids), n_heads, size)
         if self._store.layout is not None:
             return self._store.block(task, ids, layer, block, device=self.device)
         return to_device(self._store.block(task, ids, layer, block), self.device)
@@ -278,6 +284,19 @@ class QKOVInterferenceMetric:
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:
         return [self.config.kv_head(h) for h in heads] if block in SHARED_BLOCKS else heads
 
+    def _hold_rows(self, wanted: dict[str, list[str]]) -> bool:
+        """Copy the whole rows [n, P] of each task's samples in ``wanted`` onto the device
+        once (dense stores, when they take at most half of ``device_memory_mb``), so every
+        (layer, block) reads views of them; True when held."""
+        store = self._store
+        n_rows = sum(len(ids) for ids in wanted.values())
+        if self.device_memory_mb is None or store.layout is not None or \
+                n_rows * store.size * 4 > self.device_memory_mb * 2 ** 20 / 2:
+            return False
+        for task, ids in wanted.items():
+            self._held[(task, tuple(ids))] = to_device(store.columns(task, ids), self.device)
+        return True
+
     def _fits_twice(self, n_rows: int, layer: int, block: str) -> bool:
         """Two (layer, block)s' operands of ``n_rows`` rows fit the device budget at once."""
         r = self._rows_per_tile(layer, block)
@@ -316,11 +335,18 @@ class QKOVInterferenceMetric:
                               device=self.device) for b in BLOCKS}
         cols = {b: torch.as_tensor(self._head_columns(b, heads), device=self.device)
                 for b in BLOCKS}
-        for (block, li, layer), ops in prefetched(jobs, load, self.device, self.prefetch):
-            s = self._scores_of(*ops, len(ids_a)) if ops is not None else self._block_scores(
-                task_a, ids_a, task_j, ids_j, layer, block, fisher)
-            out[block][:, :, li, :] = s.index_select(2, cols[block])
-            del ops, s
+        wanted = {task_j: ids_j} if self.variant == "fisher_weighted" else {
+            task_a: ids_a, task_j: ids_j}
+        try:
+            held = self._hold_rows(wanted)
+            for (block, li, layer), ops in prefetched(jobs, load, self.device,
+                                                      self.prefetch and not held):
+                s = self._scores_of(*ops, len(ids_a)) if ops is not None else \
+                    self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+                out[block][:, :, li, :] = s.index_select(2, cols[block])
+                del ops, s
+        finally:
+            self._held.clear()
         return {b: out[b].cpu().double().numpy() for b in BLOCKS}
 
     # -- the seed's API ---------------------------------------------------------------
