@@ -386,3 +386,23 @@ def test_save_moves_spilled_rows_and_keeps_mixed_stores_intact(tmp_path, llama_m
     for b in "QKVO":
         for h in (before, after_save, again):
             assert np.array_equal(h[b]["scores"], want[b]["scores"])
+
+
+def test_hooks_engine_names_the_sample_without_tokens_or_with_a_nan_loss(llama_model):
+    """The batched engine checks a micro-batch after its backward (one host transfer) and
+    still names the offending sample: no predicted tokens first, then a non-finite loss."""
+    from interference.gradients import NonFiniteGradientError
+
+    batch = padded_batch(3, 10, 0, "m")
+    short = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+    short["labels"][1, :] = -100                    # sample m:1 predicts nothing
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    with pytest.raises(ValueError, match=r"sample 'm:1': sample has no predicted tokens"):
+        fc.collect_fisher(llama_model, short, task="m", role="scored")
+    with torch.no_grad():
+        dict(llama_model.named_parameters())["model.layers.1.self_attn.o_proj.weight"][0, 0] = \
+            float("nan")
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    with pytest.raises(NonFiniteGradientError, match=r"sample 'm:0': loss is nan; non-finite "
+                                                     r"weights in \['model\.layers\.1\."):
+        fc.collect_fisher(llama_model, batch, task="m", role="scored")
