@@ -127,8 +127,19 @@ class _Shard:
         for k, sid in enumerate(ids):
             kind, pos = self.where[sid]
             if kind == "disk":
-                out[k] = _from_numpy(self.disk_row(pos)[start:stop], self.dtype).to(self.device)
+                out[k] = _from_numpy(self.read_span(pos, start, stop), self.dtype).to(self.device)
         return out
+
+    def read_span(self, row: int, start: int, stop: int) -> np.ndarray:
+        """Columns [start, stop) of disk row ``row``, read from its file (not mapped: the
+        pages stay in the page cache, not in this process's resident memory)."""
+        path, local = self.path, row
+        if self.parts:
+            k = bisect.bisect_right(self._starts, row) - 1
+            path, local = self.parts[k][0], row - self._starts[k]
+        item = np.dtype(self.np_dtype).itemsize
+        return np.fromfile(path, dtype=self.np_dtype, count=stop - start,
+                           offset=(local * self.size + start) * item)
 
 
 class _FactoredShard:
@@ -181,8 +192,7 @@ class _FactoredShard:
             rec = pos if keys is None else {k: v for k, v in pos.items() if k in keys}
             return T, rec
         k, off = pos
-        buf = self._map(k)[off:off + self.layout.plan(T)["bytes"]]
-        return T, self.layout.decode(buf, T, keys)
+        return T, self.layout.read(self.files[k], off, T, keys)
 
     def disk_bytes(self) -> int:
         return sum(self.record_bytes(s) for s, (k, _) in self.where.items() if k == "disk")
