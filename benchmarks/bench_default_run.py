@@ -6,7 +6,8 @@ vocab 49152; ``--layers`` fewer for a quick run), random tokens:
 
 1. ``collect`` (one fresh process per task): Fisher (mode mean), scored, reference and
    control samples (the last two for task A only) with the default collect settings
-   (``gradient_format`` auto, ``gradient_memory_mb`` 1024, micro-batch 8), saved;
+   (``gradient_format`` auto, ``gradient_memory_mb`` 1024 or ``--gradient-memory-mb``,
+   micro-batch 8), saved;
 2. ``scores`` (one fresh process): both stores opened (``FisherCollector.from_saved``),
    the main and control heatmaps and their reference scores;
 3. ``plain``: batched forward+backward over the same samples (attention weights
@@ -53,6 +54,8 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--gradient-format", default="auto")
+    ap.add_argument("--gradient-memory-mb", type=float, default=1024,
+                    help="the collect jobs' in-memory store budget (the workflow's default)")
     ap.add_argument("--work", default=None, help="folder for the stores (default: a temp one)")
     return ap.parse_args(argv)
 
@@ -93,7 +96,8 @@ def stage_collect(args, task: str) -> dict:
     from interference.gradients import FisherCollector
 
     model = model_of(args)
-    fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=1024,
+    fc = FisherCollector(enable_cross_task_analysis=True,
+                         gradient_memory_mb=args.gradient_memory_mb,
                          micro_batch=args.micro_batch, gradient_format=args.gradient_format)
     for role, n in roles_of(args, task).items():
         batch = batch_of(args, task, role, n)

@@ -406,3 +406,27 @@ def test_hooks_engine_names_the_sample_without_tokens_or_with_a_nan_loss(llama_m
     with pytest.raises(NonFiniteGradientError, match=r"sample 'm:0': loss is nan; non-finite "
                                                      r"weights in \['model\.layers\.1\."):
         fc.collect_fisher(llama_model, batch, task="m", role="scored")
+
+
+@pytest.mark.parametrize("role", ["fisher", "scored"])
+def test_hooks_engine_names_the_sample_with_a_nan_gradient(llama_model, monkeypatch, role):
+    """A NaN in one sample's per-sample gradient (finite loss) names that sample, whether
+    its rows are kept (scored) or only their squares summed (Fisher)."""
+    from interference.gradients import NonFiniteGradientError
+    from interference.gradients import per_sample
+
+    real = per_sample._HookCapture._keep
+    name = "model.layers.1.self_attn.v_proj.weight"
+
+    def poisoned(self, n, g):
+        if n == name:
+            g = g.clone()
+            g[1, 0, 0] = float("nan")
+        return real(self, n, g)
+
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    where = name.replace(".", r"\.") if role == "fisher" else "layer 1 block V"
+    with pytest.raises(NonFiniteGradientError, match=rf"sample 'm:1': non-finite gradient .*{where}"):
+        fc.collect_fisher(llama_model, padded_batch(3, 10, 0, "m"), task="m", mode="mean",
+                          role=role)

@@ -249,7 +249,11 @@ class FisherCollector:
         wants_fisher = role in ("fisher", "all")
         total = None
         losses = []
-        for g in engine(batch, ids):
+        if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
+            for sq, batch_losses, _ in engine.square_sums(batch, ids):
+                total = sq if total is None else total.add_(sq)
+                losses += batch_losses
+        for g in engine(batch, ids) if total is None else ():
             losses.append(g.loss)
             if wants_fisher:
                 sq = g.vector.double().square()
