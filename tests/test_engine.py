@@ -430,3 +430,22 @@ def test_hooks_engine_names_the_sample_with_a_nan_gradient(llama_model, monkeypa
     with pytest.raises(NonFiniteGradientError, match=rf"sample 'm:1': non-finite gradient .*{where}"):
         fc.collect_fisher(llama_model, padded_batch(3, 10, 0, "m"), task="m", mode="mean",
                           role=role)
+
+
+@pytest.mark.parametrize("variant", ["qkov", "signed"])
+def test_top_conflicts_are_the_k_largest_with_ties_by_position(family_run, variant):
+    """top_conflicts (k-th value found with topk, candidates sorted on the host) against a
+    plain sort of every entry: largest first ('signed': smallest), ties by flat position."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    metric = QKOVInterferenceMetric(cfg, fc, variant=variant, top_k=7)
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(3, 4, dims["L"], dims["H"])).astype(np.float64)
+    heads, layers = list(range(dims["H"])), list(range(dims["L"]))
+    got = metric.top_conflicts("Q", torch.as_tensor(scores, dtype=torch.float32), layers,
+                               heads, [f"a{i}" for i in range(3)], [f"b{j}" for j in range(4)])
+    flat = scores.reshape(-1)
+    sign = 1 if variant == "signed" else -1
+    want = sorted(range(flat.size), key=lambda t: (sign * flat[t], t))[:7]
+    assert [(g["sample_a"], g["sample_b"], g["layer"], g["head"], g["score"]) for g in got] == [
+        (f"a{i}", f"b{j}", layers[l], heads[h], flat[t])
+        for t in want for i, j, l, h in [np.unravel_index(t, scores.shape)]]

@@ -315,13 +315,14 @@ class QKOVInterferenceMetric:
         layers, heads = self._layers(layers), self._heads(heads)
         fisher_tasks = fisher_tasks or self.fisher_tasks(task_a, task_j)
         self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
-        return self._scores_all(task_a, ids_a, task_j, ids_j, layers, heads,
-                                self._fisher_vector(fisher_tasks))
+        out = self._scores_all(task_a, ids_a, task_j, ids_j, layers, heads,
+                               self._fisher_vector(fisher_tasks))
+        return {b: out[b].cpu().double().numpy() for b in BLOCKS}
 
     def _scores_all(self, task_a, ids_a, task_j, ids_j, layers, heads, fisher
-                    ) -> dict[str, np.ndarray]:
-        """:meth:`pair_scores` with checked layers, heads and samples and the normalising
-        Fisher [P] on the device."""
+                    ) -> dict[str, torch.Tensor]:
+        """:meth:`pair_scores` (float32, on the device) with checked layers, heads and
+        samples and the normalising Fisher [P] on the device."""
         n_rows = len(ids_a) + len(ids_j)
         jobs = [(block, li, layer) for block in BLOCKS for li, layer in enumerate(layers)]
 
@@ -347,7 +348,7 @@ class QKOVInterferenceMetric:
                 del ops, s
         finally:
             self._held.clear()
-        return {b: out[b].cpu().double().numpy() for b in BLOCKS}
+        return out
 
     # -- the seed's API ---------------------------------------------------------------
     def _sample_id(self, task, pos):
@@ -412,14 +413,15 @@ class QKOVInterferenceMetric:
         normalised by the Fisher of ``fisher_tasks``."""
         self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
         fisher = self._fisher_vector(fisher_tasks)
-        scores = self._scores_all(task_a, ids_a, task_j, ids_j, self._layers(layers),
-                                  self._heads(heads), fisher)
+        on_device = self._scores_all(task_a, ids_a, task_j, ids_j, self._layers(layers),
+                                     self._heads(heads), fisher)
+        scores = {b: on_device[b].cpu().double().numpy() for b in BLOCKS}
         heatmap = {}
         for block in BLOCKS:
             heatmap[block] = {
                 "scores": scores[block],
                 "layer_head_avg": scores[block].mean(axis=(0, 1)),
-                "top_conflicts": self.top_conflicts(block, scores[block], layers, heads,
+                "top_conflicts": self.top_conflicts(block, on_device[block], layers, heads,
                                                      ids_a, ids_j),
                 "layers": list(layers), "heads": list(heads),
             }
@@ -471,17 +473,32 @@ class QKOVInterferenceMetric:
                 if self.config.kv_head(h) not in seen:
                     seen.add(self.config.kv_head(h))
                     cols.append(c)
-        sub = scores[:, :, :, cols]
-        flat = sub.reshape(-1)
-        k = min(self.top_k, flat.size)
-        key = flat if self.variant == "signed" else -flat
-        top = np.argpartition(key, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-        top = top[np.argsort(key[top], kind="stable")]
+        scores = torch.as_tensor(scores)
+        sub = scores.index_select(3, torch.as_tensor(cols, device=scores.device))
+        top, values = _smallest(sub.reshape(-1) if self.variant == "signed"
+                                else -sub.reshape(-1), self.top_k)
         out = []
-        for t in top:
-            i, j, li, c = np.unravel_index(t, sub.shape)
+        for t, v in zip(top.tolist(), values.tolist()):
+            i, j, li, c = np.unravel_index(t, tuple(sub.shape))
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
                         "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
-                        "sample_a": ids_a[i], "sample_b": ids_b[j], "score": float(flat[t])})
+                        "sample_a": ids_a[i], "sample_b": ids_b[j],
+                        "score": v if self.variant == "signed" else -v})
         return out
+
+
+def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, float64 keys) on the host of the k smallest entries of ``key`` (1-D,
+    any device), smallest first, ties by index: the k-th smallest key is found on the
+    device (topk), every entry at or below it comes to the host and is sorted there."""
+    k = min(int(k), key.numel())
+    if k < key.numel():
+        kth = torch.topk(key, k, largest=False).values.max()
+        cand = (key <= kth).nonzero().flatten()
+    else:
+        cand = torch.arange(key.numel(), device=key.device)
+    idx = cand.cpu().numpy()
+    val = key[cand].double().cpu().numpy()
+    order = np.lexsort((idx, val))[:k]
+    return torch.from_numpy(idx[order]), torch.from_numpy(val[order])
