@@ -23,6 +23,7 @@ calls timed (best of 3). Prints one JSON line; ``--table`` also prints a table.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import tempfile
@@ -198,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=8,
                     help="both sides' batch (8: this project's default micro_batch)")
-    ap.add_argument("--warmup-n", type=int, default=4)
+    ap.add_argument("--warmup-n", type=int, default=4, help="samples of the warm-up runs (0: none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-kronfluence", action="store_true")
     ap.add_argument("--table", action="store_true")
@@ -208,7 +209,8 @@ def main(argv=None):
     model = build_model(args)
     sets = make_sets(args)
     small = {k: v[:args.warmup_n] for k, v in sets.items()}
-    run_ours(model, small, args)                                    # warm-up
+    if args.warmup_n:
+        run_ours(model, small, args)                                # warm-up
     ours = run_ours(model, sets, args)
     kernel = kernel_seconds(ours["metric"])
     heat_s = ours["seconds"]["heatmap"]
@@ -224,9 +226,13 @@ def main(argv=None):
            "scores_per_pair_ours": 4 * args.layers * args.heads}
     signed = signed_totals(ours["collector"])
     del ours["metric"], ours["collector"]
+    gc.collect()                         # the collector <-> store cycle holds device memory
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     if not args.skip_kronfluence:
         with tempfile.TemporaryDirectory(prefix="b6-kronfluence-") as tmp:
-            run_kronfluence(build_model(args), small, args, tmp)    # warm-up
+            if args.warmup_n:
+                run_kronfluence(build_model(args), small, args, tmp)  # warm-up
             kr = run_kronfluence(build_model(args), sets, args, tmp)
         out["kronfluence_s"] = kr["seconds"]
         out["kronfluence_scores_shape"] = list(kr["scores"].shape)

@@ -449,3 +449,27 @@ def test_top_conflicts_are_the_k_largest_with_ties_by_position(family_run, varia
     assert [(g["sample_a"], g["sample_b"], g["layer"], g["head"], g["score"]) for g in got] == [
         (f"a{i}", f"b{j}", layers[l], heads[h], flat[t])
         for t in want for i, j, l, h in [np.unravel_index(t, scores.shape)]]
+
+
+def test_b6_benchmark_runs_on_the_cpu_and_matches_kronfluence():
+    """benchmarks/bench_kronfluence.py at a tiny size: both sides run, and (when Kronfluence
+    is installed: the 'bench' extra) the sum of our 'signed' scores over every layer, head
+    and block equals Kronfluence's diagonal-Fisher pairwise score of the same pair."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import bench_kronfluence
+    finally:
+        sys.path.pop(0)
+    args = ["--device", "cpu", "--layers", "2", "--heads", "2", "--width", "16", "--n", "4",
+            "--tokens", "8", "--vocab", "64", "--warmup-n", "0"]
+    if importlib.util.find_spec("kronfluence") is None:
+        args.append("--skip-kronfluence")
+    out = bench_kronfluence.main(args)
+    assert out["ours_s"]["total"] > 0 and out["heatmap_kernel_s"] > 0
+    if "kronfluence_s" in out:
+        assert out["kronfluence_scores_shape"] == [4, 4]
+        assert out["signed_sum_vs_kronfluence_max_rel_diff"] < 1e-4   # ε floor, float32
