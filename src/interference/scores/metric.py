@@ -340,8 +340,11 @@ class QKOVInterferenceMetric:
             task_a: ids_a, task_j: ids_j}
         try:
             held = self._hold_rows(wanted)
-            for (block, li, layer), ops in prefetched(jobs, load, self.device,
-                                                      self.prefetch and not held):
+            # overlap only when every block fits twice (a block scored in tiles must not
+            # share the budget with the next one's operands)
+            overlap = self.prefetch and not held and all(
+                self._fits_twice(n_rows, layer, block) for block, _, layer in jobs)
+            for (block, li, layer), ops in prefetched(jobs, load, self.device, overlap):
                 s = self._scores_of(*ops, len(ids_a)) if ops is not None else \
                     self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
                 out[block][:, :, li, :] = s.index_select(2, cols[block])
