@@ -8,7 +8,9 @@ shape only, so no weights need to travel.
 
 Prints JSON: seconds per cell (full forward passes vs skipping the blocks below the cell,
 the same cells, results checked equal), per forward pass over the eval set, and per
-fine-tuning step (batch 8); the floor is one forward pass over both eval sets per cell.
+fine-tuning step (batch 8), one step of `--runs` runs trained together (validation.ensemble),
+and on a GPU the same counterfactuals with TF32 matmuls (time, error against float32); the
+floor is one forward pass over both eval sets per cell.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--cells", type=int, default=30)
     ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=22, help="fine-tuning runs trained together")
     args = ap.parse_args()
 
     import numpy as np
@@ -100,7 +103,60 @@ def main() -> None:
         opt.step()
     sync()
     out["finetune_step_s"] = (time.time() - t) / 3
+    out.update(_stacked(model, obj, params, cells_all, batch, args.runs, sync))
+    if dev == "cuda":
+        out.update(_tf32(model, obj, params, cells, rule, g, sq, batch, mb, res[True], sync))
     print(json.dumps(out, indent=1))
+
+
+def _stacked(model, obj, params, cells, batch, runs, sync) -> dict:
+    """One fine-tuning step of ``runs`` arms at once (validation.ensemble), each freezing
+    a different 10% of the cells, against ``runs`` steps one at a time."""
+    import time
+
+    from interference.validation import FinetuneSettings
+    from interference.validation.ensemble import finetune_stacked
+    from interference.validation.intervention import trainable_names
+
+    size = min(8, len(batch["input_ids"]))
+    settings = FinetuneSettings(steps=3, batch_size=size)
+    names = trainable_names(model, params, settings)
+    k = max(1, len(cells) // 10)
+    frozen = [cells[r * 7 % len(cells):][:k] for r in range(runs)]
+    orders = [[list(range(size))] * settings.steps for _ in range(runs)]
+    finetune_stacked(model, obj, batch, params, frozen[:1], orders[:1], names,
+                     FinetuneSettings(steps=1, batch_size=size))         # warm-up
+    sync()
+    t = time.time()
+    finetune_stacked(model, obj, batch, params, frozen, orders, names, settings)
+    sync()
+    step = (time.time() - t) / settings.steps
+    return {"stacked_runs": runs, "stacked_step_s": step, "stacked_step_per_run_s": step / runs}
+
+
+def _tf32(model, obj, params, cells, rule, g, sq, batch, mb, exact, sync) -> dict:
+    """The same counterfactuals with TF32 matmuls: time and error against float32."""
+    import time
+
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    from interference.validation import measure
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        sync()
+        t = time.time()
+        fast = measure(model, obj, params, cells, rule, g, sq, batch, batch, mb, False, True)
+        sync()
+        seconds = time.time() - t
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = exact.delta_a.mean(1), fast.delta_a.mean(1)
+    return {"tf32_measure_s": seconds, "tf32_max_abs_err": float(np.abs(a - b).max()),
+            "float32_delta_a_sd": float(a.std()),
+            "tf32_spearman_vs_float32": float(spearmanr(a, b)[0])}
 
 
 if __name__ == "__main__":

@@ -231,8 +231,13 @@ def main() -> None:
     if settings.intervention:
         params = CellParams(model, QKOVIndexer(model, collector.config))
         all_cells = distinct_cells(params.indexer)
-        mean_score = map_means(collector, collector.config, a, b, cfg["metric"], all_cells,
-                               device)[f"mean_M[{cfg['metric']['variant']}]"]
+        key = f"mean_M[{cfg['metric']['variant']}]"
+        first = part.cells[part.cells["step_rule"] == settings.step_rules[0]]
+        if list(first["name"]) == [c.name for c in all_cells]:   # every cell: reuse, as
+            mean_score = first[key].to_numpy()                      # validate_map does
+        else:
+            mean_score = map_means(collector, collector.config, a, b, cfg["metric"],
+                                   all_cells, device)[key]
         arms, comparison = intervention_arms(
             model, objective, params, all_cells, cells, mean_score, train_b,
             evals[a], evals[b], settings, cfg["metric"]["variant"] == "signed", progress=True)

@@ -296,14 +296,15 @@ def test_report_is_self_contained_and_captioned(ablation):
     assert not re.search(r"<link[^>]+href=[\"']https?:", html)
     assert not re.search(r"@import\s+url\([\"']?https?:", html)
     captions = re.findall(r'"caption": "(.*?)", "mime_type"', html)
-    # per experiment: 2 analyses x (10 figures and tables + cells.csv) + the run summary;
+    # per experiment: 2 analyses x (10 figures and tables + the cell explorer + cells.csv) + the
+    # run summary;
     # the sweep: 2 ablation summaries + its table
-    assert len(captions) == 2 * (2 * 11 + 1) + 3, len(captions)
+    assert len(captions) == 2 * (2 * 12 + 1) + 3, len(captions)
     assert all(c.strip() for c in captions), "a report item without caption"
     for phrase in ("Q heatmap.", "K heatmap.", "V heatmap.", "O heatmap.", "Q, K, V, O panel.",
                    "Block comparison.", "Top conflicting cells.", "Sample-pair forensics.",
                    "p-value histogram.", "Run summary", "Ablation summary", "Ablation table",
-                   "Cells table of analysis"):
+                   "Cells table of analysis", "Cell explorer"):
         assert phrase in html, phrase
     for name in ("heatmap_K.png", "forensics.png", "ablation_summary.png", "summary.md"):
         assert name in html, name

@@ -253,3 +253,49 @@ def test_real_statistics_output_round_trips(tmp_path):
     assert sum(p.get_gid() == MARK_GID for p in ax.patches) == 3 * len(sig)
     F.write_top_table(cells, tmp_path, n=None)
     assert len(pd.read_csv(tmp_path / "top_conflicts.csv")) == len(cells)
+
+
+def test_effect_size_map_shows_the_tested_quantity():
+    """The d map beside M: each square holds its cell's effect size (a K/V cell on every
+    query head of its group), boxed where the cell is significant."""
+    heat, cells = fake_heatmap(), fake_cells()
+    fig, ax = new_figure(4, 3)
+    F.draw_block_heatmap(ax, heat, cells, "K", quantity="effect")
+    expected = np.full((len(LAYERS), len(HEADS)), np.nan)
+    for r in cells[cells.block == "K"].itertuples():
+        for h in map(int, r.kv_group.split(",")):
+            expected[LAYERS.index(r.layer), HEADS.index(h)] = r.effect_size
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), expected)
+    assert ax.images[0].get_cmap().name.startswith("RdBu")     # d is signed: diverging
+    assert sum(p.get_gid() == MARK_GID for p in ax.patches) == 3   # K/L3/KV1: 3 heads
+    with pytest.raises(ValueError, match="quantity"):
+        F.draw_block_heatmap(ax, heat, cells, "K", quantity="q")
+
+
+def test_forensics_figure_shows_full_ids_texts_and_a_dominant_sample(tmp_path):
+    heat, cells = fake_heatmap(), fake_cells()
+    long_a = [f"math:packed:{k:06d}-{k:06d}" for k in range(N_A)]
+    heat["meta"]["sample_ids_a"] = long_a
+    for b in "QKVO":
+        heat[b]["scores"][2] += 100.0            # task-A sample 2 tops every cell
+    texts = {a: f"Question {k}: " + "long words " * 30 for k, a in enumerate(long_a)}
+    texts.update({f"code:{k}": f"def f{k}(x): return x" for k in range(N_B)})
+    table = F.pair_forensics(heat, cells, texts, n_cells=4, k=5)
+    from interference.figures.forensics import dominance_note, draw_forensics
+
+    note = dominance_note(table)
+    assert note == (f"Note: task-A sample {long_a[2]} is in at least half of the top pairs of "
+                    "4 of 4 cells (20 of 20 pairs).")
+    half = table[table["cell"].isin(table["cell"].unique()[:2])]   # 2 of 3 cells: still
+    assert "2 of 3 cells (10 of 15" in dominance_note(pd.concat([half, table[table.cell == (
+        table.cell.unique()[2])].assign(sample_a="math:other")]))
+    assert dominance_note(table.assign(sample_a=[f"s{k}" for k in range(len(table))])) == ""
+    fig, axes = new_figure(11, 12, nrows=4, ncols=2, squeeze=False)
+    draw_forensics(list(axes), table)
+    drawn = "\n".join(t.get_text() for ax in axes[:, 1] for t in ax.texts)
+    for r in table.itertuples():
+        assert r.sample_a in drawn and r.sample_b in drawn      # ids in full, never cut
+    assert "Question 2: long words" in drawn and "def f" in drawn   # both texts
+    assert max(len(line) for line in drawn.splitlines()) <= 70     # wrapped
+    entries = F.write_forensics(heat, cells, tmp_path, texts)
+    assert note in entries[0]["caption"] and note in (tmp_path / "forensics.md").read_text()

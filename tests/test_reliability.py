@@ -187,14 +187,21 @@ def test_task_without_samples_or_file_names_the_task_and_the_key(tmp_path, bpe):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    gone = tmp_path / "gone.jsonl"
     base = ["+task@tasks.mine=jsonl", "pairs=[[math,mine]]"]
-    cases = {str(empty): r"tasks\.mine .*has no records",
-             str(tmp_path / "missing.jsonl"): r"tasks\.mine .*task file not found: .*missing\.jsonl"}
+    cases = {empty: r"tasks\.mine .*has no records",
+             gone: r"tasks\.mine .*task file not found: .*gone\.jsonl"}
     for path, pattern in cases.items():
+        gone.touch()
         cfg = tiny_cfg(*base, f"tasks.mine.kwargs.path={path}")
+        gone.unlink()         # removed after the config check
         with pytest.raises(ValueError, match=pattern) as err:
             prepare_group(_data_slice(cfg, "mine"), bpe)
         assert "Fix tasks.mine" in str(err.value)
+    # a file missing when the config is checked: refused before any job
+    with pytest.raises(ValueError, match=r"tasks\.mine\.kwargs\.path: task file not found: "
+                                         r".*missing\.jsonl"):
+        tiny_cfg(*base, f"tasks.mine.kwargs.path={tmp_path / 'missing.jsonl'}")
     # fewer samples than the roles need: how many exist and how to get more
     cfg = tiny_cfg("tasks.math.kwargs.n=30")
     with pytest.raises(ValueError, match=r"tasks\.math .*records exist but the split needs 52.*"
@@ -204,8 +211,8 @@ def test_task_without_samples_or_file_names_the_task_and_the_key(tmp_path, bpe):
 
 @pytest.mark.slow
 def test_missing_data_file_fails_the_run_without_partial_output(tmp_path):
-    """End to end: the data job fails, its message names the task and the path, and no data,
-    store or result file exists afterwards (Snakemake removes a failed job's outputs)."""
+    """End to end: the config check refuses the run before any job, naming the task and the
+    path, and no data, store or result file exists afterwards."""
     res = run_workflow(tmp_path, "--cores", "2", "--config", "experiment=tiny",
                         'overrides=["+task@tasks.mine=jsonl","tasks.mine.kwargs.path=/no/such.jsonl",'
                         '"pairs=[[math,mine]]"]', timeout=300)
@@ -390,7 +397,7 @@ def test_disk_check_refuses_with_the_size_it_needs(tmp_path):
 
     plan = disk_plan(n_params=10**9, n_stored=10**4, store_dtype="float32")
     with pytest.raises(RuntimeError, match=r"not enough disk for the gradient store .* it needs "
-                                           r"up to 37252\.90 GB .*store_dtype=bfloat16"):
+                                           r"up to 36\.4 TB .*store_dtype=bfloat16"):
         check_disk(tmp_path, plan, 0.9)
     check_disk(tmp_path, disk_plan(10, 10, "float32"), 0.9)
 

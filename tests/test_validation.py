@@ -146,6 +146,42 @@ def test_frozen_cells_stay_bitwise_through_finetuning():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_runs_fine_tuned_together_equal_runs_one_at_a_time(family):
+    """ensemble.finetune_stacked: R runs in one batched pass give each run's own weights
+    (float rounding), frozen entries bitwise at their start values; Linear and Conv1D."""
+    from interference.validation.ensemble import finetune_stacked, stackable
+    from interference.validation.intervention import _order, trainable_names
+
+    torch.manual_seed(0)
+    model = tiny_model(family, vocab_size=128, seed=0, num_hidden_layers=2).eval()
+    obj = default_objective(model)
+    params = CellParams(model, QKOVIndexer(model))
+    settings = FinetuneSettings(steps=3, lr=1e-2, batch_size=4, weight_decay=0.1)
+    names = trainable_names(model, params, settings)
+    assert stackable(model, obj, names)
+    cells = distinct_cells(params.indexer)
+    frozen_sets = [[], cells[:3], cells[-4:]]
+    seeds = [0, 1, 2]
+    train = _batch(8, 10, 2, "b")
+    start = {n: params.params[n].detach().clone() for n in names}
+    together = finetune_stacked(model, obj, train, params, frozen_sets,
+                                [_order(8, 3, 4, s) for s in seeds], names, settings)
+    for n in names:                                   # the model itself is unchanged
+        assert torch.equal(params.params[n].detach(), start[n])
+    for r, (frozen, seed) in enumerate(zip(frozen_sets, seeds)):
+        finetune(model, obj, train, params, frozen, settings, seed=seed)
+        for n in names:
+            alone = params.params[n].detach()
+            assert r > 0 or not torch.equal(alone, start[n])     # run 0 freezes nothing
+            torch.testing.assert_close(together[n][r], alone, rtol=1e-4, atol=2e-5)
+        for name, idx in params.merged(frozen).items():
+            assert torch.equal(together[name][r].reshape(-1)[idx], start[name].reshape(-1)[idx])
+        with torch.no_grad():
+            for n in names:
+                params.params[n].copy_(start[n])
+
+
 def test_random_arms_match_the_top_arm_by_block_and_parameter_count():
     model = _model(layers=3)
     params = CellParams(model, QKOVIndexer(model))

@@ -32,14 +32,19 @@ GJ_NORMS = ("none", "l2")
 BACKENDS = ("auto", "torch", "triton")
 """Contraction backends of the score (auto: the fused Triton kernel on CUDA, else torch)."""
 
-STATISTICS = ("welch", "mean_diff")
-"""Permutation test statistics: Welch's t (studentised) or the plain mean difference."""
+STATISTICS = ("brunner_munzel", "welch", "mean_diff")
+"""Permutation test statistics: Brunner-Munzel's studentised rank statistic (default),
+Welch's t (studentised; the former default) or the plain mean difference (ablation)."""
 
 ALTERNATIVES = ("greater", "less")
 """Tails of the one-sided tests."""
 
 DISRUPTION_NORMS = ("share", "l2", "none")
 """Normalisations of a disruptor's per-cell disruption (SPEC 6)."""
+
+CI_METHODS = ("basic", "percentile", "bc")
+"""Bootstrap interval methods: basic (default), percentile (the former default), bias-corrected
+percentile."""
 
 FDR_FAMILIES = ("all", "block")
 """Benjamini-Hochberg families: all distinct cells together, or each block apart."""

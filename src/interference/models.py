@@ -257,11 +257,46 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def random_config(mcfg: dict):
+    """The transformers config of a ``source: random`` model: ``family``'s config class
+    (interference.models.TINY_FAMILIES) with ``vocab_size`` and every value of
+    ``overrides`` (a named shape: conf/model/llama2_7b.yaml, llama3_8b.yaml)."""
+    family = mcfg["family"]
+    if family not in _TINY:
+        raise ValueError(f"model.source=random needs model.family in {TINY_FAMILIES}, "
+                         f"got {family!r}")
+    cfg_name = _TINY[family][0]
+    kwargs = {"vocab_size": mcfg["vocab_size"], **dict(mcfg.get("overrides") or {})}
+    config = getattr(transformers, cfg_name)(**kwargs)
+    config._attn_implementation = mcfg["attn_implementation"]
+    return config
+
+
+def random_model(config, seed: int, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A random-init model of ``config`` built directly on ``device`` in ``dtype`` (nothing
+    on the host for a 7B shape; ``device='meta'``: shapes only). The same (config, seed,
+    dtype, device type) gives the same weights; the global RNG is left as it was."""
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
 def build_from_config(mcfg: dict):
     """(model, tokenizer) as a model config (conf/model: source, family, tokenizer, ...)
-    asks; nothing is downloaded."""
+    asks; nothing is downloaded. ``source: random``: the model on the meta device (shapes
+    only; its weights are made where it is loaded, :func:`load_prepared`)."""
     source = mcfg["source"]
     tok_cfg = mcfg.get("tokenizer") or {}
+    if source == "random":
+        model = random_model(random_config(mcfg), mcfg["seed"], DTYPES[mcfg["dtype"]], "meta")
+        tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
+                                    path=tok_cfg.get("path")) if tok_cfg.get("kind") else None
+        if tokenizer is not None and len(tokenizer) > mcfg["vocab_size"]:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size "
+                             f"is {mcfg['vocab_size']}")
+        return model, tokenizer
     if source == "smollm2":
         return load_smollm2(cache_dir=None, attn_implementation=mcfg["attn_implementation"])
     if source == "minilm":
@@ -333,13 +368,30 @@ def load_folder(folder: str | Path, mcfg: dict, dtype):
     return model, tok
 
 
-def load_prepared(model_dir: str | Path, mcfg: dict):
-    """(model, tokenizer or None) from a prepared model folder, in the configured dtype."""
-    return load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
+def load_prepared(model_dir: str | Path, mcfg: dict, device="cpu"):
+    """(model, tokenizer or None) from a prepared model folder, in the configured dtype, on
+    ``device``. ``source: random``: the folder holds the config only; the weights are made
+    on ``device`` from ``model.seed`` (:func:`random_model`)."""
+    if mcfg["source"] == "random":
+        folder = Path(model_dir) / "hf"
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        config._attn_implementation = mcfg["attn_implementation"]
+        model = random_model(config, mcfg["seed"], DTYPES[mcfg["dtype"]], device)
+        tok = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
+        return model, tok
+    model, tok = load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
+    return model.to(device), tok
 
 
 def save_prepared(model, tokenizer, out_dir: Path) -> None:
-    """Safetensors weights (+ tokenizer) into out_dir, atomically."""
+    """Safetensors weights (+ tokenizer) into out_dir, atomically; a model on the meta
+    device (``source: random``) saves its config only."""
+    if next(model.parameters()).device.type == "meta":
+        with atomic_dir(out_dir) as tmp:
+            model.config.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        return
     if tokenizer is not None:
         convert_to_safetensors(model, tokenizer, out_dir, overwrite=True)
         return

@@ -1,7 +1,8 @@
 """Saved results: heatmaps (npz + json) and tables, written atomically, versioned.
 
 The library's one way to write a file or a folder atomically (:func:`atomic_path`,
-:func:`atomic_dir`, and on them :func:`write_bytes`, :func:`write_json`, :func:`save_npz`):
+:func:`atomic_dir`, :func:`staged_files` for several files into a shared folder, and on
+them :func:`write_bytes`, :func:`write_json`, :func:`save_npz`):
 write next to the target, then rename into place, so a reader sees the old or the new
 content, never a part.
 
@@ -64,6 +65,19 @@ def save_npz(path, arrays: dict) -> None:
                     npformat.write_array(fh, np.asanyarray(val), allow_pickle=False)
 
 
+def load_npz(path, rebuild: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (no pickle); a missing, truncated or damaged file raises
+    :class:`IntegrityError` naming it and ``rebuild``, never zipfile's or NumPy's error."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise IntegrityError(f"{path}: cannot read it ({type(err).__name__}: {str(err)[:200]}); "
+                             f"it is truncated or damaged: rebuild it: {rebuild}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it into place only on success."""
@@ -96,6 +110,26 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike):
+    """Yield a temporary folder beside ``folder`` to write several files into; on success
+    each file moves to the same relative path in ``folder`` (replacing what is there), on
+    failure (a full disk, an error) the temporary folder and everything in it is removed,
+    so a failed job leaves no partial files. Paths written under the temporary folder map
+    to ``folder / path.relative_to(tmp)``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.staged."))
+    try:
+        yield tmp
+        for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            dst = folder / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes(path, data: bytes, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (``fsync``: flushed to disk before the rename)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -120,6 +154,127 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------ integrity
+# Every job records the content digest of each file it wrote (in its record, written after
+# its outputs); the next job verifies the files it reads against those digests before it
+# starts (qkov_pipeline.jobs). xxh3-128 streams at several GB/s on one core, so checking a
+# store costs about one read of its bytes (docs/reliability.md gives the measured cost).
+DIGEST = "xxh3_128"
+_CHUNK = 1 << 22    # 4 MiB
+
+
+class IntegrityError(ValueError):
+    """A saved file is missing, truncated or changed since the job that wrote it."""
+
+
+def file_digest(path) -> dict:
+    """``{"bytes": size, "xxh3_128": hex}`` of a file, read in 4 MiB chunks."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, DIGEST: h.hexdigest()}
+
+
+def output_digests(paths, root) -> dict[str, dict]:
+    """Relative path (to ``root``) -> :func:`file_digest` of every file in ``paths``
+    (folders: every file under them, hidden names skipped), sorted."""
+    root = Path(root).resolve()
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file():
+            files.append(p)
+    return {str(f.resolve().relative_to(root)): file_digest(f)
+            for f in sorted(files, key=lambda f: str(f))}
+
+
+def _exact_size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n} bytes ({size_text(n)})"
+
+
+def size_text(n_bytes: float) -> str:
+    """Bytes as text in the unit that reads best (powers of 1024): '512 B', '3.4 MB',
+    '12.1 GB', '2.6 TB'; never '0.00 GB'."""
+    n = float(n_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def verify_file(path, expected: dict, rebuild: str) -> None:
+    """Raise :class:`IntegrityError` unless ``path`` has the ``expected`` size and digest.
+
+    The message names the file, what was expected and what was found, and ``rebuild``
+    (the command that rewrites it). Size first: a truncated file is not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"{path} is missing (expected {_exact_size(expected['bytes'])}); "
+                             f"rebuild it: {rebuild}")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise IntegrityError(
+            f"{path} is truncated or was rewritten: expected {_exact_size(expected['bytes'])}, "
+            f"found {_exact_size(size)}; rebuild it: {rebuild}")
+    found = file_digest(path)[DIGEST]
+    if found != expected[DIGEST]:
+        raise IntegrityError(
+            f"{path} changed since it was written: expected {DIGEST} {expected[DIGEST]}, "
+            f"found {found} (same size, {_exact_size(size)}); rebuild it: {rebuild}")
+
+
+def read_json_file(path, rebuild: str = "rerun the job that wrote it"):
+    """json.loads of a file; a missing, truncated or malformed file raises
+    :class:`IntegrityError` naming the file, the line and ``rebuild``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IntegrityError(f"{path} is missing; rebuild it: {rebuild}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"{path} is not valid JSON ({err}); it is truncated or damaged: "
+                             f"rebuild it: {rebuild}") from None
+
+
+def verify_inputs(paths, records: str = "mlflow.*.json") -> tuple[int, int]:
+    """Check the files of ``paths`` (files, or folders: every file under them) against the
+    digests recorded by the jobs that wrote them: a record (``records``, a glob) in the
+    same folder whose ``outputs`` list the path. Returns (files checked, their bytes);
+    files no record lists are not checked (an older results version, a user's file).
+    Raises :class:`IntegrityError` (see :func:`verify_file`)."""
+    recorded: dict[Path, dict] = {}
+    n_files = n_bytes = 0
+    for p in map(Path, paths):
+        folder = p.parent
+        if folder not in recorded:
+            recorded[folder] = _recorded_outputs(folder, records)
+        for rec, (outputs, rule) in recorded[folder].items():
+            for rel, expected in outputs.items():
+                if rel == p.name or rel.startswith(p.name + "/"):
+                    verify_file(folder / rel, expected, f"snakemake --forcerun {rule}")
+                    n_files, n_bytes = n_files + 1, n_bytes + expected["bytes"]
+    return n_files, n_bytes
+
+
+def _recorded_outputs(folder: Path, records: str) -> dict[Path, tuple[dict, str]]:
+    """{record: (its outputs' digests, its rule)} of the records in ``folder``."""
+    out = {}
+    for rec in sorted(folder.glob(records)):
+        rule = rec.name.split(".")[1]
+        doc = read_json_file(rec, f"snakemake --forcerun {rule}")
+        if doc.get("outputs"):
+            out[rec] = (doc["outputs"], doc.get("rule", rule))
+    return out
 
 
 # ------------------------------------------------------------------ cells tables
@@ -152,8 +307,9 @@ COLUMNS = {
     "layer_pos": ("index", "row of the cell on the heatmap"),
     "head_pos": ("index", "column of the cell on the heatmap"),
     "name": ("cell name", "'Q/L3/H5' for Q/O, 'K/L3/KV1' for K/V"),
-    "statistic": ("t (unitless)", "Welch's t of disruption shares, B vs R (or their mean "
-                                  "difference with statistic: mean_diff, in " + SHARE + ")"),
+    "statistic": ("z (unitless)", "Brunner-Munzel's rank statistic of disruption shares, B vs "
+                                  "R, on the normal scale (Welch's t with statistic: welch; "
+                                  "mean difference in " + SHARE + " with mean_diff)"),
     "p_value": ("probability", "one-sided permutation p-value, (1 + k) / (1 + N) or exact"),
     "q_value": ("probability", "Benjamini-Hochberg q-value over the FDR family"),
     "effect_size": ("Cohen's d (sd units)", "two-sample Cohen's d of disruption shares, pooled sd"),
@@ -163,8 +319,8 @@ COLUMNS = {
     "mean_diff": (SHARE, "mean_b - mean_r"),
     "null_mean": ("same as statistic", "mean of the permutation null"),
     "null_sd": ("same as statistic", "sd of the permutation null"),
-    "ci_low": (SHARE, "bootstrap percentile interval of mean_diff, lower end"),
-    "ci_high": (SHARE, "bootstrap percentile interval of mean_diff, upper end"),
+    "ci_low": (SHARE, "bootstrap interval of mean_diff (ci_method: basic by default), lower end"),
+    "ci_high": (SHARE, "bootstrap interval of mean_diff, upper end"),
     "ci_low_by": (SHARE, "Benjamini-Yekutieli-adjusted interval (for selected cells), lower end"),
     "ci_high_by": (SHARE, "Benjamini-Yekutieli-adjusted interval, upper end"),
     "constant": ("bool", "the cell's shares are constant: p = 1"),
@@ -222,10 +378,9 @@ def save_heatmap(directory, heatmap: dict, extra: dict | None = None,
 def load_heatmap(directory) -> tuple[dict, dict | None]:
     """(heatmap dict as made by ``compute_heatmap`` minus UNSAVED_META, reference scores or None)."""
     directory = Path(directory)
-    doc = json.loads((directory / "heatmap.json").read_text())
+    doc = read_json_file(directory / "heatmap.json", "snakemake --forcerun scores")
     check_schema(doc.get("schema_version"), directory / "heatmap.json", "the heatmap")
-    with np.load(directory / "scores.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = load_npz(directory / "scores.npz", "snakemake --forcerun scores")
     heat = {"meta": doc["meta"], "extra": doc.get("extra", {})}
     for b in BLOCKS:
         heat[b] = {"scores": arrays[f"scores_{b}"], "layer_head_avg": arrays[f"layer_head_avg_{b}"],

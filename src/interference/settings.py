@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._tables import (AGGREGATES, DISRUPTION_NORMS, FDR_FAMILIES, FISHER_SOURCES, GJ_NORMS,
+from ._tables import (AGGREGATES, CI_METHODS, DISRUPTION_NORMS, FDR_FAMILIES, FISHER_SOURCES, GJ_NORMS,
                       STATISTICS, VARIANTS)
 
 
@@ -85,14 +85,18 @@ class StatisticsSettings:
     seed: Any = 0
     """int, None or numpy SeedSequence seeding permutations and bootstrap (independent
     children of it)."""
-    statistic: str = "welch"
-    """'welch' (studentised) or 'mean_diff' (ablation) (STATISTICS)."""
+    statistic: str = "brunner_munzel"
+    """'brunner_munzel' (studentised ranks, default), 'welch' (studentised means, the former
+    default) or 'mean_diff' (ablation) (STATISTICS; docs/statistics.md says why)."""
     disruption_norm: str = "share"
     """'share', 'l2' or 'none' (DISRUPTION_NORMS, see interference.stats.disruption)."""
     fdr_family: str = "all"
     """'all' distinct cells of all blocks together, or each 'block' apart (FDR_FAMILIES)."""
     ci_level: float = 0.95
-    """Level of the bootstrap percentile intervals, in (0, 1)."""
+    """Level of the bootstrap intervals, in (0, 1)."""
+    ci_method: str = "basic"
+    """Bootstrap interval: 'basic' (default: the coverage the harness measured), 'percentile'
+    (the former default) or 'bc' (CI_METHODS, interference.stats.bootstrap)."""
     tol_factor: float = 100.0
     """p-value tolerance: T* >= T - tol_factor * eps * |T| counts as extreme."""
     batch_size: int | None = None
@@ -120,6 +124,9 @@ class StatisticsSettings:
         if self.fdr_family not in FDR_FAMILIES:
             raise ValueError(f"unknown fdr_family {self.fdr_family!r}; expected one of "
                              f"{FDR_FAMILIES}")
+        if self.ci_method not in CI_METHODS:
+            raise ValueError(f"unknown ci_method {self.ci_method!r}; expected one of "
+                             f"{CI_METHODS}")
         if not 0 < float(self.ci_level) < 1:
             raise ValueError(f"ci_level must be in (0, 1), got {self.ci_level}")
         if int(self.n_null_top) < 0:
@@ -137,4 +144,4 @@ class StatisticsSettings:
                     else repr(self.seed),
                     statistic=self.statistic, disruption_norm=self.disruption_norm,
                     fdr_family=self.fdr_family, ci_level=self.ci_level,
-                    tol_factor=self.tol_factor, batch_size=self.batch_size)
+                    ci_method=self.ci_method, tol_factor=self.tol_factor, batch_size=self.batch_size)

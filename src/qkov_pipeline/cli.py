@@ -3,6 +3,7 @@
     qkov run [-e EXPERIMENT ...] [-o OVERRIDE ...] [-n] [-- SNAKEMAKE ARGS]
     qkov config [-e EXPERIMENT] [-o OVERRIDE ...]     print the composed, validated config
     qkov ui [--results results]                       mlflow ui on 127.0.0.1
+    qkov ui --explorer [ANALYSIS] [-e EXPERIMENT]     open an analysis's cell explorer
 
 ``qkov run`` is ``snakemake --profile profiles/default`` in the repository root with
 ``--config experiment=... overrides=[...]``.
@@ -28,6 +29,33 @@ def _config_args(experiments: list[str], overrides: list[str]) -> list[str]:
     return ["--config", *out] if out else []
 
 
+def find_explorers(results: Path, experiment: str | None = None) -> list[Path]:
+    """The cell explorers (``<exp>/<model>/<analysis>/figures/explorer.html``) under
+    ``results``, of one experiment if given; main analyses before their controls."""
+    pattern = f"{experiment or '*'}/*/*/figures/explorer.html"
+    return sorted(results.glob(pattern), key=lambda p: (p.parts[-3].endswith(".control"),
+                                                          str(p)))
+
+
+def open_explorer(results: Path, experiment: str, analysis: str) -> int:
+    """Open the explorer of ``analysis`` (a pair like math__code, or empty: the first main
+    analysis) of ``experiment`` in the default browser; it is one file, no server."""
+    import webbrowser
+
+    pages = [p for p in find_explorers(results, experiment)
+             if not analysis or p.parts[-3] == analysis]
+    if not pages:
+        print(f"no cell explorer for experiment {experiment!r}"
+              + (f", analysis {analysis!r}" if analysis else "") + f" under {results}: draw "
+              f"it with `snakemake figures --config experiment={experiment}`", file=sys.stderr)
+        return 1
+    uri = pages[0].resolve().as_uri()
+    print(f"cell explorer: {pages[0]}\n  {uri}")
+    if not webbrowser.open(uri):
+        print("  (no browser found here: open that file in any browser; it works offline)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkov", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", default="profiles/default")
     run.add_argument("snakemake_args", nargs=argparse.REMAINDER,
                      help="after --: passed to snakemake")
-    ui = sub.add_parser("ui", help="mlflow ui on the embedded store (127.0.0.1 only)")
+    ui = sub.add_parser("ui", help="mlflow ui on the embedded store (127.0.0.1 only), or "
+                                   "with --explorer an analysis's cell explorer")
     ui.add_argument("--results", default="results")
     ui.add_argument("--port", default="5000")
+    ui.add_argument("--explorer", nargs="?", const="", metavar="ANALYSIS",
+                    help="open the cell explorer (self-contained HTML) of ANALYSIS, e.g. "
+                         "math__code (default: the experiment's first) instead of mlflow")
+    ui.add_argument("-e", "--experiment", default="default",
+                    help="the experiment of --explorer (default: default)")
     args = parser.parse_args(argv)
 
     if args.command == "config":
@@ -58,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
     if args.command == "ui":
+        if args.explorer is not None:
+            return open_explorer(Path(args.results), args.experiment, args.explorer)
+        for page in find_explorers(Path(args.results)):
+            print(f"cell explorer (no server needed): {page.resolve().as_uri()}")
         db = Path(args.results).resolve() / "mlflow.db"
         cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
                "--host", "127.0.0.1", "--port", args.port]

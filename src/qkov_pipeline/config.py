@@ -7,6 +7,7 @@ where to change it. The plan of jobs built from it is qkov_pipeline.plan.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -157,6 +158,39 @@ def _find_targets(obj, path="") -> list[str]:
     return out
 
 
+MIN_BOOTSTRAP = 100
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")
+
+
+def _check_names(cfg: dict) -> None:
+    """Names that become folders (experiment, model, tasks): letters, digits, '_' and '.',
+    starting with a letter or digit, so results never land outside the experiment's folder."""
+    names = {"experiment": cfg.get("experiment", "default"), "model.name": cfg["model"]["name"],
+             **{f"tasks.{t} (task name)": t for t in cfg["tasks"]}}
+    for key, name in names.items():
+        if not SAFE_NAME.match(str(name)):
+            raise ValueError(f"{key}={name!r}: names become folders under workflow.results, so "
+                             "they may hold only letters, digits, '_' and '.', and must start "
+                             "with a letter or digit")
+
+
+def _check_sources(tasks: dict) -> None:
+    """Every task's source is registered (and a jsonl file exists) before any job runs."""
+    from interference.data.tasks import TASKS
+
+    for t, spec in tasks.items():
+        src = spec.get("source")
+        if src not in TASKS:
+            raise ValueError(f"tasks.{t}.source={src!r} is not a registered task source "
+                             f"(known: {sorted(TASKS)}{_did_you_mean(str(src), TASKS)}); "
+                             "register one with interference.data.register_task")
+        path = (spec.get("kwargs") or {}).get("path")
+        if src == "jsonl" and path and not Path(path).expanduser().is_file():
+            raise ValueError(f"tasks.{t}.kwargs.path: task file not found: {path} (task "
+                             "source jsonl); give the path of a .jsonl, .jsonl.gz, .json or "
+                             ".parquet file")
+
+
 def _check_semantics(cfg: dict) -> None:
     from .plan import _data_spec, canonical
 
@@ -191,6 +225,13 @@ def _check_semantics(cfg: dict) -> None:
     for t in tasks:
         if "__" in t or "/" in t or "-" in t:
             raise ValueError(f"task name {t!r} may not contain '__', '-' or '/'")
+    _check_names(cfg)
+    _check_sources(tasks)
+    if cfg["stats"]["n_bootstrap"] < MIN_BOOTSTRAP:
+        raise ValueError(
+            f"stats.n_bootstrap={cfg['stats']['n_bootstrap']}: the bootstrap intervals "
+            f"(ci_low, ci_high) need at least {MIN_BOOTSTRAP} resamples (0 would leave them "
+            f"empty); set stats.n_bootstrap >= {MIN_BOOTSTRAP} (default 1000)")
     ref = cfg["stats"]["reference"]
     if ref != "within_task" and ref not in tasks:
         raise ValueError(f"stats.reference={ref!r} is neither 'within_task' nor a task name "

@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from . import tracking
+from .jobs import offline_environment
 
 logger = logging.getLogger("qkov.hooks")
 
@@ -26,9 +27,9 @@ def configure_tracking(plan, main: bool = True) -> dict:
         if cfg["tracking"] != t:
             print(f"qkov: experiment {exp!r} has other tracking settings than "
                   f"{first['experiment']!r}; using the latter's", file=sys.stderr)
-    # a tracking server that does not answer must not stall the workflow for minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # offline (no telemetry) in Snakemake's process and every job it starts, before MLflow
+    # is imported; a tracking server that does not answer never stalls the workflow
+    offline_environment()
     uri = tracking.resolve_uri(t["uri"], plan.results)
     artifacts = tracking.default_artifacts(uri, plan.results)
     if main:

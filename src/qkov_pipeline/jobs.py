@@ -14,9 +14,13 @@ is the rule's resolved config slice, canonical JSON), and calls
   config hash, threads and device;
 - fixes torch's thread count from the config (``resources.<rule>.threads``), not from
   what the scheduler granted, so equal configs give bitwise-equal results;
+- runs offline (:func:`offline_environment`: no telemetry, no model hub);
+- checks its inputs against the sizes and digests their jobs recorded
+  (:func:`check_inputs`) and stops naming the file and the rule to force when one changed;
 - writes the resolved config next to its outputs (``output.config``) before running;
-- writes its tracking record (``output.record``) after success, logging it to MLflow
-  in direct mode (never failing the job because of MLflow).
+- writes its tracking record (``output.record``) after success, with the size and digest
+  of every output, logging it to MLflow in direct mode (never failing the job because of
+  MLflow); a failed job is a FAILED run.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class Job:
         self.metrics: dict[str, float] = {}
         self.artifacts: list[dict] = []
         self.tags: dict[str, str] = {}
+        self.record: dict | None = None      # once written: the job's tracking record
         self.t0 = time.time()
 
     # -- helpers for stages -----------------------------------------------------------
@@ -134,11 +139,7 @@ def write_resolved_config(job: Job) -> None:
 
 def run_stage(smk, stage: str) -> None:
     """Run ``qkov_pipeline.stages.<stage>.run(job)`` inside the job frame."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    offline_environment()
     job = Job(smk)
     # Thread counts come from the config (resources.<rule>.threads), not from what the
     # scheduler granted: set before numpy / torch are imported, and for torch explicitly.
@@ -150,6 +151,7 @@ def run_stage(smk, stage: str) -> None:
                 job.experiment, job.config_hash, job.threads, smk.threads)
     job.tags.update({"qkov.config_hash": job.config_hash, "qkov.threads": job.threads})
     try:
+        check_inputs(job)
         write_resolved_config(job)
         module = importlib.import_module(f"qkov_pipeline.stages.{stage}")
         if "torch" in sys.modules:
@@ -157,19 +159,64 @@ def run_stage(smk, stage: str) -> None:
         module.run(job)
         job.metric("time.total_s", time.time() - job.t0)
         job.artifact(job.output.config, "config")
-        record = tracking.new_record(experiment=job.experiment, rule=job.rule,
-                                     run_name=job.run_name, params=job.slice,
-                                     tags=job.tags, wildcards=job.wildcards)
-        record["metrics"] = job.metrics
-        record["artifacts"] = job.artifacts
-        record["finished"] = time.time()
-        record = tracking.log_with_timeout(record)
-        tracking.write_record(job.output.record, record)
-        logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
-                    record["status"])
-    except BaseException:
+        finish(job)
+    except BaseException as err:
         logger.error("rule %s failed:\n%s", job.rule, traceback.format_exc())
+        if job.record and job.record.get("mlflow"):   # MLflow logged it, then the job failed
+            tracking.mark_failed(job.record)
+        else:
+            tracking.log_failure(job.experiment, job.rule, job.run_name, job.slice, job.tags,
+                                 job.wildcards, f"{type(err).__name__}: {err}")
         raise
+
+
+def offline_environment() -> None:
+    """No phone-home from any process the workflow starts: Hugging Face offline, MLflow's
+    telemetry off (mlflow >= 3.2 reads MLFLOW_DISABLE_TELEMETRY / DO_NOT_TRACK), and a
+    tracking server that does not answer never stalls a job for minutes."""
+    for var, value in OFFLINE_ENV.items():
+        os.environ.setdefault(var, value)
+
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def finish(job: Job) -> None:
+    """Write the job's record: its metrics, and the size and digest of every output (the
+    next job checks them, :func:`check_inputs`); written pending first, so an MLflow run
+    never exists for a job whose record could not be written."""
+    from interference.results import output_digests
+
+    record = tracking.new_record(experiment=job.experiment, rule=job.rule,
+                                 run_name=job.run_name, params=job.slice,
+                                 tags=job.tags, wildcards=job.wildcards)
+    record["metrics"] = job.metrics
+    record["artifacts"] = job.artifacts
+    record["finished"] = time.time()
+    where = Path(job.output.record).parent
+    record["outputs"] = output_digests([p for p in job.output if p != job.output.record], where)
+    tracking.write_record(job.output.record, record)
+    job.record = tracking.log_with_timeout(record)
+    tracking.write_record(job.output.record, record)
+    logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
+                record["status"])
+
+
+def check_inputs(job: Job) -> None:
+    """Verify every input against the size and digest its producing job recorded (in the
+    ``mlflow.<rule>.json`` beside it); a missing, truncated or changed file stops the job
+    naming the file, what was expected and found, and ``snakemake --forcerun <rule>``."""
+    from interference.results import size_text, verify_inputs
+
+    t0 = time.time()
+    n_files, n_bytes = verify_inputs(list(job.input))
+    job.metric("time.verify_inputs_s", time.time() - t0)
+    if n_files:
+        logger.info("verified %d input files (%s) in %.2f s", n_files, size_text(n_bytes),
+                    time.time() - t0)
 
 
 def read_json(path) -> Any:

@@ -41,7 +41,8 @@ SLICE_VERSION = 1  # bump when the meaning of a slice changes (forces new keys)
 
 # rule -> its section of `resources` in conf/config.yaml
 RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_data": "prepare_data",
-                    "prepare_eval": "prepare_data", "collect": "collect", "scores": "scores",
+                    "prepare_eval": "prepare_data", "collect": "collect",
+                    "chunk_scores": "collect", "scores": "scores",
                     "stats": "stats", "validate": "validate", "tables": "summary",
                     "draw_figures": "figures", "draw_validation": "figures",
                     "summary": "summary", "track": "summary"}
@@ -145,6 +146,22 @@ def scores_slice(cfg: dict, a: str, b: str, seed: int, arm: str) -> dict:
         [a, b] + ([] if ref == "within_task" else [ref]))}
     return {"v": SLICE_VERSION, "task_a": a, "task_b": b, "arm": arm, "reference": ref,
             "stores": stores, "metric": copy.deepcopy(cfg["metric"])}
+
+
+def layer_chunks(cfg: dict) -> int:
+    """resources.collect.layer_chunks: 1 = stores (collect, then scores); K > 1 = K
+    chunk_scores jobs per pair and split seed, each collecting and scoring its layers."""
+    return int(cfg["resources"]["collect"].get("layer_chunks", 1) or 1)
+
+
+def chunk_slice(cfg: dict, a: str, b: str, seed: int) -> dict:
+    """What one layer-chunk job of pair A vs B computes: both arms' scores (main and, when
+    on, the control) from the stores' data and Fisher settings, for chunk c of K."""
+    arms = ["main"] + (["control"] if cfg["control"]["enabled"] else [])
+    main = scores_slice(cfg, a, b, seed, "main")
+    return {"v": SLICE_VERSION, "task_a": a, "task_b": b, "arms": arms,
+            "reference": main["reference"], "stores": main["stores"], "metric": main["metric"],
+            "layer_chunks": layer_chunks(cfg)}
 
 
 def stats_slice(cfg: dict, a: str, b: str, seed: int, arm: str) -> dict:
@@ -309,7 +326,39 @@ class Plan:
         tasks = pair_tasks(cfg)
         return {"models": [self.model_key(cfg)],
                 "data": [self.data_key(cfg, t, s) for s in seeds for t in tasks],
-                "stores": [self.store_key(cfg, t, s) for s in seeds for t in tasks]}
+                "stores": [] if layer_chunks(cfg) > 1 else
+                [self.store_key(cfg, t, s) for s in seeds for t in tasks]}
+
+    # -- layer chunks (resources.collect.layer_chunks > 1) -----------------------------
+    def chunk_dirs(self, exp: str, model: str, pair: str, seed) -> list[str]:
+        """``<main analysis>/split<seed>/chunks/<c>`` of every layer chunk of the analysis
+        ``pair`` (main or control; both read the main pair's chunks), or [] (stores)."""
+        base = pair.removesuffix(".control")
+        k = layer_chunks(self.analysis(exp, model, pair)["cfg"])
+        if k <= 1:
+            return []
+        return [f"{self.analysis_dir(exp, model, base)}/split{seed}/chunks/{c}"
+                for c in range(k)]
+
+    def scores_inputs(self, wc) -> dict[str, list[str]]:
+        """The scores job's inputs: the stores' ``grads`` and ``store.json``, or with layer
+        chunks the chunk folders (and no store)."""
+        chunks = self.chunk_dirs(wc.exp, wc.model, wc.pair, wc.seed)
+        if chunks:
+            return {"chunks": chunks}
+        keys = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed).values()
+        return {"grads": [f"{self.results}/_stores/{k}/grads" for k in keys],
+                "manifests": [f"{self.results}/_stores/{k}/store.json" for k in keys]}
+
+    def chunk_inputs(self, wc) -> dict[str, list[str]]:
+        """A chunk job's inputs: the model and the data of the pair's tasks (A, B and the
+        reference task)."""
+        x = self.analysis(wc.exp, wc.model, wc.pair)
+        r, cfg = self.results, x["cfg"]
+        tasks = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed)
+        return {"model": [f"{r}/_models/{x['model_key']}/model.json"],
+                "data": [f"{r}/_data/{self.data_key(cfg, t, int(wc.seed))}/manifest.json"
+                         for t in tasks]}
 
     # -- what the rules ask ------------------------------------------------------------
     def owner(self, wc) -> str:
@@ -345,6 +394,8 @@ class Plan:
         cfg, a, b, arm = x["cfg"], x["a"], x["b"], x["arm"]
         if rule == "scores":
             return canonical(scores_slice(cfg, a, b, int(wc.seed), arm))
+        if rule == "chunk_scores":
+            return canonical(chunk_slice(cfg, a, b, int(wc.seed)))
         if rule == "stats":
             return canonical(stats_slice(cfg, a, b, int(wc.seed), arm))
         if rule == "tables":
@@ -364,6 +415,18 @@ class Plan:
         """<analysis>/split<seed>/<name> for every split seed of the analysis."""
         x = self.analysis(wc.exp, wc.model, wc.pair)
         return [f"{self.analysis_dir(wc.exp, wc.model, wc.pair)}/split{s}/{name}" for s in x["seeds"]]
+
+    def control_cells(self, wc) -> list[str]:
+        """The negative control's cells.csv beside a main analysis (none for a control)."""
+        ctrl = f"{wc.pair}.control"
+        return ([f"{self.results}/{wc.exp}/{wc.model}/{ctrl}/cells.csv"]
+                if (wc.exp, wc.model, ctrl) in self.analyses else [])
+
+    def validation_cells(self, wc) -> list[str]:
+        """The primary split seed's validation_cells.csv where the analysis is validated."""
+        if (wc.exp, wc.model, wc.pair) not in self.validated(wc.exp):
+            return []
+        return self.seed_files(wc, "validation/validation_cells.csv")[:1]
 
     def experiment_files(self, exp: str, name: str, per_seed: bool = False) -> list[str]:
         out = []
@@ -411,7 +474,8 @@ class Plan:
         for exp, cfg in self.experiments.items():
             exec_[exp] = {rule: copy.deepcopy(cfg["resources"][sec])
                           for rule, sec in RESOURCE_SECTION.items()}
-            exec_[exp]["collect"]["disk_safety"] = cfg["workflow"]["disk_safety"]
+            for rule in ("collect", "chunk_scores"):
+                exec_[exp][rule]["disk_safety"] = cfg["workflow"]["disk_safety"]
         return {"owners": owners, "exec": exec_}
 
 
@@ -517,10 +581,32 @@ def resource(plan, wc, name: str, gathered):
 
 
 def check_plan(plan) -> None:
-    """Refuse, before any job starts, stores that cannot be sharded (fisher.mode=ema)."""
+    """Refuse, before any job starts, stores that cannot be sharded (fisher.mode=ema) and
+    layer chunks with a setting that needs every layer at once."""
     for store in plan.stores.values():
         shards = plan.experiments[store["owner"]]["resources"]["collect"].get("shards", 1)
         planned_shards(store["slice"], shards)
+    for exp, cfg in plan.experiments.items():
+        check_chunks(cfg)
+
+
+def check_chunks(cfg: dict) -> None:
+    """resources.collect.layer_chunks > 1 scores each chunk of layers without stores: refuse
+    what needs a whole-model gradient (metric.gj_norm=l2 divides by it) or the stores
+    (validation reads them)."""
+    k = layer_chunks(cfg)
+    if k <= 1:
+        return
+    where = f"experiment {cfg['experiment']!r}: resources.collect.layer_chunks={k}"
+    if cfg["metric"]["gj_norm"] == "l2":
+        raise ValueError(f"{where} but metric.gj_norm=l2 divides each g_j by its norm over "
+                         "all layers, which no chunk sees: use layer_chunks=1 or gj_norm=none")
+    if cfg["validation"]["enabled"]:
+        raise ValueError(f"{where} but validation.enabled reads the gradient stores, which "
+                         "layer chunks do not keep: use layer_chunks=1 for a validated run")
+    if cfg["resources"]["collect"].get("shards", 1) > 1:
+        raise ValueError(f"{where} and resources.collect.shards > 1: choose one way to split "
+                         "the collection (layer chunks spread over GPUs as well)")
 
 
 # ----------------------------------------------------------------------------- figures and sweeps

@@ -20,11 +20,13 @@ The store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri``, else
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -201,12 +203,85 @@ def experiment_id(client, name: str, artifacts: str | None) -> str:
 
 
 def init_store(uri: str, artifacts: str | None, experiments: list[str]) -> None:
-    """Create the store's tables (fresh sqlite) and the experiments, in ONE process."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    for name in experiments:
-        experiment_id(client, name, artifacts)
+    """Create the store's tables and the experiments, once: under a file lock beside a
+    sqlite store, a fresh database is built under a temporary name and renamed into place
+    (a crash or a concurrent start never leaves a half-made one), and an unusable database
+    that holds no run (a crash during its creation by an older version) is moved aside and
+    made again; the jobs' records stay pending until ``track`` logs them."""
+    if not uri.startswith("sqlite:///"):
+        client = _client(uri)
+        for name in experiments:
+            experiment_id(client, name, artifacts)
+        return
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db.parent / f".{db.name}.init.lock")):
+        if db.exists() and not _usable(db):
+            _set_aside(db)
+            _forget_engine(uri)
+        if not db.exists():
+            tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            _client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates tables
+            os.replace(tmp, db)
+        client = _client(uri)
+        for name in experiments:
+            experiment_id(client, name, artifacts)
+
+
+def _usable(db: Path) -> bool:
+    """The sqlite store's schema is complete (MLflow's latest revision is stamped). Read
+    with sqlite3, not MLflow: an MLflow connection to a broken file would stay open."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error as err:
+        rows, why = [], str(err)
+    else:
+        why = f"schema version {rows[0][0] if rows else 'none'}"
+    if rows and rows[0][0] == _get_latest_schema_revision():
+        return True
+    logger.warning("MLflow store %s is not usable (%s)", db, why)
+    return False
+
+
+def _forget_engine(uri: str) -> None:
+    """Drop MLflow's cached connection to a store file that was moved aside (this process
+    tried it before), so the new file is opened."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    except (ImportError, AttributeError):
+        pass
+
+
+def _set_aside(db: Path) -> None:
+    """Move an unusable sqlite store aside, unless it holds runs (then stop: never lose one)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            n_runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+    except sqlite3.Error:
+        n_runs = 0                     # no runs table: its creation never finished
+    if n_runs:
+        raise RuntimeError(f"MLflow store {db} holds {n_runs} runs but its schema is "
+                           "incomplete or old; it was left as it is. Back it up and run "
+                           f"`mlflow db upgrade sqlite:///{db}`, or move it away (the next run "
+                           "makes a new one and `snakemake --forcerun track` logs every record)")
+    aside = db.with_name(f"{db.name}.unusable-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(db, aside)
+    print(f"qkov: the MLflow store {db} was left unusable by an interrupted creation and "
+          f"held no run; moved to {aside.name} and made again", file=sys.stderr)
 
 
 def start_parents(uri: str, artifacts: str | None, experiments: dict[str, str],
@@ -251,15 +326,17 @@ def find_runs(client, experiment_name: str, tag: str, value: str):
                               max_results=10)
 
 
-def log_record(uri: str, artifacts: str | None, record: dict, parent_run_id: str | None) -> str:
-    """Create the child run of a record (params, metrics, tags, artifacts); returns its id.
-    Idempotent: a FINISHED run with the record's id is reused, an unfinished one replaced."""
+def log_record(uri: str, artifacts: str | None, record: dict, parent_run_id: str | None,
+               status: str = "FINISHED") -> str:
+    """Create the child run of a record (params, metrics, tags, artifacts) and end it with
+    ``status``; returns its id. Idempotent: a run with the record's id that ended with
+    ``status`` is reused, another one (unfinished, or FAILED before) replaced."""
     from mlflow.entities import Metric, Param, RunTag
 
     client = _client(uri)
     name = record["mlflow_experiment"]
     for run in find_runs(client, name, "qkov.record_id", record["record_id"]):
-        if run.info.status == "FINISHED":
+        if run.info.status == status:
             return run.info.run_id
         client.delete_run(run.info.run_id)
     eid = experiment_id(client, name, artifacts)
@@ -283,8 +360,18 @@ def log_record(uri: str, artifacts: str | None, record: dict, parent_run_id: str
         if path.is_file():
             _retry(lambda: client.log_artifact(rid, str(path), art.get("dir")),
                    what=f"log artifact {path.name}")
-    _retry(lambda: client.set_terminated(rid, "FINISHED"), what="end run")
+    _retry(lambda: client.set_terminated(rid, status), what="end run")
     return rid
+
+
+def _has_run(client, run_id: str | None) -> bool:
+    """The store holds a FINISHED run ``run_id`` (not one of a store made again since)."""
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.status == "FINISHED"
+    except Exception:
+        return False
 
 
 def _finite(v) -> bool:
@@ -316,11 +403,15 @@ def bounded(fn, timeout_s: float, name: str = "mlflow") -> tuple[Any, str | None
 
 def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
     """Direct mode: log the record as a child of this workflow run's parent, within
-    timeout_s; on failure or timeout the record stays pending (``track`` logs it later)."""
+    timeout_s; on failure or timeout, or without a parent run (MLflow was down when the
+    workflow started), the record stays pending and ``track`` logs it under its parent."""
     s = settings_from_env()
     if s["mode"] != "direct" or not s["uri"]:
         return record
     parent = s["parents"].get(record["experiment"])
+    if not parent:
+        record["mlflow_error"] = "no parent run (MLflow was unreachable at the start)"
+        return record
     run_id, why = bounded(lambda: log_record(s["uri"], s["artifacts"], record, parent),
                           timeout_s if timeout_s is not None else s["timeout_s"], "mlflow-log")
     if why is None:
@@ -331,6 +422,30 @@ def log_with_timeout(record: dict, timeout_s: float | None = None) -> dict:
         record["mlflow_error"] = why
         logger.warning("MLflow logging deferred (%s); the track rule will log this record", why)
     return record
+
+
+def log_failure(experiment: str, rule: str, run_name: str, params: dict, tags: dict,
+                wildcards: dict, error: str) -> None:
+    """Direct mode: a FAILED child run for a job that failed (its error as a tag); never
+    raises, at most ``timeout_s`` (no record file: Snakemake removes a failed job's outputs)."""
+    s = settings_from_env()
+    parent = s["parents"].get(experiment)
+    if s["mode"] != "direct" or not s["uri"] or not parent:
+        return
+    record = new_record(experiment=experiment, rule=rule, run_name=run_name, params=params,
+                        tags={**tags, "qkov.error": error[:4000]}, wildcards=wildcards)
+    _, why = bounded(lambda: log_record(s["uri"], s["artifacts"], record, parent, "FAILED"),
+                     s["timeout_s"], "mlflow-failed")
+    if why:
+        logger.warning("could not record the failure in MLflow: %s", why)
+
+
+def mark_failed(record: dict) -> None:
+    """End a record's MLflow run as FAILED (its job failed after logging it)."""
+    info = record.get("mlflow") or {}
+    if info.get("run_id"):
+        bounded(lambda: _client(info["uri"]).set_terminated(info["run_id"], "FAILED"),
+                settings_from_env()["timeout_s"], "mlflow-failed")
 
 
 # ----------------------------------------------------------------------------- ablation sweeps
@@ -457,7 +572,7 @@ def sync(record_paths: list[str], experiment: str, summary: dict | None,
     for p in record_paths:
         rec = read_record(p)
         info = rec.get("mlflow") or {}
-        if rec.get("status") == "logged" and info.get("run_id"):
+        if rec.get("status") == "logged" and _has_run(client, info.get("run_id")):
             result["records"][p] = {"status": "logged", "run_id": info["run_id"]}
             continue
         rid = log_record(s["uri"], s["artifacts"], rec,

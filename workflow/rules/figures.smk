@@ -1,5 +1,6 @@
 # Figures from saved results (never from gradients):
-#   draw_figures           every figure and table of one analysis
+#   draw_figures           every figure and table of one analysis, and its cell explorer
+#                          (figures/explorer.html: self-contained, opens offline)
 #   draw_stability         analyses with two or more split seeds: stability across seeds
 #   draw_ablation_summary  a sweep (two or more experiments): the variants compared, MLflow
 # Targets: `snakemake figures` (all of them; add --forcerun draw_figures to redraw what is up
@@ -18,6 +19,8 @@ rule draw_figures:
         null_top=lambda wc: PLAN.seed_files(wc, "null_top.npz")[0],
         data=lambda wc: [f"{R}/_data/{k}/manifest.json" for k in PLAN.analysis_data(
             wc.exp, wc.model, wc.pair, PLAN.analysis(wc.exp, wc.model, wc.pair)["seeds"][0]).values()],
+        control=PLAN.control_cells,           # for the explorer: the control's value of a cell
+        validation=PLAN.validation_cells,     # for the explorer: measured effects, if validated
     output:
         manifest=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/figures.json",
         heatmap_q=qp.figure_report(R, "heatmap_Q.png", "heatmap_Q", ("Heatmaps", "Q heatmap")),
@@ -36,6 +39,8 @@ rule draw_figures:
                                  ("Diagnostics", "p-value histogram")),
         null_top=qp.figure_report(R, "null_top.png", "null_top",
                                   ("Diagnostics", "permutation null of the top cells")),
+        explorer=qp.figure_report(R, "explorer.html", "explorer",
+                                  ("Cell explorer", "click a cell: statistics, pairs, texts")),
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_figures.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_figures.json",
     params:
@@ -136,6 +141,7 @@ rule ablation_summary:
 rule figures:
     # Target: every figure of the planned experiments (and the sweep's ablation summary).
     input:
-        [f"{R}/{e}/{m}/{p}/figures/figures.json" for (e, m, p) in PLAN.analyses],
+        [f"{R}/{e}/{m}/{p}/figures/{f}" for (e, m, p) in PLAN.analyses
+         for f in ("figures.json", "explorer.html")],
         qp.stability_files(PLAN),
         [f"{SWEEP['dir']}/ablation.json"] if SWEEP else [],

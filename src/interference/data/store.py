@@ -23,13 +23,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..results import write_bytes
+from ..results import IntegrityError, read_json_file, write_bytes
 from .tasks import Record
 from .tokenization import TokenizedBatch
 
 FORMAT, VERSION = "interference.task_batches", 1
 TENSOR_FILE, MANIFEST_FILE = "tensors.safetensors", "manifest.json"
 _KEYS = ("input_ids", "attention_mask", "labels")
+REBUILD = "snakemake --forcerun prepare_data"
 
 
 def save_task_batches(path: str | Path, batches_by_role: Mapping[str, TokenizedBatch],
@@ -78,12 +79,15 @@ def load_task_batches(path: str | Path) -> tuple[dict[str, TokenizedBatch], dict
     for name in (MANIFEST_FILE, TENSOR_FILE):
         if not (path / name).is_file():
             raise ValueError(f"not a prepared task folder: {path / name} is missing")
-    manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest = read_json_file(path / MANIFEST_FILE, REBUILD)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{path}: unknown format {manifest.get('format')!r} v{manifest.get('version')!r}")
     data = (path / TENSOR_FILE).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest["tensors_sha256"]:
-        raise ValueError(f"{path}: {TENSOR_FILE} does not match the manifest (interrupted or mixed saves)")
+        raise IntegrityError(f"{path / TENSOR_FILE} does not match the manifest (expected sha256 "
+                             f"{manifest['tensors_sha256']}, found {hashlib.sha256(data).hexdigest()}, "
+                             f"{len(data)} bytes): it was changed, truncated or mixed with another "
+                             f"save; rebuild it: {REBUILD}")
     tensors = st_load(data)
     batches: dict[str, TokenizedBatch] = {}
     records: dict[str, list[Record]] = {}

@@ -115,23 +115,52 @@ def file_records(path: str | Path, id_field: str | None = "id", prompt_field: st
         rows = pd.read_parquet(path).to_dict(orient="records")
     elif suffixes.endswith(".json"):
         rows = json.loads(path.read_text(encoding="utf-8"))
+        lines = list(range(len(rows))) if isinstance(rows, list) else []
     else:
-        opener = gzip.open if suffixes.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows, lines = _json_lines(path, gzip.open if suffixes.endswith(".gz") else open)
+    if suffixes.endswith(".parquet"):
+        lines = list(range(len(rows)))
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"task file {path} has no records")
     name = name or path.name.split(".")[0]
     records: list[Record] = []
+    where = "line" if lines and not suffixes.endswith((".json", ".parquet")) else "row"
     for k, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"task file {path}: {where} {lines[k]} is a JSON "
+                             f"{_json_type(row)}, not an object with fields "
+                             f"{[f for f in (id_field, prompt_field, answer_field) if f]}")
         fields = [f for f in (id_field, prompt_field, answer_field) if f is not None]
         missing = [f for f in fields if row.get(f) is None]
         if missing:
-            raise ValueError(f"task file {path}: row {k} lacks field(s) {missing} (has {sorted(row)})")
+            raise ValueError(f"task file {path}: {where} {lines[k]} lacks field(s) {missing} "
+                             f"(has {sorted(row)})")
         raw_id = f"{k:06d}" if id_field is None else str(row[id_field])
         records.append({"id": f"{name}:{raw_id}", "prompt": str(row[prompt_field]),
                         "answer": str(row[answer_field])})
     return validate_records(records, f"{name} ({path})")
+
+
+def _json_lines(path: Path, opener) -> tuple[list, list[int]]:
+    """(rows, their 1-based line numbers) of a JSON-lines file; a malformed line is a
+    ValueError naming the file, the line number and the column."""
+    rows, lines = [], []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"task file {path}: line {n} is not valid JSON ({err.msg} at "
+                                 f"column {err.colno})") from None
+            lines.append(n)
+    return rows, lines
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 @register_task("prose")

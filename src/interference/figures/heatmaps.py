@@ -1,11 +1,14 @@
-"""Figure 1: the layer x head map of ``layer_head_avg`` per block, significant cells boxed.
+"""Figure 1: per block, the layer x head map of the mean score M (``layer_head_avg``) beside
+the map of the effect size d that the test decides on; significant cells boxed on both.
 
 Rows are the real layer ids (bottom = first), columns the real query-head ids. A cell is
 boxed when the statistics call it a significant conflict (``significant``: q <= alpha and
-d >= min_effect_size). A K/V cell is shared by the query heads of its GQA group, so every
-query-head column of the group is boxed, and the groups are separated by vertical lines
-(kv head ids on the top axis). The signed variant is drawn with a diverging map centred on
-0 (conflict is negative there); the others with viridis.
+d >= min_effect_size): the boxes belong to the effect-size map (d of the disruption share,
+task B against A's held-out reference samples), which is drawn beside M so a reader sees
+the quantity that made a cell significant. A K/V cell is shared by the query heads of its
+GQA group, so every query-head column of the group is boxed, and the groups are separated by
+vertical lines (kv head ids on the top axis). Signed quantities (the signed variant's M,
+every d) are drawn with a diverging map centred on 0; the others with viridis.
 """
 from __future__ import annotations
 
@@ -38,52 +41,89 @@ def kv_boundaries(kv_head_of) -> list[int]:
     return [k for k in range(1, len(kv_head_of)) if kv_head_of[k] != kv_head_of[k - 1]]
 
 
-def draw_block_heatmap(ax, heatmap: Mapping, cells: pd.DataFrame, block: str,
-                       title: str | None = None):
-    """Draw ``heatmap[block]['layer_head_avg']`` [n_layers, n_heads] on ``ax``; returns the
-    image. Boxes (gid 'significant') mark the squares of :func:`significant_squares`."""
+def cell_grid(cells: pd.DataFrame, block: str, column: str, layers, heads) -> np.ndarray:
+    """``cells[column]`` of ``block`` on the [n_layers, n_heads] grid (a K/V cell's value
+    on every query head of its group; NaN where no cell)."""
+    cells = load_cells(cells)
+    sub = cells[cells["block"] == block]
+    grid = np.full((len(layers), len(heads)), np.nan)
+    for value, squares in zip(sub[column].astype(float), grid_positions(sub, layers, heads)):
+        for lp, hp in squares:
+            grid[lp, hp] = value
+    return grid
+
+
+QUANTITIES = {"mean": "mean score M (layer_head_avg)",
+              "effect": "effect size d (tested; boxes)"}
+
+
+def _values(heatmap: Mapping, cells: pd.DataFrame, block: str, quantity: str):
+    """(values [n_layers, n_heads], diverging?) of the quantity drawn."""
     meta = heatmap["meta"]
     layers, heads = meta["layers"], meta["heads"]
-    kv_of = meta.get("kv_head_of") or list(heads)
+    if quantity == "effect":
+        return cell_grid(cells, block, "effect_size", layers, heads), True
+    if quantity != "mean":
+        raise ValueError(f"quantity must be one of {list(QUANTITIES)}, got {quantity!r}")
     avg = np.asarray(heatmap[block]["layer_head_avg"], dtype=float)
     if avg.shape != (len(layers), len(heads)):
         raise ValueError(f"{block}: layer_head_avg has shape {avg.shape}, expected "
                          f"({len(layers)}, {len(heads)})")
-    signed = meta.get("variant") == "signed" or np.nanmin(avg) < 0
-    im = ax.imshow(avg, origin="lower", aspect="auto", interpolation="nearest",
-                   cmap=style.DIVERGING if signed else style.SEQUENTIAL,
-                   norm=CenteredNorm() if signed else None)
-    ax.set_xticks(range(len(heads)), [str(h) for h in heads])
-    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
-    ax.set_xlabel("query head")
-    ax.set_ylabel("layer")
-    ax.spines[:].set_visible(False)
-    gqa = len(set(kv_of)) < len(heads)
+    return avg, meta.get("variant") == "signed" or np.nanmin(avg) < 0
+
+
+def _draw_groups(ax, block: str, kv_of, n_heads: int) -> None:
+    """GQA group lines (solid for K/V, dotted for Q/O) and kv ids on top of K/V maps."""
+    gqa = len(set(kv_of)) < n_heads
     shared = block in style.SHARED_BLOCKS and gqa
     for k in kv_boundaries(kv_of) if gqa else []:
         ax.axvline(k - 0.5, color="black", lw=1.2 if shared else 0.5,
                    ls="-" if shared else ":", path_effects=_HALO if shared else None)
     if shared:
         starts = [0] + kv_boundaries(kv_of)
-        ends = starts[1:] + [len(heads)]
+        ends = starts[1:] + [n_heads]
         top = ax.secondary_xaxis("top")
         top.set_xticks([(s + e - 1) / 2 for s, e in zip(starts, ends)],
                        [f"kv{kv_of[s]}" for s in starts])
         top.tick_params(length=0)
+
+
+def draw_block_heatmap(ax, heatmap: Mapping, cells: pd.DataFrame, block: str,
+                       title: str | None = None, quantity: str = "mean"):
+    """Draw one block's map on ``ax``; returns the image. quantity 'mean':
+    ``heatmap[block]['layer_head_avg']`` [n_layers, n_heads]; 'effect': the cells' effect
+    size d. Boxes (gid 'significant') mark the squares of :func:`significant_squares`."""
+    meta = heatmap["meta"]
+    layers, heads = meta["layers"], meta["heads"]
+    values, diverging = _values(heatmap, cells, block, quantity)
+    im = ax.imshow(values, origin="lower", aspect="auto", interpolation="nearest",
+                   cmap=style.DIVERGING if diverging else style.SEQUENTIAL,
+                   norm=CenteredNorm() if diverging else None)
+    ax.set_xticks(range(len(heads)), [str(h) for h in heads])
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_xlabel("query head")
+    ax.set_ylabel("layer")
+    ax.spines[:].set_visible(False)
+    _draw_groups(ax, block, meta.get("kv_head_of") or list(heads), len(heads))
     for lp, hp in significant_squares(cells, block, layers, heads):
         ax.add_patch(Rectangle((hp - 0.5, lp - 0.5), 1, 1, fill=False, edgecolor="black",
                                lw=1.4, gid=MARK_GID, path_effects=_HALO))
-    ax.figure.colorbar(im, ax=ax, shrink=0.8, label="mean score M (layer_head_avg)")
+    ax.figure.colorbar(im, ax=ax, shrink=0.8, label="M" if quantity == "mean" else "d")
     ax.set_title(title or block)
     return im
 
 
 def caption(meta: Mapping, block: str | None = None, summary: Mapping | None = None) -> str:
-    """Caption of the map of one block (or of the 2x2 panel)."""
+    """Caption of the maps of one block (or of the panel of all four)."""
     what = f"Block {block}" if block else "Blocks Q, K, V, O"
-    text = (f"{what}: mean QK-OV interference layer_head_avg over all sample pairs, "
-            f"{style.describe(meta)}; real layer and query-head ids. Boxed: significant "
-            f"conflicts ({style.significance_rule(summary)}).")
+    left, right = ("Left", "Right") if block else ("Top row", "Bottom row")
+    text = (f"{what}, {style.describe(meta)}; real layer and query-head ids. {left}: "
+            "the mean QK-OV score M (layer_head_avg) over all sample pairs. "
+            f"{right}: the effect size d of each cell (Cohen's d of task B's "
+            "share of disruption against A's held-out reference samples), the quantity the "
+            "permutation test decides on. Boxed on both: significant conflicts "
+            f"({style.significance_rule(summary)}); they belong to the effect-size map, so a "
+            "boxed cell can be dark on the M map.")
     if block is None or block in style.SHARED_BLOCKS:
         text += (" K/V parameters are shared by the query heads of a GQA group: the whole "
                  "group is boxed, groups are separated by vertical lines (kv ids on top).")
@@ -96,21 +136,26 @@ def _size(n_layers: int, n_heads: int) -> tuple[float, float]:
 
 def write_block_heatmaps(heatmap: Mapping, cells, out_dir: str | Path,
                          summary: Mapping | None = None) -> list[dict]:
-    """Write ``heatmap_<B>.{pdf,png}`` per block and ``heatmap_panel.{pdf,png}`` (2x2).
-    Returns manifest entries [{'path', 'caption'}]."""
+    """Write ``heatmap_<B>.{pdf,png}`` per block (M beside d) and ``heatmap_panel.{pdf,png}``
+    (M maps on the top row, d maps below). Returns manifest entries [{'path', 'caption'}]."""
     cells = load_cells(cells)
     meta, out_dir = heatmap["meta"], Path(out_dir)
     w, h = _size(len(meta["layers"]), len(meta["heads"]))
     entries = []
     with style.context():
         for b in style.BLOCKS:
-            fig, ax = style.new_figure(w, h)
-            draw_block_heatmap(ax, heatmap, cells, b, title=f"{b}: {style.describe(meta)}")
+            fig, axes = style.new_figure(2 * w, h, ncols=2)
+            for ax, q in zip(axes, QUANTITIES):
+                draw_block_heatmap(ax, heatmap, cells, b, title=f"{b}: {QUANTITIES[q]}",
+                                   quantity=q)
+            fig.suptitle(style.describe(meta))
             paths = style.save_figure(fig, out_dir / f"heatmap_{b}")
             entries += style.entries(paths, caption(meta, b, summary))
-        fig, axes = style.new_figure(2 * w, 2 * h, nrows=2, ncols=2)
-        for ax, b in zip(axes.flat, style.BLOCKS):
-            draw_block_heatmap(ax, heatmap, cells, b)
+        fig, axes = style.new_figure(4 * w, 2 * h, nrows=2, ncols=4)
+        for row, q in zip(axes, QUANTITIES):
+            for ax, b in zip(row, style.BLOCKS):
+                draw_block_heatmap(ax, heatmap, cells, b, title=f"{b}: {QUANTITIES[q]}",
+                                   quantity=q)
         fig.suptitle(style.describe(meta))
         paths = style.save_figure(fig, out_dir / "heatmap_panel")
         entries += style.entries(paths, caption(meta, summary=summary))

@@ -81,10 +81,27 @@ def markdown(doc: dict) -> str:
                          f"{r['n_q_significant']} | **{r['n_significant']}** | "
                          + " | ".join(str(by.get(b, 0)) for b in BLOCKS)
                          + f" | {g['ratio']:.3g} ({g['p_value']:.3g}) |")
+    lines += _power_lines(doc)
     lines += _control_section(doc)
     lines += _stability_section(doc)
     lines += _tables_section(doc)
     return "\n".join(lines) + "\n"
+
+
+def _power_lines(doc: dict) -> list[str]:
+    """One line per analysis and split seed: the Cohen's d this run finds 80% of the time."""
+    lines = []
+    for pair, a in doc["analyses"].items():
+        for seed, r in sorted(a["seeds"].items()):
+            pw = r.get("power")
+            if pw:
+                lines.append(f"- power, {pair} split {seed}: a lone conflicting cell is found "
+                             f"with {pw['power']:.0%} probability at Cohen's d >= "
+                             f"**{pw['mde_d']:.2f}** ({pw['n_b']} B vs {pw['n_r']} R "
+                             f"disruptors, {pw['n_cells']} cells, level {pw['level']:.2g}; "
+                             "`scripts/power_plan.py` gives the samples a target d needs)")
+    return ["", "Minimal detectable effect (docs/statistics.md, Power):", ""] + lines \
+        if lines else []
 
 
 def _control_section(doc: dict) -> list[str]:

@@ -16,6 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
+from ..results import size_text
+
 logger = logging.getLogger("qkov.gradients")
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -37,53 +41,185 @@ def take(batch: dict, start: int, stop: int) -> dict:
     return out
 
 
-def disk_plan(n_params: int, n_stored: int, store_dtype: str) -> dict:
-    """Bytes of the final store and the peak while saving (spilled rows are moved, not copied)."""
-    final = n_params * BYTES[store_dtype] * n_stored
-    return {"final_bytes": final, "peak_bytes": final}  # save moves spilled rows
+def layer_bytes(indexer, tokens: list[int], store_dtype: str, gradient_format: str,
+                model_dtype: str) -> dict[int, int]:
+    """Layer -> bytes the store holds for samples of ``tokens`` (one count per sample).
+
+    Dense rows: every head-slice value of the layer in ``store_dtype``. Factored
+    (``gradient_format`` auto | factored, decided per projection and sample as
+    :class:`FactorLayout` does): x [T, d_in] and δ [T, d_out] in ``model_dtype``, x counted
+    once per projection (an upper bound: q/k/v_proj of LLaMA share one x), else the
+    projection's full gradient in ``store_dtype``.
+    """
+    from .factored import DTYPES, FactorLayout
+
+    sb = DTYPES[store_dtype].itemsize
+    per_layer = {layer: 0 for layer in indexer.layers}
+    if gradient_format == "dense":
+        for (layer, _), e in indexer.entries.items():
+            per_layer[layer] += e.numel * sb * len(tokens)
+        return per_layer
+    fb = DTYPES[model_dtype].itemsize
+    layout = FactorLayout.from_indexer(indexer, gradient_format, store_dtype)
+    layer_of = {p["name"].rsplit(".", 1)[0]: int(k.split("|")[0])
+                for k, parts in layout.parts_spec.items() for p in parts}
+    for path, m in layout.modules.items():
+        dense = sum(int(np.prod(s)) for s in m["shapes"].values()) * sb
+        for T in tokens:
+            factored = layout.fmt == "factored" or T * (m["d_in"] + m["d_out"]) * fb < \
+                m["d_in"] * m["d_out"] * sb
+            per_layer[layer_of[path]] += T * (m["d_in"] + m["d_out"]) * fb if factored else dense
+    return per_layer
+
+
+def disk_plan(n_params: int, n_stored: int, store_dtype: str,
+              stored_bytes: int | None = None) -> dict:
+    """Bytes of the final store and the peak while saving (spilled rows are moved, not
+    copied). ``stored_bytes``: the rows' size when known (:func:`layer_bytes`, factored
+    stores); else dense rows of ``n_params`` values in ``store_dtype``."""
+    final = n_params * BYTES[store_dtype] * n_stored if stored_bytes is None else stored_bytes
+    fisher = n_params * 8      # fisher.safetensors: the float64 Fisher of the task
+    return {"final_bytes": int(final + fisher), "peak_bytes": int(final + fisher)}
 
 
 def check_disk(where: Path, plan: dict, safety: float) -> None:
+    """Refuse (RuntimeError, before any work) a store whose peak size exceeds ``safety`` x
+    the free disk at ``where``."""
     free = shutil.disk_usage(where).free
-    gb = 2 ** 30
-    logger.info("gradient store: %.2f GB on disk (peak %.2f GB while saving); %.2f GB free at %s",
-                plan["final_bytes"] / gb, plan["peak_bytes"] / gb, free / gb, where)
+    peak, kept = size_text(plan["peak_bytes"]), size_text(plan["final_bytes"])
+    logger.info("gradient store: %s on disk (peak %s while saving); %s free at %s",
+                kept, peak, size_text(free), where)
     if plan["peak_bytes"] > safety * free:
         raise RuntimeError(
             f"not enough disk for the gradient store at {where}: it needs up to "
-            f"{plan['peak_bytes'] / gb:.2f} GB while saving ({plan['final_bytes'] / gb:.2f} GB "
-            f"kept) but {free / gb:.2f} GB are free (workflow.disk_safety={safety}). Free space, "
-            "point workflow.results at a bigger disk, use fisher.store_dtype=bfloat16 (half "
-            "the size) or fewer scored/reference/control samples")
+            f"{peak} while saving ({kept} kept) but {size_text(free)} are free (workflow.disk_safety={safety}). Free space, point "
+            "workflow.results at a bigger disk, use resources.collect.gradient_format=auto "
+            "(factored rows where smaller), fisher.store_dtype=bfloat16 (half the size of "
+            "dense rows), resources.collect.layer_chunks > 1 (nothing stored) or fewer "
+            "scored/reference/control samples")
 
 
-def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int):
+# forward + backward FLOPs per token ~ 6 x parameters; sustained rates assumed for the
+# estimate (B3: 2 CPU cores ~ 13 GFLOP/s each through the per-sample engine; H200 hooks
+# engine ~ 40 TFLOP/s float32, ~ 150 TFLOP/s bfloat16)
+RATE_FLOPS = {"cpu": 13e9, "cuda/float32": 40e12, "cuda/bfloat16": 150e12,
+              "cuda/float16": 150e12}
+
+
+def estimate(n_model_params: int, tokens: list[int], passes: int, device: str,
+             model_dtype: str, threads: int) -> float:
+    """Seconds of gradient collection, roughly: ``passes`` forward+backward passes of
+    6 x ``n_model_params`` FLOPs per token over ``tokens`` at :data:`RATE_FLOPS`."""
+    rate = RATE_FLOPS["cpu"] * max(1, threads) if device.startswith("cpu") else \
+        RATE_FLOPS[f"cuda/{model_dtype}"]
+    return 6.0 * n_model_params * float(sum(tokens)) * passes / rate
+
+
+def stored_format(model, gradient_format: str) -> str:
+    """The format a collector with ``gradient_format`` stores for ``model``: factored rows
+    need the hooks engine (causal LMs); other models keep dense rows."""
+    from .objectives import default_objective
+    from .per_sample import PerSampleGradients
+
+    if gradient_format == "dense":
+        return "dense"
+    engine = PerSampleGradients.choose_engine(model, default_objective(model), "auto")
+    return gradient_format if engine == "hooks" else "dense"
+
+
+def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradient_format: str,
+                        gradient_memory_mb: float, device: str, threads: int) -> dict:
+    """What collecting ``batches`` (role -> batch; 'fisher' rows are not stored) will take,
+    before any work: ``rows_bytes`` (the stored gradients, :func:`layer_bytes`),
+    ``disk`` (:func:`disk_plan`), ``memory_bytes`` (model + rows held within
+    ``gradient_memory_mb`` + the float64 Fisher) and ``seconds`` (:func:`estimate`)."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    stored = [int(t) for role, b in batches.items() if role != "fisher"
+              for t in b["attention_mask"].sum(1).tolist()]
+    every = [int(t) for b in batches.values() for t in b["attention_mask"].sum(1).tolist()]
+    fmt = stored_format(model, gradient_format)
+    rows = sum(layer_bytes(indexer, stored, store_dtype, fmt, dtype).values())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    fisher = 8 * indexer.total_size
+    memory = model_bytes + min(rows, gradient_memory_mb * 2**20) + fisher
+    n_model = sum(p.numel() for p in model.parameters())
+    return {"format": fmt, "rows_bytes": int(rows), "model_bytes": int(model_bytes),
+            "fisher_bytes": int(fisher), "memory_bytes": int(memory),
+            "disk": disk_plan(indexer.total_size, len(stored), store_dtype, rows),
+            "seconds": estimate(n_model, every, 1, device, dtype, threads)}
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(est: dict, available: int | None, loaded: bool = True) -> None:
+    """Refuse (RuntimeError, before any work) a CPU collection whose host memory (rows held
+    within gradient_memory_mb + the float64 Fisher, plus the model unless ``loaded``)
+    exceeds ``available`` bytes (None: not checked)."""
+    need = est["memory_bytes"] - (est["model_bytes"] if loaded else 0)
+    if available is not None and need > available:
+        raise RuntimeError(
+            f"not enough memory to collect: it needs about {size_text(need)} more (gradient rows "
+            f"held in memory and the float64 Fisher of {size_text(est['fisher_bytes'])}) but "
+            f"{size_text(available)} are available. Lower resources.collect.gradient_memory_mb "
+            "(rows beyond it go to disk) or use resources.collect.layer_chunks > 1")
+
+
+def log_estimate(task: str, est: dict) -> None:
+    logger.info("%s: estimate before collecting: %s of %s gradient rows (disk %s), memory "
+                "about %s (model %s, rows held %s, Fisher %s), about %.1f s of "
+                "forward+backward", task, size_text(est["rows_bytes"]), est["format"],
+                size_text(est["disk"]["final_bytes"]), size_text(est["memory_bytes"]),
+                size_text(est["model_bytes"]),
+                size_text(est["memory_bytes"] - est["model_bytes"] - est["fisher_bytes"]),
+                size_text(est["fisher_bytes"]), est["seconds"])
+
+
+def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int,
+                   layers: list[int] | None = None, store_device="cpu"):
     """A FisherCollector for the fisher settings ``f`` and the collect rule's execution
-    settings ``ex`` (gradient_memory_mb, gradient_format), spilling to ``spill``."""
+    settings ``ex`` (gradient_memory_mb, gradient_format), spilling to ``spill``;
+    ``layers``: only these (layer chunks), rows kept on ``store_device``."""
     from .fisher import FisherCollector
 
     return FisherCollector(
         enable_cross_task_analysis=True,
         gradient_memory_mb=float(ex.get("gradient_memory_mb", 1024)),
         ema_decay=f["ema_decay"], store_dtype=f["store_dtype"], spill_dir=spill, config=qcfg,
-        loss_reduction=f["loss_reduction"], progress=True, micro_batch=micro_batch,
-        fisher_partials=partials, gradient_format=ex.get("gradient_format", "dense"))
+        loss_reduction=f["loss_reduction"], progress=False, micro_batch=micro_batch,
+        fisher_partials=partials, gradient_format=ex.get("gradient_format", "dense"),
+        layers=layers, store_device=store_device)
 
 
 def collect_role(collector, model, batch: dict, task: str, role: str, mode: str,
                  start: int, stop: int, micro_batch: int) -> dict:
-    """Samples [start, stop) of one role. The Fisher (mode mean) is summed one micro-batch
-    unit per call, so shards (whole units) and one job add the same sums in the same order.
+    """Samples [start, stop) of one role, one micro-batch unit per call (the engine's own
+    micro-batches, so the same numbers), under one progress bar counting the role's samples
+    (rate, ETA). The Fisher (mode mean) is summed one unit per call, so shards (whole units)
+    and one job add the same sums in the same order; mode ema takes one call (one update).
     Returns n, per-sample losses (batch order), sample ids, seconds."""
+    from tqdm.auto import tqdm
+
     t = time.time()
-    calls = [(start, stop)]
-    if role == "fisher" and mode == "mean":
-        calls = [(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
+    calls = [(a, min(a + micro_batch, stop)) for a in range(start, stop, micro_batch)]
+    if role == "fisher" and mode != "mean":
+        calls = [(start, stop)]
     losses, ids = [], []
-    for a, b in calls:
-        res = collector.collect_fisher(model, take(batch, a, b), task=task, mode=mode, role=role)
-        losses += res["losses"]
-        ids += list(res["sample_ids"])
+    with tqdm(total=stop - start, desc=f"{task} ({role})", unit="sample") as bar:
+        for a, b in calls:
+            res = collector.collect_fisher(model, take(batch, a, b), task=task, mode=mode,
+                                           role=role)
+            losses += res["losses"]
+            ids += list(res["sample_ids"])
+            bar.update(b - a)
     return {"n": stop - start, "losses": losses, "sample_ids": ids, "seconds": time.time() - t}
 
 

@@ -324,8 +324,8 @@ class FisherCollector:
                     raise ValueError(f"{d} was collected with another model or config than "
                                      f"{directories[0]}")
                 self._store.merge(store)
-            tensors = load_file(str(d / "fisher.safetensors"))
             md = _fisher_metadata(d / "fisher.safetensors")
+            tensors = _read_fisher_file(d / "fisher.safetensors", load_file)
             tf = TaskFisher(store.size, md["mode"], float(md["beta"]))
             tf.state, tf.steps, tf.count = tensors["state"], int(md["steps"]), int(md["count"])
             tf.sample_ids = json.loads(md["sample_ids"])
@@ -462,9 +462,21 @@ def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> Non
 
 def _fisher_metadata(path: Path) -> dict[str, str]:
     """The metadata written by :func:`_save_fisher` (also the older one-key-per-field form)."""
-    with safe_open(str(path), "pt") as sf:
-        md = sf.metadata() or {}
+    md = _read_fisher_file(path, lambda p: safe_open(p, "pt").metadata()) or {}
     return json.loads(md["qkov"]) if "qkov" in md else md
+
+
+def _read_fisher_file(path: Path, read):
+    """``read(str(path))``; a missing, truncated or damaged file raises IntegrityError
+    naming it and the fix, never safetensors' own error."""
+    from ..results import IntegrityError
+
+    try:
+        return read(str(path))
+    except Exception as err:
+        raise IntegrityError(
+            f"{path}: cannot read the Fisher ({type(err).__name__}: {str(err)[:200]}); the "
+            "file is truncated or damaged: rebuild it: snakemake --forcerun collect") from None
 
 
 class _EmptyStore:

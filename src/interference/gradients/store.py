@@ -48,7 +48,10 @@ def _to_numpy(vec: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 
 
 def _from_numpy(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    """float32 tensor of stored values; a read-only memory map is copied (torch cannot
+    wrap read-only memory), so reads never warn and never alias the file."""
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
     return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).float()
 
 
@@ -516,8 +519,10 @@ class GradientStore:
     def open(cls, directory: str | os.PathLike, memory_mb: float = 0.0,
              collector=None) -> "GradientStore":
         """Memory-map a saved store (read-only rows; nothing is loaded until asked)."""
+        from ..results import read_json_file
+
         directory = Path(directory)
-        index = json.loads((directory / "index.json").read_text())
+        index = read_json_file(directory / "index.json", REBUILD)
         if index.get("format_version") not in (FORMAT_VERSION, FACTORED_FORMAT_VERSION):
             raise ValueError(f"{directory}: store format {index.get('format_version')} is not "
                              f"{FORMAT_VERSION} or {FACTORED_FORMAT_VERSION}; recollect the "
@@ -543,6 +548,9 @@ class GradientStore:
                 store.losses[(task, sid)] = info["losses"][row]
                 store.n_tokens[(task, sid)] = info["n_tokens"][row]
             shard.disk_rows = len(info["ids"])
+            if not info.get("parts"):
+                _check_size(shard.path, shard.disk_rows * shard.row_bytes,
+                            f"{shard.disk_rows} rows of {shard.row_bytes} bytes")
             if info.get("parts"):               # a gathered store (see gather)
                 parts = [(directory / p["file"], int(p["rows"])) for p in info["parts"]]
                 if sum(n for _, n in parts) != len(info["ids"]):
@@ -550,10 +558,7 @@ class GradientStore:
                                      f"{sum(n for _, n in parts)} rows, the index lists "
                                      f"{len(info['ids'])} ids")
                 for path, n in parts:
-                    size = path.stat().st_size if path.is_file() else -1
-                    if size != n * shard.row_bytes:
-                        raise ValueError(f"{path}: {size} bytes, expected {n} rows of "
-                                         f"{shard.row_bytes} bytes (an interrupted gather?)")
+                    _check_size(path, n * shard.row_bytes, f"{n} rows of {shard.row_bytes} bytes")
                 shard.set_parts(parts)
             store.shards[(task, role)] = shard
         return store
@@ -685,12 +690,25 @@ def _open_factored(store: GradientStore, directory: Path, task: str, info: dict)
         store.losses[(task, sid)] = info["losses"][r]
         store.n_tokens[(task, sid)] = info["n_tokens"][r]
     for path, end in zip(files, ends):
-        size = path.stat().st_size if path.is_file() else -1
-        if size < end:
-            raise ValueError(f"{path}: {size} bytes, the index needs {end} (an interrupted "
-                             "save or gather?)")
+        _check_size(path, end, "the records the index lists", at_least=True)
     shard.file_bytes = ends[0]
     return shard
+
+
+REBUILD = "snakemake --forcerun collect (or collect the store again)"
+
+
+def _check_size(path: Path, expected: int, what: str, at_least: bool = False) -> None:
+    """A row file must hold ``expected`` bytes (``at_least``: no fewer), else the store was
+    truncated or is incomplete: :class:`~interference.results.IntegrityError`, never a
+    memory-map error."""
+    from ..results import IntegrityError
+
+    size = path.stat().st_size if path.is_file() else None
+    if size is None or size < expected or (size != expected and not at_least):
+        found = "it is missing" if size is None else f"found {size} bytes"
+        raise IntegrityError(f"{path}: expected {expected} bytes ({what}), {found}: the store "
+                             f"is truncated or incomplete; rebuild it: {REBUILD}")
 
 
 def _claim(owner: dict, shard, task: str, i: int, d: Path, directories) -> list[str]:

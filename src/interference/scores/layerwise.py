@@ -4,15 +4,23 @@ A LLaMA-2-7B-shaped model has 2.1 G attention weights: 8.6 GB of float32 gradien
 sample, 2.6 TB for 300 samples. Instead of storing them, each chunk of layers is
 collected, scored and dropped: for chunk c, every sample's forward and backward runs
 with gradients switched on for chunk c's attention weights only (autograd then stops at
-the chunk's lowest layer), the chunk's Fisher and per-sample gradients are held within
-the GPU budget, and the chunk's (layer, block) scores are computed. The cost is one
-forward (and a partial backward) per sample per chunk; the result is identical to the
-stored path (tests/test_layerwise.py), because every (layer, block) score only reads that
-layer's gradients and Fisher.
+the chunk's lowest layer), the chunk's Fisher and per-sample gradients are held in memory,
+and the chunk's (layer, block) scores are computed. Every (layer, block) score reads only
+that layer's gradients and Fisher, so the result equals the stored path
+(tests/test_layerwise.py, tests/test_chunks.py: byte-identical cells.csv).
+
+- :func:`chunk_layers`: a model's layers in contiguous chunks (the workflow's chunk jobs);
+- :func:`layer_passes`: a chunk's layers in passes whose rows fit a memory budget (one
+  forward + backward per sample and pass);
+- :func:`score_layers`: collect and score some layers, pass by pass, for the arms of an
+  analysis (main A vs B, control A vs A') and the reference disruptors;
+- :func:`join_heatmaps`: chunks' heatmaps (and reference scores) -> one heatmap;
+- :func:`layerwise_heatmap`: all of it in one process (benchmarks/bench_7b.py).
 """
 from __future__ import annotations
 
 import gc
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,8 +29,157 @@ from tqdm.auto import tqdm
 from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
 from ..gradients import FisherCollector
+from ..gradients.collect import collect_role
+from .arms import arm_heatmap, check_disjoint_tasks, reference_scores
 from .metric import QKOVInterferenceMetric
 
+
+def chunk_layers(layers: list[int], n_chunks: int) -> list[list[int]]:
+    """``layers`` in ``min(n_chunks, len(layers))`` contiguous chunks whose sizes differ by
+    at most one (the first ones larger)."""
+    if int(n_chunks) < 1:
+        raise ValueError(f"layer chunks must be >= 1, got {n_chunks}")
+    k = min(int(n_chunks), len(layers))
+    q, r = divmod(len(layers), k)
+    out, start = [], 0
+    for c in range(k):
+        stop = start + q + (c < r)
+        out.append(list(layers[start:stop]))
+        start = stop
+    return out
+
+
+def layer_passes(layers: list[int], bytes_of_layer: dict[int, int],
+                 budget_bytes: float | None) -> list[list[int]]:
+    """``layers`` in as few contiguous passes as keep each pass's rows (``bytes_of_layer``,
+    all samples) within ``budget_bytes`` (None: one pass). A layer alone over the budget
+    is a ValueError: nothing can be collected within it."""
+    if budget_bytes is None:
+        return [list(layers)]
+    passes, cur, used = [], [], 0
+    for layer in layers:
+        b = int(bytes_of_layer[layer])
+        if b > budget_bytes:
+            raise ValueError(f"one layer's gradient rows ({b / 2**30:.2f} GB for layer {layer}) "
+                             f"exceed the memory budget ({budget_bytes / 2**30:.2f} GB): use "
+                             "fewer or shorter samples, or a larger budget")
+        if cur and used + b > budget_bytes:
+            passes.append(cur)
+            cur, used = [], 0
+        cur.append(layer)
+        used += b
+    passes.append(cur)
+    return passes
+
+
+def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> None:
+    """Every task's roles in :data:`ROLES` order, as the workflow's collect job runs them."""
+    for task, by_role in batches.items():
+        for role in ROLES:
+            if role in by_role:
+                n = len(by_role[role]["sample_ids"])
+                collect_role(collector, model, by_role[role], task, role, fisher_mode, 0, n,
+                             micro_batch)
+
+
+def _arm_disruptors(collector, arm: str, task_a: str, task_b: str):
+    if arm == "main":
+        return task_b, collector.sample_ids(task_b, "scored")
+    return task_a, collector.sample_ids(task_a, "control")
+
+
+def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b: str,
+                 passes: list[list[int]], make_collector: Callable[[list[int]], FisherCollector],
+                 *, arms: tuple[str, ...] = ("main",), reference_task: str | None = None,
+                 metric_kwargs: dict | None = None, fisher_mode: str = "mean",
+                 micro_batch: int = 8, contents: dict | None = None,
+                 progress: bool = True) -> dict[str, dict]:
+    """Collect and score the layers of ``passes``, one pass at a time.
+
+    Args:
+        batches: task -> role ('fisher', 'scored', 'reference', 'control') -> batch.
+        make_collector: layers -> an empty FisherCollector restricted to them.
+        arms: 'main' (A vs B) and/or 'control' (A vs A').
+        contents: task -> {sample id: content digest} (check_disjoint_tasks), or None.
+    Returns:
+        arm -> {'heat': heatmap of these layers, 'ref': block -> [n_a, n_r, n_layers,
+        n_heads] or None, 'ids_r': the reference samples, 'sq_norms_b' / 'sq_norms_r': [n]
+        squared gradient norms of the disruptors / reference samples over these layers,
+        'config': the QKOVConfig, 'top_k'}.
+    """
+    reference_task = reference_task or task_a
+    parts: dict[str, list] = {arm: [] for arm in arms}
+    for layers in tqdm(passes, desc="layer passes", disable=not progress):
+        collector = make_collector(list(layers))
+        _collect(collector, model, batches, fisher_mode, micro_batch)
+        metric = QKOVInterferenceMetric(collector.config, collector, **(metric_kwargs or {}))
+        store = collector.gradient_manager
+        ids_r = collector.sample_ids(reference_task, "reference")
+        for arm in arms:
+            disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
+            if contents is not None:
+                check_disjoint_tasks(collector, contents, task_a, disruptor, ids_j,
+                                     reference_task, ids_r)
+            heat = arm_heatmap(metric, arm, task_a, task_b)
+            heat["meta"] = {k: v for k, v in heat["meta"].items() if k != "metric"}
+            ref = reference_scores(metric, heat["meta"], reference_task, ids_r) if ids_r else None
+            parts[arm].append({"heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
+                               "top_k": metric.top_k,
+                               "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,
+                               "sq_norms_r": store.grad_norms(reference_task, ids_r) ** 2})
+        store.release()                 # drop this pass's rows before the next
+        del metric, collector, store
+        gc.collect()                    # collector <-> store/Fisher are cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {arm: join_parts(p) for arm, p in parts.items()}
+
+
+def join_parts(parts: list[dict]) -> dict:
+    """Passes' (or chunks') results of one arm, in layer order -> one result."""
+    heat, ref = join_heatmaps([p["heat"] for p in parts], [p["ref"] for p in parts],
+                              parts[0]["config"], parts[0]["top_k"])
+    return {"heat": heat, "ref": ref, "ids_r": parts[0]["ids_r"], "config": parts[0]["config"],
+            "top_k": parts[0]["top_k"],
+            "sq_norms_b": np.sum([p["sq_norms_b"] for p in parts], axis=0),
+            "sq_norms_r": np.sum([p["sq_norms_r"] for p in parts], axis=0)}
+
+
+def join_heatmaps(parts: list[dict], refs: list[dict | None] | None, config: QKOVConfig,
+                  top_k: int) -> tuple[dict, dict | None]:
+    """Heatmaps of consecutive layer ranges (same samples, heads and settings) -> the
+    heatmap of all their layers, as ``compute_heatmap`` makes it in one piece: scores
+    concatenated along the layer axis, ``layer_head_avg`` and ``top_conflicts``
+    recomputed over all layers, ridge diagnostics merged. ``refs``: the parts' reference
+    scores (block -> [n_a, n_r, n_layers_part, n_heads]), joined the same way; ``config``
+    (the model's QKOVConfig) and ``top_k`` rank the top conflicts as the metric does."""
+    meta = dict(parts[0]["meta"])
+    for p in parts[1:]:
+        for k in ("sample_ids_a", "sample_ids_b", "heads", "settings", "fisher_tasks"):
+            if p["meta"][k] != meta[k]:
+                raise ValueError(f"heatmap parts differ in {k}: cannot join them")
+    layers = [layer for p in parts for layer in p["meta"]["layers"]]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"heatmap parts overlap in layers: {layers}")
+    ranker = QKOVInterferenceMetric(config, None, **meta["settings"], top_k=top_k,
+                                    device="cpu")
+    out = {}
+    for b in BLOCKS:
+        scores = np.concatenate([p[b]["scores"] for p in parts], axis=2)
+        out[b] = {"scores": scores, "layer_head_avg": scores.mean(axis=(0, 1)),
+                  "top_conflicts": ranker.top_conflicts(b, scores, layers, meta["heads"],
+                                                        meta["sample_ids_a"],
+                                                        meta["sample_ids_b"]),
+                  "layers": list(layers), "heads": list(meta["heads"])}
+    ridge = {}
+    for p in parts:
+        ridge.update(p["meta"]["ridge"])
+    meta.update(layers=layers, ridge=ridge)
+    out["meta"] = meta
+    ref = None
+    if refs and all(r is not None for r in refs):
+        ref = {b: np.concatenate([r[b] for r in refs], axis=2) for b in BLOCKS}
+    return out, ref
 
 
 def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, task_b: str, *,
@@ -30,13 +187,11 @@ def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, t
                       metric_kwargs: dict | None = None, fisher_mode: str = "mean",
                       engine: str = "auto", micro_batch: int = 8, store_device=None,
                       gradient_memory_mb: float = 1e9, store_dtype: str = "float32",
-                      config: QKOVConfig | None = None, progress: bool = True):
-    """Collect and score chunk by chunk.
+                      gradient_format: str = "dense", config: QKOVConfig | None = None,
+                      progress: bool = True):
+    """Collect and score chunk by chunk (``layers_per_chunk`` layers per pass), in one
+    process.
 
-    Args:
-        batches: task -> role ('fisher', 'scored', 'reference', 'control') -> batch.
-        reference_task: whose 'reference' samples are the reference disruptors
-            (default task A); None when no reference batch exists.
     Returns:
         (heatmap, reference_scores): the heatmap as ``compute_heatmap`` makes it (its meta
         has no live metric) and block -> [n_a, n_r, n_layers, n_heads] for the reference
@@ -44,55 +199,19 @@ def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, t
     """
     config = config or QKOVConfig.from_model(model)
     all_layers = QKOVIndexer(model, config).layers
-    chunks = [all_layers[k:k + layers_per_chunk]
+    passes = [all_layers[k:k + layers_per_chunk]
               for k in range(0, len(all_layers), layers_per_chunk)]
-    reference_task = reference_task or task_a
     device = store_device or next(model.parameters()).device
-    parts, ref_parts, meta = [], [], None
-    for chunk in tqdm(chunks, desc="layer chunks", disable=not progress):
-        collector = FisherCollector(
+
+    def make(layers):
+        return FisherCollector(
             enable_cross_task_analysis=True, gradient_memory_mb=gradient_memory_mb,
             store_dtype=store_dtype, config=config, engine=engine, micro_batch=micro_batch,
-            layers=chunk, store_device=device)
-        for task, by_role in batches.items():
-            for role in ROLES:
-                if role in by_role:
-                    collector.collect_fisher(model, by_role[role], task=task, mode=fisher_mode,
-                                             role=role)
-        metric = QKOVInterferenceMetric(config, collector, **(metric_kwargs or {}))
-        heat = metric.compute_heatmap(task_a, task_b, layers=chunk)
-        parts.append(heat)
-        ids_r = collector.sample_ids(reference_task, "reference")
-        if ids_r:
-            ref_parts.append(metric.pair_scores(task_a, heat["meta"]["sample_ids_a"],
-                                                reference_task, ids_r, chunk,
-                                                fisher_tasks=tuple(heat["meta"]["fisher_tasks"])))
-        meta = heat["meta"]
-        heat["meta"] = {k: v for k, v in meta.items() if k != "metric"}
-        collector.gradient_manager.release()     # drop this chunk's rows before the next
-        last_metric = metric
-        del metric, collector
-        gc.collect()                              # collector <-> store/Fisher are cycles
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return _concatenate(parts, last_metric, meta, all_layers), (
-        {b: np.concatenate([r[b] for r in ref_parts], axis=2) for b in BLOCKS}
-        if ref_parts else None)
+            layers=layers, store_device=device, gradient_format=gradient_format)
 
-
-def _concatenate(parts, metric, meta, layers):
-    heads = meta["heads"]
-    out = {}
-    for b in BLOCKS:
-        scores = np.concatenate([p[b]["scores"] for p in parts], axis=2)
-        out[b] = {"scores": scores, "layer_head_avg": scores.mean(axis=(0, 1)),
-                  "top_conflicts": metric.top_conflicts(b, scores, layers, heads,
-                                                         meta["sample_ids_a"],
-                                                         meta["sample_ids_b"]),
-                  "layers": list(layers), "heads": list(heads)}
-    ridge = {}
-    for p in parts:
-        ridge.update(p["meta"]["ridge"])
-    out["meta"] = {k: v for k, v in meta.items() if k != "metric"}
-    out["meta"].update(layers=list(layers), ridge=ridge, recompute="layerwise")
-    return out
+    res = score_layers(model, batches, task_a, task_b, passes, make,
+                       reference_task=reference_task, metric_kwargs=metric_kwargs,
+                       fisher_mode=fisher_mode, micro_batch=micro_batch,
+                       progress=progress)["main"]
+    res["heat"]["meta"]["recompute"] = "layerwise"
+    return res["heat"], res["ref"]

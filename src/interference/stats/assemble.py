@@ -12,6 +12,10 @@ from scipy.stats import norm
 from .permutation import PermutationResult
 
 TEST_NAMES = {
+    "brunner_munzel": "two-sample permutation test of Brunner-Munzel's studentised rank "
+                      "statistic (on the normal scale through its Satterthwaite t); "
+                      "H0: P(share_B > share_R) + P(=)/2 = 1/2, exact when B/R labels are "
+                      "exchangeable",
     "welch": "two-sample permutation test of Welch's t (studentised), B/R labels "
              "exchangeable under H0",
     "mean_diff": "two-sample permutation test of the mean difference, B/R labels "
@@ -109,11 +113,13 @@ def global_ratio(tot_b: np.ndarray, tot_r: np.ndarray, extra: dict[str, np.ndarr
 
 
 def by_intervals(table: pd.DataFrame, draws: np.ndarray, summary: dict, fdr_alpha: float,
-                 fdr_family: str) -> None:
+                 fdr_family: str, ci_method: str = "basic") -> None:
     """Benjamini-Yekutieli FCR-adjusted intervals for the selected (significant) cells:
     level 1 - R alpha / m per FDR family (R selected of m cells). At such levels the
     percentile tails would need ~10^5-10^6 draws, so these intervals are normal ones,
-    estimate +- z_{1 - R alpha / (2m)} x bootstrap standard error."""
+    centre +- z_{1 - R alpha / (2m)} x bootstrap standard error, the centre being the
+    estimate, bias-corrected as the basic interval is (2 estimate - mean of the draws) when
+    ci_method is 'basic'."""
     fam = table["block"].to_numpy() if fdr_family == "block" \
         else np.zeros(len(table), dtype=int)
     levels = {}
@@ -127,8 +133,12 @@ def by_intervals(table: pd.DataFrame, draws: np.ndarray, summary: dict, fdr_alph
         z = float(norm.ppf(1.0 - (1.0 - level) / 2.0))
         se = draws[:, sel].std(axis=0, ddof=1)
         est = table["mean_diff"].to_numpy()[sel]
+        if ci_method == "basic":
+            est = 2.0 * est - draws[:, sel].mean(axis=0)
         table.loc[sel, "ci_low_by"] = est - z * se
         table.loc[sel, "ci_high_by"] = est + z * se
     summary["by_levels"] = levels
-    summary["by_method"] = ("normal interval, mean difference +- z x bootstrap standard "
-                            "error, at level 1 - R*fdr_alpha/m per FDR family")
+    summary["by_method"] = ("normal interval, " + ("bias-corrected " if ci_method == "basic"
+                                                   else "") +
+                            "mean difference +- z x bootstrap standard error, at level "
+                            "1 - R*fdr_alpha/m per FDR family")

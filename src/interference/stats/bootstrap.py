@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 
+from .._tables import CI_METHODS
 from .disruption import normalise
 
 
@@ -82,4 +84,35 @@ def percentile_interval(draws: np.ndarray, level) -> tuple[np.ndarray, np.ndarra
         a = (1.0 - lev) / 2.0
         q = np.quantile(draws[:, idx], [a, 1.0 - a], axis=0)
         lo[idx], hi[idx] = q[0], q[1]
+    return lo, hi
+
+
+def bootstrap_interval(draws: np.ndarray, estimate: np.ndarray, level,
+                       method: str = "basic") -> tuple[np.ndarray, np.ndarray]:
+    """Interval per column from bootstrap draws [n_draws, m] of an estimate [m].
+
+    - ``percentile``: the (1-level)/2 and (1+level)/2 quantiles of the draws;
+    - ``basic``: 2 estimate - those quantiles, swapped (reverses the bootstrap's bias);
+    - ``bc``: bias-corrected percentile (Efron 1981): with z0 = Phi^-1(share of draws below
+      the estimate, ties half), the quantiles at Phi(2 z0 +- z_{(1+level)/2}). The share
+      is clipped to [1/(2n), 1 - 1/(2n)] so z0 stays finite.
+    ``level``: scalar or [m].
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    estimate = np.asarray(estimate, dtype=np.float64)
+    if method == "percentile":
+        return percentile_interval(draws, level)
+    if method == "basic":
+        lo, hi = percentile_interval(draws, level)
+        return 2.0 * estimate - hi, 2.0 * estimate - lo
+    if method != "bc":
+        raise ValueError(f"unknown interval method {method!r}; expected one of {CI_METHODS}")
+    n = draws.shape[0]
+    below = ((draws < estimate).sum(axis=0) + 0.5 * (draws == estimate).sum(axis=0)) / n
+    z0 = norm.ppf(np.clip(below, 0.5 / n, 1.0 - 0.5 / n))
+    z = norm.ppf((1.0 + np.broadcast_to(np.asarray(level, dtype=np.float64), z0.shape)) / 2)
+    lo_q, hi_q = norm.cdf(2.0 * z0 - z), norm.cdf(2.0 * z0 + z)
+    lo, hi = np.empty(z0.shape), np.empty(z0.shape)
+    for c in range(z0.shape[0]):
+        lo[c], hi[c] = np.quantile(draws[:, c], [lo_q[c], hi_q[c]])
     return lo, hi

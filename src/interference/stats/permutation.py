@@ -27,6 +27,7 @@ import numpy as np
 
 from .._tables import ALTERNATIVES, STATISTICS
 from .effects import two_groups
+from .rank import brunner_munzel_z, null_statistics, tie_patterns
 
 _EPS = np.finfo(np.float64).eps
 
@@ -152,7 +153,8 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     ----------
     x_b : [n_b, m] values of the "B" group (rows: disruptors, columns: cells).
     x_r : [n_r, m] values of the reference group.
-    statistic : 'welch' (Welch's t, studentised) or 'mean_diff' (mean_B - mean_R).
+    statistic : 'brunner_munzel' (Brunner-Munzel's rank statistic on the normal scale, see
+        :mod:`.rank`), 'welch' (Welch's t, studentised) or 'mean_diff' (mean_B - mean_R).
     alternative : 'greater' (large T is evidence) or 'less' (small T is evidence).
     n_permutations : N random relabellings; if C(n_b + n_r, n_b) <= N, all relabellings
         are enumerated instead (exact test).
@@ -166,6 +168,17 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     """
     x, n_b, n_permutations = _check_groups(x_b, x_r, statistic, alternative, n_permutations)
     n, m = x.shape
+    n_all = math.comb(n, n_b)
+    exact = n_all <= n_permutations
+    n_used = n_all if exact else n_permutations
+    batch_size = default_batch_size(m) if batch_size is None else max(1, int(batch_size))
+    batches = _mask_batches(n, n_b, n_used, exact, batch_size, seed)
+    bar = _progress_bar(progress, n_used)
+    if statistic == "brunner_munzel":
+        t_obs, constant, scan = _rank_scan(x, n_b, batches, alternative, tol_factor,
+                                           keep_null_top, bar)
+        return _assemble(scan, t_obs, n_used, exact, alternative, statistic, constant,
+                         scan.top_cols)
     xc = x - x.mean(axis=0)
     sd = xc.std(axis=0, ddof=1)
     scale = np.abs(x).max(axis=0)
@@ -177,16 +190,15 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     observed_mask[0, :n_b] = 1.0
     t_obs = stat(observed_mask)[0]
     sign = 1.0 if alternative == "greater" else -1.0
-
-    n_all = math.comb(n, n_b)
-    exact = n_all <= n_permutations
-    n_used = n_all if exact else n_permutations
-    batch_size = default_batch_size(m) if batch_size is None else max(1, int(batch_size))
-    k_top = min(max(int(keep_null_top), 0), m)
-    top_cols = np.lexsort((-(sign * t_obs), constant))[:k_top]   # non-constant first
-    scan = _scan_null(stat, _mask_batches(n, n_b, n_used, exact, batch_size, seed), t_obs,
-                      sign, tol_factor, top_cols, _progress_bar(progress, n_used))
+    top_cols = _top_columns(t_obs, constant, sign, keep_null_top)
+    scan = _scan_null(stat, batches, t_obs, sign, tol_factor, top_cols, bar)
     return _assemble(scan, t_obs, n_used, exact, alternative, statistic, constant, top_cols)
+
+
+def _top_columns(t_obs: np.ndarray, constant: np.ndarray, sign: float, k: int) -> np.ndarray:
+    """The k columns with the most extreme observed T in the tested tail, constant last."""
+    k_top = min(max(int(k), 0), t_obs.shape[0])
+    return np.lexsort((-(sign * t_obs), constant))[:k_top]
 
 
 def _check_groups(x_b, x_r, statistic: str, alternative: str, n_permutations
@@ -238,13 +250,60 @@ def _progress_bar(progress: bool, total: int):
 @dataclass(frozen=True)
 class _NullScan:
     """What one pass over the permutations accumulates, per column [m]: the count of T* at
-    least as extreme as T, the sums of (T* - T) and of its square, and the kept T* of the
-    top columns ([k, N])."""
+    least as extreme as T, the sums of (T* - T) and of its square, the kept T* of the
+    top columns ([k, N]) and which columns those are ([k])."""
 
     count: np.ndarray
     s1: np.ndarray
     s2: np.ndarray
     null_top: np.ndarray
+    top_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: float,
+               keep_null_top: int, bar) -> tuple[np.ndarray, np.ndarray, _NullScan]:
+    """(T [m], constant [m], scan) of the Brunner-Munzel z statistic (:mod:`.rank`): one
+    null per tie pattern of the pooled columns (one for all tie-free columns), p-value
+    counts by binary search in each batch's sorted null."""
+    n, m = x.shape
+    t_obs = brunner_munzel_z(x[:n_b], x[n_b:])
+    patterns = tie_patterns(x)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for c, pat in enumerate(patterns):
+        groups.setdefault(pat, []).append(c)
+    constant = np.zeros(m, dtype=bool)
+    constant[[c for pat, cols in groups.items() if len(pat) == 1 for c in cols]] = True
+    t_obs[constant] = 0.0
+    sign = 1.0 if alternative == "greater" else -1.0
+    u_obs = sign * t_obs
+    threshold = u_obs - tol_factor * _EPS * np.abs(u_obs)
+    top_cols = _top_columns(t_obs, constant, sign, keep_null_top)
+    index = {pat: np.asarray(cols, dtype=np.intp) for pat, cols in groups.items()}
+    count, s1, s2 = np.zeros(m, dtype=np.int64), np.zeros(m), np.zeros(m)
+    kept: list[np.ndarray] = []
+    total = 0
+    for masks in batches:
+        total += masks.shape[0]
+        nulls = {}
+        for pat, cols in index.items():
+            null = null_statistics(masks, pat, n_b)             # [b]
+            nulls[pat] = null
+            u_sorted = np.sort(sign * null)
+            count[cols] += u_sorted.size - np.searchsorted(u_sorted, threshold[cols], "left")
+            s1[cols] += null.sum()
+            s2[cols] += (null * null).sum()
+        if top_cols.size:
+            kept.append(np.stack([nulls[patterns[c]] for c in top_cols]))
+        if bar is not None:
+            bar.update(masks.shape[0])
+    if bar is not None:
+        bar.close()
+    # raw sums of T* and T*^2 -> sums of (T* - T) and of its square (as _assemble expects)
+    null_top = np.concatenate(kept, axis=1) if kept else np.zeros((top_cols.size, 0))
+    scan = _NullScan(count=count, s1=s1 - total * t_obs,
+                     s2=s2 - 2.0 * t_obs * s1 + total * t_obs * t_obs, null_top=null_top,
+                     top_cols=top_cols)
+    return t_obs, constant, scan
 
 
 def _scan_null(stat: _GroupStatistic, batches, t_obs: np.ndarray, sign: float,

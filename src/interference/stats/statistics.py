@@ -34,7 +34,7 @@ import pandas as pd
 from .._tables import VARIANTS
 from ..settings import StatisticsSettings
 from . import assemble
-from .bootstrap import percentile_interval, stratified_bootstrap
+from .bootstrap import bootstrap_interval, stratified_bootstrap
 from .cells import broadcast_to_heads, distinct_cells, gather_cells
 from .checks import (check_disjoint, check_disruption, check_ids, check_scores,
                      heatmap_blocks, heatmap_collector, reference_samples)
@@ -43,6 +43,7 @@ from .effects import auc as auc_fn
 from .effects import cohens_d
 from .fdr import bh_qvalues, default_n_permutations, min_bh_rejections, resolution_message
 from .permutation import PermutationResult, permutation_test_matrix
+from .power import power_summary
 
 logger = logging.getLogger("fisher.qkov")
 TEST_NAMES = assemble.TEST_NAMES
@@ -50,6 +51,11 @@ TEST_NAMES = assemble.TEST_NAMES
 
 class PermutationResolutionWarning(UserWarning):
     """Too few permutations (or disruptors) for Benjamini-Hochberg at this many cells."""
+
+
+class FisherOverlapWarning(UserWarning):
+    """Task B's scored samples also entered the Fisher normaliser (the seed's role='all'):
+    B and the reference disruptors are then not exchangeable and p-values are optimistic."""
 
 
 def alternative_for(variant: str) -> str:
@@ -73,10 +79,13 @@ class QKOVStatistics:
         significant conflict.
     seed : int (or None / numpy SeedSequence) seeding permutations and bootstrap; the
         permutation and bootstrap streams are independent children of it.
-    statistic : 'welch' (default) or 'mean_diff' (ablation, not studentised).
+    statistic : 'brunner_munzel' (default, studentised ranks), 'welch' (studentised means,
+        the former default) or 'mean_diff' (ablation, not studentised).
     disruption_norm : 'share' (default), 'l2' or 'none' (see :mod:`.disruption`).
     fdr_family : 'all' (all distinct cells of all blocks, default) or 'block'.
-    ci_level : level of the bootstrap percentile intervals (default 0.95).
+    ci_level : level of the bootstrap intervals (default 0.95).
+    ci_method : 'basic' (default), 'percentile' (the former default) or 'bc'; see
+        :func:`.bootstrap.bootstrap_interval` and docs/statistics.md for the coverage.
     tol_factor : p-value tolerance, T* >= T - tol_factor * eps * |T| counts as extreme.
     batch_size : permutations per GEMM batch (None: about 2^21 / m).
     progress : tqdm progress bar over permutation batches.
@@ -87,16 +96,17 @@ class QKOVStatistics:
 
     def __init__(self, fdr_alpha: float = 0.05, n_permutations: int | None = None,
                  n_bootstrap: int = 1000, min_effect_size: float = 0.2, *, seed=0,
-                 statistic: str = "welch", disruption_norm: str = "share",
-                 fdr_family: str = "all", ci_level: float = 0.95, tol_factor: float = 100.0,
+                 statistic: str = "brunner_munzel", disruption_norm: str = "share",
+                 fdr_family: str = "all", ci_level: float = 0.95, ci_method: str = "basic",
+                 tol_factor: float = 100.0,
                  batch_size: int | None = None, progress: bool = False,
                  kv_rtol: float = 1e-6, n_null_top: int = 0):
         self.options = StatisticsSettings(
             fdr_alpha=fdr_alpha, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
             min_effect_size=min_effect_size, seed=seed, statistic=statistic,
             disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
-            tol_factor=tol_factor, batch_size=batch_size, progress=progress, kv_rtol=kv_rtol,
-            n_null_top=n_null_top)
+            ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size,
+            progress=progress, kv_rtol=kv_rtol, n_null_top=n_null_top)
 
     # the settings, read-only (self.options: a frozen StatisticsSettings)
     fdr_alpha = property(lambda self: self.options.fdr_alpha)
@@ -108,6 +118,7 @@ class QKOVStatistics:
     disruption_norm = property(lambda self: self.options.disruption_norm)
     fdr_family = property(lambda self: self.options.fdr_family)
     ci_level = property(lambda self: self.options.ci_level)
+    ci_method = property(lambda self: self.options.ci_method)
     tol_factor = property(lambda self: self.options.tol_factor)
     batch_size = property(lambda self: self.options.batch_size)
     progress = property(lambda self: self.options.progress)
@@ -226,6 +237,7 @@ class QKOVStatistics:
             "fdr_alpha": self.fdr_alpha,
             "fdr_family": self.fdr_family,
             "min_effect_size": self.min_effect_size,
+            "power": power_summary(int(x_b.shape[0]), int(x_r.shape[0]), m, self.fdr_alpha),
             "warnings": warn_list,
         }
 
@@ -297,25 +309,29 @@ class QKOVStatistics:
                    "ci_low": np.full((n_layers, n_heads), np.nan),
                    "ci_high": np.full((n_layers, n_heads), np.nan)} for b in arrays.blocks}
         summary["ci_level"] = self.ci_level
+        summary["ci_method"] = self.ci_method
         if self.n_bootstrap > 0:
             _, boot_seed, _ = self._streams()
             draws = stratified_bootstrap(cube_b, cube_r, n_bootstrap=self.n_bootstrap,
                                          disruption_norm=self.disruption_norm,
                                          norms_b=norms_b, norms_r=norms_r, seed=boot_seed)
-            lo, hi = percentile_interval(draws.mean_diff, self.ci_level)
+            lo, hi = bootstrap_interval(draws.mean_diff, table["mean_diff"].to_numpy(),
+                                        self.ci_level, self.ci_method)
             table["ci_low"], table["ci_high"] = lo, hi
-            alo, ahi = percentile_interval(draws.avg_b, self.ci_level)
+            alo, ahi = bootstrap_interval(draws.avg_b, cube_b.mean(axis=(0, 1)),
+                                          self.ci_level, self.ci_method)
             for b in arrays.blocks:
                 lha[b]["ci_low"] = broadcast_to_heads(alo, cells, b, n_layers, n_heads)
                 lha[b]["ci_high"] = broadcast_to_heads(ahi, cells, b, n_layers, n_heads)
             assemble.by_intervals(table, draws.mean_diff, summary, self.fdr_alpha,
-                                  self.fdr_family)
+                                  self.fdr_family, self.ci_method)
         summary["n_bootstrap"] = self.n_bootstrap
         return lha
 
     # --------------------------------------------------------- seed's API
     def test_heatmap(self, heatmap: Mapping[str, Any], contribs, grads, fisher, *,
-                     reference: str | None = None, scorer=None) -> dict[str, Any]:
+                     reference: str | None = None, scorer=None,
+                     allow_fisher_overlap: bool | None = None) -> dict[str, Any]:
         """Test a heatmap from ``QKOVInterferenceMetric.compute_heatmap``.
 
         heatmap : {'Q','K','V','O': {'scores': [n_a, n_b, L, H], ...}, 'meta': {...}}.
@@ -328,6 +344,11 @@ class QKOVStatistics:
         scorer : the metric that scores the reference disruptors (it must use the same
             collector); None rebuilds it from that collector and the heatmap's
             ``meta['settings']`` and ``meta['compute']``.
+        allow_fisher_overlap : what to do when task B's scored samples are also Fisher
+            samples of the heatmap's normaliser (the seed's ``role='all'``): None (default)
+            runs, with a FisherOverlapWarning and the warning in ``summary['warnings']``;
+            True runs and records the same without warning; False raises ValueError.
+            Either way ``summary['fisher_overlap_b']`` counts those samples (0 when split).
 
         Returns the results of :meth:`test_scores`, plus task names in the summary.
         """
@@ -351,6 +372,7 @@ class QKOVStatistics:
         _check_layer_head_avg(heatmap, blocks, out)
         fisher_tasks = meta.get("fisher_tasks")
         summary = out["summary"]
+        _fisher_overlap(collector, task_b, ids_b, fisher_tasks, allow_fisher_overlap, summary)
         summary.update(task_a=task_a, task_b=task_b, reference_task=task_r,
                        reference="within_task" if task_r == task_a else f"control:{task_r}",
                        n_reference=len(ids_r), collector_token=meta.get("collector_token"),
@@ -369,6 +391,33 @@ class QKOVStatistics:
                     "scores already use L2-normalised g_j (metric gj_norm='l2')")
         return (np.asarray(grads.grad_norms(task_b, ids_b), dtype=np.float64),
                 np.asarray(grads.grad_norms(task_r, ids_r), dtype=np.float64), None)
+
+
+def _fisher_overlap(collector, task_b: str, ids_b: list, fisher_tasks, allow: bool | None,
+                    summary: dict) -> None:
+    """Count task B's scored samples that are Fisher samples of a task whose Fisher
+    normalises the heatmap (all tasks when meta lacks 'fisher_tasks'); record the count in
+    summary['fisher_overlap_b'], and warn or raise as ``allow`` says."""
+    tasks = list(fisher_tasks) if fisher_tasks is not None else list(collector.fisher.tasks)
+    in_fisher = set()
+    if task_b in tasks:
+        in_fisher = set(collector.sample_ids(task_b, "fisher")) & set(ids_b)
+    summary["fisher_overlap_b"] = len(in_fisher)
+    summary["fisher_overlap_allowed"] = bool(allow) if in_fisher else None
+    if not in_fisher:
+        return
+    msg = (f"{len(in_fisher)} of {len(ids_b)} scored samples of task {task_b!r} are also in "
+           f"its Fisher (collected with role='all'): the normaliser has seen group B but not "
+           f"the reference group, so B and R are not exchangeable and p-values are "
+           f"optimistic. Collect B with role='fisher' and role='scored' on disjoint batches "
+           f"(docs/QUICK_REFERENCE.md).")
+    if allow is False:
+        raise ValueError(msg + " (allow_fisher_overlap=False)")
+    summary["warnings"].append(msg)
+    if allow is None:
+        warnings.warn(msg + " Pass allow_fisher_overlap=True to accept it.",
+                      FisherOverlapWarning, stacklevel=3)
+        logger.warning(msg)
 
 
 def _rebuild_metric(collector, meta: Mapping[str, Any]):

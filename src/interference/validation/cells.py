@@ -114,11 +114,22 @@ class CellParams:
         finally:
             self.restore(saved)
 
-    @torch.no_grad()
-    def zero_grads(self, cells) -> None:
-        """Zero the gradient entries of ``cells`` (parameters without .grad are skipped)."""
+    def merged(self, cells) -> dict[str, torch.Tensor]:
+        """name -> flat indices [n] of every entry of ``cells`` in that parameter (one
+        index tensor per parameter, so freezing k cells costs one kernel per parameter,
+        not one per cell)."""
+        pieces: dict[str, list[torch.Tensor]] = {}
         for cell in cells:
             for name, idx in self.parts(cell):
-                g = self.params[name].grad
-                if g is not None:
-                    g.view(-1).index_fill_(0, idx, 0.0)
+                pieces.setdefault(name, []).append(idx)
+        return {name: torch.cat(p) for name, p in pieces.items()}
+
+    @torch.no_grad()
+    def zero_grads(self, cells) -> None:
+        """Zero the gradient entries of ``cells`` (parameters without .grad are skipped);
+        ``cells`` may also be a :meth:`merged` index."""
+        index = cells if isinstance(cells, dict) else self.merged(cells)
+        for name, idx in index.items():
+            g = self.params[name].grad
+            if g is not None:
+                g.view(-1).index_fill_(0, idx, 0.0)

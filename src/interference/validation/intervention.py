@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cells import Cell, CellParams
+from .ensemble import finetune_stacked, stackable
 from .losses import sample_losses
 
 TRAINABLE = ("attention", "all")
@@ -94,7 +95,8 @@ def finetune(model, objective, train: dict, params: CellParams, frozen: list[Cel
     for n, p in model.named_parameters():
         p.requires_grad_(n in set(names))
     opt = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    frozen_values = params.save(frozen)
+    index = params.merged(frozen)                          # name -> flat indices
+    kept = {name: params.params[name].detach().view(-1)[i].clone() for name, i in index.items()}
     n = objective.batch_size(train)
     losses = []
     try:
@@ -103,9 +105,11 @@ def finetune(model, objective, train: dict, params: CellParams, frozen: list[Cel
             loss = sample_losses(model, objective, _subset(train, idx), micro_batch,
                                  grad=True).mean()
             loss.backward()
-            params.zero_grads(frozen)
+            params.zero_grads(index)
             opt.step()
-            params.restore(frozen_values)
+            with torch.no_grad():                          # bitwise back (weight decay)
+                for name, i in index.items():
+                    params.params[name].view(-1).index_copy_(0, i, kept[name])
             losses.append(float(loss.detach()))
     finally:
         for n_, p in model.named_parameters():
@@ -141,33 +145,60 @@ def arm_sets(ranked: list[Cell], fractions, n_random: int, seed: int
     return out
 
 
+def _row(name, f, draw, seed, frozen, params, before, after) -> dict:
+    return {"arm": name, "fraction": f, "k": len(frozen), "draw": draw, "seed": seed,
+            "n_frozen_params": sum(params.size(c) for c in frozen),
+            "frozen": ";".join(c.name for c in frozen),
+            "loss_a_before": before[0], "loss_a_after": after[0],
+            "loss_b_before": before[1], "loss_b_after": after[1],
+            "forgetting": after[0] - before[0], "learning": before[1] - after[1]}
+
+
 def run_arms(model, objective, train_b: dict, eval_a: dict, eval_b: dict,
              params: CellParams, ranked: list[Cell], settings: FinetuneSettings,
              fractions=(0.05, 0.1, 0.2), n_random: int = 5, seeds=(0, 1, 2),
-             micro_batch: int = 16, progress: bool = True) -> pd.DataFrame:
+             micro_batch: int = 16, progress: bool = True, runs_per_pass: int = 1
+             ) -> pd.DataFrame:
     """Every arm x seed: one row with arm, fraction, k, draw, seed, n_frozen_params,
-    frozen (cell names), loss_a/b before and after, forgetting, learning."""
-    start = {n: params.params[n].detach().clone()
-             for n in trainable_names(model, params, settings)}
-    before_a = float(sample_losses(model, objective, eval_a, micro_batch).mean())
-    before_b = float(sample_losses(model, objective, eval_b, micro_batch).mean())
+    frozen (cell names), loss_a/b before and after, forgetting, learning.
+
+    ``runs_per_pass`` > 1 fine-tunes that many runs at once (:mod:`.ensemble`; attention
+    weights of Linear / Conv1D modules of causal LMs, else one run at a time)."""
+    names = trainable_names(model, params, settings)
+    start = {n: params.params[n].detach().clone() for n in names}
+
+    def losses() -> tuple[float, float]:
+        return (float(sample_losses(model, objective, eval_a, micro_batch).mean()),
+                float(sample_losses(model, objective, eval_b, micro_batch).mean()))
+
+    before = losses()
     arms = arm_sets(ranked, fractions, n_random, seeds[0] if seeds else 0)
-    rows = []
     jobs = [(arm, s) for arm in arms for s in seeds]
-    for (name, f, draw, frozen), seed in tqdm(jobs, desc="intervention arms",
-                                             disable=not progress, mininterval=5):
-        finetune(model, objective, train_b, params, frozen, settings, seed, micro_batch)
-        after_a = float(sample_losses(model, objective, eval_a, micro_batch).mean())
-        after_b = float(sample_losses(model, objective, eval_b, micro_batch).mean())
-        rows.append({"arm": name, "fraction": f, "k": len(frozen), "draw": draw, "seed": seed,
-                     "n_frozen_params": sum(params.size(c) for c in frozen),
-                     "frozen": ";".join(c.name for c in frozen),
-                     "loss_a_before": before_a, "loss_a_after": after_a,
-                     "loss_b_before": before_b, "loss_b_after": after_b,
-                     "forgetting": after_a - before_a, "learning": before_b - after_b})
+    together = runs_per_pass > 1 and settings.trainable == "attention" and \
+        stackable(model, objective, names)
+    size = runs_per_pass if together else 1
+    n = objective.batch_size(train_b)
+    rows = []
+    bar = tqdm(total=len(jobs), desc="intervention arms", disable=not progress, mininterval=5)
+    for g in range(0, len(jobs), size):
+        group = jobs[g:g + size]
+        if together:
+            final = finetune_stacked(
+                model, objective, train_b, params, [arm[3] for arm, _ in group],
+                [_order(n, settings.steps, settings.batch_size, s) for _, s in group],
+                names, settings)
+        for r, ((name, f, draw, frozen), seed) in enumerate(group):
+            with torch.no_grad():
+                for p in names:
+                    params.params[p].copy_(final[p][r] if together else start[p])
+            if not together:
+                finetune(model, objective, train_b, params, frozen, settings, seed, micro_batch)
+            rows.append(_row(name, f, draw, seed, frozen, params, before, losses()))
+            bar.update()
         with torch.no_grad():
-            for n, v in start.items():
-                params.params[n].copy_(v)
+            for p, v in start.items():
+                params.params[p].copy_(v)
+    bar.close()
     return pd.DataFrame(rows)
 
 

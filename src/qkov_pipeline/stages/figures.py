@@ -3,7 +3,9 @@
 Rule ``draw_figures``: the primary split seed's heatmap with the analysis's cells table
 (significant cells boxed), the block comparison, top conflicts, sample-pair forensics (texts
 from the prepared data), the p-value histogram and the permutation null of the top cells
-(``null_top.npz``, written by the statistics next to ``stats.json``).
+(``null_top.npz``, written by the statistics next to ``stats.json``); and the cell explorer
+(``explorer.html``, with the control's cells and the validation's measured effects where
+they exist).
 Rule ``draw_stability`` (analyses with two or more split seeds): the stability report.
 Rule ``draw_ablation_summary`` (a sweep: two or more experiments): the variants compared
 (:func:`sweep_plan`, :func:`run_ablation`), one MLflow run per variant under one parent.
@@ -49,20 +51,29 @@ def run(job) -> None:
 
     matplotlib.use("Agg")
     _quiet()
-    from interference.figures import make_all_figures
+    from interference.figures import make_all_figures, write_explorer
+    from interference.results import staged_files
 
     fcfg = job.slice["figures"]
     out = Path(job.output.manifest).parent
     heatmap_dir = Path(job.input.heatmap).parent
     summary = read_json(job.input.stats[0])["summary"]
     null = Path(job.input.null_top)       # the statistics' permutation null of the top cells
-    with job.timed("figures"):
-        paths = make_all_figures(heatmap_dir, job.input.cells, out,
-                                 texts=texts_from_data(job.input.data), summary=summary,
+    texts = texts_from_data(job.input.data)
+    with job.timed("figures"), staged_files(out) as tmp:   # a failure leaves no file
+        paths = make_all_figures(heatmap_dir, job.input.cells, tmp, texts=texts,
+                                 summary=summary,
                                  null_npz=null,
                                  n_top=fcfg["n_top"], n_forensic_cells=fcfg["n_forensic_cells"],
                                  n_pairs=fcfg["n_pairs"], n_bootstrap=fcfg["n_bootstrap"],
                                  seed=fcfg["seed"])
+        paths = [out / p.relative_to(tmp) for p in paths]
+    with job.timed("explorer"):
+        explorer = write_explorer(heatmap_dir, job.input.cells, job.output.explorer, texts,
+                                  control_cells=(job.input.control or [None])[0],
+                                  validation=(job.input.validation or [None])[0],
+                                  summary=summary, k=fcfg["n_pairs"])
+    logger.info("cell explorer: %s (open it in a browser, offline)", explorer)
     for p in paths:
         if p.suffix in (".png", ".csv", ".tex", ".md"):
             job.artifact(p, "figures")

@@ -29,8 +29,9 @@ import shutil
 import time
 from pathlib import Path
 
-from interference.gradients.collect import (check_disk, collect_role, disk_plan, make_collector,
-                                            role_entry, stored_entry)
+from interference.gradients.collect import (available_memory, check_disk, check_memory,
+                                            collect_role, collection_estimate, log_estimate,
+                                            make_collector, role_entry, stored_entry)
 
 from ..jobs import choose_device
 from ..plan import MICRO_BATCH, ROLE_ORDER
@@ -61,8 +62,8 @@ def _set_threads(job, ex: dict) -> int:
 
 
 def load_inputs(job, ex: dict, slot: int):
-    """(model on its device, batches, data meta, QKOVConfig, attention parameter count,
-    device, device info, threads) of a collect job."""
+    """(model on its device, batches, data meta, QKOVConfig, QKOVIndexer, device, device
+    info, threads) of a collect job."""
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.data import load_task_batches
     from interference.models import load_prepared
@@ -73,15 +74,30 @@ def load_inputs(job, ex: dict, slot: int):
     device, dev_info = choose_device(ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):
-        model, _ = load_prepared(Path(job.input.model).parent, d["model"])
-        model.to(device)
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"], device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
     if unknown:
         raise ValueError(f"{job.input.data}: unknown roles {unknown}")
     qcfg = QKOVConfig.from_model(model, include_bias=d["model"].get("include_bias", False))
-    n_params = QKOVIndexer(model, qcfg).total_size
-    return model, batches, meta, qcfg, n_params, device, dev_info, threads
+    return model, batches, meta, qcfg, QKOVIndexer(model, qcfg), device, dev_info, threads
+
+
+def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str,
+                       threads: int, where: Path) -> dict:
+    """The collection's estimate (rows, disk, memory, time), logged and recorded before
+    any work; refuses (RuntimeError) a store the disk cannot hold and, on the CPU, rows and
+    Fisher the host memory cannot hold."""
+    est = collection_estimate(model, indexer, batches, job.slice["fisher"]["store_dtype"],
+                              ex.get("gradient_format", "dense"),
+                              float(ex.get("gradient_memory_mb", 1024)), device, threads)
+    log_estimate(job.slice["data"]["task"], est)
+    for k in ("rows_bytes", "memory_bytes", "seconds"):
+        job.metric(f"estimate.{k}", est[k])
+    check_disk(where, est["disk"], float(ex.get("disk_safety", 0.9)))
+    if device == "cpu":
+        check_memory(est, available_memory())
+    return est
 
 
 def run(job) -> None:
@@ -106,16 +122,16 @@ def run_collect(job) -> None:
     grads = Path(job.output.grads)
     spill = out / ".spill"
     shutil.rmtree(spill, ignore_errors=True)
-    model, batches, meta, qcfg, n_params, device, dev_info, threads = load_inputs(job, ex, 0)
+    model, batches, meta, qcfg, indexer, device, dev_info, threads = load_inputs(job, ex, 0)
+    n_params = indexer.total_size
     roles = [r for r in ROLE_ORDER if r in batches]
-    n_stored = sum(len(batches[r]["sample_ids"]) for r in roles if r != "fisher")
-    plan = disk_plan(n_params, n_stored, f["store_dtype"])
-    check_disk(out, plan, float(ex.get("disk_safety", 0.9)))
+    est = estimate_and_check(job, ex, model, indexer, batches, device, threads, out)
     collector = make_collector(f, ex, qcfg, spill, False, MICRO_BATCH)
     info = {"task": task, "split_seed": d["split_seed"], "roles": {},
             "n_attention_params": n_params, "device": device, "device_info": dev_info,
             "threads": threads, "torch": torch.__version__, "config_hash": job.config_hash,
-            "store_dtype": f["store_dtype"], "fisher_mode": f["mode"], "n_shards": 1, **plan}
+            "store_dtype": f["store_dtype"], "fisher_mode": f["mode"], "n_shards": 1,
+            **est["disk"], "estimate": {k: v for k, v in est.items() if k != "disk"}}
     total_t, total_n = time.time(), 0
     for role in roles:
         batch = batches[role]

@@ -7,6 +7,10 @@ with scores.npz and heatmap.json (interference.results).
 Before scoring, the job refuses a stale store (its recorded config hash is not the hash of
 the store slice this analysis needs) and a task B whose samples are task A's (same ids and
 texts: "task A equals task B" is decided by samples, not names).
+
+Layer chunks (``resources.collect.layer_chunks`` = K > 1): rule ``chunk_scores`` runs
+:func:`run_chunk` (the library's ``score_layers`` on chunk c of K: both arms, no store),
+and rule ``scores`` joins the chunks (:func:`run_join`) into the same files.
 """
 from __future__ import annotations
 
@@ -62,8 +66,20 @@ def store_contents(metas: dict[str, dict]) -> dict[str, dict | None]:
 
 
 def run(job) -> None:
+    if job.rule == "chunk_scores":
+        from .chunks import run_chunk
+
+        return run_chunk(job)
+    if list(getattr(job.input, "chunks", []) or []):
+        from .chunks import run_join
+
+        return run_join(job)
+    return run_stores(job)
+
+
+def run_stores(job) -> None:
+    """The analysis from the gradient stores (resources.collect.layer_chunks = 1)."""
     from interference.gradients import FisherCollector
-    from interference.results import save_heatmap
     from interference.scores import QKOVInterferenceMetric
     from interference.scores.arms import arm_heatmap, check_disjoint_tasks, reference_scores
 
@@ -90,12 +106,24 @@ def run(job) -> None:
         ref = reference_scores(metric, meta, ref_task, ids_r)
     store = collector.gradient_manager
     disruptor_task = b if arm == "main" else a
+    write(job, heat, ref, ids_r, store.grad_norms(disruptor_task, meta["sample_ids_b"]),
+          store.grad_norms(ref_task, ids_r))
+
+
+def write(job, heat: dict, ref: dict, ids_r: list[str], norms_b, norms_r, **more) -> None:
+    """heatmap.json + scores.npz of the analysis, its metrics and log line; ``norms_b`` /
+    ``norms_r``: [n] gradient norms of the disruptors / reference samples."""
+    from interference.results import save_heatmap
+
+    s = job.slice
+    a, b, arm = s["task_a"], s["task_b"], s["arm"]
+    ref_task = a if s["reference"] == "within_task" else s["reference"]
+    meta = heat["meta"]
     extra = {"arm": arm, "pair": job.wildcards["pair"], "split_seed": int(job.wildcards["seed"]),
-             "disruptor_task": disruptor_task, "reference_task": ref_task,
+             "disruptor_task": b if arm == "main" else a, "reference_task": ref_task,
              "reference": s["reference"], "sample_ids_r": ids_r,
-             "norms_b": store.grad_norms(disruptor_task, meta["sample_ids_b"]).tolist(),
-             "norms_r": store.grad_norms(ref_task, ids_r).tolist(),
-             "config_hash": job.config_hash}
+             "norms_b": [float(x) for x in norms_b], "norms_r": [float(x) for x in norms_r],
+             "config_hash": job.config_hash, **more}
     with job.timed("save"):
         save_heatmap(Path(job.output.heatmap).parent, heat, extra=extra, reference_scores=ref)
     for blk in BLOCKS:

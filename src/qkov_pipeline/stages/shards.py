@@ -12,12 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
-from interference.gradients.collect import (check_disk, check_shards, collect_role, disk_plan,
-                                            make_collector, role_entry, stored_entry)
+from interference.gradients.collect import (check_shards, collect_role, disk_plan, make_collector,
+                                            role_entry, stored_entry, take)
 
 from ..jobs import read_json
 from ..plan import MICRO_BATCH, ROLE_ORDER, planned_shards, shard_plan
-from .gradients import collect_exec, load_inputs
+from .gradients import collect_exec, estimate_and_check, load_inputs
 
 logger = logging.getLogger("qkov.gradients")
 
@@ -42,7 +42,7 @@ def run_shard(job) -> None:
     spill = out / ".spill"
     shutil.rmtree(spill, ignore_errors=True)
     t0 = time.time()
-    model, batches, meta, qcfg, n_params, device, dev_info, threads = load_inputs(job, ex, index)
+    model, batches, meta, qcfg, indexer, device, dev_info, threads = load_inputs(job, ex, index)
     started = time.time()
     sizes = {r: len(b["sample_ids"]) for r, b in batches.items()}
     plan = shard_plan(sizes, requested)
@@ -54,9 +54,9 @@ def run_shard(job) -> None:
     ranges = plan[index]
     logger.info("shard %d of %d (%s): %s", index, len(plan), task,
                 {r: f"[{a}, {b})" for r, (a, b) in ranges.items()})
-    n_stored = sum(b - a for r, (a, b) in ranges.items() if r != "fisher")
-    check_disk(out, disk_plan(n_params, n_stored, f["store_dtype"]),
-               float(ex.get("disk_safety", 0.9)))
+    estimate_and_check(job, ex, model, indexer,
+                       {r: take(batches[r], a, b) for r, (a, b) in ranges.items()},
+                       device, threads, out)
     collector = make_collector(f, ex, qcfg, spill, True, MICRO_BATCH)
     shard = {"task": task, "index": index, "n_shards": len(plan), "ranges": ranges,
              "roles": {}, "device": device, "device_info": dev_info, "threads": threads,

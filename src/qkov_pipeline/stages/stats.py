@@ -69,9 +69,10 @@ def run(job) -> None:
            "layer_head_avg": {blk: {k: np.asarray(v).tolist() for k, v in d.items()}
                               for blk, d in res["layer_head_avg"].items()},
            "layers": meta["layers"], "heads": meta["heads"], "kv_head_of": meta["kv_head_of"],
-           "units": {"statistic": "Welch t (or mean difference) of disruption shares",
-                     "effect_size": "Cohen's d (pooled sd)", "ci": "bootstrap percentile "
-                     "interval of the B - R mean difference of disruption shares",
+           "units": {"statistic": summary["test"],
+                     "effect_size": "Cohen's d (pooled sd)", "ci": f"bootstrap "
+                     f"{summary.get('ci_method', 'basic')} interval of the B - R mean "
+                     "difference of disruption shares",
                      "layer_head_avg": "mean QK-OV score M (unitless)"}}
     write_json(job.output.stats, doc)
     nt = res["null_top"]
@@ -84,6 +85,7 @@ def run(job) -> None:
     job.metric("stats.n_permutations", summary["n_permutations"])
     job.metric("stats.global_ratio", summary["global"]["ratio"])
     job.metric("stats.global_p_value", summary["global"]["p_value"])
+    job.metric("stats.mde_d", summary["power"]["mde_d"])
     for blk in BLOCKS:
         job.metric(f"stats.{blk}.n_significant", summary["n_significant_by_block"].get(blk, 0))
         job.metric(f"score.{blk}.mean", summary["block_means"][blk])

@@ -1,0 +1,202 @@
+"""B2 through the workflow: the 7B-shape experiment (conf/experiment/b2_7b.yaml) end to end,
+and in the same run one plain forward+backward over the same samples.
+
+    python benchmarks/bench_b2_workflow.py WORKDIR [--gpus 1] [--experiment b2_7b]
+        [--overrides '...'] [--device cuda]
+
+1. Runs ``snakemake ... --config experiment=b2_7b --resources gpu=N`` up to the pair's
+   cells.csv (model, data, chunk_scores, scores, stats, tables: gradients -> map ->
+   permutations; figures and summary left out) in WORKDIR, timing it.
+2. Reads what the chunk jobs recorded (heatmap.json ``extra.layer_chunks``): device, passes,
+   seconds loading the model, collecting and scoring, peak GPU memory; and every job's peak
+   resident memory (Snakemake's benchmark files, max_rss).
+3. Loads the same model (``load_prepared``: random weights built on the GPU) and the same
+   prepared samples (every role of both tasks), and times ONE plain forward+backward over
+   them: micro-batch 8 as the workflow, only the attention weights trainable, mean token
+   loss, no per-sample anything (after one untimed warm-up micro-batch).
+Prints one JSON line and a table: end to end (model load excluded: the chunks' load time
+on the critical path subtracted), plain forward+backward, their ratio, per-chunk times,
+peak host and GPU memory, disk of the results folder. B2 bar: <= 60 s end to end on one H200.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_BATCH = 8
+
+
+def run_workflow(work: Path, exp: str, gpus: int, overrides: str, extra: list[str]) -> tuple[float, Path]:
+    """Snakemake up to the pair's cells.csv; returns (seconds, cells.csv path)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from qkov_pipeline import plan as qp
+
+    ov = [o.strip() for o in overrides.strip("[]").split(",") if o.strip()]
+    plan = qp.build_plan(ROOT / "conf", ROOT / "workflow" / "schemas" / "config.schema.yaml",
+                         [exp], ov)
+    targets = [f"{plan.analysis_dir(e, m, p)}/cells.csv" for (e, m, p) in plan.analyses]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
+           "--cores", str(max(4, 4 * gpus + 2)), "--resources", f"gpu={gpus}",
+           "--config", f"experiment={exp}", f"overrides=[{', '.join(ov)}]", *extra,
+           "--", *targets]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    t0 = time.perf_counter()
+    with open(work / "snakemake.log", "w") as log:
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - t0
+    if res.returncode:
+        print((work / "snakemake.log").read_text()[-6000:], file=sys.stderr)
+        sys.exit(f"workflow failed ({res.returncode}); log: {work / 'snakemake.log'}")
+    return seconds, work / targets[0]
+
+
+def job_stats(results: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(rule -> the largest max_rss in MB of its jobs, rule -> the longest wall seconds of
+    its jobs), from Snakemake's benchmark files."""
+    rss, secs = {}, {}
+    for tsv in (results / "benchmarks").rglob("*.tsv"):
+        rule = tsv.relative_to(results / "benchmarks").parts[0]
+        head, row = tsv.read_text().splitlines()[:2]
+        rec = dict(zip(head.split("\t"), row.split("\t")))
+        for out, key in ((rss, "max_rss"), (secs, "s")):
+            try:
+                out[rule] = max(out.get(rule, 0.0), float(rec[key]))
+            except (KeyError, ValueError):
+                pass
+    return rss, secs
+
+
+def plain_forward_backward(results: Path, device: str) -> dict:
+    """One batched forward+backward over every prepared sample (attention weights
+    trainable), timed after one untimed warm-up micro-batch."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from interference.data import load_task_batches
+    from interference.models import load_prepared
+
+    import yaml
+
+    model_dir = next((results / "_models").glob("*/model.json")).parent
+    mcfg = yaml.safe_load((model_dir / "config.prepare_model.yaml").read_text())
+    mcfg = _find(mcfg, "model")
+    t0 = time.perf_counter()
+    model, _ = load_prepared(model_dir, mcfg, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_load = time.perf_counter() - t0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    batches = []
+    for manifest in sorted((results / "_data").glob("*/manifest.json")):
+        by_role, _, _ = load_task_batches(manifest.parent)
+        for b in by_role.values():
+            n = len(b["sample_ids"])
+            batches += [{k: b[k][a:a + MICRO_BATCH].to(device)
+                         for k in ("input_ids", "attention_mask", "labels")}
+                        for a in range(0, n, MICRO_BATCH)]
+
+    def step(b):
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    labels=b["labels"])
+        out.loss.backward()
+
+    step(batches[0])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    n = sum(int(b["input_ids"].shape[0]) for b in batches)
+    return {"plain_fwd_bwd_s": time.perf_counter() - t0, "plain_samples": n,
+            "plain_model_load_s": t_load}
+
+
+def _find(doc, key):
+    """The first value of ``key`` in a nested dict (the model section of a resolved config)."""
+    if isinstance(doc, dict):
+        if key in doc and isinstance(doc[key], dict) and "source" in doc[key]:
+            return doc[key]
+        for v in doc.values():
+            got = _find(v, key)
+            if got is not None:
+                return got
+    return None
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--experiment", default="b2_7b")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--overrides", default="++tracking.mode=off")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smk-args", default="", help="extra snakemake arguments")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    wall, cells = run_workflow(args.work, args.experiment, args.gpus, args.overrides,
+                               args.smk_args.split())
+    results = args.work / "results"
+    heat = json.loads((cells.parent / "split0" / "heatmap.json").read_text())
+    chunks = heat["extra"].get("layer_chunks") or []
+    # the chunks' model loads on the critical path: all of them on one GPU (one after the
+    # other), the slowest per GPU otherwise
+    by_gpu: dict[str, float] = {}
+    for c in chunks:
+        by_gpu[c["device"]] = by_gpu.get(c["device"], 0.0) + (c["seconds_load"] or 0.0)
+    load = max(by_gpu.values()) if by_gpu else 0.0
+    plain = plain_forward_backward(results, args.device)
+    end_to_end = wall - load
+    peaks, seconds = job_stats(results)
+    row = {"benchmark": "B2 through the workflow", "experiment": args.experiment,
+           "gpus": args.gpus, "workflow_wall_s": wall, "model_load_s": load,
+           "end_to_end_s": end_to_end, **plain,
+           "ratio_end_to_end_to_plain": end_to_end / plain["plain_fwd_bwd_s"],
+           "chunks": [{k: c[k] for k in ("index", "device", "passes", "seconds_load",
+                                         "seconds_collect_and_score", "estimate_s",
+                                         "peak_device_bytes")} for c in chunks],
+           "peak_host_rss_mb": max(peaks.values()) if peaks else None, "peak_rss_by_rule_mb": peaks,
+           "seconds_by_rule": seconds,
+           "results_disk_bytes": du(results), "cells": str(cells)}
+    try:
+        import torch
+
+        row.update(torch=torch.__version__, device_name=torch.cuda.get_device_name()
+                   if args.device.startswith("cuda") else "cpu")
+    except Exception:       # noqa: BLE001 (a report, not a result)
+        pass
+    print(json.dumps(row))
+    say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731 (the table; JSON on stdout)
+    say(f"\nB2 through the workflow ({args.experiment}, {args.gpus} GPU(s))")
+    say(f"  workflow wall time            {wall:8.1f} s")
+    say(f"  model load (critical path)    {load:8.1f} s")
+    say(f"  end to end, load excluded     {end_to_end:8.1f} s   (bar: <= 60 s)")
+    say(f"  plain forward+backward        {plain['plain_fwd_bwd_s']:8.1f} s   "
+          f"({plain['plain_samples']} samples, micro-batch {MICRO_BATCH})")
+    say(f"  ratio                         {row['ratio_end_to_end_to_plain']:8.2f}")
+    for c in row["chunks"]:
+        peak = c["peak_device_bytes"]
+        say(f"  chunk {c['index']} on {c['device']}: {len(c['passes'])} pass(es), load "
+              f"{c['seconds_load'] or 0:.1f} s, collect+score {c['seconds_collect_and_score']:.1f} s "
+              f"(estimate {c['estimate_s']:.0f} s), peak GPU "
+              f"{(peak or 0) / 2**30:.1f} GiB")
+    say("  longest job per rule (s):     " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    say(f"  peak host resident memory     {row['peak_host_rss_mb'] or 0:8.0f} MB (largest job)")
+    say(f"  results on disk               {row['results_disk_bytes'] / 2**20:8.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Calibration harness of the cell test at Benjamini-Hochberg tails (issue 17).
+
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py grid        # rank test, 24 designs
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py production --test welch \\
+        --designs "48/144, sd ratio 2, heavy"                              # exact production path
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py coverage    # bootstrap intervals
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py report --update-docs
+
+Each measurement appends its rows (with the command and its runtime) to
+benchmarks/calibration/results.json; ``report`` draws docs/figures/stats_calibration_grid.png
+and writes the tables between the "calibrate_stats" markers of docs/statistics.md.
+
+Designs (interference.stats.simulate): 720 cells in 30 layers of 24, latent correlation 0.3
+within a layer, group sizes 48/48 and 48/144, sd ratio B/R 1/2, 1, 2, shapes normal, heavy
+(Tukey h), right- and left-skewed (log-normal); each test is run on the designs where ITS
+null holds at the unplanted cells (equal means for welch, AUC 1/2 for brunner_munzel; the
+same designs for symmetric shapes and ratio 1). Null runs: no planted cell; planted runs: 5
+cells at Cohen's d 0.6 and 5 at d 1.0 (in different layers).
+
+Methods:
+- ``production``: p-values from permutation_test_matrix with the default N = 28,800 (what
+  QKOVStatistics.test_disruption calls), q from bh_qvalues.
+- ``reference`` (rank test only): the rank test's permutation null does not depend on the
+  data when a cell has no ties (interference.stats.rank), so one reference sample of 10^6
+  relabellings per pair of group sizes, drawn by the production code, serves every run:
+  p = (1 + #{T* >= T}) / (1 + 10^6), T by the production code. It is the production p-value
+  with less Monte Carlo noise (the designs are continuous: no ties).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from interference.stats import bh_qvalues, permutation_test_matrix  # noqa: E402
+from interference.stats.permutation import _random_masks  # noqa: E402
+from interference.stats.rank import brunner_munzel_z, null_statistics  # noqa: E402
+from interference.stats.simulate import SHAPES, Design, b_location, draw  # noqa: E402
+
+RESULTS = Path(os.environ.get("CALIBRATION_RESULTS",
+                              ROOT / "benchmarks" / "calibration" / "results.json"))
+FIG = ROOT / "docs" / "figures" / "stats_calibration_grid.png"
+DOC = ROOT / "docs" / "statistics.md"
+ALPHA, M, N_PERM = 0.05, 720, 28_800
+PLANTED = {24 * 3 * k + 5: (0.6 if k < 5 else 1.0) for k in range(10)}
+NULL_OF = {"brunner_munzel": "auc", "welch": "mean", "mean_diff": "mean"}
+
+
+def grid(test: str) -> list[Design]:
+    return [Design(nb, nr, ratio, shape, rho=0.3, null=NULL_OF[test])
+            for nb, nr in ((48, 48), (48, 144)) for ratio in (0.5, 1.0, 2.0)
+            for shape in SHAPES]
+
+
+def reference_null(n_b: int, n_r: int, n_draws: int, seed: int) -> np.ndarray:
+    """Sorted z statistics of n_draws random relabellings of tie-free ranks (production
+    mask and null code)."""
+    rng = np.random.default_rng([seed, n_b, n_r])
+    out = []
+    while n_draws > 0:
+        b = min(n_draws, 20_000)
+        n_draws -= b
+        out.append(null_statistics(_random_masks(rng, b, n_b + n_r, n_b),
+                                   (1,) * (n_b + n_r), n_b))
+    return np.sort(np.concatenate(out))
+
+
+def pvalues(test: str, method: str, x_b, x_r, ref, seed) -> np.ndarray:
+    if method == "reference":
+        t = brunner_munzel_z(x_b, x_r)
+        return (1.0 + ref.size - np.searchsorted(ref, t - 100 * np.finfo(float).eps * abs(t),
+                                                 "left")) / (1.0 + ref.size)
+    return permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM,
+                                   seed=seed).pvalue
+
+
+def run_design(test: str, method: str, design: Design, runs: int, seed: int, ref) -> dict:
+    """Null and planted runs of one design -> the row of the table."""
+    loc = b_location(design.shape, design.ratio, design.null)
+    planted = np.zeros(M, dtype=bool)
+    planted[list(PLANTED)] = True
+    d_of = np.array([PLANTED[c] for c in sorted(PLANTED)])
+    anyq, tail_bh, tail_01 = np.zeros(runs, bool), np.zeros(runs), np.zeros(runs)
+    fdp, found = np.zeros(runs), np.zeros((runs, len(PLANTED)))
+    t0 = time.perf_counter()
+    for r, child in enumerate(np.random.SeedSequence([seed, runs]).spawn(runs)):
+        rng = np.random.default_rng(child)
+        p = pvalues(test, method, *draw(design, rng, M, loc=loc), ref, rng)
+        anyq[r] = np.any(bh_qvalues(p) <= ALPHA)
+        tail_bh[r], tail_01[r] = np.mean(p <= ALPHA / M), np.mean(p <= 0.01)
+        p = pvalues(test, method, *draw(design, rng, M, planted=PLANTED, loc=loc), ref, rng)
+        sig = bh_qvalues(p) <= ALPHA
+        fdp[r] = (sig & ~planted).sum() / max(int(sig.sum()), 1)
+        found[r] = sig[sorted(PLANTED)]
+    return dict(test=test, method=method, design=design.label, n_b=design.n_b,
+                n_r=design.n_r, ratio=design.ratio, shape=design.shape, null=design.null,
+                runs=runs, any_discovery=float(anyq.mean()),
+                any_se=float(math.sqrt(max(anyq.mean() * (1 - anyq.mean()), 1e-12) / runs)),
+                tail_bh_ratio=float(tail_bh.mean() / (ALPHA / M)),
+                tail_01=float(tail_01.mean()), fdp=float(fdp.mean()),
+                fdp_se=float(fdp.std(ddof=1) / math.sqrt(runs)),
+                power_06=float(found[:, d_of == 0.6].mean()),
+                power_10=float(found[:, d_of == 1.0].mean()),
+                seconds=round(time.perf_counter() - t0, 1))
+
+
+def save(rows: list[dict], command: str, seconds: float) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    def key(r):
+        return (r["kind"], r.get("test"), r.get("method"), r.get("design"), r.get("n_a"),
+                r.get("seed", 17), r.get("runs"))
+
+    keys = {key(r) for r in rows}
+    old = [r for r in old if key(r) not in keys]
+    for r in rows:
+        r["command"], r["command_seconds"] = command, round(seconds, 1)
+    RESULTS.write_text(json.dumps(old + rows, indent=1))
+
+
+def cmd_grid(args, command: str) -> None:
+    t0 = time.perf_counter()
+    rows = []
+    designs = [d for d in grid(args.test) if not args.designs or d.label in args.designs]
+    refs = {}
+    for d in designs:
+        if args.method == "reference" and (d.n_b, d.n_r) not in refs:
+            refs[(d.n_b, d.n_r)] = reference_null(d.n_b, d.n_r, args.reference_draws,
+                                                  args.seed)
+        row = run_design(args.test, args.method, d, args.runs, args.seed,
+                         refs.get((d.n_b, d.n_r)))
+        row["kind"], row["seed"] = "grid", args.seed
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    save(rows, command, time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("grid", "production"):
+        p = sub.add_parser(name)
+        p.add_argument("--test", default="brunner_munzel", choices=sorted(NULL_OF))
+        p.add_argument("--runs", type=int, default=200)
+        p.add_argument("--designs", nargs="*", default=None, help="design labels to run")
+        p.add_argument("--seed", type=int, default=17)
+        p.add_argument("--reference-draws", type=int, default=1_000_000)
+    c = sub.add_parser("coverage")
+    c.add_argument("--runs", type=int, default=400)
+    c.add_argument("--seed", type=int, default=17)
+    r = sub.add_parser("report")
+    r.add_argument("--update-docs", action="store_true")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    command = "PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py " + " ".join(
+        a if " " not in a else repr(a) for a in sys.argv[1:])
+    if args.cmd in ("grid", "production"):
+        args.method = "reference" if args.cmd == "grid" else "production"
+        if args.method == "reference" and args.test != "brunner_munzel":
+            raise SystemExit("the reference method holds for the rank test only")
+        cmd_grid(args, command)
+    elif args.cmd == "coverage":
+        from coverage_stats import cmd_coverage  # noqa: E402  (scripts/ is on sys.path)
+        cmd_coverage(args, command, save)
+    else:
+        from calibration_report import cmd_report  # noqa: E402
+        cmd_report(args, RESULTS, FIG, DOC)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Layer-chunk jobs through the workflow: the tiny experiment with
+resources.collect.layer_chunks=2 (two chunk_scores jobs, one layer each, no gradient
+stores) writes cells.csv files byte-identical to the stores' run (the session's tiny_run)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, job_counts, run_workflow
+
+CHUNKS = "++resources.collect.layer_chunks=2"
+
+
+def test_chunked_cells_equal_the_stores_run_byte_for_byte(tiny_run, tmp_path):
+    work = tmp_path / "chunked"
+    for shared in ("_models", "_data"):     # the same model and samples (no collect job)
+        shutil.copytree(tiny_run["results"] / shared, work / "results" / shared)
+    targets = [f"results/tiny/tiny/{a}/split0/cells.csv"
+               for a in ("math__code", "math__code.control")]
+    res = run_workflow(work, "--cores", "2", "--config", "experiment=tiny",
+                       f"overrides=[{CHUNKS},++tracking.mode=off]", "--", *targets,
+                       timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts.get("chunk_scores") == 2 and "collect" not in counts, counts
+    for analysis, target in zip(("pair", "control"), targets):
+        want = (tiny_run[analysis] / "split0" / "cells.csv").read_bytes()
+        assert (work / target).read_bytes() == want, analysis
+    assert not list((work / "results" / "_stores").glob("*")) if \
+        (work / "results" / "_stores").exists() else True
+    assert not (work / targets[0]).parent.joinpath("chunks", "0").exists()   # temporary
+
+
+def test_layer_chunks_refuse_what_needs_every_layer():
+    """Planned before any job: settings that need a whole-model gradient or the stores."""
+    from qkov_pipeline import plan as qp
+
+    schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    plan = qp.build_plan(ROOT / "conf", schema, ["tiny"], [CHUNKS])
+    qp.check_plan(plan)
+    assert plan.experiment_jobs("tiny")["stores"] == []
+    assert len(plan.chunk_dirs("tiny", "tiny", "math__code.control", 0)) == 2
+    for bad, what in (("metric.gj_norm=l2", "gj_norm"), ("validation.enabled=true", "validation"),
+                      ("resources.collect.shards=2", "shards")):
+        with pytest.raises(ValueError, match=what):
+            qp.check_plan(qp.build_plan(ROOT / "conf", schema, ["tiny"], [CHUNKS, bad]))
