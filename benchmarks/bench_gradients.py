@@ -27,6 +27,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def profile(name, fn, device, rows):
+    """Print the ``rows`` ops with the most self time (device time on CUDA) of one fn()."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with prof(activities=acts) as p:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"== {name}: top {rows} ops by {key}")
+    print(p.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -36,6 +49,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--engines", default="hooks,loop")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="also print the N ops taking most device (CUDA) or CPU time in one "
+                         "pass of each engine and of the ordinary step (torch.profiler)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,6 +93,11 @@ def main(argv=None):
         sync(args.device)
         out[f"{engine}_samples_per_s"] = args.n / (time.perf_counter() - t0)
         out[f"{engine}_over_ordinary"] = out[f"{engine}_samples_per_s"] / out["ordinary_samples_per_s"]
+        if args.profile:
+            profile(f"engine {engine}", lambda: [None for _ in eng(batch, sample_ids)],
+                    args.device, args.profile)
+    if args.profile:
+        profile("ordinary step", ordinary, args.device, args.profile)
     out["torch"] = torch.__version__
     print(json.dumps(out))
 

@@ -137,6 +137,69 @@ def test_device_budget_scores_in_tiles_with_the_same_result(family_run, variant,
         QKOVInterferenceMetric(cfg, fc, device_memory_mb=0)
 
 
+@pytest.mark.parametrize("budget_rows", [None, 3.0, 1e6])
+def test_prefetched_operands_give_the_float64_scores(family_run, budget_rows):
+    """The overlapped path (the next (layer, block)'s operands loaded in a worker thread
+    while the current one is scored; threaded here on the CPU as on CUDA) against the
+    float64 brute force, with no budget, with a budget that fits one block's operands
+    but not two (those blocks are scored alone, the rest prefetched), and with one that
+    holds both tasks' whole rows (read once, every block a view of them)."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    opts = {"ridge_lambda": 1e-14, "gj_norm": "l2"}
+    _, n_heads, size = fc.gradient_manager.entries[(0, "Q")]
+    # two blocks' operands of 7 rows need 4 · 7 rows of budget (see _rows_per_tile): with
+    # 3 · 7 Q rows, Q and O are scored alone; GQA's K/V rows (half as long) are prefetched
+    mb = None if budget_rows is None else budget_rows * 7 * n_heads * size * 4 / 2 ** 20
+    metric = QKOVInterferenceMetric(cfg, fc, backend="torch", device_memory_mb=mb, **opts)
+    assert metric.prefetch is False                 # the default on the CPU
+    metric.prefetch = True
+    loads = []
+    real = metric._operands
+    metric._operands = lambda *a: loads.append(a[5]) or real(*a)
+    reads = []
+    store = fc.gradient_manager
+    real_columns = store.columns
+    store.columns = lambda task, ids, *a: (reads.append(task) if not a else None) or \
+        real_columns(task, ids, *a)                 # whole rows: no column range
+    try:
+        heat = metric.compute_heatmap("math", "code")
+    finally:
+        del store.columns
+    assert reads == (["math", "code"] if budget_rows == 1e6 else [])
+    if budget_rows in (None, 1e6):
+        assert len(loads) == 4 * dims["L"]
+    else:
+        assert sorted(loads) == (sorted(["K", "V"] * dims["L"]) if dims["Hkv"] < dims["H"] else [])
+    for block in "QKVO":
+        want = _brute_block(family_run, opts, block)
+        err = np.abs(heat[block]["scores"] - want).max() / np.abs(want).max()
+        assert err <= 1e-5, (block, err)
+    assert heat["meta"]["compute"]["device_memory_mb"] == mb
+
+
+def test_prefetched_yields_in_order_threaded_or_not():
+    from interference.device import prefetched
+
+    seen = []
+    for threaded in (False, True):
+        got = list(prefetched(range(5), lambda j: (seen.append(j), torch.full((2,), j))[1],
+                              "cpu", threaded))
+        assert [j for j, _ in got] == list(range(5))
+        assert [int(t[0]) for _, t in got] == list(range(5))
+    assert seen == list(range(5)) * 2
+
+
+def test_memory_budget_settings():
+    from interference.device import memory_budget_mb
+
+    assert memory_budget_mb("auto", "cpu") is None      # no device budget on the CPU
+    assert memory_budget_mb(None, "cpu") is None
+    assert memory_budget_mb("512", "cpu") == 512.0
+    for bad in (0, -1, "lots"):
+        with pytest.raises(ValueError, match="device_memory_mb"):
+            memory_budget_mb(bad, "cpu")
+
+
 def test_tf32_sums_only_for_low_precision_cuda_activations():
     """The hooks engine allows TF32 only where it is exact (bfloat16/float16 inputs on CUDA)
     and restores the global flag afterwards; float32 models keep float32 matmuls."""
@@ -323,3 +386,90 @@ def test_save_moves_spilled_rows_and_keeps_mixed_stores_intact(tmp_path, llama_m
     for b in "QKVO":
         for h in (before, after_save, again):
             assert np.array_equal(h[b]["scores"], want[b]["scores"])
+
+
+def test_hooks_engine_names_the_sample_without_tokens_or_with_a_nan_loss(llama_model):
+    """The batched engine checks a micro-batch after its backward (one host transfer) and
+    still names the offending sample: no predicted tokens first, then a non-finite loss."""
+    from interference.gradients import NonFiniteGradientError
+
+    batch = padded_batch(3, 10, 0, "m")
+    short = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+    short["labels"][1, :] = -100                    # sample m:1 predicts nothing
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    with pytest.raises(ValueError, match=r"sample 'm:1': sample has no predicted tokens"):
+        fc.collect_fisher(llama_model, short, task="m", role="scored")
+    with torch.no_grad():
+        dict(llama_model.named_parameters())["model.layers.1.self_attn.o_proj.weight"][0, 0] = \
+            float("nan")
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    with pytest.raises(NonFiniteGradientError, match=r"sample 'm:0': loss is nan; non-finite "
+                                                     r"weights in \['model\.layers\.1\."):
+        fc.collect_fisher(llama_model, batch, task="m", role="scored")
+
+
+@pytest.mark.parametrize("role", ["fisher", "scored"])
+def test_hooks_engine_names_the_sample_with_a_nan_gradient(llama_model, monkeypatch, role):
+    """A NaN in one sample's per-sample gradient (finite loss) names that sample, whether
+    its rows are kept (scored) or only their squares summed (Fisher)."""
+    from interference.gradients import NonFiniteGradientError
+    from interference.gradients import per_sample
+
+    real = per_sample._HookCapture._keep
+    name = "model.layers.1.self_attn.v_proj.weight"
+
+    def poisoned(self, n, g):
+        if n == name:
+            g = g.clone()
+            g[1, 0, 0] = float("nan")
+        return real(self, n, g)
+
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
+    fc = FisherCollector(enable_cross_task_analysis=True, engine="hooks")
+    where = name.replace(".", r"\.") if role == "fisher" else "layer 1 block V"
+    with pytest.raises(NonFiniteGradientError, match=rf"sample 'm:1': non-finite gradient .*{where}"):
+        fc.collect_fisher(llama_model, padded_batch(3, 10, 0, "m"), task="m", mode="mean",
+                          role=role)
+
+
+@pytest.mark.parametrize("variant", ["qkov", "signed"])
+def test_top_conflicts_are_the_k_largest_with_ties_by_position(family_run, variant):
+    """top_conflicts (k-th value found with topk, candidates sorted on the host) against a
+    plain sort of every entry: largest first ('signed': smallest), ties by flat position."""
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    metric = QKOVInterferenceMetric(cfg, fc, variant=variant, top_k=7)
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(3, 4, dims["L"], dims["H"])).astype(np.float64)
+    heads, layers = list(range(dims["H"])), list(range(dims["L"]))
+    got = metric.top_conflicts("Q", torch.as_tensor(scores, dtype=torch.float32), layers,
+                               heads, [f"a{i}" for i in range(3)], [f"b{j}" for j in range(4)])
+    flat = scores.reshape(-1)
+    sign = 1 if variant == "signed" else -1
+    want = sorted(range(flat.size), key=lambda t: (sign * flat[t], t))[:7]
+    assert [(g["sample_a"], g["sample_b"], g["layer"], g["head"], g["score"]) for g in got] == [
+        (f"a{i}", f"b{j}", layers[l], heads[h], flat[t])
+        for t in want for i, j, l, h in [np.unravel_index(t, scores.shape)]]
+
+
+def test_b6_benchmark_runs_on_the_cpu_and_matches_kronfluence():
+    """benchmarks/bench_kronfluence.py at a tiny size: both sides run, and (when Kronfluence
+    is installed: the 'bench' extra) the sum of our 'signed' scores over every layer, head
+    and block equals Kronfluence's diagonal-Fisher pairwise score of the same pair."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        import bench_kronfluence
+    finally:
+        sys.path.pop(0)
+    args = ["--device", "cpu", "--layers", "2", "--heads", "2", "--width", "16", "--n", "4",
+            "--tokens", "8", "--vocab", "64", "--warmup-n", "0"]
+    if importlib.util.find_spec("kronfluence") is None:
+        args.append("--skip-kronfluence")
+    out = bench_kronfluence.main(args)
+    assert out["ours_s"]["total"] > 0 and out["heatmap_kernel_s"] > 0
+    if "kronfluence_s" in out:
+        assert out["kronfluence_scores_shape"] == [4, 4]
+        assert out["signed_sum_vs_kronfluence_max_rel_diff"] < 1e-4   # ε floor, float32

@@ -180,6 +180,9 @@ def test_save_open_round_trip(tmp_path, memory_mb):
     loaded = FisherCollector.from_saved([tmp_path / "math", tmp_path / "code"])
     assert loaded.gradient_format == "auto"
     after_open = _heatmap(loaded, cfg)
+    # records are read with positioned reads: nothing of the store stays memory-mapped
+    # (mapped pages would count in the scoring job's resident memory)
+    assert all(not sh._maps for sh in loaded.gradient_manager.shards.values())
     for block in "QKVO":
         np.testing.assert_array_equal(after_save[block]["scores"], before[block]["scores"])
         np.testing.assert_array_equal(after_open[block]["scores"], before[block]["scores"])

@@ -1,7 +1,11 @@
-"""Where the library computes: the one rule for choosing a torch device."""
+"""Where the library computes: the one rule for choosing a torch device, the automatic
+device-memory budget, and moving operands onto a device while the previous ones are used."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 DEVICES = ("auto", "cpu", "cuda")
+AUTO_SHARE = 0.8        # share of a card's free memory that an automatic budget takes
 
 
 def resolve_device(want: str | None = "auto", what: str = "device") -> str:
@@ -19,3 +23,101 @@ def resolve_device(want: str | None = "auto", what: str = "device") -> str:
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{what}=cuda but no CUDA device is visible")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def free_memory_mb(device) -> float | None:
+    """Free memory of a CUDA device in MiB (``torch.cuda.mem_get_info``); None elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 2 ** 20
+
+
+def memory_budget_mb(value, device, what: str = "device_memory_mb") -> float | None:
+    """A device-memory budget in MiB from a setting: a number > 0 as given, None (no limit)
+    as given, 'auto': ``AUTO_SHARE`` of the card's free memory now on CUDA, no limit on
+    the CPU (host memory is not what a device budget bounds)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value == "auto":
+        free = free_memory_mb(device)
+        return None if free is None else AUTO_SHARE * free
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of MiB > 0, 'auto' or None, "
+                         f"got {value!r}") from None
+    if not mb > 0:
+        raise ValueError(f"{what} must be > 0, 'auto' or None, got {value}")
+    return mb
+
+
+def to_device(t, device):
+    """``t`` on ``device``; a host tensor bound for CUDA goes through pinned memory with a
+    non-blocking copy on the current stream (so a copy on a side stream overlaps with work
+    on the main one)."""
+    import torch
+
+    device = torch.device(device)
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _tensors(obj):
+    import torch
+
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+
+
+def prefetched(jobs, load, device, threaded: bool | None = None):
+    """Yield ``(job, load(job))`` in order, loading job k + 1 while job k is used.
+
+    ``threaded`` (default: on CUDA): ``load`` runs in one worker thread, in job order, its
+    copies on a side CUDA stream; the main stream waits for a job's copies (an event)
+    before its tensors are handed out, and each tensor is recorded on the main stream so
+    the allocator does not reuse it early. Unthreaded: plain ``map``. The values are the
+    same either way (only data movement overlaps)."""
+    import torch
+
+    device = torch.device(device)
+    threaded = device.type == "cuda" if threaded is None else threaded
+    jobs = list(jobs)
+    if not threaded or len(jobs) < 2:
+        for job in jobs:
+            yield job, load(job)
+        return
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def work(job):
+        if not cuda:
+            return load(job), None
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            out = load(job)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(work, jobs[0])
+        for k, job in enumerate(jobs):
+            out, done = pending.result()
+            if k + 1 < len(jobs):
+                pending = pool.submit(work, jobs[k + 1])
+            if cuda:
+                main = torch.cuda.current_stream(device)
+                main.wait_event(done)
+                for t in _tensors(out):
+                    if t.is_cuda:
+                        t.record_stream(main)
+            yield job, out

@@ -19,6 +19,8 @@ only on its own tokens, never on its batch.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -210,6 +212,25 @@ class FactorLayout:
                 continue
             n = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
             out[key] = from_bytes(buf[off:off + n], dtype, shape)
+        return out
+
+    def read(self, path, offset: int, T: int, keys=None) -> dict:
+        """:meth:`decode` of the record at byte ``offset`` of the file ``path``, reading
+        only the sections in ``keys`` (all if None) with positioned reads: nothing is
+        memory-mapped, so a scoring pass over a large store does not keep its pages in the
+        process's resident memory."""
+        plan = self.plan(T)
+        out = {}
+        with open(path, "rb") as fh:
+            for key, (off, dtype, shape) in plan["sections"].items():
+                if keys is not None and key not in keys:
+                    continue
+                n = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
+                buf = os.pread(fh.fileno(), n, offset + off)
+                if len(buf) != n:
+                    raise ValueError(f"{path}: record at byte {offset} is cut short (an "
+                                     "interrupted save?)")
+                out[key] = from_bytes(buf, dtype, shape)
         return out
 
     def keys_for(self, layer: int, block: str, T: int) -> set:

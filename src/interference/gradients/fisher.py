@@ -104,7 +104,9 @@ class FisherCollector:
         enable_cross_task_analysis: keep per-sample gradients (the seed's required flag;
             without it only the Fisher is kept).
         gradient_memory_mb: budget of the collector's own gradient buffers; the rest spills
-            to ``spill_dir`` (a temporary folder by default). Never dropped.
+            to ``spill_dir`` (a temporary folder by default). Never dropped. 'auto'
+            (default): half of the card's free memory when the store is on CUDA (measured
+            when the first batch arrives), 100 MB on the CPU.
         ema_decay: β of the EMA Fisher.
         store_dtype: storage of g_i: 'float32' | 'bfloat16' | 'float16'.
         config: QKOVConfig (default: from the first model seen).
@@ -114,8 +116,9 @@ class FisherCollector:
         engine: per-sample gradient engine 'auto' | 'loop' | 'hooks' (see per_sample.py).
         micro_batch: samples per batched forward of the 'hooks' engine.
         layers: collect only these layers (default all); see ``layerwise.py``.
-        store_device: where in-budget gradients live ('cpu' default; 'cuda' keeps them on
-            the GPU and ``gradient_memory_mb`` is then a GPU budget).
+        store_device: where in-budget gradients live: 'auto' (default: the model's device,
+            so gradients collected on a GPU stay there for scoring), 'cpu', or 'cuda'
+            (``gradient_memory_mb`` is then a GPU budget).
         fisher_partials: keep each ``collect_fisher`` call's Fisher sum and count, and save
             them (``save_task``), so that shards of one task collected in separate jobs
             can be combined exactly (``gather_saved``). Mode 'mean' only.
@@ -128,11 +131,12 @@ class FisherCollector:
             every format.
     """
 
-    def __init__(self, enable_cross_task_analysis: bool = False, gradient_memory_mb: float = 100,
+    def __init__(self, enable_cross_task_analysis: bool = False,
+                 gradient_memory_mb: float | str = "auto",
                  ema_decay: float = 0.99, store_dtype: str = "float32", spill_dir=None,
                  config: QKOVConfig | None = None, objective: Objective | None = None,
                  loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
-                 micro_batch: int = 8, layers: list[int] | None = None, store_device="cpu",
+                 micro_batch: int = 8, layers: list[int] | None = None, store_device="auto",
                  fisher_partials: bool = False, gradient_format: str = "dense"):
         if gradient_format not in GRADIENT_FORMATS:
             raise ValueError(f"gradient_format must be one of {GRADIENT_FORMATS}, got "
@@ -190,10 +194,11 @@ class FisherCollector:
             layout = None
             if fmt != "dense" and engine == "hooks":
                 layout = FactorLayout.from_indexer(self.indexer, fmt, self.store_dtype)
-            self._store = GradientStore(self.indexer.total_size, entries,
-                                        self.gradient_memory_mb, self.store_dtype,
-                                        self.spill_dir, collector=self,
-                                        device=self.store_device, layout=layout)
+            device, budget = _store_placement(model, self.store_device,
+                                              self.gradient_memory_mb)
+            self._store = GradientStore(self.indexer.total_size, entries, budget,
+                                        self.store_dtype, self.spill_dir, collector=self,
+                                        device=device, layout=layout)
         elif id(model) != self._model_id:
             shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
             mine = {n: tuple(p.shape) for n, p in self.indexer.model.named_parameters()}
@@ -244,7 +249,11 @@ class FisherCollector:
         wants_fisher = role in ("fisher", "all")
         total = None
         losses = []
-        for g in engine(batch, ids):
+        if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
+            for sq, batch_losses, _ in engine.square_sums(batch, ids):
+                total = sq if total is None else total.add_(sq)
+                losses += batch_losses
+        for g in engine(batch, ids) if total is None else ():
             losses.append(g.loss)
             if wants_fisher:
                 sq = g.vector.double().square()
@@ -401,6 +410,30 @@ class FisherCollector:
         if self.indexer is not None:
             return self.indexer.layers
         return list(getattr(self, "_layers", []))
+
+
+STORE_SHARE = 0.5       # share of a card's free memory that gradient_memory_mb='auto' takes
+CPU_STORE_MB = 100.0    # gradient_memory_mb='auto' for a store in host memory
+
+
+def _store_placement(model: nn.Module, store_device, memory_mb) -> tuple[torch.device, float]:
+    """(device, budget in MB) of a collector's gradient store: ``store_device`` 'auto' is
+    the model's device; ``memory_mb`` 'auto' is STORE_SHARE of that card's free memory now,
+    or CPU_STORE_MB in host memory."""
+    from ..device import free_memory_mb
+
+    if store_device in (None, "auto"):
+        device = next(model.parameters()).device
+    else:
+        device = torch.device(store_device)
+    if isinstance(memory_mb, str) and memory_mb == "auto":
+        free = free_memory_mb(device)
+        return device, CPU_STORE_MB if free is None else STORE_SHARE * free
+    try:
+        return device, float(memory_mb)
+    except (TypeError, ValueError):
+        raise ValueError(f"gradient_memory_mb must be a number of MB or 'auto', got "
+                         f"{memory_mb!r}") from None
 
 
 def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> None:

@@ -20,6 +20,7 @@ of an ordinary batched step on 2 CPU cores (loop 0.48) and 0.90 on an H200 in fl
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,8 +126,14 @@ class _HookCapture:
     """Forward hooks on the attention modules that form per-sample weight (and bias)
     gradients [n, *param.shape] in float32 from x and δ."""
 
-    def __init__(self, model: nn.Module, names: list[str], keep_factors: bool = False):
+    def __init__(self, model: nn.Module, names: list[str], keep_factors: bool = False,
+                 square_sums: bool = False):
         modules = dict(model.named_modules())
+        # square_sums: keep Σ_k g_k² [*param.shape] (float64) and per-sample finiteness [n]
+        # of each parameter instead of its per-sample gradients (the Fisher's samples)
+        self.square_sums = square_sums
+        self.sq: dict[str, torch.Tensor] = {}
+        self.finite: dict[str, torch.Tensor] = {}
         self.by_module: dict[str, list[str]] = {}
         for name in names:
             path, kind = name.rsplit(".", 1)
@@ -171,12 +178,21 @@ class _HookCapture:
                 if "weight" in self.by_module[path]:
                     eq = "nti,nto->nio" if conv1d else "nto,nti->noi"
                     with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
-                        self.grads[f"{path}.weight"] = torch.einsum(eq, xf, df) if conv1d \
-                            else torch.einsum(eq, df, xf)
+                        self._keep(f"{path}.weight", torch.einsum(eq, xf, df) if conv1d
+                                   else torch.einsum(eq, df, xf))
                 if "bias" in self.by_module[path]:
-                    self.grads[f"{path}.bias"] = df.sum(1)
+                    self._keep(f"{path}.bias", df.sum(1))
             output.register_hook(bwd)
         return fwd
+
+    def _keep(self, name: str, g: torch.Tensor):
+        """Per-sample gradients g [n, *shape] of parameter ``name``: kept, or (square_sums)
+        reduced at once to Σ_k g_k² and whether each sample's g is finite."""
+        if not self.square_sums:
+            self.grads[name] = g
+            return
+        self.sq[name] = g.double().square().sum(0)
+        self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
 
     def remove(self):
         for h in self.handles:
@@ -250,8 +266,9 @@ class PerSampleGradients:
                 n_tok = int(sample["labels"].ne(-100).sum()) if "labels" in sample else 1
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
 
-    def _hooks(self, samples: list[dict], sample_ids: list[str]):
-        """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once."""
+    def _micro_batches(self, samples: list[dict], sample_ids: list[str], square_sums=False):
+        """Forward+backward of each micro-batch with hooks: yields (ids, capture, losses,
+        n_tok, real) after the backward, hooks removed (losses, n_tok, real on the device)."""
         device = next(self.model.parameters()).device
         chunks = range(0, len(samples), self.micro_batch)
         if self.progress:
@@ -259,49 +276,90 @@ class PerSampleGradients:
             chunks = tqdm(chunks, desc=self.desc, leave=False)
         with attention_grads_only(self.model, self._names):
             for start in chunks:
-                part = samples[start:start + self.micro_batch]
                 ids = sample_ids[start:start + self.micro_batch]
-                b = _right_pad(part, device)
-                capture = _HookCapture(self.model, self._names, keep_factors=self.factors)
+                b = _right_pad(samples[start:start + self.micro_batch], device)
+                capture = _HookCapture(self.model, self._names, self.factors and not square_sums,
+                                       square_sums)
                 try:
-                    logits = self.model(input_ids=b["input_ids"],
-                                        attention_mask=b["attention_mask"]).logits[:, :-1]
-                    labels = b["labels"][:, 1:]
-                    keep = labels != -100
-                    n_tok = keep.sum(1)
-                    if (n_tok == 0).any():
-                        bad = ids[int((n_tok == 0).nonzero()[0])]
-                        raise ValueError(f"sample {bad!r}: sample has no predicted tokens")
-                    nll = torch.nn.functional.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]),
-                        labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
-                    per = (nll * keep).sum(1)
-                    losses = per / n_tok if self.objective.loss_reduction == "mean" else per
-                    if not torch.isfinite(losses).all():
-                        k = int((~torch.isfinite(losses)).nonzero()[0])
-                        raise NonFiniteGradientError(
-                            _nonfinite_loss_message(self.model, ids[k], losses[k].item()))
+                    losses, n_tok = self._batch_losses(b)
                     params = dict(self.model.named_parameters())
                     torch.autograd.grad(losses.sum(), [params[n] for n in self._names],
                                         allow_unused=True)
-                    rows = self.indexer.flatten_rows(capture.grads)
-                    groups = capture.input_groups() if self.factors else None
                 finally:
                     capture.remove()
-                real = b["attention_mask"].sum(1)
-                for k, sid in enumerate(ids):
-                    vec = rows[k]
-                    if not torch.isfinite(vec).all():
-                        raise NonFiniteGradientError(
-                            f"sample {sid!r}: non-finite gradient at "
-                            f"{_first_bad_cell(self.indexer, vec.cpu())}")
-                    factors = None
-                    if self.factors:
-                        t = int(real[k])      # the sample's own tokens (right padding)
-                        factors = {
-                            "T": t, "groups": groups,
-                            "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
-                            "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
-                            "grads": {n: g[k] for n, g in capture.grads.items()}}
-                    yield SampleGradient(sid, vec.detach(), float(losses[k].detach()),
-                                         int(n_tok[k]), factors)
+                yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
+
+    def square_sums(self, batch: dict, sample_ids: list[str]):
+        """Fisher samples (hooks engine): per micro-batch, (Σ_k g_k ⊙ g_k [P] float64 in the
+        canonical order, per-sample losses, predicted tokens). No per-sample row is formed:
+        each projection's per-sample gradients are squared and summed as soon as they
+        exist, so memory holds one projection's at a time."""
+        if self.engine != "hooks":
+            raise ValueError("square_sums needs the 'hooks' engine")
+        samples = self.objective.split(batch)
+        for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, True):
+            names = [n for n in self._names if n in cap.finite]
+            info = torch.cat([torch.stack([losses.detach().double(), n_tok.double()]),
+                              torch.stack([cap.finite[n] for n in names]).double()]).cpu()
+            loss_of, tok_of = info[0].tolist(), info[1].tolist()
+            self._check_batch(ids, loss_of, tok_of)
+            bad = (info[2:] == 0).nonzero().tolist()
+            if bad:
+                p, k = bad[0]
+                raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
+                                             f"{names[p]}")
+            sq = torch.cat([self.indexer.gather(cap.sq, l, b).reshape(-1)
+                            for (l, b) in self.indexer.entries])
+            yield sq, loss_of, [int(t) for t in tok_of]
+
+    def _hooks(self, samples: list[dict], sample_ids: list[str]):
+        """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
+        One device-to-host transfer per micro-batch (losses, token counts, finiteness)."""
+        for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids):
+            rows = self.indexer.flatten_rows(capture.grads)
+            groups = capture.input_groups() if self.factors else None
+            # a row holds a NaN/Inf iff its float64 sum does (float32 values cannot
+            # overflow it): one read of the rows instead of isfinite's three passes
+            finite = torch.isfinite(rows.sum(1, dtype=torch.float64))
+            info = torch.stack([losses.detach().double(), n_tok.double(), real.double(),
+                                finite.double()]).cpu().tolist()
+            loss_of, tok_of, real_of, finite = info
+            self._check_batch(ids, loss_of, tok_of)
+            for k, sid in enumerate(ids):
+                if not finite[k]:
+                    raise NonFiniteGradientError(
+                        f"sample {sid!r}: non-finite gradient at "
+                        f"{_first_bad_cell(self.indexer, rows[k].cpu())}")
+                factors = None
+                if self.factors:
+                    t = int(real_of[k])   # the sample's own tokens (right padding)
+                    factors = {
+                        "T": t, "groups": groups,
+                        "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
+                        "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
+                        "grads": {n: g[k] for n, g in capture.grads.items()}}
+                yield SampleGradient(sid, rows[k].detach(), loss_of[k], int(tok_of[k]),
+                                     factors)
+
+    def _batch_losses(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,
+        on the device, without a host sync (checked after the backward: _check_batch)."""
+        logits = self.model(input_ids=b["input_ids"],
+                            attention_mask=b["attention_mask"]).logits[:, :-1]
+        labels = b["labels"][:, 1:]
+        keep = labels != -100
+        n_tok = keep.sum(1)
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
+        per = (nll * keep).sum(1)
+        return (per / n_tok if self.objective.loss_reduction == "mean" else per), n_tok
+
+    def _check_batch(self, ids: list[str], losses: list[float], n_tok: list[float]):
+        """A sample without predicted tokens, then a non-finite loss, is an error naming it."""
+        for sid, n in zip(ids, n_tok):
+            if n == 0:
+                raise ValueError(f"sample {sid!r}: sample has no predicted tokens")
+        for sid, loss in zip(ids, losses):
+            if not math.isfinite(loss):
+                raise NonFiniteGradientError(_nonfinite_loss_message(self.model, sid, loss))

@@ -124,13 +124,25 @@ class _Shard:
     def rows(self, ids: list[str], start: int, stop: int) -> torch.Tensor:
         """float32 [len(ids), stop - start]: columns [start, stop) of the given rows."""
         out = torch.empty(len(ids), stop - start, device=self.device)
+        ram = [(k, self.where[sid][1]) for k, sid in enumerate(ids) if self.where[sid][0] == "ram"]
+        if ram:                              # one gather of the in-memory rows
+            out[[k for k, _ in ram]] = torch.stack([self.ram[p][start:stop] for _, p in ram]).float()
         for k, sid in enumerate(ids):
             kind, pos = self.where[sid]
-            if kind == "ram":
-                out[k] = self.ram[pos][start:stop].float()
-            else:
-                out[k] = _from_numpy(self.disk_row(pos)[start:stop], self.dtype).to(self.device)
+            if kind == "disk":
+                out[k] = _from_numpy(self.read_span(pos, start, stop), self.dtype).to(self.device)
         return out
+
+    def read_span(self, row: int, start: int, stop: int) -> np.ndarray:
+        """Columns [start, stop) of disk row ``row``, read from its file (not mapped: the
+        pages stay in the page cache, not in this process's resident memory)."""
+        path, local = self.path, row
+        if self.parts:
+            k = bisect.bisect_right(self._starts, row) - 1
+            path, local = self.parts[k][0], row - self._starts[k]
+        item = np.dtype(self.np_dtype).itemsize
+        return np.fromfile(path, dtype=self.np_dtype, count=stop - start,
+                           offset=(local * self.size + start) * item)
 
 
 class _FactoredShard:
@@ -183,8 +195,7 @@ class _FactoredShard:
             rec = pos if keys is None else {k: v for k, v in pos.items() if k in keys}
             return T, rec
         k, off = pos
-        buf = self._map(k)[off:off + self.layout.plan(T)["bytes"]]
-        return T, self.layout.decode(buf, T, keys)
+        return T, self.layout.read(self.files[k], off, T, keys)
 
     def disk_bytes(self) -> int:
         return sum(self.record_bytes(s) for s, (k, _) in self.where.items() if k == "disk")
@@ -327,16 +338,29 @@ class GradientStore:
 
     def _dense_block(self, task: str, ids: list[str], layer: int, block: str) -> torch.Tensor:
         offset, n_heads, size = self.entries[(layer, block)]
-        out = torch.empty(len(ids), n_heads * size, device=self.device)
+        return self.columns(task, ids, offset, offset + n_heads * size).view(
+            len(ids), n_heads, size)
+
+    def columns(self, task: str, ids: list[str], start: int = 0, stop: int | None = None
+                ) -> torch.Tensor:
+        """float32 [n, stop - start] on the store's device: columns [start, stop) of the
+        canonical rows of samples ``ids`` (dense stores)."""
+        if self.layout is not None:
+            raise ValueError("columns() reads dense rows; a factored store rebuilds them "
+                             "per (layer, block) with block()")
+        stop = self.size if stop is None else stop
         by_shard: dict[int, tuple[_Shard, list[int], list[str]]] = {}
         for k, sid in enumerate(ids):
             shard = self._locate(task, sid)
             by_shard.setdefault(id(shard), (shard, [], []))
             by_shard[id(shard)][1].append(k)
             by_shard[id(shard)][2].append(sid)
+        if len(by_shard) == 1:               # one shard: its rows are the result
+            return next(iter(by_shard.values()))[0].rows(ids, start, stop)
+        out = torch.empty(len(ids), stop - start, device=self.device)
         for shard, pos, sids in by_shard.values():
-            out[pos] = shard.rows(sids, offset, offset + n_heads * size)
-        return out.view(len(ids), n_heads, size)
+            out[pos] = shard.rows(sids, start, stop)
+        return out
 
     def vector(self, task: str, sample_id: str) -> torch.Tensor:
         """float32 [P]: the whole g of one sample."""

@@ -16,7 +16,7 @@ import torch
 
 from .._tables import BACKENDS, BLOCKS, SHARED_BLOCKS
 from ..architectures import QKOVConfig
-from ..device import resolve_device
+from ..device import memory_budget_mb, prefetched, resolve_device, to_device
 from ..settings import MetricSettings
 from ..settings import choice as _choice
 from .contraction import PRECISIONS, apply_op, contract
@@ -40,9 +40,11 @@ class QKOVInterferenceMetric:
         top_k: number of entries in each block's ``top_conflicts``.
         device: where contractions run (default: CUDA when available).
         backend: 'auto' (the fused Triton kernel on CUDA, else torch), 'torch' or 'triton'.
-        device_memory_mb: budget of one contraction's operands on the device (task-A and
-            task-B gradient rows, float32); larger blocks are scored in tiles of rows that fit.
-            None: no limit.
+        device_memory_mb: budget of the operands on the device (task-A and task-B gradient
+            rows, float32): the next (layer, block)'s rows are copied in while the current
+            one is scored when two blocks' rows fit, a block is scored alone when one fits,
+            larger blocks in tiles of rows that fit. 'auto' (default): 80% of the card's
+            free memory now on CUDA, no limit on the CPU; None: no limit.
         precision: products in the Triton kernel: 'bf16x3' (the default) or 'tf32x3', both
             float32-accurate on the benchmarks (~7e-7; at most 2^-16 and 2^-21 relative per
             term), 'ieee' (no tensor cores) or 'tf32' (~1e-3, not for results).
@@ -53,7 +55,7 @@ class QKOVInterferenceMetric:
                  fisher_source: str = "pooled", aggregate: str = "sum", variant: str = "qkov",
                  gj_norm: str = "none", top_k: int = 100, device: str | None = None,
                  backend: str = "auto", precision: str = "bf16x3",
-                 device_memory_mb: float | None = None):
+                 device_memory_mb: float | str | None = "auto"):
         self.config, self.fisher_collector = config, fisher_collector
         self.options = MetricSettings(epsilon, ridge_lambda, ridge_lambda_rel, fisher_source,
                                       aggregate, variant, gj_norm)
@@ -61,9 +63,10 @@ class QKOVInterferenceMetric:
         self.device = torch.device(resolve_device(device))
         self.backend = _choice("backend", backend, BACKENDS)
         self.precision = _choice("precision", precision, PRECISIONS)
-        if device_memory_mb is not None and not float(device_memory_mb) > 0:
-            raise ValueError(f"device_memory_mb must be > 0 or None, got {device_memory_mb}")
-        self.device_memory_mb = None if device_memory_mb is None else float(device_memory_mb)
+        self._device_memory_setting = device_memory_mb
+        self.device_memory_mb = memory_budget_mb(device_memory_mb, self.device)
+        self.prefetch = self.device.type == "cuda"   # overlap copies with the kernel
+        self._held: dict[tuple, torch.Tensor] = {}   # (task, ids) -> rows [n, P] on the device
         self._cfg_check()
 
     def _cfg_check(self):
@@ -92,7 +95,7 @@ class QKOVInterferenceMetric:
         with :meth:`settings` (``QKOVInterferenceMetric(config, collector, **settings,
         **compute_settings)``)."""
         return {"top_k": self.top_k, "device": str(self.device), "backend": self.backend,
-                "precision": self.precision, "device_memory_mb": self.device_memory_mb}
+                "precision": self.precision, "device_memory_mb": self._device_memory_setting}
 
     # -- inputs -----------------------------------------------------------------------
     @property
@@ -111,22 +114,42 @@ class QKOVInterferenceMetric:
         return {"pooled": (task_a, task_b), "a": (task_a,), "b": (task_b,)}[self.fisher_source]
 
     def _fisher_vector(self, tasks: tuple[str, ...]) -> torch.Tensor:
+        """The normalising Fisher [P] float32 (mean of ``tasks``' Fisher), on the device."""
         bank = self.fisher_collector.fisher
-        return torch.stack([bank.get(t) for t in tasks]).mean(0)
+        return torch.stack([bank.get(t) for t in tasks]).mean(0).to(self.device)
 
     def _slice(self, vec: torch.Tensor, layer: int, block: str) -> torch.Tensor:
         offset, n_heads, size = self._store.entries[(layer, block)]
         return vec[offset:offset + n_heads * size].view(n_heads, size)
 
+    def _ridge(self, f: torch.Tensor) -> float:
+        """λ of one (layer, block) from its Fisher slice ``f`` (float64)."""
+        lam = self.ridge_lambda
+        if self.ridge_lambda_rel:
+            lam = max(lam, self.ridge_lambda_rel * float(np.median(f.cpu().numpy())))
+        return lam
+
     def denominator(self, fisher: torch.Tensor, layer: int, block: str):
         """D [n_block_heads, s] = max(Î, ε) + λ for one (layer, block), with λ and the share
         of parameters where λ > Î."""
         f = self._slice(fisher, layer, block).double()
-        lam = self.ridge_lambda
-        if self.ridge_lambda_rel:
-            lam = max(lam, self.ridge_lambda_rel * float(np.median(f.cpu().numpy())))
+        lam = self._ridge(f)
         d = f.clamp_min(self.epsilon) + lam
         return d.float(), lam, float((f < lam).double().mean())
+
+    def ridge_table(self, fisher: torch.Tensor, layers) -> dict:
+        """'L{layer}.{block}' -> {'lambda', 'share_lambda_gt_fisher'} (one device sync)."""
+        keys, lams, shares = [], [], []
+        for layer in layers:
+            for block in BLOCKS:
+                f = self._slice(fisher, layer, block).double()
+                lam = self._ridge(f)
+                keys.append(f"L{layer}.{block}")
+                lams.append(lam)
+                shares.append((f < lam).double().mean())
+        shares = torch.stack(shares).tolist() if shares else []
+        return {k: {"lambda": lam, "share_lambda_gt_fisher": sh}
+                for k, lam, sh in zip(keys, lams, shares)}
 
     def _check_disjoint(self, fisher_tasks, ids_by_task: dict[str, list[str]]):
         bank = self.fisher_collector.fisher
@@ -156,26 +179,39 @@ class QKOVInterferenceMetric:
         return layers
 
     # -- the contraction --------------------------------------------------------------
+    def _rows(self, task, ids, layer, block) -> torch.Tensor:
+        """[n, Hb, s] gradient rows on the device: a view of the resident rows when they
+        are held (see _hold_rows), else a factored store rebuilds them there and a dense
+        store's host rows are copied through pinned memory (non-blocking)."""
+        held = self._held.get((task, tuple(ids)))
+        if held is not None:
+            offset, n_heads, size = self._store.entries[(layer, block)]
+            return held[:, offset:offset + n_heads * size].view(len(ids), n_heads, size)
+        if self._store.layout is not None:
+            return self._store.block(task, ids, layer, block, device=self.device)
+        return to_device(self._store.block(task, ids, layer, block), self.device)
+
     def _left(self, task_a, ids_a, layer, block) -> tuple[torch.Tensor, str]:
         """(left [n_a, Hb, s] or the task-A Fisher [1, Hb, s], f) on the device."""
         if self.variant == "fisher_weighted":
             left = self._slice(self.fisher_collector.fisher.get(task_a), layer, block)[None]
-            return left.to(self.device), "identity"
-        left = self._store.block(task_a, ids_a, layer, block, device=self.device)
+            return to_device(left, self.device), "identity"
+        left = self._rows(task_a, ids_a, layer, block)
         return left, {"qkov": "square", "signed": "identity", "symmetric": "abs"}[self.variant]
 
     def _right(self, task_j, ids_j, layer, block):
         """(right [n_j, Hb, s], g, norms [n_j] or None) on the device."""
-        right = self._store.block(task_j, ids_j, layer, block, device=self.device)
+        right = self._rows(task_j, ids_j, layer, block)
         norms = None
         if self.gj_norm == "l2":
-            norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32,
-                                    device=self.device).clamp_min(1e-30)
+            norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32
+                                    ).to(self.device).clamp_min(1e-30)
         return right, "identity" if self.variant == "signed" else "abs", norms
 
     def _weight(self, fisher, layer, block) -> torch.Tensor:
-        """1 / D [Hb, s] on the device."""
-        return self.denominator(fisher, layer, block)[0].to(self.device).reciprocal()
+        """1 / D [Hb, s] float32 on ``fisher``'s device (the device: see _fisher_vector)."""
+        f = self._slice(fisher, layer, block).double()
+        return (f.clamp_min(self.epsilon) + self._ridge(f)).float().reciprocal()
 
     def _rows_per_tile(self, layer: int, block: str) -> int | None:
         """Gradient rows of one (layer, block) that fit the device budget together with as
@@ -198,20 +234,30 @@ class QKOVInterferenceMetric:
                  for j0 in range(0, len(ids_j), r)] for a0 in range(0, len(ids_a), r)]
         return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
 
-    def _tile_scores(self, task_a, ids_a, task_j, ids_j, layer, block, weight) -> torch.Tensor:
-        """[len(ids_a), len(ids_j), n_block_heads] float32: one contraction on the device,
-        M = Σ_s f(left)·(1/D)·g(right) (/ norm_j)."""
+    def _operands(self, task_a, ids_a, task_j, ids_j, layer, block, fisher):
+        """Everything one (layer, block)'s contraction reads, on the device: (left, f,
+        right, g, norms, 1/D)."""
         left, left_op = self._left(task_a, ids_a, layer, block)
         right, right_op, norms = self._right(task_j, ids_j, layer, block)
+        return left, left_op, right, right_op, norms, self._weight(fisher, layer, block)
+
+    def _scores_of(self, left, left_op, right, right_op, norms, weight, n_a) -> torch.Tensor:
+        """[n_a, n_j, Hb] float32: M = Σ_s f(left)·(1/D)·g(right) (/ norm_j), on the device."""
         s = contract(left, right, weight, left_op, right_op, backend=self.backend,
                      precision=self.precision)
         if norms is not None:
             s = s / norms[None, :, None]
         if self.aggregate == "mean":
             s = s / left.shape[-1]
-        if s.shape[0] != len(ids_a):
-            s = s.expand(len(ids_a), -1, -1)
+        if s.shape[0] != n_a:
+            s = s.expand(n_a, -1, -1)
         return s
+
+    def _tile_scores(self, task_a, ids_a, task_j, ids_j, layer, block, weight) -> torch.Tensor:
+        """[len(ids_a), len(ids_j), n_block_heads] float32: one contraction on the device."""
+        left, left_op = self._left(task_a, ids_a, layer, block)
+        right, right_op, norms = self._right(task_j, ids_j, layer, block)
+        return self._scores_of(left, left_op, right, right_op, norms, weight, len(ids_a))
 
     def _block_mean(self, task_a, ids_a, task_j, ids_j, layer, block, fisher) -> torch.Tensor:
         """mean over all (i, j) pairs of M, [n_block_heads] float64, without pairwise
@@ -238,24 +284,73 @@ class QKOVInterferenceMetric:
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:
         return [self.config.kv_head(h) for h in heads] if block in SHARED_BLOCKS else heads
 
+    def _hold_rows(self, wanted: dict[str, list[str]]) -> bool:
+        """Copy the whole rows [n, P] of each task's samples in ``wanted`` onto the device
+        once (dense stores, when they take at most half of ``device_memory_mb``), so every
+        (layer, block) reads views of them; True when held."""
+        store = self._store
+        n_rows = sum(len(ids) for ids in wanted.values())
+        if self.device_memory_mb is None or store.layout is not None or \
+                n_rows * store.size * 4 > self.device_memory_mb * 2 ** 20 / 2:
+            return False
+        for task, ids in wanted.items():
+            self._held[(task, tuple(ids))] = to_device(store.columns(task, ids), self.device)
+        return True
+
+    def _fits_twice(self, n_rows: int, layer: int, block: str) -> bool:
+        """Two (layer, block)s' operands of ``n_rows`` rows fit the device budget at once."""
+        r = self._rows_per_tile(layer, block)
+        return r is None or 2 * n_rows <= r
+
     def pair_scores(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
                     layers=None, heads=None, fisher_tasks: tuple[str, ...] | None = None
                     ) -> dict[str, np.ndarray]:
         """Block -> M [n_a, n_j, n_layers, n_heads] (float64) of task-A samples ``ids_a`` against
         samples ``ids_j`` of ``task_j`` (scored, reference or control). ``fisher_tasks``: tasks
-        whose Fisher normalises (default from ``fisher_source`` with task B = ``task_j``)."""
+        whose Fisher normalises (default from ``fisher_source`` with task B = ``task_j``).
+
+        Each (layer, block) whose operands fit the device budget twice has its rows copied
+        in while the previous one is scored (``prefetch``, on CUDA); scores stay on the
+        device until every layer of a block is done (one copy to the host per block)."""
         layers, heads = self._layers(layers), self._heads(heads)
         fisher_tasks = fisher_tasks or self.fisher_tasks(task_a, task_j)
         self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
-        fisher = self._fisher_vector(fisher_tasks)
-        out = {}
-        for block in BLOCKS:
-            cols = self._head_columns(block, heads)
-            arr = np.empty((len(ids_a), len(ids_j), len(layers), len(heads)))
-            for li, layer in enumerate(layers):
-                s = self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
-                arr[:, :, li, :] = s[:, :, cols].double().cpu().numpy()
-            out[block] = arr
+        out = self._scores_all(task_a, ids_a, task_j, ids_j, layers, heads,
+                               self._fisher_vector(fisher_tasks))
+        return {b: out[b].cpu().double().numpy() for b in BLOCKS}
+
+    def _scores_all(self, task_a, ids_a, task_j, ids_j, layers, heads, fisher
+                    ) -> dict[str, torch.Tensor]:
+        """:meth:`pair_scores` (float32, on the device) with checked layers, heads and
+        samples and the normalising Fisher [P] on the device."""
+        n_rows = len(ids_a) + len(ids_j)
+        jobs = [(block, li, layer) for block in BLOCKS for li, layer in enumerate(layers)]
+
+        def load(job):
+            block, _, layer = job
+            if not self._fits_twice(n_rows, layer, block):
+                return None                     # scored alone (in tiles) when its turn comes
+            return self._operands(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+
+        out = {b: torch.empty(len(ids_a), len(ids_j), len(layers), len(heads),
+                              device=self.device) for b in BLOCKS}
+        cols = {b: torch.as_tensor(self._head_columns(b, heads), device=self.device)
+                for b in BLOCKS}
+        wanted = {task_j: ids_j} if self.variant == "fisher_weighted" else {
+            task_a: ids_a, task_j: ids_j}
+        try:
+            held = self._hold_rows(wanted)
+            # overlap only when every block fits twice (a block scored in tiles must not
+            # share the budget with the next one's operands)
+            overlap = self.prefetch and not held and all(
+                self._fits_twice(n_rows, layer, block) for block, _, layer in jobs)
+            for (block, li, layer), ops in prefetched(jobs, load, self.device, overlap):
+                s = self._scores_of(*ops, len(ids_a)) if ops is not None else \
+                    self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+                out[block][:, :, li, :] = s.index_select(2, cols[block])
+                del ops, s
+        finally:
+            self._held.clear()
         return out
 
     # -- the seed's API ---------------------------------------------------------------
@@ -319,22 +414,21 @@ class QKOVInterferenceMetric:
         """:meth:`compute_heatmap`'s result for given samples: task-A samples ``ids_a``
         against samples ``ids_j`` of ``task_j`` (scored, or a control split of task A),
         normalised by the Fisher of ``fisher_tasks``."""
-        scores = self.pair_scores(task_a, ids_a, task_j, ids_j, layers, heads, fisher_tasks)
+        self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
         fisher = self._fisher_vector(fisher_tasks)
+        on_device = self._scores_all(task_a, ids_a, task_j, ids_j, self._layers(layers),
+                                     self._heads(heads), fisher)
+        scores = {b: on_device[b].cpu().double().numpy() for b in BLOCKS}
         heatmap = {}
         for block in BLOCKS:
             heatmap[block] = {
                 "scores": scores[block],
                 "layer_head_avg": scores[block].mean(axis=(0, 1)),
-                "top_conflicts": self.top_conflicts(block, scores[block], layers, heads,
+                "top_conflicts": self.top_conflicts(block, on_device[block], layers, heads,
                                                      ids_a, ids_j),
                 "layers": list(layers), "heads": list(heads),
             }
-        ridge = {}
-        for layer in layers:
-            for block in BLOCKS:
-                _, lam, share = self.denominator(fisher, layer, block)
-                ridge[f"L{layer}.{block}"] = {"lambda": lam, "share_lambda_gt_fisher": share}
+        ridge = self.ridge_table(fisher, layers)
         heatmap["meta"] = {
             "task_a": task_a, "task_b": task_j, "layers": list(layers), "heads": list(heads),
             "kv_head_of": [self.config.kv_head(h) for h in heads],
@@ -382,17 +476,32 @@ class QKOVInterferenceMetric:
                 if self.config.kv_head(h) not in seen:
                     seen.add(self.config.kv_head(h))
                     cols.append(c)
-        sub = scores[:, :, :, cols]
-        flat = sub.reshape(-1)
-        k = min(self.top_k, flat.size)
-        key = flat if self.variant == "signed" else -flat
-        top = np.argpartition(key, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-        top = top[np.argsort(key[top], kind="stable")]
+        scores = torch.as_tensor(scores)
+        sub = scores.index_select(3, torch.as_tensor(cols, device=scores.device))
+        top, values = _smallest(sub.reshape(-1) if self.variant == "signed"
+                                else -sub.reshape(-1), self.top_k)
         out = []
-        for t in top:
-            i, j, li, c = np.unravel_index(t, sub.shape)
+        for t, v in zip(top.tolist(), values.tolist()):
+            i, j, li, c = np.unravel_index(t, tuple(sub.shape))
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
                         "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
-                        "sample_a": ids_a[i], "sample_b": ids_b[j], "score": float(flat[t])})
+                        "sample_a": ids_a[i], "sample_b": ids_b[j],
+                        "score": v if self.variant == "signed" else -v})
         return out
+
+
+def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, float64 keys) on the host of the k smallest entries of ``key`` (1-D,
+    any device), smallest first, ties by index: the k-th smallest key is found on the
+    device (topk), every entry at or below it comes to the host and is sorted there."""
+    k = min(int(k), key.numel())
+    if k < key.numel():
+        kth = torch.topk(key, k, largest=False).values.max()
+        cand = (key <= kth).nonzero().flatten()
+    else:
+        cand = torch.arange(key.numel(), device=key.device)
+    idx = cand.cpu().numpy()
+    val = key[cand].double().cpu().numpy()
+    order = np.lexsort((idx, val))[:k]
+    return torch.from_numpy(idx[order]), torch.from_numpy(val[order])
