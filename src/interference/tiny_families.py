@@ -161,6 +161,13 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
     for k in _TOKEN_KEYS:
         if isinstance(base.get(k), int) and base[k] >= vocab_size:
             kw[k] = vocab_size - 1 - _TOKEN_KEYS.index(k)
+    types = base.get("layer_types")
+    if isinstance(types, list) and types and "num_hidden_layers" in kw:
+        other = next((t for t in types if t != types[0]), types[0])
+        kw["layer_types"] = [types[0], other]   # keep one layer of each kind (hybrids)
+    for key in ("attn_layer_period", "expert_layer_period"):   # Jamba-style periods
+        if isinstance(base.get(key), int):
+            kw[key], kw[key.replace("period", "offset")] = 2, 1
     for name, sub in (getattr(config_cls, "sub_configs", None) or {}).items():
         if isinstance(sub, type) and name in base:
             kw[name] = shrunk_kwargs(sub, vocab_size)

@@ -75,7 +75,7 @@ def _rotate_rows(model, idx: QKOVIndexer, layer: int, block: str, row: int, seed
 
 
 def _forward(model, inputs, o_paths):
-    """(attention probabilities per layer [H, T, T] or None, O inputs per layer [T, H·d_v])."""
+    """(attention probabilities {layer: [H, T, T]} or None, O inputs {layer: [T, H·d_v]})."""
     ctx, calls, hooks = {}, {}, []
 
     def keep(layer, args):
@@ -100,9 +100,9 @@ def _forward(model, inputs, o_paths):
         raise LayoutProofError(f"the O modules of layers {sorted(shared)} ran {shared} times "
                                f"in one forward (weights shared across layers): a head's "
                                f"slice is not one layer's")
-    probs = [a[0] for a in att] if att and all(a is not None for a in att) else None
-    if probs is not None and len(probs) != len(o_paths):
-        probs = None   # attentions of other modules too (e.g. a vision tower): not per layer
+    probs = None   # layer id -> [H, T, T]; None when not returned one per attention layer
+    if att and all(a is not None for a in att) and len(att) == len(o_paths):
+        probs = {l: a[0] for l, a in zip(sorted(o_paths), att)}
     return probs, ctx
 
 
@@ -119,6 +119,7 @@ def default_inputs(model: nn.Module, n_tokens: int = 6, seed: int = 11) -> dict:
     """One sample's forward inputs from ``model.main_input_name`` and its config."""
     cfg, g = model.config, torch.Generator().manual_seed(seed)
     name = getattr(model, "main_input_name", "input_ids")
+    cfg = getattr(cfg, "vision_config", None) or cfg if name == "pixel_values" else cfg
     dtype = next(model.parameters()).dtype
     if name == "pixel_values":
         size = getattr(cfg, "image_size", 8)
