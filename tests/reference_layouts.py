@@ -296,10 +296,11 @@ class LegacyViTForImageClassification(nn.Module):
 # any family (the coverage sweep): slices from a PROVEN indexer, everything else by hand
 # ----------------------------------------------------------------------------------------
 def text_batch(n, T_len, seed, prefix, vocab):
-    """Right-padded batch: sample k keeps T_len - 2·(k % 3) tokens drawn from [1, vocab)
-    (capped at 97); padding id 0, labels -100 at padding."""
+    """Right-padded batch: sample k keeps T_len - 2·(k % 3) tokens drawn from [4, vocab)
+    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id 0, labels -100
+    at padding."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, min(int(vocab), 97), (n, T_len), generator=g)
+    ids = torch.randint(4, min(int(vocab), 97), (n, T_len), generator=g)
     mask = torch.ones(n, T_len, dtype=torch.long)
     for k in range(n):
         keep = T_len - (k % 3) * 2
@@ -350,8 +351,14 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
     obj = (OBJECTIVES["masked_lm"].for_model(model, mlm_probability=0.3)
            if kind == "masked_lm" else default_objective(model))
     vocab = getattr(model.config, "vocab_size", 97)
-    make = (lambda n, s, p: image_batch(model, n, s, p)) if kind == "image_classification" \
-        else (lambda n, s, p: text_batch(n, 8, s, p, vocab))
+    def make(n, seed, prefix):
+        if kind == "image_classification":
+            return image_batch(model, n, seed, prefix)
+        b = text_batch(n, 8, seed, prefix, vocab)
+        if kind == "masked_lm":
+            del b["labels"]   # labels in the batch would mean "already masked by the data"
+        return b
+
     batches = {("a", "fisher"): make(n_fisher, 1, "a:f"), ("b", "fisher"): make(n_fisher, 2, "b:f"),
                ("a", "scored"): make(n_scored, 3, "a:s"), ("b", "scored"): make(n_scored, 4, "b:s")}
     fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, objective=obj)
