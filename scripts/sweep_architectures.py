@@ -66,8 +66,9 @@ def check_family(family: str) -> dict:
         status = ("several attention stacks" if "attention stacks" in msg or
                   "more than one attention module" in msg else "no per-head attention")
         return {**row, "status": status, "reason": _short(e)}
-    except ValueError as e:
-        return {**row, "status": "geometry not read", "reason": _short(e)}
+    except Exception as e:  # noqa: BLE001 - e.g. a per-layer head_dim (Gemma 4)
+        status = "several attention stacks" if "ambiguous" in str(e) else "geometry not read"
+        return {**row, "status": status, "reason": _short(e)}
     row["layout"] = cfg.layout
     try:
         proof = prove_layout(float64_copy(model))
@@ -104,7 +105,7 @@ def run(families: list[str], limit_s: int = 120) -> list[dict]:
             signal.alarm(0)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-        print(f"{family:28s} {row['status']:26s} {row['layout']:20s} "
+        print(f"{family:28s} {row['status']:26s} {row['layout']:20s} {row['err']} "
               f"{row['reason'][:90]}", flush=True)
     return rows
 

@@ -29,7 +29,15 @@ falcon_grouped     h.N.self_attention.query_key_value + dense    rows [H_kv, (q 
                    (new_decoder_architecture)
 falcon_mqa         same modules (multi_query)                    rows [q_0..q_{H-1}, k, v]
 falcon_interleaved same modules (neither flag; also BLOOM)       rows [H, (q, k, v), d]
+gpt_bigcode        h.N.attn.c_attn / c_proj (Linear)             multi_query: rows [Q | k | v];
+                                                                else [H, (q, k, v), d]
+codegen            h.N.attn.qkv_proj + out_proj (module has      4 partitions of [q | v | k]
+                   ``mp_num``)
 ================== ============================================ ==============================
+
+Models no adapter matches are read by ``generic.discover`` (module names + config); any
+layout is trusted only after ``proof.prove_layout`` (run on first contact by
+``interference.models.describe``).
 
 Every adapter checks the module's weight against the shape the QKOVConfig implies and
 raises ValueError naming both shapes when they differ.
