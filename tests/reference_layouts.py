@@ -290,3 +290,95 @@ class LegacyViTForImageClassification(nn.Module):
         logits = self.classifier(self.vit.layernorm(x)[:, 0])
         return SimpleNamespace(logits=logits, attentions=tuple(attns) if output_attentions
                                else None)
+
+
+# ----------------------------------------------------------------------------------------
+# any family (the coverage sweep): slices from a PROVEN indexer, everything else by hand
+# ----------------------------------------------------------------------------------------
+def text_batch(n, T_len, seed, prefix, vocab):
+    """Right-padded batch: sample k keeps T_len - 2·(k % 3) tokens drawn from [4, vocab)
+    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id 0, labels -100
+    at padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, min(int(vocab), 97), (n, T_len), generator=g)
+    mask = torch.ones(n, T_len, dtype=torch.long)
+    for k in range(n):
+        keep = T_len - (k % 3) * 2
+        mask[k, keep:], ids[k, keep:] = 0, 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
+
+
+def image_batch(model, n, seed, prefix):
+    """Random pixel_values of the config's size and random labels of its classes."""
+    from interference.architectures.proof import default_inputs
+
+    g = torch.Generator().manual_seed(seed)
+    shape = default_inputs(model)["pixel_values"].shape[1:]
+    n_labels = int(getattr(model.config, "num_labels", 2))
+    return {"pixel_values": torch.randn(n, *shape, generator=g),
+            "labels": torch.randint(0, n_labels, (n,), generator=g),
+            "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
+
+
+def brute_scores_indexed(idx, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
+                         ridge_lambda=1e-8):
+    """M [n_a, n_b, L, H] by explicit loops, S(B, l, h) from ``idx.head_param_indices``."""
+    ids_a, ids_b = list(grads_a), list(grads_b)
+    H = idx.config.num_heads
+    out = np.zeros((len(ids_a), len(ids_b), len(idx.layers), H))
+    for li, layer in enumerate(idx.layers):
+        for head in range(H):
+            S = idx.head_param_indices(layer, block, head)
+            sl = lambda g: torch.cat([g[n].reshape(-1)[ix] for n, ix in S.items()])
+            D = sl(fisher).clamp_min(epsilon) + ridge_lambda
+            for i, a in enumerate(ids_a):
+                ga = sl(grads_a[a])
+                for j, b in enumerate(ids_b):
+                    out[i, j, li, head] = float((ga ** 2 / D * sl(grads_b[b]).abs()).sum())
+    return out
+
+
+def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
+    """Largest |engine - float64 brute force| / max |brute| over the four blocks of the
+    default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family."""
+    from interference.architectures import QKOVConfig, QKOVIndexer
+    from interference.gradients import OBJECTIVES, FisherCollector, default_objective
+    from interference.scores import QKOVInterferenceMetric
+
+    cfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    obj = (OBJECTIVES["masked_lm"].for_model(model, mlm_probability=0.3)
+           if kind == "masked_lm" else default_objective(model))
+    vocab = getattr(model.config, "vocab_size", 97)
+    def make(n, seed, prefix):
+        if kind == "image_classification":
+            return image_batch(model, n, seed, prefix)
+        b = text_batch(n, 8, seed, prefix, vocab)
+        if kind == "masked_lm":
+            del b["labels"]   # labels in the batch would mean "already masked by the data"
+        return b
+
+    batches = {("a", "fisher"): make(n_fisher, 1, "a:f"), ("b", "fisher"): make(n_fisher, 2, "b:f"),
+               ("a", "scored"): make(n_scored, 3, "a:s"), ("b", "scored"): make(n_scored, 4, "b:s")}
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, objective=obj)
+    for (task, role), b in batches.items():
+        fc.collect_fisher(model, b, task=task, mode="mean", role=role)
+    extra = {}
+    if kind == "masked_lm":
+        extra = dict(seed=obj.seed, mlm_probability=obj.mlm_probability,
+                     special=tuple(obj.special_token_ids), mask_token_id=obj.mask_token_id)
+    ref = {k: brute_grads_any(kind, model, b, **extra) for k, b in batches.items()}
+    Fa, Fb = fisher_mean(ref[("a", "fisher")]), fisher_mean(ref[("b", "fisher")])
+    pooled = {n: (Fa[n] + Fb[n]) / 2 for n in Fa}
+    heat = QKOVInterferenceMetric(cfg, fc, ridge_lambda=1e-14).compute_heatmap("a", "b")
+    idx = QKOVIndexer(model, cfg)
+    err = 0.0
+    for block in "QKVO":
+        want = brute_scores_indexed(idx, ref[("a", "scored")], ref[("b", "scored")], pooled,
+                                    block, ridge_lambda=1e-14)
+        got = heat[block]["scores"]
+        if got.shape != want.shape:
+            raise AssertionError(f"{block}: heatmap shape {got.shape} != brute {want.shape}")
+        err = max(err, float(np.abs(got - want).max() / np.abs(want).max()))
+    return err

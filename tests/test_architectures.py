@@ -341,13 +341,31 @@ class CustomSplitModel(nn.Module):
 
 def test_unknown_layout_raises_seed_error_listing_patterns():
     model = CustomSplitModel()
+    for block in model.blocks:          # names outside the generic discovery's vocabulary
+        for old, new in (("wq", "lin_a"), ("wk", "lin_b"), ("wv", "lin_c"), ("wo", "lin_d")):
+            setattr(block.att, new, getattr(block.att, old))
+            delattr(block.att, old)
     with pytest.raises(KeyError) as err:
         QKOVConfig.from_model(model)
     msg = err.value.args[0]
     assert msg.startswith("Could not find parameter for L0 Q")
     for name in ("llama", "phi3", "gpt_neox", "falcon_grouped", "bert", "vit_legacy"):
         assert f"{name}:" in msg
+    assert "Generic discovery: no module with query/key/value" in msg
     assert "register_layout" in msg and "_build_param_patterns" in msg
+
+
+def test_generic_discovery_reads_a_custom_model_and_proves_it():
+    """blocks.N.att.{wq,wk,wv,wo} match no registered adapter: the generic path reads them
+    (split q/k/v rows, wo columns) and the functional proof passes."""
+    from interference.architectures.proof import prove_layout
+
+    model = CustomSplitModel().double()
+    cfg = QKOVConfig.from_model(model)
+    assert (cfg.layout, cfg.num_heads, cfg.head_dim, cfg.num_layers) == ("generic_split", 4, 8, 2)
+    assert prove_layout(model, cfg, inputs={"x": torch.randn(
+        1, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))})["heads"] \
+        == [0, 1, 2, 3]
 
 
 def test_build_param_patterns_override_makes_a_custom_model_work():

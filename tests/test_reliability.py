@@ -92,12 +92,12 @@ def test_unknown_architecture_names_the_patterns_and_the_fix():
 
     from interference.architectures import QKOVConfig
 
-    cfg = T.GPTJConfig(n_layer=1, n_head=2, n_embd=16, rotary_dim=4, vocab_size=50, n_positions=32)
-    model = T.GPTJForCausalLM(cfg).eval()
+    cfg = T.MambaConfig(num_hidden_layers=1, hidden_size=16, vocab_size=50)   # no attention
+    model = T.MambaForCausalLM(cfg).eval()
     with pytest.raises(KeyError) as err:
         QKOVConfig.from_model(model)
     msg = str(err.value)
-    assert "Could not find parameter for L0 Q" in msg and "GPTJForCausalLM" in msg
+    assert "Could not find parameter for L0 Q" in msg and "MambaForCausalLM" in msg
     assert "Patterns tried" in msg and "llama" in msg and "gpt2" in msg
     assert "register_layout" in msg and "_build_param_patterns" in msg
 
@@ -110,13 +110,12 @@ def test_unknown_architecture_in_the_workflow_leaves_no_model_folder(tmp_path):
 
     from qkov_pipeline.stages import model as stage
 
-    folder = tmp_path / "gptj"
-    cfg = T.GPTJConfig(n_layer=1, n_head=2, n_embd=16, rotary_dim=4, vocab_size=600,
-                       n_positions=64)
-    T.GPTJForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    mcfg = dict(tiny_cfg()["model"], source="local", path=str(folder), name="gptj",
+    folder = tmp_path / "mamba"
+    cfg = T.MambaConfig(num_hidden_layers=1, hidden_size=16, vocab_size=600)   # no attention
+    T.MambaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    mcfg = dict(tiny_cfg()["model"], source="local", path=str(folder), name="mamba",
                 tokenizer={"kind": "bpe", "vocab_size": 512})
-    out = tmp_path / "results" / "_models" / "gptj-000000000000"
+    out = tmp_path / "results" / "_models" / "mamba-000000000000"
     job = FakeJob({"v": 1, "model": mcfg}, {}, {"manifest": str(out / "model.json")})
     with pytest.raises(KeyError, match="Could not find parameter for L0 Q"):
         stage.run(job)

@@ -403,9 +403,11 @@ def describe(model, tokenizer, include_bias: bool = False) -> dict:
     """model.json: class, QKOVConfig, attention layers and sizes, tokenizer facts (an
     unknown attention layout fails here, with the seed's error)."""
     from .architectures import QKOVConfig, QKOVIndexer
+    from .architectures.proof import prove_first_contact
 
     qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
     indexer = QKOVIndexer(model, qcfg)
+    proof = prove_first_contact(model, include_bias)   # a misread layout fails here, loudly
     cfg = model.config
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return {"class": type(model).__name__, "qkov_config": qcfg.to_dict(),
@@ -417,4 +419,6 @@ def describe(model, tokenizer, include_bias: bool = False) -> dict:
             "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
             "pad_token_id": getattr(tokenizer, "pad_token_id", None),
             "eos_token_id": getattr(tokenizer, "eos_token_id", None),
-            "bytes_per_gradient_float32": int(indexer.total_size) * 4}
+            "bytes_per_gradient_float32": int(indexer.total_size) * 4,
+            "layout_proof": {k: proof[k] for k in ("layout", "on", "layer", "heads",
+                                                    "observables")}}

@@ -102,3 +102,93 @@ def tiny_model_extra(family: str, vocab_size: int = 97, seed: int = 0, **overrid
     torch.manual_seed(seed)
     model = model_cls(cfg)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# any family of transformers' auto mappings, shrunk generically (the coverage sweep)
+# ---------------------------------------------------------------------------------------
+_SHRINK = {   # config attribute -> tiny value (set only where the family's config has it)
+    2: ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers",
+        "encoder_layers"),
+    32: ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "embedding_size", "emb_dim",
+         "word_embed_proj_dim"),
+    4: ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+        "decoder_attention_heads", "num_experts", "num_local_experts", "n_routed_experts",
+        "rotary_dim", "patch_size"),
+    8: ("head_dim",),
+    64: ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size",
+         "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_ffn_dim",
+         "encoder_ffn_dim", "max_position_embeddings", "n_positions", "max_seq_len",
+         "expert_intermediate_size"),
+    128: ("vocab_size",),
+    16: ("image_size",),
+}
+_KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
+_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+               "cls_token_id", "mask_token_id", "decoder_start_token_id")
+AUTO_KINDS = ("masked_lm", "causal_lm", "image_classification")
+
+
+def auto_families() -> dict[str, tuple[str, str]]:
+    """model_type -> (kind, model class name) over transformers' masked-LM, causal-LM and
+    image-classification auto mappings (masked LM first, so BERT is read as an encoder)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    maps = {"masked_lm": ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+            "causal_lm": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            "image_classification": ma.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES}
+    out: dict[str, tuple[str, str]] = {}
+    for kind in AUTO_KINDS:
+        for family, cls in maps[kind].items():
+            out.setdefault(family, (kind, cls if isinstance(cls, str) else cls[0]))
+    return dict(sorted(out.items()))
+
+
+def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
+    """Constructor kwargs that shrink ``config_cls``'s defaults to 2 layers, width 32,
+    4 heads (2 KV heads when the family groups them, 1 when it is multi-query), head_dim 8,
+    FFN 64, 64 positions, 4 experts, 16x16 images; nested sub-configs shrunk the same way."""
+    base = config_cls().to_dict()
+    kw = {k: v for v, keys in _SHRINK.items() for k in keys
+          if k in base and isinstance(base[k], int) and not isinstance(base[k], bool)}
+    if "vocab_size" in kw:
+        kw["vocab_size"] = vocab_size
+    for k in _KV_KEYS:
+        if isinstance(base.get(k), int):
+            kw[k] = 1 if base[k] == 1 else 2
+    if isinstance(base.get("num_experts_per_tok"), int):
+        kw["num_experts_per_tok"] = 2
+    for k in _TOKEN_KEYS:
+        if isinstance(base.get(k), int) and base[k] >= vocab_size:
+            kw[k] = vocab_size - 1 - _TOKEN_KEYS.index(k)
+    types = base.get("layer_types")
+    if isinstance(types, list) and types and "num_hidden_layers" in kw:
+        other = next((t for t in types if t != types[0]), types[0])
+        kw["layer_types"] = [types[0], other]   # keep one layer of each kind (hybrids)
+    for key in ("attn_layer_period", "expert_layer_period"):   # Jamba-style periods
+        if isinstance(base.get(key), int):
+            kw[key], kw[key.replace("period", "offset")] = 2, 1
+    for name, sub in (getattr(config_cls, "sub_configs", None) or {}).items():
+        if isinstance(sub, type) and name in base:
+            kw[name] = shrunk_kwargs(sub, vocab_size)
+    return kw
+
+
+def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
+    """(a tiny random-init float32 eval-mode model of ``family``, its kind) from its config
+    class defaults shrunk by ``shrunk_kwargs``; eager attention; nothing is downloaded.
+    Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none."""
+    import transformers as T
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kind, cls_name = auto_families()[family]
+    config_cls = CONFIG_MAPPING[family]
+    cfg = config_cls(**shrunk_kwargs(config_cls))
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    if kind == "masked_lm" and getattr(cfg, "mask_token_id", None) is None:
+        cfg.mask_token_id = int(getattr(cfg, "vocab_size", 128)) - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(T, cls_name)(cfg)
+    return model.float().eval(), kind

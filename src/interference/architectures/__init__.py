@@ -1,4 +1,5 @@
-"""Attention geometry (QKOVConfig), layout adapters and the head indexer."""
+"""Attention geometry (QKOVConfig), layout adapters, generic discovery, the head indexer
+and the functional proof of a layout (``proof``)."""
 from .config import BLOCKS, QKOVConfig
 from .indexer import QKOVIndexer, detect_layout
 from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout, register_layout

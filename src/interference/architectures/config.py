@@ -83,12 +83,27 @@ class QKOVConfig:
 
 
 def geometry_from_hf_config(cfg) -> dict:
-    """Heads, KV heads, head dim and width from a Hugging Face config object."""
-    hidden = _first_attr(cfg, ["hidden_size", "n_embd", "d_model", "embed_dim"])
-    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads"])
-    if hidden is None or heads is None:
-        raise ValueError("model config has no hidden size / number of attention heads")
-    kv = _first_attr(cfg, ["num_key_value_heads", "num_kv_heads", "n_head_kv"])
+    """Heads, KV heads, head dim and width from a Hugging Face config object.
+
+    Reads the names the families use (``num_attention_heads`` / ``n_head`` / ``n_heads``,
+    ``num_key_value_heads`` / ``num_kv_heads`` / ``n_head_kv`` / ``multi_query``, MPT's
+    ``attn_config.kv_n_heads``, ``head_dim`` when set, else width / heads).
+    """
+    hidden = _first_attr(cfg, ["hidden_size", "n_embd", "d_model", "embed_dim", "dim"])
+    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads", "n_heads"])
+    if not isinstance(heads, int):
+        for sub in ("text_config", "vision_config"):   # a composite config: its one tower
+            if getattr(cfg, sub, None) is not None:
+                try:
+                    return geometry_from_hf_config(getattr(cfg, sub))
+                except ValueError:
+                    continue
+    if not isinstance(hidden, int) or not isinstance(heads, int):
+        raise ValueError(f"model config has no integer hidden size / number of attention "
+                         f"heads (got {hidden!r} / {heads!r})")
+    kv = _first_attr(cfg, ["num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads"])
+    if kv is None:
+        kv = _first_attr(getattr(cfg, "attn_config", None), ["kv_n_heads"])
     if kv is None and getattr(cfg, "multi_query", False):
         kv = 1
     head_dim = _first_attr(cfg, ["head_dim"], hidden // heads)

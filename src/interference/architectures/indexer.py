@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import BLOCKS, SHARED_BLOCKS, QKOVConfig
+from .generic import LayoutNotFound, discover
 from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout
 
 logger = logging.getLogger("fisher.qkov")
@@ -44,8 +45,14 @@ def candidate_layouts(pattern_table: dict[str, dict[str, str]] | None = None
 
 def detect_layout(model: nn.Module, layout: str | None = None,
                   pattern_table: dict[str, dict[str, str]] | None = None) -> AttentionLayout:
-    """Pick the adapter whose patterns match the model's modules (``layout`` forces one)."""
+    """Pick the adapter whose patterns match the model's modules (``layout`` forces one);
+    when no registered adapter matches, the generic discovery (``generic.discover``)."""
     candidates = candidate_layouts(pattern_table)
+    if layout is not None and layout.startswith("generic_"):
+        found = _generic_or_raise(model, candidates)
+        if found.name != layout:
+            raise ValueError(f"layout {layout!r} asked, but the modules read as {found.name!r}")
+        return found
     if layout is not None:
         named = [a for a in candidates if a.name == layout]
         if not named:
@@ -54,13 +61,24 @@ def detect_layout(model: nn.Module, layout: str | None = None,
         return named[0]
     hits = [a for a in candidates if a.matches(model) and a.extra_match(model)]
     if not hits:
-        raise KeyError(
-            f"Could not find parameter for L0 Q: no registered attention layout matches "
-            f"{type(model).__name__}. Patterns tried: {_tried(candidates)}. {REGISTER_HINT}")
+        return _generic_or_raise(model, candidates)
     if len(hits) > 1:
         raise ValueError(f"ambiguous attention layout: {[a.name for a in hits]} all match; "
                          f"set QKOVConfig(layout=...)")
     return hits[0]
+
+
+def _generic_or_raise(model: nn.Module, candidates) -> AttentionLayout:
+    """The generic adapter, or the seed's KeyError naming the family, the registered
+    patterns tried, why the generic discovery failed and how to register an adapter."""
+    try:
+        return discover(model)
+    except LayoutNotFound as err:
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        raise KeyError(
+            f"Could not find parameter for L0 Q: no registered attention layout matches "
+            f"{type(model).__name__} (model_type {family!r}). Patterns tried: "
+            f"{_tried(candidates)}. Generic discovery: {err.reason}. {REGISTER_HINT}") from None
 
 
 @dataclass(frozen=True)

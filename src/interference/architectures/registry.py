@@ -29,7 +29,15 @@ falcon_grouped     h.N.self_attention.query_key_value + dense    rows [H_kv, (q 
                    (new_decoder_architecture)
 falcon_mqa         same modules (multi_query)                    rows [q_0..q_{H-1}, k, v]
 falcon_interleaved same modules (neither flag; also BLOOM)       rows [H, (q, k, v), d]
+gpt_bigcode        h.N.attn.c_attn / c_proj (Linear)             multi_query: rows [Q | k | v];
+                                                                else [H, (q, k, v), d]
+codegen            h.N.attn.qkv_proj + out_proj (module has      4 partitions of [q | v | k]
+                   ``mp_num``)
 ================== ============================================ ==============================
+
+Models no adapter matches are read by ``generic.discover`` (module names + config); any
+layout is trusted only after ``proof.prove_layout`` (run on first contact by
+``interference.models.describe``).
 
 Every adapter checks the module's weight against the shape the QKOVConfig implies and
 raises ValueError naming both shapes when they differ.
@@ -72,6 +80,32 @@ class HeadSlices:
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+def _first_module_is(model: nn.Module, adapter: "AttentionLayout", block: str, test) -> bool:
+    """``test(module)`` for the first layer's ``block`` module (False when none)."""
+    found = adapter.modules_by_layer(model, block)
+    return bool(found) and bool(test(model.get_submodule(found[min(found)])))
+
+
+def _fit_split_geometry(g: dict, modules: dict[str, nn.Module]) -> dict:
+    """Separate q/k/v/o modules: where the config's head_dim, v_head_dim or KV heads
+    contradict the weights (a config field the module code does not read), take them from
+    the weights' rows with the config's number of query heads; the proof then checks."""
+    rows = {b: (m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]) for b, m in
+            modules.items() if b != "O"}
+    o = modules["O"]
+    o_cols = o.weight.shape[0] if _is_conv1d(o) else o.weight.shape[1]
+    h, kv, dk = g["num_heads"], g["num_kv_heads"], g["head_dim"]
+    dv = g.get("v_head_dim", dk)
+    if (rows["Q"], rows["K"], rows["V"], o_cols) == (h * dk, kv * dk, kv * dv, h * dv):
+        return g
+    if rows["Q"] % h or o_cols % h:
+        return g
+    dk, dv = rows["Q"] // h, o_cols // h
+    if rows["K"] % dk or rows["V"] != rows["K"] // dk * dv:
+        return g
+    return {**g, "head_dim": dk, "v_head_dim": dv, "num_kv_heads": rows["K"] // dk}
 
 
 def _split_patterns(prefix: str, q: str, k: str, v: str, o: str, o_prefix: str | None = None
@@ -140,6 +174,9 @@ class AttentionLayout:
         layers = self.modules_by_layer(model, "Q")
         fused = len({self.modules_by_layer(model, b)[min(layers)] for b in ("Q", "K", "V")}) == 1
         first = dict(model.named_modules())[layers[min(layers)]]
+        if not fused:
+            g = _fit_split_geometry(g, {b: model.get_submodule(
+                self.modules_by_layer(model, b)[min(layers)]) for b in BLOCKS})
         return QKOVConfig(
             num_layers=len(layers), num_heads=g["num_heads"], head_dim=g["head_dim"],
             v_head_dim=g.get("v_head_dim", g["head_dim"]), hidden_dim=g["hidden_dim"],
@@ -277,6 +314,10 @@ class GPT2Layout(AttentionLayout):
         "V": r"(?:.*\.)?h\.(\d+)\.attn\.c_attn",
         "O": r"(?:.*\.)?h\.(\d+)\.attn\.c_proj",
     }
+
+    def extra_match(self, model):
+        """GPT-2's c_attn is a Conv1D; a Linear c_attn is GPTBigCode's (another layout)."""
+        return _first_module_is(model, self, "Q", _is_conv1d)
 
     def _slices(self, model, config, layer, block):
         path = self._path(model, layer, block)
@@ -435,3 +476,56 @@ class FalconInterleavedLayout(_FalconGeometry, InterleavedLayout):
     def extra_match(self, model):
         new, mq = _falcon_flags(model)
         return not new and not mq
+
+
+@register_layout
+class GPTBigCodeLayout(AttentionLayout):
+    """GPTBigCode (StarCoder): Linear ``h.N.attn.c_attn`` and ``c_proj``. With
+    ``multi_query`` the rows are [Q (H·d) | k (d) | v (d)]; without, they interleave per
+    head [H, (q, k, v), d] (the module's ``view(..., H, 3·d).split``)."""
+
+    name = "gpt_bigcode"
+    patterns = dict(GPT2Layout.patterns)
+
+    def extra_match(self, model):
+        return _first_module_is(model, self, "Q", lambda m: isinstance(m, nn.Linear))
+
+    def _slices(self, model, config, layer, block):
+        path = self._path(model, layer, block)
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+        if block == "O":
+            return HeadSlices(path, "cols", tuple(k * d for k in range(h)), d), h * d
+        if kv == 1:
+            starts = [k * d for k in range(h)] if block == "Q" else [(h + "KV".index(block)) * d]
+            return HeadSlices(path, "rows", tuple(starts), d), (h + 2) * d
+        if kv != h:
+            raise ValueError(f"layout 'gpt_bigcode' has 1 or H key/value heads, config says "
+                             f"num_kv_heads={kv} of num_heads={h}")
+        pos = "QKV".index(block)
+        return HeadSlices(path, "rows", tuple((3 * k + pos) * d for k in range(h)), d), 3 * h * d
+
+
+@register_layout
+class CodeGenLayout(FusedLayout):
+    """CodeGen: ``h.N.attn.qkv_proj`` holds ``mp_num`` (4) partitions, each [q | v | k] of
+    H/mp_num heads (note the v-before-k order); output ``h.N.attn.out_proj``. Detected by
+    the attention module's ``mp_num`` attribute."""
+
+    name = "codegen"
+    patterns = _split_patterns(_ANY + r"h\.(\d+)\.attn", "qkv_proj", "qkv_proj", "qkv_proj",
+                               "out_proj")
+
+    def extra_match(self, model):
+        found = self.modules_by_layer(model, "Q")
+        return bool(found) and hasattr(
+            model.get_submodule(found[min(found)].rsplit(".", 1)[0]), "mp_num")
+
+    def qkv_starts(self, config, block):
+        h, d, mp = config.num_heads, config.head_dim, int(config.extra.get("mp_num", 4))
+        if config.num_kv_heads != h or h % mp:
+            raise ValueError(f"layout 'codegen' needs num_kv_heads == num_heads divisible by "
+                             f"mp_num={mp}, got {config.num_kv_heads}/{h}")
+        local = (h // mp) * d
+        pos = {"Q": 0, "V": 1, "K": 2}[block]
+        return [(k // (h // mp)) * 3 * local + pos * local + (k % (h // mp)) * d
+                for k in range(h)]

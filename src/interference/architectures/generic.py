@@ -1,0 +1,182 @@
+"""Generic detection: the attention layout read from module structure and the model config.
+
+When no registered adapter (``registry.LAYOUTS``) matches a model, ``discover`` looks for
+the attention modules itself:
+
+1. every Linear or Conv1D module whose name is a known query/key/value name (``q_proj``,
+   ``query``, ``wq``, ``q_lin``, ...) or a fused-qkv name (``qkv_proj``, ``Wqkv``,
+   ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
+2. the layer id is the first integer of that parent's path; all attention modules must form
+   ONE stack (an encoder-decoder, a cross-attention or a vision tower is refused, never
+   mixed), one per layer;
+3. the output projection is the parent's child with an output name (``o_proj``,
+   ``out_proj``, ``dense``, ``c_proj``, ``wo``, ...) or, BERT-style, ``output.dense`` next to
+   the parent;
+4. a fused qkv module is read as [Q (H·d_k) | K (H_kv·d_k) | V (H_kv·d_v)] rows, except
+   ``query_key_value`` and ``in_proj`` which interleave per head [H, (q, k, v), d]
+   (GPT-NeoX, DeBERTa v1);
+5. heads, key/value heads and head_dim come from the config (``geometry_from_hf_config``);
+   Conv1D weights are marked transposed.
+
+The result is an adapter like the registered ones (``GenericLayout``); it is only trusted
+after the functional proof (``interference.architectures.proof``) passes.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+from .registry import AttentionLayout, HeadSlices, _is_conv1d
+
+Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "q_linear", "to_q",
+           "project_q")
+K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "key_proj", "k_linear", "to_k",
+           "project_k")
+V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "value_proj", "v_linear", "to_v",
+           "project_v")
+QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "qkv_linear",
+             "to_qkv", "in_proj")
+O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", "proj", "out",
+           "o_linear", "to_out", "output", "attention_out")
+O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
+PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
+ORDERS = ("split", "concat", "per_head")
+
+
+class LayoutNotFound(KeyError):
+    """Generic discovery found no single attention stack; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _linear_like(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and (
+        isinstance(module, nn.Linear) or _is_conv1d(module))
+
+
+def _first(kids: dict[str, str], names) -> str | None:
+    return next((kids[n] for n in names if n in kids), None)
+
+
+def _layer_regex(path: str, start: int, end: int) -> str:
+    """``path`` with its characters [start, end) (the layer id) as the capture group."""
+    return re.escape(path[:start]) + r"(\d+)" + re.escape(path[end:])
+
+
+def _attention_modules(model: nn.Module) -> list[dict]:
+    """One record per module that owns q/k/v (or fused qkv) Linear children."""
+    linears = [p for p, m in model.named_modules() if "." in p and _linear_like(m)]
+    kids: dict[str, dict[str, str]] = defaultdict(dict)
+    for path in linears:
+        parent, leaf = path.rsplit(".", 1)
+        kids[parent][leaf] = path
+    found = []
+    for parent, children in kids.items():
+        q, k, v = (_first(children, n) for n in (Q_NAMES, K_NAMES, V_NAMES))
+        qkv = _first(children, QKV_NAMES)
+        if not (q and k and v) and not qkv:
+            continue
+        m = re.search(r"(?:^|\.)(\d+)(?=\.|$)", parent)
+        if m is None:
+            continue
+        o = _first({n: p for n, p in children.items() if p not in (q, k, v, qkv)}, O_NAMES)
+        if o is None:
+            outer = parent.rsplit(".", 1)[0] if "." in parent else ""
+            o = next((p for p in linears if outer and p[len(outer) + 1:] in O_OUTER
+                      and p.startswith(outer + ".") and not p.startswith(parent + ".")), None)
+        order = "split" if (q and k and v) else (
+            "per_head" if qkv.rsplit(".", 1)[1] in PER_HEAD_FUSED else "concat")
+        found.append({"parent": parent, "layer": int(m.group(1)), "span": m.span(1),
+                      "q": q if order == "split" else qkv, "k": k if order == "split" else qkv,
+                      "v": v if order == "split" else qkv, "o": o, "order": order,
+                      "stack": parent[:m.start(1)] + "{N}" + parent[m.end(1):]})
+    return found
+
+
+def _fused_fits(model: nn.Module, path: str) -> bool:
+    """A fused module counts as qkv only when its rows are (H + 2·H_kv)·d_k under the
+    config (a Mamba or convolution ``in_proj`` is not)."""
+    from .config import geometry_from_hf_config
+
+    try:
+        g = geometry_from_hf_config(model.config)
+    except (ValueError, AttributeError):
+        return False
+    m = model.get_submodule(path)
+    rows = m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]
+    return rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
+
+
+def discover(model: nn.Module) -> "GenericLayout":
+    """The generic adapter of ``model``; LayoutNotFound with the reason when there is no
+    single stack of attention modules with q/k/v(/fused) and output projections."""
+    found = _attention_modules(model)
+    found = [f for f in found if f["order"] == "split" or _fused_fits(model, f["q"])]
+    if not found:
+        raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
+                             f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
+                             "per-head projections, or unknown module names)")
+    stacks = sorted({f["stack"] for f in found})
+    if len(stacks) > 1:
+        raise LayoutNotFound(f"{len(stacks)} attention stacks {stacks} (encoder-decoder, "
+                             "cross-attention or a second tower): their heads would be mixed")
+    layers = [f["layer"] for f in found]
+    if len(set(layers)) != len(layers):
+        raise LayoutNotFound(f"more than one attention module per layer in {stacks[0]}")
+    first = min(found, key=lambda f: f["layer"])
+    if first["o"] is None:
+        raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense beside "
+                             f"it) found for {first['parent']}")
+    if len({f["order"] for f in found}) > 1:
+        raise LayoutNotFound(f"mixed q/k/v storage across layers of {stacks[0]}")
+    start = len(first["stack"].split("{N}")[0])
+    end = start + len(str(first["layer"]))
+    patterns = {}
+    for block, key in zip("QKVO", "qkvo"):
+        path = first[key]
+        if not path.startswith(first["parent"][:end]):
+            raise LayoutNotFound(f"{block} module {path} is outside layer {first['layer']}")
+        patterns[block] = _layer_regex(path, start, end)
+    return GenericLayout(f"generic_{first['order']}", patterns, first["order"])
+
+
+class GenericLayout(AttentionLayout):
+    """An adapter built by ``discover``: ``order`` is 'split' (one module per block),
+    'concat' (fused rows [Q | K | V], GQA sizes) or 'per_head' (fused rows [H, (q, k, v),
+    d], MHA only). Conv1D modules (weight [in, out]) are marked transposed."""
+
+    def __init__(self, name: str = "generic_split", patterns: dict | None = None,
+                 order: str = "split"):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.name, self.patterns, self.order = name, dict(patterns or {}), order
+
+    def _slices(self, model, config, layer, block):
+        path = self._path(model, layer, block)
+        transposed = _is_conv1d(model.get_submodule(path))
+        h, kv, dk, dv = config.num_heads, config.num_kv_heads, config.head_dim, config.v_head_dim
+        if block == "O":
+            return HeadSlices(path, "cols", tuple(k * dv for k in range(h)), dv, transposed), h * dv
+        size = dv if block == "V" else dk
+        n = config.block_heads(block)
+        if self.order == "split":
+            return HeadSlices(path, "rows", tuple(k * size for k in range(n)), size,
+                              transposed), n * size
+        rows = (h + kv) * dk + kv * dv
+        if self.order == "concat":
+            base = {"Q": 0, "K": h * dk, "V": (h + kv) * dk}[block]
+            return HeadSlices(path, "rows", tuple(base + k * size for k in range(n)), size,
+                              transposed), rows
+        if kv != h or dk != dv:
+            raise ValueError(f"layout {self.name!r} interleaves [q, k, v] per head: it needs "
+                             f"num_kv_heads == num_heads and v_head_dim == head_dim, got "
+                             f"{kv}/{h} and {dv}/{dk}")
+        pos = "QKV".index(block)
+        return HeadSlices(path, "rows", tuple((3 * k + pos) * dk for k in range(h)), dk,
+                          transposed), rows

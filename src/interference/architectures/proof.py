@@ -1,0 +1,315 @@
+"""The functional proof of a layout (SPEC section 2), run when a model is first prepared.
+
+For one layer and each checked query head h, the proof changes S(B, l, h) alone and looks
+at what the model computes, in float64:
+
+- Q, K, V: head h's rows (and their bias entries) are rotated by a random orthogonal
+  matrix that fixes the all-ones vector, so every norm over the whole projection (OLMo 2's
+  q_norm, a LayerNorm) is unchanged and only head h's own values move. Expected: the
+  attention probabilities change for head h only (Q) or for the heads of group kv(h) (K)
+  and not at all (V); the O module's input (the context vectors, chunked per head) changes
+  for h (Q) or group kv(h) (K, V) only; earlier layers do not change. Without attention
+  probabilities (a model that does not return them) V is told from Q/K by its rotation
+  keeping every changed context vector's norm.
+- O: inputs whose only non-zero chunk is head h' go through the O module; after changing
+  O's slice of head h only the output for h' = h may move.
+
+``prove_layout`` runs it on a given model; ``prove_first_contact`` on a float64 copy of the
+model's config shrunk to 2 layers (same widths and module code, random weights), which is
+what ``interference.models.describe`` calls before anything is collected.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import time
+
+import torch
+import torch.nn as nn
+
+from .config import QKOVConfig
+from .indexer import REGISTER_HINT, QKOVIndexer
+
+UNCHANGED, CHANGED = 1e-6, 1e-4   # relative change: zero up to float32 norms inside float64 models, vs a real move
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+class LayoutProofError(ValueError):
+    """The layout's head slices do not act as SPEC section 2 says on the model."""
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation(n: int, seed: int = 0) -> torch.Tensor:
+    """[n, n] float64 orthogonal matrix with R·1 = 1, random (seeded), far from the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    ones = torch.ones(n, 1, dtype=torch.float64) / n ** 0.5
+    basis = torch.linalg.qr(torch.cat([ones, torch.randn(n, n - 1, generator=gen,
+                                                         dtype=torch.float64)], 1))[0][:, 1:]
+    m = torch.linalg.qr(torch.randn(n - 1, n - 1, generator=gen, dtype=torch.float64))[0]
+    return torch.eye(n, dtype=torch.float64) - basis @ basis.T + basis @ m @ basis.T
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, names):
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in names}
+    try:
+        yield params
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+
+
+def _rotate_rows(model, idx: QKOVIndexer, layer: int, block: str, row: int, seed: int):
+    """Rotate the rows of head slice ``row`` of (layer, block), weight and bias together."""
+    part = idx.entry(layer, block).parts[0]
+    module = model.get_submodule(part.name.rsplit(".", 1)[0])
+    rows = part.index[row * part.size:(row + 1) * part.size]
+    R = _rotation(part.size).to(module.weight.dtype)
+    with torch.no_grad():
+        w = module.weight.T if part.transposed else module.weight
+        w[rows] = R @ w[rows]
+        if getattr(module, "bias", None) is not None:
+            module.bias[rows] = R @ module.bias[rows]
+    return [n for n in (f"{part.name.rsplit('.', 1)[0]}.weight",
+                        f"{part.name.rsplit('.', 1)[0]}.bias") if n in dict(model.named_parameters())]
+
+
+def _forward(model, inputs, o_paths):
+    """(attention probabilities {layer: [H, T, T]} or None, O inputs {layer: [T, H·d_v]})."""
+    ctx, calls, hooks = {}, {}, []
+
+    def keep(layer, args):
+        ctx[layer] = args[0].detach()[0].clone()
+        calls[layer] = calls.get(layer, 0) + 1
+
+    for layer, path in o_paths.items():
+        hooks.append(model.get_submodule(path).register_forward_pre_hook(
+            lambda m, a, layer=layer: keep(layer, a)))
+    try:
+        with torch.no_grad():
+            try:
+                out = model(**inputs, output_attentions=True)
+                att = getattr(out, "attentions", None)
+            except (TypeError, ValueError):
+                out, att = model(**inputs), None
+    finally:
+        for h in hooks:
+            h.remove()
+    shared = {l: n for l, n in calls.items() if n != 1}
+    if shared:
+        raise LayoutProofError(f"the O modules of layers {sorted(shared)} ran {shared} times "
+                               f"in one forward (weights shared across layers): a head's "
+                               f"slice is not one layer's")
+    probs = None   # layer id -> [H, T, T]; None when not returned one per attention layer
+    if att and all(a is not None for a in att) and len(att) == len(o_paths):
+        probs = {l: a[0] for l, a in zip(sorted(o_paths), att)}
+    return probs, ctx
+
+
+def _moved(a: torch.Tensor, b: torch.Tensor, where: str) -> set[int]:
+    """Heads (leading axis) whose values moved; LayoutProofError on an in-between size."""
+    d = (a - b).abs().flatten(1).amax(1) / (b.abs().max() + 1e-300)
+    if bool(((d > UNCHANGED) & (d < CHANGED)).any()):
+        raise LayoutProofError(f"{where}: changes of relative size {d.tolist()} are neither "
+                               f"zero (<= {UNCHANGED}) nor clear (>= {CHANGED})")
+    return {int(h) for h in torch.nonzero(d >= CHANGED).flatten()}
+
+
+def default_inputs(model: nn.Module, n_tokens: int = 6, seed: int = 11) -> dict:
+    """One sample's forward inputs from ``model.main_input_name`` and its config."""
+    cfg, g = model.config, torch.Generator().manual_seed(seed)
+    name = getattr(model, "main_input_name", "input_ids")
+    cfg = getattr(cfg, "vision_config", None) or cfg if name == "pixel_values" else cfg
+    dtype = next(model.parameters()).dtype
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 8)
+        size = size if isinstance(size, (list, tuple)) else (size, size)
+        shape = (1, getattr(cfg, "num_channels", 3), *size)
+        if hasattr(cfg, "num_frames"):
+            shape = (1, cfg.num_frames, *shape[1:])
+        return {"pixel_values": torch.randn(*shape, generator=g, dtype=dtype)}
+    vocab = int(getattr(cfg, "vocab_size", 100) or 100)
+    low = min(5, vocab - 1)
+    return {"input_ids": torch.randint(low, max(low + 1, min(vocab, 1000)), (1, n_tokens),
+                                       generator=g)}
+
+
+def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
+    cfg = idx.config
+    p = cfg.group_size
+    want = {h} if block == "Q" else {g for g in range(cfg.num_heads) if g // p == h // p}
+    row = cfg.kv_head(h) if block in "KV" else h
+    probs0, ctx0 = base
+    part = idx.entry(layer, block).parts[0]
+    with _restored(model, [part.name] + [n for n in (part.name[:-6] + "bias",)
+                                         if n in dict(model.named_parameters())]):
+        _rotate_rows(model, idx, layer, block, row, seed)
+        probs, ctx = _forward(model, inputs, idx_o_paths(idx))
+    where = f"L{layer} {block} head {h}"
+    chunks = lambda c: c.view(c.shape[0], cfg.num_heads, cfg.v_head_dim).transpose(0, 1)
+    seen = {}
+    for lower in (l for l in ctx0 if l < layer):
+        if not torch.equal(ctx[lower], ctx0[lower]):
+            seen["earlier layer"] = f"L{lower} changed"
+    got_ctx = _moved(chunks(ctx[layer]), chunks(ctx0[layer]), where + " context")
+    if got_ctx != want:
+        seen["context heads changed"] = sorted(got_ctx)
+    if probs0 is not None:
+        got_p = _moved(probs[layer], probs0[layer], where + " attention probabilities")
+        if got_p != (set() if block == "V" else want):
+            seen["attention heads changed"] = sorted(got_p)
+    else:
+        n0 = chunks(ctx0[layer]).norm(dim=-1)
+        kept = bool(torch.allclose(chunks(ctx[layer]).norm(dim=-1), n0, rtol=1e-9, atol=0))
+        if kept != (block == "V"):
+            seen["context norms kept"] = kept
+    if seen:
+        expect = (f"attention probabilities of heads {sorted(want)} and context of heads "
+                  f"{sorted(want)}" if block != "V" else
+                  f"no attention probability, context of heads {sorted(want)}")
+        raise LayoutProofError(f"{where}: expected {expect} to change, saw {seen}")
+
+
+def idx_o_paths(idx: QKOVIndexer) -> dict[int, str]:
+    """Layer -> path of its O module."""
+    return {l: idx.entry(l, "O").parts[0].name.rsplit(".", 1)[0] for l in idx.layers}
+
+
+def _check_o(model, idx, layer, h, seed) -> None:
+    cfg = idx.config
+    H, dv = cfg.num_heads, cfg.v_head_dim
+    o_mod = model.get_submodule(idx_o_paths(idx)[layer])
+    S = idx.head_param_indices(layer, "O", h)
+    g = torch.Generator().manual_seed(seed)
+    dtype = o_mod.weight.dtype
+    probes = []
+    for hp in range(H):
+        x = torch.zeros(1, 3, H * dv, dtype=dtype)
+        x[..., hp * dv:(hp + 1) * dv] = torch.randn(1, 3, dv, generator=g, dtype=dtype)
+        with torch.no_grad():
+            probes.append((x, o_mod(x)))
+    with _restored(model, list(S)) as params, torch.no_grad():
+        for name, ix in S.items():
+            flat = params[name].view(-1)
+            flat[ix] += torch.randn(len(ix), generator=g, dtype=dtype)
+        moved = {hp for hp, (x, y0) in enumerate(probes)
+                 if (o_mod(x) - y0).abs().max() > CHANGED * (y0.abs().max() + 1)}
+    if moved != {h}:
+        raise LayoutProofError(f"L{layer} O head {h}: expected only inputs of head {h} to "
+                               f"move the output, saw heads {sorted(moved)}")
+
+
+def checked_heads(cfg: QKOVConfig, limit: int = 16) -> list[int]:
+    """All heads up to ``limit``; beyond, the first and last of the first, second and
+    last groups and the middle head."""
+    H, p = cfg.num_heads, cfg.group_size
+    if H <= limit:
+        return list(range(H))
+    return sorted({0, 1, p - 1, p, min(2 * p - 1, H - 1), H // 2, H - p, H - 1})
+
+
+def prove_layout(model: nn.Module, config: QKOVConfig | None = None, inputs: dict | None = None,
+                 layer: int | None = None, heads: list[int] | None = None) -> dict:
+    """Run the proof on ``model`` (best in float64; its weights are restored afterwards).
+
+    Returns {layout, layer, heads, observables, n_forwards, seconds}; raises
+    LayoutProofError naming the family, what was expected and what was seen.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # one sample of a few tokens: threads only wait on each other
+    try:
+        return _prove(model, config, inputs, layer, heads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prove(model, config, inputs, layer, heads) -> dict:
+    t0 = time.perf_counter()
+    model.eval()
+    idx = QKOVIndexer(model, config)
+    cfg = idx.config
+    layer = idx.layers[-1] if layer is None else layer
+    heads = checked_heads(cfg) if heads is None else list(heads)
+    inputs = default_inputs(model) if inputs is None else inputs
+    base = _forward(model, inputs, idx_o_paths(idx))
+    family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    try:
+        for h in heads:
+            for block in "QKV":
+                _check_rows(model, idx, inputs, layer, h, block, base, seed=1000 + h)
+            _check_o(model, idx, layer, h, seed=2000 + h)
+    except LayoutProofError as err:
+        raise LayoutProofError(
+            f"attention layout {idx.adapter.name!r} of {family} ({type(model).__name__}) "
+            f"failed its functional proof: {err}. The head slices were misread, so no "
+            f"gradient is collected. {REGISTER_HINT}") from None
+    return {"layout": idx.adapter.name, "family": family, "layer": layer, "heads": heads,
+            "observables": "probs+context" if base[0] is not None else "context",
+            "n_forwards": 1 + 3 * len(heads), "seconds": time.perf_counter() - t0}
+
+
+def shrunk_copy(model: nn.Module, n_layers: int = 2, seed: int = 0) -> nn.Module | None:
+    """A float64, eager-attention, random-init model of the same class and config with at
+    most ``n_layers`` layers (per-layer lists cut to match) and at most 512 tokens of
+    vocabulary (the widths and heads unchanged); None when it cannot be built."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None
+    small = copy.deepcopy(cfg)
+    key = next((k for k in LAYER_KEYS if isinstance(getattr(small, k, None), int)), None)
+    if key is None:
+        return None
+    old = getattr(small, key)
+    setattr(small, key, min(n_layers, old))
+    for name, value in list(vars(small).items()):
+        if isinstance(value, list) and len(value) == old and old > n_layers:
+            setattr(small, name, value[:n_layers])
+    if isinstance(getattr(small, "vocab_size", None), int) and small.vocab_size > 512:
+        small.vocab_size = 512           # the layout does not depend on the vocabulary
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
+                     "cls_token_id", "mask_token_id", "decoder_start_token_id"):
+            if isinstance(getattr(small, name, None), int) and getattr(small, name) >= 512:
+                setattr(small, name, 511)
+    small._attn_implementation = "eager"
+    small._experts_implementation = "eager"
+    if hasattr(small, "quantization_config"):
+        delattr(small, "quantization_config")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return type(model)(small).double().eval()
+    except Exception:   # noqa: BLE001 - any family that cannot be rebuilt: prove the model
+        return None
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64, eval-mode copy with eager attention and eager MoE experts (the grouped
+    matmul kernels take no float64)."""
+    probe = copy.deepcopy(model)
+    cfg = getattr(probe, "config", None)
+    if cfg is not None:
+        for key in ("_attn_implementation", "_experts_implementation"):
+            try:
+                setattr(cfg, key, "eager")
+            except (AttributeError, ValueError, TypeError):
+                pass
+    return probe.double().eval()
+
+
+def prove_first_contact(model: nn.Module, include_bias: bool = False) -> dict:
+    """The proof on the shrunk float64 copy (or, when it cannot be built, on a float64
+    copy of the model itself); its layout and geometry must equal the model's."""
+    real = QKOVConfig.from_model(model, include_bias=include_bias)
+    probe = shrunk_copy(model)
+    target = "shrunk copy"
+    if probe is None:
+        probe, target = float64_copy(model), "model"
+    cfg = QKOVConfig.from_model(probe, include_bias=include_bias)
+    same = lambda c: (c.layout, c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim,
+                      c.hidden_dim)
+    if same(cfg) != same(real):
+        raise LayoutProofError(f"the {target} reads as {same(cfg)}, the model as {same(real)}")
+    return {**prove_layout(probe, cfg), "on": target}

@@ -1,0 +1,142 @@
+"""A fixed subset of the coverage sweep (scripts/sweep_architectures.py) and the proof on
+first contact (issue 18).
+
+Each family below is built by ``tiny_auto_model`` from its transformers config class,
+shrunk to 2 layers and width 32 (nothing downloaded); its layout is detected, proven by
+``prove_layout`` on a float64 copy, and its default heatmap is compared with a float64
+brute force (per-sample autograd, explicit loops) whose slices come from the proven
+indexer (tests/reference_layouts.heatmap_vs_brute). The 13 registered layouts keep their
+hand-written references in tests/test_architectures.py; here they go through the proof.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+from interference.architectures import LAYOUTS, QKOVConfig
+from interference.architectures.proof import (LayoutProofError, float64_copy, prove_layout,
+                                              shrunk_copy)
+from interference.tiny_families import tiny_auto_model
+
+from reference_layouts import heatmap_vs_brute
+
+# family -> the layout it must be read as (issue 18's list)
+FAMILIES = {
+    "gptj": "generic_split", "gpt_bigcode": "gpt_bigcode", "codegen": "codegen",
+    "bloom": "falcon_interleaved", "mpt": "generic_concat", "stablelm": "llama",
+    "olmo": "llama", "olmo2": "llama", "cohere": "llama", "granite": "llama",
+    "gemma2": "llama", "qwen3": "llama", "mixtral": "llama", "qwen2_moe": "llama",
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_is_detected_proven_and_matches_brute_force(family):
+    model, kind = tiny_auto_model(family)
+    cfg = QKOVConfig.from_model(model)
+    assert cfg.layout == FAMILIES[family]
+    heads = [0, cfg.num_heads - 1]     # both ends (both K/V groups); the sweep checks all
+    proof = prove_layout(float64_copy(model), heads=heads)
+    assert proof["layout"] == cfg.layout and proof["observables"] == "probs+context"
+    assert heatmap_vs_brute(model, kind, n_fisher=2, n_scored=2) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2", "gemma3", "phi3", "phi",
+                                  "gpt_neox", "falcon", "falcon_mqa", "falcon_mha", "bloom",
+                                  "opt", "bert", "vit", "vit_legacy", "videomae"])
+def test_registered_layouts_pass_the_proof(name):
+    """The 13 registered layouts (hand-checked in test_architectures.py) pass the proof
+    that runs on first contact."""
+    from test_architectures import VARIANTS, _model
+
+    proof = prove_layout(float64_copy(_model(name)), heads=[0, 3])
+    assert proof["layout"] == VARIANTS[name][2]
+
+
+def _bigcode(multi_query):
+    cfg = T.GPTBigCodeConfig(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=32,
+                             multi_query=multi_query)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return T.GPTBigCodeForCausalLM(cfg).double().eval()
+
+
+def test_bigcode_with_and_without_multi_query_and_gptj_work():
+    """The two failures of the issue: GPTBigCode (MQA: [Q | k | v]; MHA: per-head
+    [q, k, v]) is no longer read as GPT-2, and GPT-J is found by the generic path."""
+    for mq, kv in ((True, 1), (False, 4)):
+        m = _bigcode(mq)
+        cfg = QKOVConfig.from_model(m)
+        assert (cfg.layout, cfg.num_kv_heads) == ("gpt_bigcode", kv)
+        prove_layout(m, cfg)
+    gptj = T.GPTJForCausalLM(T.GPTJConfig(n_layer=1, n_head=2, n_embd=16, rotary_dim=4,
+                                          vocab_size=50, n_positions=32))
+    assert QKOVConfig.from_model(gptj).layout == "generic_split"
+
+
+def test_misregistered_layout_is_caught_on_first_contact(monkeypatch):
+    """GPTBigCode without multi_query has the shapes GPT-2's layout expects ([3·H·d, d]) but
+    interleaves q, k, v per head: read as GPT-2 (the old detection), the proof on first
+    contact (models.describe) refuses it, naming what it expected and what it saw."""
+    from interference import models
+
+    m = _bigcode(False).float()
+    monkeypatch.setattr(type(LAYOUTS["gpt2"]), "extra_match", lambda self, model: True)
+    monkeypatch.setattr(type(LAYOUTS["gpt_bigcode"]), "extra_match", lambda self, model: False)
+    assert QKOVConfig.from_model(m).layout == "gpt2"      # the shapes fit: no shape error
+    with pytest.raises(LayoutProofError) as err:
+        models.describe(m, None)
+    msg = str(err.value)
+    assert "'gpt2'" in msg and "gpt_bigcode" in msg and "expected" in msg and "saw" in msg
+    assert "register_layout" in msg
+    monkeypatch.undo()
+    assert models.describe(m, None)["layout_proof"]["layout"] == "gpt_bigcode"
+
+
+def test_swapped_k_and_v_rows_of_a_fused_layout_are_caught():
+    """A fused concat read in the wrong order ([Q | V | K]) fails the proof at K."""
+    from interference.architectures.generic import GenericLayout, discover
+
+    class Swapped(GenericLayout):
+        def _slices(self, model, config, layer, block):
+            return super()._slices(model, config, layer, {"K": "V", "V": "K"}.get(block, block))
+
+    m64 = float64_copy(tiny_auto_model("mpt")[0])
+    cfg = QKOVConfig.from_model(m64)
+    LAYOUTS["swapped_mpt"] = Swapped("swapped_mpt", discover(m64).patterns, "concat")
+    try:
+        with pytest.raises(LayoutProofError, match=r"L1 K head 0: expected"):
+            prove_layout(m64, QKOVConfig(**{**cfg.to_dict(), "layout": "swapped_mpt"}))
+    finally:
+        del LAYOUTS["swapped_mpt"]
+
+
+def test_unprovable_models_are_refused_with_the_family_and_the_reason():
+    """No attention (Mamba) and shared weights across layers (ALBERT) are refused."""
+    mamba = T.MambaForCausalLM(T.MambaConfig(num_hidden_layers=1, hidden_size=16,
+                                             vocab_size=50))
+    with pytest.raises(KeyError) as err:
+        QKOVConfig.from_model(mamba)
+    msg = str(err.value)
+    assert "model_type 'mamba'" in msg and "Generic discovery: no module with query/key/value" \
+        in msg and "register_layout" in msg
+    albert, _ = tiny_auto_model("albert")
+    with pytest.raises(LayoutProofError, match="weights shared across layers"):
+        prove_layout(float64_copy(albert))
+
+
+def test_shrunk_copy_keeps_the_geometry_and_cuts_the_layers():
+    model, _ = tiny_auto_model("gemma2")
+    model.config.num_hidden_layers  # 2 already: grow a 3-layer model and shrink it
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers, cfg.layer_types = 3, ["sliding_attention", "full_attention"] * 1 + \
+        ["sliding_attention"]
+    big = T.Gemma2ForCausalLM(cfg)
+    small = shrunk_copy(big)
+    assert small.config.num_hidden_layers == 2 and len(small.config.layer_types) == 2
+    assert next(small.parameters()).dtype == torch.float64
+    a, b = QKOVConfig.from_model(big), QKOVConfig.from_model(small)
+    assert (a.num_heads, a.num_kv_heads, a.head_dim, a.layout) == \
+        (b.num_heads, b.num_kv_heads, b.head_dim, b.layout)
