@@ -496,3 +496,39 @@ def test_disk_check_states_small_sizes_in_mb(tmp_path, caplog):
                                            r" but \d+\.\d\d [MG]B are free"):
         check_disk(tmp_path, small, 1e-12)
     assert "0.00 GB" not in caplog.text
+
+
+def test_a_job_learns_its_settings_only_from_its_run_file(tmp_path, monkeypatch, probe_stage):
+    """No run file among the inputs: a clear error before anything runs. A job that turns
+    its own logging off (a collect shard, a layer chunk) writes its record and logs no run,
+    also in direct mode with a parent run."""
+    from qkov_pipeline import jobs
+    from qkov_pipeline import tracking as T
+
+    s = _settings(f"sqlite:///{tmp_path / 'mlflow.db'}", {"tiny": "parent-run"})
+    logged = []
+    monkeypatch.setattr(T, "log_with_timeout", lambda *a, **k: logged.append(a))
+    smk = FakeSmk(tmp_path, s)
+    smk.input = _Named({})
+    with pytest.raises(ValueError, match="declares no input 'run'"):
+        jobs.run_stage(smk, "probe")
+
+    def quiet(job):
+        Path(job.output.out).write_text("result")
+        job.log_to_mlflow = False
+
+    probe_stage.run = quiet
+    jobs.run_stage(FakeSmk(tmp_path, s), "probe")
+    assert json.loads((tmp_path / "mlflow.probe.json").read_text())["status"] == "pending"
+    assert logged == []
+
+
+def test_tracking_settings_refuse_an_unknown_mode_or_key():
+    from qkov_pipeline import tracking as T
+
+    with pytest.raises(ValueError, match="tracking mode 'sometimes' is not one of"):
+        T.TrackingSettings(mode="sometimes")
+    with pytest.raises(ValueError, match=r"unknown tracking settings \['colour'\]"):
+        T.TrackingSettings.from_dict({"mode": "off", "colour": "red"})
+    s = T.TrackingSettings(mode="direct", uri="sqlite:///x.db", parents={"tiny": "r1"})
+    assert T.TrackingSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s

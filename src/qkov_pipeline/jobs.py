@@ -7,7 +7,8 @@ A stage script is two lines::
     run_stage(snakemake, "collect")
 
 :func:`run_stage` builds a :class:`Job` from the ``snakemake`` object (its ``params.slice``
-is the rule's resolved config slice, canonical JSON), and calls
+is the rule's resolved config slice, canonical JSON; its ``input.run`` the run file with the
+tracking and execution settings, see :mod:`qkov_pipeline.hooks`), and calls
 ``qkov_pipeline.stages.<stage>.run(job)``. Around it, the job
 
 - logs to the rule's log file (and stderr), with a header naming the rule, wildcards,
