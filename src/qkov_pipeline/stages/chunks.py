@@ -110,7 +110,6 @@ def run_chunk(job) -> None:
     from interference.results import save_heatmap, write_json
     from interference.scores.layerwise import score_layers
 
-
     s = job.slice
     ex = dict(job.exec)
     out = Path(job.output.part)

@@ -28,7 +28,6 @@ def run_shard(job) -> None:
 
     from interference.results import write_json
 
-
     s = job.slice
     d, f = s["data"], s["fisher"]
     task = d["task"]
