@@ -33,8 +33,11 @@ PLAN = qp.build_plan(Path(workflow.basedir) / "conf",
                      Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
                      qp.as_list(config.get("experiment")), qp.as_list(config.get("overrides")))
 R = PLAN.results
-config["_qkov"] = PLAN.job_meta()
+# The run file: tracking settings and each job's execution settings, written once per
+# invocation (by the scheduling process, not by a job re-reading this file on a cluster node)
+# and an input of every job; ancient: rewriting it never reruns a job.
 TRACKING = hooks.configure_tracking(PLAN, main=not workflow.remote_exec)
+RUN = ancient(hooks.run_file(PLAN))
 SWEEP = qp.sweep_plan(PLAN)   # two or more experiments: what the ablation summary compares
 
 
@@ -68,8 +71,8 @@ onstart:
 
 
 onsuccess:
-    hooks.on_end(TRACKING, True)
+    hooks.on_end(PLAN, True)
 
 
 onerror:
-    hooks.on_end(TRACKING, False)
+    hooks.on_end(PLAN, False)

@@ -273,16 +273,12 @@ def test_after_a_failed_job_the_same_command_reruns_it(changed_store_run):
 
 # ----------------------------------------------------------------------------- MLflow store
 
-def _tracking_env(monkeypatch, uri: str, parents: dict | None = None):
+def _settings(uri: str, parents: dict | None = None):
+    """Direct-mode tracking settings of a test workflow run."""
     from qkov_pipeline import tracking as T
 
-    monkeypatch.setenv(T.ENV_MODE, "direct")
-    monkeypatch.setenv(T.ENV_URI, uri)
-    monkeypatch.setenv(T.ENV_ARTIFACTS, "")
-    monkeypatch.setenv(T.ENV_TIMEOUT, "60")
-    monkeypatch.setenv(T.ENV_PREFIX, "qkov")
-    monkeypatch.setenv(T.ENV_WORKFLOW_RUN, "wf-test")
-    monkeypatch.setenv(T.ENV_PARENTS, json.dumps(parents or {}))
+    return T.TrackingSettings(mode="direct", uri=uri, artifacts=None, timeout_s=60,
+                              prefix="qkov", workflow_run_id="wf-test", parents=parents or {})
 
 
 def _runs(db: Path) -> list[tuple]:
@@ -307,23 +303,23 @@ def test_store_left_half_made_by_a_crash_is_made_again_and_track_logs_every_reco
         con.execute("CREATE TABLE review_queues (queue_id INTEGER)")
         con.commit()
     uri = f"sqlite:///{db}"
-    _tracking_env(monkeypatch, uri)
+    s = _settings(uri)
     records = []
     for k in range(2):
-        rec = T.new_record(experiment="tiny", rule="scores", run_name=f"scores {k}",
+        rec = T.new_record(s, experiment="tiny", rule="scores", run_name=f"scores {k}",
                            params={"a": k}, tags={}, wildcards={"seed": k})
-        assert T.log_with_timeout(rec)["status"] == "pending"      # no parent run yet
+        assert T.log_with_timeout(s, rec)["status"] == "pending"      # no parent run yet
         records.append(tmp_path / f"mlflow.scores.{k}.json")
         T.write_record(records[-1], rec)
     T.init_store(uri, None, ["qkov/tiny"])
     assert list(tmp_path.glob("mlflow.db.unusable-*"))
-    late = T.new_record(experiment="tiny", rule="stats", run_name="stats", params={},
+    late = T.new_record(s, experiment="tiny", rule="stats", run_name="stats", params={},
                         tags={}, wildcards={})
-    assert T.log_with_timeout(late)["status"] == "pending"   # store usable, still no parent
+    assert T.log_with_timeout(s, late)["status"] == "pending"   # store usable, still no parent
     records.append(tmp_path / "mlflow.stats.json")
     T.write_record(records[-1], late)
     for _ in range(2):                      # track, then `--forcerun track`
-        out = T.sync([str(p) for p in records], "tiny", None, [], tmp_path / "tracking.json")
+        out = T.sync(s, [str(p) for p in records], "tiny", None, [], tmp_path / "tracking.json")
     runs = _runs(db)
     jobs = [r for r in runs if r[2] == "job"]
     parents = [r for r in runs if r[2] == "workflow"]
@@ -354,13 +350,17 @@ def test_two_experiments_started_at_once_on_a_fresh_store_both_get_their_parent(
 class FakeSmk:
     """The ``snakemake`` object a script gets, for :func:`qkov_pipeline.jobs.run_stage`."""
 
-    def __init__(self, folder: Path, rule: str = "probe"):
+    def __init__(self, folder: Path, settings, rule: str = "probe"):
+        from qkov_pipeline import tracking as T
+
+        run = folder / ".qkov" / "run.json"
+        T.write_run_file(run, settings, {"owners": {}, "exec": {"tiny": {rule: {"threads": 1}}}})
         outs = {"out": str(folder / "out.txt"), "config": str(folder / f"config.{rule}.yaml"),
                 "record": str(folder / f"mlflow.{rule}.json")}
         self.rule, self.wildcards, self.threads = rule, {"exp": "tiny"}, 1
         self.params = SimpleNamespace(slice=json.dumps({"v": 1}))
         self.config, self.log = {}, [str(folder / "job.log")]
-        self.input = _Named({})
+        self.input = _Named({"run": str(run)})
         self.output = _Named(outs)
 
 
@@ -397,7 +397,7 @@ def test_a_job_failing_after_mlflow_logged_it_is_failed_and_the_rerun_logs_it_on
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     T.init_store(uri, None, ["qkov/tiny"])
     parents = T.start_parents(uri, None, {"tiny": "qkov/tiny"}, {})
-    _tracking_env(monkeypatch, uri, parents)
+    s = _settings(uri, parents)
     probe_stage.run = lambda job: Path(job.output.out).write_text("result")
     real_write, calls = T.write_record, []
 
@@ -409,10 +409,10 @@ def test_a_job_failing_after_mlflow_logged_it_is_failed_and_the_rerun_logs_it_on
 
     monkeypatch.setattr(T, "write_record", full_disk_on_final_write)
     with pytest.raises(OSError):
-        jobs.run_stage(FakeSmk(tmp_path), "probe")
+        jobs.run_stage(FakeSmk(tmp_path, s), "probe")
     assert calls[0] == "pending"            # written before MLflow saw it
     monkeypatch.setattr(T, "write_record", real_write)
-    jobs.run_stage(FakeSmk(tmp_path), "probe")                       # the rerun
+    jobs.run_stage(FakeSmk(tmp_path, s), "probe")                    # the rerun
     runs = [r for r in _runs(tmp_path / "mlflow.db") if r[2] == "job"]
     assert sorted(r[0] for r in runs) == ["FAILED", "FINISHED"], runs
     assert all(r[1] == parents["tiny"] for r in runs)
@@ -493,6 +493,42 @@ def test_disk_check_states_small_sizes_in_mb(tmp_path, caplog):
         check_disk(tmp_path, small, 0.9)
     assert "3.0 MB on disk (peak 3.0 MB while saving)" in caplog.text
     with pytest.raises(RuntimeError, match=r"needs up to 3\.0 MB while saving \(3\.0 MB kept\)"
-                                           r" but \d+\.\d\d [MG]B are free"):
+                                           r" but \d+(\.\d)? [KMGT]?B are free"):
         check_disk(tmp_path, small, 1e-12)
     assert "0.00 GB" not in caplog.text
+
+
+def test_a_job_learns_its_settings_only_from_its_run_file(tmp_path, monkeypatch, probe_stage):
+    """No run file among the inputs: a clear error before anything runs. A job that turns
+    its own logging off (a collect shard, a layer chunk) writes its record and logs no run,
+    also in direct mode with a parent run."""
+    from qkov_pipeline import jobs
+    from qkov_pipeline import tracking as T
+
+    s = _settings(f"sqlite:///{tmp_path / 'mlflow.db'}", {"tiny": "parent-run"})
+    logged = []
+    monkeypatch.setattr(T, "log_with_timeout", lambda *a, **k: logged.append(a))
+    smk = FakeSmk(tmp_path, s)
+    smk.input = _Named({})
+    with pytest.raises(ValueError, match="declares no input 'run'"):
+        jobs.run_stage(smk, "probe")
+
+    def quiet(job):
+        Path(job.output.out).write_text("result")
+        job.log_to_mlflow = False
+
+    probe_stage.run = quiet
+    jobs.run_stage(FakeSmk(tmp_path, s), "probe")
+    assert json.loads((tmp_path / "mlflow.probe.json").read_text())["status"] == "pending"
+    assert logged == []
+
+
+def test_tracking_settings_refuse_an_unknown_mode_or_key():
+    from qkov_pipeline import tracking as T
+
+    with pytest.raises(ValueError, match="tracking mode 'sometimes' is not one of"):
+        T.TrackingSettings(mode="sometimes")
+    with pytest.raises(ValueError, match=r"unknown tracking settings \['colour'\]"):
+        T.TrackingSettings.from_dict({"mode": "off", "colour": "red"})
+    s = T.TrackingSettings(mode="direct", uri="sqlite:///x.db", parents={"tiny": "r1"})
+    assert T.TrackingSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s

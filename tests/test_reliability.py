@@ -51,6 +51,10 @@ class FakeJob:
         self.wildcards, self.rule, self.experiment = dict(wildcards or {}), rule, "test"
         self.exec, self.threads = {}, 1
         self.metrics, self.artifacts, self.tags = {}, [], {}
+        self.held_locks, self.log_to_mlflow = [], True
+
+    def exec_of(self, rule):
+        return dict(self.exec)
 
     def metric(self, name, value):
         self.metrics[name] = value

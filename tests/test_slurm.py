@@ -179,7 +179,7 @@ def test_gpu_locks_give_concurrent_jobs_different_gpus(tmp_path):
     """Two jobs that start together on a 2-GPU host take different GPUs (both asking for
     GPU 0 first), and a GPU is free again when its job ends."""
     code = ("import sys, time; from qkov_pipeline.jobs import acquire_gpu; "
-            "k = acquire_gpu(['0', '1'], int(sys.argv[1]), sys.argv[2]); "
+            "held = []; k = acquire_gpu(['0', '1'], held, int(sys.argv[1]), sys.argv[2]); "
             "print(k, flush=True); time.sleep(float(sys.argv[3]))")
     env = workflow_env()
 

@@ -218,15 +218,12 @@ def test_metric_only_ablation_reuses_the_gradient_stores(tiny_run):
 
 # ----------------------------------------------------------------------------- tracking
 
-def _tracking_env(monkeypatch, mode: str, uri: str, artifacts: str | None = None):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("QKOV_TRACKING_MODE", mode)
-    monkeypatch.setenv("QKOV_TRACKING_URI", uri)
-    monkeypatch.setenv("QKOV_TRACKING_ARTIFACTS", artifacts or "")
-    monkeypatch.setenv("QKOV_TRACKING_PREFIX", "qkov")
-    monkeypatch.setenv("QKOV_TRACKING_TIMEOUT", "5")
-    monkeypatch.setenv("QKOV_WORKFLOW_RUN_ID", "test-workflow-run")
-    monkeypatch.delenv("QKOV_MLFLOW_PARENT_RUNS", raising=False)
+def _settings(mode: str, uri: str, artifacts: str | None = None):
+    """Tracking settings of a test workflow run with no parent runs yet."""
+    from qkov_pipeline import tracking
+
+    return tracking.TrackingSettings(mode=mode, uri=uri, artifacts=artifacts, timeout_s=5,
+                                     prefix="qkov", workflow_run_id="test-workflow-run")
 
 
 @pytest.mark.slow
@@ -246,10 +243,10 @@ def test_deferred_mode_logs_each_record_once(tiny_run, tmp_path, monkeypatch):
         q.write_text(json.dumps(rec))
         paths.append(str(q))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _tracking_env(monkeypatch, "deferred", uri, (tmp_path / "artifacts").as_uri())
-    first = tracking.sync(paths, "tiny", {"math__code.split0.n_significant": 3}, [],
+    s = _settings("deferred", uri, (tmp_path / "artifacts").as_uri())
+    first = tracking.sync(s, paths, "tiny", {"math__code.split0.n_significant": 3}, [],
                           tmp_path / "t1.json", config={"metric": {"variant": "qkov"}})
-    second = tracking.sync(paths, "tiny", {}, [], tmp_path / "t2.json")
+    second = tracking.sync(s, paths, "tiny", {}, [], tmp_path / "t2.json")
     assert first["parent_run_id"] == second["parent_run_id"]
     ids = {p: r["run_id"] for p, r in first["records"].items()}
     assert {p: r["run_id"] for p, r in second["records"].items()} == ids
@@ -265,24 +262,29 @@ def test_deferred_mode_logs_each_record_once(tiny_run, tmp_path, monkeypatch):
     assert parent.data.metrics["math__code.split0.n_significant"] == 3
 
 
-def test_unreachable_mlflow_never_fails_a_job(monkeypatch):
+def test_unreachable_mlflow_never_fails_a_job(monkeypatch, tmp_path):
     """Direct mode with a tracking server that does not answer: the record stays pending
     (the track rule logs it later) and nothing raises."""
     from qkov_pipeline import hooks, tracking
 
-    _tracking_env(monkeypatch, "direct", "http://127.0.0.1:9")
+    s = _settings("direct", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    rec = tracking.new_record(experiment="tiny", rule="stats", run_name="stats x",
+    rec = tracking.new_record(s, experiment="tiny", rule="stats", run_name="stats x",
                               params={"stats": {"fdr_alpha": 0.05}}, tags={},
                               wildcards={"pair": "math__code"})
     t0 = time.time()
-    out = tracking.log_with_timeout(rec, timeout_s=5)
+    out = tracking.log_with_timeout(s, rec, timeout_s=5)
     assert time.time() - t0 < 15
     assert out["status"] == "pending" and out["mlflow_error"]
 
     class _Plan:
         experiments = {"tiny": {"resources": {}}}
+        results = str(tmp_path)
 
-    hooks.on_start(_Plan(), {"mode": "direct", "uri": "http://127.0.0.1:9", "artifacts": None,
-                             "timeout_s": 5, "prefix": "qkov"})   # warns, does not raise
+        def job_meta(self):
+            return {"owners": {}, "exec": {}}
+
+    final = hooks.on_start(_Plan(), s)   # warns, does not raise
+    assert final.parents == {} and final.workflow_run_id == s.workflow_run_id
+    assert tracking.read_run_file(hooks.run_file(_Plan()))[0] == final

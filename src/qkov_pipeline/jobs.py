@@ -7,7 +7,8 @@ A stage script is two lines::
     run_stage(snakemake, "collect")
 
 :func:`run_stage` builds a :class:`Job` from the ``snakemake`` object (its ``params.slice``
-is the rule's resolved config slice, canonical JSON), and calls
+is the rule's resolved config slice, canonical JSON; its ``input.run`` the run file with the
+tracking and execution settings, see :mod:`qkov_pipeline.hooks`), and calls
 ``qkov_pipeline.stages.<stage>.run(job)``. Around it, the job
 
 - logs to the rule's log file (and stderr), with a header naming the rule, wildcards,
@@ -40,7 +41,6 @@ from . import tracking
 from .plan import digest
 
 logger = logging.getLogger("qkov")
-_HELD_LOCKS: list = []   # GPU lock files held for the job's lifetime
 
 
 class Job:
@@ -48,8 +48,14 @@ class Job:
 
     Attributes: ``rule``, ``wildcards`` (dict), ``slice`` (the resolved config slice),
     ``config_hash``, ``experiment`` (whose MLflow run it belongs to), ``exec`` (the rule's
-    ``resources`` entry: threads, device, gradient_memory_mb, ...), ``input``/``output``
-    (snakemake's named lists), ``metrics`` / ``artifacts`` / ``tags`` for the record.
+    ``resources`` entry: threads, device, gradient_memory_mb, ...), ``tracking`` (the
+    :class:`~qkov_pipeline.tracking.TrackingSettings`), ``input``/``output`` (snakemake's
+    named lists), ``metrics`` / ``artifacts`` / ``tags`` for the record, ``log_to_mlflow``
+    (False: the record is written but never logged as a run of its own), ``held_locks``
+    (GPU lock files held for the job's lifetime).
+
+    Everything but the config slice comes from the declared input ``run``, the run file
+    (:func:`qkov_pipeline.tracking.read_run_file`): nothing from the environment.
     """
 
     def __init__(self, smk):
@@ -58,17 +64,27 @@ class Job:
         self.wildcards = {k: v for k, v in smk.wildcards.items()}
         self.slice = json.loads(smk.params.slice)
         self.config_hash = digest(self.slice)
-        meta = smk.config.get("_qkov", {})
+        run = getattr(smk.input, "run", None)
+        if not run:
+            raise ValueError(f"rule {self.rule} declares no input 'run' (the run file "
+                             "with the tracking and execution settings; see the Snakefile)")
+        self.tracking, self.meta = tracking.read_run_file(run)
         key = self.wildcards.get("key")
-        self.experiment = self.wildcards.get("exp") or meta.get("owners", {}).get(key, "default")
-        self.exec = dict(meta.get("exec", {}).get(self.experiment, {}).get(self.rule, {}))
+        self.experiment = self.wildcards.get("exp") or self.meta["owners"].get(key, "default")
+        self.exec = self.exec_of(self.rule)
         self.threads = int(self.exec.get("threads", smk.threads))
         self.input, self.output = smk.input, smk.output
         self.metrics: dict[str, float] = {}
         self.artifacts: list[dict] = []
         self.tags: dict[str, str] = {}
         self.record: dict | None = None      # once written: the job's tracking record
+        self.log_to_mlflow = True
+        self.held_locks: list = []
         self.t0 = time.time()
+
+    def exec_of(self, rule: str) -> dict:
+        """``resources.<rule>`` of the job's experiment (execution settings of ``rule``)."""
+        return dict(self.meta["exec"].get(self.experiment, {}).get(rule, {}))
 
     # -- helpers for stages -----------------------------------------------------------
     def device(self) -> str:
@@ -163,9 +179,9 @@ def run_stage(smk, stage: str) -> None:
     except BaseException as err:
         logger.error("rule %s failed:\n%s", job.rule, traceback.format_exc())
         if job.record and job.record.get("mlflow"):   # MLflow logged it, then the job failed
-            tracking.mark_failed(job.record)
-        else:
-            tracking.log_failure(job.experiment, job.rule, job.run_name, job.slice, job.tags,
+            tracking.mark_failed(job.tracking, job.record)
+        elif job.log_to_mlflow:
+            tracking.log_failure(job.tracking, job.experiment, job.rule, job.run_name, job.slice, job.tags,
                                  job.wildcards, f"{type(err).__name__}: {err}")
         raise
 
@@ -190,7 +206,7 @@ def finish(job: Job) -> None:
     never exists for a job whose record could not be written."""
     from interference.results import output_digests
 
-    record = tracking.new_record(experiment=job.experiment, rule=job.rule,
+    record = tracking.new_record(job.tracking, experiment=job.experiment, rule=job.rule,
                                  run_name=job.run_name, params=job.slice,
                                  tags=job.tags, wildcards=job.wildcards)
     record["metrics"] = job.metrics
@@ -199,7 +215,8 @@ def finish(job: Job) -> None:
     where = Path(job.output.record).parent
     record["outputs"] = output_digests([p for p in job.output if p != job.output.record], where)
     tracking.write_record(job.output.record, record)
-    job.record = tracking.log_with_timeout(record)
+    job.record = tracking.log_with_timeout(job.tracking, record) if job.log_to_mlflow \
+        else record
     tracking.write_record(job.output.record, record)
     logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
                 record["status"])
@@ -225,12 +242,14 @@ def read_json(path) -> Any:
 
 # ----------------------------------------------------------------------------- devices
 
-def acquire_gpu(ids: list[str], preferred: int = 0, lock_dir: str | Path | None = None,
-                poll_s: float = 1.0) -> int:
+def acquire_gpu(ids: list[str], held: list, preferred: int = 0,
+                lock_dir: str | Path | None = None, poll_s: float = 1.0) -> int:
     """Index (into ``ids``, the visible GPUs) of a GPU no other qkov job on this host holds.
 
-    One lock file per GPU (``fcntl.flock``, released when the process ends, also when it is
-    killed); tries ``preferred`` first, then the next ones; waits while all are taken.
+    One lock file per GPU (``fcntl.flock``, released when its file is closed or the process
+    ends, also when it is killed); tries ``preferred`` first, then the next ones; waits while
+    all are taken. The open lock file is appended to ``held`` (the caller keeps it for as
+    long as it uses the GPU, e.g. :attr:`Job.held_locks`).
     ``lock_dir``: ``$QKOV_GPU_LOCK_DIR`` or ``<tmp>/qkov-gpu-locks-<uid>``.
     """
     import fcntl
@@ -254,7 +273,7 @@ def acquire_gpu(ids: list[str], preferred: int = 0, lock_dir: str | Path | None 
             fh.truncate()
             fh.write(f"{os.getpid()} {platform.node()}\n")
             fh.flush()
-            _HELD_LOCKS.append(fh)
+            held.append(fh)
             return k
         if not waited:
             logger.info("all %d GPUs are held by other jobs (%s); waiting", n, lock_dir)
@@ -262,10 +281,11 @@ def acquire_gpu(ids: list[str], preferred: int = 0, lock_dir: str | Path | None 
         time.sleep(poll_s)
 
 
-def choose_device(want: str = "auto", slot: int = 0) -> tuple[str, dict]:
+def choose_device(held: list, want: str = "auto", slot: int = 0) -> tuple[str, dict]:
     """The torch device of a collect job and how it was chosen (for the manifest).
 
-    ``want``: resources.collect.device (auto | cpu | cuda). Several visible GPUs and no
+    ``held``: where a GPU lock is kept (:attr:`Job.held_locks`); ``want``:
+    resources.collect.device (auto | cpu | cuda). Several visible GPUs and no
     scheduler assignment: a free one by lock (:func:`acquire_gpu`, ``slot`` first);
     otherwise the first visible GPU (SLURM's ``--gpus`` makes it the job's own).
     """
@@ -284,7 +304,7 @@ def choose_device(want: str = "auto", slot: int = 0) -> tuple[str, dict]:
     if n == 1 or info["slurm_job_id"] or os.environ.get("QKOV_GPU_LOCKS") == "0":
         idx, how = 0, "first visible GPU" + (" (SLURM)" if info["slurm_job_id"] else "")
     else:
-        idx, how = acquire_gpu(ids, slot % n), f"lock (slot {slot} of {n} GPUs)"
+        idx, how = acquire_gpu(ids, held, slot % n), f"lock (slot {slot} of {n} GPUs)"
     torch.cuda.set_device(idx)
     info.update(how=how, index=idx, gpu=ids[idx], name=torch.cuda.get_device_name(idx))
     return f"cuda:{idx}", info

@@ -5,6 +5,7 @@
 
 rule prepare_data:
     input:
+        run=RUN,
         model=lambda wc: f"{R}/_models/{PLAN.data[wc.key]['model_key']}/model.json",
     output:
         manifest=f"{R}/_data/{{key}}/manifest.json",

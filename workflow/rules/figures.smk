@@ -13,6 +13,7 @@ FIGURES_CODE = qp.code_digest()
 
 rule draw_figures:
     input:
+        run=RUN,
         heatmap=lambda wc: PLAN.seed_files(wc, "heatmap.json")[0],
         cells=f"{R}/{{exp}}/{{model}}/{{pair}}/cells.csv",
         stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
@@ -63,6 +64,7 @@ rule draw_figures:
 
 rule draw_stability:
     input:
+        run=RUN,
         stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
         seed_cells=lambda wc: PLAN.seed_files(wc, "cells.csv"),
     output:
@@ -98,6 +100,7 @@ if SWEEP:
         # Local: it also writes the sweep's MLflow runs (one writer, like `track`).
         localrule: True
         input:
+            run=RUN,
             cells=SWEEP["cells"],
             stats=SWEEP["stats"],
             validation=SWEEP["validation"],

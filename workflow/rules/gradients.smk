@@ -13,6 +13,7 @@ qp.check_plan(PLAN)   # fisher.mode=ema cannot be sharded: refuse before any job
 
 rule collect:
     input:
+        run=RUN,
         model=lambda wc: f"{R}/_models/{PLAN.stores[wc.key]['model_key']}/model.json",
         data=lambda wc: f"{R}/_data/{PLAN.stores[wc.key]['data_key']}/manifest.json",
         shards=lambda wc: qp.shard_files(PLAN, wc, "shard.json"),
@@ -44,6 +45,7 @@ rule collect_shard:
     # One shard of a store (only planned when resources.collect.shards > 1); its files are
     # temporary: `collect` gathers them into the store.
     input:
+        run=RUN,
         model=lambda wc: f"{R}/_models/{PLAN.stores[wc.key]['model_key']}/model.json",
         data=lambda wc: f"{R}/_data/{PLAN.stores[wc.key]['data_key']}/manifest.json",
     output:

@@ -3,6 +3,8 @@
 
 
 rule prepare_model:
+    input:
+        run=RUN,
     output:
         manifest=f"{R}/_models/{{key}}/model.json",
         config=f"{R}/_models/{{key}}/config.prepare_model.yaml",

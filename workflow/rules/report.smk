@@ -5,6 +5,7 @@
 
 rule summary:
     input:
+        run=RUN,
         cells=lambda wc: PLAN.experiment_files(wc.exp, "cells.csv"),
         stats=lambda wc: PLAN.experiment_files(wc.exp, "stats.json", per_seed=True),
         figures=lambda wc: PLAN.experiment_files(wc.exp, "figures/figures.json"),
@@ -41,6 +42,7 @@ rule track:
     # the workflow run's MLflow parent run. Local: one writer, on the submitting host.
     localrule: True
     input:
+        run=RUN,
         records=lambda wc: PLAN.records(wc.exp)
         + qp.stability_files(PLAN, wc.exp, "mlflow.draw_stability.json"),
         summary=f"{R}/{{exp}}/summary.json",

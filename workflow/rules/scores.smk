@@ -13,6 +13,7 @@
 rule scores:
     input:
         unpack(lambda wc: PLAN.scores_inputs(wc)),
+        run=RUN,
     output:
         heatmap=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/heatmap.json",
         scores=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/scores.npz",
@@ -40,6 +41,7 @@ rule chunk_scores:
     # both arms' scores on its layers; temporary, joined by `scores`.
     input:
         unpack(lambda wc: PLAN.chunk_inputs(wc)),
+        run=RUN,
     output:
         part=temp(directory(f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/chunks/{{chunk}}")),
         config=temp(f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/chunks/config.chunk_scores.{{chunk}}.yaml"),

@@ -4,6 +4,7 @@
 
 rule stats:
     input:
+        run=RUN,
         heatmap=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/heatmap.json",
         scores=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/scores.npz",
     output:
@@ -31,6 +32,7 @@ rule stats:
 
 rule tables:
     input:
+        run=RUN,
         cells=lambda wc: PLAN.seed_files(wc, "cells.csv"),
         stats=lambda wc: PLAN.seed_files(wc, "stats.json"),
     output:

@@ -9,6 +9,7 @@
 
 rule prepare_eval:
     input:
+        run=RUN,
         model=lambda wc: f"{R}/_models/{PLAN.evals[wc.key]['model_key']}/model.json",
         data=lambda wc: f"{R}/_data/{PLAN.evals[wc.key]['data_key']}/manifest.json",
     output:
@@ -36,6 +37,7 @@ rule prepare_eval:
 rule validate:
     input:
         unpack(lambda wc: PLAN.validation_inputs(wc)),
+        run=RUN,
     output:
         cells=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/validation/validation_cells.csv",
         validity=f"{R}/{{exp}}/{{model}}/{{pair}}/split{{seed}}/validation/validity.csv",
@@ -64,6 +66,7 @@ rule validate:
 
 rule draw_validation:
     input:
+        run=RUN,
         json=lambda wc: PLAN.seed_files(wc, "validation/validation.json")[0],
         cells=lambda wc: PLAN.seed_files(wc, "validation/validation_cells.csv")[0],
         validity=lambda wc: PLAN.seed_files(wc, "validation/validity.csv")[0],

@@ -38,7 +38,7 @@ def _load(job, ex: dict, slot: int):
     from ..jobs import choose_device
 
     threads = _set_threads(job, ex)
-    device, dev_info = choose_device(ex.get("device", "auto"), slot)
+    device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     mcfg = next(iter(job.slice["stores"].values()))["data"]["model"]
     with job.timed("load"):
@@ -118,8 +118,6 @@ def run_chunk(job) -> None:
     from interference.results import save_heatmap, write_json
     from interference.scores.layerwise import score_layers
 
-    from .. import tracking
-
     s = job.slice
     ex = dict(job.exec)
     out = Path(job.output.part)
@@ -134,8 +132,7 @@ def run_chunk(job) -> None:
     model, batches, metas, device, dev_info, threads = _load(job, ex, int(job.wildcards["chunk"]))
     plan = chunk_plan(job, model, batches, ex, device, threads)
     fisher = next(iter(s["stores"].values()))["fisher"]
-    scores_ex = job.smk.config.get("_qkov", {}).get("exec", {}).get(job.experiment, {}) \
-        .get("scores", {})
+    scores_ex = job.exec_of("scores")
     m = plan["micro_batch"]
     transient = {tuple(p): x["transient"] for p, x in zip(plan["passes"], plan["memory"])}
 
@@ -177,7 +174,7 @@ def run_chunk(job) -> None:
                 plan["index"], plan["layers"], seconds, plan["estimate_s"])
     # a chunk is part of its pair's scores: the join puts its numbers in the scores record
     # and it logs no MLflow run of its own (as a collect shard)
-    os.environ[tracking.ENV_MODE] = "off"
+    job.log_to_mlflow = False
 
 
 def _peak(device: str) -> int | None:

@@ -138,13 +138,13 @@ def run_ablation(smk) -> None:
             logger.info("%-24s %-28s %3d significant, Spearman vs %s %s, Jaccard %s", pair, v,
                         r["n_significant"], a["baseline"], fmt_value(r["spearman_vs_baseline"]),
                         fmt_value(r["jaccard_vs_baseline"]))
-    settings = tracking.settings_from_env()
-    record = {"sweep": s["sweep"], "mode": settings["mode"], "uri": settings["uri"],
+    settings, _ = tracking.read_run_file(smk.input.run)
+    record = {"sweep": s["sweep"], "mode": settings.mode, "uri": settings.uri,
               "status": "off", "time_s": None}
-    if settings["mode"] != "off" and settings["uri"]:
+    if settings.mode != "off" and settings.uri:
         lock = Path(smk.output.manifest).parents[2] / ".mlflow.lock"
         logged, err = tracking.bounded(lambda: tracking.log_sweep(doc, out, settings, lock),
-                                       max(settings["timeout_s"], 60), "mlflow-ablation")
+                                       max(settings.timeout_s, 60), "mlflow-ablation")
         if err is None:
             record.update(status="logged", **logged)
             logger.info("MLflow: experiment %s, sweep run %s", logged["experiment"],

@@ -46,8 +46,7 @@ def collect_exec(job) -> dict:
     (rule collect_shard) run with the collect rule's execution settings."""
     if job.rule == "collect":
         return dict(job.exec)
-    meta = job.smk.config.get("_qkov", {})
-    return dict(meta.get("exec", {}).get(job.experiment, {}).get("collect", {}))
+    return job.exec_of("collect")
 
 
 def _set_threads(job, ex: dict) -> int:
@@ -71,7 +70,7 @@ def load_inputs(job, ex: dict, slot: int):
     s = job.slice
     d = s["data"]
     threads = _set_threads(job, ex)
-    device, dev_info = choose_device(ex.get("device", "auto"), slot)
+    device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):
         model, _ = load_prepared(Path(job.input.model).parent, d["model"], device)

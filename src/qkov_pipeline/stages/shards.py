@@ -7,7 +7,6 @@ See qkov_pipeline.stages.gradients for the store and qkov_pipeline.plan for the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,8 +27,6 @@ def run_shard(job) -> None:
     import torch
 
     from interference.results import write_json
-
-    from .. import tracking
 
     s = job.slice
     d, f = s["data"], s["fisher"]
@@ -84,7 +81,7 @@ def run_shard(job) -> None:
     write_json(job.output.manifest, shard)
     # A shard is part of its store's collect run: the gather puts its numbers in store.json
     # and in the collect record; it logs no MLflow run of its own (in no tracking mode).
-    os.environ[tracking.ENV_MODE] = "off"
+    job.log_to_mlflow = False
 
 
 def run_gather(job) -> None:
