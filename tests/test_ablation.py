@@ -148,10 +148,12 @@ def test_dry_run_of_a_sweep_plans_the_ablation_summary(tmp_path):
 # ----------------------------------------------------------------------------- tiny run
 
 def _snapshot(results: Path) -> dict[str, tuple[int, str]]:
-    """path -> (mtime_ns, sha256) of every file (the MLflow database aside: it is shared)."""
+    """path -> (mtime_ns, sha256) of every file (the MLflow database and the run file
+    ``.qkov/run.json`` aside: every workflow run on the folder rewrites them)."""
     out = {}
     for p in sorted(results.rglob("*")):
-        if p.is_file() and not p.name.startswith("mlflow.db") and p.name != ".mlflow.lock":
+        if p.is_file() and not p.name.startswith("mlflow.db") and p.name != ".mlflow.lock" \
+                and p.relative_to(results).parts[0] != ".qkov":
             out[str(p.relative_to(results))] = (p.stat().st_mtime_ns,
                                                 hashlib.sha256(p.read_bytes()).hexdigest())
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,14 @@ def test_page_is_self_contained(page):
     text = page.read_text()
     assert "<script src" not in text and "<link " not in text      # nothing fetched
     assert "Bokeh" in text and "map_K" in text and len(text) > 500_000
+
+
+def test_page_bytes_do_not_depend_on_bokehs_random_ids(page):
+    body = page.read_text().rpartition("<body>")[2]
+    assert "00000000-0000-4000-8000-000000000000" in body           # Bokeh's UUIDs renumbered
+    assert not X._UUID.search(body.replace("00000000-0000-4000-8000-", "x"))
+    assert X.stable_ids(f"<body>{uuid.uuid4()} {uuid.uuid4()}") == X.stable_ids(
+        f"<body>{uuid.uuid4()} {uuid.uuid4()}")
 
 
 # ----------------------------------------------------------------------------- real browser

@@ -407,7 +407,7 @@ def test_disk_check_refuses_with_the_size_it_needs(tmp_path):
 
 # ----------------------------------------------------------------------------- crashes
 
-IGNORED = ("logs/", "benchmarks/", "mlflow.db", "mlartifacts/")
+IGNORED = ("logs/", "benchmarks/", "mlflow.db", "mlartifacts/", ".qkov/")   # .qkov: run file
 VOLATILE = ("store.json", "tracking.json")   # timings and run ids inside
 
 

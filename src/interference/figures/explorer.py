@@ -15,6 +15,7 @@ disk). The only JavaScript is the library's ``CustomJS`` callbacks (:data:`ON_TA
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -330,4 +331,19 @@ def write_explorer(heatmap, cells, out_html: str | Path, texts=None, *, control_
     layout = explorer_layout(heatmap, table, pairs, summary, validation is not None)
     page = file_html(layout, INLINE,
                      title=f"QK-OV cell explorer: {style.describe(heatmap['meta'])}")
-    return style.write_text(out_html, page)
+    return style.write_text(out_html, stable_ids(page))
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def stable_ids(page: str) -> str:
+    """Bokeh names the document and the elements that hold it with random UUIDs (in the
+    page's body); number them in order of appearance instead, so the same analysis always
+    writes the same bytes. The inlined library before ``<body>`` is left as it is."""
+    head, sep, body = page.rpartition("<body>")
+    if not sep:
+        return page
+    ids: dict[str, str] = {}
+    return head + sep + _UUID.sub(
+        lambda m: ids.setdefault(m.group(0), f"00000000-0000-4000-8000-{len(ids):012d}"), body)
