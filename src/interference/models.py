@@ -399,15 +399,18 @@ def save_prepared(model, tokenizer, out_dir: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
 
 
-def describe(model, tokenizer, include_bias: bool = False) -> dict:
+def describe(model, tokenizer, include_bias: bool = False, prove: bool = True) -> dict:
     """model.json: class, QKOVConfig, attention layers and sizes, tokenizer facts (an
-    unknown attention layout fails here, with the seed's error)."""
+    unknown attention layout fails here, with the seed's error). ``prove``: run the
+    functional proof of the layout (architectures.proof; a float64 2-layer copy at the
+    model's width: about 30 s and 3 GB for a 7B shape); only a caller that needs the sizes
+    alone turns it off, and model.json then says ``layout_proof: null``."""
     from .architectures import QKOVConfig, QKOVIndexer
     from .architectures.proof import prove_first_contact
 
     qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
     indexer = QKOVIndexer(model, qcfg)
-    proof = prove_first_contact(model, include_bias)   # a misread layout fails here, loudly
+    proof = prove_first_contact(model, include_bias) if prove else None   # fails loudly
     cfg = model.config
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return {"class": type(model).__name__, "qkov_config": qcfg.to_dict(),
@@ -420,5 +423,5 @@ def describe(model, tokenizer, include_bias: bool = False) -> dict:
             "pad_token_id": getattr(tokenizer, "pad_token_id", None),
             "eos_token_id": getattr(tokenizer, "eos_token_id", None),
             "bytes_per_gradient_float32": int(indexer.total_size) * 4,
-            "layout_proof": {k: proof[k] for k in ("layout", "on", "layer", "heads",
-                                                    "observables")}}
+            "layout_proof": None if proof is None else {
+                k: proof[k] for k in ("layout", "on", "layer", "heads", "observables")}}
