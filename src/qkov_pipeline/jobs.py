@@ -242,6 +242,18 @@ def read_json(path) -> Any:
 
 # ----------------------------------------------------------------------------- devices
 
+def set_threads(job: Job, ex: dict) -> int:
+    """torch's (and the BLAS libraries') thread count from ``ex["threads"]`` (a rule's
+    resources), else the job's threads."""
+    import torch
+
+    threads = int(ex.get("threads", job.threads))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def acquire_gpu(ids: list[str], held: list, preferred: int = 0,
                 lock_dir: str | Path | None = None, poll_s: float = 1.0) -> int:
     """Index (into ``ids``, the visible GPUs) of a GPU no other qkov job on this host holds.

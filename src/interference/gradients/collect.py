@@ -335,3 +335,26 @@ def _gathered_view(indexer, layer: int, block: str) -> bool:
     fake = {n: torch.empty((1, *params[n].shape), device="meta") for n in names}
     piece = indexer.gather(fake, layer, block).flatten(1)
     return any(piece._base is t for t in fake.values())
+
+
+def gathered_entries(shards: list[dict], batches: dict, store, task: str,
+                     roles: list[str]) -> dict[str, dict]:
+    """role -> the store.json entry of a task gathered from its shards' records (losses,
+    ids and seconds in shard order; stored roles' norms from the gathered ``store``)."""
+    out = {}
+    for role in roles:
+        parts = [m["roles"][role] for m in shards if role in m["roles"]]
+        out[role] = role_entry(batches[role], [x for p in parts for x in p["losses"]],
+                               [i for p in parts for i in p["sample_ids"]],
+                               sum(p["seconds"] for p in parts))
+        if role != "fisher":
+            out[role].update(stored_entry(store, task, role))
+    return out
+
+
+def shard_summaries(shards: list[dict]) -> list[dict]:
+    """Per shard (in index order): where and how long it ran, and its samples per role."""
+    keys = ("index", "device", "device_info", "threads", "seconds_collect", "seconds_total",
+            "started", "finished", "ranges")
+    return [{**{k: m[k] for k in keys}, "n": {r: v["n"] for r, v in m["roles"].items()}}
+            for m in sorted(shards, key=lambda m: m["index"])]

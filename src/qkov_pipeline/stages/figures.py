@@ -39,9 +39,6 @@ def texts_from_data(manifests) -> dict[str, dict]:
     return texts
 
 
-# ----------------------------------------------------------------------------- the rules' helpers
-
-
 # ----------------------------------------------------------------------------- one analysis
 
 def run(job) -> None:
@@ -139,20 +136,14 @@ def run_ablation(smk) -> None:
                         r["n_significant"], a["baseline"], fmt_value(r["spearman_vs_baseline"]),
                         fmt_value(r["jaccard_vs_baseline"]))
     settings, _ = tracking.read_run_file(smk.input.run)
-    record = {"sweep": s["sweep"], "mode": settings.mode, "uri": settings.uri,
-              "status": "off", "time_s": None}
-    if settings.mode != "off" and settings.uri:
-        lock = Path(smk.output.manifest).parents[2] / ".mlflow.lock"
-        logged, err = tracking.bounded(lambda: tracking.log_sweep(doc, out, settings, lock),
-                                       max(settings.timeout_s, 60), "mlflow-ablation")
-        if err is None:
-            record.update(status="logged", **logged)
-            logger.info("MLflow: experiment %s, sweep run %s", logged["experiment"],
-                        logged["parent_run_id"])
-        else:
-            record.update(status="error", error=err)
-            logger.warning("MLflow logging of the sweep failed (%s); the figures are complete; "
-                           "rerun with --forcerun draw_ablation_summary to retry", record["error"])
+    lock = Path(smk.output.manifest).parents[2] / ".mlflow.lock"
+    record = tracking.record_sweep(doc, out, settings, lock)
+    if record["status"] == "logged":
+        logger.info("MLflow: experiment %s, sweep run %s", record["experiment"],
+                    record["parent_run_id"])
+    elif record["status"] == "error":
+        logger.warning("MLflow logging of the sweep failed (%s); the figures are complete; "
+                       "rerun with --forcerun draw_ablation_summary to retry", record["error"])
     record["time_s"] = time.time() - t0
     write_json(smk.output.record, record)
     logger.info("finished in %.1f s", record["time_s"])

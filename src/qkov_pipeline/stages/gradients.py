@@ -4,27 +4,15 @@ Roles: ``fisher`` updates the Fisher only; ``scored``, ``reference`` and ``contr
 g_i (FisherCollector.collect_fisher(..., role=...)); disjointness by dataset id is checked
 by the collector. Output ``_stores/<task>-<hash>/``: ``grads/`` (FisherCollector.save_task:
 the gradient rows and fisher.safetensors) and ``store.json`` (per-role sample ids, losses,
-gradient norms, token counts, sizes, timings). Before collecting, the job states the disk
-it needs and refuses when the disk cannot hold it.
-
-Shards (``resources.collect.shards`` = N > 1, an execution setting like threads): the
-task's samples are cut into micro-batch units (``MICRO_BATCH`` samples of one role, the
-batches the gradient engine runs anyway) and the units into N contiguous groups of about
-equal size (:func:`shard_plan`). Rule ``collect_shard`` collects one group per job (own GPU
-or node) and saves it with the Fisher as partial sums + counts; rule ``collect`` then
-gathers them (qkov_pipeline.stages.shards: row files hard-linked, Fisher = Σ partial sums /
-total count). Every g_i is computed in the same micro-batch as unsharded and the Fisher is summed
-unit by unit in the same order, so the gathered store equals the unsharded one bitwise
-(same threads and device type). Fisher mode ``ema`` is order-dependent across calls and is
-refused with more than one shard.
-
-GPUs: without a scheduler each job takes a free GPU by a lock file (qkov_pipeline.jobs
-``acquire_gpu``); under SLURM the one it was given. store.json says which device ran what.
+gradient norms, token counts, sizes, timings, the estimate). Before collecting, the job
+states its estimate and refuses a store the disk (or, on the CPU, the memory) cannot hold.
+With ``resources.collect.shards`` = N > 1 the work is split into N ``collect_shard`` jobs
+and gathered bitwise (qkov_pipeline.stages.shards). GPUs: a free one by lock file
+(qkov_pipeline.jobs.acquire_gpu), under SLURM the one given; store.json says which.
 """
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +21,7 @@ from interference.gradients.collect import (available_memory, check_disk, check_
                                             collect_role, collection_estimate, log_estimate,
                                             make_collector, role_entry, stored_entry)
 
-from ..jobs import choose_device
+from ..jobs import choose_device, set_threads
 from ..plan import MICRO_BATCH, ROLE_ORDER
 
 logger = logging.getLogger("qkov.gradients")
@@ -49,17 +37,6 @@ def collect_exec(job) -> dict:
     return job.exec_of("collect")
 
 
-def _set_threads(job, ex: dict) -> int:
-    """torch's thread count from the config (resources.collect.threads), as every job."""
-    import torch
-
-    threads = int(ex.get("threads", job.threads))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    torch.set_num_threads(threads)
-    return threads
-
-
 def load_inputs(job, ex: dict, slot: int):
     """(model on its device, batches, data meta, QKOVConfig, QKOVIndexer, device, device
     info, threads) of a collect job."""
@@ -69,7 +46,7 @@ def load_inputs(job, ex: dict, slot: int):
 
     s = job.slice
     d = s["data"]
-    threads = _set_threads(job, ex)
+    threads = set_threads(job, ex)
     device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     with job.timed("load"):

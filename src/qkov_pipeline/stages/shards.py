@@ -11,8 +11,9 @@ import shutil
 import time
 from pathlib import Path
 
-from interference.gradients.collect import (check_shards, collect_role, disk_plan, make_collector,
-                                            role_entry, stored_entry, take)
+from interference.gradients.collect import (check_shards, collect_role, disk_plan,
+                                            gathered_entries, make_collector, shard_summaries,
+                                            take)
 
 from ..jobs import read_json
 from ..plan import MICRO_BATCH, ROLE_ORDER, planned_shards, shard_plan
@@ -116,24 +117,15 @@ def run_gather(job) -> None:
             "config_hash": job.config_hash, "store_dtype": f["store_dtype"],
             "fisher_mode": f["mode"], "n_shards": len(shards),
             **disk_plan(n_params, n_stored, f["store_dtype"])}
-    for role in roles:
-        parts = [m["roles"][role] for m in shards if role in m["roles"]]
-        losses = [x for p in parts for x in p["losses"]]
-        ids = [i for p in parts for i in p["sample_ids"]]
-        entry = role_entry(batches[role], losses, ids, sum(p["seconds"] for p in parts))
+    info["roles"] = gathered_entries(shards, batches, store, task, roles)
+    for role, entry in info["roles"].items():
         if role != "fisher":
-            entry.update(stored_entry(store, task, role))
             job.metric(f"grad.{role}.mean_grad_norm", entry["mean_grad_norm"])
-        info["roles"][role] = entry
         job.metric(f"grad.{role}.n", entry["n"])
         job.metric(f"grad.{role}.mean_loss", entry["mean_loss"])
         job.metric(f"time.{role}_s", entry["seconds"])
-    info["shards"] = [{k: m[k] for k in ("index", "device", "device_info", "threads",
-                                         "seconds_collect", "seconds_total", "started",
-                                         "finished", "ranges")}
-                      for m in shards]
+    info["shards"] = shard_summaries(shards)
     for m in shards:
-        info["shards"][m["index"]]["n"] = {r: v["n"] for r, v in m["roles"].items()}
         job.metric(f"shard{m['index']}.time.collect_s", m["seconds_collect"])
         job.metric(f"shard{m['index']}.time.total_s", m["seconds_total"])
     total_n = sum(e["n"] for e in info["roles"].values())

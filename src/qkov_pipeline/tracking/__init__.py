@@ -33,11 +33,11 @@ from .settings import (MODES, PACKAGES, RECORD_VERSION, TrackingSettings, defaul
                        read_run_file, resolve_uri, write_run_file)
 from .store import (bounded, end_parents, experiment_id, find_runs, init_store,
                     start_parents)
-from .sweep import experiment_run, log_sweep
+from .sweep import experiment_run, log_sweep, record_sweep
 
 __all__ = ["MODES", "PACKAGES", "RECORD_VERSION", "TrackingSettings", "bounded",
            "default_artifacts", "end_parents", "experiment_id", "experiment_run", "find_runs",
            "flatten", "git_commit", "init_store", "log_failure", "log_record", "log_sweep",
            "log_with_timeout", "mark_failed", "mlflow_experiment", "new_record",
            "new_settings", "package_versions", "read_record", "read_run_file", "resolve_uri",
-           "start_parents", "sync", "write_record", "write_run_file"]
+           "record_sweep", "start_parents", "sync", "write_record", "write_run_file"]

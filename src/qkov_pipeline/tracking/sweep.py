@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .settings import TrackingSettings
-from .store import _client, _finite, _retry, experiment_id
+from .store import _client, _finite, _retry, bounded, experiment_id
 
 
 def experiment_run(doc: dict, variant: str, results: Path, settings: TrackingSettings) -> str | None:
@@ -94,3 +94,17 @@ def log_sweep(doc: dict, out: Path, settings: TrackingSettings, lock_path: Path)
     return {"experiment": name, "parent_run_id": pid, "variant_run_ids": children}
 
 
+def record_sweep(doc: dict, out: Path, settings: TrackingSettings, lock_path: Path) -> dict:
+    """Log a sweep (:func:`log_sweep`, bounded by the settings' timeout, at least 60 s) unless
+    tracking is off; the record of what happened: status off / logged / error, the run ids
+    or the error, and the seconds it took."""
+    t0 = time.time()
+    record = {"sweep": doc["sweep"], "mode": settings.mode, "uri": settings.uri,
+              "status": "off", "time_s": None}
+    if settings.mode != "off" and settings.uri:
+        logged, err = bounded(lambda: log_sweep(doc, out, settings, lock_path),
+                              max(settings.timeout_s, 60), "mlflow-ablation")
+        record.update(status="logged", **logged) if err is None else \
+            record.update(status="error", error=err)
+    record["time_s"] = time.time() - t0
+    return record

@@ -1,0 +1,102 @@
+"""One layer chunk of a model as a job: its memory budget, its plan, and the join of the
+chunks' saved heatmaps (the library side of rule ``chunk_scores`` and of rule ``scores``
+with layer chunks; qkov_pipeline.stages.chunks reads the inputs and writes the outputs).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..architectures import QKOVConfig, QKOVIndexer
+from ..gradients.collect import stored_format
+from ..results import load_heatmap, read_json_file, size_text
+from .layerwise import chunk_layers, join_heatmaps, plan_chunk
+
+logger = logging.getLogger("qkov.scores")
+
+
+def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
+                  device: str) -> float:
+    """Bytes one pass may peak at beyond the model (stored rows, a micro-batch's per-sample
+    gradients and their copy, the Fisher's float64 sums, activations: collect.pass_memory):
+    ``chunk_memory_mb``, else 80% of the GPU's free memory after the model (20% left for
+    the CUDA context, cuBLAS workspaces, the scoring and the estimate's error), else
+    ``gradient_memory_mb`` on the CPU."""
+    if chunk_memory_mb:
+        return float(chunk_memory_mb) * 2**20
+    if device.startswith("cuda"):
+        import torch
+
+        return 0.8 * torch.cuda.mem_get_info(torch.device(device))[0]
+    return float(gradient_memory_mb) * 2**20
+
+
+def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_bias: bool,
+                   store_dtype: str, gradient_format: str, model_dtype: str, budget: float,
+                   device: str, threads: int, micro_batch: int) -> dict:
+    """Chunk ``index`` of ``n_chunks``: its layers, passes, micro-batch and estimate (peak
+    memory per pass in bytes, seconds; layerwise.plan_chunk), logged before any collection.
+    ``batches``: task -> role -> batch. Refuses (ValueError) a chunk index past the model's
+    layers and a chunk whose single layer does not fit ``budget`` at micro-batch 1."""
+    qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    indexer = QKOVIndexer(model, qcfg)
+    chunks = chunk_layers(indexer.layers, n_chunks)
+    if index >= len(chunks):
+        raise ValueError(f"chunk {index}: the model has {len(indexer.layers)} attention "
+                         f"layers, so only {len(chunks)} chunks (layer_chunks={n_chunks})")
+    tokens = {(t, r): [int(x) for x in b["attention_mask"].sum(1).tolist()]
+              for t, by_role in batches.items() for r, b in by_role.items()}
+    plan = plan_chunk(model, indexer, chunks[index],
+                      [x for (_, r), v in tokens.items() if r != "fisher" for x in v],
+                      [x for v in tokens.values() for x in v], [len(v) for v in tokens.values()],
+                      store_dtype, stored_format(model, gradient_format), model_dtype, budget,
+                      device, threads, micro_batch)
+    fisher_bytes = 8 * len(batches) * sum(e.numel for (l, _), e in indexer.entries.items()
+                                          if l in chunks[index])   # float64 on the host, per task
+    mem = plan["memory"][0]
+    logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers, micro-batch %d; "
+                "peak beyond the model <= %s per pass (budget %s; rows %s, per-sample "
+                "gradients %s + copy, Fisher sums %s, activations %s); host Fisher %s; about "
+                "%.1f s of forward+backward", index, len(chunks), chunks[index],
+                len(plan["passes"]), max(len(p) for p in plan["passes"]), plan["micro_batch"],
+                size_text(max(plan["peaks"])), size_text(budget), size_text(plan["rows_bytes"]),
+                size_text(mem["grads"]), size_text(mem["fisher"]), size_text(mem["act"]),
+                size_text(fisher_bytes), plan["estimate_s"])
+    if plan["micro_batch"] != micro_batch:
+        logger.warning("chunk %d: micro-batch %d instead of %d to fit the budget: the Fisher "
+                       "is summed in other units, so cells.csv may differ from the stores' "
+                       "run in the last digits", index, plan["micro_batch"], micro_batch)
+    return dict(plan, index=index, n_chunks=len(chunks), layers=chunks[index],
+                qkov_config=qcfg, fisher_bytes=fisher_bytes, budget_bytes=budget)
+
+
+def peak_device_bytes(device: str) -> int | None:
+    """The most memory PyTorch allocated on a CUDA ``device`` so far (None on the CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(torch.device(device)))
+
+
+def join_chunk_folders(dirs: list[Path], arm: str) -> tuple[dict, dict | None, np.ndarray,
+                                                             np.ndarray, list[str], list[dict]]:
+    """The saved chunks of one arm (``<dir>/<arm>/`` and ``<dir>/chunk.json`` per chunk),
+    joined in layer order: (heatmap, reference scores, B's and the reference's gradient
+    norms [n] as sqrt of the chunks' summed squares, reference ids, chunk records).
+    Refuses folders that are not chunks 0..K-1 of one plan."""
+    dirs = sorted((Path(d) for d in dirs), key=lambda d: int(d.name))
+    infos = [read_json_file(d / "chunk.json", "snakemake --forcerun chunk_scores") for d in dirs]
+    if [i["index"] for i in infos] != list(range(len(dirs))) or \
+            any(i["n_chunks"] != len(dirs) for i in infos):
+        raise ValueError(f"the chunk folders {[str(d) for d in dirs]} are not chunks "
+                         f"0..{len(dirs) - 1} of one plan")
+    loaded = [load_heatmap(d / arm) for d in dirs]
+    extra = loaded[0][0]["extra"]
+    heat, ref = join_heatmaps([h for h, _ in loaded], [r for _, r in loaded],
+                              QKOVConfig(**extra["qkov_config"]), int(extra["top_k"]))
+    norms_b = np.sqrt(np.sum([h["extra"]["sq_norms_b"] for h, _ in loaded], axis=0))
+    norms_r = np.sqrt(np.sum([h["extra"]["sq_norms_r"] for h, _ in loaded], axis=0))
+    return heat, ref, norms_b, norms_r, list(extra["sample_ids_r"]), infos
