@@ -177,7 +177,8 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
 def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(a tiny random-init float32 eval-mode model of ``family``, its kind) from its config
     class defaults shrunk by ``shrunk_kwargs``; eager attention; nothing is downloaded.
-    Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none."""
+    Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none; X-MOD
+    models get their first language as the default adapter."""
     import transformers as T
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -191,4 +192,6 @@ def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(T, cls_name)(cfg)
+    if hasattr(model, "set_default_language"):   # X-MOD: one language adapter per forward
+        model.set_default_language(next(iter(cfg.languages)))
     return model.float().eval(), kind
