@@ -146,16 +146,20 @@ def auto_families() -> dict[str, tuple[str, str]]:
 
 def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
     """Constructor kwargs that shrink ``config_cls``'s defaults to 2 layers, width 32,
-    4 heads (2 KV heads when the family groups them, 1 when it is multi-query), head_dim 8,
+    4 heads (2 KV heads when the family groups them, 1 when it is multi-query, 4 when its
+    defaults have as many KV heads as heads or none), head_dim 8,
     FFN 64, 64 positions, 4 experts, 16x16 images; nested sub-configs shrunk the same way."""
     base = config_cls().to_dict()
     kw = {k: v for v, keys in _SHRINK.items() for k in keys
           if k in base and isinstance(base[k], int) and not isinstance(base[k], bool)}
-    if "vocab_size" in kw:
+    if "vocab_size" in base:
         kw["vocab_size"] = vocab_size
+    if "head_dim" in base and base["head_dim"] is None and "hidden_size" in kw:
+        kw["head_dim"] = 8   # left None by the defaults, read as-is by the module code
+    heads = next((base[k] for k in _SHRINK[4][:4] if isinstance(base.get(k), int)), None)
     for k in _KV_KEYS:
-        if isinstance(base.get(k), int):
-            kw[k] = 1 if base[k] == 1 else 2
+        if k in base and not isinstance(base[k], bool):   # None: the module code needs a value
+            kw[k] = 1 if base[k] == 1 else 4 if base[k] in (None, heads) else 2
     if isinstance(base.get("num_experts_per_tok"), int):
         kw["num_experts_per_tok"] = 2
     for k in _TOKEN_KEYS:

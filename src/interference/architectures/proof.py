@@ -178,6 +178,13 @@ def idx_o_paths(idx: QKOVIndexer) -> dict[int, str]:
     return {l: idx.entry(l, "O").parts[0].name.rsplit(".", 1)[0] for l in idx.layers}
 
 
+def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; the first element when it returns a tuple (I-BERT's QuantLinear
+    returns (output, scaling factor))."""
+    y = module(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
 def _check_o(model, idx, layer, h, seed) -> None:
     cfg = idx.config
     H, dv = cfg.num_heads, cfg.v_head_dim
@@ -190,13 +197,13 @@ def _check_o(model, idx, layer, h, seed) -> None:
         x = torch.zeros(1, 3, H * dv, dtype=dtype)
         x[..., hp * dv:(hp + 1) * dv] = torch.randn(1, 3, dv, generator=g, dtype=dtype)
         with torch.no_grad():
-            probes.append((x, o_mod(x)))
+            probes.append((x, _output(o_mod, x)))
     with _restored(model, list(S)) as params, torch.no_grad():
         for name, ix in S.items():
             flat = params[name].view(-1)
             flat[ix] += torch.randn(len(ix), generator=g, dtype=dtype)
         moved = {hp for hp, (x, y0) in enumerate(probes)
-                 if (o_mod(x) - y0).abs().max() > CHANGED * (y0.abs().max() + 1)}
+                 if (_output(o_mod, x) - y0).abs().max() > CHANGED * (y0.abs().max() + 1)}
     if moved != {h}:
         raise LayoutProofError(f"L{layer} O head {h}: expected only inputs of head {h} to "
                                f"move the output, saw heads {sorted(moved)}")

@@ -91,11 +91,18 @@ def _first_module_is(model: nn.Module, adapter: "AttentionLayout", block: str, t
 def _fit_split_geometry(g: dict, modules: dict[str, nn.Module]) -> dict:
     """Separate q/k/v/o modules: where the config's head_dim, v_head_dim or KV heads
     contradict the weights (a config field the module code does not read), take them from
-    the weights' rows with the config's number of query heads; the proof then checks."""
+    the weights' rows with the config's number of query heads; where the modules' input
+    widths differ from the config's hidden size, hidden_dim becomes None (each weight's
+    width is its own). The proof then checks."""
     rows = {b: (m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]) for b, m in
             modules.items() if b != "O"}
     o = modules["O"]
     o_cols = o.weight.shape[0] if _is_conv1d(o) else o.weight.shape[1]
+    widths = {m.weight.shape[0] if _is_conv1d(m) else m.weight.shape[1] for b, m in
+              modules.items() if b != "O"}
+    widths.add(o.weight.shape[1] if _is_conv1d(o) else o.weight.shape[0])
+    if widths != {g["hidden_dim"]}:   # MobileBERT: q/k read the bottleneck, v the stream
+        g = {**g, "hidden_dim": None}   # each weight's own width is then checked
     h, kv, dk = g["num_heads"], g["num_kv_heads"], g["head_dim"]
     dv = g.get("v_head_dim", dk)
     if (rows["Q"], rows["K"], rows["V"], o_cols) == (h * dk, kv * dk, kv * dv, h * dv):
