@@ -181,6 +181,8 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
 def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(a tiny random-init float32 eval-mode model of ``family``, its kind) from its config
     class defaults shrunk by ``shrunk_kwargs``; eager attention; nothing is downloaded.
+    The config class is the model class's own when it differs from the family's (a
+    composite family whose causal-LM class takes the text config, e.g. Llama 4).
     Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none; X-MOD
     models get their first language as the default adapter."""
     import transformers as T
@@ -188,6 +190,9 @@ def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
 
     kind, cls_name = auto_families()[family]
     config_cls = CONFIG_MAPPING[family]
+    own = getattr(getattr(T, cls_name), "config_class", None)
+    if isinstance(own, type) and own is not config_cls:   # Llama4ForCausalLM: the text config
+        config_cls = own
     cfg = config_cls(**shrunk_kwargs(config_cls))
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"
