@@ -123,6 +123,12 @@ _SHRINK = {   # config attribute -> tiny value (set only where the family's conf
     128: ("vocab_size",),
     16: ("image_size",),
 }
+_HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 heads x 16);
+    # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local)
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "mamba_dt_rank": 4,
+    "mamba_d_ssm": 64,
+    "attn_layer_indices": [1], "hybrid_layer_ids": [1],
+    "attention_types": [[["global", "local"], 1]]}
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
                "cls_token_id", "mask_token_id", "decoder_start_token_id")
@@ -165,10 +171,13 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
     for k in _TOKEN_KEYS:
         if isinstance(base.get(k), int) and base[k] >= vocab_size:
             kw[k] = vocab_size - 1 - _TOKEN_KEYS.index(k)
-    types = base.get("layer_types")
-    if isinstance(types, list) and types and "num_hidden_layers" in kw:
-        other = next((t for t in types if t != types[0]), types[0])
-        kw["layer_types"] = [types[0], other]   # keep one layer of each kind (hybrids)
+    n_layers = next((base[k] for k in _SHRINK[2] if k in kw), None)
+    for key, types in base.items():   # per-layer lists: keep one layer of each kind (hybrids)
+        if (isinstance(types, list) and types and len(types) == n_layers
+                and all(isinstance(t, str) for t in types)):
+            other = next((t for t in types if t != types[0]), types[0])
+            kw[key] = [types[0], other]
+    kw.update({k: v for k, v in _HYBRID.items() if k in base})
     for key in ("attn_layer_period", "expert_layer_period"):   # Jamba-style periods
         if isinstance(base.get(key), int):
             kw[key], kw[key.replace("period", "offset")] = 2, 1
