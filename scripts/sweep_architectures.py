@@ -43,6 +43,17 @@ def _short(err: BaseException, n: int = 160) -> str:
     return f"{type(err).__name__}: {' '.join(text.split())}"[:n].replace("|", "/")
 
 
+def _latent(config) -> bool:
+    """True for latent (MLA) attention; a per-layer attribute (Gemma 4 style) counts."""
+    for key in ("kv_lora_rank", "q_lora_rank"):
+        try:
+            if getattr(config, key, None):
+                return True
+        except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError: per layer
+            return True
+    return False
+
+
 def check_family(family: str) -> dict:
     """{family, kind, status, layout, observables, err, reason, seconds} of one family."""
     from interference.architectures import QKOVConfig
@@ -56,7 +67,7 @@ def check_family(family: str) -> dict:
         model, kind = tiny_auto_model(family)
     except Exception as e:  # noqa: BLE001 - any failure is a refusal with its reason
         return {**row, "status": "config not buildable offline", "reason": _short(e)}
-    if any(getattr(model.config, k, None) for k in ("kv_lora_rank", "q_lora_rank")):
+    if _latent(model.config):
         return {**row, "status": "latent attention (MLA)",
                 "reason": "keys/values through a shared low-rank latent: no per-head K/V rows"}
     try:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import QKOVConfig
+from .generic import stack_role
 from .indexer import REGISTER_HINT, QKOVIndexer
 
 UNCHANGED, CHANGED = 1e-6, 1e-4   # relative change: zero up to float32 norms inside float64 models, vs a real move
@@ -77,6 +78,20 @@ def _rotate_rows(model, idx: QKOVIndexer, layer: int, block: str, row: int, seed
                         f"{part.name.rsplit('.', 1)[0]}.bias") if n in dict(model.named_parameters())]
 
 
+_STACK_ATTENTIONS = {"decoder_self": "decoder_attentions", "encoder": "encoder_attentions",
+                     "decoder_cross": "cross_attentions"}
+
+
+def _attentions(out, o_path: str):
+    """The model output's attention probabilities of the mapped stack: ``attentions``, or
+    for an encoder-decoder the encoder's, decoder's or cross-attention's by ``o_path``."""
+    att = getattr(out, "attentions", None)
+    role = stack_role(o_path)
+    if att is None and role is not None:
+        att = getattr(out, _STACK_ATTENTIONS[role], None)
+    return att
+
+
 def _forward(model, inputs, o_paths):
     """(attention probabilities {layer: [H, T, T]} or None, O inputs {layer: [T, H·d_v]})."""
     ctx, calls, hooks = {}, {}, []
@@ -92,7 +107,7 @@ def _forward(model, inputs, o_paths):
         with torch.no_grad():
             try:
                 out = model(**inputs, output_attentions=True)
-                att = getattr(out, "attentions", None)
+                att = _attentions(out, next(iter(o_paths.values()), ""))
             except (TypeError, ValueError):
                 out, att = model(**inputs), None
     finally:
