@@ -17,8 +17,8 @@ import torch
 import transformers as T
 
 from interference.architectures import LAYOUTS, QKOVConfig
-from interference.architectures.proof import (LayoutProofError, float64_copy, prove_layout,
-                                              shrunk_copy)
+from interference.architectures.proof import (LayoutProofError, float64_copy,
+                                              prove_first_contact, prove_layout, shrunk_copy)
 from interference.tiny_families import tiny_auto_model
 
 from reference_layouts import heatmap_vs_brute
@@ -128,6 +128,7 @@ def test_an_encoder_decoder_maps_the_chosen_stack_and_proves_it(stack, path):
     cfg = QKOVConfig.from_model(m64, attention_stack=stack)
     assert list(QKOVIndexer(m64, cfg).head_param_indices(1, "Q", 0)) == [path + ".weight"]
     assert prove_layout(m64, cfg, heads=[0, 3])["observables"] == "probs+context"
+    assert prove_first_contact(model, attention_stack=stack)["observables"] == "probs+context"
 
 
 def test_stack_choice_is_refused_when_it_does_not_exist_or_is_not_a_role():

@@ -321,15 +321,19 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return probe.double().eval()
 
 
-def prove_first_contact(model: nn.Module, include_bias: bool = False) -> dict:
+def prove_first_contact(model: nn.Module, include_bias: bool = False,
+                        attention_stack: str | None = None) -> dict:
     """The proof on the shrunk float64 copy (or, when it cannot be built, on a float64
-    copy of the model itself); its layout and geometry must equal the model's."""
-    real = QKOVConfig.from_model(model, include_bias=include_bias)
+    copy of the model itself); its layout and geometry must equal the model's.
+    ``attention_stack``: the stack of an encoder-decoder (QKOVConfig.from_model)."""
+    real = QKOVConfig.from_model(model, include_bias=include_bias,
+                                 attention_stack=attention_stack)
     probe = shrunk_copy(model)
     target = "shrunk copy"
     if probe is None:
         probe, target = float64_copy(model), "model"
-    cfg = QKOVConfig.from_model(probe, include_bias=include_bias)
+    cfg = QKOVConfig.from_model(probe, include_bias=include_bias,
+                                attention_stack=attention_stack)
     same = lambda c: (c.layout, c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim,
                       c.hidden_dim)
     if same(cfg) != same(real):
