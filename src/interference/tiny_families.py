@@ -129,6 +129,7 @@ _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 head
     "mamba_d_ssm": 64,
     "attn_layer_indices": [1], "hybrid_layer_ids": [1],
     "attention_types": [[["global", "local"], 1]]}
+_LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
                "cls_token_id", "mask_token_id", "decoder_start_token_id")
@@ -172,9 +173,9 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
         if isinstance(base.get(k), int) and base[k] >= vocab_size:
             kw[k] = vocab_size - 1 - _TOKEN_KEYS.index(k)
     n_layers = next((base[k] for k in _SHRINK[2] if k in kw), None)
-    for key, types in base.items():   # per-layer lists: keep one layer of each kind (hybrids)
-        if (isinstance(types, list) and types and len(types) == n_layers
-                and all(isinstance(t, str) for t in types)):
+    for key in _LAYER_LISTS:   # per-layer kinds: keep one layer of each kind (hybrids)
+        types = base.get(key)
+        if isinstance(types, list) and types and len(types) == n_layers:
             other = next((t for t in types if t != types[0]), types[0])
             kw[key] = [types[0], other]
     kw.update({k: v for k, v in _HYBRID.items() if k in base})
