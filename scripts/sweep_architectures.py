@@ -30,7 +30,18 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 PER_HEAD = ("proven", "proof failed", "forward failed", "engine failed",
-            "brute-force mismatch", "several attention stacks", "geometry not read")
+            "brute-force mismatch", "several attention stacks", "geometry not read",
+            "projections not read")
+# families that have per-head q/k/v/o projections which the discovery does not read (so
+# they stay in the denominator), checked by reading their attention modules
+NOT_READ = {
+    "xlnet": "q/k/v/o are raw Parameters [d, H, d_h], not Linear modules",
+    "squeezebert": "query/key/value are Conv1d(kernel 1) modules, not Linear",
+    "funnel": "q_head/k_head/v_head + post_proj names, relative-position terms",
+    "cvt": "projection_query/key/value after a convolution, per-stage heads",
+    "hiera": "qkv + proj per stage: hierarchical stages with different heads",
+    "levit": "qkv inside a Linear+BatchNorm block, per-stage heads",
+}
 
 
 class _Timeout(Exception):
@@ -76,6 +87,8 @@ def check_family(family: str) -> dict:
         msg = str(e)
         status = ("several attention stacks" if "attention stacks" in msg or
                   "more than one attention module" in msg else "no per-head attention")
+        if status == "no per-head attention" and family in NOT_READ:
+            return {**row, "status": "projections not read", "reason": NOT_READ[family]}
         return {**row, "status": status, "reason": _short(e)}
     except Exception as e:  # noqa: BLE001 - e.g. a per-layer head_dim (Gemma 4)
         status = "several attention stacks" if "ambiguous" in str(e) else "geometry not read"

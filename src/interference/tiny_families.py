@@ -109,7 +109,7 @@ def tiny_model_extra(family: str, vocab_size: int = 97, seed: int = 0, **overrid
 # ---------------------------------------------------------------------------------------
 _SHRINK = {   # config attribute -> tiny value (set only where the family's config has it)
     2: ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers",
-        "encoder_layers"),
+        "encoder_layers", "num_decoder_layers", "num_encoder_layers"),
     32: ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "embedding_size", "emb_dim",
          "word_embed_proj_dim"),
     4: ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
@@ -124,11 +124,12 @@ _SHRINK = {   # config attribute -> tiny value (set only where the family's conf
     16: ("image_size",),
 }
 _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 heads x 16);
-    # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local)
+    # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local;
+# RecurrentGemma: recurrent then attention)
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "mamba_dt_rank": 4,
     "mamba_d_ssm": 64,
     "attn_layer_indices": [1], "hybrid_layer_ids": [1],
-    "attention_types": [[["global", "local"], 1]]}
+    "attention_types": [[["global", "local"], 1]], "block_types": ["recurrent", "attention"]}
 _LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
