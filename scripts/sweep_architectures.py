@@ -144,7 +144,7 @@ def table(rows: list[dict], version: str, seconds: float) -> str:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     lines = [BEGIN, "", f"transformers {version}; {len(rows)} families; sweep time "
-             f"{seconds / 60:.0f} min wall on 2 shared cores "
+             f"{seconds:.0f} s wall on 2 shared cores "
              f"(`python scripts/sweep_architectures.py`).", "",
              f"**Proven: {len(proven)} of {len(per_head)} families whose attention has "
              f"per-head q/k/v/o projections ({100 * len(proven) / max(1, len(per_head)):.0f} %)**"
