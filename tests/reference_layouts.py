@@ -348,8 +348,13 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
     from interference.scores import QKOVInterferenceMetric
 
     cfg = QKOVConfig.from_model(model, include_bias=include_bias)
-    obj = (OBJECTIVES["masked_lm"].for_model(model, mlm_probability=0.3)
-           if kind == "masked_lm" else default_objective(model))
+    if kind == "masked_lm":
+        obj = OBJECTIVES["masked_lm"].for_model(model, mlm_probability=0.3)
+    elif kind == "causal_lm":   # the sweep's kind, also for decoders not named *ForCausalLM
+        cls = OBJECTIVES["causal_lm"]
+        obj = cls.for_model(model) if hasattr(cls, "for_model") else cls()
+    else:
+        obj = default_objective(model)
     vocab = getattr(model.config, "vocab_size", 97)
     def make(n, seed, prefix):
         if kind == "image_classification":

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import transformers as T
 
-from interference.architectures import QKOVConfig, QKOVIndexer, detect_layout
+from interference.architectures import LAYOUTS, QKOVConfig, QKOVIndexer, detect_layout
 from interference.gradients import OBJECTIVES, FisherCollector, default_objective
 from interference.scores import QKOVInterferenceMetric
 from interference.tiny_families import tiny_model_extra
@@ -421,14 +421,20 @@ def test_falcon_variant_comes_from_config_flags_and_is_checked_against_weights()
         QKOVIndexer(m, QKOVConfig.from_model(m))
 
 
-def test_two_stacks_with_the_same_layer_ids_are_refused():
+def test_two_stacks_with_the_same_layer_ids_are_never_mixed():
     """An encoder-decoder (BART: encoder.layers.N and decoder.layers.N both hold
-    self_attn.{q,k,v,out}_proj) must not have its heads mixed: no layout matches."""
+    self_attn.{q,k,v,out}_proj) must not have its heads mixed: no registered layout
+    matches, and the generic discovery maps one stack only (the decoder's self-attention
+    by default; issue 18 maps the other stacks with ``attention_stack``)."""
     cfg = T.BartConfig(encoder_layers=1, decoder_layers=1, d_model=32,
                        encoder_attention_heads=4, decoder_attention_heads=4,
                        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=VOCAB)
-    with pytest.raises(KeyError, match="Could not find parameter for L0 Q"):
-        QKOVConfig.from_model(T.BartForConditionalGeneration(cfg))
+    bart = T.BartForConditionalGeneration(cfg)
+    assert not [a for a in LAYOUTS.values() if a.matches(bart)]
+    idx = QKOVIndexer(bart, QKOVConfig.from_model(bart))
+    names = {n for b in "QKVO" for n in idx.head_param_indices(0, b, 0)}
+    assert names == {f"model.decoder.layers.0.self_attn.{m}.weight"
+                     for m in ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
 # ----------------------------------------------------------------------------------------

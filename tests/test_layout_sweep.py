@@ -17,8 +17,8 @@ import torch
 import transformers as T
 
 from interference.architectures import LAYOUTS, QKOVConfig
-from interference.architectures.proof import (LayoutProofError, float64_copy, prove_layout,
-                                              shrunk_copy)
+from interference.architectures.proof import (LayoutProofError, float64_copy,
+                                              prove_first_contact, prove_layout, shrunk_copy)
 from interference.tiny_families import tiny_auto_model
 
 from reference_layouts import heatmap_vs_brute
@@ -29,6 +29,7 @@ FAMILIES = {
     "bloom": "falcon_interleaved", "mpt": "generic_concat", "stablelm": "llama",
     "olmo": "llama", "olmo2": "llama", "cohere": "llama", "granite": "llama",
     "gemma2": "llama", "qwen3": "llama", "mixtral": "llama", "qwen2_moe": "llama",
+    "bart": "generic_split",   # an encoder-decoder: its decoder's self-attention
 }
 
 
@@ -111,6 +112,48 @@ def test_swapped_k_and_v_rows_of_a_fused_layout_are_caught():
             prove_layout(m64, QKOVConfig(**{**cfg.to_dict(), "layout": "swapped_mpt"}))
     finally:
         del LAYOUTS["swapped_mpt"]
+
+
+@pytest.mark.parametrize("stack, path", [
+    (None, "model.decoder.layers.1.self_attn.q_proj"),
+    ("encoder", "model.encoder.layers.1.self_attn.q_proj"),
+    ("decoder_cross", "model.decoder.layers.1.encoder_attn.q_proj")])
+def test_an_encoder_decoder_maps_the_chosen_stack_and_proves_it(stack, path):
+    """BART: one stack of three is mapped (default: the decoder's self-attention) and the
+    proof runs on that stack's modules; the choice survives into the indexer."""
+    from interference.architectures import QKOVIndexer
+
+    model, _ = tiny_auto_model("bart")
+    m64 = float64_copy(model)
+    cfg = QKOVConfig.from_model(m64, attention_stack=stack)
+    assert list(QKOVIndexer(m64, cfg).head_param_indices(1, "Q", 0)) == [path + ".weight"]
+    assert prove_layout(m64, cfg, heads=[0, 3])["observables"] == "probs+context"
+    assert prove_first_contact(model, attention_stack=stack)["observables"] == "probs+context"
+
+
+def test_stack_choice_is_refused_when_it_does_not_exist_or_is_not_a_role():
+    from interference.architectures.generic import LayoutNotFound, choose_stack
+
+    with pytest.raises(ValueError, match="attention_stack must be one of"):
+        choose_stack(["model.decoder.layers.{N}.self_attn"], "cross")
+    with pytest.raises(LayoutNotFound, match="'encoder' asked"):
+        choose_stack(["model.decoder.layers.{N}.self_attn"], "encoder")
+    with pytest.raises(LayoutNotFound, match="heads would be mixed"):   # two towers
+        choose_stack(["model.H_module.layers.{N}.self_attn", "model.L_module.layers.{N}.attn"])
+
+
+def test_a_gated_query_read_as_plain_llama_is_refused():
+    """Qwen3-Next's q_proj holds [query | gate] per head: forced to 'llama' the shapes
+    contradict; its own layout gives head h the rows [2h·d, (2h+1)·d)."""
+    from interference.architectures import QKOVIndexer
+
+    model, _ = tiny_auto_model("qwen3_next")
+    with pytest.raises(ValueError, match="implies"):
+        QKOVIndexer(model, QKOVConfig.from_model(model, layout="llama"))
+    cfg = QKOVConfig.from_model(model)
+    (name, idx), = QKOVIndexer(model, cfg).head_param_indices(1, "Q", 1).items()
+    d, width = cfg.head_dim, cfg.hidden_dim
+    assert idx.min().item() == 2 * d * width and idx.numel() == d * width
 
 
 def test_unprovable_models_are_refused_with_the_family_and_the_reason():

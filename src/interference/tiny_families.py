@@ -109,7 +109,7 @@ def tiny_model_extra(family: str, vocab_size: int = 97, seed: int = 0, **overrid
 # ---------------------------------------------------------------------------------------
 _SHRINK = {   # config attribute -> tiny value (set only where the family's config has it)
     2: ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers",
-        "encoder_layers"),
+        "encoder_layers", "num_decoder_layers", "num_encoder_layers"),
     32: ("hidden_size", "n_embd", "d_model", "embed_dim", "dim", "embedding_size", "emb_dim",
          "word_embed_proj_dim"),
     4: ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
@@ -123,6 +123,14 @@ _SHRINK = {   # config attribute -> tiny value (set only where the family's conf
     128: ("vocab_size",),
     16: ("image_size",),
 }
+_HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 heads x 16);
+    # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local;
+# RecurrentGemma: recurrent then attention)
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "mamba_dt_rank": 4,
+    "mamba_d_ssm": 64,
+    "attn_layer_indices": [1], "hybrid_layer_ids": [1],
+    "attention_types": [[["global", "local"], 1]], "block_types": ["recurrent", "attention"]}
+_LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
                "cls_token_id", "mask_token_id", "decoder_start_token_id")
@@ -146,25 +154,32 @@ def auto_families() -> dict[str, tuple[str, str]]:
 
 def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
     """Constructor kwargs that shrink ``config_cls``'s defaults to 2 layers, width 32,
-    4 heads (2 KV heads when the family groups them, 1 when it is multi-query), head_dim 8,
+    4 heads (2 KV heads when the family groups them, 1 when it is multi-query, 4 when its
+    defaults have as many KV heads as heads or none), head_dim 8,
     FFN 64, 64 positions, 4 experts, 16x16 images; nested sub-configs shrunk the same way."""
     base = config_cls().to_dict()
     kw = {k: v for v, keys in _SHRINK.items() for k in keys
           if k in base and isinstance(base[k], int) and not isinstance(base[k], bool)}
-    if "vocab_size" in kw:
+    if "vocab_size" in base:
         kw["vocab_size"] = vocab_size
+    if "head_dim" in base and base["head_dim"] is None and "hidden_size" in kw:
+        kw["head_dim"] = 8   # left None by the defaults, read as-is by the module code
+    heads = next((base[k] for k in _SHRINK[4][:4] if isinstance(base.get(k), int)), None)
     for k in _KV_KEYS:
-        if isinstance(base.get(k), int):
-            kw[k] = 1 if base[k] == 1 else 2
+        if k in base and not isinstance(base[k], bool):   # None: the module code needs a value
+            kw[k] = 1 if base[k] == 1 else 4 if base[k] in (None, heads) else 2
     if isinstance(base.get("num_experts_per_tok"), int):
         kw["num_experts_per_tok"] = 2
     for k in _TOKEN_KEYS:
         if isinstance(base.get(k), int) and base[k] >= vocab_size:
             kw[k] = vocab_size - 1 - _TOKEN_KEYS.index(k)
-    types = base.get("layer_types")
-    if isinstance(types, list) and types and "num_hidden_layers" in kw:
-        other = next((t for t in types if t != types[0]), types[0])
-        kw["layer_types"] = [types[0], other]   # keep one layer of each kind (hybrids)
+    n_layers = next((base[k] for k in _SHRINK[2] if k in kw), None)
+    for key in _LAYER_LISTS:   # per-layer kinds: keep one layer of each kind (hybrids)
+        types = base.get(key)
+        if isinstance(types, list) and types and len(types) == n_layers:
+            other = next((t for t in types if t != types[0]), types[0])
+            kw[key] = [types[0], other]
+    kw.update({k: v for k, v in _HYBRID.items() if k in base})
     for key in ("attn_layer_period", "expert_layer_period"):   # Jamba-style periods
         if isinstance(base.get(key), int):
             kw[key], kw[key.replace("period", "offset")] = 2, 1
@@ -177,12 +192,18 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
 def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(a tiny random-init float32 eval-mode model of ``family``, its kind) from its config
     class defaults shrunk by ``shrunk_kwargs``; eager attention; nothing is downloaded.
-    Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none."""
+    The config class is the model class's own when it differs from the family's (a
+    composite family whose causal-LM class takes the text config, e.g. Llama 4).
+    Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none; X-MOD
+    models get their first language as the default adapter."""
     import transformers as T
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     kind, cls_name = auto_families()[family]
     config_cls = CONFIG_MAPPING[family]
+    own = getattr(getattr(T, cls_name), "config_class", None)
+    if isinstance(own, type) and own is not config_cls:   # Llama4ForCausalLM: the text config
+        config_cls = own
     cfg = config_cls(**shrunk_kwargs(config_cls))
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"
@@ -191,4 +212,6 @@ def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(T, cls_name)(cfg)
+    if hasattr(model, "set_default_language"):   # X-MOD: one language adapter per forward
+        model.set_default_language(next(iter(cfg.languages)))
     return model.float().eval(), kind

@@ -69,17 +69,22 @@ class QKOVConfig:
         return asdict(self)
 
     @classmethod
-    def from_model(cls, model: nn.Module, include_bias: bool = False, layout: str | None = None
-                   ) -> "QKOVConfig":
+    def from_model(cls, model: nn.Module, include_bias: bool = False, layout: str | None = None,
+                   attention_stack: str | None = None) -> "QKOVConfig":
         """Read the geometry from ``model.config`` and the attention modules themselves.
 
         ``num_key_value_heads`` and ``head_dim`` come from the model config when present;
         the layout is detected from parameter names and module types (not the class name).
+        ``attention_stack`` ('decoder_self' | 'encoder' | 'decoder_cross') picks the stack
+        of an encoder-decoder (default: the decoder's self-attention).
         """
         from .indexer import detect_layout
 
-        adapter = detect_layout(model, layout)
-        return adapter.config_from_model(model, include_bias=include_bias)
+        adapter = detect_layout(model, layout, attention_stack=attention_stack)
+        cfg = adapter.config_from_model(model, include_bias=include_bias)
+        if attention_stack is not None:   # the indexer re-detects the same stack from it
+            cfg.extra["attention_stack"] = attention_stack
+        return cfg
 
 
 def geometry_from_hf_config(cfg) -> dict:

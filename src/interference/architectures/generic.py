@@ -6,9 +6,10 @@ the attention modules itself:
 1. every Linear or Conv1D module whose name is a known query/key/value name (``q_proj``,
    ``query``, ``wq``, ``q_lin``, ...) or a fused-qkv name (``qkv_proj``, ``Wqkv``,
    ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
-2. the layer id is the first integer of that parent's path; all attention modules must form
-   ONE stack (an encoder-decoder, a cross-attention or a vision tower is refused, never
-   mixed), one per layer;
+2. the layer id is the first integer of that parent's path; the attention modules must form
+   ONE stack, one per layer; an encoder-decoder maps one of its stacks (``choose_stack``:
+   the decoder's self-attention by default, or the encoder or the cross-attention), a
+   second tower or hierarchical stages are refused, never mixed;
 3. the output projection is the parent's child with an output name (``o_proj``,
    ``out_proj``, ``dense``, ``c_proj``, ``wo``, ...) or, BERT-style, ``output.dense`` next to
    the parent;
@@ -44,6 +45,42 @@ O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", 
 O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
 PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
+STACKS = ("decoder_self", "encoder", "decoder_cross")
+CROSS_MARKS = ("encoder_attn", "cross", "encdecattention")
+
+
+def stack_role(stack: str) -> str | None:
+    """'decoder_cross', 'decoder_self' or 'encoder' for an attention stack path such as
+    ``model.decoder.layers.{N}.encoder_attn``; None when the path names neither side."""
+    parts = stack.lower().split(".")
+    if "decoder" in parts or any(p.endswith("decoder") for p in parts):
+        return "decoder_cross" if any(m in stack.lower() for m in CROSS_MARKS) else "decoder_self"
+    if "encoder" in parts or any(p.endswith("encoder") for p in parts):
+        return "encoder"
+    return None
+
+
+def choose_stack(stacks: list[str], attention_stack: str | None = None) -> str:
+    """The one stack to map among an encoder-decoder's ``stacks`` (their paths).
+
+    ``attention_stack``: 'decoder_self' | 'encoder' | 'decoder_cross'; None picks the
+    decoder's self-attention when there is one, else the encoder. Stacks that are not one
+    encoder / decoder self / decoder cross each (two towers, hierarchical vision stages)
+    raise LayoutNotFound: their heads would be mixed."""
+    if attention_stack is not None and attention_stack not in STACKS:
+        raise ValueError(f"attention_stack must be one of {STACKS}, got {attention_stack!r}")
+    roles = {s: stack_role(s) for s in stacks}
+    by_role = {r: [s for s in stacks if roles[s] == r] for r in STACKS}
+    if len(stacks) == 1 and attention_stack is None:
+        return stacks[0]
+    if None in roles.values() or any(len(v) > 1 for v in by_role.values()):
+        raise LayoutNotFound(f"{len(stacks)} attention stacks {stacks} (not one encoder / "
+                             "decoder self-attention / cross-attention each: a second tower "
+                             "or hierarchical stages): their heads would be mixed")
+    want = attention_stack or ("decoder_self" if by_role["decoder_self"] else "encoder")
+    if not by_role[want]:
+        raise LayoutNotFound(f"attention_stack {want!r} asked, but the stacks are {stacks}")
+    return by_role[want][0]
 
 
 class LayoutNotFound(KeyError):
@@ -113,19 +150,19 @@ def _fused_fits(model: nn.Module, path: str) -> bool:
     return rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
 
 
-def discover(model: nn.Module) -> "GenericLayout":
+def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLayout":
     """The generic adapter of ``model``; LayoutNotFound with the reason when there is no
-    single stack of attention modules with q/k/v(/fused) and output projections."""
+    single stack of attention modules with q/k/v(/fused) and output projections. An
+    encoder-decoder maps one stack (``choose_stack``: by default the decoder's
+    self-attention)."""
     found = _attention_modules(model)
     found = [f for f in found if f["order"] == "split" or _fused_fits(model, f["q"])]
     if not found:
         raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
-    stacks = sorted({f["stack"] for f in found})
-    if len(stacks) > 1:
-        raise LayoutNotFound(f"{len(stacks)} attention stacks {stacks} (encoder-decoder, "
-                             "cross-attention or a second tower): their heads would be mixed")
+    stacks = [choose_stack(sorted({f["stack"] for f in found}), attention_stack)]
+    found = [f for f in found if f["stack"] == stacks[0]]
     layers = [f["layer"] for f in found]
     if len(set(layers)) != len(layers):
         raise LayoutNotFound(f"more than one attention module per layer in {stacks[0]}")

@@ -44,10 +44,14 @@ def candidate_layouts(pattern_table: dict[str, dict[str, str]] | None = None
 
 
 def detect_layout(model: nn.Module, layout: str | None = None,
-                  pattern_table: dict[str, dict[str, str]] | None = None) -> AttentionLayout:
+                  pattern_table: dict[str, dict[str, str]] | None = None,
+                  attention_stack: str | None = None) -> AttentionLayout:
     """Pick the adapter whose patterns match the model's modules (``layout`` forces one);
-    when no registered adapter matches, the generic discovery (``generic.discover``)."""
+    when no registered adapter matches, the generic discovery (``generic.discover``, which
+    maps the ``attention_stack`` of an encoder-decoder)."""
     candidates = candidate_layouts(pattern_table)
+    if attention_stack is not None:
+        return _generic_or_raise(model, candidates, attention_stack)
     if layout is not None and layout.startswith("generic_"):
         found = _generic_or_raise(model, candidates)
         if found.name != layout:
@@ -68,11 +72,12 @@ def detect_layout(model: nn.Module, layout: str | None = None,
     return hits[0]
 
 
-def _generic_or_raise(model: nn.Module, candidates) -> AttentionLayout:
+def _generic_or_raise(model: nn.Module, candidates, attention_stack: str | None = None
+                      ) -> AttentionLayout:
     """The generic adapter, or the seed's KeyError naming the family, the registered
     patterns tried, why the generic discovery failed and how to register an adapter."""
     try:
-        return discover(model)
+        return discover(model, attention_stack)
     except LayoutNotFound as err:
         family = getattr(getattr(model, "config", None), "model_type", None)
         raise KeyError(
@@ -147,7 +152,8 @@ class QKOVIndexer:
                  layers: list[int] | None = None):
         self.model = model
         self.config = config or QKOVConfig.from_model(model)
-        self.adapter = detect_layout(model, self.config.layout, self._build_param_patterns())
+        self.adapter = detect_layout(model, self.config.layout, self._build_param_patterns(),
+                                     self.config.extra.get("attention_stack"))
         self.patterns = dict(self.adapter.patterns)
         self.all_layers = sorted(self.adapter.modules_by_layer(model, "Q"))
         self.layers = self.all_layers if layers is None else sorted(int(l) for l in layers)

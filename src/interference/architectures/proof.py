@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import QKOVConfig
+from .generic import stack_role
 from .indexer import REGISTER_HINT, QKOVIndexer
 
 UNCHANGED, CHANGED = 1e-6, 1e-4   # relative change: zero up to float32 norms inside float64 models, vs a real move
@@ -77,6 +78,20 @@ def _rotate_rows(model, idx: QKOVIndexer, layer: int, block: str, row: int, seed
                         f"{part.name.rsplit('.', 1)[0]}.bias") if n in dict(model.named_parameters())]
 
 
+_STACK_ATTENTIONS = {"decoder_self": "decoder_attentions", "encoder": "encoder_attentions",
+                     "decoder_cross": "cross_attentions"}
+
+
+def _attentions(out, o_path: str):
+    """The model output's attention probabilities of the mapped stack: ``attentions``, or
+    for an encoder-decoder the encoder's, decoder's or cross-attention's by ``o_path``."""
+    att = getattr(out, "attentions", None)
+    role = stack_role(o_path)
+    if att is None and role is not None:
+        att = getattr(out, _STACK_ATTENTIONS[role], None)
+    return att
+
+
 def _forward(model, inputs, o_paths):
     """(attention probabilities {layer: [H, T, T]} or None, O inputs {layer: [T, H·d_v]})."""
     ctx, calls, hooks = {}, {}, []
@@ -92,7 +107,7 @@ def _forward(model, inputs, o_paths):
         with torch.no_grad():
             try:
                 out = model(**inputs, output_attentions=True)
-                att = getattr(out, "attentions", None)
+                att = _attentions(out, next(iter(o_paths.values()), ""))
             except (TypeError, ValueError):
                 out, att = model(**inputs), None
     finally:
@@ -178,6 +193,13 @@ def idx_o_paths(idx: QKOVIndexer) -> dict[int, str]:
     return {l: idx.entry(l, "O").parts[0].name.rsplit(".", 1)[0] for l in idx.layers}
 
 
+def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; the first element when it returns a tuple (I-BERT's QuantLinear
+    returns (output, scaling factor))."""
+    y = module(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
 def _check_o(model, idx, layer, h, seed) -> None:
     cfg = idx.config
     H, dv = cfg.num_heads, cfg.v_head_dim
@@ -190,13 +212,13 @@ def _check_o(model, idx, layer, h, seed) -> None:
         x = torch.zeros(1, 3, H * dv, dtype=dtype)
         x[..., hp * dv:(hp + 1) * dv] = torch.randn(1, 3, dv, generator=g, dtype=dtype)
         with torch.no_grad():
-            probes.append((x, o_mod(x)))
+            probes.append((x, _output(o_mod, x)))
     with _restored(model, list(S)) as params, torch.no_grad():
         for name, ix in S.items():
             flat = params[name].view(-1)
             flat[ix] += torch.randn(len(ix), generator=g, dtype=dtype)
         moved = {hp for hp, (x, y0) in enumerate(probes)
-                 if (o_mod(x) - y0).abs().max() > CHANGED * (y0.abs().max() + 1)}
+                 if (_output(o_mod, x) - y0).abs().max() > CHANGED * (y0.abs().max() + 1)}
     if moved != {h}:
         raise LayoutProofError(f"L{layer} O head {h}: expected only inputs of head {h} to "
                                f"move the output, saw heads {sorted(moved)}")
@@ -299,15 +321,19 @@ def float64_copy(model: nn.Module) -> nn.Module:
     return probe.double().eval()
 
 
-def prove_first_contact(model: nn.Module, include_bias: bool = False) -> dict:
+def prove_first_contact(model: nn.Module, include_bias: bool = False,
+                        attention_stack: str | None = None) -> dict:
     """The proof on the shrunk float64 copy (or, when it cannot be built, on a float64
-    copy of the model itself); its layout and geometry must equal the model's."""
-    real = QKOVConfig.from_model(model, include_bias=include_bias)
+    copy of the model itself); its layout and geometry must equal the model's.
+    ``attention_stack``: the stack of an encoder-decoder (QKOVConfig.from_model)."""
+    real = QKOVConfig.from_model(model, include_bias=include_bias,
+                                 attention_stack=attention_stack)
     probe = shrunk_copy(model)
     target = "shrunk copy"
     if probe is None:
         probe, target = float64_copy(model), "model"
-    cfg = QKOVConfig.from_model(probe, include_bias=include_bias)
+    cfg = QKOVConfig.from_model(probe, include_bias=include_bias,
+                                attention_stack=attention_stack)
     same = lambda c: (c.layout, c.num_heads, c.num_kv_heads, c.head_dim, c.v_head_dim,
                       c.hidden_dim)
     if same(cfg) != same(real):

@@ -91,11 +91,18 @@ def _first_module_is(model: nn.Module, adapter: "AttentionLayout", block: str, t
 def _fit_split_geometry(g: dict, modules: dict[str, nn.Module]) -> dict:
     """Separate q/k/v/o modules: where the config's head_dim, v_head_dim or KV heads
     contradict the weights (a config field the module code does not read), take them from
-    the weights' rows with the config's number of query heads; the proof then checks."""
+    the weights' rows with the config's number of query heads; where the modules' input
+    widths differ from the config's hidden size, hidden_dim becomes None (each weight's
+    width is its own). The proof then checks."""
     rows = {b: (m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]) for b, m in
             modules.items() if b != "O"}
     o = modules["O"]
     o_cols = o.weight.shape[0] if _is_conv1d(o) else o.weight.shape[1]
+    widths = {m.weight.shape[0] if _is_conv1d(m) else m.weight.shape[1] for b, m in
+              modules.items() if b != "O"}
+    widths.add(o.weight.shape[1] if _is_conv1d(o) else o.weight.shape[0])
+    if widths != {g["hidden_dim"]}:   # MobileBERT: q/k read the bottleneck, v the stream
+        g = {**g, "hidden_dim": None}   # each weight's own width is then checked
     h, kv, dk = g["num_heads"], g["num_kv_heads"], g["head_dim"]
     dv = g.get("v_head_dim", dk)
     if (rows["Q"], rows["K"], rows["V"], o_cols) == (h * dk, kv * dk, kv * dv, h * dv):
@@ -126,6 +133,7 @@ class AttentionLayout:
 
     name: str = ""
     patterns: dict[str, str] = {}
+    fit_geometry = True   # separate q/k/v/o: read head_dim & co from the weights if need be
 
     def with_patterns(self, name: str, patterns: dict[str, str]) -> "AttentionLayout":
         """A copy of this adapter under ``name`` with other module patterns."""
@@ -174,7 +182,7 @@ class AttentionLayout:
         layers = self.modules_by_layer(model, "Q")
         fused = len({self.modules_by_layer(model, b)[min(layers)] for b in ("Q", "K", "V")}) == 1
         first = dict(model.named_modules())[layers[min(layers)]]
-        if not fused:
+        if not fused and self.fit_geometry:
             g = _fit_split_geometry(g, {b: model.get_submodule(
                 self.modules_by_layer(model, b)[min(layers)]) for b in BLOCKS})
         return QKOVConfig(
@@ -246,6 +254,43 @@ class LlamaLayout(SplitLayout):
     name = "llama"
     patterns = _split_patterns(_ANY + r"layers\.(\d+)\.self_attn", "q_proj", "k_proj",
                                "v_proj", "o_proj")
+
+    def extra_match(self, model):
+        return not _q_gated(model, self)   # a gated q_proj is GatedQueryLayout's
+
+
+def _q_gated(model: nn.Module, adapter: "AttentionLayout") -> bool:
+    """True when the first layer's q_proj has twice the rows of o_proj's input (a query
+    and an output gate per head, Qwen3-Next / Qwen3.5)."""
+    found = adapter.modules_by_layer(model, "Q")
+    if not found:
+        return False
+    layer = min(found)
+    q = model.get_submodule(found[layer])
+    o = model.get_submodule(adapter.modules_by_layer(model, "O").get(layer, found[layer]))
+    return q.weight.shape[0] == 2 * o.weight.shape[1]
+
+
+@register_layout
+class GatedQueryLayout(SplitLayout):
+    """Qwen3-Next, Qwen3.5: ``layers.N.self_attn.{q,k,v,o}_proj`` where q_proj holds, per
+    head h, rows [2h·d_k, (2h+1)·d_k) of query and then d_k rows of an output gate
+    (sigmoid(gate) scales head h's context). Head h's Q slice is its query rows; the gate
+    rows are in no block (like q_norm weights). Told from LLaMA by q_proj's 2·H·d_k rows."""
+
+    name = "llama_gated_q"
+    patterns = LlamaLayout.patterns
+    fit_geometry = False
+
+    def extra_match(self, model):
+        return _q_gated(model, self)
+
+    def _slices(self, model, config, layer, block):
+        if block != "Q":
+            return super()._slices(model, config, layer, block)
+        d, h = config.head_dim, config.num_heads
+        return (HeadSlices(self._path(model, layer, "Q"), "rows",
+                           tuple(2 * k * d for k in range(h)), d), 2 * h * d)
 
 
 @register_layout
