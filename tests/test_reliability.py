@@ -439,7 +439,8 @@ def assert_same_results(ref: Path, new: Path) -> int:
 def hidden_leftovers(root: Path) -> list[str]:
     """Temporary names (.name.xxx) that a finished run should not leave behind."""
     return [str(p.relative_to(root)) for p in root.rglob(".*")
-            if p.name not in (".mlflow.lock", ".snakemake_timestamp")]
+            if p.name not in (".mlflow.lock", ".mlflow.db.init.lock", ".snakemake_timestamp",
+                              ".qkov")]
 
 
 def _descendants(pid: int):
