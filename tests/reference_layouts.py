@@ -193,17 +193,25 @@ def fisher_mean(grads_by_id):
 def brute_scores(family, cfg, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
                  ridge_lambda=1e-8, include_bias=False):
     """M [n_a, n_b, L, H] = Σ_k C_ik / (max(Î_k, ε) + λ) · |g_jk|, by explicit loops."""
+    return _loop_scores(
+        lambda layer, head: lambda g: spec_slice(family, g, cfg, layer, block, head,
+                                                 include_bias),
+        range(cfg["L"]), cfg["H"], grads_a, grads_b, fisher, epsilon, ridge_lambda)
+
+
+def _loop_scores(slicer, layers, n_heads, grads_a, grads_b, fisher, epsilon, ridge_lambda):
+    """M [n_a, n_b, len(layers), n_heads] by explicit loops; ``slicer(layer, head)`` gives
+    the function that cuts S(B, l, h) out of a name -> tensor dict."""
     ids_a, ids_b = list(grads_a), list(grads_b)
-    L, H = cfg["L"], cfg["H"]
-    out = np.zeros((len(ids_a), len(ids_b), L, H))
-    for layer in range(L):
-        for head in range(H):
-            sl = lambda g: spec_slice(family, g, cfg, layer, block, head, include_bias)
+    out = np.zeros((len(ids_a), len(ids_b), len(layers), n_heads))
+    for li, layer in enumerate(layers):
+        for head in range(n_heads):
+            sl = slicer(layer, head)
             D = sl(fisher).clamp_min(epsilon) + ridge_lambda
             for i, a in enumerate(ids_a):
                 ga = sl(grads_a[a])
                 for j, b in enumerate(ids_b):
-                    out[i, j, layer, head] = float((ga ** 2 / D * sl(grads_b[b]).abs()).sum())
+                    out[i, j, li, head] = float((ga ** 2 / D * sl(grads_b[b]).abs()).sum())
     return out
 
 
@@ -325,19 +333,12 @@ def image_batch(model, n, seed, prefix):
 def brute_scores_indexed(idx, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
                          ridge_lambda=1e-8):
     """M [n_a, n_b, L, H] by explicit loops, S(B, l, h) from ``idx.head_param_indices``."""
-    ids_a, ids_b = list(grads_a), list(grads_b)
-    H = idx.config.num_heads
-    out = np.zeros((len(ids_a), len(ids_b), len(idx.layers), H))
-    for li, layer in enumerate(idx.layers):
-        for head in range(H):
-            S = idx.head_param_indices(layer, block, head)
-            sl = lambda g: torch.cat([g[n].reshape(-1)[ix] for n, ix in S.items()])
-            D = sl(fisher).clamp_min(epsilon) + ridge_lambda
-            for i, a in enumerate(ids_a):
-                ga = sl(grads_a[a])
-                for j, b in enumerate(ids_b):
-                    out[i, j, li, head] = float((ga ** 2 / D * sl(grads_b[b]).abs()).sum())
-    return out
+    def slicer(layer, head):
+        S = idx.head_param_indices(layer, block, head)
+        return lambda g: torch.cat([g[n].reshape(-1)[ix] for n, ix in S.items()])
+
+    return _loop_scores(slicer, list(idx.layers), idx.config.num_heads, grads_a, grads_b,
+                        fisher, epsilon, ridge_lambda)
 
 
 def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
