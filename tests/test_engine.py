@@ -270,6 +270,67 @@ def test_fisher_ema_and_mean_modes(llama_model):
                           atol=1e-12)
 
 
+def test_fisher_sums_held_on_the_gpu_equal_host_sums_bitwise():
+    """TaskFisher's GPU-side pending sum (forced here with defer=True, as a GPU's batches
+    of a large host state are handled) folds into the same float64 state as adding each
+    call's sum on the host, also with a flush (the collector's turn to stored roles) or a
+    read in between; the EMA and shard partials never pend."""
+    from interference.gradients.fisher import TaskFisher
+
+    g = torch.Generator().manual_seed(0)
+    sums = [torch.rand(64, dtype=torch.float64, generator=g) * 10.0 ** k for k in range(-3, 4)]
+    for cut in (None, 2, 5):                  # flush after this many calls (None: at the end)
+        host = TaskFisher(64, "mean", 0.99, defer=False)
+        held = TaskFisher(64, "mean", 0.99, defer=True)
+        want = torch.zeros(64, dtype=torch.float64)
+        for k, s in enumerate(sums):
+            host.update(s.clone(), 2, [f"a:{k}"])
+            held.update(s.clone(), 2, [f"a:{k}"])
+            want = want + s
+            if k + 1 == cut:
+                assert held.pending is not None
+                held.flush()
+        assert torch.equal(held.value(), host.value())
+        assert torch.equal(held.state, host.state) and torch.equal(host.state, want)
+        assert held.pending is None and held.count == host.count == 2 * len(sums)
+    ema = TaskFisher(64, "ema", 0.9, defer=True)
+    ema.update(sums[0].clone(), 2, ["e"])
+    assert ema.pending is None
+    shard = TaskFisher(64, "mean", 0.9, keep_partials=True, defer=True)
+    shard.update(sums[0].clone(), 2, ["s"])
+    assert shard.pending is None and len(shard.partials) == 1
+
+
+def test_median_by_selection_equals_numpy_bitwise():
+    from interference.scores.metric import median
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 11, 1000, 1001, 4096):
+        for x in (rng.exponential(size=n) * 10.0 ** rng.integers(-12, 3),
+                  rng.integers(0, 4, size=n).astype(float)):          # ties
+            assert median(torch.from_numpy(x)) == float(np.median(x))
+
+
+def test_metric_reused_after_more_fisher_samples_equals_a_fresh_one(llama_model):
+    """The metric caches the normalising Fisher and each (layer, block)'s ridge λ; both are
+    keyed by the Fisher's values, so a collector that gathers more Fisher samples after a
+    heatmap gives the next heatmap of a fresh metric."""
+    fc, cfg, _ = _collect(llama_model)
+    kw = {"ridge_lambda_rel": 1e-1, "device": "cpu"}
+    reused = QKOVInterferenceMetric(cfg, fc, **kw)
+    before = reused.compute_heatmap("math", "code")
+    again = reused.compute_heatmap("math", "code")
+    assert all(np.array_equal(before[b]["scores"], again[b]["scores"]) for b in "QKVO")
+    fc.collect_fisher(llama_model, padded_batch(3, 12, 9, "math:f2"), task="math",
+                      mode="mean", role="fisher")
+    after = reused.compute_heatmap("math", "code")
+    fresh = QKOVInterferenceMetric(cfg, fc, **kw).compute_heatmap("math", "code")
+    for b in "QKVO":
+        assert np.array_equal(after[b]["scores"], fresh[b]["scores"])
+        assert not np.array_equal(after[b]["scores"], before[b]["scores"])
+    assert after["meta"]["ridge"] == fresh["meta"]["ridge"] != before["meta"]["ridge"]
+
+
 def test_memory_budget_spills_to_disk_with_identical_results(llama_model):
     full, cfg, _ = _collect(llama_model, memory_mb=100.0)
     tiny, _, _ = _collect(llama_model, memory_mb=0.001)

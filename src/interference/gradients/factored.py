@@ -277,15 +277,10 @@ class FactorLayout:
     def _from_factors(self, recs, p: Part, path: str, kind: str, device) -> torch.Tensor:
         """Part ``p`` of the rebuilt gradient of ``path`` for factored records."""
         group = self.groups[path]
-        Tmax = max(T for T, _ in recs)
-        m = self.modules[path]
         idx = p.index.to(device)
-        x = torch.zeros(len(recs), Tmax, m["d_in"], dtype=self.fdt, device=device)
-        d = torch.zeros(len(recs), Tmax, m["d_out"], dtype=self.fdt, device=device)
-        for k, (T, rec) in enumerate(recs):       # zero padding adds exact zeros
-            d[k, :T] = rec[("delta", path)].to(device)
-            if kind == "weight":
-                x[k, :T] = rec[("x", group)].to(device)
+        d = _padded([rec[("delta", path)] for _, rec in recs], device)
+        if kind == "weight":
+            x = _padded([rec[("x", group)] for _, rec in recs], device)
         if kind == "bias":
             sub = d.index_select(-1, idx).float().sum(1)                     # [n, nh·s]
             return Part(p.name, "bias", torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
@@ -295,3 +290,12 @@ class FactorLayout:
             else:                      # G[:, idx] = δᵀ x[:, idx]
                 sub = torch.einsum("nto,nti->noi", d.float(), x.index_select(-1, idx).float())
         return Part(p.name, p.axis, torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+
+
+def _padded(factors: list[torch.Tensor], device) -> torch.Tensor:
+    """[n, T_max, d] on ``device`` from n factors [T_k, d], zero-padded (zero rows add exact
+    zeros to δᵀx): one stack when every T_k is equal, else one ``pad_sequence``."""
+    factors = [f.to(device) for f in factors]
+    if all(f.shape[0] == factors[0].shape[0] for f in factors):
+        return torch.stack(factors)
+    return torch.nn.utils.rnn.pad_sequence(factors, batch_first=True)

@@ -36,12 +36,16 @@ from .store import ContributionCache, GradientStore, natural_key
 
 logger = logging.getLogger("fisher.qkov")
 COLLECT_ROLES = ROLES + ("all",)   # collect_fisher's roles: the sample roles and the seed's "all"
+# a task's float64 Fisher state stays on the GPU it was collected on up to this size (a
+# 135M-parameter model's attention: ~0.2 GB); larger states (7B layer chunks) go to the host
+DEVICE_STATE_BYTES = 2 * 2**30
 
 
 class TaskFisher:
     """Running Fisher of one task. ``value()`` -> float32 [P]."""
 
-    def __init__(self, size: int, mode: str, ema_decay: float, keep_partials: bool = False):
+    def __init__(self, size: int, mode: str, ema_decay: float, keep_partials: bool = False,
+                 defer: bool | None = None):
         if mode not in ("ema", "mean"):
             raise ValueError(f"mode must be 'ema' or 'mean', got {mode!r}")
         if not 0.0 < ema_decay < 1.0:
@@ -53,6 +57,10 @@ class TaskFisher:
                              "(exact and order-free) or collect the task in one job")
         self.mode, self.beta = mode, float(ema_decay)
         self.state = torch.zeros(size, dtype=torch.float64)
+        self._value: torch.Tensor | None = None    # value() cache, cleared by update()
+        self.pending: torch.Tensor | None = None   # GPU-side Σ C_i not yet in state (flush)
+        self.flushed_count = 0                      # samples folded into state
+        self.defer = defer      # None: pend GPU sums of a host state (update); True/False: force
         self.steps = 0          # EMA updates (calls)
         self.count = 0          # samples seen
         self.sample_ids: list[str] = []
@@ -61,23 +69,57 @@ class TaskFisher:
         self.partials: list[tuple[torch.Tensor, int]] = []
 
     def update(self, batch_sum: torch.Tensor, n: int, ids: list[str]):
-        """Fold in one call's batch: ``batch_sum`` = Σ_i C_i [P] (float64) over ``n`` samples."""
-        if self.mode == "ema":
+        """Fold in one call's batch: ``batch_sum`` = Σ_i C_i [P] (float64) over ``n`` samples.
+
+        Where the sums live: a state of at most ``DEVICE_STATE_BYTES`` moves to the GPU of
+        the first batch and stays there (scoring reads it there). A larger one stays on
+        the host, and in mode 'mean' (no partials) a GPU's batch sums are added up on the
+        GPU first and folded into it by :meth:`flush` (one copy instead of one per call;
+        the collector flushes when it turns to stored roles; after a flush, later sums go
+        straight to the host). The sums are added in the same order either way (0 + a = a
+        exactly), so the values do not depend on where they were added."""
+        if self.count == 0 and batch_sum.device != self.state.device and \
+                self.state.numel() * 8 <= DEVICE_STATE_BYTES:
+            self.state = self.state.to(batch_sum.device)
+        self._value = None
+        elsewhere = batch_sum.device != self.state.device if self.defer is None else self.defer
+        deferred = self.mode == "mean" and not self.keep_partials and elsewhere and \
+            self.flushed_count == 0
+        if deferred or self.pending is not None:
+            self.pending = batch_sum if self.pending is None else self.pending.add_(batch_sum)
+        elif self.mode == "ema":
+            batch_sum = batch_sum.to(self.state.device)
             self.state.mul_(self.beta).add_(batch_sum / n, alpha=1.0 - self.beta)
         else:
+            batch_sum = batch_sum.to(self.state.device)
             self.state.add_(batch_sum)
             if self.keep_partials:
                 self.partials.append((batch_sum.detach().to("cpu", torch.float64).clone(), n))
         self.steps += 1
         self.count += n
+        if self.pending is None:
+            self.flushed_count = self.count
         self.sample_ids.extend(ids)
 
+    def flush(self) -> None:
+        """Fold the GPU-side pending sum into the host state (see :meth:`update`)."""
+        if self.pending is not None:
+            if self.flushed_count == 0:
+                self.state = self.pending.to(self.state.device)    # 0 + a = a
+            else:
+                self.state.add_(self.pending.to(self.state.device))
+            self.pending = None
+            self.flushed_count = self.count
+
     def value(self) -> torch.Tensor:
+        """Î float32 [P] on the state's device (computed once per update)."""
         if self.count == 0:
             raise ValueError("Fisher has no samples")
-        if self.mode == "ema":
-            return (self.state / (1.0 - self.beta ** self.steps)).float()
-        return (self.state / self.count).float()
+        self.flush()
+        if self._value is None:
+            scale = (1.0 - self.beta ** self.steps) if self.mode == "ema" else self.count
+            self._value = (self.state / scale).float()
+        return self._value
 
 
 class FisherBank:
@@ -235,6 +277,9 @@ class FisherCollector:
             elif tf.mode != mode:
                 raise ValueError(f"task {task!r} Fisher is in mode {tf.mode!r}, got {mode!r}")
         keep = role != "fisher" and self.enable_cross_task_analysis
+        if role != "fisher":          # Fisher sums held on a GPU go to the host before rows
+            for other in self.fisher.tasks.values():
+                other.flush()
         if role == "all":
             warnings.warn(
                 f"task {task!r}: role='all' uses the same samples for the Fisher and as scored "
@@ -262,7 +307,7 @@ class FisherCollector:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
                                 g.vector, g.loss, g.n_tokens, factors=g.factors)
         if wants_fisher:
-            tf.update(total.cpu(), n, ids)
+            tf.update(total, n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
                      sum(losses) / n)
         return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids,
@@ -440,7 +485,8 @@ def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> Non
     """fisher.safetensors: the running state (mean mode: Σ C_i, float64) + count, mode, ids;
     with_partials: also each update's partial sum (``partial.<k>``, counts in metadata)."""
     path = Path(path)
-    tensors = {"state": tf.state.contiguous()}
+    tf.flush()
+    tensors = {"state": tf.state.cpu().contiguous()}
     metadata = {"mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
                 "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)}
     if with_partials:

@@ -22,11 +22,15 @@ that layer's gradients and Fisher, so the result equals the stored path
 from __future__ import annotations
 
 import gc
+import logging
+import time
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+logger = logging.getLogger("qkov.scores")
 
 from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
@@ -171,12 +175,16 @@ def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> N
     (no stored row is held while a Fisher is summed: collect.pass_memory). Each role's
     numbers are those of the workflow's collect job (per task and role, same order)."""
     for phase in (("fisher",), tuple(r for r in ROLES if r != "fisher")):
+        t0 = time.perf_counter()
         for task, by_role in batches.items():
             for role in phase:
                 if role in by_role:
                     n = len(by_role[role]["sample_ids"])
                     collect_role(collector, model, by_role[role], task, role, fisher_mode, 0,
                                  n, micro_batch)
+        logger.info("layers %d-%d: %s samples collected in %.1f s", collector.layers[0],
+                    collector.layers[-1], "Fisher" if phase == ("fisher",) else "stored",
+                    time.perf_counter() - t0)
 
 
 def _arm_disruptors(collector, arm: str, task_a: str, task_b: str):
@@ -211,6 +219,7 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
         _collect(collector, model, batches, fisher_mode, micro_batch)
         metric = QKOVInterferenceMetric(collector.config, collector, **(metric_kwargs or {}))
         store = collector.gradient_manager
+        t0 = time.perf_counter()
         ids_r = collector.sample_ids(reference_task, "reference")
         for arm in arms:
             disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
@@ -224,6 +233,8 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
                                "top_k": metric.top_k,
                                "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,
                                "sq_norms_r": store.grad_norms(reference_task, ids_r) ** 2})
+        logger.info("layers %d-%d: %s scored in %.1f s", layers[0], layers[-1],
+                    " and ".join(arms), time.perf_counter() - t0)
         store.release()                 # drop this pass's rows before the next
         del metric, collector, store
         gc.collect()                    # collector <-> store/Fisher are cycles

@@ -67,6 +67,8 @@ class QKOVInterferenceMetric:
         self.device_memory_mb = memory_budget_mb(device_memory_mb, self.device)
         self.prefetch = self.device.type == "cuda"   # overlap copies with the kernel
         self._held: dict[tuple, torch.Tensor] = {}   # (task, ids) -> rows [n, P] on the device
+        self._fisher_cache = None                    # (Fisher values, their mean on the device)
+        self._lambda_cache = (None, {})              # (Fisher vector, (layer, block) -> λ)
         self._cfg_check()
 
     def _cfg_check(self):
@@ -114,26 +116,42 @@ class QKOVInterferenceMetric:
         return {"pooled": (task_a, task_b), "a": (task_a,), "b": (task_b,)}[self.fisher_source]
 
     def _fisher_vector(self, tasks: tuple[str, ...]) -> torch.Tensor:
-        """The normalising Fisher [P] float32 (mean of ``tasks``' Fisher), on the device."""
-        bank = self.fisher_collector.fisher
-        return torch.stack([bank.get(t) for t in tasks]).mean(0).to(self.device)
+        """The normalising Fisher [P] float32 (mean of ``tasks``' Fisher), on the device;
+        made once while the tasks' Fisher values are unchanged (their tensors are the key)."""
+        values = [self.fisher_collector.fisher.get(t) for t in tasks]
+        cached = self._fisher_cache
+        if cached is not None and len(cached[0]) == len(values) and \
+                all(a is b for a, b in zip(cached[0], values)):
+            return cached[1]
+        vec = torch.stack(values).mean(0).to(self.device)
+        self._fisher_cache = (values, vec)
+        return vec
 
     def _slice(self, vec: torch.Tensor, layer: int, block: str) -> torch.Tensor:
         offset, n_heads, size = self._store.entries[(layer, block)]
         return vec[offset:offset + n_heads * size].view(n_heads, size)
 
-    def _ridge(self, f: torch.Tensor) -> float:
-        """λ of one (layer, block) from its Fisher slice ``f`` (float64)."""
+    def _ridge(self, f: torch.Tensor, key=None) -> float:
+        """λ of one (layer, block) from its Fisher slice ``f`` (float64), where ``f`` lives;
+        ``key`` = (fisher vector, layer, block) caches it for that vector."""
+        if key is not None and self._lambda_cache[0] is key[0]:
+            lam = self._lambda_cache[1].get(key[1:])
+            if lam is not None:
+                return lam
         lam = self.ridge_lambda
         if self.ridge_lambda_rel:
-            lam = max(lam, self.ridge_lambda_rel * float(np.median(f.cpu().numpy())))
+            lam = max(lam, self.ridge_lambda_rel * median(f))
+        if key is not None:
+            if self._lambda_cache[0] is not key[0]:
+                self._lambda_cache = (key[0], {})
+            self._lambda_cache[1][key[1:]] = lam
         return lam
 
     def denominator(self, fisher: torch.Tensor, layer: int, block: str):
         """D [n_block_heads, s] = max(Î, ε) + λ for one (layer, block), with λ and the share
         of parameters where λ > Î."""
         f = self._slice(fisher, layer, block).double()
-        lam = self._ridge(f)
+        lam = self._ridge(f, (fisher, layer, block))
         d = f.clamp_min(self.epsilon) + lam
         return d.float(), lam, float((f < lam).double().mean())
 
@@ -143,7 +161,7 @@ class QKOVInterferenceMetric:
         for layer in layers:
             for block in BLOCKS:
                 f = self._slice(fisher, layer, block).double()
-                lam = self._ridge(f)
+                lam = self._ridge(f, (fisher, layer, block))
                 keys.append(f"L{layer}.{block}")
                 lams.append(lam)
                 shares.append((f < lam).double().mean())
@@ -211,7 +229,8 @@ class QKOVInterferenceMetric:
     def _weight(self, fisher, layer, block) -> torch.Tensor:
         """1 / D [Hb, s] float32 on ``fisher``'s device (the device: see _fisher_vector)."""
         f = self._slice(fisher, layer, block).double()
-        return (f.clamp_min(self.epsilon) + self._ridge(f)).float().reciprocal()
+        return (f.clamp_min(self.epsilon) + self._ridge(f, (fisher, layer, block))
+                ).float().reciprocal()
 
     def _rows_per_tile(self, layer: int, block: str) -> int | None:
         """Gradient rows of one (layer, block) that fit the device budget together with as
@@ -505,3 +524,15 @@ def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     val = key[cand].double().cpu().numpy()
     order = np.lexsort((idx, val))[:k]
     return torch.from_numpy(idx[order]), torch.from_numpy(val[order])
+
+
+def median(x: torch.Tensor) -> float:
+    """``np.median`` of all entries of ``x`` (float64), computed where ``x`` lives: the
+    middle entry, or the mean of the two middle entries (a + b) / 2, found by selection."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    hi = flat.kthvalue(n // 2 + 1).values
+    if n % 2:
+        return float(hi)
+    lo = flat.kthvalue(n // 2).values
+    return float((lo + hi) / 2)
