@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from interference.stats import bh_qvalues, permutation_test_matrix  # noqa: E402
 from interference.stats.permutation import _random_masks  # noqa: E402
+from interference.stats.edgeworth import edgeworth_z, hall_z  # noqa: E402
 from interference.stats.rank import brunner_munzel_z, null_statistics  # noqa: E402
 from interference.stats.simulate import SHAPES, Design, b_location, draw  # noqa: E402
 
@@ -53,7 +54,13 @@ FIG = ROOT / "docs" / "figures" / "stats_calibration_grid.png"
 DOC = ROOT / "docs" / "statistics.md"
 ALPHA, M, N_PERM = 0.05, 720, 28_800
 PLANTED = {24 * 3 * k + 5: (0.6 if k < 5 else 1.0) for k in range(10)}
-NULL_OF = {"brunner_munzel": "auc", "welch": "mean", "mean_diff": "mean"}
+NULL_OF = {"brunner_munzel": "auc", "bm_edgeworth": "auc", "welch": "mean",
+           "mean_diff": "mean"}
+# rank-only statistics: (null of tie-free relabellings, observed statistic) for ``reference``
+RANK_TESTS = {
+    "brunner_munzel": (lambda masks, n_b: null_statistics(masks, (1,) * masks.shape[1], n_b),
+                       brunner_munzel_z),
+    "bm_edgeworth": (hall_z, edgeworth_z)}
 
 
 def grid(test: str) -> list[Design]:
@@ -62,22 +69,21 @@ def grid(test: str) -> list[Design]:
             for shape in SHAPES]
 
 
-def reference_null(n_b: int, n_r: int, n_draws: int, seed: int) -> np.ndarray:
-    """Sorted z statistics of n_draws random relabellings of tie-free ranks (production
-    mask and null code)."""
+def reference_null(test: str, n_b: int, n_r: int, n_draws: int, seed: int) -> np.ndarray:
+    """Sorted statistics of n_draws random relabellings of tie-free ranks (production
+    mask code; the test's own null code)."""
     rng = np.random.default_rng([seed, n_b, n_r])
     out = []
     while n_draws > 0:
         b = min(n_draws, 20_000)
         n_draws -= b
-        out.append(null_statistics(_random_masks(rng, b, n_b + n_r, n_b),
-                                   (1,) * (n_b + n_r), n_b))
+        out.append(RANK_TESTS[test][0](_random_masks(rng, b, n_b + n_r, n_b), n_b))
     return np.sort(np.concatenate(out))
 
 
 def pvalues(test: str, method: str, x_b, x_r, ref, seed) -> np.ndarray:
     if method == "reference":
-        t = brunner_munzel_z(x_b, x_r)
+        t = RANK_TESTS[test][1](x_b, x_r)
         return (1.0 + ref.size - np.searchsorted(ref, t - 100 * np.finfo(float).eps * abs(t),
                                                  "left")) / (1.0 + ref.size)
     return permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM,
@@ -135,8 +141,8 @@ def cmd_grid(args, command: str) -> None:
     refs = {}
     for d in designs:
         if args.method == "reference" and (d.n_b, d.n_r) not in refs:
-            refs[(d.n_b, d.n_r)] = reference_null(d.n_b, d.n_r, args.reference_draws,
-                                                  args.seed)
+            refs[(d.n_b, d.n_r)] = reference_null(args.test, d.n_b, d.n_r,
+                                                  args.reference_draws, args.seed)
         row = run_design(args.test, args.method, d, args.runs, args.seed,
                          refs.get((d.n_b, d.n_r)))
         row["kind"], row["seed"] = "grid", args.seed
@@ -166,8 +172,10 @@ def main():
         a if " " not in a else repr(a) for a in sys.argv[1:])
     if args.cmd in ("grid", "production"):
         args.method = "reference" if args.cmd == "grid" else "production"
-        if args.method == "reference" and args.test != "brunner_munzel":
-            raise SystemExit("the reference method holds for the rank test only")
+        if ((args.method == "reference" and args.test not in RANK_TESTS)
+                or (args.method == "production" and args.test == "bm_edgeworth")):
+            raise SystemExit("grid (the reference method) is for the rank tests only, "
+                             "production for those QKOVStatistics offers")
         cmd_grid(args, command)
     elif args.cmd == "coverage":
         from coverage_stats import cmd_coverage  # noqa: E402  (scripts/ is on sys.path)
