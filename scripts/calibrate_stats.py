@@ -26,8 +26,9 @@ Methods:
   candidate of interference.stats.edgeworth): a rank test's permutation null does not
   depend on the data when a cell has no ties (interference.stats.rank), so one reference
   sample of 10^6 relabellings per pair of group sizes, drawn by the production mask code,
-  serves every run: p = (1 + #{T* >= T}) / (1 + 10^6), T by the same statistic code. It is the production p-value
-  with less Monte Carlo noise (the designs are continuous: no ties).
+  serves every run: p = (1 + #{T* >= T}) / (1 + 10^6), T by the same statistic code. It
+  is the production p-value with less Monte Carlo noise (the designs are continuous: no
+  ties).
 """
 from __future__ import annotations
 
