@@ -1,6 +1,8 @@
 """Calibration harness of the cell test at Benjamini-Hochberg tails (issue 17).
 
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py grid        # rank test, 24 designs
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py grid --test bm_edgeworth
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py moments     # Edgeworth terms
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py production --test welch \\
         --designs "48/144, sd ratio 2, heavy"                              # exact production path
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py coverage    # bootstrap intervals
@@ -20,11 +22,13 @@ cells at Cohen's d 0.6 and 5 at d 1.0 (in different layers).
 Methods:
 - ``production``: p-values from permutation_test_matrix with the default N = 28,800 (what
   QKOVStatistics.test_disruption calls), q from bh_qvalues.
-- ``reference`` (rank test only): the rank test's permutation null does not depend on the
-  data when a cell has no ties (interference.stats.rank), so one reference sample of 10^6
-  relabellings per pair of group sizes, drawn by the production code, serves every run:
-  p = (1 + #{T* >= T}) / (1 + 10^6), T by the production code. It is the production p-value
-  with less Monte Carlo noise (the designs are continuous: no ties).
+- ``reference`` (rank tests only: the default, and bm_edgeworth, the rejected Hall-corrected
+  candidate of interference.stats.edgeworth): a rank test's permutation null does not
+  depend on the data when a cell has no ties (interference.stats.rank), so one reference
+  sample of 10^6 relabellings per pair of group sizes, drawn by the production mask code,
+  serves every run: p = (1 + #{T* >= T}) / (1 + 10^6), T by the same statistic code. It
+  is the production p-value with less Monte Carlo noise (the designs are continuous: no
+  ties).
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from interference.stats import bh_qvalues, permutation_test_matrix  # noqa: E402
 from interference.stats.permutation import _random_masks  # noqa: E402
+from interference.stats.edgeworth import (edgeworth_z, hall_z, skewness_terms,  # noqa: E402
+                                          sorted_labels)
 from interference.stats.rank import brunner_munzel_z, null_statistics  # noqa: E402
 from interference.stats.simulate import SHAPES, Design, b_location, draw  # noqa: E402
 
@@ -53,7 +59,13 @@ FIG = ROOT / "docs" / "figures" / "stats_calibration_grid.png"
 DOC = ROOT / "docs" / "statistics.md"
 ALPHA, M, N_PERM = 0.05, 720, 28_800
 PLANTED = {24 * 3 * k + 5: (0.6 if k < 5 else 1.0) for k in range(10)}
-NULL_OF = {"brunner_munzel": "auc", "welch": "mean", "mean_diff": "mean"}
+NULL_OF = {"brunner_munzel": "auc", "bm_edgeworth": "auc", "welch": "mean",
+           "mean_diff": "mean"}
+# rank-only statistics: (null of tie-free relabellings, observed statistic) for ``reference``
+RANK_TESTS = {
+    "brunner_munzel": (lambda masks, n_b: null_statistics(masks, (1,) * masks.shape[1], n_b),
+                       brunner_munzel_z),
+    "bm_edgeworth": (hall_z, edgeworth_z)}
 
 
 def grid(test: str) -> list[Design]:
@@ -62,22 +74,21 @@ def grid(test: str) -> list[Design]:
             for shape in SHAPES]
 
 
-def reference_null(n_b: int, n_r: int, n_draws: int, seed: int) -> np.ndarray:
-    """Sorted z statistics of n_draws random relabellings of tie-free ranks (production
-    mask and null code)."""
+def reference_null(test: str, n_b: int, n_r: int, n_draws: int, seed: int) -> np.ndarray:
+    """Sorted statistics of n_draws random relabellings of tie-free ranks (production
+    mask code; the test's own null code)."""
     rng = np.random.default_rng([seed, n_b, n_r])
     out = []
     while n_draws > 0:
         b = min(n_draws, 20_000)
         n_draws -= b
-        out.append(null_statistics(_random_masks(rng, b, n_b + n_r, n_b),
-                                   (1,) * (n_b + n_r), n_b))
+        out.append(RANK_TESTS[test][0](_random_masks(rng, b, n_b + n_r, n_b), n_b))
     return np.sort(np.concatenate(out))
 
 
 def pvalues(test: str, method: str, x_b, x_r, ref, seed) -> np.ndarray:
     if method == "reference":
-        t = brunner_munzel_z(x_b, x_r)
+        t = RANK_TESTS[test][1](x_b, x_r)
         return (1.0 + ref.size - np.searchsorted(ref, t - 100 * np.finfo(float).eps * abs(t),
                                                  "left")) / (1.0 + ref.size)
     return permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM,
@@ -135,14 +146,41 @@ def cmd_grid(args, command: str) -> None:
     refs = {}
     for d in designs:
         if args.method == "reference" and (d.n_b, d.n_r) not in refs:
-            refs[(d.n_b, d.n_r)] = reference_null(d.n_b, d.n_r, args.reference_draws,
-                                                  args.seed)
+            refs[(d.n_b, d.n_r)] = reference_null(args.test, d.n_b, d.n_r,
+                                                  args.reference_draws, args.seed)
         row = run_design(args.test, args.method, d, args.runs, args.seed,
                          refs.get((d.n_b, d.n_r)))
         row["kind"], row["seed"] = "grid", args.seed
         rows.append(row)
         print(json.dumps(row), flush=True)
     save(rows, command, time.perf_counter() - t0)
+
+
+def cmd_moments(args) -> None:
+    """The Edgeworth terms of W on one design, independent cells (rho = 0): simulated mean
+    and third cumulant of W against their n^-1/2 predictions -K_V/2 and K_D - 3 K_V, the
+    per-cell spread of the estimates, and the third cumulant of the default's z beside that
+    of its permutation null (10^6 tie-free relabellings)."""
+    from scipy.stats import kstat
+
+    from interference.stats.rank import z_score
+
+    design = next(d for d in grid("brunner_munzel") if d.label == args.design)
+    design = Design(design.n_b, design.n_r, design.ratio, design.shape, 0.0, "auc")
+    loc = b_location(design.shape, design.ratio, "auc")
+    rng = np.random.default_rng(args.seed)
+    w, df, k_d, k_v = np.concatenate([np.stack(skewness_terms(sorted_labels(
+        *draw(design, rng, M, loc=loc)), design.n_b)) for _ in range(args.runs)], axis=1)
+    null = reference_null("brunner_munzel", design.n_b, design.n_r, 1_000_000, args.seed)
+    z = z_score(w, df)
+    print(f"{args.design}: {w.size} cells\n  E W {w.mean():.4f} (s.e. "
+          f"{w.std() / np.sqrt(w.size):.4f}), predicted -K_V/2 = {-k_v.mean() / 2:.4f}\n"
+          f"  kappa3(W) {kstat(w, 3):.4f} (s.e. ~{np.sqrt(6 / w.size):.4f}), predicted "
+          f"K_D - 3 K_V = {(k_d - 3 * k_v).mean():.4f}\n  per-cell estimates: K_D "
+          f"{k_d.mean():.4f} +- {k_d.std():.4f}, K_V {k_v.mean():.4f} +- {k_v.std():.4f}\n"
+          f"  default z: kappa3 {kstat(z, 3):.4f}, quantile 0.999 {np.quantile(z, 0.999):.3f}"
+          f"; its permutation null: kappa3 {kstat(null, 3):.4f}, quantile 0.999 "
+          f"{np.quantile(null, 0.999):.3f}")
 
 
 def main():
@@ -158,6 +196,10 @@ def main():
     c = sub.add_parser("coverage")
     c.add_argument("--runs", type=int, default=400)
     c.add_argument("--seed", type=int, default=17)
+    mo = sub.add_parser("moments")
+    mo.add_argument("--design", default="48/144, sd ratio 2, right")
+    mo.add_argument("--runs", type=int, default=150)
+    mo.add_argument("--seed", type=int, default=9)
     r = sub.add_parser("report")
     r.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
@@ -166,9 +208,13 @@ def main():
         a if " " not in a else repr(a) for a in sys.argv[1:])
     if args.cmd in ("grid", "production"):
         args.method = "reference" if args.cmd == "grid" else "production"
-        if args.method == "reference" and args.test != "brunner_munzel":
-            raise SystemExit("the reference method holds for the rank test only")
+        if ((args.method == "reference" and args.test not in RANK_TESTS)
+                or (args.method == "production" and args.test == "bm_edgeworth")):
+            raise SystemExit("grid (the reference method) is for the rank tests only, "
+                             "production for those QKOVStatistics offers")
         cmd_grid(args, command)
+    elif args.cmd == "moments":
+        cmd_moments(args)
     elif args.cmd == "coverage":
         from coverage_stats import cmd_coverage  # noqa: E402  (scripts/ is on sys.path)
         cmd_coverage(args, command, save)

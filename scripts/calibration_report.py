@@ -64,9 +64,11 @@ def figure(rows: list[dict], path) -> None:
                     key=lambda d: next((r["n_r"], r["ratio"], r["shape"]) for r in grid
                                        if r["design"] == d))
     x = np.arange(len(labels))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(14, 7.5), sharex=True)
     styles = {("brunner_munzel", "reference"): ("C0", "o", "rank test (reference null)"),
               ("brunner_munzel", "production"): ("C2", "D", "rank test (production path)"),
+              ("bm_edgeworth", "reference"): ("C1", "^", "rank test + Hall correction "
+                                                          "(candidate, rejected)"),
               ("welch", "production"): ("C3", "s", "Welch t, former default (production)")}
     for (test, method), (colour, marker, name) in styles.items():
         sub = {r["design"]: r for r in grid if r["test"] == test and r["method"] == method
@@ -88,12 +90,12 @@ def figure(rows: list[dict], path) -> None:
                     label=f"alpha + 2 MC s.e. ({runs} runs)")
     ax1.axhline(ALPHA, color="0.6", lw=0.8)
     ax1.set_ylabel("P(any q <= 0.05), null runs\n(error bars: 2 MC s.e.)")
-    ax1.legend(fontsize=7, loc="center right")
+    ax1.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax1.set_title("720 cells, latent correlation 0.3 within layers of 24; each test on the "
                   "designs where its null holds (seed 17 rows)", fontsize=9)
     ax2.set_ylabel("power per planted cell\n(BH at 0.05, 10 planted)")
     ax2.set_ylim(0, 1.02)
-    ax2.legend(fontsize=7, loc="lower right", ncol=2)
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax2.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -15,6 +15,7 @@ from statsmodels.stats.power import TTestIndPower
 from interference.stats import (FisherOverlapWarning, QKOVStatistics, bootstrap_interval,
                                 brunner_munzel, brunner_munzel_z, minimal_detectable_effect,
                                 permutation_test_matrix, samples_needed)
+from interference.stats.edgeworth import edgeworth_z, skewness_terms, sorted_labels
 from interference.stats.rank import null_statistics, tie_pattern
 from interference.stats.simulate import Design, draw
 
@@ -79,6 +80,50 @@ def test_tie_free_null_matches_the_statistic_on_relabelled_ranks():
     np.testing.assert_allclose(null_statistics(masks, pat, n_b), expect, rtol=1e-10)
 
 
+def _skewness_loop(xb: np.ndarray, xr: np.ndarray) -> tuple[float, float, float, float]:
+    """(W, df, K_D, K_V) of one column by float64 loops over the n m pairs (reference)."""
+    n, m = len(xb), len(xr)
+    h = np.array([[1.0 if y < x else 0.0 for y in xr] for x in xb])    # [n, m]
+    a = h.sum(1) / m                                                  # G_hat(X_i)
+    c = h.sum(0) / n                                                  # 1 - F_hat(Y_j)
+    da, dc = a - a.mean(), c - c.mean()
+    var = np.var(a, ddof=1) / n + np.var(c, ddof=1) / m
+    lam = sum(da[i] * dc[j] * h[i, j] for i in range(n) for j in range(m)) / (n * m)
+    base = np.mean(da ** 3) / n ** 2 + np.mean(dc ** 3) / m ** 2
+    df = var ** 2 / ((np.var(a, ddof=1) / n) ** 2 / (n - 1) + (np.var(c, ddof=1) / m) ** 2
+                     / (m - 1))
+    return ((a.mean() - 0.5) / math.sqrt(var), df, (base + 6 * lam / (n * m)) / var ** 1.5,
+            (base + 4 * lam / (n * m)) / var ** 1.5)
+
+
+def test_edgeworth_candidate_matches_loops_and_scipy():
+    """The rejected candidate of the harness: its W and df are scipy's Brunner-Munzel, its
+    skewness terms those of a float64 pair loop, and its null code reproduces the observed
+    statistic on relabelled ranks."""
+    rng = np.random.default_rng(9)
+    x_b, x_r = rng.lognormal(0.0, 1.0, (7, 5)), 0.3 + rng.gamma(1.5, 1.0, (11, 5))
+    got = np.stack(skewness_terms(sorted_labels(x_b, x_r), 7))        # [4, 5]
+    w, df = brunner_munzel(x_b, x_r)
+    np.testing.assert_allclose(got[:2], np.stack([w, df]), rtol=1e-12)
+    for c in range(5):
+        np.testing.assert_allclose(got[:, c], _skewness_loop(x_b[:, c], x_r[:, c]),
+                                   rtol=1e-10, atol=1e-14)
+        ref = sps.brunnermunzel(x_r[:, c], x_b[:, c], alternative="less")
+        assert got[0, c] == pytest.approx(ref.statistic, rel=1e-12)
+    z = edgeworth_z(x_b, x_r)
+    ranks = np.arange(18.0)
+    for c, mask in enumerate(sorted_labels(x_b, x_r)):
+        w_, df_, kd, kv = _skewness_loop(x_b[:, c], x_r[:, c])
+        a = -(kd - 3 * kv) / 6                                  # Hall (1992), monotone
+        wh = w_ + a * w_ ** 2 + a * a * w_ ** 3 / 3 + kv / 2 - a
+        assert sps.norm.sf(z[c]) == pytest.approx(sps.t.sf(wh, df_), rel=1e-9)
+        # ranks only: the same statistic from the column's ranks, as the null code assumes
+        assert edgeworth_z(ranks[mask > 0][:, None], ranks[mask == 0][:, None])[0] == (
+            pytest.approx(z[c], rel=1e-12))
+    with pytest.raises(ValueError, match="tie-free"):
+        sorted_labels(np.ones((3, 1)), np.ones((4, 1)))
+
+
 def _tail_rates(statistic, design, seed=7, m=3000, n_perm=1999):
     x_b, x_r = draw(design, np.random.default_rng(seed), m=m)
     p = permutation_test_matrix(x_b, x_r, statistic=statistic, n_permutations=n_perm,
@@ -89,14 +134,16 @@ def _tail_rates(statistic, design, seed=7, m=3000, n_perm=1999):
 def test_default_test_holds_where_welch_fails():
     """8 B vs 32 R disruptors, B three times as spread, symmetric heavy tails (mean and AUC
     nulls coincide), 3000 independent cells: the default test's per-cell rates stay within
-    t + 3 s.e.; Welch's t (the former default) is far over. Seeded: deterministic."""
+    t + 3 s.e.; Welch's t (the former default) and the mean difference are far over, so
+    swapping the default back to either fails here. Seeded: deterministic."""
     design = Design(8, 32, 3.0, "heavy", rho=0.0, null="auc")
     default = QKOVStatistics().statistic
     bound = [t + 3 * math.sqrt(t * (1 - t) / 3000) for t in (0.01, 0.05)]
     rates = _tail_rates(default, design)
     assert rates[0] <= bound[0] and rates[1] <= bound[1], (default, rates, bound)
-    welch = _tail_rates("welch", design)
-    assert welch[0] > 2 * bound[0] and welch[1] > bound[1] + 0.02, welch
+    for other in ("welch", "mean_diff"):
+        fails = _tail_rates(other, design)
+        assert fails[0] > 2 * bound[0] and fails[1] > bound[1] + 0.02, (other, fails)
 
 
 def test_minimal_detectable_effect_matches_statsmodels_and_simulation():

@@ -6,6 +6,7 @@ Stages, each a small module:
 - permutation: one shared set of permutations, batched GEMMs, one-sided p-values;
 - fdr: Benjamini-Hochberg q-values (statsmodels) and the permutation-count check;
 - rank: Brunner-Munzel's studentised rank statistic (the default test) and its null;
+- edgeworth: a Hall-corrected variant the harness measured and rejected (not offered);
 - effects: Welch's t, Cohen's d, AUC;
 - power: the minimal detectable effect of a run and the samples a target effect needs;
 - simulate: the designs of the calibration harness (scripts/calibrate_stats.py);
