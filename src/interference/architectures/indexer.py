@@ -99,6 +99,16 @@ class Part:
     size: int
     transposed: bool = False
 
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device``, copied there once (a host-to-GPU copy per call would
+        make the host wait for the GPU at every gather)."""
+        if self.index.device == device:
+            return self.index
+        copies = self.__dict__.setdefault("_index_copies", {})   # not a dataclass field
+        if device not in copies:
+            copies[device] = self.index.to(device)
+        return copies[device]
+
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """[*lead, n_heads, size·fan] from ``t`` shaped [*lead, *param.shape].
 
@@ -106,7 +116,7 @@ class Part:
         slices, whatever the storage; gathers run along the stored layout (no transposed
         index_select, which is slow on GPU), then one permuting copy.
         """
-        idx = self.index.to(t.device)
+        idx = self.index_on(t.device)
         n, size = self.n_heads, self.size
         if self.axis == "bias":
             return t.index_select(-1, idx).unflatten(-1, (n, size))

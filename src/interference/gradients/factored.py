@@ -277,19 +277,21 @@ class FactorLayout:
     def _from_factors(self, recs, p: Part, path: str, kind: str, device) -> torch.Tensor:
         """Part ``p`` of the rebuilt gradient of ``path`` for factored records."""
         group = self.groups[path]
-        idx = p.index.to(device)
+        idx = p.index_on(device)
         d = _padded([rec[("delta", path)] for _, rec in recs], device)
         if kind == "weight":
             x = _padded([rec[("x", group)] for _, rec in recs], device)
         if kind == "bias":
             sub = d.index_select(-1, idx).float().sum(1)                     # [n, nh·s]
-            return Part(p.name, "bias", torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+            return Part(p.name, "bias", torch.arange(idx.numel(), device=device), p.n_heads,
+                        p.size).take(sub)
         with _tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
             if p.axis == "rows":       # G[idx, :] = δ[:, idx]ᵀ x, Linear convention
                 sub = torch.einsum("nto,nti->noi", d.index_select(-1, idx).float(), x.float())
             else:                      # G[:, idx] = δᵀ x[:, idx]
                 sub = torch.einsum("nto,nti->noi", d.float(), x.index_select(-1, idx).float())
-        return Part(p.name, p.axis, torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+        return Part(p.name, p.axis, torch.arange(idx.numel(), device=device), p.n_heads,
+                    p.size).take(sub)
 
 
 def _padded(factors: list[torch.Tensor], device) -> torch.Tensor:

@@ -123,8 +123,10 @@ class _Shard:
 
     def rows(self, ids: list[str], start: int, stop: int) -> torch.Tensor:
         """float32 [len(ids), stop - start]: columns [start, stop) of the given rows."""
-        out = torch.empty(len(ids), stop - start, device=self.device)
         ram = [(k, self.where[sid][1]) for k, sid in enumerate(ids) if self.where[sid][0] == "ram"]
+        if ram and len(ram) == len(ids):     # all in memory: one stack (no index to copy)
+            return torch.stack([self.ram[p][start:stop] for _, p in ram]).float()
+        out = torch.empty(len(ids), stop - start, device=self.device)
         if ram:                              # one gather of the in-memory rows
             out[[k for k, _ in ram]] = torch.stack([self.ram[p][start:stop] for _, p in ram]).float()
         for k, sid in enumerate(ids):
