@@ -126,8 +126,9 @@ def pytest_collection_finish(session):
     """When a SLURM test is selected and a cluster can start here, start it and the SLURM
     test's workflow runs now, in the background (tests/test_slurm.py ``start_runs``): they
     mostly wait on SLURM's scheduling and status polls, so the tests that run before them
-    use the CPU meanwhile. An error is kept for the test to report."""
-    if session.config.option.collectonly or not any(
+    use the CPU meanwhile. An error is kept for the test to report. (Not in pytest-xdist
+    workers, which each collect every test: there the test's fixture starts them.)"""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput") or not any(
             item.get_closest_marker("slurm") for item in session.items):
         return
     from slurm_cluster import unavailable_reason
