@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,6 +303,7 @@ class BackgroundRuns:
         self.cluster, self.root, self.commands, self.env = cluster, Path(root), commands, env
         self.work = dict(work or {})        # name -> the run's working directory
         self.procs: dict[str, subprocess.Popen] = {}
+        self.watchers: dict[str, threading.Thread] = {}
         self.ended: dict[str, float] = {}
         self.t0 = 0.0
         self.stopped = False
@@ -315,15 +317,21 @@ class BackgroundRuns:
             with open(self.log(name), "w") as log:
                 self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                     env=self.env, start_new_session=True)
+            self.watchers[name] = threading.Thread(target=self._watch, args=(name,),
+                                                   daemon=True)
+            self.watchers[name].start()
         return self
 
+    def _watch(self, name: str) -> None:
+        """Note when the command ends (its elapsed time), whenever wait() is called."""
+        self.procs[name].wait()
+        self.ended[name] = time.time() - self.t0
+
     def wait(self) -> dict[str, dict]:
-        """name -> {rc, elapsed (s from start), work, output}, once every command ended."""
-        while len(self.ended) < len(self.procs):
-            for name, proc in self.procs.items():
-                if name not in self.ended and proc.poll() is not None:
-                    self.ended[name] = time.time() - self.t0
-            time.sleep(0.5)
+        """name -> {rc, elapsed (s from start to its end), work, output}, once every
+        command has ended."""
+        for watcher in self.watchers.values():
+            watcher.join()
         return {name: {"rc": proc.returncode, "elapsed": self.ended[name],
                        "work": self.work.get(name),
                        "output": self.log(name).read_text(errors="replace")}
