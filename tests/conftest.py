@@ -117,6 +117,40 @@ def tiny_run(tmp_path_factory):
             "control": results / "tiny" / "tiny" / "math__code.control"}
 
 
+# ----------------------------------------------------------------------------- SLURM
+
+SLURM_RUNS = pytest.StashKey[object]()   # tests/test_slurm.py's runs, or why they did not start
+
+
+def pytest_collection_finish(session):
+    """When a SLURM test is selected and a cluster can start here, start it and the SLURM
+    test's workflow runs now, in the background (tests/test_slurm.py ``start_runs``): they
+    mostly wait on SLURM's scheduling and status polls, so the tests that run before them
+    use the CPU meanwhile. An error is kept for the test to report. (Not in pytest-xdist
+    workers, which each collect every test: there the test's fixture starts them.)"""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput") or not any(
+            item.get_closest_marker("slurm") for item in session.items):
+        return
+    from slurm_cluster import unavailable_reason
+
+    if unavailable_reason():
+        return   # the test skips, or fails under QKOV_REQUIRE_SLURM=1
+    import test_slurm
+
+    try:
+        runs = test_slurm.start_runs(session.config._tmp_path_factory)
+    except Exception as err:   # noqa: BLE001  reported by the test, not by the collection
+        runs = err
+    session.config.stash[SLURM_RUNS] = runs
+
+
+def pytest_sessionfinish(session):
+    """Stop the background SLURM runs and their cluster (a no-op if the test did)."""
+    runs = session.config.stash.get(SLURM_RUNS, None)
+    if runs is not None and not isinstance(runs, BaseException):
+        runs.stop()
+
+
 def job_counts(output: str) -> dict[str, int]:
     """Rule -> count from the 'Job stats' table of a Snakemake (dry) run's output."""
     import re

@@ -24,12 +24,14 @@ Command line (for trying things by hand)::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -285,6 +287,68 @@ class SlurmCluster:
                 lines = p.read_text(errors="replace").splitlines()[-n:]
                 parts.append(f"--- {p}\n" + "\n".join(lines))
         return "\n".join(parts)
+
+
+class BackgroundRuns:
+    """Commands run at once on a started cluster, in the background: ``start()`` returns
+    at once, ``wait()`` blocks until every command has ended. The SLURM test starts its
+    workflow runs this way as soon as the session is collected (tests/conftest.py), so
+    that SLURM's waiting (status polls, scheduling) overlaps the tests that run before it.
+
+    ``commands``: name -> argv; each writes its output to ``<root>/<name>.log``.
+    """
+
+    def __init__(self, cluster: SlurmCluster, root: Path, commands: dict[str, list[str]],
+                 env: dict, work: dict[str, Path] | None = None):
+        self.cluster, self.root, self.commands, self.env = cluster, Path(root), commands, env
+        self.work = dict(work or {})        # name -> the run's working directory
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.watchers: dict[str, threading.Thread] = {}
+        self.ended: dict[str, float] = {}
+        self.t0 = 0.0
+        self.stopped = False
+
+    def log(self, name: str) -> Path:
+        return self.root / f"{name}.log"
+
+    def start(self) -> "BackgroundRuns":
+        self.t0 = time.time()
+        for name, cmd in self.commands.items():
+            with open(self.log(name), "w") as log:
+                self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                    env=self.env, start_new_session=True)
+            self.watchers[name] = threading.Thread(target=self._watch, args=(name,),
+                                                   daemon=True)
+            self.watchers[name].start()
+        return self
+
+    def _watch(self, name: str) -> None:
+        """Note when the command ends (its elapsed time), whenever wait() is called."""
+        self.procs[name].wait()
+        self.ended[name] = time.time() - self.t0
+
+    def wait(self) -> dict[str, dict]:
+        """name -> {rc, elapsed (s from start to its end), work, output}, once every
+        command has ended."""
+        for watcher in self.watchers.values():
+            watcher.join()
+        return {name: {"rc": proc.returncode, "elapsed": self.ended[name],
+                       "work": self.work.get(name),
+                       "output": self.log(name).read_text(errors="replace")}
+                for name, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        """Kill what still runs (its process group: Snakemake and its local jobs), cancel
+        the cluster's jobs and stop the cluster. Once; later calls do nothing."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        self.cluster.stop()
 
 
 def main(argv: list[str]) -> int:

@@ -5,20 +5,23 @@ collector bitwise (gradients and Fisher), EMA refused, GPU locks, the planned jo
 
 SLURM (``@pytest.mark.slurm``; needs root and Debian's slurmctld, slurmd, slurm-client and
 munge, which .ci/run installs; skipped elsewhere, or failed when QKOV_REQUIRE_SLURM=1):
-the test starts munge + slurmctld + slurmd (tests/slurm_cluster.py), then runs, at the
-same time,
+:func:`start_runs` starts munge + slurmctld + slurmd (tests/slurm_cluster.py), then runs,
+at the same time and in the background,
 
 - the tiny workflow with 2 shards per task through ``snakemake --executor slurm`` (the
   profile profiles/slurm, squeue status, a hard ``timeout -s KILL``),
 - the tiny workflow with an invalid value injected (``model.family=no_such_family``, which
-  the schema allows) that makes the first job, prepare_model, raise,
-- (only when no session-wide local tiny run is shared) the tiny workflow locally,
+  the schema allows) that makes the first job, prepare_model, raise.
 
-and checks that every job ran as a SLURM job (job ids in .snakemake/slurm_logs, each
+tests/conftest.py calls it as soon as the session is collected (when these tests are
+selected and SLURM is here): the runs mostly wait on SLURM (scheduling, status polls), so
+the tests before this module use the CPU meanwhile; the fixtures here wait for them. The
+tests check that every job ran as a SLURM job (job ids in .snakemake/slurm_logs, each
 COMPLETED in the job-completion log, SLURM_JOB_ID inside the shard jobs), that the outputs
-equal the local unsharded run's (cells.csv byte for byte, scores, Fisher), that the MLflow
-runs exist (deferred tracking: the local track rule logged the jobs' records), and that
-the failing rule fails the run (FAILED in the job-completion log, non-zero exit, no hang).
+equal the session's local unsharded tiny run's (cells.csv byte for byte, scores, Fisher),
+that the MLflow runs exist (deferred tracking: the local track rule logged the jobs'
+records), and that the failing rule fails the run (FAILED in the job-completion log,
+non-zero exit, no hang).
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +38,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import padded_batch, tiny_llama  # noqa: E402
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from slurm_cluster import BackgroundRuns, SlurmCluster, unavailable_reason  # noqa: E402
 from conftest import job_counts as _job_counts
-from conftest import snakemake_cmd, workflow_env
+from conftest import SLURM_RUNS, snakemake_cmd, workflow_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "slurm"
 SHARDS = "++resources.collect.shards=2"   # ++: works whether conf/ has the key or not
-SLURM_TIMEOUT_S = int(os.environ.get("QKOV_SLURM_TIMEOUT_S", "480"))
+# a hang guard; generous, as the runs share the CPU with the tests that run meanwhile
+SLURM_TIMEOUT_S = int(os.environ.get("QKOV_SLURM_TIMEOUT_S", "900"))
 ANALYSES = ("math__code", "math__code.control")
 
 
@@ -220,15 +223,6 @@ def _require_slurm() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    _require_slurm()
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    yield c
-    c.stop()
-
-
 def _slurm_cmd(workdir: Path, *config: str) -> list[str]:
     return ["timeout", "-s", "KILL", str(SLURM_TIMEOUT_S), *snakemake_cmd(
         workdir, "--workflow-profile", str(PROFILE), "--executor", "slurm", "--jobs", "4",
@@ -236,45 +230,46 @@ def _slurm_cmd(workdir: Path, *config: str) -> list[str]:
         "--slurm-init-seconds-before-status-checks", "1", "--config", *config)]
 
 
-@pytest.fixture(scope="module")
-def slurm_runs(cluster, request, tmp_path_factory):
-    """The SLURM runs (and, if no shared local tiny run exists, the local one), at once."""
-    runs = {"ok": tmp_path_factory.mktemp("slurm-tiny"),
+def start_runs(tmp_path_factory) -> BackgroundRuns:
+    """Start the cluster, then on it the two runs (module docstring); returns at once."""
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    work = {"ok": tmp_path_factory.mktemp("slurm-tiny"),
             "fail": tmp_path_factory.mktemp("slurm-fail")}
-    procs = {
-        "ok": _slurm_cmd(runs["ok"], "experiment=tiny", f"overrides=[{SHARDS}]"),
-        "fail": _slurm_cmd(runs["fail"], "experiment=tiny",
+    commands = {
+        "ok": _slurm_cmd(work["ok"], "experiment=tiny", f"overrides=[{SHARDS}]"),
+        "fail": _slurm_cmd(work["fail"], "experiment=tiny",
                            "overrides=[model.family=no_such_family]"),
     }
-    try:   # the session's local tiny run, where a conftest shares it
-        local = request.getfixturevalue("tiny_run")["work"]
-    except pytest.FixtureLookupError:
-        local = tmp_path_factory.mktemp("local-tiny")
-        procs["local"] = ["timeout", "-s", "KILL", "900", *snakemake_cmd(
-            local, "--cores", "2", "--config", "experiment=tiny")]
-    out = {"local": local}
-    t0 = time.time()
-    started = {}
-    for name, cmd in procs.items():
-        log = open(tmp_path_factory.getbasetemp() / f"slurm-{name}.log", "w")
-        started[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          text=True, env=cluster.env(workflow_env())), log)
-    ended = {}
-    while len(ended) < len(started):
-        for name, (proc, _) in started.items():
-            if name not in ended and proc.poll() is not None:
-                ended[name] = time.time() - t0
-        time.sleep(0.5)
-    for name, (proc, log) in started.items():
-        log.close()
-        out[name] = {"rc": proc.returncode, "elapsed": ended[name], "work": runs.get(name, local),
-                     "output": Path(log.name).read_text(errors="replace")}
-    out["total_s"] = time.time() - t0
-    if "local" in started and out["local"]["rc"] != 0:
-        pytest.fail(f"the local tiny run failed:\n{out['local']['output'][-5000:]}")
-    out["local"] = local
-    print(f"\nSLURM runs: ok {out['ok']['elapsed']:.0f} s, fail {out['fail']['elapsed']:.0f} s, "
-          f"all {out['total_s']:.0f} s")
+    return BackgroundRuns(cluster, cluster.root, commands, cluster.env(workflow_env()),
+                          work).start()
+
+
+@pytest.fixture(scope="module")
+def background(request, tmp_path_factory):
+    """The cluster and its runs: started by tests/conftest.py at collection, else now."""
+    _require_slurm()
+    runs = request.config.stash.get(SLURM_RUNS, None)
+    if isinstance(runs, BaseException):
+        raise runs
+    runs = runs or start_runs(tmp_path_factory)
+    yield runs
+    runs.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(background):
+    return background.cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(background, tiny_run):
+    """The SLURM runs once ended, and the session's local tiny run (run meanwhile if it was
+    not yet)."""
+    out = background.wait()
+    out["local"] = tiny_run["work"]
+    print(f"\nSLURM runs: ok {out['ok']['elapsed']:.0f} s, fail {out['fail']['elapsed']:.0f} s "
+          "after their start")
     return out
 
 
