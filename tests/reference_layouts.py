@@ -138,15 +138,16 @@ def mlm_chosen(seed, sample_id, ids, eligible, prob):
 
 
 def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special=(),
-                    mask_token_id=None):
+                    mask_token_id=None, dtype=torch.float64):
     """{sample_id: {param: float64 grad}}; ``kind``: causal_lm | masked_lm | pair_cosine |
-    image_classification. Text samples run PADDED with their attention mask."""
-    m = copy.deepcopy(model).double().eval()
+    image_classification. Text samples run PADDED with their attention mask. ``dtype``:
+    float32 only for families whose code cannot run in float64."""
+    m = copy.deepcopy(model).to(dtype).eval()
     out = {}
     for k, sid in enumerate(batch["sample_ids"]):
         m.zero_grad(set_to_none=True)
         if kind == "image_classification":
-            logits = m(pixel_values=batch["pixel_values"][k:k + 1].double()).logits
+            logits = m(pixel_values=batch["pixel_values"][k:k + 1].to(dtype)).logits
             loss = F.cross_entropy(logits, batch["labels"][k:k + 1])
         elif kind == "causal_lm":
             logits = m(input_ids=batch["input_ids"][k:k + 1],
@@ -181,7 +182,7 @@ def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special
         else:
             raise ValueError(kind)
         loss.backward()
-        out[sid] = _grads(m)
+        out[sid] = {n: g.double() for n, g in _grads(m).items()}
     return out
 
 
@@ -341,9 +342,12 @@ def brute_scores_indexed(idx, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
                         fisher, epsilon, ridge_lambda)
 
 
-def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
+def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
+                     ref_dtype=torch.float64):
     """Largest |engine - float64 brute force| / max |brute| over the four blocks of the
-    default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family."""
+    default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family
+    (``ref_dtype`` float32: the gradients of the brute force in float32, for families
+    whose code cannot run in float64; the loops stay float64)."""
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.gradients import OBJECTIVES, FisherCollector, default_objective
     from interference.scores import QKOVInterferenceMetric
@@ -374,7 +378,8 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
     if kind == "masked_lm":
         extra = dict(seed=obj.seed, mlm_probability=obj.mlm_probability,
                      special=tuple(obj.special_token_ids), mask_token_id=obj.mask_token_id)
-    ref = {k: brute_grads_any(kind, model, b, **extra) for k, b in batches.items()}
+    ref = {k: brute_grads_any(kind, model, b, dtype=ref_dtype, **extra)
+           for k, b in batches.items()}
     Fa, Fb = fisher_mean(ref[("a", "fisher")]), fisher_mean(ref[("b", "fisher")])
     pooled = {n: (Fa[n] + Fb[n]) / 2 for n in Fa}
     heat = QKOVInterferenceMetric(cfg, fc, ridge_lambda=1e-14).compute_heatmap("a", "b")
