@@ -120,7 +120,7 @@ _SHRINK = {   # config attribute -> tiny value (set only where the family's conf
          "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_ffn_dim",
          "encoder_ffn_dim", "max_position_embeddings", "n_positions", "max_seq_len",
          "expert_intermediate_size"),
-    128: ("vocab_size",),
+    128: ("vocab_size", "vocab_size_per_layer_input"),   # Gemma 4 per-layer embeddings
     16: ("image_size",),
 }
 _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 heads x 16);

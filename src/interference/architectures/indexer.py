@@ -188,7 +188,8 @@ class QKOVIndexer:
     # -- construction -----------------------------------------------------------------
     def _build_entry(self, layer: int, block: str, offset: int) -> BlockEntry:
         try:
-            hs: HeadSlices = self.adapter.slices(self.model, self.config, layer, block)
+            hs: HeadSlices = self.adapter.slices(self.model, self.config.at_layer(layer),
+                                                 layer, block)
         except KeyError:
             raise KeyError(f"Could not find parameter for L{layer} {block}: pattern "
                            f"{self.patterns.get(block)!r} of layout {self.adapter.name!r} "

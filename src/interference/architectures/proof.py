@@ -168,7 +168,7 @@ def default_inputs(model: nn.Module, n_tokens: int = 6, seed: int = 11) -> dict:
 
 
 def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
-    cfg = idx.config
+    cfg = idx.config.at_layer(layer)
     p = cfg.group_size
     want = {h} if block == "Q" else {g for g in range(cfg.num_heads) if g // p == h // p}
     row = cfg.kv_head(h) if block in "KV" else h
@@ -220,7 +220,7 @@ def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_o(model, idx, layer, h, seed) -> None:
-    cfg = idx.config
+    cfg = idx.config.at_layer(layer)
     H, dv = cfg.num_heads, cfg.v_head_dim
     o_mod = model.get_submodule(idx_o_paths(idx)[layer])
     S = idx.head_param_indices(layer, "O", h)
