@@ -183,3 +183,44 @@ def test_shrunk_copy_keeps_the_geometry_and_cuts_the_layers():
     a, b = QKOVConfig.from_model(big), QKOVConfig.from_model(small)
     assert (a.num_heads, a.num_kv_heads, a.head_dim, a.layout) == \
         (b.num_heads, b.num_kv_heads, b.head_dim, b.layout)
+
+
+def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, monkeypatch):
+    """``model.attention_stack`` (conf/model) reaches the model stage (QKOVConfig and the
+    proof on first contact, model.json) and the collect stage's rebuilt config: a tiny BART
+    run with 'encoder' maps the encoder's self-attention, the default its decoder's."""
+    import contextlib
+    import json
+    from types import SimpleNamespace
+
+    from interference import data, models
+    from interference.architectures import QKOVIndexer
+    from qkov_pipeline.stages import gradients, model as model_stage
+
+    bart, _ = tiny_auto_model("bart")
+    monkeypatch.setattr(models, "build_from_config", lambda mcfg: (bart, None))
+    monkeypatch.setattr(models, "save_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(models, "load_prepared", lambda *a, **k: (bart, None))
+    monkeypatch.setattr(data, "load_task_batches", lambda *a, **k: ({}, None, {}))
+    monkeypatch.setattr(gradients, "set_threads", lambda *a, **k: 1)
+    monkeypatch.setattr(gradients, "choose_device", lambda *a, **k: ("cpu", "cpu"))
+    for stack, side in (("encoder", "encoder"), (None, "decoder")):
+        mcfg = {"name": "bart", "source": "tiny", "attention_stack": stack}
+        out = tmp_path / str(stack) / "model.json"
+        out.parent.mkdir()
+        job = SimpleNamespace(slice={"model": mcfg}, output=SimpleNamespace(manifest=str(out)),
+                              timed=lambda name: contextlib.nullcontext(), config_hash="h",
+                              metric=lambda *a: None, artifact=lambda *a: None)
+        model_stage.run(job)
+        info = json.loads(out.read_text())
+        assert info["qkov_config"]["extra"].get("attention_stack") == stack
+        assert info["layout_proof"]["observables"] == "probs+context"
+        stored = QKOVIndexer(bart, QKOVConfig(**info["qkov_config"]))
+        (name,) = stored.head_param_indices(1, "Q", 0)
+        assert name == f"model.{side}.layers.1.self_attn.q_proj.weight"
+        job = SimpleNamespace(slice={"data": {"model": mcfg}}, held_locks=[],
+                              input=SimpleNamespace(model=str(out), data=str(out)),
+                              timed=lambda name: contextlib.nullcontext())
+        qcfg, idx = gradients.load_inputs(job, {}, 0)[3:5]
+        assert qcfg.to_dict() == info["qkov_config"]
+        assert list(idx.head_param_indices(1, "Q", 0)) == [name]
