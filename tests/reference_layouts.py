@@ -304,16 +304,16 @@ class LegacyViTForImageClassification(nn.Module):
 # ----------------------------------------------------------------------------------------
 # any family (the coverage sweep): slices from a PROVEN indexer, everything else by hand
 # ----------------------------------------------------------------------------------------
-def text_batch(n, T_len, seed, prefix, vocab):
+def text_batch(n, T_len, seed, prefix, vocab, pad=0):
     """Right-padded batch: sample k keeps T_len - 2·(k % 3) tokens drawn from [4, vocab)
-    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id 0, labels -100
-    at padding."""
+    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id ``pad`` (the
+    model's pad token: mBART finds its decoder start by it), labels -100 at padding."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, min(int(vocab), 97), (n, T_len), generator=g)
     mask = torch.ones(n, T_len, dtype=torch.long)
     for k in range(n):
         keep = T_len - (k % 3) * 2
-        mask[k, keep:], ids[k, keep:] = 0, 0
+        mask[k, keep:], ids[k, keep:] = 0, pad
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
@@ -364,7 +364,8 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
     def make(n, seed, prefix):
         if kind == "image_classification":
             return image_batch(model, n, seed, prefix)
-        b = text_batch(n, 8, seed, prefix, vocab)
+        pad = getattr(model.config, "pad_token_id", None)
+        b = text_batch(n, 8, seed, prefix, vocab, pad if isinstance(pad, int) else 0)
         if kind == "masked_lm":
             del b["labels"]   # labels in the batch would mean "already masked by the data"
         return b

@@ -341,7 +341,7 @@ def float64_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Mod
     return probe.to(dtype).eval()
 
 
-SHARPEN = 4.0   # Q and K scale of the one retry when changes were too small to tell
+SHARPEN, RETRIES = 4.0, 3   # Q and K scale per retry when changes were too small to tell
 
 
 def _sharpen(model: nn.Module, idx: QKOVIndexer, factor: float) -> None:
@@ -360,16 +360,17 @@ def _sharpen(model: nn.Module, idx: QKOVIndexer, factor: float) -> None:
 
 
 def _prove_or_sharpen(probe: nn.Module, config, heads) -> dict:
-    """``prove_layout``; when it fails only because an expected change was too small to
-    tell (near-uniform attention of small random weights), once more with the Q and K
-    rows scaled by ``SHARPEN``."""
-    try:
-        return prove_layout(probe, config, heads=heads)
-    except LayoutProofError as err:
-        if not err.too_small:
-            raise
-    _sharpen(probe, QKOVIndexer(probe, config), SHARPEN)
-    return {**prove_layout(probe, config, heads=heads), "sharpened": SHARPEN}
+    """``prove_layout``; while it fails only because an expected change was too small to
+    tell (near-uniform attention of small random weights), up to ``RETRIES`` times more,
+    each with the Q and K rows scaled by ``SHARPEN`` again (logits x 16 per retry)."""
+    for retry in range(RETRIES + 1):
+        try:
+            out = prove_layout(probe, config, heads=heads)
+            return {**out, "sharpened": SHARPEN ** retry} if retry else out
+        except LayoutProofError as err:
+            if not err.too_small or retry == RETRIES:
+                raise
+        _sharpen(probe, QKOVIndexer(probe, config), SHARPEN)
 
 
 def prove_copy(model: nn.Module, config: QKOVConfig | None = None,
