@@ -8,7 +8,8 @@ the attention modules itself:
    ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
 2. the layer id is the first integer of that parent's path; the attention modules must form
    ONE stack, one per layer; an encoder-decoder maps one of its stacks (``choose_stack``:
-   the decoder's self-attention by default, or the encoder or the cross-attention), a
+   the decoder's self-attention by default, or the encoder or the cross-attention); a
+   vision / audio tower of a model that reads token ids is left out (``text_stacks``); a
    second tower or hierarchical stages are refused, never mixed;
 3. the output projection is the parent's child with an output name (``o_proj``,
    ``out_proj``, ``dense``, ``c_proj``, ``wo``, ...) or, BERT-style, ``output.dense`` next to
@@ -47,6 +48,24 @@ PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
 STACKS = ("decoder_self", "encoder", "decoder_cross")
 CROSS_MARKS = ("encoder_attn", "cross", "encdecattention")
+
+
+TOWER_MARKS = ("vision", "image", "img", "visual", "audio", "speech", "video")
+
+
+def in_tower(path: str) -> bool:
+    """True for a module path inside a vision / audio tower (GIT's ``image_encoder``,
+    Phi-4-multimodal's ``img_processor``): not the text stack of a text model."""
+    return any(m in part.lower() for part in path.split(".") for m in TOWER_MARKS)
+
+
+def text_stacks(model: nn.Module, paths: list[str]) -> list[str]:
+    """``paths`` without those in a vision / audio tower when the model reads token ids
+    and some path is outside every tower; else ``paths`` unchanged."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return paths
+    outside = [p for p in paths if not in_tower(p)]
+    return outside or paths
 
 
 def stack_role(stack: str) -> str | None:
@@ -161,7 +180,8 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
         raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
-    stacks = [choose_stack(sorted({f["stack"] for f in found}), attention_stack)]
+    stacks = [choose_stack(text_stacks(model, sorted({f["stack"] for f in found})),
+                           attention_stack)]
     found = [f for f in found if f["stack"] == stacks[0]]
     layers = [f["layer"] for f in found]
     if len(set(layers)) != len(layers):
