@@ -210,6 +210,25 @@ def test_proof_tolerances_catch_a_misread_layout_in_float32_and_after_sharpening
             del LAYOUTS["kv_swapped"]
 
 
+def test_a_norm_over_all_heads_before_o_is_divided_out_but_a_misread_is_not():
+    """BitNet normalises the whole context before o_proj, so a changed head rescales every
+    other head's O input by one factor per token: the proof divides that factor out and
+    passes; K and V read from each other's modules still fail."""
+    from interference.architectures.proof import prove_copy
+
+    bitnet, _ = tiny_auto_model("bitnet")
+    assert prove_copy(bitnet)["observables"] == "probs+context"
+    good = QKOVConfig.from_model(bitnet)
+    pats = dict(LAYOUTS["llama"].patterns)
+    LAYOUTS["kv_swapped"] = LAYOUTS["llama"].with_patterns(
+        "kv_swapped", {**pats, "K": pats["V"], "V": pats["K"]})
+    try:
+        with pytest.raises(LayoutProofError, match=r"L1 K head 0: expected"):
+            prove_copy(bitnet, QKOVConfig(**{**good.to_dict(), "layout": "kv_swapped"}))
+    finally:
+        del LAYOUTS["kv_swapped"]
+
+
 def test_rotation_moves_every_head_size_and_keeps_the_ones_vector():
     from interference.architectures.proof import _rotation
 

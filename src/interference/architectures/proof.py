@@ -102,6 +102,13 @@ def _attentions(out, o_path: str):
     return att
 
 
+def _are_probabilities(a) -> bool:
+    """True for attention probabilities [1, H, T, T'] whose rows sum to 1 (YOSO returns
+    its context as 'attentions': not probabilities, so not observed)."""
+    return (isinstance(a, torch.Tensor) and a.dim() == 4 and
+            bool(torch.allclose(a.sum(-1), torch.ones((), dtype=a.dtype), atol=1e-3)))
+
+
 def _forward(model, inputs, o_paths):
     """(attention probabilities {layer: [H, T, T]} or None, O inputs {layer: [T, H·d_v]}).
 
@@ -129,7 +136,7 @@ def _forward(model, inputs, o_paths):
         for h in hooks:
             h.remove()
     probs = None   # layer id -> [H, T, T]; None when not returned one per attention call
-    if att and all(a is not None for a in att):
+    if att and all(_are_probabilities(a) for a in att):
         if len(att) == len(o_paths):
             probs = {l: a[0] for l, a in zip(sorted(o_paths), att)}
         elif len(att) == len(order):   # one per application: the first one's
@@ -167,6 +174,23 @@ def default_inputs(model: nn.Module, n_tokens: int = 6, seed: int = 11) -> dict:
                                        generator=g)}
 
 
+def _common_scale_out(new: torch.Tensor, old: torch.Tensor, want: set[int]) -> torch.Tensor:
+    """``new`` [H, T, d_v] divided by one factor per token when that factor alone explains
+    every head outside ``want`` (a norm over all heads' context before O, BitNet's
+    attn_sub_norm: a changed head rescales the others); else ``new`` unchanged. A head that
+    really moved outside ``want`` leaves a residual, so nothing is divided out."""
+    others = [g for g in range(new.shape[0]) if g not in want]
+    if not others:
+        return new
+    zero = TOLERANCES.get(old.dtype, TOLERANCES[torch.float64])[0]
+    a, b = new[others], old[others]
+    scale = (a * b).sum((0, 2)) / (b * b).sum((0, 2)).clamp_min(1e-300)     # [T]
+    residual = (a - scale[None, :, None] * b).abs().max() / (old.abs().max() + 1e-300)
+    if residual <= zero and bool(((scale - 1).abs() > zero).any()):
+        return new / scale[None, :, None]
+    return new
+
+
 def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
     cfg = idx.config.at_layer(layer)
     p = cfg.group_size
@@ -184,7 +208,8 @@ def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
     for lower in (l for l in ctx0 if l < layer):
         if not torch.equal(ctx[lower], ctx0[lower]):
             seen["earlier layer"] = f"L{lower} changed"
-    got_ctx = _moved(chunks(ctx[layer]), chunks(ctx0[layer]), where + " context")
+    new, old = chunks(ctx[layer]), chunks(ctx0[layer])
+    got_ctx = _moved(_common_scale_out(new, old, want), old, where + " context")
     if got_ctx != want:
         seen["context heads changed"] = sorted(got_ctx)
     if probs0 is not None:
