@@ -34,15 +34,15 @@ import torch.nn as nn
 from .registry import AttentionLayout, HeadSlices, _is_conv1d
 
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "q_linear", "to_q",
-           "project_q")
+           "project_q", "q_head")
 K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "key_proj", "k_linear", "to_k",
-           "project_k")
+           "project_k", "k_head")
 V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "value_proj", "v_linear", "to_v",
-           "project_v")
+           "project_v", "v_head")
 QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "qkv_linear",
              "to_qkv", "in_proj")
 O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", "proj", "out",
-           "o_linear", "to_out", "output", "attention_out")
+           "o_linear", "to_out", "output", "attention_out", "post_proj")
 O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
 PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
@@ -92,11 +92,11 @@ def choose_stack(stacks: list[str], attention_stack: str | None = None) -> str:
     by_role = {r: [s for s in stacks if roles[s] == r] for r in STACKS}
     if len(stacks) == 1 and attention_stack is None:
         return stacks[0]
-    if None in roles.values() or any(len(v) > 1 for v in by_role.values()):
+    want = attention_stack or ("decoder_self" if by_role["decoder_self"] else "encoder")
+    if None in roles.values() or len(by_role[want]) > 1:
         raise LayoutNotFound(f"{len(stacks)} attention stacks {stacks} (not one encoder / "
                              "decoder self-attention / cross-attention each: a second tower "
                              "or hierarchical stages): their heads would be mixed")
-    want = attention_stack or ("decoder_self" if by_role["decoder_self"] else "encoder")
     if not by_role[want]:
         raise LayoutNotFound(f"attention_stack {want!r} asked, but the stacks are {stacks}")
     return by_role[want][0]
