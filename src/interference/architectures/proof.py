@@ -184,7 +184,8 @@ def _common_scale_out(new: torch.Tensor, old: torch.Tensor, want: set[int]) -> t
         return new
     zero = TOLERANCES.get(old.dtype, TOLERANCES[torch.float64])[0]
     a, b = new[others], old[others]
-    scale = (a * b).sum((0, 2)) / (b * b).sum((0, 2)).clamp_min(1e-300)     # [T]
+    den = (b * b).sum((0, 2))
+    scale = torch.where(den > 0, (a * b).sum((0, 2)) / den.clamp_min(1e-300), 1.0)   # [T]
     residual = (a - scale[None, :, None] * b).abs().max() / (old.abs().max() + 1e-300)
     if residual <= zero and bool(((scale - 1).abs() > zero).any()):
         return new / scale[None, :, None]
