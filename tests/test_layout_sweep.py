@@ -229,6 +229,23 @@ def test_a_norm_over_all_heads_before_o_is_divided_out_but_a_misread_is_not():
         del LAYOUTS["kv_swapped"]
 
 
+def test_a_common_factor_is_divided_out_only_when_it_explains_every_other_head():
+    from interference.architectures.proof import _common_scale_out
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    old[1:, 2] = 0.0                       # a token with no context outside head 0
+    factor = 1 + torch.rand(5, generator=g, dtype=torch.float64)
+    new = old * factor[None, :, None]
+    new[0] += torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out = _common_scale_out(new, old, {0})
+    assert torch.isfinite(out).all() and torch.allclose(out[1:], old[1:], atol=1e-12)
+    assert (out[0] - old[0]).abs().max() > 0.1
+    moved = new.clone()
+    moved[2, 1] += 0.5                     # head 2 really moved: nothing is divided out
+    assert torch.equal(_common_scale_out(moved, old, {0}), moved)
+
+
 def test_rotation_moves_every_head_size_and_keeps_the_ones_vector():
     from interference.architectures.proof import _rotation
 
