@@ -9,7 +9,7 @@ then the generic discovery), ``prove_layout`` on a float64 copy (every head of t
 layer) and ``heatmap_vs_brute`` (tests/reference_layouts.py: the engine's default heatmap
 against per-sample float64 autograd and explicit loops, relative error <= 1e-5).
 
-Usage (1.5 min alone, about 5 min beside other jobs, on 2 cores; HF_HUB_OFFLINE=1 is forced):
+Usage (about 2 min alone, 5.5 min at load average 12, on 2 cores; HF_HUB_OFFLINE=1 is forced):
     python scripts/sweep_architectures.py [--families gptj mpt ...] [--json out.json]
                                           [--doc docs/architectures.md]
 """
@@ -192,7 +192,7 @@ def table(rows: list[dict], version: str, seconds: float) -> str:
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     lines = [BEGIN, "", f"transformers {version}; {len(rows)} families; sweep time "
-             f"{seconds:.0f} s wall on 2 shared cores "
+             f"{seconds:.0f} s wall on 2 shared cores, load average {os.getloadavg()[1]:.0f} "
              f"(`python scripts/sweep_architectures.py`).", "",
              f"**Proven: {len(proven)} of {len(per_head)} families whose attention has "
              f"per-head q/k/v/o projections ({100 * len(proven) / max(1, len(per_head)):.0f} %)**"
