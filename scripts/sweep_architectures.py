@@ -9,7 +9,7 @@ then the generic discovery), ``prove_layout`` on a float64 copy (every head of t
 layer) and ``heatmap_vs_brute`` (tests/reference_layouts.py: the engine's default heatmap
 against per-sample float64 autograd and explicit loops, relative error <= 1e-5).
 
-Usage (about 2 min alone, 5.5 min at load average 12, on 2 cores; HF_HUB_OFFLINE=1 is forced):
+Usage (about 2 min alone, 5.5 min at load average 8-12, on 2 cores; HF_HUB_OFFLINE=1 is forced):
     python scripts/sweep_architectures.py [--families gptj mpt ...] [--json out.json]
                                           [--doc docs/architectures.md]
 """
