@@ -138,15 +138,16 @@ def mlm_chosen(seed, sample_id, ids, eligible, prob):
 
 
 def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special=(),
-                    mask_token_id=None):
+                    mask_token_id=None, dtype=torch.float64):
     """{sample_id: {param: float64 grad}}; ``kind``: causal_lm | masked_lm | pair_cosine |
-    image_classification. Text samples run PADDED with their attention mask."""
-    m = copy.deepcopy(model).double().eval()
+    image_classification. Text samples run PADDED with their attention mask. ``dtype``:
+    float32 only for families whose code cannot run in float64."""
+    m = copy.deepcopy(model).to(dtype).eval()
     out = {}
     for k, sid in enumerate(batch["sample_ids"]):
         m.zero_grad(set_to_none=True)
         if kind == "image_classification":
-            logits = m(pixel_values=batch["pixel_values"][k:k + 1].double()).logits
+            logits = m(pixel_values=batch["pixel_values"][k:k + 1].to(dtype)).logits
             loss = F.cross_entropy(logits, batch["labels"][k:k + 1])
         elif kind == "causal_lm":
             logits = m(input_ids=batch["input_ids"][k:k + 1],
@@ -181,7 +182,7 @@ def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special
         else:
             raise ValueError(kind)
         loss.backward()
-        out[sid] = _grads(m)
+        out[sid] = {n: g.double() for n, g in _grads(m).items()}
     return out
 
 
@@ -303,16 +304,16 @@ class LegacyViTForImageClassification(nn.Module):
 # ----------------------------------------------------------------------------------------
 # any family (the coverage sweep): slices from a PROVEN indexer, everything else by hand
 # ----------------------------------------------------------------------------------------
-def text_batch(n, T_len, seed, prefix, vocab):
+def text_batch(n, T_len, seed, prefix, vocab, pad=0):
     """Right-padded batch: sample k keeps T_len - 2·(k % 3) tokens drawn from [4, vocab)
-    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id 0, labels -100
-    at padding."""
+    (capped at 97; ids 0-3 are the tiny configs' special tokens); padding id ``pad`` (the
+    model's pad token: mBART finds its decoder start by it), labels -100 at padding."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, min(int(vocab), 97), (n, T_len), generator=g)
     mask = torch.ones(n, T_len, dtype=torch.long)
     for k in range(n):
         keep = T_len - (k % 3) * 2
-        mask[k, keep:], ids[k, keep:] = 0, 0
+        mask[k, keep:], ids[k, keep:] = 0, pad
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
@@ -341,9 +342,12 @@ def brute_scores_indexed(idx, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
                         fisher, epsilon, ridge_lambda)
 
 
-def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
+def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
+                     ref_dtype=torch.float64):
     """Largest |engine - float64 brute force| / max |brute| over the four blocks of the
-    default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family."""
+    default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family
+    (``ref_dtype`` float32: the gradients of the brute force in float32, for families
+    whose code cannot run in float64; the loops stay float64)."""
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.gradients import OBJECTIVES, FisherCollector, default_objective
     from interference.scores import QKOVInterferenceMetric
@@ -360,7 +364,8 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
     def make(n, seed, prefix):
         if kind == "image_classification":
             return image_batch(model, n, seed, prefix)
-        b = text_batch(n, 8, seed, prefix, vocab)
+        pad = getattr(model.config, "pad_token_id", None)
+        b = text_batch(n, 8, seed, prefix, vocab, pad if isinstance(pad, int) else 0)
         if kind == "masked_lm":
             del b["labels"]   # labels in the batch would mean "already masked by the data"
         return b
@@ -374,7 +379,8 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2):
     if kind == "masked_lm":
         extra = dict(seed=obj.seed, mlm_probability=obj.mlm_probability,
                      special=tuple(obj.special_token_ids), mask_token_id=obj.mask_token_id)
-    ref = {k: brute_grads_any(kind, model, b, **extra) for k, b in batches.items()}
+    ref = {k: brute_grads_any(kind, model, b, dtype=ref_dtype, **extra)
+           for k, b in batches.items()}
     Fa, Fb = fisher_mean(ref[("a", "fisher")]), fisher_mean(ref[("b", "fisher")])
     pooled = {n: (Fa[n] + Fb[n]) / 2 for n in Fa}
     heat = QKOVInterferenceMetric(cfg, fc, ridge_lambda=1e-14).compute_heatmap("a", "b")

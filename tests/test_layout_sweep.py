@@ -157,7 +157,7 @@ def test_a_gated_query_read_as_plain_llama_is_refused():
 
 
 def test_unprovable_models_are_refused_with_the_family_and_the_reason():
-    """No attention (Mamba) and shared weights across layers (ALBERT) are refused."""
+    """No attention (Mamba) is refused; KV heads that differ between layers (MiMo-V2) too."""
     mamba = T.MambaForCausalLM(T.MambaConfig(num_hidden_layers=1, hidden_size=16,
                                              vocab_size=50))
     with pytest.raises(KeyError) as err:
@@ -165,9 +165,133 @@ def test_unprovable_models_are_refused_with_the_family_and_the_reason():
     msg = str(err.value)
     assert "model_type 'mamba'" in msg and "Generic discovery: no module with query/key/value" \
         in msg and "register_layout" in msg
-    albert, _ = tiny_auto_model("albert")
-    with pytest.raises(LayoutProofError, match="weights shared across layers"):
-        prove_layout(float64_copy(albert))
+    mimo, _ = tiny_auto_model("mimo_v2_flash")
+    with pytest.raises(ValueError, match="KV heads or widths differ between layers"):
+        QKOVConfig.from_model(mimo)
+
+
+def test_weights_shared_across_layers_are_one_layer_proven_at_first_application():
+    """ALBERT applies one attention module at every depth: it is mapped as one layer (its
+    parameters), proven on the module's first application (after the sharpened retry:
+    near-uniform attention of the tiny random model), and its heatmap matches the brute
+    force."""
+    from interference.architectures.proof import prove_copy
+
+    albert, kind = tiny_auto_model("albert")
+    assert albert.config.num_hidden_layers == 2
+    cfg = QKOVConfig.from_model(albert)
+    assert cfg.num_layers == 1
+    proof = prove_copy(albert)
+    assert proof["observables"] == "probs+context" and proof["dtype"] == "float64"
+    assert heatmap_vs_brute(albert, kind, n_fisher=2, n_scored=2) <= 1e-5
+
+
+def test_proof_tolerances_catch_a_misread_layout_in_float32_and_after_sharpening():
+    """XGLM cannot run in float64 (a float32 mask constant): prove_copy proves it on a
+    float32 copy; K and V read from each other's modules fail there too, and the sharpened
+    retries of MobileBERT (attention too flat to tell) do not rescue K/V swapped either
+    (there the scaled 'K' rows are V's, so the proof still stops)."""
+    from interference.architectures.proof import prove_copy
+
+    xglm, _ = tiny_auto_model("xglm")
+    proof = prove_copy(xglm)
+    assert proof["dtype"] == "float32" and "overflow" in proof["float64_error"]
+    for family, model in (("xglm", xglm), ("mobilebert", tiny_auto_model("mobilebert")[0])):
+        good = QKOVConfig.from_model(model)
+        pats = dict(LAYOUTS[good.layout].patterns)
+        LAYOUTS["kv_swapped"] = LAYOUTS[good.layout].with_patterns(
+            "kv_swapped", {**pats, "K": pats["V"], "V": pats["K"]})
+        try:
+            with pytest.raises(LayoutProofError, match="kv_swapped' of .* failed its "
+                               "functional proof"):
+                prove_copy(model, QKOVConfig(**{**good.to_dict(), "layout": "kv_swapped"}),
+                           heads=[0])
+        finally:
+            del LAYOUTS["kv_swapped"]
+
+
+def test_a_norm_over_all_heads_before_o_is_divided_out_but_a_misread_is_not():
+    """BitNet normalises the whole context before o_proj, so a changed head rescales every
+    other head's O input by one factor per token: the proof divides that factor out and
+    passes; K and V read from each other's modules still fail."""
+    from interference.architectures.proof import prove_copy
+
+    bitnet, _ = tiny_auto_model("bitnet")
+    assert prove_copy(bitnet)["observables"] == "probs+context"
+    good = QKOVConfig.from_model(bitnet)
+    pats = dict(LAYOUTS["llama"].patterns)
+    LAYOUTS["kv_swapped"] = LAYOUTS["llama"].with_patterns(
+        "kv_swapped", {**pats, "K": pats["V"], "V": pats["K"]})
+    try:
+        with pytest.raises(LayoutProofError, match=r"L1 K head 0: expected"):
+            prove_copy(bitnet, QKOVConfig(**{**good.to_dict(), "layout": "kv_swapped"}))
+    finally:
+        del LAYOUTS["kv_swapped"]
+
+
+def test_a_common_factor_is_divided_out_only_when_it_explains_every_other_head():
+    from interference.architectures.proof import _common_scale_out
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    old[1:, 2] = 0.0                       # a token with no context outside head 0
+    factor = 1 + torch.rand(5, generator=g, dtype=torch.float64)
+    new = old * factor[None, :, None]
+    new[0] += torch.randn(5, 3, generator=g, dtype=torch.float64)
+    out = _common_scale_out(new, old, {0})
+    assert torch.isfinite(out).all() and torch.allclose(out[1:], old[1:], atol=1e-12)
+    assert (out[0] - old[0]).abs().max() > 0.1
+    moved = new.clone()
+    moved[2, 1] += 0.5                     # head 2 really moved: nothing is divided out
+    assert torch.equal(_common_scale_out(moved, old, {0}), moved)
+
+
+def test_rotation_moves_every_head_size_and_keeps_the_ones_vector():
+    from interference.architectures.proof import _rotation
+
+    for n in (2, 3, 8):
+        R = _rotation(n)
+        ones = torch.ones(n, dtype=torch.float64)
+        assert torch.allclose(R @ R.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(R @ ones, ones, atol=1e-12)
+        assert (R - torch.eye(n, dtype=torch.float64)).abs().max() > 0.3
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(_rotation(2), swap, atol=1e-12)
+
+
+def test_per_layer_head_dims_are_read_from_each_layer():
+    """Gemma 4: full-attention layers have another head_dim than sliding ones (the config
+    refuses a global head_dim); each layer's d_k / d_v come from its own weights, the
+    slices follow them, and the float64 heatmap matches the brute force."""
+    from interference.architectures import QKOVIndexer
+    from interference.architectures.proof import float64_copy, prove_copy
+
+    model, kind = tiny_auto_model("gemma4_text")
+    cfg = QKOVConfig.from_model(model)
+    attn = [model.model.layers[l].self_attn for l in range(2)]
+    d = [a.q_proj.weight.shape[0] // cfg.num_heads for a in attn]
+    assert d[0] != d[1] and cfg.head_dim == d[0]
+    assert cfg.extra["layer_head_dims"] == {"1": [d[1], d[1]]}
+    idx = QKOVIndexer(model, cfg)
+    for l in range(2):
+        (name, ix), = idx.head_param_indices(l, "Q", 3).items()
+        assert name == f"model.layers.{l}.self_attn.q_proj.weight"
+        assert ix.min().item() == 3 * d[l] * cfg.hidden_dim and ix.numel() == d[l] * 32
+        (name, ix), = idx.head_param_indices(l, "O", 3).items()
+        assert sorted({int(i) % (cfg.num_heads * d[l]) for i in ix}) == \
+            list(range(3 * d[l], 4 * d[l]))
+    assert prove_copy(model)["observables"] == "probs+context"
+    assert heatmap_vs_brute(float64_copy(model), kind, n_fisher=2, n_scored=2) <= 1e-5
+
+
+def test_a_vision_tower_of_a_text_model_is_left_out():
+    """GIT (bert-style text stack + a CLIP-style image tower) maps its text stack."""
+    model, _ = tiny_auto_model("git")
+    cfg = QKOVConfig.from_model(model)
+    from interference.architectures import QKOVIndexer
+
+    (name,) = QKOVIndexer(model, cfg).head_param_indices(1, "Q", 0)
+    assert (cfg.layout, name) == ("bert", "git.encoder.layer.1.attention.self.query.weight")
 
 
 def test_shrunk_copy_keeps_the_geometry_and_cuts_the_layers():
@@ -183,3 +307,44 @@ def test_shrunk_copy_keeps_the_geometry_and_cuts_the_layers():
     a, b = QKOVConfig.from_model(big), QKOVConfig.from_model(small)
     assert (a.num_heads, a.num_kv_heads, a.head_dim, a.layout) == \
         (b.num_heads, b.num_kv_heads, b.head_dim, b.layout)
+
+
+def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, monkeypatch):
+    """``model.attention_stack`` (conf/model) reaches the model stage (QKOVConfig and the
+    proof on first contact, model.json) and the collect stage's rebuilt config: a tiny BART
+    run with 'encoder' maps the encoder's self-attention, the default its decoder's."""
+    import contextlib
+    import json
+    from types import SimpleNamespace
+
+    from interference import data, models
+    from interference.architectures import QKOVIndexer
+    from qkov_pipeline.stages import gradients, model as model_stage
+
+    bart, _ = tiny_auto_model("bart")
+    monkeypatch.setattr(models, "build_from_config", lambda mcfg: (bart, None))
+    monkeypatch.setattr(models, "save_prepared", lambda *a, **k: None)
+    monkeypatch.setattr(models, "load_prepared", lambda *a, **k: (bart, None))
+    monkeypatch.setattr(data, "load_task_batches", lambda *a, **k: ({}, None, {}))
+    monkeypatch.setattr(gradients, "set_threads", lambda *a, **k: 1)
+    monkeypatch.setattr(gradients, "choose_device", lambda *a, **k: ("cpu", "cpu"))
+    for stack, side in (("encoder", "encoder"), (None, "decoder")):
+        mcfg = {"name": "bart", "source": "tiny", "attention_stack": stack}
+        out = tmp_path / str(stack) / "model.json"
+        out.parent.mkdir()
+        job = SimpleNamespace(slice={"model": mcfg}, output=SimpleNamespace(manifest=str(out)),
+                              timed=lambda name: contextlib.nullcontext(), config_hash="h",
+                              metric=lambda *a: None, artifact=lambda *a: None)
+        model_stage.run(job)
+        info = json.loads(out.read_text())
+        assert info["qkov_config"]["extra"].get("attention_stack") == stack
+        assert info["layout_proof"]["observables"] == "probs+context"
+        stored = QKOVIndexer(bart, QKOVConfig(**info["qkov_config"]))
+        (name,) = stored.head_param_indices(1, "Q", 0)
+        assert name == f"model.{side}.layers.1.self_attn.q_proj.weight"
+        job = SimpleNamespace(slice={"data": {"model": mcfg}}, held_locks=[],
+                              input=SimpleNamespace(model=str(out), data=str(out)),
+                              timed=lambda name: contextlib.nullcontext())
+        qcfg, idx = gradients.load_inputs(job, {}, 0)[3:5]
+        assert qcfg.to_dict() == info["qkov_config"]
+        assert list(idx.head_param_indices(1, "Q", 0)) == [name]

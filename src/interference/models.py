@@ -399,18 +399,21 @@ def save_prepared(model, tokenizer, out_dir: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
 
 
-def describe(model, tokenizer, include_bias: bool = False, prove: bool = True) -> dict:
+def describe(model, tokenizer, include_bias: bool = False, prove: bool = True,
+             attention_stack: str | None = None) -> dict:
     """model.json: class, QKOVConfig, attention layers and sizes, tokenizer facts (an
     unknown attention layout fails here, with the seed's error). ``prove``: run the
     functional proof of the layout (architectures.proof; a float64 2-layer copy at the
     model's width: about 30 s and 3 GB for a 7B shape); only a caller that needs the sizes
-    alone turns it off, and model.json then says ``layout_proof: null``."""
+    alone turns it off, and model.json then says ``layout_proof: null``.
+    ``attention_stack``: the stack an encoder-decoder maps (QKOVConfig.from_model)."""
     from .architectures import QKOVConfig, QKOVIndexer
     from .architectures.proof import prove_first_contact
 
-    qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    qcfg = QKOVConfig.from_model(model, include_bias=include_bias,
+                                 attention_stack=attention_stack)
     indexer = QKOVIndexer(model, qcfg)
-    proof = prove_first_contact(model, include_bias) if prove else None   # fails loudly
+    proof = prove_first_contact(model, include_bias, attention_stack) if prove else None
     cfg = model.config
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return {"class": type(model).__name__, "qkov_config": qcfg.to_dict(),

@@ -120,7 +120,7 @@ _SHRINK = {   # config attribute -> tiny value (set only where the family's conf
          "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_ffn_dim",
          "encoder_ffn_dim", "max_position_embeddings", "n_positions", "max_seq_len",
          "expert_intermediate_size"),
-    128: ("vocab_size",),
+    128: ("vocab_size", "vocab_size_per_layer_input"),   # Gemma 4 per-layer embeddings
     16: ("image_size",),
 }
 _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 heads x 16);
@@ -209,6 +209,8 @@ def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     cfg._experts_implementation = "eager"
     if kind == "masked_lm" and getattr(cfg, "mask_token_id", None) is None:
         cfg.mask_token_id = int(getattr(cfg, "vocab_size", 128)) - 1
+    if kind == "masked_lm" and "pad_token_id" in cfg.to_dict() and cfg.pad_token_id is None:
+        cfg.pad_token_id = 0   # ESM: position ids are counted from the non-pad tokens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(T, cls_name)(cfg)

@@ -1,7 +1,7 @@
 """QKOVConfig: the attention geometry every downstream stage reads (SPEC section 2)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch.nn as nn
 
@@ -10,7 +10,10 @@ from .._tables import BLOCKS, SHARED_BLOCKS
 
 def _first_attr(cfg, names, default=None):
     for name in names:
-        value = getattr(cfg, name, None)
+        try:
+            value = getattr(cfg, name, None)
+        except Exception:  # noqa: BLE001 - a per-layer attribute (Gemma 4): read per layer
+            value = None
         if value is not None:
             return value
     return default
@@ -24,6 +27,9 @@ class QKOVConfig:
     ``v_head_dim`` is d_v (V, O); ``num_kv_heads`` is H_kv (None means H_kv = H).
     ``layout`` names the registered adapter (None: detect from the modules);
     ``include_bias`` adds Q/K/V biases to the head slices (never the O bias).
+    ``extra['layer_head_dims']`` ({"layer": [d_k, d_v]}) holds the layers whose head
+    dims differ from ``head_dim`` / ``v_head_dim`` (``at_layer``); heads and KV heads are
+    the same in every layer.
     """
 
     num_layers: int
@@ -64,6 +70,15 @@ class QKOVConfig:
     def block_heads(self, block: str) -> int:
         """Number of distinct head slices of a block: H for Q/O, H_kv for K/V."""
         return self.num_kv_heads if block in SHARED_BLOCKS else self.num_heads
+
+    def at_layer(self, layer: int) -> "QKOVConfig":
+        """The geometry of one layer: ``head_dim`` and ``v_head_dim`` from
+        ``extra['layer_head_dims']`` (layer -> [d_k, d_v], where a family's layers differ,
+        e.g. Gemma 4's full-attention layers), else this config."""
+        dims = self.extra.get("layer_head_dims", {}).get(str(layer))
+        if dims is None:
+            return self
+        return replace(self, head_dim=int(dims[0]), v_head_dim=int(dims[1]))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,7 +8,8 @@ the attention modules itself:
    ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
 2. the layer id is the first integer of that parent's path; the attention modules must form
    ONE stack, one per layer; an encoder-decoder maps one of its stacks (``choose_stack``:
-   the decoder's self-attention by default, or the encoder or the cross-attention), a
+   the decoder's self-attention by default, or the encoder or the cross-attention); a
+   vision / audio tower of a model that reads token ids is left out (``text_stacks``); a
    second tower or hierarchical stages are refused, never mixed;
 3. the output projection is the parent's child with an output name (``o_proj``,
    ``out_proj``, ``dense``, ``c_proj``, ``wo``, ...) or, BERT-style, ``output.dense`` next to
@@ -33,20 +34,38 @@ import torch.nn as nn
 from .registry import AttentionLayout, HeadSlices, _is_conv1d
 
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "q_linear", "to_q",
-           "project_q")
+           "project_q", "q_head")
 K_NAMES = ("k_proj", "key", "k", "wk", "Wk", "k_lin", "key_proj", "k_linear", "to_k",
-           "project_k")
+           "project_k", "k_head")
 V_NAMES = ("v_proj", "value", "v", "wv", "Wv", "v_lin", "value_proj", "v_linear", "to_v",
-           "project_v")
+           "project_v", "v_head")
 QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "qkv_linear",
              "to_qkv", "in_proj")
 O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", "proj", "out",
-           "o_linear", "to_out", "output", "attention_out")
+           "o_linear", "to_out", "output", "attention_out", "post_proj")
 O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
 PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
 STACKS = ("decoder_self", "encoder", "decoder_cross")
 CROSS_MARKS = ("encoder_attn", "cross", "encdecattention")
+
+
+TOWER_MARKS = ("vision", "image", "img", "visual", "audio", "speech", "video")
+
+
+def in_tower(path: str) -> bool:
+    """True for a module path inside a vision / audio tower (GIT's ``image_encoder``,
+    Phi-4-multimodal's ``img_processor``): not the text stack of a text model."""
+    return any(m in part.lower() for part in path.split(".") for m in TOWER_MARKS)
+
+
+def text_stacks(model: nn.Module, paths: list[str]) -> list[str]:
+    """``paths`` without those in a vision / audio tower when the model reads token ids
+    and some path is outside every tower; else ``paths`` unchanged."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return paths
+    outside = [p for p in paths if not in_tower(p)]
+    return outside or paths
 
 
 def stack_role(stack: str) -> str | None:
@@ -73,11 +92,11 @@ def choose_stack(stacks: list[str], attention_stack: str | None = None) -> str:
     by_role = {r: [s for s in stacks if roles[s] == r] for r in STACKS}
     if len(stacks) == 1 and attention_stack is None:
         return stacks[0]
-    if None in roles.values() or any(len(v) > 1 for v in by_role.values()):
+    want = attention_stack or ("decoder_self" if by_role["decoder_self"] else "encoder")
+    if None in roles.values() or len(by_role[want]) > 1:
         raise LayoutNotFound(f"{len(stacks)} attention stacks {stacks} (not one encoder / "
                              "decoder self-attention / cross-attention each: a second tower "
                              "or hierarchical stages): their heads would be mixed")
-    want = attention_stack or ("decoder_self" if by_role["decoder_self"] else "encoder")
     if not by_role[want]:
         raise LayoutNotFound(f"attention_stack {want!r} asked, but the stacks are {stacks}")
     return by_role[want][0]
@@ -161,7 +180,8 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
         raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
-    stacks = [choose_stack(sorted({f["stack"] for f in found}), attention_stack)]
+    stacks = [choose_stack(text_stacks(model, sorted({f["stack"] for f in found})),
+                           attention_stack)]
     found = [f for f in found if f["stack"] == stacks[0]]
     layers = [f["layer"] for f in found]
     if len(set(layers)) != len(layers):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import BLOCKS, SHARED_BLOCKS, QKOVConfig
-from .generic import LayoutNotFound, discover
+from .generic import LayoutNotFound, discover, text_stacks
 from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout
 
 logger = logging.getLogger("fisher.qkov")
@@ -46,7 +46,8 @@ def candidate_layouts(pattern_table: dict[str, dict[str, str]] | None = None
 def detect_layout(model: nn.Module, layout: str | None = None,
                   pattern_table: dict[str, dict[str, str]] | None = None,
                   attention_stack: str | None = None) -> AttentionLayout:
-    """Pick the adapter whose patterns match the model's modules (``layout`` forces one);
+    """Pick the adapter whose patterns match the model's modules (``layout`` forces one;
+    of several, the one outside a vision / audio tower of a text model);
     when no registered adapter matches, the generic discovery (``generic.discover``, which
     maps the ``attention_stack`` of an encoder-decoder)."""
     candidates = candidate_layouts(pattern_table)
@@ -64,6 +65,10 @@ def detect_layout(model: nn.Module, layout: str | None = None,
                              f"{sorted(a.name for a in candidates)}. {REGISTER_HINT}")
         return named[0]
     hits = [a for a in candidates if a.matches(model) and a.extra_match(model)]
+    if len(hits) > 1:   # a text model with a vision / audio tower: the text stack's adapter
+        first = {a.name: min(a.modules_by_layer(model, "Q").items())[1] for a in hits}
+        keep = text_stacks(model, list(first.values()))
+        hits = [a for a in hits if first[a.name] in keep]
     if not hits:
         return _generic_or_raise(model, candidates)
     if len(hits) > 1:
@@ -198,7 +203,8 @@ class QKOVIndexer:
     # -- construction -----------------------------------------------------------------
     def _build_entry(self, layer: int, block: str, offset: int) -> BlockEntry:
         try:
-            hs: HeadSlices = self.adapter.slices(self.model, self.config, layer, block)
+            hs: HeadSlices = self.adapter.slices(self.model, self.config.at_layer(layer),
+                                                 layer, block)
         except KeyError:
             raise KeyError(f"Could not find parameter for L{layer} {block}: pattern "
                            f"{self.patterns.get(block)!r} of layout {self.adapter.name!r} "

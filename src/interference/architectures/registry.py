@@ -182,14 +182,31 @@ class AttentionLayout:
         layers = self.modules_by_layer(model, "Q")
         fused = len({self.modules_by_layer(model, b)[min(layers)] for b in ("Q", "K", "V")}) == 1
         first = dict(model.named_modules())[layers[min(layers)]]
+        extra = {}
         if not fused and self.fit_geometry:
-            g = _fit_split_geometry(g, {b: model.get_submodule(
-                self.modules_by_layer(model, b)[min(layers)]) for b in BLOCKS})
+            g, extra = self._fit_layers(model, g, sorted(layers))
         return QKOVConfig(
             num_layers=len(layers), num_heads=g["num_heads"], head_dim=g["head_dim"],
             v_head_dim=g.get("v_head_dim", g["head_dim"]), hidden_dim=g["hidden_dim"],
             fused_qkv=fused, fused_qkv_transposed=fused and _is_conv1d(first),
-            num_kv_heads=g["num_kv_heads"], layout=self.name, include_bias=include_bias)
+            num_kv_heads=g["num_kv_heads"], layout=self.name, include_bias=include_bias,
+            extra=extra)
+
+    def _fit_layers(self, model: nn.Module, g: dict, layers: list[int]) -> tuple[dict, dict]:
+        """(geometry of the first layer, extra) with ``_fit_split_geometry`` per layer;
+        layers whose d_k / d_v differ go to extra['layer_head_dims']; KV heads or widths
+        that differ between layers raise ValueError (one KV grouping per model)."""
+        fits = {l: _fit_split_geometry(g, {b: model.get_submodule(
+            self.modules_by_layer(model, b)[l]) for b in BLOCKS}) for l in layers}
+        base = fits[layers[0]]
+        dims = lambda f: [f["head_dim"], f.get("v_head_dim", f["head_dim"])]
+        other = {str(l): dims(f) for l, f in fits.items() if dims(f) != dims(base)}
+        same = lambda f: (f["num_heads"], f["num_kv_heads"], f["hidden_dim"])
+        if any(same(f) != same(base) for f in fits.values()):
+            raise ValueError(f"layout {self.name!r}: KV heads or widths differ between layers "
+                             f"({ {l: same(f) for l, f in fits.items()} }): one KV grouping "
+                             "per model is supported")
+        return base, ({"layer_head_dims": other} if other else {})
 
     # -- slicing ---------------------------------------------------------------------
     def _path(self, model: nn.Module, layer: int, block: str) -> str:

@@ -35,12 +35,15 @@ def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
 
 def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_bias: bool,
                    store_dtype: str, gradient_format: str, model_dtype: str, budget: float,
-                   device: str, threads: int, micro_batch: int) -> dict:
+                   device: str, threads: int, micro_batch: int,
+                   attention_stack: str | None = None) -> dict:
     """Chunk ``index`` of ``n_chunks``: its layers, passes, micro-batch and estimate (peak
     memory per pass in bytes, seconds; layerwise.plan_chunk), logged before any collection.
     ``batches``: task -> role -> batch. Refuses (ValueError) a chunk index past the model's
-    layers and a chunk whose single layer does not fit ``budget`` at micro-batch 1."""
-    qcfg = QKOVConfig.from_model(model, include_bias=include_bias)
+    layers and a chunk whose single layer does not fit ``budget`` at micro-batch 1.
+    ``attention_stack``: the stack an encoder-decoder maps (QKOVConfig.from_model)."""
+    qcfg = QKOVConfig.from_model(model, include_bias=include_bias,
+                                 attention_stack=attention_stack)
     indexer = QKOVIndexer(model, qcfg)
     chunks = chunk_layers(indexer.layers, n_chunks)
     if index >= len(chunks):

@@ -51,6 +51,7 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     return plan_chunk_job(model, batches, int(job.wildcards["chunk"]),
                           int(job.slice["layer_chunks"]),
                           include_bias=mcfg.get("include_bias", False),
+                          attention_stack=mcfg.get("attention_stack"),
                           store_dtype=store["fisher"]["store_dtype"],
                           gradient_format=ex.get("gradient_format", "dense"),
                           model_dtype=mcfg["dtype"], budget=budget, device=device,

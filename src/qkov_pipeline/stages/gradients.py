@@ -55,7 +55,8 @@ def load_inputs(job, ex: dict, slot: int):
     unknown = sorted(set(batches) - set(ROLE_ORDER))
     if unknown:
         raise ValueError(f"{job.input.data}: unknown roles {unknown}")
-    qcfg = QKOVConfig.from_model(model, include_bias=d["model"].get("include_bias", False))
+    qcfg = QKOVConfig.from_model(model, include_bias=d["model"].get("include_bias", False),
+                                 attention_stack=d["model"].get("attention_stack"))
     return model, batches, meta, qcfg, QKOVIndexer(model, qcfg), device, dev_info, threads
 
 

@@ -31,7 +31,8 @@ def run(job) -> None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
-    info = describe(model, tokenizer, mcfg.get("include_bias", False))   # an unknown layout fails here, before any output
+    info = describe(model, tokenizer, mcfg.get("include_bias", False),   # an unknown layout
+                    attention_stack=mcfg.get("attention_stack"))  # fails here, before output
     with job.timed("save"):
         save_prepared(model, tokenizer, hf)
     info.update(source=mcfg["source"], name=mcfg["name"], config_hash=job.config_hash)
