@@ -242,11 +242,13 @@ class FisherCollector:
                 f"collect_fisher(..., role='fisher') on one batch and role='scored' (and "
                 f"'reference') on disjoint batches.", stacklevel=2)
             self._all_role_ids.update((task, s) for s in ids)
+        wants_fisher = role in ("fisher", "all")
+        layout = self._store.layout if keep else None
         engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
                                     desc=f"{task} ({role})", engine=self.engine,
-                                    micro_batch=self.micro_batch,
-                                    factors=keep and self._store.layout is not None)
-        wants_fisher = role in ("fisher", "all")
+                                    micro_batch=self.micro_batch, factors=layout is not None,
+                                    rows=layout is None or wants_fisher,
+                                    dense_for=layout and (lambda p, t: not layout.factored(p, t)))
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
@@ -260,7 +262,7 @@ class FisherCollector:
                 total = sq if total is None else total.add_(sq)
             if keep:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
-                                g.vector, g.loss, g.n_tokens, factors=g.factors)
+                                g.vector, g.loss, g.n_tokens, factors=g.factors, norm=g.norm)
         if wants_fisher:
             tf.update(total.cpu(), n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,

@@ -253,13 +253,18 @@ class GradientStore:
                                   self.device)
         return _Shard(self.size, self.dtype, self.spill_dir / f"{task}__{role}.bin", self.device)
 
-    def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor,
-            loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None):
+    def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor | None,
+            loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None,
+            norm: float | None = None):
         """Store g_i [P] of one sample. Re-adding an id of the same (task, role) is an error.
 
         A factored store keeps the sample's ``factors`` (see ``SampleGradient``) instead;
-        ``vector`` (the collection-time g_i) gives its exact norm."""
-        if vector.shape != (self.size,):
+        its norm is ``norm`` (||g_i|| of the collection-time g_i) or that of ``vector``,
+        which may then be None."""
+        if vector is None and (factors is None or norm is None):
+            raise ValueError(f"sample {sample_id!r}: a gradient row is needed unless the "
+                             "store is factored and the norm is given")
+        if vector is not None and vector.shape != (self.size,):
             raise ValueError(f"gradient of {sample_id!r} has shape {tuple(vector.shape)}, "
                              f"store expects ({self.size},)")
         key = (task, role)
@@ -279,7 +284,8 @@ class GradientStore:
             in_ram = self._ram_bytes + nbytes <= self.memory_mb * 2**20
             shard.add(sample_id, rec, T, in_ram)
             self._ram_bytes += nbytes if in_ram else 0
-            self.norms[(task, sample_id)] = float(vector.double().norm())
+            self.norms[(task, sample_id)] = float(norm) if norm is not None else \
+                float(vector.double().norm())
             self.losses[(task, sample_id)] = float(loss)
             self.n_tokens[(task, sample_id)] = int(n_tokens)
             return
