@@ -19,6 +19,7 @@ only on its own tokens, never on its batch.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -37,11 +38,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def to_bytes(t: torch.Tensor) -> bytes:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The values of ``t`` as a contiguous host array (bfloat16 as int16 bits), no copy
+    where ``t`` already is one."""
     t = t.detach().contiguous().to("cpu")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return t.numpy()
 
 
 def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -184,24 +187,39 @@ class FactorLayout:
             raise ValueError(f"the projections' shared inputs changed between batches "
                              f"({self.groups} then {groups}); use gradient_format='dense'")
 
-    def record(self, factors: dict) -> dict:
-        """One sample's kept tensors (cloned, contiguous): section key -> tensor."""
+    def record(self, factors: dict, copy: bool = True) -> dict:
+        """One sample's kept tensors, contiguous, in their storage dtypes: section key ->
+        tensor (``copy``: never a view of the capture's tensors, to be kept in memory)."""
         self.set_groups(factors["groups"])
         plan = self.plan(int(factors["T"]))
         out = {}
         for key in plan["sections"]:
             kind, name = key
-            src = factors["grads" if kind == "grad" else kind][name]
-            out[key] = src.detach().to(self.fdt if kind != "grad" else self.sdt).contiguous().clone()
+            src = factors["grads" if kind == "grad" else kind][name].detach()
+            t = src.to(self.fdt if kind != "grad" else self.sdt).contiguous()
+            out[key] = t.clone() if copy and t.data_ptr() == src.data_ptr() else t
         return out
 
-    def encode(self, rec: dict, T: int) -> bytes:
+    def write(self, fh, rec: dict, T: int) -> int:
+        """Write one record (the layout of :meth:`plan`, zero-padded sections) to the open
+        binary file ``fh``, section by section (no record-sized buffer); returns its bytes."""
         plan = self.plan(T)
-        buf = bytearray(plan["bytes"])
+        pos = 0
         for key, (off, _, _) in plan["sections"].items():
-            b = to_bytes(rec[key])
-            buf[off:off + len(b)] = b
-        return bytes(buf)
+            if off > pos:
+                fh.write(bytes(off - pos))
+            arr = to_numpy(rec[key])
+            fh.write(arr.data if arr.flags.c_contiguous else arr.tobytes())
+            pos = off + arr.nbytes
+        if plan["bytes"] > pos:
+            fh.write(bytes(plan["bytes"] - pos))
+        return plan["bytes"]
+
+    def encode(self, rec: dict, T: int) -> bytes:
+        """The bytes :meth:`write` writes."""
+        buf = io.BytesIO()
+        self.write(buf, rec, T)
+        return buf.getvalue()
 
     def decode(self, buf, T: int, keys=None) -> dict:
         """Section key -> tensor from the bytes of one record (only ``keys`` if given)."""

@@ -155,6 +155,7 @@ class FisherCollector:
         self.indexer: QKOVIndexer | None = None
         self._store: GradientStore | None = None
         self._model_id = None
+        self._covered = None
         self._counters: dict[str, int] = {}
         self._all_role_ids: set[tuple[str, str]] = set()
 
@@ -248,7 +249,8 @@ class FisherCollector:
                                     desc=f"{task} ({role})", engine=self.engine,
                                     micro_batch=self.micro_batch, factors=layout is not None,
                                     rows=layout is None or wants_fisher,
-                                    dense_for=layout and (lambda p, t: not layout.factored(p, t)))
+                                    dense_for=layout and (lambda p, t: not layout.factored(p, t)),
+                                    covered=self._coverage() if layout is not None else None)
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
@@ -269,6 +271,13 @@ class FisherCollector:
                      sum(losses) / n)
         return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids,
                 "losses": losses}
+
+    def _coverage(self) -> dict:
+        """:func:`per_sample._coverage` of the indexer, computed once."""
+        if self._covered is None:
+            from .per_sample import _coverage
+            self._covered = _coverage(self.indexer)
+        return self._covered
 
     def _check_roles(self, task: str, ids: list[str], role: str):
         """Fisher, scored and reference samples must be disjoint by dataset id (SPEC 4)."""

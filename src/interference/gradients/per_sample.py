@@ -94,8 +94,7 @@ def _coverage(indexer: QKOVIndexer) -> dict[str, torch.Tensor | None]:
     for name, got in pieces.items():
         flat = torch.cat(got)
         n = params[name].numel()
-        whole = flat.numel() == n and torch.equal(flat.sort().values, torch.arange(
-            n, device=flat.device))
+        whole = flat.numel() == n and bool((torch.bincount(flat, minlength=n) == 1).all())
         out[name] = None if whole else flat
     return out
 
@@ -230,7 +229,11 @@ class _HookCapture:
         if self.reduce is None:
             self.grads[name] = g
         elif self.reduce == "squares":
-            self.sq[name] = torch.linalg.vector_norm(g, dim=0, dtype=torch.float64).square()
+            acc = None
+            for gk in g:      # exact float64 squares, summed in sample order, in cache
+                sq = gk.double().square_()
+                acc = sq if acc is None else acc.add_(sq)
+            self.sq[name] = acc
             self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
         else:
             idx = self.covered.get(name)
@@ -257,13 +260,14 @@ class PerSampleGradients:
             and ``rows=False`` no row is formed: each parameter's per-sample gradients are
             reduced to the samples' squared norms as soon as they exist (``norm``), and
             kept only for the parameters of modules that ``dense_for(path, T)`` says a
-            T-token sample keeps dense.
+            T-token sample keeps dense. ``covered``: :func:`_coverage` of the indexer
+            (computed here when not given; a caller making many engines passes it once).
     """
 
     def __init__(self, model: nn.Module, indexer: QKOVIndexer, objective: Objective,
                  progress: bool = False, desc: str = "per-sample gradients",
                  engine: str = "auto", micro_batch: int = 8, factors: bool = False,
-                 rows: bool = True, dense_for=None):
+                 rows: bool = True, dense_for=None, covered: dict | None = None):
         self.model, self.indexer, self.objective = model, indexer, objective
         self.factors, self.rows = bool(factors), bool(rows) or not factors
         self.dense_for = dense_for
@@ -274,7 +278,8 @@ class PerSampleGradients:
         if self.factors and self.engine != "hooks":
             raise ValueError("factored per-sample gradients need the 'hooks' engine (x and δ of "
                              f"each projection); engine is {self.engine!r}")
-        self._covered = None if self.rows else _coverage(indexer)
+        self._covered = None if self.rows else (covered if covered is not None
+                                                else _coverage(indexer))
 
     @staticmethod
     def choose_engine(model: nn.Module, objective: Objective, engine: str = "auto") -> str:

@@ -174,11 +174,10 @@ class _FactoredShard:
                 raise ValueError("a gathered store's rows are read-only on disk; add rows "
                                  "to a store being collected, then save and gather it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = self.layout.encode(rec, T)
             with open(self.path, "ab") as fh:
-                fh.write(data)
+                nbytes = self.layout.write(fh, rec, T)
             self.where[sid] = ("disk", (0, self.file_bytes))
-            self.file_bytes += len(data)
+            self.file_bytes += nbytes
             self._maps.pop(0, None)
         self.ids.append(sid)
 
@@ -278,10 +277,11 @@ class GradientStore:
             if sample_id in shard.where:
                 raise ValueError(f"sample {sample_id!r} already stored for task {task!r} "
                                  f"role {role!r}")
-            rec = self.layout.record(factors)
             T = int(factors["T"])
+            self.layout.set_groups(factors["groups"])
             nbytes = self.layout.plan(T)["bytes"]
             in_ram = self._ram_bytes + nbytes <= self.memory_mb * 2**20
+            rec = self.layout.record(factors, copy=in_ram)
             shard.add(sample_id, rec, T, in_ram)
             self._ram_bytes += nbytes if in_ram else 0
             self.norms[(task, sample_id)] = float(norm) if norm is not None else \
@@ -491,11 +491,9 @@ class GradientStore:
             mode = "ab"
         with open(target, mode) as fh:
             for sid in ram_ids:
-                data = self.layout.encode(shard.where[sid][1], shard.T[sid])
-                fh.write(data)
                 order.append(sid)
                 offsets.append(end)
-                end += len(data)
+                end += self.layout.write(fh, shard.where[sid][1], shard.T[sid])
         return order, offsets
 
     def _persist_rows(self, shard: "_Shard", target: Path) -> list[str]:
