@@ -219,6 +219,16 @@ class _HookCapture:
         if "bias" in self.by_module[path]:
             self._keep(f"{path}.bias", df.sum(1))
 
+    def sample_finite(self, name: str) -> list[bool]:
+        """Whether each sample's per-sample gradient of parameter ``name`` is finite
+        (formed again from x and δ: the error path of reduce 'squares')."""
+        reduce, self.reduce = self.reduce, None
+        try:
+            self.form(name.rsplit(".", 1)[0])
+            return torch.isfinite(self.grads.pop(name).flatten(1)).all(1).tolist()
+        finally:
+            self.reduce = reduce
+
     def form_all(self):
         for path in self.by_module:
             self.form(path)
@@ -234,7 +244,9 @@ class _HookCapture:
                 sq = gk.double().square_()
                 acc = sq if acc is None else acc.add_(sq)
             self.sq[name] = acc
-            self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
+            # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
+            # float64); which sample is not: :meth:`sample_finite`, only then
+            self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
         else:
             idx = self.covered.get(name)
             flat = g.flatten(1) if idx is None else g.flatten(1).index_select(1, idx)
@@ -369,9 +381,10 @@ class PerSampleGradients:
             self._check_batch(ids, loss_of, tok_of)
             bad = (info[2:] == 0).nonzero().tolist()
             if bad:
-                p, k = bad[0]
+                name = names[bad[0][0]]
+                k = cap.sample_finite(name).index(False)
                 raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
-                                             f"{names[p]}")
+                                             f"{name}")
             sq = torch.cat([self.indexer.gather(cap.sq, l, b).reshape(-1)
                             for (l, b) in self.indexer.entries])
             yield sq, loss_of, [int(t) for t in tok_of]
