@@ -54,6 +54,12 @@ def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
 
 
+def factor_dtype(model_dtype: torch.dtype, store_dtype: str) -> str:
+    """The dtype x and δ are kept in: the model's, or ``store_dtype`` where that is
+    bfloat16 or float16 (lower-precision stores; rows are rebuilt in float32)."""
+    return store_dtype if store_dtype in ("bfloat16", "float16") else dtype_name(model_dtype)
+
+
 class FactorLayout:
     """The attention projections of a model and how one sample's record is laid out.
 
@@ -62,7 +68,8 @@ class FactorLayout:
             'bias': name (optional)}, 'shapes': {kind: param shape}}, in model order.
         parts: 'layer|block' -> [Part fields] (the indexer's entry parts).
         fmt: 'auto' or 'factored'.
-        factor_dtype: the model's dtype (x and δ are kept in it).
+        factor_dtype: the dtype x and δ are kept in (:func:`factor_dtype`: the model's,
+            or a bfloat16 / float16 ``store_dtype``).
         store_dtype: dtype of the dense gradients of projections kept dense.
         groups: module path -> input group (the first module reading the same x); set
             from the first captured batch.
@@ -107,8 +114,8 @@ class FactorLayout:
                                "n_heads": p.n_heads, "size": p.size,
                                "transposed": p.transposed} for p in e.parts]
                  for (l, b), e in indexer.entries.items()}
-        fdt = dtype_name(next(model.parameters()).dtype)
-        return cls(modules, parts, fmt, fdt, store_dtype)
+        return cls(modules, parts, fmt, factor_dtype(next(model.parameters()).dtype,
+                                                     store_dtype), store_dtype)
 
     def to_dict(self) -> dict:
         return {"modules": self.modules, "parts": self.parts_spec, "fmt": self.fmt,
