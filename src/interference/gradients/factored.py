@@ -283,40 +283,57 @@ class FactorLayout:
         pieces = []
         for p in self.parts[(layer, block)]:
             path, kind = p.name.rsplit(".", 1)
-            out = None
             fac = [k for k, (T, _) in enumerate(records) if self.plan(T)["factored"][path]]
             den = [k for k, (T, _) in enumerate(records) if not self.plan(T)["factored"][path]]
+            got = []
             if fac:
-                got = self._from_factors([records[k] for k in fac], p, path, kind, device)
-                out = torch.empty(n, *got.shape[1:], device=device)
-                out[fac] = got
+                got.append((fac, self._from_factors([records[k] for k in fac], p, path, kind,
+                                                    device)))
             if den:
                 g = torch.stack([records[k][1][("grad", p.name)] for k in den]).to(device)
-                got = p.take(g.float())
-                if out is None:
-                    out = torch.empty(n, *got.shape[1:], device=device)
-                out[den] = got
+                got.append((den, p.take(g.float())))
+            if len(got) == 1:            # one kind of record: its rows are the piece
+                pieces.append(got[0][1])
+                continue
+            out = torch.empty(n, *got[0][1].shape[1:], device=device)
+            for where, rows in got:
+                out[where] = rows
             pieces.append(out)
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     def _from_factors(self, recs, p: Part, path: str, kind: str, device) -> torch.Tensor:
-        """Part ``p`` of the rebuilt gradient of ``path`` for factored records."""
+        """Part ``p`` [n, n_heads, size·fan] of the rebuilt gradient of ``path`` (Linear
+        convention [out, in]) for factored records: only the part's outputs (rows, bias)
+        or inputs (columns) are copied in, zero-padded to the longest record (exact zeros),
+        and the product is formed in the head-major order that ``Part.take`` gives."""
         group = self.groups[path]
         Tmax = max(T for T, _ in recs)
         m = self.modules[path]
         idx = p.index.to(device)
-        x = torch.zeros(len(recs), Tmax, m["d_in"], dtype=self.fdt, device=device)
-        d = torch.zeros(len(recs), Tmax, m["d_out"], dtype=self.fdt, device=device)
-        for k, (T, rec) in enumerate(recs):       # zero padding adds exact zeros
-            d[k, :T] = rec[("delta", path)].to(device)
-            if kind == "weight":
-                x[k, :T] = rec[("x", group)].to(device)
+        lo = int(p.index[0]) if p.index.numel() else 0
+        span = p.index.numel() and torch.equal(p.index, torch.arange(lo, lo + p.index.numel()))
+
+        def part_of(t):                  # t[..., idx]: a view where idx is a range
+            return t.narrow(-1, lo, idx.numel()) if span else t.index_select(-1, idx)
+
+        rows = kind == "bias" or p.axis == "rows"
+        d = torch.zeros(len(recs), Tmax, idx.numel() if rows else m["d_out"], dtype=self.fdt,
+                        device=device)
+        for k, (T, rec) in enumerate(recs):
+            dk = rec[("delta", path)].to(device)
+            d[k, :T] = part_of(dk) if rows else dk
         if kind == "bias":
-            sub = d.index_select(-1, idx).float().sum(1)                     # [n, nh·s]
-            return Part(p.name, "bias", torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+            return d.float().sum(1).unflatten(-1, (p.n_heads, p.size))       # [n, nh, s]
+        x = torch.zeros(len(recs), Tmax, m["d_in"] if rows else idx.numel(), dtype=self.fdt,
+                        device=device)
+        for k, (T, rec) in enumerate(recs):
+            xk = rec[("x", group)].to(device)
+            x[k, :T] = xk if rows else part_of(xk)
+        n = len(recs)
         with _tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
-            if p.axis == "rows":       # G[idx, :] = δ[:, idx]ᵀ x, Linear convention
-                sub = torch.einsum("nto,nti->noi", d.index_select(-1, idx).float(), x.float())
-            else:                      # G[:, idx] = δᵀ x[:, idx]
-                sub = torch.einsum("nto,nti->noi", d.float(), x.index_select(-1, idx).float())
-        return Part(p.name, p.axis, torch.arange(idx.numel()), p.n_heads, p.size).take(sub)
+            if rows:                     # G[idx, :] = δ[:, idx]ᵀ x: [n, (h, s), in]
+                return torch.einsum("nto,nti->noi", d.float(), x.float()).reshape(
+                    n, p.n_heads, -1)
+            # G[:, idx] = δᵀ x[:, idx], head-major: [n, h, out, s]
+            xs = x.float().unflatten(-1, (p.n_heads, p.size))
+            return torch.einsum("nto,nths->nhos", d.float(), xs).reshape(n, p.n_heads, -1)
