@@ -7,9 +7,11 @@ Two engines, equal to float tolerance (tests/test_engine.py):
   sample's gradient cannot see its batch); on CPU as fast as vmap or hooks
   (shared/notes: 0.33 s vs 0.41 s per GPT-2 sample). Works for every objective.
 - ``hooks``: one batched forward and backward of Σ_k L_k over a right-padded batch;
-  forward hooks keep each attention module's input x [n, T, in] and its output's
-  gradient δ [n, T, out], and the per-sample weight gradient is Σ_t δ_t x_tᵀ
-  (``einsum('nto,nti->noi')``), formed in float32. With right padding and a causal mask
+  forward hooks keep each attention module's input x [n, T, in] and output, the backward
+  asks autograd for the outputs' gradients δ [n, T, out] only (no weight gradient is
+  formed: plain training would sum over the batch what is formed per sample here), and
+  the per-sample weight gradient is Σ_t δ_t x_tᵀ (``einsum('nto,nti->noi')``), formed in
+  float32 one module at a time. With right padding and a causal mask
   no real token sees a pad, so this equals the per-sample loop; it is what makes GPU
   collection run at training speed. Causal-LM objectives only.
 
