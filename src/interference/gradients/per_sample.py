@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
 from .objectives import Objective
@@ -195,7 +196,8 @@ class _HookCapture:
     def _hook(self, path):
         def fwd(mod, inputs, output):
             self.inputs[path] = inputs[0].detach()
-            self.outputs[path] = output
+            # the output's place in the graph, not its values (held until the backward)
+            self.outputs[path] = (get_gradient_edge(output), output.shape, output.dtype)
         return fwd
 
     def backward(self, loss: torch.Tensor):
@@ -204,10 +206,11 @@ class _HookCapture:
         formed from x and δ by :meth:`form`)."""
         paths = [p for p in self.by_module if p in self.outputs]
         outs = [self.outputs[p] for p in paths]
-        grads = torch.autograd.grad(loss, outs, allow_unused=True)
+        grads = torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True)
         self.outputs = {}
-        for p, o, g in zip(paths, outs, grads):
-            self.deltas[p] = torch.zeros_like(o) if g is None else g.detach()
+        for p, (_, shape, dtype), g in zip(paths, outs, grads):
+            self.deltas[p] = g.detach() if g is not None else torch.zeros(
+                shape, dtype=dtype, device=loss.device)
 
     def form(self, path: str):
         """The per-sample gradients of ``path``'s parameters, each through ``_keep``."""
