@@ -6,15 +6,16 @@ vocab 49152; ``--layers`` fewer for a quick run), random tokens:
 
 1. ``collect`` (one fresh process per task): Fisher (mode mean), scored, reference and
    control samples (the last two for task A only) with the default collect settings
-   (``gradient_format`` auto, ``gradient_memory_mb`` 1024 or ``--gradient-memory-mb``,
-   micro-batch 8), saved;
+   (``gradient_format`` auto, ``gradient_memory_mb`` 0 or ``--gradient-memory-mb``,
+   ``--store-dtype``, micro-batch 8), saved;
 2. ``scores`` (one fresh process): both stores opened (``FisherCollector.from_saved``),
    the main and control heatmaps and their reference scores;
 3. ``plain``: batched forward+backward over the same samples (attention weights
    trainable, micro-batch 8), in a fresh process.
 
-Each stage's wall time and peak resident memory (``ru_maxrss`` of its process), the
-stores' bytes on disk, and (collect + scores) / plain. Prints one JSON line.
+Each stage's wall time, CPU time (user + system) and peak resident memory (``ru_maxrss``
+of its process), the stores' bytes on disk, and (collect + scores) / plain, of wall and of
+CPU seconds. Prints one JSON line; ``--work DIR`` keeps the stores.
 
     python benchmarks/bench_default_run.py --threads 2                 # default sizes
     python benchmarks/bench_default_run.py --threads 1 --layers 2 --vocab 2048 \\
@@ -38,9 +39,13 @@ import bench_default_run as b
 args = b.parse({argv!r})
 torch.set_num_threads(args.threads)
 t0 = time.perf_counter()
+ru = resource.getrusage(resource.RUSAGE_SELF)
+cpu0 = ru.ru_utime + ru.ru_stime
 extra = getattr(b, "stage_" + {stage!r})(args, {task!r})
+ru = resource.getrusage(resource.RUSAGE_SELF)
 print("RESULT " + json.dumps(dict(seconds=time.perf_counter() - t0,
-      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **(extra or {{}}))))
+      cpu_seconds=ru.ru_utime + ru.ru_stime - cpu0, peak_rss_mb=ru.ru_maxrss / 1024,
+      **(extra or {{}}))))
 """
 
 
@@ -54,8 +59,9 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--gradient-format", default="auto")
-    ap.add_argument("--gradient-memory-mb", type=float, default=1024,
+    ap.add_argument("--gradient-memory-mb", type=float, default=0,
                     help="the collect jobs' in-memory store budget (the workflow's default)")
+    ap.add_argument("--store-dtype", default="float32", help="fisher.store_dtype")
     ap.add_argument("--work", default=None, help="folder for the stores (default: a temp one)")
     return ap.parse_args(argv)
 
@@ -98,7 +104,8 @@ def stage_collect(args, task: str) -> dict:
     model = model_of(args)
     fc = FisherCollector(enable_cross_task_analysis=True,
                          gradient_memory_mb=args.gradient_memory_mb,
-                         micro_batch=args.micro_batch, gradient_format=args.gradient_format)
+                         micro_batch=args.micro_batch, gradient_format=args.gradient_format,
+                         store_dtype=args.store_dtype, spill_dir=Path(args.work) / f".spill-{task}")
     for role, n in roles_of(args, task).items():
         batch = batch_of(args, task, role, n)
         step = args.micro_batch if role == "fisher" else n    # the Fisher one unit per call
@@ -174,6 +181,10 @@ def main(argv=None):
            "ratio": work / stages["plain"]["seconds"],
            "collect_ratio": (stages["collect_a"]["seconds"] + stages["collect_b"]["seconds"])
            / stages["plain"]["seconds"],
+           # CPU seconds of each process (user + system): less sensitive to other jobs on
+           # shared cores than wall time
+           "cpu_ratio": sum(stages[s]["cpu_seconds"] for s in ("collect_a", "collect_b", "scores"))
+           / stages["plain"]["cpu_seconds"],
            "load_before": load, "load_after": os.getloadavg(), "time": time.time()}
     print(json.dumps(out))
     if tmp is not None:

@@ -47,11 +47,12 @@ def layer_bytes(indexer, tokens: list[int], store_dtype: str, gradient_format: s
 
     Dense rows: every head-slice value of the layer in ``store_dtype``. Factored
     (``gradient_format`` auto | factored, decided per projection and sample as
-    :class:`FactorLayout` does): x [T, d_in] and δ [T, d_out] in ``model_dtype``, x counted
+    :class:`FactorLayout` does): x [T, d_in] and δ [T, d_out] in the layout's factor dtype
+    (``model_dtype``, or a bfloat16 / float16 ``store_dtype``), x counted
     once per projection (an upper bound: q/k/v_proj of LLaMA share one x), else the
     projection's full gradient in ``store_dtype``.
     """
-    from .factored import DTYPES, FactorLayout
+    from .factored import DTYPES, FactorLayout, factor_dtype
 
     sb = DTYPES[store_dtype].itemsize
     per_layer = {layer: 0 for layer in indexer.layers}
@@ -59,8 +60,8 @@ def layer_bytes(indexer, tokens: list[int], store_dtype: str, gradient_format: s
         for (layer, _), e in indexer.entries.items():
             per_layer[layer] += e.numel * sb * len(tokens)
         return per_layer
-    fb = DTYPES[model_dtype].itemsize
     layout = FactorLayout.from_indexer(indexer, gradient_format, store_dtype)
+    fb = DTYPES[factor_dtype(DTYPES[model_dtype], store_dtype)].itemsize
     layer_of = {p["name"].rsplit(".", 1)[0]: int(k.split("|")[0])
                 for k, parts in layout.parts_spec.items() for p in parts}
     for path, m in layout.modules.items():

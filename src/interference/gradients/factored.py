@@ -19,6 +19,7 @@ only on its own tokens, never on its batch.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -37,11 +38,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def to_bytes(t: torch.Tensor) -> bytes:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The values of ``t`` as a contiguous host array (bfloat16 as int16 bits), no copy
+    where ``t`` already is one."""
     t = t.detach().contiguous().to("cpu")
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return t.numpy()
 
 
 def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -49,6 +52,12 @@ def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
     arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
     t = torch.from_numpy(arr.copy())
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def factor_dtype(model_dtype: torch.dtype, store_dtype: str) -> str:
+    """The dtype x and δ are kept in: the model's, or ``store_dtype`` where that is
+    bfloat16 or float16 (lower-precision stores; rows are rebuilt in float32)."""
+    return store_dtype if store_dtype in ("bfloat16", "float16") else dtype_name(model_dtype)
 
 
 class FactorLayout:
@@ -59,7 +68,8 @@ class FactorLayout:
             'bias': name (optional)}, 'shapes': {kind: param shape}}, in model order.
         parts: 'layer|block' -> [Part fields] (the indexer's entry parts).
         fmt: 'auto' or 'factored'.
-        factor_dtype: the model's dtype (x and δ are kept in it).
+        factor_dtype: the dtype x and δ are kept in (:func:`factor_dtype`: the model's,
+            or a bfloat16 / float16 ``store_dtype``).
         store_dtype: dtype of the dense gradients of projections kept dense.
         groups: module path -> input group (the first module reading the same x); set
             from the first captured batch.
@@ -104,8 +114,8 @@ class FactorLayout:
                                "n_heads": p.n_heads, "size": p.size,
                                "transposed": p.transposed} for p in e.parts]
                  for (l, b), e in indexer.entries.items()}
-        fdt = dtype_name(next(model.parameters()).dtype)
-        return cls(modules, parts, fmt, fdt, store_dtype)
+        return cls(modules, parts, fmt, factor_dtype(next(model.parameters()).dtype,
+                                                     store_dtype), store_dtype)
 
     def to_dict(self) -> dict:
         return {"modules": self.modules, "parts": self.parts_spec, "fmt": self.fmt,
@@ -184,24 +194,39 @@ class FactorLayout:
             raise ValueError(f"the projections' shared inputs changed between batches "
                              f"({self.groups} then {groups}); use gradient_format='dense'")
 
-    def record(self, factors: dict) -> dict:
-        """One sample's kept tensors (cloned, contiguous): section key -> tensor."""
+    def record(self, factors: dict, copy: bool = True) -> dict:
+        """One sample's kept tensors, contiguous, in their storage dtypes: section key ->
+        tensor (``copy``: never a view of the capture's tensors, to be kept in memory)."""
         self.set_groups(factors["groups"])
         plan = self.plan(int(factors["T"]))
         out = {}
         for key in plan["sections"]:
             kind, name = key
-            src = factors["grads" if kind == "grad" else kind][name]
-            out[key] = src.detach().to(self.fdt if kind != "grad" else self.sdt).contiguous().clone()
+            src = factors["grads" if kind == "grad" else kind][name].detach()
+            t = src.to(self.fdt if kind != "grad" else self.sdt).contiguous()
+            out[key] = t.clone() if copy and t.data_ptr() == src.data_ptr() else t
         return out
 
-    def encode(self, rec: dict, T: int) -> bytes:
+    def write(self, fh, rec: dict, T: int) -> int:
+        """Write one record (the layout of :meth:`plan`, zero-padded sections) to the open
+        binary file ``fh``, section by section (no record-sized buffer); returns its bytes."""
         plan = self.plan(T)
-        buf = bytearray(plan["bytes"])
+        pos = 0
         for key, (off, _, _) in plan["sections"].items():
-            b = to_bytes(rec[key])
-            buf[off:off + len(b)] = b
-        return bytes(buf)
+            if off > pos:
+                fh.write(bytes(off - pos))
+            arr = to_numpy(rec[key])
+            fh.write(arr.data if arr.flags.c_contiguous else arr.tobytes())
+            pos = off + arr.nbytes
+        if plan["bytes"] > pos:
+            fh.write(bytes(plan["bytes"] - pos))
+        return plan["bytes"]
+
+    def encode(self, rec: dict, T: int) -> bytes:
+        """The bytes :meth:`write` writes."""
+        buf = io.BytesIO()
+        self.write(buf, rec, T)
+        return buf.getvalue()
 
     def decode(self, buf, T: int, keys=None) -> dict:
         """Section key -> tensor from the bytes of one record (only ``keys`` if given)."""
@@ -258,40 +283,55 @@ class FactorLayout:
         pieces = []
         for p in self.parts[(layer, block)]:
             path, kind = p.name.rsplit(".", 1)
-            out = None
             fac = [k for k, (T, _) in enumerate(records) if self.plan(T)["factored"][path]]
             den = [k for k, (T, _) in enumerate(records) if not self.plan(T)["factored"][path]]
+            got = []
             if fac:
-                got = self._from_factors([records[k] for k in fac], p, path, kind, device)
-                out = torch.empty(n, *got.shape[1:], device=device)
-                out[fac] = got
+                got.append((fac, self._from_factors([records[k] for k in fac], p, path, kind,
+                                                    device)))
             if den:
                 g = torch.stack([records[k][1][("grad", p.name)] for k in den]).to(device)
-                got = p.take(g.float())
-                if out is None:
-                    out = torch.empty(n, *got.shape[1:], device=device)
-                out[den] = got
+                got.append((den, p.take(g.float())))
+            if len(got) == 1:            # one kind of record: its rows are the piece
+                pieces.append(got[0][1])
+                continue
+            out = torch.empty(n, *got[0][1].shape[1:], device=device)
+            for where, rows in got:
+                out[where] = rows
             pieces.append(out)
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     def _from_factors(self, recs, p: Part, path: str, kind: str, device) -> torch.Tensor:
-        """Part ``p`` of the rebuilt gradient of ``path`` for factored records."""
+        """Part ``p`` [n, n_heads, size·fan] of the rebuilt gradient of ``path`` (Linear
+        convention [out, in]) for factored records: the records' factors are stacked
+        (zero-padded to the longest record: exact zeros), the part's outputs (rows, bias)
+        or inputs (columns) taken from them (a view where they are a range), and the
+        product formed in the head-major order that ``Part.take`` gives."""
         group = self.groups[path]
         idx = p.index_on(device)
+        lo = int(p.index[0]) if p.index.numel() else 0
+        span = p.index.numel() and torch.equal(p.index, torch.arange(lo, lo + p.index.numel()))
+
+        def part_of(t):                  # t[..., idx]: a view where idx is a range
+            return t.narrow(-1, lo, idx.numel()) if span else t.index_select(-1, idx)
+
+        rows = kind == "bias" or p.axis == "rows"
         d = _padded([rec[("delta", path)] for _, rec in recs], device)
-        if kind == "weight":
-            x = _padded([rec[("x", group)] for _, rec in recs], device)
+        if rows:
+            d = part_of(d)
         if kind == "bias":
-            sub = d.index_select(-1, idx).float().sum(1)                     # [n, nh·s]
-            return Part(p.name, "bias", torch.arange(idx.numel(), device=device), p.n_heads,
-                        p.size).take(sub)
+            return d.float().sum(1).unflatten(-1, (p.n_heads, p.size))       # [n, nh, s]
+        x = _padded([rec[("x", group)] for _, rec in recs], device)
+        if not rows:
+            x = part_of(x)
+        n = len(recs)
         with _tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
-            if p.axis == "rows":       # G[idx, :] = δ[:, idx]ᵀ x, Linear convention
-                sub = torch.einsum("nto,nti->noi", d.index_select(-1, idx).float(), x.float())
-            else:                      # G[:, idx] = δᵀ x[:, idx]
-                sub = torch.einsum("nto,nti->noi", d.float(), x.index_select(-1, idx).float())
-        return Part(p.name, p.axis, torch.arange(idx.numel(), device=device), p.n_heads,
-                    p.size).take(sub)
+            if rows:                     # G[idx, :] = δ[:, idx]ᵀ x: [n, (h, s), in]
+                return torch.einsum("nto,nti->noi", d.float(), x.float()).reshape(
+                    n, p.n_heads, -1)
+            # G[:, idx] = δᵀ x[:, idx], head-major: [n, h, out, s]
+            xs = x.float().unflatten(-1, (p.n_heads, p.size))
+            return torch.einsum("nto,nths->nhos", d.float(), xs).reshape(n, p.n_heads, -1)
 
 
 def _padded(factors: list[torch.Tensor], device) -> torch.Tensor:

@@ -197,6 +197,7 @@ class FisherCollector:
         self.indexer: QKOVIndexer | None = None
         self._store: GradientStore | None = None
         self._model_id = None
+        self._covered = None
         self._counters: dict[str, int] = {}
         self._all_role_ids: set[tuple[str, str]] = set()
 
@@ -287,11 +288,14 @@ class FisherCollector:
                 f"collect_fisher(..., role='fisher') on one batch and role='scored' (and "
                 f"'reference') on disjoint batches.", stacklevel=2)
             self._all_role_ids.update((task, s) for s in ids)
+        wants_fisher = role in ("fisher", "all")
+        layout = self._store.layout if keep else None
         engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
                                     desc=f"{task} ({role})", engine=self.engine,
-                                    micro_batch=self.micro_batch,
-                                    factors=keep and self._store.layout is not None)
-        wants_fisher = role in ("fisher", "all")
+                                    micro_batch=self.micro_batch, factors=layout is not None,
+                                    rows=layout is None or wants_fisher,
+                                    dense_for=layout and (lambda p, t: not layout.factored(p, t)),
+                                    covered=self._coverage() if layout is not None else None)
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
@@ -305,13 +309,20 @@ class FisherCollector:
                 total = sq if total is None else total.add_(sq)
             if keep:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
-                                g.vector, g.loss, g.n_tokens, factors=g.factors)
+                                g.vector, g.loss, g.n_tokens, factors=g.factors, norm=g.norm)
         if wants_fisher:
             tf.update(total, n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
                      sum(losses) / n)
         return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids,
                 "losses": losses}
+
+    def _coverage(self) -> dict:
+        """:func:`per_sample._coverage` of the indexer, computed once."""
+        if self._covered is None:
+            from .per_sample import _coverage
+            self._covered = _coverage(self.indexer)
+        return self._covered
 
     def _check_roles(self, task: str, ids: list[str], role: str):
         """Fisher, scored and reference samples must be disjoint by dataset id (SPEC 4)."""

@@ -7,9 +7,11 @@ Two engines, equal to float tolerance (tests/test_engine.py):
   sample's gradient cannot see its batch); on CPU as fast as vmap or hooks
   (shared/notes: 0.33 s vs 0.41 s per GPT-2 sample). Works for every objective.
 - ``hooks``: one batched forward and backward of Σ_k L_k over a right-padded batch;
-  forward hooks keep each attention module's input x [n, T, in] and its output's
-  gradient δ [n, T, out], and the per-sample weight gradient is Σ_t δ_t x_tᵀ
-  (``einsum('nto,nti->noi')``), formed in float32. With right padding and a causal mask
+  forward hooks keep each attention module's input x [n, T, in] and output, the backward
+  asks autograd for the outputs' gradients δ [n, T, out] only (no weight gradient is
+  formed: plain training would sum over the batch what is formed per sample here), and
+  the per-sample weight gradient is Σ_t δ_t x_tᵀ (``einsum('nto,nti->noi')``), formed in
+  float32 one module at a time. With right padding and a causal mask
   no real token sees a pad, so this equals the per-sample loop; it is what makes GPU
   collection run at training speed. Causal-LM objectives only.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
 from .objectives import Objective
@@ -42,14 +45,16 @@ class SampleGradient:
     sample's own tokens only (padding excluded): ``T`` (its real tokens), ``x``
     {input group (its first module's path): [T, d_in] model dtype}, ``delta`` {module path:
     [T, d_out] model dtype} and ``grads`` {param name: float32 per-sample gradient} (for
-    the projections that the store keeps dense).
+    the projections that the store keeps dense). ``vector`` is None where the engine formed
+    no row (``rows=False``); ``norm`` is then ||g_i||_2 (float64 sums of the squares).
     """
 
     sample_id: str
-    vector: torch.Tensor
+    vector: torch.Tensor | None
     loss: float
     n_tokens: int
     factors: dict | None = None
+    norm: float | None = None
 
 
 @contextlib.contextmanager
@@ -76,6 +81,25 @@ def _first_bad_cell(indexer: QKOVIndexer, vec: torch.Tensor) -> str:
         if not torch.isfinite(vec[e.offset:e.offset + e.numel]).all():
             return f"layer {layer} block {block}"
     return "unknown location"
+
+
+def _coverage(indexer: QKOVIndexer) -> dict[str, torch.Tensor | None]:
+    """Parameter name -> the flat indices (with repeats) of its values that the canonical
+    vector holds, or None where it holds each value once (the norm of g_i sums them)."""
+    params = dict(indexer.model.named_parameters())
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for e in indexer.entries.values():
+        for p in e.parts:
+            shape = params[p.name].shape
+            flat = torch.arange(shape.numel(), device=params[p.name].device).view(shape)
+            pieces.setdefault(p.name, []).append(p.take(flat).reshape(-1))
+    out = {}
+    for name, got in pieces.items():
+        flat = torch.cat(got)
+        n = params[name].numel()
+        whole = flat.numel() == n and bool((torch.bincount(flat, minlength=n) == 1).all())
+        out[name] = None if whole else flat
+    return out
 
 
 def _nonfinite_loss_message(model: nn.Module, sid: str, loss: float) -> str:
@@ -123,28 +147,34 @@ def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
 
 
 class _HookCapture:
-    """Forward hooks on the attention modules that form per-sample weight (and bias)
-    gradients [n, *param.shape] in float32 from x and δ."""
+    """Forward hooks on the attention modules keeping each one's input x [n, T, in] and
+    output; :meth:`backward` then takes the outputs' gradients δ [n, T, out] in one backward
+    that forms no weight gradient, and :meth:`form` the per-sample weight (and bias)
+    gradients [n, *param.shape] in float32 from x and δ, one module at a time.
 
-    def __init__(self, model: nn.Module, names: list[str], keep_factors: bool = False,
-                 square_sums: bool = False):
+    What :meth:`form` keeps of each parameter's g (``_keep``), by ``reduce``:
+    None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and whether each
+    sample's g is finite (``finite``); 'norms': Σ of g_k² over the entries the indexer
+    covers (float64 [n], ``norm2``), and g itself for the parameters in ``keep`` only.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
+                 covered: dict | None = None, keep: set | None = None):
         modules = dict(model.named_modules())
-        # square_sums: keep Σ_k g_k² [*param.shape] (float64) and per-sample finiteness [n]
-        # of each parameter instead of its per-sample gradients (the Fisher's samples)
-        self.square_sums = square_sums
-        self.sq: dict[str, torch.Tensor] = {}
-        self.finite: dict[str, torch.Tensor] = {}
+        self.reduce, self.covered, self.keep = reduce, covered or {}, keep or set()
         self.by_module: dict[str, list[str]] = {}
         for name in names:
             path, kind = name.rsplit(".", 1)
             self.by_module.setdefault(path, []).append(kind)
+        self.conv1d = {p: type(modules[p]).__name__ == "Conv1D" for p in self.by_module}
         self.grads: dict[str, torch.Tensor] = {}
-        # keep_factors: x [n, T, in] and δ [n, T, out] of every module, in the model's dtype
-        self.keep_factors = keep_factors
+        self.sq: dict[str, torch.Tensor] = {}
+        self.finite: dict[str, torch.Tensor] = {}
+        self.norm2: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
-        self.handles = [modules[p].register_forward_hook(self._hook(p, modules[p]))
-                        for p in self.by_module]
+        self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
     def input_groups(self) -> dict[str, str]:
         """module path -> the first module (in model order) that read the same input tensor
@@ -163,36 +193,71 @@ class _HookCapture:
                 seen.append(path)
         return groups
 
-    def _hook(self, path, module):
-        conv1d = type(module).__name__ == "Conv1D"
-
+    def _hook(self, path):
         def fwd(mod, inputs, output):
-            x = inputs[0].detach()
-            if self.keep_factors:
-                self.inputs[path] = x
-
-            def bwd(delta):
-                if self.keep_factors:
-                    self.deltas[path] = delta.detach()
-                xf, df = x.float(), delta.detach().float()
-                if "weight" in self.by_module[path]:
-                    eq = "nti,nto->nio" if conv1d else "nto,nti->noi"
-                    with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
-                        self._keep(f"{path}.weight", torch.einsum(eq, xf, df) if conv1d
-                                   else torch.einsum(eq, df, xf))
-                if "bias" in self.by_module[path]:
-                    self._keep(f"{path}.bias", df.sum(1))
-            output.register_hook(bwd)
+            self.inputs[path] = inputs[0].detach()
+            # the output's place in the graph, not its values (held until the backward)
+            self.outputs[path] = (get_gradient_edge(output), output.shape, output.dtype)
         return fwd
 
+    def backward(self, loss: torch.Tensor):
+        """δ [n, T, out] of every module's output from one backward of ``loss``: autograd
+        forms the activations' gradients only, no weight gradient (the per-sample ones are
+        formed from x and δ by :meth:`form`)."""
+        paths = [p for p in self.by_module if p in self.outputs]
+        outs = [self.outputs[p] for p in paths]
+        grads = torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True)
+        self.outputs = {}
+        for p, (_, shape, dtype), g in zip(paths, outs, grads):
+            self.deltas[p] = g.detach() if g is not None else torch.zeros(
+                shape, dtype=dtype, device=loss.device)
+
+    def form(self, path: str):
+        """The per-sample gradients of ``path``'s parameters, each through ``_keep``."""
+        x, delta = self.inputs[path], self.deltas[path]
+        xf, df = x.float(), delta.float()
+        if "weight" in self.by_module[path]:
+            with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
+                g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
+                    else torch.einsum("nto,nti->noi", df, xf)
+            self._keep(f"{path}.weight", g)
+        if "bias" in self.by_module[path]:
+            self._keep(f"{path}.bias", df.sum(1))
+
+    def sample_finite(self, name: str) -> list[bool]:
+        """Whether each sample's per-sample gradient of parameter ``name`` is finite
+        (formed again from x and δ: the error path of reduce 'squares')."""
+        reduce, self.reduce = self.reduce, None
+        try:
+            self.form(name.rsplit(".", 1)[0])
+            return torch.isfinite(self.grads.pop(name).flatten(1)).all(1).tolist()
+        finally:
+            self.reduce = reduce
+
+    def form_all(self):
+        for path in self.by_module:
+            self.form(path)
+
     def _keep(self, name: str, g: torch.Tensor):
-        """Per-sample gradients g [n, *shape] of parameter ``name``: kept, or (square_sums)
-        reduced at once to Σ_k g_k² and whether each sample's g is finite."""
-        if not self.square_sums:
+        """Per-sample gradients g [n, *shape] of parameter ``name``: kept, or reduced at
+        once (see the class)."""
+        if self.reduce is None:
             self.grads[name] = g
-            return
-        self.sq[name] = g.double().square().sum(0)
-        self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
+        elif self.reduce == "squares":
+            acc = None
+            for gk in g:      # exact float64 squares, summed in sample order, in cache
+                sq = gk.double().square_()
+                acc = sq if acc is None else acc.add_(sq)
+            self.sq[name] = acc
+            # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
+            # float64); which sample is not: :meth:`sample_finite`, only then
+            self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
+        else:
+            idx = self.covered.get(name)
+            flat = g.flatten(1) if idx is None else g.flatten(1).index_select(1, idx)
+            self.norm2[name] = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+            if name in self.keep:
+                self.grads[name] = g
 
     def remove(self):
         for h in self.handles:
@@ -207,13 +272,22 @@ class PerSampleGradients:
         indexer: maps parameters to the canonical vector [P].
         objective: per-sample loss.
         progress: show a tqdm bar over samples.
+        factors: also yield each sample's x and δ (``SampleGradient.factors``; hooks).
+        rows: form each sample's row g_i [P] (``SampleGradient.vector``). With ``factors``
+            and ``rows=False`` no row is formed: each parameter's per-sample gradients are
+            reduced to the samples' squared norms as soon as they exist (``norm``), and
+            kept only for the parameters of modules that ``dense_for(path, T)`` says a
+            T-token sample keeps dense. ``covered``: :func:`_coverage` of the indexer
+            (computed here when not given; a caller making many engines passes it once).
     """
 
     def __init__(self, model: nn.Module, indexer: QKOVIndexer, objective: Objective,
                  progress: bool = False, desc: str = "per-sample gradients",
-                 engine: str = "auto", micro_batch: int = 8, factors: bool = False):
+                 engine: str = "auto", micro_batch: int = 8, factors: bool = False,
+                 rows: bool = True, dense_for=None, covered: dict | None = None):
         self.model, self.indexer, self.objective = model, indexer, objective
-        self.factors = bool(factors)
+        self.factors, self.rows = bool(factors), bool(rows) or not factors
+        self.dense_for = dense_for
         self.progress, self.desc = progress, desc
         self._names = indexer.param_names
         self.engine = self.choose_engine(model, objective, engine)
@@ -221,6 +295,8 @@ class PerSampleGradients:
         if self.factors and self.engine != "hooks":
             raise ValueError("factored per-sample gradients need the 'hooks' engine (x and δ of "
                              f"each projection); engine is {self.engine!r}")
+        self._covered = None if self.rows else (covered if covered is not None
+                                                else _coverage(indexer))
 
     @staticmethod
     def choose_engine(model: nn.Module, objective: Objective, engine: str = "auto") -> str:
@@ -266,9 +342,10 @@ class PerSampleGradients:
                 n_tok = int(sample["labels"].ne(-100).sum()) if "labels" in sample else 1
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
 
-    def _micro_batches(self, samples: list[dict], sample_ids: list[str], square_sums=False):
-        """Forward+backward of each micro-batch with hooks: yields (ids, capture, losses,
-        n_tok, real) after the backward, hooks removed (losses, n_tok, real on the device)."""
+    def _micro_batches(self, samples: list[dict], sample_ids: list[str], reduce=None):
+        """Forward (hooks) and backward of each micro-batch, per-sample gradients formed
+        and kept or reduced (``reduce``: see :class:`_HookCapture`): yields (ids, capture,
+        losses, n_tok, real) (losses, n_tok, real on the device)."""
         device = next(self.model.parameters()).device
         chunks = range(0, len(samples), self.micro_batch)
         if self.progress:
@@ -277,16 +354,20 @@ class PerSampleGradients:
         with attention_grads_only(self.model, self._names):
             for start in chunks:
                 ids = sample_ids[start:start + self.micro_batch]
-                b = _right_pad(samples[start:start + self.micro_batch], device)
-                capture = _HookCapture(self.model, self._names, self.factors and not square_sums,
-                                       square_sums)
+                part = samples[start:start + self.micro_batch]
+                b = _right_pad(part, device)
+                keep = set()
+                if reduce == "norms" and self.dense_for is not None:
+                    lengths = {int(s["input_ids"].numel()) for s in part}
+                    keep = {n for n in self._names
+                            if any(self.dense_for(n.rsplit(".", 1)[0], t) for t in lengths)}
+                capture = _HookCapture(self.model, self._names, reduce, self._covered, keep)
                 try:
                     losses, n_tok = self._batch_losses(b)
-                    params = dict(self.model.named_parameters())
-                    torch.autograd.grad(losses.sum(), [params[n] for n in self._names],
-                                        allow_unused=True)
                 finally:
                     capture.remove()
+                capture.backward(losses.sum())
+                capture.form_all()
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
     def square_sums(self, batch: dict, sample_ids: list[str]):
@@ -297,7 +378,7 @@ class PerSampleGradients:
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
-        for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, True):
+        for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares"):
             names = [n for n in self._names if n in cap.finite]
             info = torch.cat([torch.stack([losses.detach().double(), n_tok.double()]),
                               torch.stack([cap.finite[n] for n in names]).double()]).cpu()
@@ -305,9 +386,10 @@ class PerSampleGradients:
             self._check_batch(ids, loss_of, tok_of)
             bad = (info[2:] == 0).nonzero().tolist()
             if bad:
-                p, k = bad[0]
+                name = names[bad[0][0]]
+                k = cap.sample_finite(name).index(False)
                 raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
-                                             f"{names[p]}")
+                                             f"{name}")
             sq = torch.cat([self.indexer.gather(cap.sq, l, b).reshape(-1)
                             for (l, b) in self.indexer.entries])
             yield sq, loss_of, [int(t) for t in tok_of]
@@ -315,9 +397,11 @@ class PerSampleGradients:
     def _hooks(self, samples: list[dict], sample_ids: list[str]):
         """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
         One device-to-host transfer per micro-batch (losses, token counts, finiteness)."""
+        if not self.rows:
+            yield from self._factored(samples, sample_ids)
+            return
         for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids):
             rows = self.indexer.flatten_rows(capture.grads)
-            groups = capture.input_groups() if self.factors else None
             # a row holds a NaN/Inf iff its float64 sum does (float32 values cannot
             # overflow it): one read of the rows instead of isfinite's three passes
             finite = torch.isfinite(rows.sum(1, dtype=torch.float64))
@@ -330,16 +414,40 @@ class PerSampleGradients:
                     raise NonFiniteGradientError(
                         f"sample {sid!r}: non-finite gradient at "
                         f"{_first_bad_cell(self.indexer, rows[k].cpu())}")
-                factors = None
-                if self.factors:
-                    t = int(real_of[k])   # the sample's own tokens (right padding)
-                    factors = {
-                        "T": t, "groups": groups,
-                        "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
-                        "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
-                        "grads": {n: g[k] for n, g in capture.grads.items()}}
+                factors = self._factors_of(capture, k, int(real_of[k])) if self.factors else None
                 yield SampleGradient(sid, rows[k].detach(), loss_of[k], int(tok_of[k]),
                                      factors)
+
+    def _factored(self, samples: list[dict], sample_ids: list[str]):
+        """Stored samples of a factored store: x, δ and the norm of g_i, no row [P] (each
+        parameter's per-sample gradients are reduced to squared norms when formed)."""
+        for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids,
+                                                                     "norms"):
+            names = [n for n in self._names if n in capture.norm2]
+            norm2 = torch.stack([capture.norm2[n] for n in names])        # [params, n]
+            info = torch.cat([torch.stack([losses.detach().double(), n_tok.double(),
+                                           real.double()]), norm2.sum(0, keepdim=True)])
+            loss_of, tok_of, real_of, total = info.cpu().tolist()
+            self._check_batch(ids, loss_of, tok_of)
+            for k, sid in enumerate(ids):
+                if not math.isfinite(total[k]):
+                    bad = {n for n, v in zip(names, norm2[:, k].tolist()) if not math.isfinite(v)}
+                    where = next((f"layer {l} block {b}" for (l, b), e in
+                                  self.indexer.entries.items()
+                                  if any(p.name in bad for p in e.parts)), "unknown location")
+                    raise NonFiniteGradientError(f"sample {sid!r}: non-finite gradient at {where}")
+                yield SampleGradient(sid, None, loss_of[k], int(tok_of[k]),
+                                     self._factors_of(capture, k, int(real_of[k])),
+                                     norm=math.sqrt(total[k]))
+
+    def _factors_of(self, capture: "_HookCapture", k: int, t: int) -> dict:
+        """Sample ``k``'s factors: its own ``t`` tokens (right padding) of x and δ, and its
+        per-sample gradients that the capture kept."""
+        groups = capture.input_groups()
+        return {"T": t, "groups": groups,
+                "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
+                "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
+                "grads": {n: g[k] for n, g in capture.grads.items()}}
 
     def _batch_losses(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,

@@ -176,11 +176,10 @@ class _FactoredShard:
                 raise ValueError("a gathered store's rows are read-only on disk; add rows "
                                  "to a store being collected, then save and gather it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = self.layout.encode(rec, T)
             with open(self.path, "ab") as fh:
-                fh.write(data)
+                nbytes = self.layout.write(fh, rec, T)
             self.where[sid] = ("disk", (0, self.file_bytes))
-            self.file_bytes += len(data)
+            self.file_bytes += nbytes
             self._maps.pop(0, None)
         self.ids.append(sid)
 
@@ -255,13 +254,18 @@ class GradientStore:
                                   self.device)
         return _Shard(self.size, self.dtype, self.spill_dir / f"{task}__{role}.bin", self.device)
 
-    def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor,
-            loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None):
+    def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor | None,
+            loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None,
+            norm: float | None = None):
         """Store g_i [P] of one sample. Re-adding an id of the same (task, role) is an error.
 
         A factored store keeps the sample's ``factors`` (see ``SampleGradient``) instead;
-        ``vector`` (the collection-time g_i) gives its exact norm."""
-        if vector.shape != (self.size,):
+        its norm is ``norm`` (||g_i|| of the collection-time g_i) or that of ``vector``,
+        which may then be None."""
+        if vector is None and (factors is None or norm is None):
+            raise ValueError(f"sample {sample_id!r}: a gradient row is needed unless the "
+                             "store is factored and the norm is given")
+        if vector is not None and vector.shape != (self.size,):
             raise ValueError(f"gradient of {sample_id!r} has shape {tuple(vector.shape)}, "
                              f"store expects ({self.size},)")
         key = (task, role)
@@ -275,13 +279,15 @@ class GradientStore:
             if sample_id in shard.where:
                 raise ValueError(f"sample {sample_id!r} already stored for task {task!r} "
                                  f"role {role!r}")
-            rec = self.layout.record(factors)
             T = int(factors["T"])
+            self.layout.set_groups(factors["groups"])
             nbytes = self.layout.plan(T)["bytes"]
             in_ram = self._ram_bytes + nbytes <= self.memory_mb * 2**20
+            rec = self.layout.record(factors, copy=in_ram)
             shard.add(sample_id, rec, T, in_ram)
             self._ram_bytes += nbytes if in_ram else 0
-            self.norms[(task, sample_id)] = float(vector.double().norm())
+            self.norms[(task, sample_id)] = float(norm) if norm is not None else \
+                float(vector.double().norm())
             self.losses[(task, sample_id)] = float(loss)
             self.n_tokens[(task, sample_id)] = int(n_tokens)
             return
@@ -487,11 +493,9 @@ class GradientStore:
             mode = "ab"
         with open(target, mode) as fh:
             for sid in ram_ids:
-                data = self.layout.encode(shard.where[sid][1], shard.T[sid])
-                fh.write(data)
                 order.append(sid)
                 offsets.append(end)
-                end += len(data)
+                end += self.layout.write(fh, shard.where[sid][1], shard.T[sid])
         return order, offsets
 
     def _persist_rows(self, shard: "_Shard", target: Path) -> list[str]:

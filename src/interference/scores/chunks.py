@@ -17,20 +17,24 @@ from .layerwise import chunk_layers, join_heatmaps, plan_chunk
 logger = logging.getLogger("qkov.scores")
 
 
+CPU_PASS_MB = 1024     # a CPU chunk pass's budget when neither setting gives one
+
+
 def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
                   device: str) -> float:
     """Bytes one pass may peak at beyond the model (stored rows, a micro-batch's per-sample
     gradients and their copy, the Fisher's float64 sums, activations: collect.pass_memory):
     ``chunk_memory_mb``, else 80% of the GPU's free memory after the model (20% left for
     the CUDA context, cuBLAS workspaces, the scoring and the estimate's error), else
-    ``gradient_memory_mb`` on the CPU."""
+    ``gradient_memory_mb`` on the CPU (``CPU_PASS_MB`` when that is 0, the default:
+    records then stream to disk in store runs, but a chunk's pass holds its rows)."""
     if chunk_memory_mb:
         return float(chunk_memory_mb) * 2**20
     if device.startswith("cuda"):
         import torch
 
         return 0.8 * torch.cuda.mem_get_info(torch.device(device))[0]
-    return float(gradient_memory_mb) * 2**20
+    return float(gradient_memory_mb or CPU_PASS_MB) * 2**20
 
 
 def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_bias: bool,
