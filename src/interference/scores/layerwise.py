@@ -170,10 +170,12 @@ def _pack(layers: list[int], peak: Callable[[list[int]], int],
     return passes
 
 
-def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> None:
+def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> dict:
     """Every task's Fisher samples, then every task's stored roles in :data:`ROLES` order
     (no stored row is held while a Fisher is summed: collect.pass_memory). Each role's
-    numbers are those of the workflow's collect job (per task and role, same order)."""
+    numbers are those of the workflow's collect job (per task and role, same order).
+    Returns the seconds of each phase ('fisher', 'stored')."""
+    seconds = {}
     for phase in (("fisher",), tuple(r for r in ROLES if r != "fisher")):
         t0 = time.perf_counter()
         for task, by_role in batches.items():
@@ -182,9 +184,8 @@ def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> N
                     n = len(by_role[role]["sample_ids"])
                     collect_role(collector, model, by_role[role], task, role, fisher_mode, 0,
                                  n, micro_batch)
-        logger.info("layers %d-%d: %s samples collected in %.1f s", collector.layers[0],
-                    collector.layers[-1], "Fisher" if phase == ("fisher",) else "stored",
-                    time.perf_counter() - t0)
+        seconds["fisher" if phase == ("fisher",) else "stored"] = time.perf_counter() - t0
+    return seconds
 
 
 def _arm_disruptors(collector, arm: str, task_a: str, task_b: str):
@@ -216,7 +217,7 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
     parts: dict[str, list] = {arm: [] for arm in arms}
     for layers in tqdm(passes, desc="layer passes", disable=not progress):
         collector = make_collector(list(layers))
-        _collect(collector, model, batches, fisher_mode, micro_batch)
+        took = _collect(collector, model, batches, fisher_mode, micro_batch)
         metric = QKOVInterferenceMetric(collector.config, collector, **(metric_kwargs or {}))
         store = collector.gradient_manager
         t0 = time.perf_counter()
@@ -233,7 +234,8 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
                                "top_k": metric.top_k,
                                "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,
                                "sq_norms_r": store.grad_norms(reference_task, ids_r) ** 2})
-        logger.info("layers %d-%d: %s scored in %.1f s", layers[0], layers[-1],
+        logger.info("layers %d-%d: Fisher samples %.1f s, stored samples %.1f s, %s scored "
+                    "in %.1f s", layers[0], layers[-1], took["fisher"], took["stored"],
                     " and ".join(arms), time.perf_counter() - t0)
         store.release()                 # drop this pass's rows before the next
         del metric, collector, store
