@@ -189,8 +189,9 @@ def run_kronfluence(model, sets, args, workdir: str) -> dict:
     return {"seconds": t, "scores": scores}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def shape_parser(description: str) -> argparse.ArgumentParser:
+    """The device, model shape and sample sizes of B6 (shared with profile_b6_gpu.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--heads", type=int, default=12)
@@ -200,6 +201,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=8,
                     help="both sides' batch (8: this project's default micro_batch)")
+    return ap
+
+
+def main(argv=None):
+    ap = shape_parser(__doc__.split("\n")[0])
     ap.add_argument("--warmup-n", type=int, default=None,
                     help="samples of each side's untimed warm-up run (default: --n, the timed "
                          "shapes, so neither side's timing holds one-off kernel compilation "

@@ -73,15 +73,7 @@ def stage(name, fn, device, out: dict, rows: int = 25):
 
 
 def main():
-    ap = b6.argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=256)
+    ap = b6.shape_parser(__doc__.split("\n")[0])
     args = ap.parse_args()
     from interference.gradients import FisherCollector
     from interference.scores import QKOVInterferenceMetric

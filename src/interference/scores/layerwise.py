@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-logger = logging.getLogger("qkov.scores")
-
 from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
 from ..gradients import FisherCollector
 from ..gradients.collect import collect_role
 from .arms import arm_heatmap, check_disjoint_tasks, reference_scores
 from .metric import QKOVInterferenceMetric
+
+logger = logging.getLogger("qkov.scores")
 
 
 def chunk_layers(layers: list[int], n_chunks: int) -> list[list[int]]:

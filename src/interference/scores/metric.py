@@ -131,27 +131,24 @@ class QKOVInterferenceMetric:
         offset, n_heads, size = self._store.entries[(layer, block)]
         return vec[offset:offset + n_heads * size].view(n_heads, size)
 
-    def _ridge(self, f: torch.Tensor, key=None) -> float:
-        """λ of one (layer, block) from its Fisher slice ``f`` (float64), where ``f`` lives;
-        ``key`` = (fisher vector, layer, block) caches it for that vector."""
-        if key is not None and self._lambda_cache[0] is key[0]:
-            lam = self._lambda_cache[1].get(key[1:])
-            if lam is not None:
-                return lam
-        lam = self.ridge_lambda
-        if self.ridge_lambda_rel:
-            lam = max(lam, self.ridge_lambda_rel * median(f))
-        if key is not None:
-            if self._lambda_cache[0] is not key[0]:
-                self._lambda_cache = (key[0], {})
-            self._lambda_cache[1][key[1:]] = lam
-        return lam
+    def _ridge(self, fisher: torch.Tensor, layer: int, block: str, f: torch.Tensor) -> float:
+        """λ of one (layer, block) of the Fisher vector ``fisher``, from its slice ``f``
+        (float64) where ``f`` lives; cached per Fisher vector (several uses per heatmap)."""
+        if self._lambda_cache[0] is not fisher:
+            self._lambda_cache = (fisher, {})
+        lams = self._lambda_cache[1]
+        if (layer, block) not in lams:
+            lam = self.ridge_lambda
+            if self.ridge_lambda_rel:
+                lam = max(lam, self.ridge_lambda_rel * median(f))
+            lams[(layer, block)] = lam
+        return lams[(layer, block)]
 
     def denominator(self, fisher: torch.Tensor, layer: int, block: str):
         """D [n_block_heads, s] = max(Î, ε) + λ for one (layer, block), with λ and the share
         of parameters where λ > Î."""
         f = self._slice(fisher, layer, block).double()
-        lam = self._ridge(f, (fisher, layer, block))
+        lam = self._ridge(fisher, layer, block, f)
         d = f.clamp_min(self.epsilon) + lam
         return d.float(), lam, float((f < lam).double().mean())
 
@@ -161,7 +158,7 @@ class QKOVInterferenceMetric:
         for layer in layers:
             for block in BLOCKS:
                 f = self._slice(fisher, layer, block).double()
-                lam = self._ridge(f, (fisher, layer, block))
+                lam = self._ridge(fisher, layer, block, f)
                 keys.append(f"L{layer}.{block}")
                 lams.append(lam)
                 shares.append((f < lam).double().mean())
@@ -229,7 +226,7 @@ class QKOVInterferenceMetric:
     def _weight(self, fisher, layer, block) -> torch.Tensor:
         """1 / D [Hb, s] float32 on ``fisher``'s device (the device: see _fisher_vector)."""
         f = self._slice(fisher, layer, block).double()
-        return (f.clamp_min(self.epsilon) + self._ridge(f, (fisher, layer, block))
+        return (f.clamp_min(self.epsilon) + self._ridge(fisher, layer, block, f)
                 ).float().reciprocal()
 
     def _rows_per_tile(self, layer: int, block: str) -> int | None:
