@@ -162,14 +162,16 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
     budget = col["chunk_memory_mb"] * 2**20 if col.get("chunk_memory_mb") else 0.8 * free
     T = int(cfg["data"]["max_length"])
     sizes = [n for t in qp.pair_tasks(cfg) for n in qp._roles_of(cfg, t).values() if n]
-    stored = [T] * sum(n for t in qp.pair_tasks(cfg)
-                       for r, n in qp._roles_of(cfg, t).items() if r != "fisher")
+    stored_sizes = sorted((n for t in qp.pair_tasks(cfg) for r, n in qp._roles_of(cfg, t).items()
+                           if r != "fisher" and n), reverse=True)
+    stored = [T] * sum(stored_sizes)
     fmt = stored_format(model, col.get("gradient_format", "dense"))
     chunks = []
     for layers in chunk_layers(indexer.layers, qp.layer_chunks(cfg)):
         plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes,
                           cfg["fisher"]["store_dtype"], fmt, mcfg["dtype"], budget, "cuda",
-                          threads, qp.MICRO_BATCH)
+                          threads, qp.MICRO_BATCH, n_tasks=len(qp.pair_tasks(cfg)),
+                          score_rows=sum(stored_sizes[:2]))
         chunks.append({"layers": layers, "passes": plan["passes"],
                        "micro_batch": plan["micro_batch"], "estimate_s": plan["estimate_s"],
                        "memory": plan["memory"]})
@@ -189,7 +191,7 @@ def print_dry_plan(row: dict) -> None:
               f"pass(es), micro-batch {ch['micro_batch']}, about {ch['estimate_s']:.0f} s")
         for p, m in zip(ch["passes"], ch["memory"]):
             terms = ", ".join(f"{k} {m[k] / gib:.1f}" for k in
-                              ("rows", "grads", "cat", "copies", "fisher", "act"))
+                              ("rows", "grads", "cat", "copies", "fisher", "act", "score"))
             print(f"  pass layers {p[0]}-{p[-1]}: predicted peak {m['peak'] / gib:.1f} GiB "
                   f"beyond the model (Fisher phase {m['fisher_phase'] / gib:.1f}, stored phase "
                   f"{m['stored_phase'] / gib:.1f}; {terms} GiB)")

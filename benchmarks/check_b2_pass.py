@@ -3,6 +3,11 @@
 against the wall time of collecting and scoring.
 
     python benchmarks/check_b2_pass.py [--chunk 0] [--chunks 2] [--tokens 256]
+        [--micro-batch M] [--profile out.pstats]
+
+``--micro-batch`` forces the micro-batch (the plan's otherwise); ``--profile`` runs the
+collect-and-score call under cProfile, writes its stats and prints the 40 functions of
+most cumulative and most own time to stderr (the passes' phase seconds are logged too).
 
 The LLaMA-2-7B shape with random bfloat16 weights (conf/model/llama2_7b.yaml) on cuda:0,
 the B2 sizes of conf/experiment/b2_7b.yaml (per task 32 Fisher + 100 scored samples, 100
@@ -13,8 +18,11 @@ JSON line. Needs torch (CUDA), transformers, numpy, scipy, pyyaml, safetensors, 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import logging
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -45,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=0)
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--profile", default=None)
     args = ap.parse_args(argv)
     mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
     data = yaml.safe_load((ROOT / "conf" / "experiment" / "b2_7b.yaml").read_text())["data"]
@@ -68,9 +78,10 @@ def main(argv=None):
     layers = chunk_layers(indexer.layers, args.chunks)[args.chunk]
     fmt = stored_format(model, "auto")
     plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes, "float32", fmt,
-                      mcfg["dtype"], budget, "cuda", 4, 8)
+                      mcfg["dtype"], budget, "cuda", 4, 8, n_tasks=2,
+                      score_rows=data["n_scored"] + max(data["n_scored"], data["n_reference"]))
     fisher = {"ema_decay": 0.99, "store_dtype": "float32", "loss_reduction": "mean"}
-    m = plan["micro_batch"]
+    m = args.micro_batch or plan["micro_batch"]
     held = {"gradient_memory_mb": (budget - plan["memory"][0]["transient"]) / 2**20,
             "gradient_format": "auto"}
 
@@ -79,12 +90,22 @@ def main(argv=None):
                               layers=ls, store_device=dev)
 
     torch.cuda.reset_peak_memory_stats(0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
+    if prof:
+        prof.enable()
     score_layers(model, batches, "math", "code", plan["passes"], make,
                  metric_kwargs={"device": dev}, fisher_mode="mean", micro_batch=m,
                  progress=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    if prof:
+        prof.disable()
+        prof.dump_stats(args.profile)
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(prof, stream=sys.stderr).sort_stats(key).print_stats(40)
     peak = torch.cuda.max_memory_allocated(0) - base
     gib = 2**30
     print(json.dumps({

@@ -298,6 +298,48 @@ def test_pass_memory_bounds_the_tensors_allocated(layers):
                                want["rows"] + max(base, want["grads"] + want["cat"] + 4 * got["P"]))
 
 
+@pytest.mark.parametrize("layers", [[0, 1, 2], [2]])
+def test_pass_memory_of_factored_rows_bounds_the_profiled_peak(layers, tmp_path):
+    """collect.pass_memory of a factored store against the peak of every CPU allocation
+    while two tasks' Fisher samples and stored samples are collected (layerwise._collect;
+    PyTorch's memory profiler timeline): within 25% both ways (tiny LLaMA-GQA: the
+    activation term is an estimate, and small fixed allocations weigh more at this size);
+    and no dense-row term: the micro-batch's per-sample gradients are one projection's."""
+    import json
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from interference.scores.layerwise import _collect
+
+    model = tiny_llama(n_layer=3, hidden=64, head_dim=16)
+    cfg = QKOVConfig.from_model(model)
+    idx = QKOVIndexer(model, cfg)
+    batches = {t: {"fisher": padded_batch(4, 16, s, f"{t}:f"),
+                   "scored": padded_batch(4, 16, s + 5, f"{t}:s")}
+               for s, t in ((1, "math"), (2, "code"))}
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, layers=layers,
+                         micro_batch=4, gradient_format="factored", store_device="cpu",
+                         gradient_memory_mb=1e6)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        _collect(fc, model, batches, "mean", 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
+    _, sizes = json.loads((tmp_path / "timeline.json").read_text())
+    measured = max(sum(s) for s in sizes)
+    stored = [int(x) for t in batches for x in batches[t]["scored"]["attention_mask"].sum(1)]
+    rows = sum(layer_bytes(idx, stored, "float32", "factored", "float32")[l] for l in layers)
+    want = pass_memory(idx, layers, rows, 4, 16, "factored", "float32", n_tasks=2)
+    assert 0.75 * want["peak"] <= measured <= 1.25 * want["peak"], (measured, want)
+    biggest = max(p.numel() for n, p in model.named_parameters() if "self_attn" in n)
+    assert want["grads"] == 4 * 4 * biggest and want["cat"] == want["copies"] == 0
+    dense = pass_memory(idx, layers, rows, 4, 16)
+    assert dense["grads"] == 4 * 4 * sum(idx.entries[k].numel for k in idx.entries
+                                         if k[0] in layers)
+
+
 def test_planner_fits_the_budget_with_fewest_passes_then_smaller_micro_batches():
     """plan_passes: every pass within the budget; more layers than fit at micro-batch 8
     give one pass at a smaller micro-batch when passes cost more than micro-batches (and

@@ -291,12 +291,21 @@ def activation_bytes(model, layers: list[int], micro_batch: int, max_tokens: int
 
 
 def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
-                max_tokens: int) -> dict:
+                max_tokens: int, gradient_format: str = "dense", store_dtype: str = "float32",
+                n_tasks: int = 1, score_rows: int = 0) -> dict:
     """Peak bytes of one pass over ``layers`` (beyond the model), micro-batch ``micro_batch``,
-    the Fisher samples of every task collected before any stored row (layerwise._collect).
+    the Fisher samples of every task collected before any stored row (layerwise._collect),
+    then the pass's (layer, block)s scored.
 
-    With P = the pass's attention parameters and m = ``micro_batch`` (bytes):
+    With P = the pass's attention parameters (canonical entries), P1 = the largest
+    projection's weight, Pb = the largest (layer, block) entry and m = ``micro_batch``
+    (bytes), ``gradient_format`` the stored format (:func:`stored_format`):
       rows   = ``rows_bytes``: the pass's stored rows of every sample (:func:`layer_bytes`);
+      act    = :func:`activation_bytes` (freed as the backward runs);
+      score  = 4 P + 4 ``score_rows`` Pb: the float32 Fisher on the device and one
+               (layer, block)'s operands of the largest arm (``score_rows`` rows; the
+               metric tiles within its own budget beyond that);
+    dense rows (every per-sample gradient formed, then flattened into rows [m, P]):
       grads  = 4 m P: the hooks' float32 per-sample weight gradients [m, *param];
       copies = 4 m (P_c + P_1): ``flatten_rows``'s head-major pieces that are copies
                (P_c: parameters of those blocks; index_select copies them all), held until
@@ -305,24 +314,64 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
       fisher = 24 P: a Fisher micro-batch's float64 running Σ g², one sample's float64
                copy and its square;
       store  = 4 P: the store's copy of one sample's row;
-      act    = :func:`activation_bytes` (freed as the backward produces ``grads``).
-    peak = max(fisher phase: max(act + grads, grads + copies + cat, grads + cat + fisher),
-               stored phase: rows + max(act + grads, grads + copies + cat, grads + cat + store)).
+      peak = max(fisher phase: max(act + grads, grads + copies + cat, grads + cat + fisher),
+                 stored phase: rows + max(act + grads, grads + copies + cat,
+                                          grads + cat + store), rows + score);
+    factored rows (x and δ kept; each projection's per-sample gradients formed one at a
+    time and reduced at once: per_sample._HookCapture):
+      grads  = 4 m (P1 + P_d): one projection's per-sample gradients and those of the
+               projections a ``max_tokens`` sample keeps dense (P_d);
+      fisher = 8 P (``n_tasks`` + 2): the float64 sums of every task held on the device
+               until the stored roles (TaskFisher.pending), a micro-batch's per-parameter
+               Σ g² and their head-major copy, plus 4 m P1 + 16 P1 while one projection's
+               squares are formed;
+      norms  = 12 m P1: a stored micro-batch's per-sample norms (the covered values'
+               copy and its float64 cast);
+      peak = max(fisher + max(act, 4 m P1 + 16 P1), rows + act + grads + norms,
+                 rows + score).
     """
     mine = [(l, b) for (l, b) in indexer.entries if l in layers]
     P = sum(indexer.entries[k].numel for k in mine)
-    Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
-    P1 = max(indexer.entries[k].numel for k in mine)
+    Pb = max(indexer.entries[k].numel for k in mine)
     m = int(micro_batch)
+    act = activation_bytes(indexer.model, layers, m, max_tokens)
+    score = 4 * P + 4 * int(score_rows) * Pb
+    if gradient_format != "dense":
+        return _factored_pass(indexer, mine, P, m, int(rows_bytes), act, score,
+                              gradient_format, store_dtype, max_tokens, n_tasks)
+    Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
     out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
-           "copies": 4 * m * (Pc + P1) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
-           "act": activation_bytes(indexer.model, layers, m, max_tokens)}
+           "copies": 4 * m * (Pc + Pb) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
+           "act": act, "score": score}
     g, c = out["grads"], out["cat"]
     base = max(out["act"] + g, g + out["copies"] + c)
     out["fisher_phase"] = max(base, g + c + out["fisher"])
     out["stored_phase"] = out["rows"] + max(base, g + c + out["store"])
     out["transient"] = out["stored_phase"] - out["rows"]
-    out["peak"] = max(out["fisher_phase"], out["stored_phase"])
+    out["peak"] = max(out["fisher_phase"], out["stored_phase"], out["rows"] + score)
+    return out
+
+
+def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, score: int,
+                   gradient_format: str, store_dtype: str, max_tokens: int,
+                   n_tasks: int) -> dict:
+    """:func:`pass_memory` of a factored store (see there)."""
+    from .factored import FactorLayout
+
+    params = dict(indexer.model.named_parameters())
+    names = {p.name for k in mine for p in indexer.entries[k].parts}
+    P1 = max(params[n].numel() for n in names if n.endswith("weight"))
+    layout = FactorLayout.from_indexer(indexer, gradient_format, store_dtype)
+    dense = sum(params[n].numel() for n in names
+                if n.rsplit(".", 1)[0] in layout.modules and
+                not layout.factored(n.rsplit(".", 1)[0], max_tokens))
+    out = {"rows": rows, "grads": 4 * m * (P1 + dense), "cat": 0, "copies": 0,
+           "fisher": 8 * P * (int(n_tasks) + 2), "store": 0, "norms": 12 * m * P1,
+           "act": act, "score": score}
+    out["fisher_phase"] = out["fisher"] + max(act, 4 * m * P1 + 16 * P1)
+    out["stored_phase"] = rows + act + out["grads"] + out["norms"]
+    out["transient"] = out["stored_phase"] - rows
+    out["peak"] = max(out["fisher_phase"], out["stored_phase"], rows + score)
     return out
 
 

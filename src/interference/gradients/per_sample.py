@@ -59,21 +59,25 @@ class SampleGradient:
 
 @contextlib.contextmanager
 def attention_grads_only(model: nn.Module, names: list[str]):
-    """Eval mode, gradients on for ``names`` only; restores both on exit."""
+    """Eval mode, gradients on for ``names`` only; restores both on exit (one walk over the
+    parameters each way; the modules are walked only when the model was training)."""
     was_training = model.training
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = list(model.named_parameters())
+    saved = [p.requires_grad for _, p in params]
     wanted = set(names)
     try:
-        model.eval()
-        for n, p in model.named_parameters():
+        if was_training:
+            model.eval()
+        for n, p in params:
             p.requires_grad_(n in wanted)
             p.grad = None
         yield
     finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
+        for (_, p), req in zip(params, saved):
+            p.requires_grad_(req)
             p.grad = None
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 def _first_bad_cell(indexer: QKOVIndexer, vec: torch.Tensor) -> str:

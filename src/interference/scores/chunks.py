@@ -55,22 +55,26 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                          f"layers, so only {len(chunks)} chunks (layer_chunks={n_chunks})")
     tokens = {(t, r): [int(x) for x in b["attention_mask"].sum(1).tolist()]
               for t, by_role in batches.items() for r, b in by_role.items()}
+    stored_sizes = sorted((len(v) for (_, r), v in tokens.items() if r != "fisher"),
+                          reverse=True)
     plan = plan_chunk(model, indexer, chunks[index],
                       [x for (_, r), v in tokens.items() if r != "fisher" for x in v],
                       [x for v in tokens.values() for x in v], [len(v) for v in tokens.values()],
                       store_dtype, stored_format(model, gradient_format), model_dtype, budget,
-                      device, threads, micro_batch)
+                      device, threads, micro_batch, n_tasks=len(batches),
+                      score_rows=sum(stored_sizes[:2]))     # the largest arm, at most
     fisher_bytes = 8 * len(batches) * sum(e.numel for (l, _), e in indexer.entries.items()
                                           if l in chunks[index])   # float64 on the host, per task
     mem = plan["memory"][0]
     logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers, micro-batch %d; "
                 "peak beyond the model <= %s per pass (budget %s; rows %s, per-sample "
-                "gradients %s + copy, Fisher sums %s, activations %s); host Fisher %s; about "
-                "%.1f s of forward+backward", index, len(chunks), chunks[index],
+                "gradients %s, Fisher sums %s, activations %s, scoring %s); host Fisher %s; "
+                "about %.1f s of forward+backward", index, len(chunks), chunks[index],
                 len(plan["passes"]), max(len(p) for p in plan["passes"]), plan["micro_batch"],
                 size_text(max(plan["peaks"])), size_text(budget), size_text(plan["rows_bytes"]),
-                size_text(mem["grads"]), size_text(mem["fisher"]), size_text(mem["act"]),
-                size_text(fisher_bytes), plan["estimate_s"])
+                size_text(mem["grads"] + mem["cat"]), size_text(mem["fisher"]),
+                size_text(mem["act"]), size_text(mem["score"]), size_text(fisher_bytes),
+                plan["estimate_s"])
     if plan["micro_batch"] != micro_batch:
         logger.warning("chunk %d: micro-batch %d instead of %d to fit the budget: the Fisher "
                        "is summed in other units, so cells.csv may differ from the stores' "

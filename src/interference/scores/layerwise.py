@@ -118,7 +118,7 @@ def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
 def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list[int],
                role_sizes: list[int], store_dtype: str, gradient_format: str, model_dtype: str,
                budget_bytes: float | None, device: str, threads: int,
-               max_micro_batch: int = 8) -> dict:
+               max_micro_batch: int = 8, n_tasks: int = 2, score_rows: int = 0) -> dict:
     """Passes and micro-batch of one chunk (:func:`plan_passes` over collect.pass_memory
     and collect.estimate).
 
@@ -127,6 +127,8 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
         role_sizes: samples of each (task, role) collection call (micro-batches per pass).
         gradient_format: the stored format (collect.stored_format).
         budget_bytes: peak bytes a pass may use beyond the model (None: no limit).
+        n_tasks / score_rows: tasks whose Fisher is summed, rows of the largest arm's
+            (layer, block) operands (collect.pass_memory).
     Returns plan_passes' dict plus 'memory' (collect.pass_memory of each pass), 'rows_bytes'
     (largest pass), 'estimate_s'.
     """
@@ -139,7 +141,8 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     cands = tuple(sorted({int(max_micro_batch), *sizes}, reverse=True))
 
     def memory(p, m):
-        return pass_memory(indexer, p, sum(per_layer[l] for l in p), m, longest)
+        return pass_memory(indexer, p, sum(per_layer[l] for l in p), m, longest,
+                           gradient_format, store_dtype, n_tasks, score_rows)
 
     def seconds(n_passes, m):
         n_micro = sum(-(-n // m) for n in role_sizes)
