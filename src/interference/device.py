@@ -26,14 +26,18 @@ def resolve_device(want: str | None = "auto", what: str = "device") -> str:
 
 
 def free_memory_mb(device) -> float | None:
-    """Free memory of a CUDA device in MiB (``torch.cuda.mem_get_info``); None elsewhere."""
+    """Memory this process can still allocate on a CUDA device, in MiB: the card's free
+    memory (``torch.cuda.mem_get_info``) plus what PyTorch's caching allocator holds
+    reserved but unallocated (after a large collection that can be most of the card);
+    None elsewhere."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return free / 2 ** 20
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + cached) / 2 ** 20
 
 
 def memory_budget_mb(value, device, what: str = "device_memory_mb") -> float | None:

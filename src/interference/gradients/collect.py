@@ -302,9 +302,12 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     (bytes), ``gradient_format`` the stored format (:func:`stored_format`):
       rows   = ``rows_bytes``: the pass's stored rows of every sample (:func:`layer_bytes`);
       act    = :func:`activation_bytes` (freed as the backward runs);
-      score  = 4 P + 4 ``score_rows`` Pb: the float32 Fisher on the device and one
-               (layer, block)'s operands of the largest arm (``score_rows`` rows; the
-               metric tiles within its own budget beyond that);
+      values = 4 P ``n_tasks``: each task's float32 Fisher, made on the device when its
+               sums are folded (TaskFisher.flush) and held there from the stored roles on;
+      score  = values + 4 P + max(4 P ``n_tasks``, 4 ``score_rows`` Pb): the pooled
+               Fisher, and either its transient stack of the tasks' or one (layer,
+               block)'s operands of the largest arm (``score_rows`` rows; the metric tiles
+               within its own budget beyond that);
     dense rows (every per-sample gradient formed, then flattened into rows [m, P]):
       grads  = 4 m P: the hooks' float32 per-sample weight gradients [m, *param];
       copies = 4 m (P_c + P_1): ``flatten_rows``'s head-major pieces that are copies
@@ -315,8 +318,8 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
                copy and its square;
       store  = 4 P: the store's copy of one sample's row;
       peak = max(fisher phase: max(act + grads, grads + copies + cat, grads + cat + fisher),
-                 stored phase: rows + max(act + grads, grads + copies + cat,
-                                          grads + cat + store), rows + score);
+                 stored phase: rows + values + max(act + grads, grads + copies + cat,
+                                                   grads + cat + store), rows + score);
     factored rows (x and δ kept; each projection's per-sample gradients formed one at a
     time and reduced at once: per_sample._HookCapture):
       grads  = 4 m (P1 + P_d): one projection's per-sample gradients and those of the
@@ -327,7 +330,7 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
                squares are formed;
       norms  = 12 m P1: a stored micro-batch's per-sample norms (the covered values'
                copy and its float64 cast);
-      peak = max(fisher + max(act, 4 m P1 + 16 P1), rows + act + grads + norms,
+      peak = max(fisher + max(act, 4 m P1 + 16 P1), rows + values + act + grads + norms,
                  rows + score).
     """
     mine = [(l, b) for (l, b) in indexer.entries if l in layers]
@@ -335,24 +338,25 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     Pb = max(indexer.entries[k].numel for k in mine)
     m = int(micro_batch)
     act = activation_bytes(indexer.model, layers, m, max_tokens)
-    score = 4 * P + 4 * int(score_rows) * Pb
+    values = 4 * P * int(n_tasks)
+    score = values + 4 * P + max(values, 4 * int(score_rows) * Pb)
     if gradient_format != "dense":
-        return _factored_pass(indexer, mine, P, m, int(rows_bytes), act, score,
+        return _factored_pass(indexer, mine, P, m, int(rows_bytes), act, values, score,
                               gradient_format, store_dtype, max_tokens, n_tasks)
     Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
     out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
            "copies": 4 * m * (Pc + Pb) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
-           "act": act, "score": score}
+           "act": act, "values": values, "score": score}
     g, c = out["grads"], out["cat"]
     base = max(out["act"] + g, g + out["copies"] + c)
     out["fisher_phase"] = max(base, g + c + out["fisher"])
-    out["stored_phase"] = out["rows"] + max(base, g + c + out["store"])
+    out["stored_phase"] = out["rows"] + values + max(base, g + c + out["store"])
     out["transient"] = out["stored_phase"] - out["rows"]
     out["peak"] = max(out["fisher_phase"], out["stored_phase"], out["rows"] + score)
     return out
 
 
-def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, score: int,
+def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, values: int, score: int,
                    gradient_format: str, store_dtype: str, max_tokens: int,
                    n_tasks: int) -> dict:
     """:func:`pass_memory` of a factored store (see there)."""
@@ -367,9 +371,9 @@ def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, score: in
                 not layout.factored(n.rsplit(".", 1)[0], max_tokens))
     out = {"rows": rows, "grads": 4 * m * (P1 + dense), "cat": 0, "copies": 0,
            "fisher": 8 * P * (int(n_tasks) + 2), "store": 0, "norms": 12 * m * P1,
-           "act": act, "score": score}
+           "act": act, "values": values, "score": score}
     out["fisher_phase"] = out["fisher"] + max(act, 4 * m * P1 + 16 * P1)
-    out["stored_phase"] = rows + act + out["grads"] + out["norms"]
+    out["stored_phase"] = rows + values + act + out["grads"] + out["norms"]
     out["transient"] = out["stored_phase"] - rows
     out["peak"] = max(out["fisher_phase"], out["stored_phase"], rows + score)
     return out

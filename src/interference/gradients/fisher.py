@@ -102,9 +102,14 @@ class TaskFisher:
         self.sample_ids.extend(ids)
 
     def flush(self) -> None:
-        """Fold the GPU-side pending sum into the host state (see :meth:`update`)."""
+        """Fold the GPU-side pending sum into the host state (see :meth:`update`). When the
+        pending sum is the whole state (mode 'mean'), Î is computed from it on the GPU first
+        and stays there (``value()``'s cache: the same float64 division and float32
+        rounding as on the host, so the same bits), and scoring reads it without a host
+        round trip."""
         if self.pending is not None:
             if self.flushed_count == 0:
+                self._value = (self.pending / self.count).float()
                 self.state = self.pending.to(self.state.device)    # 0 + a = a
             else:
                 self.state.add_(self.pending.to(self.state.device))

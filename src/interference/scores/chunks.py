@@ -31,9 +31,9 @@ def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
     if chunk_memory_mb:
         return float(chunk_memory_mb) * 2**20
     if device.startswith("cuda"):
-        import torch
+        from ..device import free_memory_mb
 
-        return 0.8 * torch.cuda.mem_get_info(torch.device(device))[0]
+        return 0.8 * free_memory_mb(device) * 2**20
     return float(gradient_memory_mb or CPU_PASS_MB) * 2**20
 
 

@@ -237,9 +237,12 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
                                "top_k": metric.top_k,
                                "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,
                                "sq_norms_r": store.grad_norms(reference_task, ids_r) ** 2})
+        budget = metric.device_memory_mb
         logger.info("layers %d-%d: Fisher samples %.1f s, stored samples %.1f s, %s scored "
-                    "in %.1f s", layers[0], layers[-1], took["fisher"], took["stored"],
-                    " and ".join(arms), time.perf_counter() - t0)
+                    "in %.1f s (device budget of the operands: %s)", layers[0], layers[-1],
+                    took["fisher"], took["stored"], " and ".join(arms),
+                    time.perf_counter() - t0,
+                    "none" if budget is None else f"{budget / 1024:.1f} GiB")
         store.release()                 # drop this pass's rows before the next
         del metric, collector, store
         gc.collect()                    # collector <-> store/Fisher are cycles
