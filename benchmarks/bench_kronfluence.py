@@ -74,7 +74,8 @@ def run_ours(model, sets, args) -> dict:
     t = {}
     sync(args.device)
     t0 = time.perf_counter()
-    fc = FisherCollector(enable_cross_task_analysis=True, micro_batch=args.micro_batch)
+    kw = {} if args.micro_batch is None else {"micro_batch": args.micro_batch}
+    fc = FisherCollector(enable_cross_task_analysis=True, **kw)
     fc.collect_fisher(model, batch_of(sets["fisher"][:half], "a:f"), task="a", role="fisher")
     fc.collect_fisher(model, batch_of(sets["fisher"][half:], "b:f"), task="b", role="fisher")
     sync(args.device)
@@ -90,6 +91,7 @@ def run_ours(model, sets, args) -> dict:
     sync(args.device)
     t["heatmap"] = time.perf_counter() - t2
     t["total"] = time.perf_counter() - t0
+    args.micro_batch = fc.micro_batch       # 'auto' resolved: Kronfluence gets the same batch
     return {"seconds": t, "heat": heat, "collector": fc, "metric": metric,
             "store_device": str(fc.gradient_manager.device)}
 
@@ -199,8 +201,9 @@ def shape_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--n", type=int, default=100, help="samples per set (Fisher, A, B)")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=8,
-                    help="both sides' batch (8: this project's default micro_batch)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="both sides' batch (default: this project's micro_batch='auto' as "
+                         "FisherCollector resolves it on the device; Kronfluence gets the same)")
     return ap
 
 

@@ -3,7 +3,7 @@
 against the wall time of collecting and scoring.
 
     python benchmarks/check_b2_pass.py [--chunk 0] [--chunks 2] [--tokens 256]
-        [--micro-batch M] [--profile out.pstats]
+        [--micro-batch M] [--profile out.pstats] [--metric-default]
 
 ``--micro-batch`` forces the micro-batch (the plan's otherwise); ``--profile`` runs the
 collect-and-score call under cProfile, writes its stats and prints the 40 functions of
@@ -54,6 +54,9 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--metric-default", action="store_true",
+                    help="the workflow's metric settings (conf/metric/default.yaml: relative "
+                         "ridge from each (layer, block)'s Fisher median), not the library's")
     ap.add_argument("--profile", default=None)
     args = ap.parse_args(argv)
     mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
@@ -92,12 +95,15 @@ def main(argv=None):
     torch.cuda.reset_peak_memory_stats(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    metric_kwargs = {"device": dev}
+    if args.metric_default:
+        metric_kwargs.update(yaml.safe_load((ROOT / "conf" / "metric" / "default.yaml").read_text()))
     prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
     if prof:
         prof.enable()
     score_layers(model, batches, "math", "code", plan["passes"], make,
-                 metric_kwargs={"device": dev}, fisher_mode="mean", micro_batch=m,
+                 metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
                  progress=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0

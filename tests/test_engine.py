@@ -309,6 +309,7 @@ def test_median_by_selection_equals_numpy_bitwise():
         for x in (rng.exponential(size=n) * 10.0 ** rng.integers(-12, 3),
                   rng.integers(0, 4, size=n).astype(float)):          # ties
             assert median(torch.from_numpy(x)) == float(np.median(x))
+            assert median(torch.from_numpy(x), by_sort=True) == float(np.median(x))  # CUDA's way
 
 
 def test_metric_reused_after_more_fisher_samples_equals_a_fresh_one(llama_model):
@@ -534,3 +535,23 @@ def test_b6_benchmark_runs_on_the_cpu_and_matches_kronfluence():
     if "kronfluence_s" in out:
         assert out["kronfluence_scores_shape"] == [4, 4]
         assert out["signed_sum_vs_kronfluence_max_rel_diff"] < 1e-4   # ε floor, float32
+
+
+def test_auto_micro_batch_is_8_on_the_cpu_and_the_largest_that_fits_on_a_gpu(monkeypatch,
+                                                                             llama_model):
+    """micro_batch='auto': 8 on the CPU (resolved at the first batch); on CUDA the largest
+    of 32/16/8 whose 12 m P bytes fit a quarter of the free memory; bad values refused."""
+    from interference.gradients import fisher
+
+    fc = FisherCollector(enable_cross_task_analysis=True)
+    assert fc.micro_batch == "auto"
+    fc.collect_fisher(llama_model, padded_batch(3, 10, 1, "m:f"), task="m", role="fisher")
+    assert fc.micro_batch == 8
+    P = 10**6
+    for free_mb, want in ((12 * 32 * P * 4 / 2**20, 32), (12 * 32 * P * 4 / 2**20 - 1, 16),
+                          (12 * 16 * P * 4 / 2**20 - 1, 8), (1.0, 8)):
+        monkeypatch.setattr("interference.device.free_memory_mb", lambda d, f=free_mb: f)
+        assert fisher.auto_micro_batch(torch.device("cuda"), P) == want
+    for bad in (0, -1, 2.5, "big"):
+        with pytest.raises(ValueError, match="micro_batch"):
+            FisherCollector(micro_batch=bad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import uuid
 import warnings
@@ -161,7 +162,12 @@ class FisherCollector:
         loss_reduction: 'mean' | 'sum' for the default objective.
         progress: tqdm bars over samples.
         engine: per-sample gradient engine 'auto' | 'loop' | 'hooks' (see per_sample.py).
-        micro_batch: samples per batched forward of the 'hooks' engine.
+        micro_batch: samples per batched forward of the 'hooks' engine; 'auto' (default):
+            8 on the CPU; on CUDA the largest of :data:`AUTO_MICRO_BATCHES` whose dense
+            rows, per-sample gradients and their copies (12 bytes x m x P,
+            collect.pass_memory) take at most a quarter of the card's free memory (a GPU
+            runs small micro-batches at a fraction of its speed: B6 in
+            benchmarks/RESULTS.md), at least 8.
         layers: collect only these layers (default all); see ``layerwise.py``.
         store_device: where in-budget gradients live: 'auto' (default: the model's device,
             so gradients collected on a GPU stay there for scoring), 'cpu', or 'cuda'
@@ -183,11 +189,16 @@ class FisherCollector:
                  ema_decay: float = 0.99, store_dtype: str = "float32", spill_dir=None,
                  config: QKOVConfig | None = None, objective: Objective | None = None,
                  loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
-                 micro_batch: int = 8, layers: list[int] | None = None, store_device="auto",
+                 micro_batch: int | str = "auto", layers: list[int] | None = None,
+                 store_device="auto",
                  fisher_partials: bool = False, gradient_format: str = "dense"):
         if gradient_format not in GRADIENT_FORMATS:
             raise ValueError(f"gradient_format must be one of {GRADIENT_FORMATS}, got "
                              f"{gradient_format!r}")
+        if micro_batch != "auto" and not (isinstance(micro_batch, numbers.Integral) and
+                                          micro_batch >= 1):
+            raise ValueError(f"micro_batch must be an integer >= 1 or 'auto', got "
+                             f"{micro_batch!r}")
         self.gradient_format = gradient_format
         self.enable_cross_task_analysis = enable_cross_task_analysis
         self.gradient_memory_mb = gradient_memory_mb
@@ -297,7 +308,8 @@ class FisherCollector:
         layout = self._store.layout if keep else None
         engine = PerSampleGradients(model, self.indexer, self.objective, self.progress,
                                     desc=f"{task} ({role})", engine=self.engine,
-                                    micro_batch=self.micro_batch, factors=layout is not None,
+                                    micro_batch=self._micro_batch(model),
+                                    factors=layout is not None,
                                     rows=layout is None or wants_fisher,
                                     dense_for=layout and (lambda p, t: not layout.factored(p, t)),
                                     covered=self._coverage() if layout is not None else None)
@@ -321,6 +333,14 @@ class FisherCollector:
                      sum(losses) / n)
         return {"n_samples": n, "mean_loss": sum(losses) / n, "sample_ids": ids,
                 "losses": losses}
+
+    def _micro_batch(self, model: nn.Module) -> int:
+        """The micro-batch this collector's engine runs (``micro_batch``, 'auto' resolved
+        once, at the first batch)."""
+        if self.micro_batch == "auto":
+            self.micro_batch = auto_micro_batch(next(model.parameters()).device,
+                                                self.indexer.total_size)
+        return int(self.micro_batch)
 
     def _coverage(self) -> dict:
         """:func:`per_sample._coverage` of the indexer, computed once."""
@@ -475,6 +495,21 @@ class FisherCollector:
 
 STORE_SHARE = 0.5       # share of a card's free memory that gradient_memory_mb='auto' takes
 CPU_STORE_MB = 100.0    # gradient_memory_mb='auto' for a store in host memory
+
+
+AUTO_MICRO_BATCHES = (32, 16, 8)
+
+
+def auto_micro_batch(device: torch.device, n_params: int) -> int:
+    """FisherCollector's ``micro_batch='auto'`` on ``device`` for ``n_params`` attention
+    parameters (see there)."""
+    from ..device import free_memory_mb
+
+    free = free_memory_mb(device)
+    if free is None:
+        return AUTO_MICRO_BATCHES[-1]
+    fits = [m for m in AUTO_MICRO_BATCHES if 12 * m * n_params <= 0.25 * free * 2**20]
+    return max(fits, default=AUTO_MICRO_BATCHES[-1])
 
 
 def _store_placement(model: nn.Module, store_device, memory_mb) -> tuple[torch.device, float]:

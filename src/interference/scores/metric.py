@@ -523,13 +523,19 @@ def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(idx[order]), torch.from_numpy(val[order])
 
 
-def median(x: torch.Tensor) -> float:
+def median(x: torch.Tensor, by_sort: bool | None = None) -> float:
     """``np.median`` of all entries of ``x`` (float64), computed where ``x`` lives: the
-    middle entry, or the mean of the two middle entries (a + b) / 2, found by selection."""
+    middle entry, or the mean of the two middle entries (a + b) / 2. ``by_sort`` None: on
+    the CPU by selection (kthvalue), on CUDA by a sort (kthvalue of one long slice runs in
+    one thread block there: ~0.3 s for a 7B layer's 16.7 M values, the sort a few ms)."""
     flat = x.reshape(-1)
     n = flat.numel()
-    hi = flat.kthvalue(n // 2 + 1).values
+    if flat.is_cuda if by_sort is None else by_sort:
+        ordered = flat.sort().values
+        hi, lo = ordered[n // 2], ordered[(n - 1) // 2]
+    else:
+        hi = flat.kthvalue(n // 2 + 1).values
+        lo = hi if n % 2 else flat.kthvalue(n // 2).values
     if n % 2:
         return float(hi)
-    lo = flat.kthvalue(n // 2).values
     return float((lo + hi) / 2)
