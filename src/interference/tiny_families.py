@@ -127,9 +127,15 @@ _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 head
     # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local;
 # RecurrentGemma: recurrent then attention)
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "mamba_dt_rank": 4,
-    "mamba_d_ssm": 64,
+    "mamba_d_ssm": 64, "n_mamba_heads": 4,
     "attn_layer_indices": [1], "hybrid_layer_ids": [1],
     "attention_types": [[["global", "local"], 1]], "block_types": ["recurrent", "attention"]}
+_FAMILY = {   # families whose defaults do not shrink by the rules above
+    "dory": dict(n_input_layers=0, n_output_layers=1,    # layer 0 looped, layer 1 output
+                 layer_types=["sliding_attention", "full_attention"]),
+    "musicgen": dict(num_codebooks=1),          # input_ids [n·codebooks, T]: one codebook
+    "musicgen_melody": dict(num_codebooks=1),
+}
 _LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
@@ -204,7 +210,7 @@ def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     own = getattr(getattr(T, cls_name), "config_class", None)
     if isinstance(own, type) and own is not config_cls:   # Llama4ForCausalLM: the text config
         config_cls = own
-    cfg = config_cls(**shrunk_kwargs(config_cls))
+    cfg = config_cls(**{**shrunk_kwargs(config_cls), **_FAMILY.get(family, {})})
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"
     if kind == "masked_lm" and getattr(cfg, "mask_token_id", None) is None:
