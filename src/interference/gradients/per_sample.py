@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from .objectives import Objective
+from .objectives import Objective, upcast
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -156,6 +156,11 @@ class _HookCapture:
     None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and whether each
     sample's g is finite (``finite``); 'norms': Σ of g_k² over the entries the indexer
     covers (float64 [n], ``norm2``), and g itself for the parameters in ``keep`` only.
+
+    A module applied more than once per forward (a looped layer, ProphetNet's main and
+    predict streams) or to inputs [n, ..., in] has its applications' tokens concatenated,
+    x [n, Σ tokens, in] and δ likewise (Σ over them is its per-sample gradient); such
+    modules are listed in ``stacked`` (no per-sample factors of their own tokens).
     """
 
     def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
@@ -174,6 +179,7 @@ class _HookCapture:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
+        self.stacked: set[str] = set()
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
     def input_groups(self) -> dict[str, str]:
@@ -195,9 +201,17 @@ class _HookCapture:
 
     def _hook(self, path):
         def fwd(mod, inputs, output):
-            self.inputs[path] = inputs[0].detach()
+            x = inputs[0].detach()
             # the output's place in the graph, not its values (held until the backward)
-            self.outputs[path] = (get_gradient_edge(output), output.shape, output.dtype)
+            edge = (get_gradient_edge(output), output.shape, output.dtype)
+            if path in self.inputs or x.dim() != 3:   # applied again, or [n, ..., in]
+                self.stacked.add(path)
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+                old = self.inputs.get(path)
+                self.inputs[path] = x if old is None else torch.cat([old, x], 1)
+                self.outputs.setdefault(path, []).append(edge)
+                return
+            self.inputs[path], self.outputs[path] = x, [edge]
         return fwd
 
     def backward(self, loss: torch.Tensor):
@@ -205,17 +219,20 @@ class _HookCapture:
         forms the activations' gradients only, no weight gradient (the per-sample ones are
         formed from x and δ by :meth:`form`)."""
         paths = [p for p in self.by_module if p in self.outputs]
-        outs = [self.outputs[p] for p in paths]
-        grads = torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True)
+        outs = [o for p in paths for o in self.outputs[p]]
+        grads = iter(torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True))
+        for p in paths:
+            ds = [g.detach() if g is not None else torch.zeros(shape, dtype=dtype,
+                                                               device=loss.device)
+                  for (_, shape, dtype), g in zip(self.outputs[p], grads)]
+            self.deltas[p] = ds[0] if p not in self.stacked else torch.cat(
+                [d.reshape(d.shape[0], -1, d.shape[-1]) for d in ds], 1)
         self.outputs = {}
-        for p, (_, shape, dtype), g in zip(paths, outs, grads):
-            self.deltas[p] = g.detach() if g is not None else torch.zeros(
-                shape, dtype=dtype, device=loss.device)
 
     def form(self, path: str):
         """The per-sample gradients of ``path``'s parameters, each through ``_keep``."""
         x, delta = self.inputs[path], self.deltas[path]
-        xf, df = x.float(), delta.float()
+        xf, df = upcast(x), upcast(delta)
         if "weight" in self.by_module[path]:
             with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
                 g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
@@ -443,6 +460,10 @@ class PerSampleGradients:
     def _factors_of(self, capture: "_HookCapture", k: int, t: int) -> dict:
         """Sample ``k``'s factors: its own ``t`` tokens (right padding) of x and δ, and its
         per-sample gradients that the capture kept."""
+        if capture.stacked:
+            raise ValueError(f"per-sample factors need each module applied once per forward "
+                             f"to [n, T, in]; {sorted(capture.stacked)[:3]} are not: use "
+                             "a dense gradient store")
         groups = capture.input_groups()
         return {"T": t, "groups": groups,
                 "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
@@ -458,7 +479,7 @@ class PerSampleGradients:
         keep = labels != -100
         n_tok = keep.sum(1)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
+            upcast(logits).reshape(-1, logits.shape[-1]),
             labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
         per = (nll * keep).sum(1)
         return (per / n_tok if self.objective.loss_reduction == "mean" else per), n_tok
