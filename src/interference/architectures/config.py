@@ -110,7 +110,8 @@ def geometry_from_hf_config(cfg) -> dict:
     ``attn_config.kv_n_heads``, ``head_dim`` when set, else width / heads).
     """
     hidden = _first_attr(cfg, ["hidden_size", "n_embd", "d_model", "embed_dim", "dim"])
-    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads", "n_heads"])
+    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads", "n_heads",
+                              "num_self_attention_heads"])   # Perceiver's latent stack
     if not isinstance(heads, int):
         for sub in ("text_config", "vision_config"):   # a composite config: its one tower
             if getattr(cfg, sub, None) is not None:

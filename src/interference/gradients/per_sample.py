@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,39 @@ def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+_LEAKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def pads_leak(model: nn.Module) -> bool:
+    """True when 2 right-padding tokens (attention mask 0) change the logits of 6 real
+    tokens by more than 1e-4 of their largest (2e-2 in 16-bit floats): the hooks engine's
+    padded batch would then not give each sample's gradient alone (CPM-Ant, ProphetNet's
+    predict streams), so 'auto' takes the loop engine. Once per model; a model whose
+    forward refuses the probe counts as not leaking (as before the check)."""
+    if model in _LEAKS:
+        return _LEAKS[model]
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        ids = torch.arange(1, 7, device=p.device)[None] % min(
+            int(model.get_input_embeddings().num_embeddings), 97)
+        padded = torch.cat([ids, torch.full_like(ids[:, :2], pad if isinstance(pad, int) else 0)], 1)
+        mask = (torch.arange(8, device=p.device) < 6).long()[None]
+        model.eval()
+        with torch.no_grad():
+            a = model(input_ids=ids, attention_mask=mask[:, :6]).logits[0, :6].float()
+            b = model(input_ids=padded, attention_mask=mask).logits[0, :6].float()
+        tol = 2e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        leak = bool((a - b).abs().max() > tol * a.abs().max())
+    except Exception:  # noqa: BLE001 - a forward that needs other inputs: no probe
+        leak = False
+    finally:
+        model.train(was_training)
+    _LEAKS[model] = leak
+    return leak
 
 
 class _HookCapture:
@@ -324,7 +358,7 @@ class PerSampleGradients:
             raise ValueError(f"engine 'hooks' supports causal-LM objectives only, not "
                              f"{type(objective).__name__}; use engine='loop'")
         if engine == "auto":
-            return "hooks" if batched_ok else "loop"
+            return "hooks" if batched_ok and not pads_leak(model) else "loop"
         return engine
 
     def __call__(self, batch: dict, sample_ids: list[str]):
