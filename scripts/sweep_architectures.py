@@ -39,7 +39,6 @@ PER_HEAD = ("proven", "proof failed", "forward failed", "engine failed",
 # they stay in the denominator), checked by reading their attention modules
 NOT_READ = {
     "xlnet": "q/k/v/o are raw Parameters [d, H, d_h], not Linear modules",
-    "squeezebert": "query/key/value are Conv1d(kernel 1) modules, not Linear",
 
     "cvt": "projection_query/key/value after a convolution, per-stage heads",
     "hiera": "qkv + proj per stage: hierarchical stages with different heads",

@@ -31,7 +31,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .registry import AttentionLayout, HeadSlices, _is_conv1d
+from .registry import AttentionLayout, HeadSlices, _is_conv1d, weight2d
 
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "q_linear", "to_q",
            "project_q", "q_head")
@@ -43,7 +43,7 @@ QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "
              "to_qkv", "in_proj")
 O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", "proj", "out",
            "o_linear", "to_out", "output", "attention_out", "post_proj")
-O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
+O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj", "post_attention.conv1d")
 PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
 STACKS = ("decoder_self", "encoder", "decoder_cross")
@@ -111,7 +111,10 @@ class LayoutNotFound(KeyError):
 
 
 def _linear_like(module: nn.Module) -> bool:
+    """Linear, Conv1D, or an nn.Conv1d of kernel 1 (a Linear over channels-first input)."""
     w = getattr(module, "weight", None)
+    if isinstance(module, nn.Conv1d):
+        return module.kernel_size == (1,) and module.padding in ((0,), "valid")
     return isinstance(w, torch.Tensor) and w.dim() == 2 and (
         isinstance(module, nn.Linear) or _is_conv1d(module))
 
@@ -165,7 +168,7 @@ def _fused_fits(model: nn.Module, path: str) -> bool:
     except (ValueError, AttributeError):
         return False
     m = model.get_submodule(path)
-    rows = m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]
+    rows = weight2d(m).shape[1] if _is_conv1d(m) else weight2d(m).shape[0]
     return rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
 
 
@@ -190,6 +193,10 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
     if first["o"] is None:
         raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense beside "
                              f"it) found for {first['parent']}")
+    o_mod = model.get_submodule(first["o"])
+    if isinstance(o_mod, nn.Conv1d) and o_mod.groups != 1:
+        raise LayoutNotFound(f"output projection {first['o']} is a grouped convolution: "
+                             "its columns are not one input channel each")
     if len({f["order"] for f in found}) > 1:
         raise LayoutNotFound(f"mixed q/k/v storage across layers of {stacks[0]}")
     start = len(first["stack"].split("{N}")[0])
