@@ -219,12 +219,15 @@ def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
         got_p = _moved(probs[layer], probs0[layer], where + " attention probabilities")
         if got_p != (set() if block == "V" else want):
             seen["attention heads changed"] = sorted(got_p)
-    else:
-        n0 = chunks(ctx0[layer]).norm(dim=-1)
-        rtol = 1e-9 if n0.dtype == torch.float64 else 1e-5
-        kept = bool(torch.allclose(chunks(ctx[layer]).norm(dim=-1), n0, rtol=rtol, atol=0))
-        if kept != (block == "V"):
-            seen["context norms kept"] = kept
+    else:   # V turns its heads' context by its rotation R (the context is linear in V,
+        # and stays so through a norm after it: YOSO); Q and K do not
+        raw_new, raw_old = chunks(ctx[layer])[sorted(want)], chunks(ctx0[layer])[sorted(want)]
+        R = _rotation(cfg.v_head_dim).to(raw_old.dtype)
+        zero = TOLERANCES.get(raw_old.dtype, TOLERANCES[torch.float64])[0]
+        turned = bool(((raw_new - raw_old @ R.T).abs().max()
+                       <= zero * (raw_old.abs().max() + 1e-300)))
+        if turned != (block == "V"):
+            seen["context turned by the V rotation"] = turned
     if seen:
         expect = (f"attention probabilities of heads {sorted(want)} and context of heads "
                   f"{sorted(want)}" if block != "V" else
