@@ -172,7 +172,7 @@ def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special
             if trim:
                 ids, labels, chosen, mask = ids[mask], labels[mask], chosen[mask], mask[mask]
             logits = m(input_ids=ids[None],
-                       attention_mask=None if trim else mask.long()[None]).logits[0]
+                       attention_mask=None if trim else mask.long()[None]).logits[0, :len(ids)]
             loss = F.cross_entropy(logits[chosen], labels[chosen])
         elif kind == "pair_cosine":
             ids, mask, seg = (batch[key][k] for key in ("input_ids", "attention_mask",

@@ -362,6 +362,7 @@ SECOND_PASS = {
     "zamba2": ("generic_split", "Mamba heads sized to width 32"),
     "squeezebert": ("generic_split", "kernel-1 Conv1d projections, channels first"),
     "yoso": ("bert", "no probabilities, a normalised context: the V-rotation rule"),
+    "perceiver": ("generic_split", "latent heads; the MLM decoder answers more positions"),
 }
 
 

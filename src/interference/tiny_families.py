@@ -135,7 +135,7 @@ _FAMILY = {   # families whose defaults do not shrink by the rules above
                  layer_types=["sliding_attention", "full_attention"]),
     "musicgen": dict(num_codebooks=1),          # input_ids [n·codebooks, T]: one codebook
     "musicgen_melody": dict(num_codebooks=1),
-    "perceiver": dict(d_latents=32, num_latents=8, num_self_attends_per_block=2,
+    "perceiver": dict(d_latents=64, num_latents=8, num_self_attends_per_block=2,
                       num_self_attention_heads=4, num_cross_attention_heads=4),
 }
 _LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")

@@ -281,7 +281,8 @@ class MaskedLMObjective(Objective):
             ids = torch.where(keep, torch.full_like(ids, self._mask_id(model)), ids)
         kw = {"token_type_ids": sample["token_type_ids"].to(dev)[None]} \
             if "token_type_ids" in sample else {}
-        logits = upcast(model(input_ids=ids[None], **kw).logits[0])
+        # the first T positions: Perceiver's decoder answers max_position_embeddings
+        logits = upcast(model(input_ids=ids[None], **kw).logits[0, :ids.shape[0]])
         nll = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
         return nll / n if self.loss_reduction == "mean" else nll
 
