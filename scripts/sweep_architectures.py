@@ -7,9 +7,11 @@ For each family: ``tiny_auto_model`` (config class defaults shrunk to 2 layers, 
 random weights; nothing is downloaded), ``QKOVConfig.from_model`` (registered adapters,
 then the generic discovery), ``prove_layout`` on a float64 copy (every head of the last
 layer) and ``heatmap_vs_brute`` (tests/reference_layouts.py: the engine's default heatmap
-against per-sample float64 autograd and explicit loops, relative error <= 1e-5).
+against per-sample float64 autograd, each sample alone on its real tokens, and explicit
+loops, relative error <= 1e-5).
 
-Usage (about 2 min alone, 5.5 min at load average 8-12, on 2 cores; HF_HUB_OFFLINE=1 is forced):
+Usage (80 s at load average 3, 5.5 min at load average 8-12, on 2 cores; HF_HUB_OFFLINE=1
+is forced):
     python scripts/sweep_architectures.py [--families gptj mpt ...] [--json out.json]
                                           [--doc docs/architectures.md]
 """
