@@ -350,7 +350,7 @@ def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, 
         assert list(idx.head_param_indices(1, "Q", 0)) == [name]
 
 
-# families proven by the mechanisms of the second pass (issue 18: 170 -> 182 of 201):
+# families proven by the mechanisms of the second pass (issue 18: 170 -> 183 of 201):
 # family -> (layout, what it exercises)
 SECOND_PASS = {
     "dory": ("llama", "a looped layer: the hooks engine sums both applications"),
