@@ -47,6 +47,18 @@ NOT_READ = {
     "levit": "qkv inside a Linear+BatchNorm block, per-stage heads",
 }
 
+# why a refused family is out of reach, put before its error in the table
+EXPLAINED = {
+    "diffllama": "differential attention combines heads h and h + H/2 and V's halves",
+    "mra": "multi-resolution approximation: Q's change leaves a short sequence's context",
+    "convbert": "head_ratio halves the heads; the span convolution reads every head's query",
+    "siglip2": "needs patchified pixels, pixel masks and spatial shapes (image objective)",
+    "hrm_text": "H and L modules applied in cycles, the early ones without gradients",
+    "blt": "global, local and cross-attention stacks of different widths",
+    **{f: "hierarchical stages: heads or widths differ by stage, two-level layer index"
+       for f in ("swin", "pvt", "pvt_v2", "segformer", "mobilevit")},
+}
+
 
 class _Timeout(Exception):
     pass
@@ -189,6 +201,8 @@ def run(families: list[str], limit_s: int = 120) -> list[dict]:
         finally:
             signal.alarm(0)
         row["seconds"] = round(time.perf_counter() - t0, 1)
+        if row["status"] != "proven" and family in EXPLAINED:
+            row["reason"] = f"{EXPLAINED[family]}; {row['reason']}"
         rows.append(row)
         print(f"{family:28s} {row['status']:26s} {row['layout']:20s} {row['err']} "
               f"{row['reason'][:90]}", flush=True)

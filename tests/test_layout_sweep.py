@@ -350,7 +350,7 @@ def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, 
         assert list(idx.head_param_indices(1, "Q", 0)) == [name]
 
 
-# families proven by the mechanisms of the second pass (issue 18: 170 -> 183 of 201):
+# families proven by the mechanisms of the second pass (issue 18: 170 -> 184 of 201):
 # family -> (layout, what it exercises)
 SECOND_PASS = {
     "dory": ("llama", "a looped layer: the hooks engine sums both applications"),
@@ -363,6 +363,7 @@ SECOND_PASS = {
     "squeezebert": ("generic_split", "kernel-1 Conv1d projections, channels first"),
     "yoso": ("bert", "no probabilities, a normalised context: the V-rotation rule"),
     "perceiver": ("generic_split", "latent heads; the MLM decoder answers more positions"),
+    "xlstm": ("generic_split", "mLSTM's matrix memory, per-head q/k/v/o; width 128"),
 }
 
 

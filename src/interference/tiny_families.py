@@ -135,6 +135,7 @@ _FAMILY = {   # families whose defaults do not shrink by the rules above
                  layer_types=["sliding_attention", "full_attention"]),
     "musicgen": dict(num_codebooks=1),          # input_ids [n·codebooks, T]: one codebook
     "musicgen_melody": dict(num_codebooks=1),
+    "xlstm": dict(hidden_size=128),   # q/k and v widths are rounded up to 64: 4 heads
     "perceiver": dict(d_latents=64, num_latents=8, num_self_attends_per_block=2,
                       num_self_attention_heads=4, num_cross_attention_heads=4),
 }
