@@ -350,7 +350,7 @@ def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, 
         assert list(idx.head_param_indices(1, "Q", 0)) == [name]
 
 
-# families proven by the mechanisms of the second pass (issue 18: 170 -> 184 of 201):
+# families proven by the mechanisms of the second pass (issue 18: 170 -> 185 of 201):
 # family -> (layout, what it exercises)
 SECOND_PASS = {
     "dory": ("llama", "a looped layer: the hooks engine sums both applications"),
@@ -364,6 +364,8 @@ SECOND_PASS = {
     "yoso": ("bert", "no probabilities, a normalised context: the V-rotation rule"),
     "perceiver": ("generic_split", "latent heads; the MLM decoder answers more positions"),
     "xlstm": ("generic_split", "mLSTM's matrix memory, per-head q/k/v/o; width 128"),
+    "hrm_text": ("generic_split", "two stacks of one tower as one sequence of layers; "
+                 "applications without gradients add nothing"),
 }
 
 
@@ -508,3 +510,18 @@ def test_a_context_only_model_with_q_and_v_swapped_fails_the_proof(family):
 def test_an_image_classifier_over_token_ids_is_built_as_its_causal_model():
     model, kind = tiny_auto_model("imagegpt")
     assert (type(model).__name__, kind) == ("ImageGPTForCausalImageModeling", "causal_lm")
+
+
+def test_one_towers_stacks_are_one_sequence_of_layers_in_module_order():
+    """HRM's L and H modules (no encoder / decoder side) are layers 0-1 and 2-3 in module
+    order; Swin's stages are too, but their head counts differ by stage: refused."""
+    from interference.architectures import QKOVIndexer
+
+    model, _ = tiny_auto_model("hrm_text")
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    names = [next(iter(idx.head_param_indices(l, "Q", 0))) for l in idx.layers]
+    assert names == [f"model.{s}_module.layers.{i}.self_attn.q_proj.weight"
+                     for s in "LH" for i in range(2)]
+    swin, _ = tiny_auto_model("swin")
+    with pytest.raises(ValueError, match="number of attention heads"):
+        QKOVConfig.from_model(swin)

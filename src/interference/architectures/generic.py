@@ -169,7 +169,8 @@ def _fused_fits(model: nn.Module, path: str) -> bool:
         return False
     m = model.get_submodule(path)
     rows = weight2d(m).shape[1] if _is_conv1d(m) else weight2d(m).shape[0]
-    return rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
+    return g["head_dim"] is not None and \
+        rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
 
 
 def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLayout":
@@ -183,22 +184,17 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
         raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
-    stacks = [choose_stack(text_stacks(model, sorted({f["stack"] for f in found})),
-                           attention_stack)]
+    names = text_stacks(model, sorted({f["stack"] for f in found}))
+    roles = {stack_role(s) for s in names}
+    if len(names) > 1 and len(roles) == 1 and attention_stack in (None, *roles):
+        return _one_tower(model, [f for f in found if f["stack"] in names])
+    stacks = [choose_stack(names, attention_stack)]
     found = [f for f in found if f["stack"] == stacks[0]]
     layers = [f["layer"] for f in found]
     if len(set(layers)) != len(layers):
         raise LayoutNotFound(f"more than one attention module per layer in {stacks[0]}")
     first = min(found, key=lambda f: f["layer"])
-    if first["o"] is None:
-        raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense beside "
-                             f"it) found for {first['parent']}")
-    o_mod = model.get_submodule(first["o"])
-    if isinstance(o_mod, nn.Conv1d) and o_mod.groups != 1:
-        raise LayoutNotFound(f"output projection {first['o']} is a grouped convolution: "
-                             "its columns are not one input channel each")
-    if len({f["order"] for f in found}) > 1:
-        raise LayoutNotFound(f"mixed q/k/v storage across layers of {stacks[0]}")
+    _check_found(model, found, stacks[0])
     start = len(first["stack"].split("{N}")[0])
     end = start + len(str(first["layer"]))
     patterns = {}
@@ -208,6 +204,37 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
             raise LayoutNotFound(f"{block} module {path} is outside layer {first['layer']}")
         patterns[block] = _layer_regex(path, start, end)
     return GenericLayout(f"generic_{first['order']}", patterns, first["order"])
+
+
+def _check_found(model: nn.Module, found: list[dict], where: str) -> None:
+    """LayoutNotFound unless every module has an output projection that is not a grouped
+    convolution and all store q/k/v alike."""
+    for f in found:
+        if f["o"] is None:
+            raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense "
+                                 f"beside it) found for {f['parent']}")
+        o_mod = model.get_submodule(f["o"])
+        if isinstance(o_mod, nn.Conv1d) and o_mod.groups != 1:
+            raise LayoutNotFound(f"output projection {f['o']} is a grouped convolution: "
+                                 "its columns are not one input channel each")
+    if len({f["order"] for f in found}) > 1:
+        raise LayoutNotFound(f"mixed q/k/v storage across layers of {where}")
+
+
+def _one_tower(model: nn.Module, found: list[dict]) -> "GenericLayout":
+    """Several stacks of one tower, all on the same side (hierarchical stages:
+    ``encoder.layer.{N}.transformer.layer.{M}``; HRM's H and L modules), as ONE sequence of layers
+    in module order: layer l is the l-th attention module. The geometry then decides:
+    per-stage head counts are refused (one head count per model)."""
+    rank = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    found = sorted(found, key=lambda f: rank[f["parent"]])
+    _check_found(model, found, "the stacks " + ", ".join(sorted({f["stack"] for f in found})))
+    layout = GenericLayout(f"generic_{found[0]['order']}", {}, found[0]["order"])
+    layout.paths = {l: dict(zip("QKVO", (f["q"], f["k"], f["v"], f["o"])))
+                    for l, f in enumerate(found)}
+    layout.patterns = {b: "|".join(re.escape(p[b]) for p in layout.paths.values())
+                       for b in "QKVO"}
+    return layout
 
 
 class GenericLayout(AttentionLayout):
@@ -220,6 +247,14 @@ class GenericLayout(AttentionLayout):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.name, self.patterns, self.order = name, dict(patterns or {}), order
+        self.paths: dict[int, dict[str, str]] | None = None   # layer -> block -> path
+
+    def modules_by_layer(self, model: nn.Module, block: str) -> dict[int, str]:
+        """Layer id -> module path: by the patterns, or the explicit ``paths`` of one
+        tower's stacks (``_one_tower``)."""
+        if self.paths is None:
+            return super().modules_by_layer(model, block)
+        return {l: p[block] for l, p in self.paths.items()}
 
     def _slices(self, model, config, layer, block):
         path = self._path(model, layer, block)

@@ -111,7 +111,8 @@ def _fit_split_geometry(g: dict, modules: dict[str, nn.Module]) -> dict:
         g = {**g, "hidden_dim": None}   # each weight's own width is then checked
     h, kv, dk = g["num_heads"], g["num_kv_heads"], g["head_dim"]
     dv = g.get("v_head_dim", dk)
-    if (rows["Q"], rows["K"], rows["V"], o_cols) == (h * dk, kv * dk, kv * dv, h * dv):
+    if dk is not None and (rows["Q"], rows["K"], rows["V"], o_cols) == (
+            h * dk, kv * dk, kv * dv, h * dv):
         return g
     if rows["Q"] % h or o_cols % h:
         return g

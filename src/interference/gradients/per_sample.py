@@ -235,6 +235,8 @@ class _HookCapture:
 
     def _hook(self, path):
         def fwd(mod, inputs, output):
+            if not output.requires_grad:   # applied without gradients: adds nothing
+                return
             x = inputs[0].detach()
             # the output's place in the graph, not its values (held until the backward)
             edge = (get_gradient_edge(output), output.shape, output.dtype)
