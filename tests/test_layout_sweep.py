@@ -525,3 +525,14 @@ def test_one_towers_stacks_are_one_sequence_of_layers_in_module_order():
     swin, _ = tiny_auto_model("swin")
     with pytest.raises(ValueError, match="number of attention heads"):
         QKOVConfig.from_model(swin)
+
+
+def test_two_named_towers_on_one_side_are_not_one_tower():
+    from interference.architectures.generic import _one_tower_stacks
+
+    assert _one_tower_stacks(["m.L_module.layers.{N}.attn", "m.H_module.layers.{N}.attn"])
+    assert _one_tower_stacks(["s.encoder.layers.{N}.blocks.0.attention",
+                              "s.encoder.layers.{N}.blocks.1.attention"])
+    assert not _one_tower_stacks(["question_encoder.bert.encoder.layer.{N}.attention.self",
+                                  "ctx_encoder.bert.encoder.layer.{N}.attention.self"])
+    assert not _one_tower_stacks(["text.layers.{N}.attn", "vision.layers.{N}.attn"])

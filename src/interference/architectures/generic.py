@@ -185,8 +185,8 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
     names = text_stacks(model, sorted({f["stack"] for f in found}))
-    roles = {stack_role(s) for s in names}
-    if len(names) > 1 and len(roles) == 1 and attention_stack in (None, *roles):
+    if len(names) > 1 and _one_tower_stacks(names) and \
+            attention_stack in (None, stack_role(names[0])):
         return _one_tower(model, [f for f in found if f["stack"] in names])
     stacks = [choose_stack(names, attention_stack)]
     found = [f for f in found if f["stack"] == stacks[0]]
@@ -219,6 +219,16 @@ def _check_found(model: nn.Module, found: list[dict], where: str) -> None:
                                  "its columns are not one input channel each")
     if len({f["order"] for f in found}) > 1:
         raise LayoutNotFound(f"mixed q/k/v storage across layers of {where}")
+
+
+def _one_tower_stacks(stacks: list[str]) -> bool:
+    """True for stacks of one tower: on the same side, all in or all out of a vision /
+    audio tower, and either differing in their indices only (hierarchical stages) or on
+    no encoder / decoder side at all (HRM's L and H modules). Two named towers on one
+    side (a question and a context encoder) are not."""
+    roles = {stack_role(s) for s in stacks}
+    return len(roles) == 1 and len({in_tower(s) for s in stacks}) == 1 and (
+        len({re.sub(r"\d+", "#", s) for s in stacks}) == 1 or roles == {None})
 
 
 def _one_tower(model: nn.Module, found: list[dict]) -> "GenericLayout":
