@@ -7,7 +7,8 @@ the attention modules itself:
    ``query``, ``wq``, ``q_lin``, ...) or a fused-qkv name (``qkv_proj``, ``Wqkv``,
    ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
 2. the layer id is the first integer of that parent's path; the attention modules must form
-   ONE stack, one per layer; an encoder-decoder maps one of its stacks (``choose_stack``:
+   ONE stack, one per layer (several stacks of one tower are one sequence of layers in
+   module order: ``_one_tower``); an encoder-decoder maps one of its stacks (``choose_stack``:
    the decoder's self-attention by default, or the encoder or the cross-attention); a
    vision / audio tower of a model that reads token ids is left out (``text_stacks``); a
    second tower or hierarchical stages are refused, never mixed;
@@ -232,10 +233,10 @@ def _one_tower_stacks(stacks: list[str]) -> bool:
 
 
 def _one_tower(model: nn.Module, found: list[dict]) -> "GenericLayout":
-    """Several stacks of one tower, all on the same side (hierarchical stages:
-    ``encoder.layer.{N}.transformer.layer.{M}``; HRM's H and L modules), as ONE sequence of layers
-    in module order: layer l is the l-th attention module. The geometry then decides:
-    per-stage head counts are refused (one head count per model)."""
+    """Several stacks of one tower (``_one_tower_stacks``: hierarchical stages
+    ``encoder.layer.{N}.transformer.layer.{M}``, HRM's L and H modules) as ONE sequence of
+    layers in module order: layer l is the l-th attention module. The geometry then
+    decides: per-stage head counts are refused (one head count per model)."""
     rank = {p: i for i, (p, _) in enumerate(model.named_modules())}
     found = sorted(found, key=lambda f: rank[f["parent"]])
     _check_found(model, found, "the stacks " + ", ".join(sorted({f["stack"] for f in found})))

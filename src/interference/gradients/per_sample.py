@@ -164,7 +164,8 @@ def pads_leak(model: nn.Module) -> bool:
         p = next(model.parameters())
         ids = torch.arange(1, 7, device=p.device)[None] % min(
             int(model.get_input_embeddings().num_embeddings), 97)
-        padded = torch.cat([ids, torch.full_like(ids[:, :2], pad if isinstance(pad, int) else 0)], 1)
+        pads = torch.full_like(ids[:, :2], pad if isinstance(pad, int) else 0)
+        padded = torch.cat([ids, pads], 1)
         mask = (torch.arange(8, device=p.device) < 6).long()[None]
         model.eval()
         with torch.no_grad():
