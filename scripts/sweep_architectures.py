@@ -7,9 +7,11 @@ For each family: ``tiny_auto_model`` (config class defaults shrunk to 2 layers, 
 random weights; nothing is downloaded), ``QKOVConfig.from_model`` (registered adapters,
 then the generic discovery), ``prove_layout`` on a float64 copy (every head of the last
 layer) and ``heatmap_vs_brute`` (tests/reference_layouts.py: the engine's default heatmap
-against per-sample float64 autograd and explicit loops, relative error <= 1e-5).
+against per-sample float64 autograd, each sample alone on its real tokens, and explicit
+loops, relative error <= 1e-5).
 
-Usage (about 2 min alone, 5.5 min at load average 8-12, on 2 cores; HF_HUB_OFFLINE=1 is forced):
+Usage (80 s at load average 3, 5.5 min at load average 8-12, on 2 cores; HF_HUB_OFFLINE=1
+is forced):
     python scripts/sweep_architectures.py [--families gptj mpt ...] [--json out.json]
                                           [--doc docs/architectures.md]
 """
@@ -39,11 +41,23 @@ PER_HEAD = ("proven", "proof failed", "forward failed", "engine failed",
 # they stay in the denominator), checked by reading their attention modules
 NOT_READ = {
     "xlnet": "q/k/v/o are raw Parameters [d, H, d_h], not Linear modules",
-    "squeezebert": "query/key/value are Conv1d(kernel 1) modules, not Linear",
 
     "cvt": "projection_query/key/value after a convolution, per-stage heads",
     "hiera": "qkv + proj per stage: hierarchical stages with different heads",
     "levit": "qkv inside a Linear+BatchNorm block, per-stage heads",
+}
+
+# why a refused family is out of reach, put before its error in the table
+EXPLAINED = {
+    "diffllama": "differential attention combines heads h and h + H/2 and V's halves",
+    "mra": "multi-resolution approximation: Q's change leaves a short sequence's context",
+    "convbert": "head_ratio halves the heads; the span convolution reads every head's query",
+    "siglip2": "needs patchified pixels, pixel masks and spatial shapes (image objective)",
+    "blt": "global, local and cross-attention stacks of different widths",
+    "mobilevit": "the tiny random model's activations vanish through its convolution "
+                 "stages (1e-37 at the last): its attention is too flat to prove",
+    **{f: "hierarchical stages whose head counts differ (one head count per model)"
+       for f in ("swin", "pvt", "pvt_v2", "segformer")},
 }
 
 
@@ -116,14 +130,20 @@ def _compare(model, kind: str, dtype: str) -> dict:
     the tiny random model is not)."""
     import torch
     from interference.architectures.proof import float64_copy
-    from reference_layouts import heatmap_vs_brute
+    from reference_layouts import NonFiniteReference, heatmap_vs_brute
 
     ref = torch.float32 if dtype == "float32" else torch.float64
-    tol = TOL32 if dtype == "float32" else TOL
     try:
-        err = heatmap_vs_brute(model, kind, n_fisher=2, n_scored=2, ref_dtype=ref)
+        try:
+            err = heatmap_vs_brute(model, kind, n_fisher=2, n_scored=2, ref_dtype=ref)
+        except NonFiniteReference:
+            if ref == torch.float32:
+                raise
+            ref = torch.float32   # NaN gradients of the float64 code (ProphetNet's masks)
+            err = heatmap_vs_brute(model, kind, n_fisher=2, n_scored=2, ref_dtype=ref)
     except Exception as e:  # noqa: BLE001
         return {"status": "engine failed", "err": None, "reason": _short(e)}
+    tol = TOL32 if ref == torch.float32 else TOL
     if err <= tol:
         return {"status": "proven", "err": err,
                 "reason": f"float32 reference, tolerance {TOL32:g}" if ref != torch.float64
@@ -131,7 +151,11 @@ def _compare(model, kind: str, dtype: str) -> dict:
     if ref != torch.float64:
         return {"status": "brute-force mismatch", "err": err,
                 "reason": f"relative error {err:.1e} > {TOL32:g} (float32 reference)"}
-    err64 = heatmap_vs_brute(float64_copy(model), kind, n_fisher=2, n_scored=2)
+    try:
+        err64 = heatmap_vs_brute(float64_copy(model), kind, n_fisher=2, n_scored=2)
+    except Exception as e:  # noqa: BLE001 - the float64 engine cannot run
+        return {"status": "brute-force mismatch", "err": err,
+                "reason": f"relative error {err:.1e} > {TOL:g}; float64 engine: {_short(e, 80)}"}
     if err64 <= TOL and err <= TOL_ROUNDING:
         return {"status": "proven", "err": err, "reason": f"float32 rounding: float64 engine "
                 f"{err64:.1e} <= {TOL:g}, float32 engine {err:.1e} <= {TOL_ROUNDING:g}"}
@@ -178,6 +202,8 @@ def run(families: list[str], limit_s: int = 120) -> list[dict]:
         finally:
             signal.alarm(0)
         row["seconds"] = round(time.perf_counter() - t0, 1)
+        if row["status"] != "proven" and family in EXPLAINED:
+            row["reason"] = f"{EXPLAINED[family]}; {row['reason']}"
         rows.append(row)
         print(f"{family:28s} {row['status']:26s} {row['layout']:20s} {row['err']} "
               f"{row['reason'][:90]}", flush=True)

@@ -138,10 +138,13 @@ def mlm_chosen(seed, sample_id, ids, eligible, prob):
 
 
 def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special=(),
-                    mask_token_id=None, dtype=torch.float64):
+                    mask_token_id=None, dtype=torch.float64, trim=False):
     """{sample_id: {param: float64 grad}}; ``kind``: causal_lm | masked_lm | pair_cosine |
-    image_classification. Text samples run PADDED with their attention mask. ``dtype``:
-    float32 only for families whose code cannot run in float64."""
+    image_classification. Text samples run PADDED with their attention mask, or, with
+    ``trim``, alone on their real tokens (the objectives' definition of a sample's loss,
+    which differs from the padded one for models that are not padding-invariant: Funnel's
+    pooling, Nyström landmarks). ``dtype``: float32 only for families whose code cannot
+    run in float64."""
     m = copy.deepcopy(model).to(dtype).eval()
     out = {}
     for k, sid in enumerate(batch["sample_ids"]):
@@ -150,9 +153,11 @@ def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special
             logits = m(pixel_values=batch["pixel_values"][k:k + 1].to(dtype)).logits
             loss = F.cross_entropy(logits, batch["labels"][k:k + 1])
         elif kind == "causal_lm":
-            logits = m(input_ids=batch["input_ids"][k:k + 1],
-                       attention_mask=batch["attention_mask"][k:k + 1]).logits[0, :-1]
-            lab = batch["labels"][k, 1:]
+            real = batch["attention_mask"][k].bool()
+            ids = batch["input_ids"][k][real] if trim else batch["input_ids"][k]
+            lab = (batch["labels"][k][real] if trim else batch["labels"][k])[1:]
+            am = None if trim else batch["attention_mask"][k:k + 1]
+            logits = m(input_ids=ids[None], attention_mask=am).logits[0, :-1]
             loss = F.cross_entropy(logits[lab != -100], lab[lab != -100])
         elif kind == "masked_lm":
             ids, mask = batch["input_ids"][k].clone(), batch["attention_mask"][k].bool()
@@ -164,7 +169,10 @@ def brute_grads_any(kind, model, batch, *, seed=0, mlm_probability=0.15, special
             chosen[mask] = mlm_chosen(seed, sid, real, eligible, mlm_probability)
             labels = ids.clone()
             ids[chosen] = mask_token_id
-            logits = m(input_ids=ids[None], attention_mask=mask.long()[None]).logits[0]
+            if trim:
+                ids, labels, chosen, mask = ids[mask], labels[mask], chosen[mask], mask[mask]
+            logits = m(input_ids=ids[None],
+                       attention_mask=None if trim else mask.long()[None]).logits[0, :len(ids)]
             loss = F.cross_entropy(logits[chosen], labels[chosen])
         elif kind == "pair_cosine":
             ids, mask, seg = (batch[key][k] for key in ("input_ids", "attention_mask",
@@ -342,12 +350,19 @@ def brute_scores_indexed(idx, grads_a, grads_b, fisher, block, *, epsilon=1e-10,
                         fisher, epsilon, ridge_lambda)
 
 
+class NonFiniteReference(ArithmeticError):
+    """The brute force's gradients (or the engine's scores) hold NaN / Inf."""
+
+
 def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
-                     ref_dtype=torch.float64):
+                     ref_dtype=torch.float64, trim=True):
     """Largest |engine - float64 brute force| / max |brute| over the four blocks of the
     default heatmap (qkov, pooled Fisher, ridge 1e-14) of a tiny model of any family
     (``ref_dtype`` float32: the gradients of the brute force in float32, for families
-    whose code cannot run in float64; the loops stay float64)."""
+    whose code cannot run in float64; the loops stay float64). ``trim``: each text
+    sample's reference gradient from its real tokens alone (``brute_grads_any``).
+    NonFiniteReference when the reference or the heatmap is not finite (a NaN would
+    otherwise drop out of the max)."""
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.gradients import OBJECTIVES, FisherCollector, default_objective
     from interference.scores import QKOVInterferenceMetric
@@ -379,8 +394,12 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
     if kind == "masked_lm":
         extra = dict(seed=obj.seed, mlm_probability=obj.mlm_probability,
                      special=tuple(obj.special_token_ids), mask_token_id=obj.mask_token_id)
-    ref = {k: brute_grads_any(kind, model, b, dtype=ref_dtype, **extra)
+    ref = {k: brute_grads_any(kind, model, b, dtype=ref_dtype, trim=trim, **extra)
            for k, b in batches.items()}
+    bad = sorted({n for r in ref.values() for g in r.values() for n, t in g.items()
+                  if not torch.isfinite(t).all()})
+    if bad:
+        raise NonFiniteReference(f"{ref_dtype} brute-force gradients are not finite: {bad[:2]}")
     Fa, Fb = fisher_mean(ref[("a", "fisher")]), fisher_mean(ref[("b", "fisher")])
     pooled = {n: (Fa[n] + Fb[n]) / 2 for n in Fa}
     heat = QKOVInterferenceMetric(cfg, fc, ridge_lambda=1e-14).compute_heatmap("a", "b")
@@ -392,5 +411,7 @@ def heatmap_vs_brute(model, kind, include_bias=False, n_fisher=3, n_scored=2,
         got = heat[block]["scores"]
         if got.shape != want.shape:
             raise AssertionError(f"{block}: heatmap shape {got.shape} != brute {want.shape}")
+        if not (np.isfinite(got).all() and np.isfinite(want).all() and np.abs(want).max() > 0):
+            raise NonFiniteReference(f"{block}: heatmap or brute force not finite, or all zero")
         err = max(err, float(np.abs(got - want).max() / np.abs(want).max()))
     return err

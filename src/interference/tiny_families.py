@@ -127,9 +127,18 @@ _HYBRID = {   # Mamba parts of hybrids sized to width 32 (expand 2 x 32 = 4 head
     # the attention layer of a 2-layer hybrid is the second (GPT-Neo: global then local;
 # RecurrentGemma: recurrent then attention)
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_headdim": 16, "mamba_dt_rank": 4,
-    "mamba_d_ssm": 64,
+    "mamba_d_ssm": 64, "n_mamba_heads": 4,
     "attn_layer_indices": [1], "hybrid_layer_ids": [1],
     "attention_types": [[["global", "local"], 1]], "block_types": ["recurrent", "attention"]}
+_FAMILY = {   # families whose defaults do not shrink by the rules above
+    "dory": dict(n_input_layers=0, n_output_layers=1,    # layer 0 looped, layer 1 output
+                 layer_types=["sliding_attention", "full_attention"]),
+    "musicgen": dict(num_codebooks=1),          # input_ids [n·codebooks, T]: one codebook
+    "musicgen_melody": dict(num_codebooks=1),
+    "xlstm": dict(hidden_size=128),   # q/k and v widths are rounded up to 64: 4 heads
+    "perceiver": dict(d_latents=64, num_latents=8, num_self_attends_per_block=2,
+                      num_self_attention_heads=4, num_cross_attention_heads=4),
+}
 _LAYER_LISTS = ("layer_types", "layers_block_type", "attention_layers")
 _KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id",
@@ -189,22 +198,41 @@ def shrunk_kwargs(config_cls, vocab_size: int = 128) -> dict:
     return kw
 
 
+def _token_image_classifier(kind: str, cls_name: str) -> tuple[str, str]:
+    """(kind, class name); an image classifier that reads token ids (ImageGPT: pixels as
+    colour-cluster ids) is replaced by its family's causal class, same attention modules,
+    read as a causal LM (no per-sample objective takes token ids with image labels)."""
+    import importlib
+
+    import transformers as T
+
+    cls = getattr(T, cls_name)
+    if kind != "image_classification" or getattr(cls, "main_input_name", "") != "input_ids":
+        return kind, cls_name
+    module = importlib.import_module(cls.__module__)
+    causal = [n for n in getattr(module, "__all__", dir(module)) if "ForCausal" in n]
+    return ("causal_lm", causal[0]) if causal else (kind, cls_name)
+
+
 def tiny_auto_model(family: str, seed: int = 0) -> tuple[nn.Module, str]:
     """(a tiny random-init float32 eval-mode model of ``family``, its kind) from its config
     class defaults shrunk by ``shrunk_kwargs``; eager attention; nothing is downloaded.
     The config class is the model class's own when it differs from the family's (a
     composite family whose causal-LM class takes the text config, e.g. Llama 4).
     Masked-LM models get ``config.mask_token_id`` (vocab - 1) when they have none; X-MOD
-    models get their first language as the default adapter."""
+    models get their first language as the default adapter; an image classifier that
+    reads token ids is built as its family's causal model (``_token_image_classifier``).
+    ``_FAMILY`` holds the few families whose defaults the generic rules cannot shrink."""
     import transformers as T
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     kind, cls_name = auto_families()[family]
+    kind, cls_name = _token_image_classifier(kind, cls_name)
     config_cls = CONFIG_MAPPING[family]
     own = getattr(getattr(T, cls_name), "config_class", None)
     if isinstance(own, type) and own is not config_cls:   # Llama4ForCausalLM: the text config
         config_cls = own
-    cfg = config_cls(**shrunk_kwargs(config_cls))
+    cfg = config_cls(**{**shrunk_kwargs(config_cls), **_FAMILY.get(family, {})})
     cfg._attn_implementation = "eager"
     cfg._experts_implementation = "eager"
     if kind == "masked_lm" and getattr(cfg, "mask_token_id", None) is None:

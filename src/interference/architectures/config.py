@@ -110,7 +110,8 @@ def geometry_from_hf_config(cfg) -> dict:
     ``attn_config.kv_n_heads``, ``head_dim`` when set, else width / heads).
     """
     hidden = _first_attr(cfg, ["hidden_size", "n_embd", "d_model", "embed_dim", "dim"])
-    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads", "n_heads"])
+    heads = _first_attr(cfg, ["num_attention_heads", "n_head", "num_heads", "n_heads",
+                              "num_self_attention_heads"])   # Perceiver's latent stack
     if not isinstance(heads, int):
         for sub in ("text_config", "vision_config"):   # a composite config: its one tower
             if getattr(cfg, sub, None) is not None:
@@ -118,15 +119,17 @@ def geometry_from_hf_config(cfg) -> dict:
                     return geometry_from_hf_config(getattr(cfg, sub))
                 except ValueError:
                     continue
-    if not isinstance(hidden, int) or not isinstance(heads, int):
+    if not isinstance(heads, int):
         raise ValueError(f"model config has no integer hidden size / number of attention "
                          f"heads (got {hidden!r} / {heads!r})")
+    if not isinstance(hidden, int):   # widths by stage (MobileViT): read from the weights
+        hidden = None
     kv = _first_attr(cfg, ["num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_n_heads"])
     if kv is None:
         kv = _first_attr(getattr(cfg, "attn_config", None), ["kv_n_heads"])
     if kv is None and getattr(cfg, "multi_query", False):
         kv = 1
-    head_dim = _first_attr(cfg, ["head_dim"], hidden // heads)
-    return {"hidden_dim": int(hidden), "num_heads": int(heads),
+    head_dim = _first_attr(cfg, ["head_dim"], hidden // heads if hidden else None)
+    return {"hidden_dim": hidden, "num_heads": int(heads),
             "num_kv_heads": int(kv) if kv is not None else int(heads),
-            "head_dim": int(head_dim)}
+            "head_dim": int(head_dim) if head_dim is not None else None}

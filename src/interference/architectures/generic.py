@@ -7,7 +7,8 @@ the attention modules itself:
    ``query``, ``wq``, ``q_lin``, ...) or a fused-qkv name (``qkv_proj``, ``Wqkv``,
    ``c_attn``, ``query_key_value``, ...) marks its parent as an attention module;
 2. the layer id is the first integer of that parent's path; the attention modules must form
-   ONE stack, one per layer; an encoder-decoder maps one of its stacks (``choose_stack``:
+   ONE stack, one per layer (several stacks of one tower are one sequence of layers in
+   module order: ``_one_tower``); an encoder-decoder maps one of its stacks (``choose_stack``:
    the decoder's self-attention by default, or the encoder or the cross-attention); a
    vision / audio tower of a model that reads token ids is left out (``text_stacks``); a
    second tower or hierarchical stages are refused, never mixed;
@@ -31,7 +32,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .registry import AttentionLayout, HeadSlices, _is_conv1d
+from .registry import AttentionLayout, HeadSlices, _is_conv1d, weight2d
 
 Q_NAMES = ("q_proj", "query", "q", "wq", "Wq", "q_lin", "query_proj", "q_linear", "to_q",
            "project_q", "q_head")
@@ -43,7 +44,7 @@ QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack", "
              "to_qkv", "in_proj")
 O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo", "o", "out_lin", "proj", "out",
            "o_linear", "to_out", "output", "attention_out", "post_proj")
-O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj")
+O_OUTER = ("output.dense", "output.proj", "out_proj", "o_proj", "post_attention.conv1d")
 PER_HEAD_FUSED = ("query_key_value", "in_proj")   # GPT-NeoX style; DeBERTa v1
 ORDERS = ("split", "concat", "per_head")
 STACKS = ("decoder_self", "encoder", "decoder_cross")
@@ -111,7 +112,10 @@ class LayoutNotFound(KeyError):
 
 
 def _linear_like(module: nn.Module) -> bool:
+    """Linear, Conv1D, or an nn.Conv1d of kernel 1 (a Linear over channels-first input)."""
     w = getattr(module, "weight", None)
+    if isinstance(module, nn.Conv1d):
+        return module.kernel_size == (1,) and module.padding in ((0,), "valid")
     return isinstance(w, torch.Tensor) and w.dim() == 2 and (
         isinstance(module, nn.Linear) or _is_conv1d(module))
 
@@ -165,8 +169,9 @@ def _fused_fits(model: nn.Module, path: str) -> bool:
     except (ValueError, AttributeError):
         return False
     m = model.get_submodule(path)
-    rows = m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]
-    return rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
+    rows = weight2d(m).shape[1] if _is_conv1d(m) else weight2d(m).shape[0]
+    return g["head_dim"] is not None and \
+        rows == (g["num_heads"] + 2 * g["num_kv_heads"]) * g["head_dim"]
 
 
 def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLayout":
@@ -180,18 +185,17 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
         raise LayoutNotFound("no module with query/key/value (or fused qkv) Linear children "
                              f"{Q_NAMES[:4]}... / {QKV_NAMES[:4]}... (no softmax attention with "
                              "per-head projections, or unknown module names)")
-    stacks = [choose_stack(text_stacks(model, sorted({f["stack"] for f in found})),
-                           attention_stack)]
+    names = text_stacks(model, sorted({f["stack"] for f in found}))
+    if len(names) > 1 and _one_tower_stacks(names) and \
+            attention_stack in (None, stack_role(names[0])):
+        return _one_tower(model, [f for f in found if f["stack"] in names])
+    stacks = [choose_stack(names, attention_stack)]
     found = [f for f in found if f["stack"] == stacks[0]]
     layers = [f["layer"] for f in found]
     if len(set(layers)) != len(layers):
         raise LayoutNotFound(f"more than one attention module per layer in {stacks[0]}")
     first = min(found, key=lambda f: f["layer"])
-    if first["o"] is None:
-        raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense beside "
-                             f"it) found for {first['parent']}")
-    if len({f["order"] for f in found}) > 1:
-        raise LayoutNotFound(f"mixed q/k/v storage across layers of {stacks[0]}")
+    _check_found(model, found, stacks[0])
     start = len(first["stack"].split("{N}")[0])
     end = start + len(str(first["layer"]))
     patterns = {}
@@ -201,6 +205,47 @@ def discover(model: nn.Module, attention_stack: str | None = None) -> "GenericLa
             raise LayoutNotFound(f"{block} module {path} is outside layer {first['layer']}")
         patterns[block] = _layer_regex(path, start, end)
     return GenericLayout(f"generic_{first['order']}", patterns, first["order"])
+
+
+def _check_found(model: nn.Module, found: list[dict], where: str) -> None:
+    """LayoutNotFound unless every module has an output projection that is not a grouped
+    convolution and all store q/k/v alike."""
+    for f in found:
+        if f["o"] is None:
+            raise LayoutNotFound(f"no output projection ({O_NAMES[:5]}..., or output.dense "
+                                 f"beside it) found for {f['parent']}")
+        o_mod = model.get_submodule(f["o"])
+        if isinstance(o_mod, nn.Conv1d) and o_mod.groups != 1:
+            raise LayoutNotFound(f"output projection {f['o']} is a grouped convolution: "
+                                 "its columns are not one input channel each")
+    if len({f["order"] for f in found}) > 1:
+        raise LayoutNotFound(f"mixed q/k/v storage across layers of {where}")
+
+
+def _one_tower_stacks(stacks: list[str]) -> bool:
+    """True for stacks of one tower: on the same side, all in or all out of a vision /
+    audio tower, and either differing in their indices only (hierarchical stages) or on
+    no encoder / decoder side at all (HRM's L and H modules). Two named towers on one
+    side (a question and a context encoder) are not."""
+    roles = {stack_role(s) for s in stacks}
+    return len(roles) == 1 and len({in_tower(s) for s in stacks}) == 1 and (
+        len({re.sub(r"\d+", "#", s) for s in stacks}) == 1 or roles == {None})
+
+
+def _one_tower(model: nn.Module, found: list[dict]) -> "GenericLayout":
+    """Several stacks of one tower (``_one_tower_stacks``: hierarchical stages
+    ``encoder.layer.{N}.transformer.layer.{M}``, HRM's L and H modules) as ONE sequence of
+    layers in module order: layer l is the l-th attention module. The geometry then
+    decides: per-stage head counts are refused (one head count per model)."""
+    rank = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    found = sorted(found, key=lambda f: rank[f["parent"]])
+    _check_found(model, found, "the stacks " + ", ".join(sorted({f["stack"] for f in found})))
+    layout = GenericLayout(f"generic_{found[0]['order']}", {}, found[0]["order"])
+    layout.paths = {l: dict(zip("QKVO", (f["q"], f["k"], f["v"], f["o"])))
+                    for l, f in enumerate(found)}
+    layout.patterns = {b: "|".join(re.escape(p[b]) for p in layout.paths.values())
+                       for b in "QKVO"}
+    return layout
 
 
 class GenericLayout(AttentionLayout):
@@ -213,6 +258,14 @@ class GenericLayout(AttentionLayout):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.name, self.patterns, self.order = name, dict(patterns or {}), order
+        self.paths: dict[int, dict[str, str]] | None = None   # layer -> block -> path
+
+    def modules_by_layer(self, model: nn.Module, block: str) -> dict[int, str]:
+        """Layer id -> module path: by the patterns, or the explicit ``paths`` of one
+        tower's stacks (``_one_tower``)."""
+        if self.paths is None:
+            return super().modules_by_layer(model, block)
+        return {l: p[block] for l, p in self.paths.items()}
 
     def _slices(self, model, config, layer, block):
         path = self._path(model, layer, block)

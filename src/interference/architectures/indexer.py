@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .config import BLOCKS, SHARED_BLOCKS, QKOVConfig
 from .generic import LayoutNotFound, discover, text_stacks
-from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout
+from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout, weight2d
 
 logger = logging.getLogger("fisher.qkov")
 
@@ -95,7 +95,8 @@ def _generic_or_raise(model: nn.Module, candidates, attention_stack: str | None 
 class Part:
     """One parameter's share of a (layer, block): ``axis`` 'rows' or 'cols' of the
     Linear-convention weight, or 'bias'; ``index`` [n_heads·size] the rows/columns taken,
-    head-major; ``transposed`` for Conv1D weights stored [in, out]."""
+    head-major; ``transposed`` for Conv1D weights stored [in, out]; ``kernel`` for a
+    kernel-1 ``nn.Conv1d`` weight [out, in, 1] (its last axis is dropped)."""
 
     name: str
     axis: str
@@ -103,6 +104,7 @@ class Part:
     n_heads: int
     size: int
     transposed: bool = False
+    kernel: bool = False
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         """``index`` on ``device``, copied there once (a host-to-GPU copy per call would
@@ -123,6 +125,8 @@ class Part:
         """
         idx = self.index_on(t.device)
         n, size = self.n_heads, self.size
+        if self.kernel:
+            t = t.squeeze(-1)
         if self.axis == "bias":
             return t.index_select(-1, idx).unflatten(-1, (n, size))
         lead = t.shape[:-2]
@@ -210,11 +214,12 @@ class QKOVIndexer:
                            f"{self.patterns.get(block)!r} of layout {self.adapter.name!r} "
                            f"matched no module. {REGISTER_HINT}") from None
         module = self._modules[hs.module]
-        weight = module.weight
+        weight = weight2d(module)
         self._check_extent(weight, hs, layer, block)
         index = torch.cat([torch.arange(s, s + hs.size) for s in hs.starts])
         n = len(hs.starts)
-        parts = [Part(f"{hs.module}.weight", hs.axis, index, n, hs.size, hs.transposed)]
+        parts = [Part(f"{hs.module}.weight", hs.axis, index, n, hs.size, hs.transposed,
+                      kernel=weight.dim() != module.weight.dim())]
         bias = getattr(module, "bias", None)
         if self.config.include_bias and hs.axis == "rows" and bias is not None:
             parts.append(Part(f"{hs.module}.bias", "bias", index, n, hs.size))

@@ -31,6 +31,7 @@ import torch.nn as nn
 from .config import QKOVConfig
 from .generic import stack_role
 from .indexer import REGISTER_HINT, QKOVIndexer
+from .registry import weight2d
 
 # relative change counted as zero / as a real move, by the dtype the proof runs in: in
 # float64, zero up to float32 norms inside float64 models; float32 only for families whose
@@ -80,7 +81,7 @@ def _rotate_rows(model, idx: QKOVIndexer, layer: int, block: str, row: int, seed
     rows = part.index[row * part.size:(row + 1) * part.size]
     R = _rotation(part.size).to(module.weight.dtype)
     with torch.no_grad():
-        w = module.weight.T if part.transposed else module.weight
+        w = weight2d(module).T if part.transposed else weight2d(module)
         w[rows] = R @ w[rows]
         if getattr(module, "bias", None) is not None:
             module.bias[rows] = R @ module.bias[rows]
@@ -117,14 +118,15 @@ def _forward(model, inputs, o_paths):
     its input there depends on no later application."""
     ctx, order, hooks = {}, [], []
 
-    def keep(layer, args):
-        if layer not in ctx:
-            ctx[layer] = args[0].detach()[0].clone()
+    def keep(layer, module, args):
+        if layer not in ctx:   # [T, H·d_v]; channels first [H·d_v, T] for an nn.Conv1d
+            x = args[0].detach()[0]
+            ctx[layer] = (x.T if isinstance(module, nn.Conv1d) else x).clone()
         order.append(layer)
 
     for layer, path in o_paths.items():
         hooks.append(model.get_submodule(path).register_forward_pre_hook(
-            lambda m, a, layer=layer: keep(layer, a)))
+            lambda m, a, layer=layer: keep(layer, m, a)))
     try:
         with torch.no_grad():
             try:
@@ -217,12 +219,15 @@ def _check_rows(model, idx, inputs, layer, h, block, base, seed) -> None:
         got_p = _moved(probs[layer], probs0[layer], where + " attention probabilities")
         if got_p != (set() if block == "V" else want):
             seen["attention heads changed"] = sorted(got_p)
-    else:
-        n0 = chunks(ctx0[layer]).norm(dim=-1)
-        rtol = 1e-9 if n0.dtype == torch.float64 else 1e-5
-        kept = bool(torch.allclose(chunks(ctx[layer]).norm(dim=-1), n0, rtol=rtol, atol=0))
-        if kept != (block == "V"):
-            seen["context norms kept"] = kept
+    else:   # V turns its heads' context by its rotation R (the context is linear in V,
+        # and stays so through a norm after it: YOSO); Q and K do not
+        raw_new, raw_old = chunks(ctx[layer])[sorted(want)], chunks(ctx0[layer])[sorted(want)]
+        R = _rotation(cfg.v_head_dim).to(raw_old.dtype)
+        zero = TOLERANCES.get(raw_old.dtype, TOLERANCES[torch.float64])[0]
+        turned = bool(((raw_new - raw_old @ R.T).abs().max()
+                       <= zero * (raw_old.abs().max() + 1e-300)))
+        if turned != (block == "V"):
+            seen["context turned by the V rotation"] = turned
     if seen:
         expect = (f"attention probabilities of heads {sorted(want)} and context of heads "
                   f"{sorted(want)}" if block != "V" else
@@ -239,8 +244,10 @@ def idx_o_paths(idx: QKOVIndexer) -> dict[int, str]:
 
 
 def _output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; the first element when it returns a tuple (I-BERT's QuantLinear
-    returns (output, scaling factor))."""
+    """``module(x)`` for x [n, T, in]; the first element when it returns a tuple (I-BERT's
+    QuantLinear returns (output, scaling factor)); an nn.Conv1d reads [n, in, T]."""
+    if isinstance(module, nn.Conv1d):
+        return module(x.transpose(1, 2)).transpose(1, 2)
     y = module(x)
     return y[0] if isinstance(y, tuple) else y
 
@@ -379,7 +386,7 @@ def _sharpen(model: nn.Module, idx: QKOVIndexer, factor: float) -> None:
                 continue
             part = entry.parts[0]
             module = model.get_submodule(part.name.rsplit(".", 1)[0])
-            w = module.weight.T if part.transposed else module.weight
+            w = weight2d(module).T if part.transposed else weight2d(module)
             w[part.index] *= factor
             if getattr(module, "bias", None) is not None:
                 module.bias[part.index] *= factor

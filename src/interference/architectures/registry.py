@@ -82,6 +82,14 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def weight2d(module: nn.Module):
+    """The module's weight as stored in 2-D: [out, in] (Linear), [in, out] (Conv1D), and
+    an ``nn.Conv1d`` of kernel 1 (SqueezeBERT, channels first) [out, in/groups, 1] as the
+    view [out, in/groups]."""
+    w = module.weight
+    return w[..., 0] if isinstance(module, nn.Conv1d) else w
+
+
 def _first_module_is(model: nn.Module, adapter: "AttentionLayout", block: str, test) -> bool:
     """``test(module)`` for the first layer's ``block`` module (False when none)."""
     found = adapter.modules_by_layer(model, block)
@@ -94,18 +102,17 @@ def _fit_split_geometry(g: dict, modules: dict[str, nn.Module]) -> dict:
     the weights' rows with the config's number of query heads; where the modules' input
     widths differ from the config's hidden size, hidden_dim becomes None (each weight's
     width is its own). The proof then checks."""
-    rows = {b: (m.weight.shape[1] if _is_conv1d(m) else m.weight.shape[0]) for b, m in
-            modules.items() if b != "O"}
-    o = modules["O"]
-    o_cols = o.weight.shape[0] if _is_conv1d(o) else o.weight.shape[1]
-    widths = {m.weight.shape[0] if _is_conv1d(m) else m.weight.shape[1] for b, m in
-              modules.items() if b != "O"}
-    widths.add(o.weight.shape[1] if _is_conv1d(o) else o.weight.shape[0])
+    shape = {b: tuple(weight2d(m).shape)[::-1 if _is_conv1d(m) else 1] for b, m in
+             modules.items()}   # Linear convention [out, in]
+    rows = {b: s[0] for b, s in shape.items() if b != "O"}
+    o_cols = shape["O"][1]
+    widths = {s[1] for b, s in shape.items() if b != "O"} | {shape["O"][0]}
     if widths != {g["hidden_dim"]}:   # MobileBERT: q/k read the bottleneck, v the stream
         g = {**g, "hidden_dim": None}   # each weight's own width is then checked
     h, kv, dk = g["num_heads"], g["num_kv_heads"], g["head_dim"]
     dv = g.get("v_head_dim", dk)
-    if (rows["Q"], rows["K"], rows["V"], o_cols) == (h * dk, kv * dk, kv * dv, h * dv):
+    if dk is not None and (rows["Q"], rows["K"], rows["V"], o_cols) == (
+            h * dk, kv * dk, kv * dv, h * dv):
         return g
     if rows["Q"] % h or o_cols % h:
         return g
@@ -220,7 +227,7 @@ class AttentionLayout:
         """The head slices of (layer, block), checked against the module's weight shape."""
         hs, extent = self._slices(model, config, layer, block)
         module = model.get_submodule(hs.module)
-        shape = tuple(module.weight.shape)
+        shape = tuple(weight2d(module).shape)
         lin = shape[::-1] if hs.transposed else shape  # Linear convention [out, in]
         width = config.hidden_dim
         if hs.axis == "rows":

@@ -35,6 +35,11 @@ import torch.nn.functional as F
 OBJECTIVES: dict[str, type["Objective"]] = {}
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 for the loss, or float64 where it already is (never downcast)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def register_objective(cls):
     OBJECTIVES[cls.name] = cls
     return cls
@@ -112,7 +117,7 @@ class CausalLMObjective(Objective):
     def loss(self, model, sample):
         ids = sample["input_ids"].to(_device(model))[None]
         labels = sample["labels"].to(ids.device)[1:]
-        logits = model(input_ids=ids).logits[0, :-1].float()
+        logits = upcast(model(input_ids=ids).logits[0, :-1])
         keep = labels != -100
         n = int(keep.sum())
         if n == 0:
@@ -276,7 +281,8 @@ class MaskedLMObjective(Objective):
             ids = torch.where(keep, torch.full_like(ids, self._mask_id(model)), ids)
         kw = {"token_type_ids": sample["token_type_ids"].to(dev)[None]} \
             if "token_type_ids" in sample else {}
-        logits = model(input_ids=ids[None], **kw).logits[0].float()
+        # the first T positions: Perceiver's decoder answers max_position_embeddings
+        logits = upcast(model(input_ids=ids[None], **kw).logits[0, :ids.shape[0]])
         nll = F.cross_entropy(logits[keep], labels[keep], reduction="sum")
         return nll / n if self.loss_reduction == "mean" else nll
 
@@ -336,7 +342,7 @@ class PairCosineObjective(Objective):
     def embed(model, ids: torch.Tensor) -> torch.Tensor:
         """Mean-pooled last hidden state of ``ids`` [t] encoded alone: [d]."""
         hidden = model(input_ids=ids.to(_device(model))[None]).last_hidden_state[0]
-        return hidden.float().mean(0)
+        return upcast(hidden).mean(0)
 
     def loss(self, model, sample):
         a = self.embed(model, sample["prompt_ids"])
@@ -377,7 +383,7 @@ class ImageClassificationObjective(Objective):
         dev = _device(model)
         dtype = next(model.parameters()).dtype
         pv = sample["pixel_values"].to(dev, dtype)[None]
-        logits = model(pixel_values=pv).logits.float()
+        logits = upcast(model(pixel_values=pv).logits)
         return F.cross_entropy(logits, sample["labels"].to(dev)[None], reduction="sum")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from .objectives import Objective
+from .objectives import Objective, upcast
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -150,6 +151,40 @@ def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+_LEAKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def pads_leak(model: nn.Module) -> bool:
+    """True when 2 right-padding tokens (attention mask 0) change the logits of 6 real
+    tokens by more than 1e-4 of their largest (2e-2 in 16-bit floats): the hooks engine's
+    padded batch would then not give each sample's gradient alone (CPM-Ant, ProphetNet's
+    predict streams), so 'auto' takes the loop engine. Once per model; a model whose
+    forward refuses the probe counts as not leaking (as before the check)."""
+    if model in _LEAKS:
+        return _LEAKS[model]
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    was_training = model.training
+    try:
+        p = next(model.parameters())
+        ids = torch.arange(1, 7, device=p.device)[None] % min(
+            int(model.get_input_embeddings().num_embeddings), 97)
+        pads = torch.full_like(ids[:, :2], pad if isinstance(pad, int) else 0)
+        padded = torch.cat([ids, pads], 1)
+        mask = (torch.arange(8, device=p.device) < 6).long()[None]
+        model.eval()
+        with torch.no_grad():
+            a = model(input_ids=ids, attention_mask=mask[:, :6]).logits[0, :6].float()
+            b = model(input_ids=padded, attention_mask=mask).logits[0, :6].float()
+        tol = 2e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        leak = bool((a - b).abs().max() > tol * a.abs().max())
+    except Exception:  # noqa: BLE001 - a forward that needs other inputs: no probe
+        leak = False
+    finally:
+        model.train(was_training)
+    _LEAKS[model] = leak
+    return leak
+
+
 class _HookCapture:
     """Forward hooks on the attention modules keeping each one's input x [n, T, in] and
     output; :meth:`backward` then takes the outputs' gradients δ [n, T, out] in one backward
@@ -160,6 +195,11 @@ class _HookCapture:
     None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and whether each
     sample's g is finite (``finite``); 'norms': Σ of g_k² over the entries the indexer
     covers (float64 [n], ``norm2``), and g itself for the parameters in ``keep`` only.
+
+    A module applied more than once per forward (a looped layer, ProphetNet's main and
+    predict streams) or to inputs [n, ..., in] has its applications' tokens concatenated,
+    x [n, Σ tokens, in] and δ likewise (Σ over them is its per-sample gradient); such
+    modules are listed in ``stacked`` (no per-sample factors of their own tokens).
     """
 
     def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
@@ -178,6 +218,7 @@ class _HookCapture:
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.deltas: dict[str, torch.Tensor] = {}
+        self.stacked: set[str] = set()
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
     def input_groups(self) -> dict[str, str]:
@@ -199,9 +240,19 @@ class _HookCapture:
 
     def _hook(self, path):
         def fwd(mod, inputs, output):
-            self.inputs[path] = inputs[0].detach()
+            if not output.requires_grad:   # applied without gradients: adds nothing
+                return
+            x = inputs[0].detach()
             # the output's place in the graph, not its values (held until the backward)
-            self.outputs[path] = (get_gradient_edge(output), output.shape, output.dtype)
+            edge = (get_gradient_edge(output), output.shape, output.dtype)
+            if path in self.inputs or x.dim() != 3:   # applied again, or [n, ..., in]
+                self.stacked.add(path)
+                x = x.reshape(x.shape[0], -1, x.shape[-1])
+                old = self.inputs.get(path)
+                self.inputs[path] = x if old is None else torch.cat([old, x], 1)
+                self.outputs.setdefault(path, []).append(edge)
+                return
+            self.inputs[path], self.outputs[path] = x, [edge]
         return fwd
 
     def backward(self, loss: torch.Tensor):
@@ -209,17 +260,20 @@ class _HookCapture:
         forms the activations' gradients only, no weight gradient (the per-sample ones are
         formed from x and δ by :meth:`form`)."""
         paths = [p for p in self.by_module if p in self.outputs]
-        outs = [self.outputs[p] for p in paths]
-        grads = torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True)
+        outs = [o for p in paths for o in self.outputs[p]]
+        grads = iter(torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True))
+        for p in paths:
+            ds = [g.detach() if g is not None else torch.zeros(shape, dtype=dtype,
+                                                               device=loss.device)
+                  for (_, shape, dtype), g in zip(self.outputs[p], grads)]
+            self.deltas[p] = ds[0] if p not in self.stacked else torch.cat(
+                [d.reshape(d.shape[0], -1, d.shape[-1]) for d in ds], 1)
         self.outputs = {}
-        for p, (_, shape, dtype), g in zip(paths, outs, grads):
-            self.deltas[p] = g.detach() if g is not None else torch.zeros(
-                shape, dtype=dtype, device=loss.device)
 
     def form(self, path: str):
         """The per-sample gradients of ``path``'s parameters, each through ``_keep``."""
         x, delta = self.inputs[path], self.deltas[path]
-        xf, df = x.float(), delta.float()
+        xf, df = upcast(x), upcast(delta)
         if "weight" in self.by_module[path]:
             with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
                 g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
@@ -311,7 +365,7 @@ class PerSampleGradients:
             raise ValueError(f"engine 'hooks' supports causal-LM objectives only, not "
                              f"{type(objective).__name__}; use engine='loop'")
         if engine == "auto":
-            return "hooks" if batched_ok else "loop"
+            return "hooks" if batched_ok and not pads_leak(model) else "loop"
         return engine
 
     def __call__(self, batch: dict, sample_ids: list[str]):
@@ -447,6 +501,10 @@ class PerSampleGradients:
     def _factors_of(self, capture: "_HookCapture", k: int, t: int) -> dict:
         """Sample ``k``'s factors: its own ``t`` tokens (right padding) of x and δ, and its
         per-sample gradients that the capture kept."""
+        if capture.stacked:
+            raise ValueError(f"per-sample factors need each module applied once per forward "
+                             f"to [n, T, in]; {sorted(capture.stacked)[:3]} are not: use "
+                             "a dense gradient store")
         groups = capture.input_groups()
         return {"T": t, "groups": groups,
                 "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
@@ -462,7 +520,7 @@ class PerSampleGradients:
         keep = labels != -100
         n_tok = keep.sum(1)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]),
+            upcast(logits).reshape(-1, logits.shape[-1]),
             labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
         per = (nll * keep).sum(1)
         return (per / n_tok if self.objective.loss_reduction == "mean" else per), n_tok
