@@ -58,6 +58,10 @@ def main(argv=None):
                     help="the workflow's metric settings (conf/metric/default.yaml: relative "
                          "ridge from each (layer, block)'s Fisher median), not the library's")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--torch-profile", default=None,
+                    help="write torch.profiler's tables (self CUDA / self CPU time) and the "
+                         "GPU's busy seconds to this file (slow to tabulate: a 4-layer chunk's "
+                         "trace took over 100 s; use --chunks 32, one layer)")
     args = ap.parse_args(argv)
     mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
     data = yaml.safe_load((ROOT / "conf" / "experiment" / "b2_7b.yaml").read_text())["data"]
@@ -102,11 +106,25 @@ def main(argv=None):
     t0 = time.perf_counter()
     if prof:
         prof.enable()
+    tprof = None
+    if args.torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+        tprof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        tprof.__enter__()
     score_layers(model, batches, "math", "code", plan["passes"], make,
                  metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
                  progress=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    if tprof is not None:
+        tprof.__exit__(None, None, None)
+        kernels = [e for e in tprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        table = tprof.key_averages()
+        Path(args.torch_profile).write_text(
+            f"wall {wall:.2f} s, GPU busy {sum(e.device_time for e in kernels) / 1e6:.2f} s, "
+            f"{len(kernels)} kernels\n"
+            + table.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+            + table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
     if prof:
         prof.disable()
         prof.dump_stats(args.profile)
