@@ -35,8 +35,9 @@ METRIC_ONLY = {"fisher_source_a": "a", "fisher_source_b": "b", "fisher_source_po
                "variant_qkov": None, "gj_norm_l2": "l2", "aggregate_mean": "mean",
                "ridge_lambda_rel_0.01": 0.01, "ridge_lambda_rel_0.0001": 0.0001}
 NEW_STORES = ("samples_32", "samples_96", "max_length_64", "max_length_256",
-              "store_dtype_bfloat16", "store_dtype_float16", "model_pythia_160m",
+              "store_dtype_float32", "store_dtype_float16", "model_pythia_160m",
               "model_qwen2_0_5b")
+SAME_STORES = ("store_dtype_bfloat16",)       # the default's value of a store setting
 
 
 
@@ -52,7 +53,7 @@ def test_every_experiment_file_composes_and_validates():
     from qkov_pipeline import config as qc
 
     names = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-    assert set(METRIC_ONLY) | set(NEW_STORES) <= set(names)
+    assert set(METRIC_ONLY) | set(NEW_STORES) | set(SAME_STORES) <= set(names)
     for name in names:
         cfg = qc.compose(CONF, name)
         qc.validate(cfg, SCHEMA)
@@ -78,6 +79,8 @@ def test_metric_only_ablations_reuse_the_default_stores():
         assert diff == (value is not None), name
     for name in NEW_STORES:
         assert set(stores(qc.compose(CONF, name))).isdisjoint(stores(default)), name
+    for name in SAME_STORES:
+        assert stores(qc.compose(CONF, name)) == stores(default), name
 
 
 def test_sweep_plan_and_ablated_settings():
