@@ -25,7 +25,8 @@ def compare_arm(a: Path, b: Path) -> dict:
     if list(ca["name"]) != list(cb["name"]):
         raise ValueError(f"{a} and {b} hold different cells")
     sa, sb = ca["significant"].to_numpy(bool), cb["significant"].to_numpy(bool)
-    za, zb = np.load(a / "scores.npz"), np.load(b / "scores.npz")
+    za = np.load(a / "scores.npz", allow_pickle=False)
+    zb = np.load(b / "scores.npz", allow_pickle=False)
     rel = {k: float(np.abs(za[k] - zb[k]).max() / np.abs(za[k]).max()) for k in za.files
            if za[k].dtype.kind == "f" and za[k].size > 1}
     return {"cells": len(ca), "significant_a": int(sa.sum()), "significant_b": int(sb.sum()),
