@@ -382,3 +382,17 @@ def test_passes_sum_every_fisher_before_holding_rows(monkeypatch):
     layerwise._collect(None, None, batches, "mean", 8)
     assert calls == [("math", "fisher"), ("code", "fisher"), ("math", "scored"),
                      ("math", "reference"), ("code", "scored"), ("code", "reference")]
+
+
+def test_chunk_memory_budget_takes_the_setting_the_device_budget_or_the_cpu_default(monkeypatch):
+    """scores.chunks.memory_budget: chunk_memory_mb when set; on CUDA the automatic device
+    budget (device.memory_budget_mb 'auto': AUTO_SHARE of what the process can allocate);
+    on the CPU gradient_memory_mb, or CPU_PASS_MB when that is 0."""
+    from interference import device
+    from interference.scores.chunks import CPU_PASS_MB, memory_budget
+
+    monkeypatch.setattr(device, "free_memory_mb", lambda d: 1000.0)
+    assert memory_budget(300, 0, "cuda") == 300 * 2**20
+    assert memory_budget(None, 0, "cuda:0") == device.AUTO_SHARE * 1000.0 * 2**20
+    assert memory_budget(None, 512, "cpu") == 512 * 2**20
+    assert memory_budget(None, 0, "cpu") == CPU_PASS_MB * 2**20

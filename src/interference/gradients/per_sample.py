@@ -216,7 +216,8 @@ class _HookCapture:
         self.finite: dict[str, torch.Tensor] = {}
         self.norm2: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
+        # path -> [(gradient edge, shape, dtype)] of its applications' outputs
+        self.outputs: dict[str, list[tuple]] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         self.stacked: set[str] = set()
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]

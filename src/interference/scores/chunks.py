@@ -24,16 +24,17 @@ def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
                   device: str) -> float:
     """Bytes one pass may peak at beyond the model (stored rows, a micro-batch's per-sample
     gradients and their copy, the Fisher's float64 sums, activations: collect.pass_memory):
-    ``chunk_memory_mb``, else 80% of the GPU's free memory after the model (20% left for
-    the CUDA context, cuBLAS workspaces, the scoring and the estimate's error), else
+    ``chunk_memory_mb``, else the automatic device budget after the model
+    (``device.memory_budget_mb``: 80% of the GPU's free memory; 20% left for the CUDA
+    context, cuBLAS workspaces, the scoring and the estimate's error), else
     ``gradient_memory_mb`` on the CPU (``CPU_PASS_MB`` when that is 0, the default:
     records then stream to disk in store runs, but a chunk's pass holds its rows)."""
     if chunk_memory_mb:
         return float(chunk_memory_mb) * 2**20
     if device.startswith("cuda"):
-        from ..device import free_memory_mb
+        from ..device import memory_budget_mb
 
-        return 0.8 * free_memory_mb(device) * 2**20
+        return memory_budget_mb("auto", device) * 2**20
     return float(gradient_memory_mb or CPU_PASS_MB) * 2**20
 
 

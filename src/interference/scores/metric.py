@@ -527,7 +527,8 @@ def median(x: torch.Tensor, by_sort: bool | None = None) -> float:
     """``np.median`` of all entries of ``x`` (float64), computed where ``x`` lives: the
     middle entry, or the mean of the two middle entries (a + b) / 2. ``by_sort`` None: on
     the CPU by selection (kthvalue), on CUDA by a sort (kthvalue of one long slice runs in
-    one thread block there: ~0.3 s for a 7B layer's 16.7 M values, the sort a few ms)."""
+    one thread block there; with the sort a 7B chunk's scoring took 5.7 s instead of
+    tens of seconds, B2 in benchmarks/RESULTS.md)."""
     flat = x.reshape(-1)
     n = flat.numel()
     if flat.is_cuda if by_sort is None else by_sort:
