@@ -58,6 +58,10 @@ def main(argv=None):
                     help="the workflow's metric settings (conf/metric/default.yaml: relative "
                          "ridge from each (layer, block)'s Fisher median), not the library's")
     ap.add_argument("--profile", default=None)
+    ap.add_argument("--phase-times", action="store_true",
+                    help="synchronised seconds spent in each step of the per-micro-batch "
+                         "loop (forward, backward, forming, records, store, scoring), "
+                         "printed as a 'phase_seconds' entry of the JSON line")
     ap.add_argument("--torch-profile", default=None,
                     help="write torch.profiler's tables (self CUDA / self CPU time) and the "
                          "GPU's busy seconds to this file (slow to tabulate: a 4-layer chunk's "
@@ -94,7 +98,7 @@ def main(argv=None):
 
     def make(ls):
         return make_collector(fisher, held, qcfg, Path("/tmp/b2check_spill"), False, m,
-                              layers=ls, store_device=dev)
+                              layers=ls, store_device=dev, keep_fisher_sums=False)
 
     torch.cuda.reset_peak_memory_stats(0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
@@ -102,6 +106,7 @@ def main(argv=None):
     metric_kwargs = {"device": dev}
     if args.metric_default:
         metric_kwargs.update(yaml.safe_load((ROOT / "conf" / "metric" / "default.yaml").read_text()))
+    phases = _install_phase_timers() if args.phase_times else None
     prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
     if prof:
@@ -139,7 +144,59 @@ def main(argv=None):
         "reserved_peak_gib": torch.cuda.max_memory_reserved(0) / gib,
         "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__}))
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {})}))
+
+
+def _install_phase_timers() -> dict:
+    """Wrap the steps of the collection loop with timers that synchronise the GPU before
+    and after (so each step's kernels count to it): name -> seconds, filled as they run.
+    Nested wrapped calls count to both (forward inside the losses, forming inside the
+    records' norms)."""
+    import functools
+
+    import torch
+
+    from interference.architectures.indexer import QKOVIndexer
+    from interference.gradients import collect, fisher, per_sample, store
+    from interference.gradients.factored import FactorLayout
+    from interference.scores import layerwise
+
+    seconds: dict[str, float] = {}
+
+    def wrap(owner, name, label):
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                torch.cuda.synchronize()
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
+        setattr(owner, name, timed)
+
+    wrap(per_sample.PerSampleGradients, "_batch_losses", "forward (losses)")
+    wrap(per_sample._HookCapture, "backward", "backward (deltas)")
+    wrap(per_sample._HookCapture, "form_all", "form per-sample grads (norms / squares)")
+    wrap(per_sample.PerSampleGradients, "_factors_of", "factors_of")
+    wrap(per_sample, "_right_pad", "right_pad (to device)")
+    wrap(store.GradientStore, "add", "store.add (records)")
+    wrap(FactorLayout, "rebuild", "rebuild rows")
+    wrap(fisher.FisherCollector, "collect_fisher", "collect_fisher (all of a call)")
+    wrap(fisher.FisherCollector, "_coverage", "collector._coverage")
+    wrap(fisher.FisherCollector, "_check_roles", "collector._check_roles")
+    wrap(fisher.TaskFisher, "update", "TaskFisher.update")
+    wrap(fisher.TaskFisher, "flush", "TaskFisher.flush")
+    wrap(per_sample.PerSampleGradients, "__init__", "PerSampleGradients.__init__")
+    wrap(per_sample._HookCapture, "__init__", "_HookCapture.__init__")
+    wrap(QKOVIndexer, "gather", "indexer.gather (Fisher squares)")
+    wrap(collect, "take", "collect.take (slice a batch)")
+    wrap(layerwise, "arm_heatmap", "arm_heatmap")
+    wrap(layerwise, "reference_scores", "reference_scores")
+    return seconds
 
 
 if __name__ == "__main__":

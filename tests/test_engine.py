@@ -301,6 +301,32 @@ def test_fisher_sums_held_on_the_gpu_equal_host_sums_bitwise():
     assert shard.pending is None and len(shard.partials) == 1
 
 
+def test_dropped_fisher_sums_give_the_same_value_and_refuse_more_samples(tmp_path):
+    """keep_sums=False (a layer chunk's collector): the flush that makes Î from the
+    GPU-held sums drops them instead of copying them to the host; Î is bitwise the kept
+    one's, and a later update or save is refused with a message naming the setting."""
+    from interference.gradients.fisher import TaskFisher, _save_fisher
+
+    g = torch.Generator().manual_seed(1)
+    sums = [torch.rand(64, dtype=torch.float64, generator=g) * 10.0 ** k for k in range(-2, 3)]
+    kept = TaskFisher(64, "mean", 0.99, defer=True)
+    dropped = TaskFisher(64, "mean", 0.99, defer=True, keep_sums=False)
+    for k, s in enumerate(sums):
+        kept.update(s.clone(), 2, [f"a:{k}"])
+        dropped.update(s.clone(), 2, [f"a:{k}"])
+    dropped.flush()
+    assert dropped.state is None and dropped.pending is None
+    assert torch.equal(dropped.value(), kept.value())
+    with pytest.raises(ValueError, match="keep_fisher_sums=False"):
+        dropped.update(sums[0].clone(), 2, ["a:late"])
+    with pytest.raises(ValueError, match="keep_fisher_sums=False"):
+        _save_fisher(tmp_path / "f.safetensors", dropped)
+    host = TaskFisher(64, "mean", 0.99, keep_sums=False)     # nothing pends on the host:
+    host.update(sums[0].clone(), 2, ["h"])                    # the flag changes nothing
+    host.flush()
+    assert torch.equal(host.state, sums[0])
+
+
 def test_median_by_selection_equals_numpy_bitwise():
     from interference.scores.metric import median
 

@@ -38,6 +38,12 @@ from .registry import weight2d
 # code cannot run in float64 (``prove_copy``)
 TOLERANCES = {torch.float64: (1e-6, 1e-4), torch.float32: (1e-5, 1e-3)}
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+# config keys of feed-forward widths that shrunk_copy narrows to MLP_WIDTH (the attention
+# layout never reads them): LLaMA-likes, GPT-2 (n_inner), OPT / BART (ffn_dim), T5 (d_ff)
+MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim",
+            "d_ff", "ffn_hidden_size", "moe_intermediate_size",
+            "shared_expert_intermediate_size")
+MLP_WIDTH = 64
 
 
 class LayoutProofError(ValueError):
@@ -326,10 +332,17 @@ def _prove(model, config, inputs, layer, heads) -> dict:
             "n_forwards": 1 + 3 * len(heads), "seconds": time.perf_counter() - t0}
 
 
-def shrunk_copy(model: nn.Module, n_layers: int = 2, seed: int = 0) -> nn.Module | None:
-    """A float64, eager-attention, random-init model of the same class and config with at
-    most ``n_layers`` layers (per-layer lists cut to match) and at most 512 tokens of
-    vocabulary (the widths and heads unchanged); None when it cannot be built."""
+def shrunk_copy(model: nn.Module, n_layers: int = 2, seed: int = 0,
+                dtype: torch.dtype = torch.float64,
+                attn_implementation: str | None = "eager") -> nn.Module | None:
+    """A ``dtype`` (float64), random-init, eval-mode model of the same class and config
+    with at most ``n_layers`` layers (per-layer lists cut to match), at most 512 tokens of
+    vocabulary and feed-forward widths (:data:`MLP_KEYS`) of at most
+    :data:`MLP_WIDTH`: the attention widths and heads unchanged, so the layout and what
+    its proof looks at are the model's (a 7B-shaped copy then costs about a third of its
+    full-width float64 forward). ``attn_implementation``: 'eager' (probabilities
+    returned), or None for the model's own. When the narrow feed-forward cannot be
+    built the widths are kept; None when no copy can be built."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return None
@@ -348,16 +361,25 @@ def shrunk_copy(model: nn.Module, n_layers: int = 2, seed: int = 0) -> nn.Module
                      "cls_token_id", "mask_token_id", "decoder_start_token_id"):
             if isinstance(getattr(small, name, None), int) and getattr(small, name) >= 512:
                 setattr(small, name, 511)
-    small._attn_implementation = "eager"
+    if attn_implementation is not None:
+        small._attn_implementation = attn_implementation
     small._experts_implementation = "eager"
     if hasattr(small, "quantization_config"):
         delattr(small, "quantization_config")
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return type(model)(small).double().eval()
-    except Exception:   # noqa: BLE001 - any family that cannot be rebuilt: prove the model
-        return None
+    narrow = copy.deepcopy(small)
+    wide = [k for k in MLP_KEYS
+            if isinstance(getattr(narrow, k, None), int) and getattr(narrow, k) > MLP_WIDTH
+            or k == "n_inner" and hasattr(narrow, k) and getattr(narrow, k) is None]
+    for k in wide:
+        setattr(narrow, k, MLP_WIDTH)
+    for conf in ([narrow, small] if wide else [small]):
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return type(model)(conf).to(dtype).eval()
+        except Exception:   # noqa: BLE001 - the next config, then: prove the model
+            continue
+    return None
 
 
 def float64_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:

@@ -191,10 +191,12 @@ def log_estimate(task: str, est: dict) -> None:
 
 
 def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int,
-                   layers: list[int] | None = None, store_device="cpu"):
+                   layers: list[int] | None = None, store_device="cpu",
+                   keep_fisher_sums: bool = True):
     """A FisherCollector for the fisher settings ``f`` and the collect rule's execution
     settings ``ex`` (gradient_memory_mb, gradient_format), spilling to ``spill``;
-    ``layers``: only these (layer chunks), rows kept on ``store_device``."""
+    ``layers``: only these (layer chunks), rows kept on ``store_device``;
+    ``keep_fisher_sums`` False for a chunk that scores and never saves its Fisher."""
     from .fisher import FisherCollector
 
     return FisherCollector(
@@ -203,7 +205,7 @@ def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_b
         ema_decay=f["ema_decay"], store_dtype=f["store_dtype"], spill_dir=spill, config=qcfg,
         loss_reduction=f["loss_reduction"], progress=False, micro_batch=micro_batch,
         fisher_partials=partials, gradient_format=ex.get("gradient_format", "dense"),
-        layers=layers, store_device=store_device)
+        layers=layers, store_device=store_device, keep_fisher_sums=keep_fisher_sums)
 
 
 def collect_role(collector, model, batch: dict, task: str, role: str, mode: str,

@@ -46,7 +46,7 @@ class TaskFisher:
     """Running Fisher of one task. ``value()`` -> float32 [P]."""
 
     def __init__(self, size: int, mode: str, ema_decay: float, keep_partials: bool = False,
-                 defer: bool | None = None):
+                 defer: bool | None = None, keep_sums: bool = True):
         if mode not in ("ema", "mean"):
             raise ValueError(f"mode must be 'ema' or 'mean', got {mode!r}")
         if not 0.0 < ema_decay < 1.0:
@@ -62,6 +62,9 @@ class TaskFisher:
         self.pending: torch.Tensor | None = None   # GPU-side Σ C_i not yet in state (flush)
         self.flushed_count = 0                      # samples folded into state
         self.defer = defer      # None: pend GPU sums of a host state (update); True/False: force
+        # False: a flush that makes Î from the pending sums drops them instead of copying
+        # them to the host (state None: no later update, no save); see FisherCollector
+        self.keep_sums = keep_sums
         self.steps = 0          # EMA updates (calls)
         self.count = 0          # samples seen
         self.sample_ids: list[str] = []
@@ -79,6 +82,9 @@ class TaskFisher:
         the collector flushes when it turns to stored roles; after a flush, later sums go
         straight to the host). The sums are added in the same order either way (0 + a = a
         exactly), so the values do not depend on where they were added."""
+        if self.state is None:
+            raise ValueError("this Fisher's sums were dropped when its value was made "
+                             "(keep_fisher_sums=False): it takes no more samples")
         if self.count == 0 and batch_sum.device != self.state.device and \
                 self.state.numel() * 8 <= DEVICE_STATE_BYTES:
             self.state = self.state.to(batch_sum.device)
@@ -111,7 +117,9 @@ class TaskFisher:
         if self.pending is not None:
             if self.flushed_count == 0:
                 self._value = (self.pending / self.count).float()
-                self.state = self.pending.to(self.state.device)    # 0 + a = a
+                # 0 + a = a; or dropped: 8.6 GB per task and 16 LLaMA-7B layers took 4.5 s
+                # to reach the host (B2 in benchmarks/RESULTS.md)
+                self.state = self.pending.to(self.state.device) if self.keep_sums else None
             else:
                 self.state.add_(self.pending.to(self.state.device))
             self.pending = None
@@ -182,6 +190,11 @@ class FisherCollector:
             against d_in·d_out). Factored needs the 'hooks' engine; with the 'loop' engine
             'auto' is dense. Fisher and grad norms come from the collection-time g_i in
             every format.
+        keep_fisher_sums: keep each task's float64 Fisher sums once its value Î is made
+            (default). False drops the GPU-held sums of mode 'mean' when the collector
+            turns to stored roles, instead of copying them to the host: the layer chunks
+            of a large model, which score and never save or extend the Fisher
+            (``layerwise.py``); such a Fisher then takes no more samples and is not saved.
     """
 
     def __init__(self, enable_cross_task_analysis: bool = False,
@@ -191,7 +204,8 @@ class FisherCollector:
                  loss_reduction: str = "mean", progress: bool = False, engine: str = "auto",
                  micro_batch: int | str = "auto", layers: list[int] | None = None,
                  store_device="auto",
-                 fisher_partials: bool = False, gradient_format: str = "dense"):
+                 fisher_partials: bool = False, gradient_format: str = "dense",
+                 keep_fisher_sums: bool = True):
         if gradient_format not in GRADIENT_FORMATS:
             raise ValueError(f"gradient_format must be one of {GRADIENT_FORMATS}, got "
                              f"{gradient_format!r}")
@@ -208,6 +222,7 @@ class FisherCollector:
         self.engine, self.micro_batch = engine, micro_batch
         self.only_layers, self.store_device = layers, store_device
         self.fisher_partials = fisher_partials
+        self.keep_fisher_sums = bool(keep_fisher_sums)
         self.token = uuid.uuid4().hex
         self.fisher = FisherBank(self)
         self.indexer: QKOVIndexer | None = None
@@ -289,8 +304,9 @@ class FisherCollector:
         tf = self.fisher.tasks.get(task)
         if role in ("fisher", "all"):
             if tf is None:
-                tf = self.fisher.tasks[task] = TaskFisher(self.indexer.total_size, mode,
-                                                          self.ema_decay, self.fisher_partials)
+                tf = self.fisher.tasks[task] = TaskFisher(
+                    self.indexer.total_size, mode, self.ema_decay, self.fisher_partials,
+                    keep_sums=self.keep_fisher_sums)
             elif tf.mode != mode:
                 raise ValueError(f"task {task!r} Fisher is in mode {tf.mode!r}, got {mode!r}")
         keep = role != "fisher" and self.enable_cross_task_analysis
@@ -537,6 +553,9 @@ def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> Non
     with_partials: also each update's partial sum (``partial.<k>``, counts in metadata)."""
     path = Path(path)
     tf.flush()
+    if tf.state is None:
+        raise ValueError("this Fisher's sums were dropped when its value was made "
+                         "(keep_fisher_sums=False): there is nothing to save")
     tensors = {"state": tf.state.cpu().contiguous()}
     metadata = {"mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
                 "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)}

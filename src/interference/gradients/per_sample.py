@@ -156,12 +156,31 @@ _LEAKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary
 
 def pads_leak(model: nn.Module) -> bool:
     """True when 2 right-padding tokens (attention mask 0) change the logits of 6 real
-    tokens by more than 1e-4 of their largest (2e-2 in 16-bit floats): the hooks engine's
-    padded batch would then not give each sample's gradient alone (CPM-Ant, ProphetNet's
-    predict streams), so 'auto' takes the loop engine. Once per model; a model whose
-    forward refuses the probe counts as not leaking (as before the check)."""
+    tokens by more than 1e-4 of their largest: the hooks engine's padded batch would then
+    not give each sample's gradient alone (CPM-Ant, ProphetNet's predict streams), so
+    'auto' takes the loop engine. Once per model; a model whose forward refuses the probe
+    counts as not leaking (as before the check).
+
+    Leaking is a property of the family's code, not of its weights or dtype, so a 16-bit
+    model is probed through a float32 copy shrunk to 2 layers with its own attention
+    implementation (architectures.proof.shrunk_copy; the model itself where no copy can be
+    built, at 2e-2): in bfloat16 the rounding of two attention kernels (with and without a
+    mask) through 32 layers of random weights can move the logits by more than any
+    tolerance that still tells a leak."""
     if model in _LEAKS:
         return _LEAKS[model]
+    probe, tol = model, 1e-4
+    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+        from ..architectures.proof import shrunk_copy
+        probe = shrunk_copy(model, dtype=torch.float32, attn_implementation=None)
+        if probe is None:
+            probe, tol = model, 2e-2
+    _LEAKS[model] = leak = _pads_move_logits(probe, tol)
+    return leak
+
+
+def _pads_move_logits(model: nn.Module, tol: float) -> bool:
+    """Whether 2 right pads move 6 real tokens' logits by more than ``tol`` of the largest."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     was_training = model.training
     try:
@@ -175,14 +194,11 @@ def pads_leak(model: nn.Module) -> bool:
         with torch.no_grad():
             a = model(input_ids=ids, attention_mask=mask[:, :6]).logits[0, :6].float()
             b = model(input_ids=padded, attention_mask=mask).logits[0, :6].float()
-        tol = 2e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
-        leak = bool((a - b).abs().max() > tol * a.abs().max())
+        return bool((a - b).abs().max() > tol * a.abs().max())
     except Exception:  # noqa: BLE001 - a forward that needs other inputs: no probe
-        leak = False
+        return False
     finally:
         model.train(was_training)
-    _LEAKS[model] = leak
-    return leak
 
 
 class _HookCapture:

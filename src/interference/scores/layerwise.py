@@ -323,7 +323,8 @@ def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, t
         return FisherCollector(
             enable_cross_task_analysis=True, gradient_memory_mb=gradient_memory_mb,
             store_dtype=store_dtype, config=config, engine=engine, micro_batch=micro_batch,
-            layers=layers, store_device=device, gradient_format=gradient_format)
+            layers=layers, store_device=device, gradient_format=gradient_format,
+            keep_fisher_sums=False)
 
     res = score_layers(model, batches, task_a, task_b, passes, make,
                        reference_task=reference_task, metric_kwargs=metric_kwargs,

@@ -91,7 +91,7 @@ def run_chunk(job) -> None:
             0.0, plan["budget_bytes"] - transient[tuple(layers)]) / 2**20) \
             if device.startswith("cuda") else ex
         return make_collector(fisher, held, plan["qkov_config"], spill, False, m,
-                              layers=layers, store_device=device)
+                              layers=layers, store_device=device, keep_fisher_sums=False)
 
     ref_task = s["task_a"] if s["reference"] == "within_task" else s["reference"]
     t_collect = time.time()
