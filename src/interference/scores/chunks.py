@@ -64,8 +64,10 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                       store_dtype, stored_format(model, gradient_format), model_dtype, budget,
                       device, threads, micro_batch, n_tasks=len(batches),
                       score_rows=sum(stored_sizes[:2]))     # the largest arm, at most
-    fisher_bytes = 8 * len(batches) * sum(e.numel for (l, _), e in indexer.entries.items()
-                                          if l in chunks[index])   # float64 on the host, per task
+    # float64 sums per task on the host; on a GPU they are dropped once the values are made
+    # (keep_fisher_sums=False), never copied to the host
+    fisher_bytes = 0 if str(device).startswith("cuda") else 8 * len(batches) * sum(
+        e.numel for (l, _), e in indexer.entries.items() if l in chunks[index])
     mem = plan["memory"][0]
     logger.info("chunk %d of %d: layers %s in %d pass(es) of <= %d layers, micro-batch %d; "
                 "peak beyond the model <= %s per pass (budget %s; rows %s, per-sample "

@@ -22,7 +22,7 @@ from interference.gradients.collect import (available_memory, check_disk, check_
                                             make_collector, role_entry, stored_entry)
 
 from ..jobs import choose_device, set_threads
-from ..plan import MICRO_BATCH, ROLE_ORDER
+from ..plan import MICRO_BATCH, ROLE_ORDER, engine_micro_batch
 
 logger = logging.getLogger("qkov.gradients")
 
@@ -103,7 +103,7 @@ def run_collect(job) -> None:
     n_params = indexer.total_size
     roles = [r for r in ROLE_ORDER if r in batches]
     est = estimate_and_check(job, ex, model, indexer, batches, device, threads, out)
-    collector = make_collector(f, ex, qcfg, spill, False, MICRO_BATCH)
+    collector = make_collector(f, ex, qcfg, spill, False, engine_micro_batch(device))
     info = {"task": task, "split_seed": d["split_seed"], "roles": {},
             "n_attention_params": n_params, "device": device, "device_info": dev_info,
             "threads": threads, "torch": torch.__version__, "config_hash": job.config_hash,
