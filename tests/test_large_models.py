@@ -9,7 +9,8 @@ import torch
 
 from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
-from interference.gradients.collect import (check_disk, check_memory, collection_estimate, disk_plan,
+from interference.gradients.collect import (activation_bytes, check_disk, check_memory,
+                                            collection_estimate, disk_plan,
                                             estimate, layer_bytes, pass_memory, RATE_FLOPS)
 from interference.results import size_text as size
 from interference.scores import QKOVInterferenceMetric
@@ -115,7 +116,12 @@ def test_collection_estimate_and_disk_refusal(tmp_path, monkeypatch):
     n = sum(p.numel() for p in model.parameters())
     assert est["rows_bytes"] == rows
     assert est["disk"]["final_bytes"] == rows + 8 * idx.total_size
-    assert est["memory_bytes"] == 4 * n + rows + 8 * idx.total_size
+    act = activation_bytes(model, idx.layers, 8, max(every))
+    assert act > 0 and est["activation_bytes"] == act
+    assert est["memory_bytes"] == 4 * n + rows + 8 * idx.total_size + act
+    assert collection_estimate(model, idx, batches, "float32", "auto", 1024.0, "cpu", 2,
+                               4)["activation_bytes"] == activation_bytes(model, idx.layers, 4,
+                                                                          max(every))
     assert est["seconds"] == pytest.approx(6 * n * sum(every) / (2 * RATE_FLOPS["cpu"]))
     assert estimate(7e9, [256] * 300, 2, "cuda:0", "bfloat16", 1) == pytest.approx(
         6 * 7e9 * 256 * 300 * 2 / 150e12)

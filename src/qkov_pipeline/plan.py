@@ -505,19 +505,7 @@ def as_list(value) -> list:
 
 # ----------------------------------------------------------------------------- collect shards
 
-MICRO_BATCH = 8          # samples per collect_fisher call: the Fisher's unit and the shard unit
-# on the CPU the engine runs a unit as micro-batches of at most this many samples: the
-# default code task's collection on 2 cores took 114 s and 3.4 GB resident at 4 against
-# 126 s and 4.2 GB at 8 (benchmarks/RESULTS.md, "Default CPU run")
-CPU_ENGINE_MICRO_BATCH = 4
-
-
-def engine_micro_batch(device: str, unit: int = MICRO_BATCH) -> int:
-    """Samples per batched forward of the gradient engine within a unit of ``unit``
-    samples: the unit on a GPU, at most :data:`CPU_ENGINE_MICRO_BATCH` on the CPU. Every
-    job of one run on one kind of device takes the same value, so shards, layer chunks
-    and a whole-task job add the same sums in the same order."""
-    return int(unit) if str(device).startswith("cuda") else min(int(unit), CPU_ENGINE_MICRO_BATCH)
+MICRO_BATCH = 8          # samples per batched forward of the gradient engine (and shard unit)
 
 
 def shard_plan(role_sizes: dict[str, int], shards: int,

@@ -135,11 +135,13 @@ def stored_format(model, gradient_format: str) -> str:
 
 
 def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradient_format: str,
-                        gradient_memory_mb: float, device: str, threads: int) -> dict:
+                        gradient_memory_mb: float, device: str, threads: int,
+                        micro_batch: int = 8) -> dict:
     """What collecting ``batches`` (role -> batch; 'fisher' rows are not stored) will take,
     before any work: ``rows_bytes`` (the stored gradients, :func:`layer_bytes`),
     ``disk`` (:func:`disk_plan`), ``memory_bytes`` (model + rows held within
-    ``gradient_memory_mb`` + the float64 Fisher) and ``seconds`` (:func:`estimate`)."""
+    ``gradient_memory_mb`` + the float64 Fisher + one ``micro_batch``'s activations of the
+    longest sample, :func:`activation_bytes`) and ``seconds`` (:func:`estimate`)."""
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     stored = [int(t) for role, b in batches.items() if role != "fisher"
               for t in b["attention_mask"].sum(1).tolist()]
@@ -148,10 +150,12 @@ def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradien
     rows = sum(layer_bytes(indexer, stored, store_dtype, fmt, dtype).values())
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     fisher = 8 * indexer.total_size
-    memory = model_bytes + min(rows, gradient_memory_mb * 2**20) + fisher
+    act = activation_bytes(model, indexer.layers, micro_batch, max(every)) if every else 0
+    memory = model_bytes + min(rows, gradient_memory_mb * 2**20) + fisher + act
     n_model = sum(p.numel() for p in model.parameters())
     return {"format": fmt, "rows_bytes": int(rows), "model_bytes": int(model_bytes),
-            "fisher_bytes": int(fisher), "memory_bytes": int(memory),
+            "fisher_bytes": int(fisher), "activation_bytes": int(act),
+            "memory_bytes": int(memory),
             "disk": disk_plan(indexer.total_size, len(stored), store_dtype, rows),
             "seconds": estimate(n_model, every, 1, device, dtype, threads)}
 
@@ -169,25 +173,27 @@ def available_memory() -> int | None:
 
 def check_memory(est: dict, available: int | None, loaded: bool = True) -> None:
     """Refuse (RuntimeError, before any work) a CPU collection whose host memory (rows held
-    within gradient_memory_mb + the float64 Fisher, plus the model unless ``loaded``)
-    exceeds ``available`` bytes (None: not checked)."""
+    within gradient_memory_mb + the float64 Fisher + a micro-batch's activations, plus the
+    model unless ``loaded``) exceeds ``available`` bytes (None: not checked)."""
     need = est["memory_bytes"] - (est["model_bytes"] if loaded else 0)
     if available is not None and need > available:
         raise RuntimeError(
             f"not enough memory to collect: it needs about {size_text(need)} more (gradient rows "
-            f"held in memory and the float64 Fisher of {size_text(est['fisher_bytes'])}) but "
+            f"held in memory, the float64 Fisher of {size_text(est['fisher_bytes'])} and a "
+            f"micro-batch's activations, {size_text(est.get('activation_bytes', 0))}) but "
             f"{size_text(available)} are available. Lower resources.collect.gradient_memory_mb "
             "(rows beyond it go to disk) or use resources.collect.layer_chunks > 1")
 
 
 def log_estimate(task: str, est: dict) -> None:
+    act = est.get("activation_bytes", 0)
     logger.info("%s: estimate before collecting: %s of %s gradient rows (disk %s), memory "
-                "about %s (model %s, rows held %s, Fisher %s), about %.1f s of "
+                "about %s (model %s, rows held %s, Fisher %s, activations %s), about %.1f s of "
                 "forward+backward", task, size_text(est["rows_bytes"]), est["format"],
                 size_text(est["disk"]["final_bytes"]), size_text(est["memory_bytes"]),
                 size_text(est["model_bytes"]),
-                size_text(est["memory_bytes"] - est["model_bytes"] - est["fisher_bytes"]),
-                size_text(est["fisher_bytes"]), est["seconds"])
+                size_text(est["memory_bytes"] - est["model_bytes"] - est["fisher_bytes"] - act),
+                size_text(est["fisher_bytes"]), size_text(act), est["seconds"])
 
 
 def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int,

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..jobs import set_threads
-from ..plan import MICRO_BATCH, engine_micro_batch
+from ..plan import MICRO_BATCH
 from .scores import write
 
 logger = logging.getLogger("qkov.scores")
@@ -90,9 +90,8 @@ def run_chunk(job) -> None:
         held = dict(ex, gradient_memory_mb=max(
             0.0, plan["budget_bytes"] - transient[tuple(layers)]) / 2**20) \
             if device.startswith("cuda") else ex
-        return make_collector(fisher, held, plan["qkov_config"], spill, False,
-                              engine_micro_batch(device, m), layers=layers,
-                              store_device=device, keep_fisher_sums=False)
+        return make_collector(fisher, held, plan["qkov_config"], spill, False, m,
+                              layers=layers, store_device=device, keep_fisher_sums=False)
 
     ref_task = s["task_a"] if s["reference"] == "within_task" else s["reference"]
     t_collect = time.time()

@@ -22,7 +22,7 @@ from interference.gradients.collect import (available_memory, check_disk, check_
                                             make_collector, role_entry, stored_entry)
 
 from ..jobs import choose_device, set_threads
-from ..plan import MICRO_BATCH, ROLE_ORDER, engine_micro_batch
+from ..plan import MICRO_BATCH, ROLE_ORDER
 
 logger = logging.getLogger("qkov.gradients")
 
@@ -67,7 +67,8 @@ def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str
     Fisher the host memory cannot hold."""
     est = collection_estimate(model, indexer, batches, job.slice["fisher"]["store_dtype"],
                               ex.get("gradient_format", "dense"),
-                              float(ex.get("gradient_memory_mb", 1024)), device, threads)
+                              float(ex.get("gradient_memory_mb", 1024)), device, threads,
+                              MICRO_BATCH)
     log_estimate(job.slice["data"]["task"], est)
     for k in ("rows_bytes", "memory_bytes", "seconds"):
         job.metric(f"estimate.{k}", est[k])
@@ -103,7 +104,7 @@ def run_collect(job) -> None:
     n_params = indexer.total_size
     roles = [r for r in ROLE_ORDER if r in batches]
     est = estimate_and_check(job, ex, model, indexer, batches, device, threads, out)
-    collector = make_collector(f, ex, qcfg, spill, False, engine_micro_batch(device))
+    collector = make_collector(f, ex, qcfg, spill, False, MICRO_BATCH)
     info = {"task": task, "split_seed": d["split_seed"], "roles": {},
             "n_attention_params": n_params, "device": device, "device_info": dev_info,
             "threads": threads, "torch": torch.__version__, "config_hash": job.config_hash,

@@ -16,7 +16,7 @@ from interference.gradients.collect import (check_shards, collect_role, disk_pla
                                             take)
 
 from ..jobs import read_json
-from ..plan import MICRO_BATCH, ROLE_ORDER, engine_micro_batch, planned_shards, shard_plan
+from ..plan import MICRO_BATCH, ROLE_ORDER, planned_shards, shard_plan
 from .gradients import collect_exec, estimate_and_check, load_inputs
 
 logger = logging.getLogger("qkov.gradients")
@@ -55,7 +55,7 @@ def run_shard(job) -> None:
     estimate_and_check(job, ex, model, indexer,
                        {r: take(batches[r], a, b) for r, (a, b) in ranges.items()},
                        device, threads, out)
-    collector = make_collector(f, ex, qcfg, spill, True, engine_micro_batch(device))
+    collector = make_collector(f, ex, qcfg, spill, True, MICRO_BATCH)
     shard = {"task": task, "index": index, "n_shards": len(plan), "ranges": ranges,
              "roles": {}, "device": device, "device_info": dev_info, "threads": threads,
              "torch": torch.__version__, "config_hash": job.config_hash}
