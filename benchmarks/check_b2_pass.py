@@ -31,11 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-def batch(n: int, tokens: int, vocab: int, prefix: str, gen) -> dict:
+def batch(n: int, tokens: int, vocab: int, prefix: str, gen, min_tokens: int = 0) -> dict:
+    """n samples of ``tokens`` random tokens, or of lengths drawn uniformly from
+    [min_tokens, tokens] (right-padded) when ``min_tokens`` is set."""
     import torch
 
     ids = torch.randint(1, vocab, (n, tokens), generator=gen)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+    mask = torch.ones_like(ids)
+    if min_tokens:
+        lengths = torch.randint(min_tokens, tokens + 1, (n,), generator=gen)
+        mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100),
             "sample_ids": [f"{prefix}:{k}" for k in range(n)]}
 
 
@@ -54,6 +61,9 @@ def main(argv=None):
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=None)
+    ap.add_argument("--min-tokens", type=int, default=0,
+                    help="sample lengths uniform in [min-tokens, tokens] (as real data "
+                         "varies), not all --tokens")
     ap.add_argument("--metric-default", action="store_true",
                     help="the workflow's metric settings (conf/metric/default.yaml: relative "
                          "ridge from each (layer, block)'s Fisher median), not the library's")
@@ -78,10 +88,11 @@ def main(argv=None):
     indexer = QKOVIndexer(model, qcfg)
     gen = torch.Generator().manual_seed(0)
     V, T = 512, args.tokens
-    batches = {t: {"fisher": batch(data["n_fisher"], T, V, f"{t}:f", gen),
-                   "scored": batch(data["n_scored"], T, V, f"{t}:s", gen)}
+    lo = args.min_tokens
+    batches = {t: {"fisher": batch(data["n_fisher"], T, V, f"{t}:f", gen, lo),
+                   "scored": batch(data["n_scored"], T, V, f"{t}:s", gen, lo)}
                for t in ("math", "code")}
-    batches["math"]["reference"] = batch(data["n_reference"], T, V, "math:r", gen)
+    batches["math"]["reference"] = batch(data["n_reference"], T, V, "math:r", gen, lo)
     sizes = [len(b["sample_ids"]) for by in batches.values() for b in by.values()]
     stored = [T] * (sum(sizes) - 2 * data["n_fisher"])
     budget = 0.8 * torch.cuda.mem_get_info(0)[0]
