@@ -180,13 +180,13 @@ def check_memory(est: dict, available: int | None, loaded: bool = True) -> None:
         raise RuntimeError(
             f"not enough memory to collect: it needs about {size_text(need)} more (gradient rows "
             f"held in memory, the float64 Fisher of {size_text(est['fisher_bytes'])} and a "
-            f"micro-batch's activations, {size_text(est.get('activation_bytes', 0))}) but "
+            f"micro-batch's activations, {size_text(est['activation_bytes'])}) but "
             f"{size_text(available)} are available. Lower resources.collect.gradient_memory_mb "
             "(rows beyond it go to disk) or use resources.collect.layer_chunks > 1")
 
 
 def log_estimate(task: str, est: dict) -> None:
-    act = est.get("activation_bytes", 0)
+    act = est["activation_bytes"]
     logger.info("%s: estimate before collecting: %s of %s gradient rows (disk %s), memory "
                 "about %s (model %s, rows held %s, Fisher %s, activations %s), about %.1f s of "
                 "forward+backward", task, size_text(est["rows_bytes"]), est["format"],

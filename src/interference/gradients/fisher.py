@@ -42,6 +42,9 @@ COLLECT_ROLES = ROLES + ("all",)   # collect_fisher's roles: the sample roles an
 DEVICE_STATE_BYTES = 2 * 2**30
 
 
+DROPPED_SUMS = "this Fisher's sums were dropped when its value was made (keep_fisher_sums=False)"
+
+
 class TaskFisher:
     """Running Fisher of one task. ``value()`` -> float32 [P]."""
 
@@ -83,8 +86,7 @@ class TaskFisher:
         straight to the host). The sums are added in the same order either way (0 + a = a
         exactly), so the values do not depend on where they were added."""
         if self.state is None:
-            raise ValueError("this Fisher's sums were dropped when its value was made "
-                             "(keep_fisher_sums=False): it takes no more samples")
+            raise ValueError(f"{DROPPED_SUMS}: it takes no more samples")
         if self.count == 0 and batch_sum.device != self.state.device and \
                 self.state.numel() * 8 <= DEVICE_STATE_BYTES:
             self.state = self.state.to(batch_sum.device)
@@ -554,8 +556,7 @@ def _save_fisher(path: Path, tf: TaskFisher, with_partials: bool = False) -> Non
     path = Path(path)
     tf.flush()
     if tf.state is None:
-        raise ValueError("this Fisher's sums were dropped when its value was made "
-                         "(keep_fisher_sums=False): there is nothing to save")
+        raise ValueError(f"{DROPPED_SUMS}: there is nothing to save")
     tensors = {"state": tf.state.cpu().contiguous()}
     metadata = {"mode": tf.mode, "beta": repr(tf.beta), "steps": str(tf.steps),
                 "count": str(tf.count), "sample_ids": json.dumps(tf.sample_ids)}
