@@ -153,6 +153,9 @@ def main(argv=None):
         "format": fmt, "budget_gib": budget / gib, "model_gib": base / gib,
         "predicted_peak_gib": max(plan["peaks"]) / gib, "measured_peak_gib": peak / gib,
         "reserved_peak_gib": torch.cuda.max_memory_reserved(0) / gib,
+        "allocator": {k: torch.cuda.memory_stats(0).get(k) for k in (
+            "num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")},
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,

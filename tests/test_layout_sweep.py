@@ -300,8 +300,8 @@ def test_a_16_bit_model_is_probed_for_leaking_pads_through_a_float32_copy(monkey
     from interference.gradients import per_sample
 
     seen = []
-    real = per_sample._pads_move_logits
-    monkeypatch.setattr(per_sample, "_pads_move_logits",
+    real = per_sample._probe_padding
+    monkeypatch.setattr(per_sample, "_probe_padding",
                         lambda m, tol: seen.append((next(m.parameters()).dtype, tol))
                         or real(m, tol))
     cpm = tiny_auto_model("cpmant")[0].to(torch.bfloat16)
@@ -583,3 +583,35 @@ def test_two_named_towers_on_one_side_are_not_one_tower():
     assert not _one_tower_stacks(["question_encoder.bert.encoder.layer.{N}.attention.self",
                                   "ctx_encoder.bert.encoder.layer.{N}.attention.self"])
     assert not _one_tower_stacks(["text.layers.{N}.attn", "vision.layers.{N}.attn"])
+
+
+def test_causal_models_run_padded_batches_unmasked_and_others_keep_the_mask():
+    """padding_of reads GPT-2 as causal: the hooks engine's forward gets no attention mask
+    and its per-sample gradients of a right-padded batch still equal the float64 brute
+    force of each sample alone. A bidirectional BertGeneration reads 'masked' and keeps the
+    mask; forced to run unmasked, its padded samples' gradients would be wrong by O(1)."""
+    from interference.gradients import per_sample
+    from reference_layouts import text_batch
+
+    batch = text_batch(3, 8, 1, "a", 97)      # samples of 8, 6 and 4 tokens
+    gpt2 = float64_copy(tiny_auto_model("gpt2")[0])
+    seen = []
+    gpt2.register_forward_pre_hook(lambda m, a, kw: seen.append("attention_mask" in kw),
+                                   with_kwargs=True)
+    assert per_sample.padding_of(gpt2) == "causal"
+    seen.clear()
+    idx, got = _engine_rows(gpt2, "hooks", batch)
+    assert seen == [False]                    # one micro-batch, no mask
+    want = _brute_rows(idx, gpt2, batch)
+    for sid in want:
+        assert torch.allclose(got[sid], want[sid], rtol=1e-6, atol=1e-12), sid
+
+    bert = float64_copy(tiny_auto_model("bert-generation")[0])
+    assert per_sample.padding_of(bert) == "masked"
+    idx, got = _engine_rows(bert, "hooks", batch)
+    want = _brute_rows(idx, bert, batch)
+    err = lambda rows, sid: float((rows[sid] - want[sid]).abs().max() / want[sid].abs().max())
+    assert max(err(got, s) for s in want) < 1e-6
+    per_sample._PADDING[bert] = "causal"
+    _, forced = _engine_rows(bert, "hooks", batch)
+    assert err(forced, "a:1") > 1e-2 and err(forced, "a:0") < 1e-6   # a:0 has no pads

@@ -151,52 +151,79 @@ def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-_LEAKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_PADDING: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def pads_leak(model: nn.Module) -> bool:
-    """True when 2 right-padding tokens (attention mask 0) change the logits of 6 real
-    tokens by more than 1e-4 of their largest: the hooks engine's padded batch would then
-    not give each sample's gradient alone (CPM-Ant, ProphetNet's predict streams), so
-    'auto' takes the loop engine. Once per model; a model whose forward refuses the probe
-    counts as not leaking (as before the check).
+def padding_of(model: nn.Module) -> str:
+    """How a right-padded batch must run for each sample to get its own gradient, probed
+    once per model with 6 real tokens and 2 right pads (token 0, as ``_right_pad`` writes):
 
-    Leaking is a property of the family's code, not of its weights or dtype, so a 16-bit
-    model is probed through a float32 copy shrunk to 2 layers with its own attention
-    implementation (architectures.proof.shrunk_copy; the model itself where no copy can be
-    built, at 2e-2): a bfloat16 LLaMA-2-7B shape on an H200 moved its logits by more than
-    2e-2 of the largest with and without two masked pads, while its float32 copy did not
-    (most likely the rounding of two attention kernels through 32 layers)."""
-    if model in _LEAKS:
-        return _LEAKS[model]
+    'causal'  without any attention mask the pads leave the real tokens' logits unchanged
+              (within 1e-4 of the largest): the hooks engine runs its batches unmasked,
+              so attention can take its causal kernel (a padded batch with a mask ran
+              forward and backward twice as slowly on an H200: benchmarks/RESULTS.md, B2
+              session 6). The pads' own outputs never reach a real token's loss, so their
+              δ is 0 and they add nothing to any per-sample gradient.
+    'masked'  the pads move the real logits unless masked: batches pass the mask.
+    'leaks'   they move them even when masked (CPM-Ant, ProphetNet's predict streams):
+              'auto' takes the loop engine (:func:`pads_leak`).
+
+    A forward that refuses the probe counts as 'masked' (as before the probe existed).
+    Causality and leaking are properties of the family's code, not of its weights or
+    dtype, so a 16-bit model is probed through a float32 copy shrunk to 2 layers with its
+    own attention implementation (architectures.proof.shrunk_copy): a bfloat16 LLaMA-2-7B
+    shape on an H200 moved its logits by more than 2e-2 of the largest with and without
+    two masked pads, while its float32 copy did not (most likely the rounding of two
+    attention kernels through 32 layers). Where no copy can be built the model itself is
+    probed at 2e-2 and never counts as 'causal'."""
+    if model in _PADDING:
+        return _PADDING[model]
     probe, tol = model, 1e-4
     if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
         from ..architectures.proof import shrunk_copy
         probe = shrunk_copy(model, dtype=torch.float32, attn_implementation=None)
         if probe is None:
             probe, tol = model, 2e-2
-    _LEAKS[model] = leak = _pads_move_logits(probe, tol)
-    return leak
+    verdict = _probe_padding(probe, tol)
+    if probe is model and tol > 1e-4 and verdict == "causal":
+        verdict = "masked"
+    _PADDING[model] = verdict
+    return verdict
 
 
-def _pads_move_logits(model: nn.Module, tol: float) -> bool:
-    """Whether 2 right pads move 6 real tokens' logits by more than ``tol`` of the largest."""
+def pads_leak(model: nn.Module) -> bool:
+    """True when masked right pads still change the real tokens' logits
+    (:func:`padding_of` is 'leaks'): the hooks engine's padded batch would then not give
+    each sample's gradient alone, so 'auto' takes the loop engine."""
+    return padding_of(model) == "leaks"
+
+
+def _probe_padding(model: nn.Module, tol: float) -> str:
+    """:func:`padding_of`'s verdict for ``model`` at ``tol`` of the largest logit."""
     pad = getattr(getattr(model, "config", None), "pad_token_id", None)
     was_training = model.training
     try:
         p = next(model.parameters())
         ids = torch.arange(1, 7, device=p.device)[None] % min(
             int(model.get_input_embeddings().num_embeddings), 97)
-        pads = torch.full_like(ids[:, :2], pad if isinstance(pad, int) else 0)
-        padded = torch.cat([ids, pads], 1)
         mask = (torch.arange(8, device=p.device) < 6).long()[None]
         model.eval()
         with torch.no_grad():
-            a = model(input_ids=ids, attention_mask=mask[:, :6]).logits[0, :6].float()
-            b = model(input_ids=padded, attention_mask=mask).logits[0, :6].float()
-        return bool((a - b).abs().max() > tol * a.abs().max())
+            alone = model(input_ids=ids, attention_mask=mask[:, :6]).logits[0, :6].float()
+
+            def moved(pad_id: int, **kw) -> bool:
+                padded = torch.cat([ids, torch.full_like(ids[:, :2], pad_id)], 1)
+                out = model(input_ids=padded, **kw).logits[0, :6].float()
+                return bool((alone - out).abs().max() > tol * alone.abs().max())
+
+            if moved(pad if isinstance(pad, int) else 0, attention_mask=mask):
+                return "leaks"
+            try:
+                return "masked" if moved(0) else "causal"
+            except Exception:  # noqa: BLE001 - a forward that needs its mask
+                return "masked"
     except Exception:  # noqa: BLE001 - a forward that needs other inputs: no probe
-        return False
+        return "masked"
     finally:
         model.train(was_training)
 
@@ -367,6 +394,8 @@ class PerSampleGradients:
         self._names = indexer.param_names
         self.engine = self.choose_engine(model, objective, engine)
         self.micro_batch = int(micro_batch)
+        # right-padded batches of a causal model run unmasked (padding_of)
+        self._mask_pads = self.engine == "hooks" and padding_of(model) != "causal"
         if self.factors and self.engine != "hooks":
             raise ValueError("factored per-sample gradients need the 'hooks' engine (x and δ of "
                              f"each projection); engine is {self.engine!r}")
@@ -531,8 +560,8 @@ class PerSampleGradients:
     def _batch_losses(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,
         on the device, without a host sync (checked after the backward: _check_batch)."""
-        logits = self.model(input_ids=b["input_ids"],
-                            attention_mask=b["attention_mask"]).logits[:, :-1]
+        mask = {"attention_mask": b["attention_mask"]} if self._mask_pads else {}
+        logits = self.model(input_ids=b["input_ids"], **mask).logits[:, :-1]
         labels = b["labels"][:, 1:]
         keep = labels != -100
         n_tok = keep.sum(1)
