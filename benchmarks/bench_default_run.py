@@ -62,6 +62,10 @@ def parse(argv=None):
     ap.add_argument("--gradient-memory-mb", type=float, default=0,
                     help="the collect jobs' in-memory store budget (the workflow's default)")
     ap.add_argument("--store-dtype", default="float32", help="fisher.store_dtype")
+    ap.add_argument("--masked-batches", action="store_true",
+                    help="run the engine's right-padded batches with their attention mask even "
+                         "where the model is causal (as before session 6): an A/B of "
+                         "per_sample.padding_of")
     ap.add_argument("--work", default=None, help="folder for the stores (default: a temp one)")
     return ap.parse_args(argv)
 
@@ -99,7 +103,10 @@ def batch_of(args, task: str, role: str, n: int) -> dict:
 
 
 def stage_collect(args, task: str) -> dict:
-    from interference.gradients import FisherCollector
+    from interference.gradients import FisherCollector, per_sample
+
+    if args.masked_batches:
+        per_sample.padding_of = lambda model: "masked"
 
     model = model_of(args)
     fc = FisherCollector(enable_cross_task_analysis=True,

@@ -615,3 +615,22 @@ def test_causal_models_run_padded_batches_unmasked_and_others_keep_the_mask():
     per_sample._PADDING[bert] = "causal"
     _, forced = _engine_rows(bert, "hooks", batch)
     assert err(forced, "a:1") > 1e-2 and err(forced, "a:0") < 1e-6   # a:0 has no pads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_o_check_catches_a_slice_of_the_wrong_head(family):
+    """The O part of the proof (one batch of per-head probes through the O module: an
+    nn.Linear, GPT-2's Conv1D) passes on the true slices of head 1 and, handed head 2's
+    slice as head 1's, names head 2 as the one that moved."""
+    from interference.architectures import QKOVIndexer
+    from interference.architectures.proof import _check_o
+
+    m64 = float64_copy(tiny_auto_model(family)[0])
+    idx = QKOVIndexer(m64, QKOVConfig.from_model(m64))
+    _check_o(m64, idx, 1, 1, seed=2001)
+
+    shifted = copy.copy(idx)
+    shifted.head_param_indices = lambda layer, block, h: idx.head_param_indices(layer, block,
+                                                                                h + 1)
+    with pytest.raises(LayoutProofError, match=r"L1 O head 1: .*saw heads \[2\]"):
+        _check_o(m64, shifted, 1, 1, seed=2001)
