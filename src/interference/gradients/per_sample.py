@@ -160,10 +160,11 @@ def padding_of(model: nn.Module) -> str:
 
     'causal'  without any attention mask the pads leave the real tokens' logits unchanged
               (within 1e-4 of the largest): the hooks engine runs its batches unmasked,
-              so attention can take its causal kernel (a padded batch with a mask ran
-              forward and backward twice as slowly on an H200: benchmarks/RESULTS.md, B2
-              session 6). The pads' own outputs never reach a real token's loss, so their
-              δ is 0 and they add nothing to any per-sample gradient.
+              so attention can take its causal kernel (a 16-layer chunk of the 7B shape
+              on padded samples, H200: forward 7.0 -> 4.5-5.8 s, backward 8.7 -> 4.7-5.5
+              s; benchmarks/RESULTS.md, B2 session 6). The pads' own outputs never reach
+              a real token's loss, so their δ is 0 and they add nothing to any per-sample
+              gradient.
     'masked'  the pads move the real logits unless masked: batches pass the mask.
     'leaks'   they move them even when masked (CPM-Ant, ProphetNet's predict streams):
               'auto' takes the loop engine (:func:`pads_leak`).
@@ -185,7 +186,7 @@ def padding_of(model: nn.Module) -> str:
         if probe is None:
             probe, tol = model, 2e-2
     verdict = _probe_padding(probe, tol)
-    if probe is model and tol > 1e-4 and verdict == "causal":
+    if tol > 1e-4 and verdict == "causal":   # a 16-bit model probed itself: keep the mask
         verdict = "masked"
     _PADDING[model] = verdict
     return verdict
