@@ -671,3 +671,32 @@ def test_the_reliability_table_names_existing_tests():
     source = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
     missing = sorted(n for n in named if f"def {n}(" not in source)
     assert not missing, missing
+
+
+_HEAP_PROBE = r"""
+import sys, psutil, torch
+if sys.argv[1] == "frame":
+    from qkov_pipeline.jobs import return_large_frees
+    assert return_large_frees()
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+big = torch.ones(9 * 2**18); del big      # one 9 MB free raises glibc's dynamic threshold
+base = rss()
+blocks, pins = [], []
+for _ in range(60):
+    blocks.append(torch.ones(9 * 2**18))  # 9 MB blocks, touched: 540 MB
+    pins.append(torch.ones(1024))          # small ones kept: the heap's top cannot shrink
+del blocks
+print(round(rss() - base))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_job_frame_gives_freed_activations_back_to_the_system():
+    """Sixty freed 9 MB tensors stay resident under glibc's default (its mmap threshold
+    rises after the first large free), and go back to the system in a job frame
+    (jobs.return_large_frees: blocks of 8 MB and more are mapped on their own)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    held = {how: int(subprocess.run([sys.executable, "-c", _HEAP_PROBE, how], env=env,
+                                    capture_output=True, text=True, check=True).stdout)
+            for how in ("default", "frame")}
+    assert held["default"] > 400 and held["frame"] < 50, held
