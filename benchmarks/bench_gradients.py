@@ -6,7 +6,11 @@ GPT-2-small shape (12 layers, 12 heads, d = 768, vocab 50257), random init, 256 
     python benchmarks/bench_gradients.py --device cpu --n 4 --threads 2
 
 Prints one JSON line with samples/s of: the ordinary step (all parameters, one batched
-backward), and each per-sample engine (attention weights only, canonical vectors formed).
+backward), and each per-sample engine (attention weights only): ``hooks`` and ``loop`` form
+every sample's canonical row [P]; ``factored`` is what the workflow's collect does for the
+stored samples of a factored store (x and δ of each projection kept, each per-sample
+gradient reduced to its squared norm; ``gradient_format: auto`` picks it at 256 tokens
+here); ``fisher`` what it does for the Fisher samples (Σ_k g_k², ``square_sums``).
 """
 from __future__ import annotations
 
@@ -82,19 +86,22 @@ def main(argv=None):
     indexer = QKOVIndexer(model, QKOVConfig.from_model(model))
     sample_ids = [f"s:{k}" for k in range(args.n)]
     for engine in args.engines.split(","):
-        eng = PerSampleGradients(model, indexer, CausalLMObjective(), engine=engine,
-                                 micro_batch=args.batch)
-        for _ in eng({k: v[:2] for k, v in batch.items()}, sample_ids[:2]):
+        kind = {"factored": dict(engine="hooks", factors=True, rows=False),
+                "fisher": dict(engine="hooks")}.get(engine, dict(engine=engine))
+        eng = PerSampleGradients(model, indexer, CausalLMObjective(), micro_batch=args.batch,
+                                 **kind)
+        run = eng.square_sums if engine == "fisher" else eng
+        for _ in run({k: v[:2] for k, v in batch.items()}, sample_ids[:2]):
             pass
         sync(args.device)
         t0 = time.perf_counter()
-        for _ in eng(batch, sample_ids):
+        for _ in run(batch, sample_ids):
             pass
         sync(args.device)
         out[f"{engine}_samples_per_s"] = args.n / (time.perf_counter() - t0)
         out[f"{engine}_over_ordinary"] = out[f"{engine}_samples_per_s"] / out["ordinary_samples_per_s"]
         if args.profile:
-            profile(f"engine {engine}", lambda: [None for _ in eng(batch, sample_ids)],
+            profile(f"engine {engine}", lambda: [None for _ in run(batch, sample_ids)],
                     args.device, args.profile)
     if args.profile:
         profile("ordinary step", ordinary, args.device, args.profile)

@@ -581,3 +581,34 @@ def test_auto_micro_batch_is_8_on_the_cpu_and_the_largest_that_fits_on_a_gpu(mon
     for bad in (0, -1, 2.5, "big"):
         with pytest.raises(ValueError, match="micro_batch"):
             FisherCollector(micro_batch=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_token_nll_and_its_gradient_equal_the_float64_log_softmax_row_by_row(dtype):
+    """objectives.token_nll (row blocks, no [rows, V] log-probabilities kept) against a float64
+    loop: -log(e^x_t / Σ e^x) per row, and its gradient w (softmax - onehot) of Σ w·nll.
+    300 rows of 65,536 logits span three blocks (the last partial)."""
+    from interference.gradients.objectives import _row_blocks, token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(300, 65536, generator=gen)).to(dtype).requires_grad_()
+    t = torch.randint(0, 65536, (300,), generator=gen)
+    w = torch.randn(300, generator=gen)
+    assert len(_row_blocks(x.detach())) == 3
+    nll = token_nll(x, t)
+    (nll * w.to(nll.dtype)).sum().backward()
+    assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert x.grad.dtype == dtype
+    want, want_grad = np.empty(300), np.empty((300, 65536))
+    xs = x.detach().double().numpy()
+    for r in range(300):
+        e = np.exp(xs[r] - xs[r].max())
+        p = e / e.sum()
+        want[r] = -np.log(p[t[r]])
+        p[t[r]] -= 1.0
+        want_grad[r] = float(w[r]) * p
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(nll.detach().double().numpy(), want, rtol=tol, atol=tol)
+    # the gradient is rounded to the logits' dtype once
+    gtol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float64: 1e-14}[dtype]
+    np.testing.assert_allclose(x.grad.double().numpy(), want_grad, rtol=0, atol=gtol)

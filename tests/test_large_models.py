@@ -169,6 +169,45 @@ def test_collect_job_refuses_before_any_work(tmp_path, monkeypatch):
     assert job.metrics["estimate.rows_bytes"] > 0
 
 
+def test_engine_micro_batch_divides_the_fisher_unit_and_is_4_on_the_cpu():
+    from interference.gradients.collect import engine_micro_batch
+
+    assert engine_micro_batch("auto", "cpu", 8) == 4
+    assert engine_micro_batch(None, "cuda:1", 8) == 8
+    assert engine_micro_batch("auto", "cpu", 2) == 2
+    assert engine_micro_batch(2, "cuda:0", 8) == 2
+    for bad in (3, 0, 16, True, "4"):
+        with pytest.raises(ValueError, match="divisor of 8"):
+            engine_micro_batch(bad, "cpu", 8)
+
+
+def test_micro_batches_of_4_within_units_of_8_give_the_same_store(tmp_path):
+    """collect_role in 8-sample units with the engine's micro-batch 4 (the CPU default) or
+    8: the same Fisher and per-sample gradients up to float32 rounding (the Fisher's sums
+    are added in a different order)."""
+    from interference.gradients.collect import collect_role, make_collector
+
+    model = tiny_llama()
+    cfg = QKOVConfig.from_model(model)
+    batches = {"fisher": padded_batch(12, 10, 1, "math:f"),
+               "scored": padded_batch(9, 10, 2, "math:s")}
+    f = {"ema_decay": 0.99, "store_dtype": "float32", "loss_reduction": "mean"}
+    out = {}
+    for m in (4, 8):
+        fc = make_collector(f, {"gradient_format": "factored", "gradient_memory_mb": 64}, cfg,
+                            tmp_path / f"spill{m}", False, m)
+        for role, b in batches.items():
+            collect_role(fc, model, b, "math", role, "mean", 0, len(b["sample_ids"]), 8)
+        ids = fc.gradient_manager.ids("math", "scored")
+        store = fc.gradient_manager
+        out[m] = (fc.fisher.get("math").double(),
+                  torch.stack([store.vector("math", i) for i in ids]).double(),
+                  torch.as_tensor(store.grad_norms("math", ids)))
+    for a, b in zip(out[4], out[8]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7 * float(b.abs().max()))
+    assert not torch.equal(out[4][1], torch.zeros_like(out[4][1]))
+
+
 # ----------------------------------------------------------------------------- chunks, passes
 
 def test_chunks_and_passes():

@@ -197,6 +197,25 @@ def log_estimate(task: str, est: dict) -> None:
                 size_text(est["fisher_bytes"]), size_text(act), est["seconds"])
 
 
+CPU_MICRO_BATCH = 4   # resources.collect.micro_batch 'auto' on the CPU
+
+
+def engine_micro_batch(setting, device: str, unit: int) -> int:
+    """Samples per batched forward+backward of the gradient engine, from
+    ``resources.collect.micro_batch``: a divisor of ``unit`` (the samples of one
+    :func:`collect_role` call: one Fisher sum, one shard unit), or 'auto': 4 on the CPU,
+    ``unit`` on a GPU. A smaller micro-batch holds fewer activations: on 2 CPU cores the
+    default run's math collect job peaked at 3.3 GB with 8 and 2.6 GB with 4, for 3.5% more
+    time (benchmarks/RESULTS.md). The micro-batch changes the per-sample gradients only
+    by float rounding, like the thread count."""
+    if setting is None or setting == "auto":
+        return min(CPU_MICRO_BATCH, unit) if str(device) == "cpu" else unit
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1 or unit % setting:
+        raise ValueError(f"resources.collect.micro_batch must be 'auto' or a whole divisor of "
+                         f"{unit} (the samples summed per Fisher unit), got {setting!r}")
+    return setting
+
+
 def make_collector(f: dict, ex: dict, qcfg, spill: Path, partials: bool, micro_batch: int,
                    layers: list[int] | None = None, store_device="cpu",
                    keep_fisher_sums: bool = True):
@@ -288,15 +307,16 @@ def activation_bytes(model, layers: list[int], micro_batch: int, max_tokens: int
     """Bytes saved for the backward of one micro-batch (``micro_batch`` samples padded to
     ``max_tokens``) when gradients start at ``min(layers)``: per token and block from there
     up, 12 h-wide and 4 MLP-wide values in the model dtype plus two float32 norm inputs
-    (eager attention: + 2 x heads x T probabilities), and the logits (model dtype, their
-    float32 copy and its softmax). An estimate; the test measures it on a tiny model."""
+    (eager attention: + 2 x heads x T probabilities), and the logits and their gradient
+    (model dtype: the loss works on blocks of rows, objectives.token_nll). An estimate; the
+    test measures it on a tiny model."""
     d, b = _dims(model), next(model.parameters()).element_size()
     per_token = b * (12 * d["h"] + 4 * d["inter"]) + 8 * d["h"]
     if d["eager"]:
         per_token += 2 * b * d["heads"] * max_tokens
     tokens = micro_batch * max_tokens
     above = d["n_layers"] - min(layers)
-    return int(tokens * (above * per_token + d["vocab"] * (b + 8)))
+    return int(tokens * (above * per_token + 2 * d["vocab"] * b))
 
 
 def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,

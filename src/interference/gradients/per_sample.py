@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from .objectives import Objective, upcast
+from .objectives import Objective, token_nll, upcast
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -562,13 +562,14 @@ class PerSampleGradients:
         """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,
         on the device, without a host sync (checked after the backward: _check_batch)."""
         mask = {"attention_mask": b["attention_mask"]} if self._mask_pads else {}
-        logits = self.model(input_ids=b["input_ids"], **mask).logits[:, :-1]
-        labels = b["labels"][:, 1:]
+        logits = self.model(input_ids=b["input_ids"], **mask).logits          # [n, T, V]
+        # position t predicts label t+1: the labels shift, the logits stay whole (a slice
+        # [:, :-1] of them would be copied by the reshape, and again in the backward)
+        labels = torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=-100)
         keep = labels != -100
         n_tok = keep.sum(1)
-        nll = torch.nn.functional.cross_entropy(
-            upcast(logits).reshape(-1, logits.shape[-1]),
-            labels.reshape(-1).clamp_min(0), reduction="none").view(labels.shape)
+        nll = token_nll(logits.reshape(-1, logits.shape[-1]),
+                        labels.reshape(-1).clamp_min(0)).view(labels.shape)
         per = (nll * keep).sum(1)
         return (per / n_tok if self.objective.loss_reduction == "mean" else per), n_tok
 

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from interference.gradients.collect import (available_memory, check_disk, check_memory,
-                                            collect_role, collection_estimate, log_estimate,
-                                            make_collector, role_entry, stored_entry)
+                                            collect_role, collection_estimate,
+                                            engine_micro_batch, log_estimate, make_collector,
+                                            role_entry, stored_entry)
 
 from ..jobs import choose_device, set_threads
 from ..plan import MICRO_BATCH, ROLE_ORDER
@@ -60,6 +61,12 @@ def load_inputs(job, ex: dict, slot: int):
     return model, batches, meta, qcfg, QKOVIndexer(model, qcfg), device, dev_info, threads
 
 
+def micro_batch_of(ex: dict, device: str) -> int:
+    """The gradient engine's micro-batch of a collect job (resources.collect.micro_batch)
+    within the MICRO_BATCH-sample units it collects."""
+    return engine_micro_batch(ex.get("micro_batch", "auto"), device, MICRO_BATCH)
+
+
 def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str,
                        threads: int, where: Path) -> dict:
     """The collection's estimate (rows, disk, memory, time), logged and recorded before
@@ -68,7 +75,7 @@ def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str
     est = collection_estimate(model, indexer, batches, job.slice["fisher"]["store_dtype"],
                               ex.get("gradient_format", "dense"),
                               float(ex.get("gradient_memory_mb", 1024)), device, threads,
-                              MICRO_BATCH)
+                              micro_batch_of(ex, device))
     log_estimate(job.slice["data"]["task"], est)
     for k in ("rows_bytes", "memory_bytes", "seconds"):
         job.metric(f"estimate.{k}", est[k])
@@ -104,10 +111,12 @@ def run_collect(job) -> None:
     n_params = indexer.total_size
     roles = [r for r in ROLE_ORDER if r in batches]
     est = estimate_and_check(job, ex, model, indexer, batches, device, threads, out)
-    collector = make_collector(f, ex, qcfg, spill, False, MICRO_BATCH)
+    micro_batch = micro_batch_of(ex, device)
+    collector = make_collector(f, ex, qcfg, spill, False, micro_batch)
     info = {"task": task, "split_seed": d["split_seed"], "roles": {},
             "n_attention_params": n_params, "device": device, "device_info": dev_info,
-            "threads": threads, "torch": torch.__version__, "config_hash": job.config_hash,
+            "threads": threads, "micro_batch": micro_batch, "torch": torch.__version__,
+            "config_hash": job.config_hash,
             "store_dtype": f["store_dtype"], "fisher_mode": f["mode"], "n_shards": 1,
             **est["disk"], "estimate": {k: v for k, v in est.items() if k != "disk"}}
     total_t, total_n = time.time(), 0

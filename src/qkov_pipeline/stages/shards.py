@@ -17,7 +17,7 @@ from interference.gradients.collect import (check_shards, collect_role, disk_pla
 
 from ..jobs import read_json
 from ..plan import MICRO_BATCH, ROLE_ORDER, planned_shards, shard_plan
-from .gradients import collect_exec, estimate_and_check, load_inputs
+from .gradients import collect_exec, estimate_and_check, load_inputs, micro_batch_of
 
 logger = logging.getLogger("qkov.gradients")
 
@@ -55,9 +55,11 @@ def run_shard(job) -> None:
     estimate_and_check(job, ex, model, indexer,
                        {r: take(batches[r], a, b) for r, (a, b) in ranges.items()},
                        device, threads, out)
-    collector = make_collector(f, ex, qcfg, spill, True, MICRO_BATCH)
+    micro_batch = micro_batch_of(ex, device)
+    collector = make_collector(f, ex, qcfg, spill, True, micro_batch)
     shard = {"task": task, "index": index, "n_shards": len(plan), "ranges": ranges,
              "roles": {}, "device": device, "device_info": dev_info, "threads": threads,
+             "micro_batch": micro_batch,
              "torch": torch.__version__, "config_hash": job.config_hash}
     t_collect = time.time()
     for role in ROLE_ORDER:
