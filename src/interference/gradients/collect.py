@@ -197,22 +197,16 @@ def log_estimate(task: str, est: dict) -> None:
                 size_text(est["fisher_bytes"]), size_text(act), est["seconds"])
 
 
-CPU_MICRO_BATCH = 4   # resources.collect.micro_batch 'auto' on the CPU
-
-
-def engine_micro_batch(setting, device: str, unit: int) -> int:
+def engine_micro_batch(setting, unit: int) -> int:
     """Samples per batched forward+backward of the gradient engine, from
-    ``resources.collect.micro_batch``: a divisor of ``unit`` (the samples of one
-    :func:`collect_role` call: one Fisher sum, one shard unit), or 'auto': 4 on the CPU,
-    ``unit`` on a GPU. A smaller micro-batch holds fewer activations: on 2 CPU cores the
-    default run's math collect job peaked at 3.3 GB with 8 and 2.6 GB with 4, for 3.5% more
-    time (benchmarks/RESULTS.md). The micro-batch changes the per-sample gradients only
-    by float rounding, like the thread count."""
-    if setting is None or setting == "auto":
-        return min(CPU_MICRO_BATCH, unit) if str(device) == "cpu" else unit
+    ``resources.collect.micro_batch``: a whole divisor of ``unit`` (the samples of one
+    :func:`collect_role` call: one Fisher sum, one shard unit). A smaller micro-batch
+    holds fewer activations; it changes the per-sample gradients only by float rounding,
+    like the thread count. On the default CPU run it did not lower the collect job's peak
+    (glibc's heap keeps what the activations free: benchmarks/RESULTS.md, session 7)."""
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1 or unit % setting:
-        raise ValueError(f"resources.collect.micro_batch must be 'auto' or a whole divisor of "
-                         f"{unit} (the samples summed per Fisher unit), got {setting!r}")
+        raise ValueError(f"resources.collect.micro_batch must be a whole divisor of {unit} "
+                         f"(the samples summed per Fisher unit), got {setting!r}")
     return setting
 
 

@@ -61,10 +61,10 @@ def load_inputs(job, ex: dict, slot: int):
     return model, batches, meta, qcfg, QKOVIndexer(model, qcfg), device, dev_info, threads
 
 
-def micro_batch_of(ex: dict, device: str) -> int:
+def micro_batch_of(ex: dict) -> int:
     """The gradient engine's micro-batch of a collect job (resources.collect.micro_batch)
     within the MICRO_BATCH-sample units it collects."""
-    return engine_micro_batch(ex.get("micro_batch", "auto"), device, MICRO_BATCH)
+    return engine_micro_batch(ex.get("micro_batch", MICRO_BATCH), MICRO_BATCH)
 
 
 def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str,
@@ -75,7 +75,7 @@ def estimate_and_check(job, ex: dict, model, indexer, batches: dict, device: str
     est = collection_estimate(model, indexer, batches, job.slice["fisher"]["store_dtype"],
                               ex.get("gradient_format", "dense"),
                               float(ex.get("gradient_memory_mb", 1024)), device, threads,
-                              micro_batch_of(ex, device))
+                              micro_batch_of(ex))
     log_estimate(job.slice["data"]["task"], est)
     for k in ("rows_bytes", "memory_bytes", "seconds"):
         job.metric(f"estimate.{k}", est[k])
@@ -111,7 +111,7 @@ def run_collect(job) -> None:
     n_params = indexer.total_size
     roles = [r for r in ROLE_ORDER if r in batches]
     est = estimate_and_check(job, ex, model, indexer, batches, device, threads, out)
-    micro_batch = micro_batch_of(ex, device)
+    micro_batch = micro_batch_of(ex)
     collector = make_collector(f, ex, qcfg, spill, False, micro_batch)
     info = {"task": task, "split_seed": d["split_seed"], "roles": {},
             "n_attention_params": n_params, "device": device, "device_info": dev_info,

@@ -55,7 +55,7 @@ def run_shard(job) -> None:
     estimate_and_check(job, ex, model, indexer,
                        {r: take(batches[r], a, b) for r, (a, b) in ranges.items()},
                        device, threads, out)
-    micro_batch = micro_batch_of(ex, device)
+    micro_batch = micro_batch_of(ex)
     collector = make_collector(f, ex, qcfg, spill, True, micro_batch)
     shard = {"task": task, "index": index, "n_shards": len(plan), "ranges": ranges,
              "roles": {}, "device": device, "device_info": dev_info, "threads": threads,
