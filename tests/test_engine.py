@@ -270,6 +270,24 @@ def test_fisher_ema_and_mean_modes(llama_model):
                           atol=1e-12)
 
 
+@pytest.mark.parametrize("squares_bytes", [8, 1 << 25])
+def test_fisher_squares_summed_one_sample_or_all_at_once_match_the_brute_force(
+        llama_model, squares_bytes, monkeypatch):
+    """The hooks engine's float64 Σ_k g_k² (per_sample.SQUARES_BYTES: 8 B forms one
+    sample's squares at a time, as for a large parameter; 32 MB all of a micro-batch's at
+    once) against the float64 brute force of each sample alone."""
+    monkeypatch.setattr("interference.gradients.per_sample.SQUARES_BYTES", squares_bytes)
+    cfg = QKOVConfig.from_model(llama_model)
+    idx = QKOVIndexer(llama_model, cfg)
+    b = padded_batch(6, 10, 7, "m:s")
+    want = torch.stack([idx.flatten(g).double() ** 2
+                        for g in brute_grads(llama_model, b).values()]).mean(0)
+    fc = FisherCollector(config=cfg, micro_batch=6)
+    fc.collect_fisher(llama_model, b, task="m", mode="mean", role="fisher")
+    torch.testing.assert_close(fc.fisher.get("m").double(), want, rtol=1e-4,
+                               atol=1e-7 * float(want.max()))
+
+
 def test_fisher_sums_held_on_the_gpu_equal_host_sums_bitwise():
     """TaskFisher's GPU-side pending sum (forced here with defer=True, as a GPU's batches
     of a large host state are handled) folds into the same float64 state as adding each

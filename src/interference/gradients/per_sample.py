@@ -34,6 +34,9 @@ from ..architectures import QKOVIndexer
 from .objectives import Objective, token_nll, upcast
 
 
+SQUARES_BYTES = 1 << 25   # float64 squares formed at once by a Fisher micro-batch (32 MB)
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A loss or gradient is NaN or Inf; the message names the sample and the layer."""
 
@@ -264,11 +267,18 @@ class _HookCapture:
         self.outputs: dict[str, list[tuple]] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         self.stacked: set[str] = set()
+        self._groups: dict[str, str] | None = None
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
     def input_groups(self) -> dict[str, str]:
         """module path -> the first module (in model order) that read the same input tensor
-        (LLaMA's q/k/v_proj read one hidden state: its x is kept once)."""
+        (LLaMA's q/k/v_proj read one hidden state: its x is kept once). Found once per
+        forward: every sample of the micro-batch shares it."""
+        if self._groups is None:
+            self._groups = self._find_input_groups()
+        return self._groups
+
+    def _find_input_groups(self) -> dict[str, str]:
         groups, seen = {}, []
         for path in self.by_module:
             x = self.inputs[path]
@@ -288,6 +298,7 @@ class _HookCapture:
             if not output.requires_grad:   # applied without gradients: adds nothing
                 return
             x = inputs[0].detach()
+            self._groups = None
             # the output's place in the graph, not its values (held until the backward)
             edge = (get_gradient_edge(output), output.shape, output.dtype)
             if path in self.inputs or x.dim() != 3:   # applied again, or [n, ..., in]
@@ -347,9 +358,12 @@ class _HookCapture:
         if self.reduce is None:
             self.grads[name] = g
         elif self.reduce == "squares":
+            # exact float64 squares (a float32 squared fits float64's mantissa), summed over
+            # the samples a group at a time: few launches for small parameters, one sample's
+            # float64 copy at a time for large ones
             acc = None
-            for gk in g:      # exact float64 squares, summed in sample order, in cache
-                sq = gk.double().square_()
+            for part in g.split(max(1, SQUARES_BYTES // (8 * g[0].numel()))):
+                sq = part.double().square_().sum(0)
                 acc = sq if acc is None else acc.add_(sq)
             self.sq[name] = acc
             # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
