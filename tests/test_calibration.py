@@ -227,6 +227,10 @@ def test_power_in_summary_markdown_and_plan_script():
     doc = {"experiment": "x", "schema_version": "1", "config_hash": "h", "tasks": {},
            "analyses": {"a__b": {"arm": "main", "seeds": {0: seed}}}}
     assert f"Cohen's d >= **{pw['mde_d']:.2f}**" in markdown(doc)
+    assert "- unequal groups (12 B vs 20 R)" in markdown(doc)      # 20 >= 1.5 x 12
+    even = dict(seed, power=dict(pw, n_r=12))
+    doc["analyses"]["a__b"]["seeds"] = {0: even}
+    assert "unequal groups" not in markdown(doc)
     path = Path(__file__).resolve().parents[1] / "scripts" / "power_plan.py"
     spec = importlib.util.spec_from_file_location("power_plan", path)
     plan = importlib.util.module_from_spec(spec)

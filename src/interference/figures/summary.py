@@ -88,6 +88,9 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+UNEVEN_GROUPS = 1.5   # n_R / n_B (or n_B / n_R) from which the summary adds the caution
+
+
 def _power_lines(doc: dict) -> list[str]:
     """One line per analysis and split seed: the Cohen's d this run finds 80% of the time."""
     lines = []
@@ -100,6 +103,15 @@ def _power_lines(doc: dict) -> list[str]:
                              f"**{pw['mde_d']:.2f}** ({pw['n_b']} B vs {pw['n_r']} R "
                              f"disruptors, {pw['n_cells']} cells, level {pw['level']:.2g}; "
                              "`scripts/power_plan.py` gives the samples a target d needs)")
+    sizes = {(pw["n_b"], pw["n_r"]) for a in doc["analyses"].values()
+             for r in a["seeds"].values() if (pw := r.get("power"))}
+    uneven = sorted((b, r) for b, r in sizes if max(b, r) >= UNEVEN_GROUPS * min(b, r))
+    if uneven:
+        lines.append(f"- unequal groups ({', '.join(f'{b} B vs {r} R' for b, r in uneven)}): "
+                     "of the 24 designs on which the cell test was calibrated, the one it "
+                     "failed, by a little, had unequal groups (48 B vs 144 R, B twice as "
+                     "spread as R, right-skewed: a false cell in 6.5% of runs against a "
+                     "bound of 6.4%); at 48 vs 48 every design held (docs/statistics.md)")
     return ["", "Minimal detectable effect (docs/statistics.md, Power):", ""] + lines \
         if lines else []
 
