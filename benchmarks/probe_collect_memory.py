@@ -56,6 +56,15 @@ class StepPeaks:
         setattr(owner, name, labelled)
 
 
+def only(folder: Path, pattern: str) -> Path:
+    """The one file under ``folder`` matching ``pattern`` (a run of one model and one data
+    set per task, as the default run); an error naming the candidates otherwise."""
+    found = sorted(folder.glob(pattern))
+    if len(found) != 1:
+        raise SystemExit(f"expected one {folder}/{pattern}, found {[str(p) for p in found]}")
+    return found[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="results")
@@ -84,14 +93,11 @@ def main(argv=None):
     peaks.label(per_sample._HookCapture, "backward", "backward")
     peaks.label(per_sample._HookCapture, "form_all", "form")
     res = Path(args.results)
-    store = sorted((res / "_stores").glob(f"{args.task}-*/config.collect.yaml"))[-1]
+    store = only(res / "_stores", f"{args.task}-*/config.collect.yaml")
     job = yaml.safe_load(store.read_text())
-    data = job["config"]["data"]
-    mcfg = data["model"]
-    models = sorted((res / "_models").glob("*/model.json"))
-    model, _ = load_prepared(models[-1].parent, mcfg, "cpu")
-    datas = sorted((res / "_data").glob(f"{args.task}-*/manifest.json"))
-    batches, _, _ = load_task_batches(datas[-1].parent)
+    mcfg = job["config"]["data"]["model"]
+    model, _ = load_prepared(only(res / "_models", "*/model.json").parent, mcfg, "cpu")
+    batches, _, _ = load_task_batches(only(res / "_data", f"{args.task}-*/manifest.json").parent)
     qcfg = QKOVConfig.from_model(model, include_bias=mcfg.get("include_bias", False),
                                  attention_stack=mcfg.get("attention_stack"))
     f, ex = job["config"]["fisher"], job["execution"]

@@ -606,13 +606,13 @@ def test_token_nll_and_its_gradient_equal_the_float64_log_softmax_row_by_row(dty
     """objectives.token_nll (row blocks, no [rows, V] log-probabilities kept) against a float64
     loop: -log(e^x_t / Σ e^x) per row, and its gradient w (softmax - onehot) of Σ w·nll.
     300 rows of 65,536 logits span three blocks (the last partial)."""
-    from interference.gradients.objectives import _row_blocks, token_nll
+    from interference.gradients.objectives import _block_rows, token_nll
 
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(300, 65536, generator=gen)).to(dtype).requires_grad_()
     t = torch.randint(0, 65536, (300,), generator=gen)
     w = torch.randn(300, generator=gen)
-    assert len(_row_blocks(x.detach())) == 3
+    assert len(x.detach().split(_block_rows(x))) == 3
     nll = token_nll(x, t)
     (nll * w.to(nll.dtype)).sum().backward()
     assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)

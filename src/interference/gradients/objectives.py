@@ -48,7 +48,8 @@ class _TokenNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target):                       # [rows, V], [rows]
-        lse = torch.cat([torch.logsumexp(upcast(c), -1) for c in _row_blocks(logits)])
+        lse = torch.cat([torch.logsumexp(upcast(c), -1)
+                         for c in logits.split(_block_rows(logits))])
         ctx.save_for_backward(logits, target, lse)
         return lse - upcast(logits.gather(-1, target[:, None])[:, 0])
 
@@ -57,21 +58,19 @@ class _TokenNLL(torch.autograd.Function):
     def backward(ctx, grad_out):                            # [rows]
         logits, target, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        start = 0
-        for block in _row_blocks(logits):
-            rows = slice(start, start + len(block))
-            g = (upcast(block) - lse[rows, None]).exp_()
-            g.scatter_add_(-1, target[rows, None], g.new_full((len(block), 1), -1.0))
-            grad[rows] = g.mul_(grad_out[rows, None])
-            start += len(block)
+        blocks = (t.split(_block_rows(logits)) for t in (logits, target, lse, grad_out, grad))
+        for x, t, l, go, out in zip(*blocks):
+            g = (upcast(x) - l[:, None]).exp_()
+            g.scatter_add_(-1, t[:, None], g.new_full((len(x), 1), -1.0))
+            out.copy_(g.mul_(go[:, None]))
         return grad, None
 
 
-def _row_blocks(t: torch.Tensor):
-    """``t`` [rows, V] in blocks of rows of about 32 MB in float32 (256 MB on a GPU, where
+def _block_rows(t: torch.Tensor) -> int:
+    """Rows of ``t`` [rows, V] per block: about 32 MB in float32 (256 MB on a GPU, where
     each block's kernel launches cost more than its memory)."""
     block_bytes = 1 << (28 if t.is_cuda else 25)
-    return t.split(max(1, block_bytes // (4 * t.shape[-1])))
+    return max(1, block_bytes // (4 * t.shape[-1]))
 
 
 def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
