@@ -9,7 +9,8 @@ vocab 49152; ``--layers`` fewer for a quick run), random tokens:
    (``gradient_format`` auto, ``gradient_memory_mb`` 0 or ``--gradient-memory-mb``,
    ``--store-dtype``, micro-batch 8), saved;
 2. ``scores`` (one fresh process): both stores opened (``FisherCollector.from_saved``),
-   the main and control heatmaps and their reference scores;
+   the main and control heatmaps and the reference scores in one pass (``score_arms``, as
+   the workflow's ``chunk_scores`` job);
 3. ``plain``: batched forward+backward over the same samples (attention weights
    trainable, micro-batch 8), in a fresh process.
 
@@ -132,14 +133,12 @@ def stage_collect(args, task: str) -> dict:
 def stage_scores(args, task: str) -> dict:
     from interference.gradients import FisherCollector
     from interference.scores import QKOVInterferenceMetric
-    from interference.scores.arms import arm_heatmap, reference_scores
+    from interference.scores.arms import score_arms
 
     fc = FisherCollector.from_saved([Path(args.work) / "a", Path(args.work) / "b"])
     metric = QKOVInterferenceMetric(fc.config, fc, device="cpu")
-    ids_r = fc.sample_ids("a", "reference")
-    for arm in ("main", "control"):
-        heat = arm_heatmap(metric, arm, "a", "b")
-        reference_scores(metric, heat["meta"], "a", ids_r)
+    # as the workflow's chunk_scores job: both arms and the reference in one pass
+    score_arms(metric, ("main", "control"), "a", "b", "a", fc.sample_ids("a", "reference"))
     return {}
 
 

@@ -138,7 +138,7 @@ def test_dry_run_of_a_sweep_plans_the_ablation_summary(tmp_path):
                            "experiment=[fisher_source_a,fisher_source_b]", timeout=120))
     counts = job_counts(res.stdout)
     # both variants score the default's two stores: collected once
-    assert counts["collect"] == 2 and counts["scores"] == 4, counts
+    assert counts["collect"] == 2 and counts["chunk_scores"] == 2 and counts["scores"] == 4, counts
     assert counts["draw_ablation_summary"] == 1, counts
     assert "results/_ablations/fisher_source_a+fisher_source_b/math__code/ablation_summary.png" \
         in res.stdout

@@ -270,7 +270,8 @@ def test_metric_only_ablation_ran_no_gradient_job(sweep_run):
     seeds) serve both; each experiment scored its own."""
     counts = sweep_run["counts"]
     assert counts["collect"] == 4 and counts["prepare_data"] == 4, counts
-    assert counts["scores"] == 2 * 2 * 2 and counts["stats"] == 8, counts
+    assert counts["chunk_scores"] == 2 * 2 and counts["scores"] == 2 * 2 * 2, counts
+    assert counts["stats"] == 8, counts
     stores = sorted(p.name for p in (sweep_run["results"] / "_stores").iterdir())
     assert len(stores) == 4
     for exp in SWEEP:

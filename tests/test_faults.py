@@ -222,19 +222,25 @@ def changed_store_run(tiny_run, tmp_path_factory):
     res = subprocess.run(snakemake_cmd(work, target, "--cores", "1", "--config",
                                        "experiment=tiny", "--forcerun", "scores"),
                          capture_output=True, text=True, timeout=600, env=env)
-    return {"work": work, "rows": rows, "res": res, "out": res.stdout + res.stderr,
+    return {"work": work, "tiny_work": tiny_run["work"], "rows": rows, "res": res,
+            "out": res.stdout + res.stderr,
             "sockets": log.read_text() if log.is_file() else "", "env": env}
 
 
-def test_a_changed_store_stops_the_scores_job_naming_the_file_and_the_fix(changed_store_run):
+def test_a_changed_store_stops_the_scoring_job_naming_the_file_and_the_fix(changed_store_run):
     r = changed_store_run
     assert r["res"].returncode != 0, r["out"][-3000:]
     rows = r["rows"].relative_to(r["work"])
     assert f"{rows} changed since it was written" in r["out"], r["out"][-3000:]
     assert "expected xxh3_128" in r["out"] and "snakemake --forcerun collect" in r["out"]
-    assert "mmap length" not in r["out"] and "Error in rule scores" in r["out"]
-    # Snakemake removed the failed job's outputs: nothing computed from the changed store
-    assert not (r["work"] / "results" / PAIR / "split0" / "heatmap.json").exists()
+    # the job that reads the stores (chunk_scores) stops, before its scores are written
+    assert "mmap length" not in r["out"] and "Error in rule chunk_scores" in r["out"]
+    # Snakemake removed the failed job's output and the scores job never ran: nothing
+    # computed from the changed store (the heatmap is still the first run's)
+    split = Path("results") / PAIR / "split0"
+    assert not (r["work"] / split / "chunks" / "0").exists()
+    assert (r["work"] / split / "heatmap.json").read_bytes() == \
+        (r["tiny_work"] / split / "heatmap.json").read_bytes()
 
 
 def test_no_process_of_a_workflow_run_contacts_another_host(changed_store_run):
@@ -242,7 +248,7 @@ def test_no_process_of_a_workflow_run_contacts_another_host(changed_store_run):
     name lookup or connection to anything but this machine (MLflow telemetry, Hugging
     Face). Fails when qkov_pipeline.jobs.offline_environment sets nothing."""
     assert changed_store_run["sockets"] == "", changed_store_run["sockets"]
-    assert "Error in rule scores" in changed_store_run["out"]     # the job ran (and failed)
+    assert "Error in rule chunk_scores" in changed_store_run["out"]  # the job ran (and failed)
 
 
 def test_a_failed_job_is_a_failed_mlflow_run_under_its_parent(changed_store_run):
@@ -252,7 +258,7 @@ def test_a_failed_job_is_a_failed_mlflow_run_under_its_parent(changed_store_run)
             "SELECT r.status, (SELECT value FROM tags t WHERE t.run_uuid = r.run_uuid AND "
             "t.key = 'mlflow.parentRunId'), (SELECT value FROM tags t WHERE t.run_uuid = "
             "r.run_uuid AND t.key = 'qkov.error') FROM runs r JOIN tags k ON k.run_uuid = "
-            "r.run_uuid WHERE k.key = 'qkov.rule' AND k.value = 'scores' AND "
+            "r.run_uuid WHERE k.key = 'qkov.rule' AND k.value = 'chunk_scores' AND "
             "r.lifecycle_stage = 'active'").fetchall()
     failed = [r for r in rows if r[0] == "FAILED"]
     assert len(failed) == 1, rows
@@ -268,7 +274,7 @@ def test_after_a_failed_job_the_same_command_reruns_it(changed_store_run):
     again = subprocess.run(snakemake_cmd(work, target, "-n", "--cores", "1", "--config",
                                          "experiment=tiny", "--forcerun", "scores"),
                            capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 0 and "rule scores:" in again.stdout + again.stderr
+    assert again.returncode == 0 and "rule chunk_scores:" in again.stdout + again.stderr
 
 
 # ----------------------------------------------------------------------------- MLflow store

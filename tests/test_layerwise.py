@@ -32,3 +32,45 @@ def test_layerwise_equals_stored(chunk):
         np.testing.assert_allclose(got_ref[b], want_ref[b], rtol=1e-6)
         assert got[b]["top_conflicts"][:5] == want[b]["top_conflicts"][:5]
     assert got["meta"]["layers"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("gradient_format,device_memory_mb", [
+    ("dense", None), ("factored", None),
+    ("factored", 0.15),     # the three sets' rows fit the budget once, not twice
+    ("dense", 0.02)])       # they do not: each set alone, Q and O in tiles of one row
+def test_both_arms_in_one_pass_equal_each_arm_alone(gradient_format, device_memory_mb):
+    """score_arms (task A's rows made once for B, A' and R) gives bitwise the heatmaps and
+    reference scores of arm_heatmap and reference_scores called arm by arm; also when a
+    small device budget scores the sets one by one or blocks in tiles of rows."""
+    from interference.scores.arms import arm_heatmap, reference_scores, score_arms
+
+    model = tiny_llama(n_layer=2)
+    batches = {"a": {"fisher": padded_batch(5, 10, 1, "a:f"), "scored": padded_batch(3, 10, 2, "a:s"),
+                     "reference": padded_batch(4, 10, 3, "a:r"),
+                     "control": padded_batch(2, 10, 6, "a:c")},
+               "b": {"fisher": padded_batch(5, 10, 4, "b:f"), "scored": padded_batch(4, 10, 5, "b:s")}}
+    cfg = QKOVConfig.from_model(model)
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg,
+                         gradient_format=gradient_format)
+    for t, by_role in batches.items():
+        for role, b in by_role.items():
+            fc.collect_fisher(model, b, task=t, mode="mean", role=role)
+    metric = QKOVInterferenceMetric(cfg, fc, ridge_lambda_rel=1e-3, device="cpu",
+                                    device_memory_mb=device_memory_mb)
+    ids_r = fc.sample_ids("a", "reference")
+    got = score_arms(metric, ("main", "control"), "a", "b", "a", ids_r)
+    assert set(got) == {"main", "control"}
+    for arm in ("main", "control"):
+        want = arm_heatmap(metric, arm, "a", "b")
+        want_ref = reference_scores(metric, want["meta"], "a", ids_r)
+        heat, ref = got[arm]
+        assert heat["meta"]["sample_ids_b"] == want["meta"]["sample_ids_b"]
+        assert heat["meta"].get("control_of") == want["meta"].get("control_of")
+        for b in "QKVO":
+            assert np.array_equal(heat[b]["scores"], want[b]["scores"])
+            assert np.array_equal(ref[b], want_ref[b])
+            assert heat[b]["top_conflicts"] == want[b]["top_conflicts"]
+    main, _ = score_arms(metric, ("main",), "a", "b", "a", [])["main"]
+    assert np.array_equal(main["Q"]["scores"], got["main"][0]["Q"]["scores"])
+    with pytest.raises(ValueError, match="arm must be"):
+        score_arms(metric, ("both",), "a", "b", "a", ids_r)

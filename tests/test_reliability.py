@@ -496,19 +496,19 @@ def test_kill_9_during_collection_and_scoring_then_rerun_gives_identical_bytes(
     assert killed == "group", "the gradient job was never seen running:\n" + out[-3000:]
     assert not (results / "_stores" / seen[0] / "store.json").exists()
     # the killed Snakemake left its lock: unlock (docs/reliability.md), then rerun; this time
-    # kill -9 only a scores job while it computes
+    # kill -9 only the scoring job (chunk_scores, reading the stores) while it computes
     assert run_workflow(work, "--unlock", *config, timeout=120).returncode == 0
 
     def scoring(proc):
         for p in _descendants(proc.pid):
             with contextlib.suppress(Exception):
-                if any(".scores.py" in part for part in p.cmdline()):
+                if any(".chunk_scores.py" in part for part in p.cmdline()):
                     return p.pid
         return None
 
     killed, out = run_and_kill(work, ["--cores", "2", "--rerun-incomplete", *config], scoring)
-    assert isinstance(killed, int), "no scores job was seen running:\n" + out[-3000:]
-    assert "Error in rule scores" in out, out[-3000:]
+    assert isinstance(killed, int), "no scoring job was seen running:\n" + out[-3000:]
+    assert "Error in rule chunk_scores" in out, out[-3000:]
     res = run_workflow(work, "--cores", "2", "--rerun-incomplete", *config, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     n = assert_same_results(tiny_reference["results"], results)

@@ -291,7 +291,7 @@ def test_tiny_workflow_runs_as_slurm_jobs(slurm_runs, cluster):
     rules = sorted(ids.values())
     # every job but the local track rule was a SLURM job: 2 shards per task, then gathered
     assert rules == sorted(["prepare_model"] + ["prepare_data"] * 2 + ["collect_shard"] * 4 +
-                           ["collect"] * 2 + ["scores"] * 2 + ["stats"] * 2 +
+                           ["collect"] * 2 + ["chunk_scores"] + ["scores"] * 2 + ["stats"] * 2 +
                            ["tables"] * 2 + ["draw_figures"] * 2 + ["summary"]), rules
     states = cluster.completed_jobs()
     assert {i: states.get(i) for i in ids} == {i: "COMPLETED" for i in ids}

@@ -16,7 +16,7 @@ import pytest
 from conftest import job_counts, run_workflow
 
 TINY_BUDGET_S = float(os.environ.get("QKOV_TINY_BUDGET_S", "180"))
-STAGE_RULES = ("prepare_model", "prepare_data", "collect", "scores", "stats", "tables",
+STAGE_RULES = ("prepare_model", "prepare_data", "collect", "chunk_scores", "scores", "stats", "tables",
                "draw_figures", "summary", "track")
 REQUIRED_COLUMNS = ("block", "layer", "head", "statistic", "p_value", "q_value", "effect_size",
                     "ci_low", "ci_high", "significant", "schema_version", "config_hash")
@@ -37,9 +37,10 @@ def test_dry_run_plans_every_stage(tmp_path):
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
     # one model, two tasks (math, code), one pair plus its negative control
-    assert counts == {"prepare_model": 1, "prepare_data": 2, "collect": 2, "scores": 2,
-                      "stats": 2, "tables": 2, "draw_figures": 2, "summary": 1, "track": 1,
-                      "all": 1, "total": 16}, res.stdout
+    # (one chunk_scores job scores both arms from the stores; scores writes each arm)
+    assert counts == {"prepare_model": 1, "prepare_data": 2, "collect": 2, "chunk_scores": 1,
+                      "scores": 2, "stats": 2, "tables": 2, "draw_figures": 2, "summary": 1,
+                      "track": 1, "all": 1, "total": 17}, res.stdout
 
 
 def test_dry_run_default_experiment(tmp_path):
@@ -115,7 +116,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         logs = list((r / "logs" / ("figures" if rule == "draw_figures" else rule)).rglob("*.log"))
         assert logs, rule
         assert all(p.stat().st_size > 0 for p in logs), rule
-    assert len(list((r / "benchmarks").rglob("*.tsv"))) == 15
+    assert len(list((r / "benchmarks").rglob("*.tsv"))) == 16
 
 
 @pytest.mark.slow
@@ -198,8 +199,8 @@ def test_metric_change_reruns_only_downstream_jobs(tiny_run):
                     "overrides=[metric.ridge_lambda_rel=0.01]", timeout=120)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
-    assert counts.get("scores") == 2 and counts.get("stats") == 2, counts
-    assert counts.get("draw_figures") == 2 and counts.get("summary") == 1, counts
+    assert counts.get("chunk_scores") == 1 and counts.get("scores") == 2, counts
+    assert counts.get("stats") == 2 and counts.get("draw_figures") == 2 and counts.get("summary") == 1, counts
     for rule in ("prepare_model", "prepare_data", "collect"):
         assert rule not in counts, counts
 
@@ -210,7 +211,7 @@ def test_metric_only_ablation_reuses_the_gradient_stores(tiny_run):
                     timeout=120)
     assert res.returncode == 0, res.stderr
     counts = job_counts(res.stdout)
-    assert counts.get("scores") == 2, counts
+    assert counts.get("chunk_scores") == 1 and counts.get("scores") == 2, counts
     for rule in ("prepare_model", "prepare_data", "collect"):
         assert rule not in counts, counts
     assert "results/tiny_fisher_source_a/tiny/math__code/cells.csv" in res.stdout
@@ -288,3 +289,23 @@ def test_unreachable_mlflow_never_fails_a_job(monkeypatch, tmp_path):
     final = hooks.on_start(_Plan(), s)   # warns, does not raise
     assert final.parents == {} and final.workflow_run_id == s.workflow_run_id
     assert tracking.read_run_file(hooks.run_file(_Plan()))[0] == final
+
+
+@pytest.mark.slow
+def test_score_arms_benchmark_runs_on_the_tiny_stores(tiny_run, capsys):
+    """benchmarks/bench_score_arms.py on the tiny run's stores: both ways agree bitwise and
+    every timing is reported (the benchmark refuses to report when they differ)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_score_arms.py"
+    spec = importlib.util.spec_from_file_location("bench_score_arms", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stores = sorted(str(p) for p in (tiny_run["results"] / "_stores").glob("*/grads"))
+    assert len(stores) == 2, stores
+    row = bench.main(["--stores", *stores, "--task-a", "math", "--task-b", "code",
+                      "--threads", "1"])
+    assert row["bitwise_equal"] and row["n_control"] > 0 and row["n_reference"] > 0
+    assert all(row[k] > 0 for k in ("rows_floor_s", "one_pass_s", "arm_by_arm_s"))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row

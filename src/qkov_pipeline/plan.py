@@ -149,14 +149,25 @@ def scores_slice(cfg: dict, a: str, b: str, seed: int, arm: str) -> dict:
 
 
 def layer_chunks(cfg: dict) -> int:
-    """resources.collect.layer_chunks: 1 = stores (collect, then scores); K > 1 = K
-    chunk_scores jobs per pair and split seed, each collecting and scoring its layers."""
+    """resources.collect.layer_chunks: 1 = stores (collect, then one chunk_scores job per
+    pair and split seed scores every layer from them); K > 1 = K chunk_scores jobs per pair
+    and split seed, each collecting and scoring its layers (no stores)."""
     return int(cfg["resources"]["collect"].get("layer_chunks", 1) or 1)
 
 
+def resource_section(rule: str, cfg: dict) -> str:
+    """The section of ``resources`` that sizes ``rule``'s jobs: chunk_scores is a scoring job
+    (resources.scores) when it reads the stores, a collection job (resources.collect) when
+    it collects its layers (layer chunks)."""
+    if rule == "chunk_scores" and layer_chunks(cfg) <= 1:
+        return "scores"
+    return RESOURCE_SECTION[rule]
+
+
 def chunk_slice(cfg: dict, a: str, b: str, seed: int) -> dict:
-    """What one layer-chunk job of pair A vs B computes: both arms' scores (main and, when
-    on, the control) from the stores' data and Fisher settings, for chunk c of K."""
+    """What one chunk_scores job of pair A vs B computes: both arms' scores (main and, when
+    on, the control) and the reference scores, from the stores' data and Fisher settings,
+    for chunk c of K (K = 1: every layer, read from the stores)."""
     arms = ["main"] + (["control"] if cfg["control"]["enabled"] else [])
     main = scores_slice(cfg, a, b, seed, "main")
     return {"v": SLICE_VERSION, "task_a": a, "task_b": b, "arms": arms,
@@ -329,33 +340,29 @@ class Plan:
                 "stores": [] if layer_chunks(cfg) > 1 else
                 [self.store_key(cfg, t, s) for s in seeds for t in tasks]}
 
-    # -- layer chunks (resources.collect.layer_chunks > 1) -----------------------------
+    # -- chunk_scores jobs: both arms of a pair, per layer chunk ------------------------
     def chunk_dirs(self, exp: str, model: str, pair: str, seed) -> list[str]:
-        """``<main analysis>/split<seed>/chunks/<c>`` of every layer chunk of the analysis
-        ``pair`` (main or control; both read the main pair's chunks), or [] (stores)."""
+        """``<main analysis>/split<seed>/chunks/<c>`` of every chunk of the analysis ``pair``
+        (main or control; both read the main pair's chunks): K layer chunks, or one chunk
+        of every layer scored from the stores (layer_chunks = 1)."""
         base = pair.removesuffix(".control")
         k = layer_chunks(self.analysis(exp, model, pair)["cfg"])
-        if k <= 1:
-            return []
         return [f"{self.analysis_dir(exp, model, base)}/split{seed}/chunks/{c}"
                 for c in range(k)]
 
     def scores_inputs(self, wc) -> dict[str, list[str]]:
-        """The scores job's inputs: the stores' ``grads`` and ``store.json``, or with layer
-        chunks the chunk folders (and no store)."""
-        chunks = self.chunk_dirs(wc.exp, wc.model, wc.pair, wc.seed)
-        if chunks:
-            return {"chunks": chunks}
-        keys = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed).values()
-        return {"grads": [f"{self.results}/_stores/{k}/grads" for k in keys],
-                "manifests": [f"{self.results}/_stores/{k}/store.json" for k in keys]}
+        """The scores job's inputs: the pair's chunk folders, which it joins."""
+        return {"chunks": self.chunk_dirs(wc.exp, wc.model, wc.pair, wc.seed)}
 
     def chunk_inputs(self, wc) -> dict[str, list[str]]:
-        """A chunk job's inputs: the model and the data of the pair's tasks (A, B and the
-        reference task)."""
+        """A chunk job's inputs: the stores' ``grads`` and ``store.json`` of the pair's tasks
+        (A, B and the reference task), or with layer chunks the model and their data."""
         x = self.analysis(wc.exp, wc.model, wc.pair)
         r, cfg = self.results, x["cfg"]
         tasks = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed)
+        if layer_chunks(cfg) <= 1:
+            return {"grads": [f"{r}/_stores/{k}/grads" for k in tasks.values()],
+                    "manifests": [f"{r}/_stores/{k}/store.json" for k in tasks.values()]}
         return {"model": [f"{r}/_models/{x['model_key']}/model.json"],
                 "data": [f"{r}/_data/{self.data_key(cfg, t, int(wc.seed))}/manifest.json"
                          for t in tasks]}
@@ -372,7 +379,8 @@ class Plan:
 
     def resource(self, rule: str, wc, name: str, default=None):
         """resources.<rule>.<name> of the job's experiment (threads, mem_mb, runtime, gpu)."""
-        res = self.experiments[self.owner(wc)]["resources"][RESOURCE_SECTION[rule]]
+        cfg = self.experiments[self.owner(wc)]
+        res = cfg["resources"][resource_section(rule, cfg)]
         return res.get(name, default)
 
     def params(self, rule: str, wc) -> str:
@@ -472,8 +480,8 @@ class Plan:
             owners.update({k: v["owner"] for k, v in table.items()})
         exec_ = {}
         for exp, cfg in self.experiments.items():
-            exec_[exp] = {rule: copy.deepcopy(cfg["resources"][sec])
-                          for rule, sec in RESOURCE_SECTION.items()}
+            exec_[exp] = {rule: copy.deepcopy(cfg["resources"][resource_section(rule, cfg)])
+                          for rule in RESOURCE_SECTION}
             for rule in ("collect", "chunk_scores"):
                 exec_[exp][rule]["disk_safety"] = cfg["workflow"]["disk_safety"]
         return {"owners": owners, "exec": exec_}

@@ -2,12 +2,17 @@
 # scores with the same normaliser. Analysis <a>__<b> is A vs B; <a>__<b>.control is the
 # negative control A vs A' (held-out A in B's place).
 #
-# Layer chunks (resources.collect.layer_chunks = K > 1, an execution setting): no gradient
-# stores. K `chunk_scores` jobs per pair and split seed (one GPU or node each) collect the
-# Fisher and per-sample gradients of their contiguous layers (in as few forward+backward
-# passes as resources.collect.chunk_memory_mb allows) and score both arms on them into
-# split<seed>/chunks/<c>/ (temporary); `scores` joins them into the same heatmap.json and
-# scores.npz (byte-identical cells.csv). See qkov_pipeline.stages.scores, docs/workflow.md.
+# Per pair and split seed, `chunk_scores` computes both arms and the reference scores in
+# one pass over the (layer, block)s (task A's rows made once for B, A' and R; the
+# reference scores once for both arms) into split<seed>/chunks/<c>/ (temporary), and
+# `scores` writes each arm's heatmap.json and scores.npz from there. With the gradient
+# stores (resources.collect.layer_chunks = 1, the default) there is one chunk of every
+# layer, read from the stores (resources.scores sizes it). With layer chunks K > 1 (an
+# execution setting) there are no stores: K chunk jobs (one GPU or node each,
+# resources.collect) collect the Fisher and per-sample gradients of their contiguous
+# layers (in as few forward+backward passes as resources.collect.chunk_memory_mb allows)
+# and score them; `scores` joins them into the same files (byte-identical cells.csv).
+# See qkov_pipeline.stages.scores, docs/workflow.md.
 
 
 rule scores:
@@ -25,11 +30,12 @@ rule scores:
         f"{R}/logs/scores/{{exp}}/{{model}}/{{pair}}/split{{seed}}.log",
     benchmark:
         f"{R}/benchmarks/scores/{{exp}}/{{model}}/{{pair}}/split{{seed}}.tsv"
-    threads: lambda wc: PLAN.resource("scores", wc, "threads")
+    threads: 1
     resources:
+        # reads and writes one arm's scores: no device, the scores' memory
         mem_mb=lambda wc: PLAN.resource("scores", wc, "mem_mb"),
         runtime=lambda wc: PLAN.resource("scores", wc, "runtime"),
-        gpu=lambda wc: PLAN.resource("scores", wc, "gpu", 0),
+        gpu=0,
     conda:
         "../envs/qkov.yaml"
     script:
@@ -37,8 +43,8 @@ rule scores:
 
 
 rule chunk_scores:
-    # One layer chunk of pair <a>__<b> (only planned when resources.collect.layer_chunks > 1):
-    # both arms' scores on its layers; temporary, joined by `scores`.
+    # One chunk of pair <a>__<b>: both arms' and the reference scores on its layers (every
+    # layer from the stores, or a layer chunk collected here); temporary, read by `scores`.
     input:
         unpack(lambda wc: PLAN.chunk_inputs(wc)),
         run=RUN,

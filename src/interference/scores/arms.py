@@ -55,6 +55,50 @@ def reference_scores(metric, meta: Mapping, task_r: str, ids_r: list[str]
                               fisher_tasks=tuple(fisher_tasks) if fisher_tasks else None)
 
 
+def score_arms(metric, arms: tuple[str, ...], task_a: str, task_b: str, task_r: str,
+               ids_r: list[str]) -> dict[str, tuple[dict, dict[str, np.ndarray] | None]]:
+    """Arm -> (heatmap, reference scores or None when ``ids_r`` is empty) of every arm in
+    ``arms`` ('main', 'control'), in one pass over the (layer, block)s: task A's scored
+    rows are made once and contracted with B's, A''s and R's rows in turn. Each result
+    equals :func:`arm_heatmap` and :func:`reference_scores` of that arm, bitwise; the
+    reference scores are computed once and shared by the arms (same samples, same
+    normaliser)."""
+    for arm in arms:
+        if arm not in ("main", "control"):
+            raise ValueError(f"arm must be 'main' or 'control', got {arm!r}")
+    ids_a = metric.scored_ids(task_a)
+    disruptors = {}
+    if "main" in arms:
+        ids_b = metric.scored_ids(task_b)
+        shared = set(ids_a) & set(ids_b)
+        if shared:
+            raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
+                             f"{sorted(shared)[:5]}: interference of a set with itself is not "
+                             f"a task conflict")
+        disruptors["main"] = (task_b, ids_b)
+    if "control" in arms:
+        ids_c = metric.fisher_collector.sample_ids(task_a, "control")
+        if not ids_c:
+            raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
+        disruptors["control"] = (task_a, ids_c)
+    layers = list(metric.fisher_collector.layers)
+    heads = list(range(metric.config.num_heads))
+    fisher_tasks = metric.fisher_tasks(task_a, task_b)
+    sets = list(disruptors.values()) + ([(task_r, list(ids_r))] if ids_r else [])
+    scores = metric.score_sets(task_a, ids_a, sets, layers, heads, fisher_tasks)
+    ref = None
+    if ids_r:
+        ref = {b: x.cpu().double().numpy() for b, x in scores[-1].items()}
+    out = {}
+    for k, (arm, (task_j, ids_j)) in enumerate(disruptors.items()):
+        heat = metric.heatmap_from(scores[k], task_a, ids_a, task_j, ids_j, layers, heads,
+                                   fisher_tasks)
+        if arm == "control":
+            heat["meta"]["control_of"] = task_b
+        out[arm] = (heat, ref)
+    return out
+
+
 def check_disjoint_tasks(collector, content: Mapping[str, Mapping[str, str] | None], a: str,
                          disruptor: str, disruptor_ids: list[str], ref_task: str,
                          ref_ids: list[str]) -> None:

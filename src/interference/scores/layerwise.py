@@ -34,7 +34,7 @@ from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
 from ..gradients import FisherCollector
 from ..gradients.collect import collect_role
-from .arms import arm_heatmap, check_disjoint_tasks, reference_scores
+from .arms import check_disjoint_tasks, score_arms
 from .metric import QKOVInterferenceMetric
 
 logger = logging.getLogger("qkov.scores")
@@ -225,14 +225,15 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
         store = collector.gradient_manager
         t0 = time.perf_counter()
         ids_r = collector.sample_ids(reference_task, "reference")
-        for arm in arms:
-            disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
-            if contents is not None:
+        if contents is not None:
+            for arm in arms:
+                disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
                 check_disjoint_tasks(collector, contents, task_a, disruptor, ids_j,
                                      reference_task, ids_r)
-            heat = arm_heatmap(metric, arm, task_a, task_b)
+        for arm, (heat, ref) in score_arms(metric, arms, task_a, task_b, reference_task,
+                                           ids_r).items():
+            disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
             heat["meta"] = {k: v for k, v in heat["meta"].items() if k != "metric"}
-            ref = reference_scores(metric, heat["meta"], reference_task, ids_r) if ids_r else None
             parts[arm].append({"heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
                                "top_k": metric.top_k,
                                "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,

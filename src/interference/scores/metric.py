@@ -300,23 +300,30 @@ class QKOVInterferenceMetric:
     def _head_columns(self, block: str, heads: list[int]) -> list[int]:
         return [self.config.kv_head(h) for h in heads] if block in SHARED_BLOCKS else heads
 
-    def _hold_rows(self, wanted: dict[str, list[str]]) -> bool:
-        """Copy the whole rows [n, P] of each task's samples in ``wanted`` onto the device
+    def _hold_rows(self, wanted: list[tuple[str, list[str]]]) -> bool:
+        """Copy the whole rows [n, P] of each (task, sample ids) in ``wanted`` onto the device
         once (dense stores, when they take at most half of ``device_memory_mb``), so every
         (layer, block) reads views of them; True when held."""
         store = self._store
-        n_rows = sum(len(ids) for ids in wanted.values())
+        wanted = list(dict.fromkeys((task, tuple(ids)) for task, ids in wanted))
+        n_rows = sum(len(ids) for _, ids in wanted)
         if self.device_memory_mb is None or store.layout is not None or \
                 n_rows * store.size * 4 > self.device_memory_mb * 2 ** 20 / 2:
             return False
-        for task, ids in wanted.items():
-            self._held[(task, tuple(ids))] = to_device(store.columns(task, ids), self.device)
+        for task, ids in wanted:
+            self._held[(task, ids)] = to_device(store.columns(task, list(ids)), self.device)
         return True
 
     def _fits_twice(self, n_rows: int, layer: int, block: str) -> bool:
         """Two (layer, block)s' operands of ``n_rows`` rows fit the device budget at once."""
         r = self._rows_per_tile(layer, block)
         return r is None or 2 * n_rows <= r
+
+    def _fits_once(self, n_rows: int, layer: int, block: str) -> bool:
+        """One (layer, block)'s operands of ``n_rows`` rows fit the device budget (else each
+        disruptor set is scored on its own, in tiles of rows where needed)."""
+        r = self._rows_per_tile(layer, block)
+        return r is None or n_rows <= 2 * r
 
     def pair_scores(self, task_a: str, ids_a: list[str], task_j: str, ids_j: list[str],
                     layers=None, heads=None, fisher_tasks: tuple[str, ...] | None = None
@@ -339,21 +346,37 @@ class QKOVInterferenceMetric:
                     ) -> dict[str, torch.Tensor]:
         """:meth:`pair_scores` (float32, on the device) with checked layers, heads and
         samples and the normalising Fisher [P] on the device."""
-        n_rows = len(ids_a) + len(ids_j)
+        return self._scores_sets(task_a, ids_a, [(task_j, ids_j)], layers, heads, fisher)[0]
+
+    def _scores_sets(self, task_a, ids_a, sets: list[tuple[str, list[str]]], layers, heads,
+                     fisher) -> list[dict[str, torch.Tensor]]:
+        """Per set (task_j, ids_j) of ``sets``: block -> M [n_a, n_j, n_layers, n_heads]
+        float32 on the device, task-A samples ``ids_a`` against the set's samples.
+
+        One pass over the (layer, block)s: task A's rows of each are made once (rebuilt from
+        a factored store or copied in) and contracted with every set's rows in turn, so a
+        set's scores are bitwise those of a call with that set alone. Where all the sets'
+        rows do not fit ``device_memory_mb`` together, each set is scored on its own
+        (:meth:`_block_scores`, tiles where one set does not fit either)."""
+        n_rows = len(ids_a) + sum(len(ids) for _, ids in sets)
         jobs = [(block, li, layer) for block in BLOCKS for li, layer in enumerate(layers)]
+
+        def operands(job):
+            block, _, layer = job
+            left, left_op = self._left(task_a, ids_a, layer, block)
+            rights = [self._right(task_j, ids_j, layer, block) for task_j, ids_j in sets]
+            return left, left_op, rights, self._weight(fisher, layer, block)
 
         def load(job):
             block, _, layer = job
-            if not self._fits_twice(n_rows, layer, block):
-                return None                     # scored alone (in tiles) when its turn comes
-            return self._operands(task_a, ids_a, task_j, ids_j, layer, block, fisher)
+            # copied in while the previous block is scored only when both fit the budget
+            return operands(job) if self._fits_twice(n_rows, layer, block) else None
 
-        out = {b: torch.empty(len(ids_a), len(ids_j), len(layers), len(heads),
-                              device=self.device) for b in BLOCKS}
+        out = [{b: torch.empty(len(ids_a), len(ids_j), len(layers), len(heads),
+                               device=self.device) for b in BLOCKS} for _, ids_j in sets]
         cols = {b: torch.as_tensor(self._head_columns(b, heads), device=self.device)
                 for b in BLOCKS}
-        wanted = {task_j: ids_j} if self.variant == "fisher_weighted" else {
-            task_a: ids_a, task_j: ids_j}
+        wanted = ([] if self.variant == "fisher_weighted" else [(task_a, ids_a)]) + list(sets)
         try:
             held = self._hold_rows(wanted)
             # overlap only when every block fits twice (a block scored in tiles must not
@@ -361,10 +384,18 @@ class QKOVInterferenceMetric:
             overlap = self.prefetch and not held and all(
                 self._fits_twice(n_rows, layer, block) for block, _, layer in jobs)
             for (block, li, layer), ops in prefetched(jobs, load, self.device, overlap):
-                s = self._scores_of(*ops, len(ids_a)) if ops is not None else \
-                    self._block_scores(task_a, ids_a, task_j, ids_j, layer, block, fisher)
-                out[block][:, :, li, :] = s.index_select(2, cols[block])
-                del ops, s
+                if ops is None and self._fits_once(n_rows, layer, block):
+                    ops = operands((block, li, layer))
+                for k, (task_j, ids_j) in enumerate(sets):
+                    if ops is None:
+                        s = self._block_scores(task_a, ids_a, task_j, ids_j, layer, block,
+                                               fisher)
+                    else:
+                        left, left_op, rights, weight = ops
+                        s = self._scores_of(left, left_op, *rights[k], weight, len(ids_a))
+                    out[k][block][:, :, li, :] = s.index_select(2, cols[block])
+                    del s
+                del ops
         finally:
             self._held.clear()
         return out
@@ -430,10 +461,29 @@ class QKOVInterferenceMetric:
         """:meth:`compute_heatmap`'s result for given samples: task-A samples ``ids_a``
         against samples ``ids_j`` of ``task_j`` (scored, or a control split of task A),
         normalised by the Fisher of ``fisher_tasks``."""
-        self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
-        fisher = self._fisher_vector(fisher_tasks)
-        on_device = self._scores_all(task_a, ids_a, task_j, ids_j, self._layers(layers),
-                                     self._heads(heads), fisher)
+        on_device = self.score_sets(task_a, ids_a, [(task_j, ids_j)], layers, heads,
+                                    fisher_tasks)[0]
+        return self.heatmap_from(on_device, task_a, ids_a, task_j, ids_j, layers, heads,
+                                 fisher_tasks)
+
+    def score_sets(self, task_a: str, ids_a: list[str], sets: list[tuple[str, list[str]]],
+                   layers, heads, fisher_tasks: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
+        """Per (task_j, ids_j) of ``sets``: block -> M [n_a, n_j, n_layers, n_heads] float32
+        on the device, all normalised by the Fisher of ``fisher_tasks``. Task A's rows of
+        each (layer, block) are made once for all sets; each set's scores equal
+        :meth:`pair_scores` of that set alone, bitwise."""
+        for task_j, ids_j in sets:
+            self._check_disjoint(fisher_tasks, {task_a: ids_a, task_j: ids_j})
+        return self._scores_sets(task_a, ids_a, sets, self._layers(layers), self._heads(heads),
+                                 self._fisher_vector(tuple(fisher_tasks)))
+
+    def heatmap_from(self, on_device: dict[str, torch.Tensor], task_a: str, ids_a: list[str],
+                     task_j: str, ids_j: list[str], layers, heads,
+                     fisher_tasks: tuple[str, ...]) -> dict:
+        """The heatmap (:meth:`compute_heatmap`'s format) of scores made by
+        :meth:`score_sets`: block -> [n_a, n_j, n_layers, n_heads] on the device."""
+        layers, heads = self._layers(layers), self._heads(heads)
+        fisher = self._fisher_vector(tuple(fisher_tasks))
         scores = {b: on_device[b].cpu().double().numpy() for b in BLOCKS}
         heatmap = {}
         for block in BLOCKS:

@@ -1,6 +1,7 @@
 """Layer chunks (resources.collect.layer_chunks = K > 1): rule ``chunk_scores`` collects and
 scores one contiguous chunk of a model's layers for both arms of a pair, with no gradient
-store (:func:`run_chunk`); rule ``scores`` joins the K chunks (:func:`run_join`). A chunk
+store (:func:`run_chunk`); rule ``scores`` joins the K chunks (:func:`run_join`; it also
+writes the one chunk that stages.scores.run_stores scores from the stores). A chunk
 job takes a GPU of its own (slot = chunk index), prints its plan and refuses, before
 collecting, a layer that cannot fit (interference.scores.chunks). The joined cells.csv
 equals the stores' byte for byte (same device type and threads; tests/test_chunks.py).
@@ -62,7 +63,7 @@ def run_chunk(job) -> None:
     """One layer chunk of a pair: both arms' heatmaps and reference scores on its layers
     into ``chunks/<c>/<arm>/``, with the squared gradient norms of these layers."""
     from interference.gradients.collect import make_collector
-    from interference.results import save_heatmap, write_json
+    from interference.results import write_json
     from interference.scores.chunks import peak_device_bytes
     from interference.scores.layerwise import score_layers
 
@@ -104,11 +105,7 @@ def run_chunk(job) -> None:
                            contents={t: m.get("content") for t, m in metas.items()})
     seconds = time.time() - t_collect
     shutil.rmtree(spill, ignore_errors=True)
-    for arm, r in res.items():
-        save_heatmap(out / arm, r["heat"], reference_scores=r["ref"], extra={
-            "sq_norms_b": r["sq_norms_b"].tolist(), "sq_norms_r": r["sq_norms_r"].tolist(),
-            "qkov_config": plan["qkov_config"].to_dict(), "top_k": r["top_k"],
-            "sample_ids_r": r["ids_r"]})
+    save_chunk_arms(out, res)
     write_json(out / "chunk.json", {
         "index": plan["index"], "n_chunks": plan["n_chunks"], "layers": plan["layers"],
         "passes": plan["passes"], "micro_batch": m, "rows_bytes": plan["rows_bytes"],
@@ -125,14 +122,31 @@ def run_chunk(job) -> None:
     job.log_to_mlflow = False
 
 
+def save_chunk_arms(out: Path, res: dict[str, dict]) -> None:
+    """Each arm's result of a chunk (score_layers' format: heat, ref, ids_r, sq_norms_b,
+    sq_norms_r, config, top_k) as ``out/<arm>/`` heatmap folders, which run_join reads."""
+    from interference.results import save_heatmap
+
+    for arm, r in res.items():
+        save_heatmap(out / arm, r["heat"], reference_scores=r["ref"], extra={
+            "sq_norms_b": r["sq_norms_b"].tolist(), "sq_norms_r": r["sq_norms_r"].tolist(),
+            "qkov_config": r["config"].to_dict(), "top_k": r["top_k"],
+            "sample_ids_r": r["ids_r"]})
+
+
 def run_join(job) -> None:
-    """Rule scores with layer chunks: the chunks' heatmaps of this arm, joined in layer
-    order, written as the stores' path writes them (norms = sqrt of summed squares)."""
+    """Rule scores: this arm's heatmap and reference scores from the pair's chunks (layer
+    order; norms = sqrt of the chunks' summed squares), written with its record. One chunk
+    read from the stores, or K layer chunks (their times and plans go in the record)."""
     from interference.scores.chunks import join_chunk_folders
 
     with job.timed("join"):
         heat, ref, norms_b, norms_r, ids_r, infos = join_chunk_folders(job.input.chunks,
                                                                        job.slice["arm"])
+    if infos[0].get("source") == "stores":
+        job.metric("time.score_arms_s", infos[0]["seconds_score"])
+        job.metric("time.chunk_total_s", infos[0]["seconds_total"])
+        return write(job, heat, ref, ids_r, norms_b, norms_r)
     for i in infos:
         job.metric(f"chunk{i['index']}.time.total_s", i["seconds_total"])
         job.metric(f"chunk{i['index']}.time.collect_and_score_s", i["seconds_collect_and_score"])

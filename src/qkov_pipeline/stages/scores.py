@@ -4,18 +4,23 @@ The arms (``main``: A vs B; ``control``: A vs A', normalised by the same Fisher)
 reference disruptors' scores are :mod:`interference.scores.arms`. Output: ``split<seed>/``
 with scores.npz and heatmap.json (interference.results).
 
-Before scoring, the job refuses a stale store (its recorded config hash is not the hash of
-the store slice this analysis needs) and a task B whose samples are task A's (same ids and
-texts: "task A equals task B" is decided by samples, not names).
+Rule ``chunk_scores`` computes, per pair and split seed, both arms and the reference scores
+together (task A's rows are made once for B, A' and R; the reference scores once for both
+arms) into ``split<seed>/chunks/<c>/`` (temporary); rule ``scores`` writes one arm's files
+from the chunks (:func:`qkov_pipeline.stages.chunks.run_join`). With the gradient stores
+(``resources.collect.layer_chunks`` = 1) there is one chunk of every layer
+(:func:`run_stores`); with layer chunks K > 1 each of K jobs collects and scores its layers
+(:func:`qkov_pipeline.stages.chunks.run_chunk`).
 
-Layer chunks (``resources.collect.layer_chunks`` = K > 1): rule ``chunk_scores`` runs
-:func:`run_chunk` (the library's ``score_layers`` on chunk c of K: both arms, no store),
-and rule ``scores`` joins the chunks (:func:`run_join`) into the same files.
+Before scoring, a stores job refuses a stale store (its recorded config hash is not the
+hash of the store slice this analysis needs) and a task B whose samples are task A's (same
+ids and texts: "task A equals task B" is decided by samples, not names).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,47 +72,67 @@ def store_contents(metas: dict[str, dict]) -> dict[str, dict | None]:
 
 def run(job) -> None:
     if job.rule == "chunk_scores":
+        if list(getattr(job.input, "grads", []) or []):
+            return run_stores(job)
         from .chunks import run_chunk
 
         return run_chunk(job)
-    if list(getattr(job.input, "chunks", []) or []):
-        from .chunks import run_join
+    from .chunks import run_join
 
-        return run_join(job)
-    return run_stores(job)
+    return run_join(job)
 
 
 def run_stores(job) -> None:
-    """The analysis from the gradient stores (resources.collect.layer_chunks = 1)."""
+    """Rule chunk_scores with the gradient stores (resources.collect.layer_chunks = 1): both
+    arms' heatmaps and the reference scores on every layer, in one pass over the (layer,
+    block)s (interference.scores.arms.score_arms), into ``chunks/0/<arm>/``; rule scores
+    writes each arm's files from there."""
     from interference.gradients import FisherCollector
+    from interference.results import write_json
     from interference.scores import QKOVInterferenceMetric
-    from interference.scores.arms import arm_heatmap, check_disjoint_tasks, reference_scores
+    from interference.scores.arms import check_disjoint_tasks, score_arms
+
+    from .chunks import save_chunk_arms
 
     s = job.slice
-    a, b, arm = s["task_a"], s["task_b"], s["arm"]
+    t0 = time.time()
+    a, b, arms = s["task_a"], s["task_b"], tuple(s["arms"])
     ref_task = a if s["reference"] == "within_task" else s["reference"]
     dirs = [Path(p) for p in job.input.grads]
     metas = store_metas(dirs)
     check_stores(s, metas)
     with job.timed("open_stores"):
         collector = FisherCollector.from_saved(dirs)
-    check_disjoint_tasks(collector, store_contents(metas), a, b if arm == "main" else a,
-                         collector.sample_ids(b, "scored") if arm == "main"
-                         else collector.sample_ids(a, "control"),
-                         ref_task, collector.sample_ids(ref_task, "reference"))
-    metric = QKOVInterferenceMetric(collector.config, collector, device=job.device(),
+    ids_r = collector.sample_ids(ref_task, "reference")
+    disruptors = {"main": (b, collector.sample_ids(b, "scored")),
+                  "control": (a, collector.sample_ids(a, "control"))}
+    for arm in arms:
+        check_disjoint_tasks(collector, store_contents(metas), a, *disruptors[arm],
+                             ref_task, ids_r)
+    device = job.device()
+    metric = QKOVInterferenceMetric(collector.config, collector, device=device,
                                     device_memory_mb=job.exec.get("device_memory_mb"),
                                     **s["metric"])
-    with job.timed("heatmap"):
-        heat = arm_heatmap(metric, arm, a, b)
-    meta = heat["meta"]
-    ids_r = collector.sample_ids(ref_task, "reference")
-    with job.timed("reference"):
-        ref = reference_scores(metric, meta, ref_task, ids_r)
+    t_score = time.time()
+    with job.timed("score_arms"):
+        res = score_arms(metric, arms, a, b, ref_task, ids_r)
+    seconds = time.time() - t_score
     store = collector.gradient_manager
-    disruptor_task = b if arm == "main" else a
-    write(job, heat, ref, ids_r, store.grad_norms(disruptor_task, meta["sample_ids_b"]),
-          store.grad_norms(ref_task, ids_r))
+    out = Path(job.output.part)
+    save_chunk_arms(out, {arm: {
+        "heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
+        "top_k": metric.top_k,
+        "sq_norms_b": store.grad_norms(*disruptors[arm]) ** 2,
+        "sq_norms_r": store.grad_norms(ref_task, ids_r) ** 2} for arm, (heat, ref) in res.items()})
+    layers = list(collector.layers)
+    write_json(out / "chunk.json", {
+        "index": 0, "n_chunks": 1, "layers": layers, "source": "stores",
+        "seconds_score": seconds, "seconds_total": time.time() - t0,
+        "started": t0, "finished": time.time(), "device": str(device),
+        "config_hash": job.config_hash})
+    logger.info("%s: %s and the reference scored in one pass over %d layers in %.1f s",
+                job.wildcards["pair"], " and ".join(arms), len(layers), seconds)
+    job.log_to_mlflow = False       # its numbers go into each arm's scores record
 
 
 def write(job, heat: dict, ref: dict, ids_r: list[str], norms_b, norms_r, **more) -> None:
