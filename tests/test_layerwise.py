@@ -74,3 +74,21 @@ def test_both_arms_in_one_pass_equal_each_arm_alone(gradient_format, device_memo
     assert np.array_equal(main["Q"]["scores"], got["main"][0]["Q"]["scores"])
     with pytest.raises(ValueError, match="arm must be"):
         score_arms(metric, ("both",), "a", "b", "a", ids_r)
+
+
+def test_score_arms_and_compute_heatmap_refuse_b_sharing_a_scored_samples():
+    from interference.scores.arms import score_arms
+
+    model = tiny_llama(n_layer=1)
+    cfg = QKOVConfig.from_model(model)
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg)
+    fc.collect_fisher(model, padded_batch(4, 8, 1, "a:f"), task="a", mode="mean", role="fisher")
+    fc.collect_fisher(model, padded_batch(4, 8, 2, "b:f"), task="b", mode="mean", role="fisher")
+    for task in ("a", "b"):       # the same ids (and tokens) scored for both tasks
+        fc.collect_fisher(model, padded_batch(2, 8, 3, "x:s"), task=task, mode="mean",
+                          role="scored")
+    metric = QKOVInterferenceMetric(cfg, fc, device="cpu")
+    for call in (lambda: metric.compute_heatmap("a", "b"),
+                 lambda: score_arms(metric, ("main",), "a", "b", "a", [])):
+        with pytest.raises(ValueError, match="share scored samples"):
+            call()

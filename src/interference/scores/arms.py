@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from .._tables import ROLES
+from .metric import check_not_shared
 
 
 def control_heatmap(metric, task_a: str, task_b: str) -> dict:
@@ -70,11 +71,7 @@ def score_arms(metric, arms: tuple[str, ...], task_a: str, task_b: str, task_r: 
     disruptors = {}
     if "main" in arms:
         ids_b = metric.scored_ids(task_b)
-        shared = set(ids_a) & set(ids_b)
-        if shared:
-            raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
-                             f"{sorted(shared)[:5]}: interference of a set with itself is not "
-                             f"a task conflict")
+        check_not_shared(task_a, ids_a, task_b, ids_b)
         disruptors["main"] = (task_b, ids_b)
     if "control" in arms:
         ids_c = metric.fisher_collector.sample_ids(task_a, "control")

@@ -448,11 +448,7 @@ class QKOVInterferenceMetric:
         layers, heads = self._layers(layers), self._heads(heads)
         ids_a = self.scored_ids(task_a)[:max_samples_per_task]
         ids_b = self.scored_ids(task_b)[:max_samples_per_task]
-        shared = set(ids_a) & set(ids_b)
-        if shared:
-            raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
-                             f"{sorted(shared)[:5]}: interference of a set with itself is not "
-                             f"a task conflict")
+        check_not_shared(task_a, ids_a, task_b, ids_b)
         return self.heatmap_of(task_a, ids_a, task_b, ids_b, layers, heads,
                                self.fisher_tasks(task_a, task_b))
 
@@ -555,6 +551,16 @@ class QKOVInterferenceMetric:
                         "sample_a": ids_a[i], "sample_b": ids_b[j],
                         "score": v if self.variant == "signed" else -v})
         return out
+
+
+def check_not_shared(task_a: str, ids_a: list[str], task_b: str, ids_b: list[str]) -> None:
+    """Task A's and task B's scored samples must differ: interference of a set with itself
+    is not a task conflict."""
+    shared = set(ids_a) & set(ids_b)
+    if shared:
+        raise ValueError(f"task A {task_a!r} and task B {task_b!r} share scored samples "
+                         f"{sorted(shared)[:5]}: interference of a set with itself is not "
+                         f"a task conflict")
 
 
 def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
