@@ -438,3 +438,34 @@ def test_chunk_memory_budget_takes_the_setting_the_device_budget_or_the_cpu_defa
     assert memory_budget(None, 0, "cuda:0") == device.AUTO_SHARE * 1000.0 * 2**20
     assert memory_budget(None, 512, "cpu") == 512 * 2**20
     assert memory_budget(None, 0, "cpu") == CPU_PASS_MB * 2**20
+
+
+@pytest.mark.parametrize("fmt", ["dense", "factored"])
+def test_operand_budget_keeps_every_pass_within_the_chunk_budget(fmt):
+    """scores.chunks.operand_budget_mb: with the scoring operands within it, every pass of
+    a chunk plan stays within the plan's budget (rows + Fisher values + pooled Fisher +
+    operands), and it holds at least one (layer, block)'s operands of the largest arm, as
+    the planner promised (score_fixed = 4 P (n_tasks + 1) bytes)."""
+    from interference.scores.chunks import operand_budget_mb
+    from interference.scores.layerwise import plan_chunk
+
+    model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    stored, every, score_rows = [16] * 12, [16] * 20, 8
+    def peak(layers, m):
+        rows = sum(layer_bytes(idx, stored, "float32", fmt, "float32")[l] for l in layers)
+        return pass_memory(idx, layers, rows, m, 16, fmt, "float32", 2, score_rows)["peak"]
+
+    # two layers per pass fit at micro-batch 4; three do not, at any micro-batch
+    budget = min(peak([0, 1, 2], 1) - 1, max(peak([0, 1], 4), peak([0, 1], 1)))
+    plan = plan_chunk(model, idx, [0, 1, 2, 3], stored, every, [8, 12], "float32", fmt,
+                      "float32", budget, "cpu", 1, 4, n_tasks=2, score_rows=score_rows)
+    plan["budget_bytes"] = budget
+    assert len(plan["passes"]) > 1
+    operands = operand_budget_mb(plan) * 2**20
+    for p, mem in zip(plan["passes"], plan["memory"]):
+        P = sum(idx.entries[(l, b)].numel for l in p for b in "QKVO")
+        Pb = max(idx.entries[(l, b)].numel for l in p for b in "QKVO")
+        assert mem["score_fixed"] == 4 * P * 3
+        assert mem["rows"] + mem["score_fixed"] + operands <= budget
+        assert operands >= 4 * score_rows * Pb

@@ -92,3 +92,39 @@ def test_score_arms_and_compute_heatmap_refuse_b_sharing_a_scored_samples():
                  lambda: score_arms(metric, ("main",), "a", "b", "a", [])):
         with pytest.raises(ValueError, match="share scored samples"):
             call()
+
+
+@pytest.mark.parametrize("gradient_format,device_memory_mb", [("factored", None),
+                                                              ("factored", 0.15)])
+def test_one_pass_frees_a_blocks_rows_before_making_the_next(gradient_format, device_memory_mb,
+                                                             monkeypatch):
+    """When score_sets makes a (layer, block)'s rows, no row of an earlier (layer, block)
+    is alive: the peak is one block's operands, not two (on the H200 a lingering name kept
+    the previous block's rows and raised B2's peak by 25 GiB)."""
+    import weakref
+
+    from interference.scores.arms import score_arms
+
+    model = tiny_llama(n_layer=2)
+    cfg = QKOVConfig.from_model(model)
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg,
+                         gradient_format=gradient_format)
+    for t, roles in {"a": ("fisher", "scored", "reference", "control"),
+                     "b": ("fisher", "scored")}.items():
+        for k, role in enumerate(roles):
+            fc.collect_fisher(model, padded_batch(3, 10, 10 * len(t) + k, f"{t}:{role}"),
+                              task=t, mode="mean", role=role)
+    metric = QKOVInterferenceMetric(cfg, fc, device="cpu", device_memory_mb=device_memory_mb)
+    alive, stale = [], []
+    rows = QKOVInterferenceMetric._rows
+
+    def tracked(self, task, ids, layer, block):
+        out = rows(self, task, ids, layer, block)
+        stale.extend(key for key, ref in alive if ref() is not None and key != (layer, block))
+        alive.append(((layer, block), weakref.ref(out)))
+        return out
+
+    monkeypatch.setattr(QKOVInterferenceMetric, "_rows", tracked)
+    score_arms(metric, ("main", "control"), "a", "b", "a", fc.sample_ids("a", "reference"))
+    assert len(alive) == 2 * 4 * 4          # (A, B, A', R) x 4 blocks x 2 layers, each once
+    assert stale == []

@@ -330,7 +330,8 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
       score  = values + 4 P + max(4 P ``n_tasks``, 4 ``score_rows`` Pb): the pooled
                Fisher, and either its transient stack of the tasks' or one (layer,
                block)'s operands of the largest arm (``score_rows`` rows; the metric tiles
-               within its own budget beyond that);
+               within its own budget beyond that); ``score_fixed`` = values + 4 P, what
+               scoring holds besides the operands (scores.chunks.operand_budget_mb);
     dense rows (every per-sample gradient formed, then flattened into rows [m, P]):
       grads  = 4 m P: the hooks' float32 per-sample weight gradients [m, *param];
       copies = 4 m (P_c + P_1): ``flatten_rows``'s head-major pieces that are copies
@@ -364,12 +365,13 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     values = 4 * P * int(n_tasks)
     score = values + 4 * P + max(values, 4 * int(score_rows) * Pb)
     if gradient_format != "dense":
-        return _factored_pass(indexer, mine, P, m, int(rows_bytes), act, values, score,
-                              gradient_format, store_dtype, max_tokens, n_tasks)
+        out = _factored_pass(indexer, mine, P, m, int(rows_bytes), act, values, score,
+                             gradient_format, store_dtype, max_tokens, n_tasks)
+        return dict(out, score_fixed=values + 4 * P)
     Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
     out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
            "copies": 4 * m * (Pc + Pb) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
-           "act": act, "values": values, "score": score}
+           "act": act, "values": values, "score": score, "score_fixed": values + 4 * P}
     g, c = out["grads"], out["cat"]
     base = max(out["act"] + g, g + out["copies"] + c)
     out["fisher_phase"] = max(base, g + c + out["fisher"])

@@ -86,6 +86,17 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                 qkov_config=qcfg, fisher_bytes=fisher_bytes, budget_bytes=budget)
 
 
+def operand_budget_mb(plan: dict) -> float:
+    """The scoring operands' device budget (QKOVInterferenceMetric's ``device_memory_mb``)
+    that keeps every pass of a chunk plan within its budget: the least, over the passes, of
+    the budget less the pass's rows and what scoring holds besides the operands (the
+    Fisher values and the pooled Fisher: ``score_fixed``). The planner made each pass fit
+    one (layer, block)'s operands of the largest arm, so this is at least those; the one
+    pass over every disruptor set (score_arms) runs where it fits, else set by set."""
+    room = min(plan["budget_bytes"] - m["rows"] - m["score_fixed"] for m in plan["memory"])
+    return max(room, 0) / 2**20
+
+
 def peak_device_bytes(device: str) -> int | None:
     """The most memory PyTorch allocated on a CUDA ``device`` so far (None on the CPU)."""
     if not device.startswith("cuda"):

@@ -393,6 +393,7 @@ class QKOVInterferenceMetric:
                     else:
                         left, left_op, rights, weight = ops
                         s = self._scores_of(left, left_op, *rights[k], weight, len(ids_a))
+                        del left, rights, weight    # else they outlive ops into the next block
                     out[k][block][:, :, li, :] = s.index_select(2, cols[block])
                     del s
                 del ops

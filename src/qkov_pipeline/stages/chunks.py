@@ -64,7 +64,7 @@ def run_chunk(job) -> None:
     into ``chunks/<c>/<arm>/``, with the squared gradient norms of these layers."""
     from interference.gradients.collect import make_collector
     from interference.results import write_json
-    from interference.scores.chunks import peak_device_bytes
+    from interference.scores.chunks import operand_budget_mb, peak_device_bytes
     from interference.scores.layerwise import score_layers
 
     s = job.slice
@@ -95,12 +95,20 @@ def run_chunk(job) -> None:
                               layers=layers, store_device=device, keep_fisher_sums=False)
 
     ref_task = s["task_a"] if s["reference"] == "within_task" else s["reference"]
+    # the scoring operands on a GPU stay within what the plan left them (not 80% of the
+    # free memory of the moment, which the one pass over every disruptor set could take
+    # beyond the chunk's budget); an explicit resources.scores.device_memory_mb is kept
+    score_mb = scores_ex.get("device_memory_mb")
+    if device.startswith("cuda") and score_mb == "auto":
+        score_mb = operand_budget_mb(plan)
+        logger.info("scoring operands within %.1f GiB (the plan's budget less rows and "
+                    "Fisher)", score_mb / 1024)
     t_collect = time.time()
     with job.timed("collect_and_score"):
         res = score_layers(model, batches, s["task_a"], s["task_b"], plan["passes"], make,
                            arms=tuple(s["arms"]), reference_task=ref_task,
                            metric_kwargs=dict(s["metric"], device=device,
-                                              device_memory_mb=scores_ex.get("device_memory_mb")),
+                                              device_memory_mb=score_mb),
                            fisher_mode=fisher["mode"], micro_batch=m,
                            contents={t: m.get("content") for t, m in metas.items()})
     seconds = time.time() - t_collect
