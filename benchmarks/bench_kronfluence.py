@@ -104,13 +104,13 @@ def kernel_seconds(metric, repeats: int = 3) -> float:
 
     fisher = metric._fisher_vector(metric.fisher_tasks("a", "b"))
     ids_a, ids_b = metric.scored_ids("a"), metric.scored_ids("b")
-    ops = [metric._operands("a", ids_a, "b", ids_b, layer, block, fisher)
+    ops = [metric._operands("a", ids_a, [("b", ids_b)], layer, block, fisher)
            for block in BLOCKS for layer in metric.fisher_collector.layers]
     best = float("inf")
     for _ in range(repeats):
         sync(metric.device)
         t0 = time.perf_counter()
-        for left, lop, right, rop, _, w in ops:
+        for left, lop, ((right, rop, _),), w in ops:
             contract(left, right, w, lop, rop, backend=metric.backend, precision=metric.precision)
         sync(metric.device)
         best = min(best, time.perf_counter() - t0)

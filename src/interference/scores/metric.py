@@ -250,12 +250,12 @@ class QKOVInterferenceMetric:
                  for j0 in range(0, len(ids_j), r)] for a0 in range(0, len(ids_a), r)]
         return torch.cat([torch.cat(row, dim=1) for row in rows], dim=0)
 
-    def _operands(self, task_a, ids_a, task_j, ids_j, layer, block, fisher):
-        """Everything one (layer, block)'s contraction reads, on the device: (left, f,
-        right, g, norms, 1/D)."""
+    def _operands(self, task_a, ids_a, sets, layer, block, fisher):
+        """Everything one (layer, block)'s contractions read, on the device: (left, f,
+        [(right, g, norms) of each (task_j, ids_j) of ``sets``], 1/D)."""
         left, left_op = self._left(task_a, ids_a, layer, block)
-        right, right_op, norms = self._right(task_j, ids_j, layer, block)
-        return left, left_op, right, right_op, norms, self._weight(fisher, layer, block)
+        rights = [self._right(task_j, ids_j, layer, block) for task_j, ids_j in sets]
+        return left, left_op, rights, self._weight(fisher, layer, block)
 
     def _scores_of(self, left, left_op, right, right_op, norms, weight, n_a) -> torch.Tensor:
         """[n_a, n_j, Hb] float32: M = Σ_s f(left)·(1/D)·g(right) (/ norm_j), on the device."""
@@ -361,16 +361,11 @@ class QKOVInterferenceMetric:
         n_rows = len(ids_a) + sum(len(ids) for _, ids in sets)
         jobs = [(block, li, layer) for block in BLOCKS for li, layer in enumerate(layers)]
 
-        def operands(job):
-            block, _, layer = job
-            left, left_op = self._left(task_a, ids_a, layer, block)
-            rights = [self._right(task_j, ids_j, layer, block) for task_j, ids_j in sets]
-            return left, left_op, rights, self._weight(fisher, layer, block)
-
         def load(job):
             block, _, layer = job
             # copied in while the previous block is scored only when both fit the budget
-            return operands(job) if self._fits_twice(n_rows, layer, block) else None
+            return self._operands(task_a, ids_a, sets, layer, block, fisher) \
+                if self._fits_twice(n_rows, layer, block) else None
 
         out = [{b: torch.empty(len(ids_a), len(ids_j), len(layers), len(heads),
                                device=self.device) for b in BLOCKS} for _, ids_j in sets]
@@ -385,7 +380,7 @@ class QKOVInterferenceMetric:
                 self._fits_twice(n_rows, layer, block) for block, _, layer in jobs)
             for (block, li, layer), ops in prefetched(jobs, load, self.device, overlap):
                 if ops is None and self._fits_once(n_rows, layer, block):
-                    ops = operands((block, li, layer))
+                    ops = self._operands(task_a, ids_a, sets, layer, block, fisher)
                 for k, (task_j, ids_j) in enumerate(sets):
                     if ops is None:
                         s = self._block_scores(task_a, ids_a, task_j, ids_j, layer, block,
