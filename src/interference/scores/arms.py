@@ -19,12 +19,28 @@ from .._tables import ROLES
 from .metric import check_not_shared
 
 
+def control_ids(collector, task_a: str) -> list[str]:
+    """Task A's held-out control samples (A'); an error when there are none."""
+    ids = collector.sample_ids(task_a, "control")
+    if not ids:
+        raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
+    return ids
+
+
+def arm_disruptors(collector, arm: str, task_a: str, task_b: str) -> tuple[str, list[str]]:
+    """(task, sample ids) scored against task A in an arm: B's scored samples ('main') or
+    A's control samples ('control')."""
+    if arm == "main":
+        return task_b, collector.sample_ids(task_b, "scored")
+    if arm == "control":
+        return task_a, control_ids(collector, task_a)
+    raise ValueError(f"arm must be 'main' or 'control', got {arm!r}")
+
+
 def control_heatmap(metric, task_a: str, task_b: str) -> dict:
     """A vs A' in compute_heatmap's format: task A's scored samples against its control
     samples, normalised as the pair A vs B is (``meta['control_of']`` = task B)."""
-    ids_c = metric.fisher_collector.sample_ids(task_a, "control")
-    if not ids_c:
-        raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
+    ids_c = control_ids(metric.fisher_collector, task_a)
     heat = metric.heatmap_of(task_a, metric.scored_ids(task_a), task_a, ids_c,
                              list(metric.fisher_collector.layers),
                              list(range(metric.config.num_heads)),
@@ -64,20 +80,11 @@ def score_arms(metric, arms: tuple[str, ...], task_a: str, task_b: str, task_r: 
     equals :func:`arm_heatmap` and :func:`reference_scores` of that arm, bitwise; the
     reference scores are computed once and shared by the arms (same samples, same
     normaliser)."""
-    for arm in arms:
-        if arm not in ("main", "control"):
-            raise ValueError(f"arm must be 'main' or 'control', got {arm!r}")
     ids_a = metric.scored_ids(task_a)
-    disruptors = {}
-    if "main" in arms:
-        ids_b = metric.scored_ids(task_b)
-        check_not_shared(task_a, ids_a, task_b, ids_b)
-        disruptors["main"] = (task_b, ids_b)
-    if "control" in arms:
-        ids_c = metric.fisher_collector.sample_ids(task_a, "control")
-        if not ids_c:
-            raise ValueError(f"task {task_a!r} has no control samples; set control.n_control > 0")
-        disruptors["control"] = (task_a, ids_c)
+    disruptors = {arm: arm_disruptors(metric.fisher_collector, arm, task_a, task_b)
+                  for arm in arms}
+    if "main" in disruptors:
+        check_not_shared(task_a, ids_a, task_b, metric.scored_ids(task_b))
     layers = list(metric.fisher_collector.layers)
     heads = list(range(metric.config.num_heads))
     fisher_tasks = metric.fisher_tasks(task_a, task_b)
@@ -94,6 +101,28 @@ def score_arms(metric, arms: tuple[str, ...], task_a: str, task_b: str, task_r: 
             heat["meta"]["control_of"] = task_b
         out[arm] = (heat, ref)
     return out
+
+
+def arm_results(metric, arms: tuple[str, ...], task_a: str, task_b: str, task_r: str,
+                contents: Mapping[str, Mapping[str, str] | None] | None = None
+                ) -> dict[str, dict]:
+    """:func:`score_arms` on the layers ``metric``'s collector holds, as a chunk keeps them:
+    arm -> {'heat', 'ref' (or None), 'ids_r', 'config', 'top_k', 'sq_norms_b' /
+    'sq_norms_r' ([n] squared gradient norms of the disruptors / reference samples over
+    these layers)}. ``contents`` (task -> {sample id: content digest}): first refuse
+    disruptors that are task A's samples (:func:`check_disjoint_tasks`)."""
+    collector = metric.fisher_collector
+    store = collector.gradient_manager
+    ids_r = collector.sample_ids(task_r, "reference")
+    disruptors = {arm: arm_disruptors(collector, arm, task_a, task_b) for arm in arms}
+    if contents is not None:
+        for task_j, ids_j in disruptors.values():
+            check_disjoint_tasks(collector, contents, task_a, task_j, ids_j, task_r, ids_r)
+    return {arm: {"heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
+                  "top_k": metric.top_k, "sq_norms_b": store.grad_norms(*disruptors[arm]) ** 2,
+                  "sq_norms_r": store.grad_norms(task_r, ids_r) ** 2}
+            for arm, (heat, ref) in score_arms(metric, arms, task_a, task_b, task_r,
+                                               ids_r).items()}
 
 
 def check_disjoint_tasks(collector, content: Mapping[str, Mapping[str, str] | None], a: str,

@@ -34,7 +34,7 @@ from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
 from ..gradients import FisherCollector
 from ..gradients.collect import collect_role
-from .arms import check_disjoint_tasks, score_arms
+from .arms import arm_results
 from .metric import QKOVInterferenceMetric
 
 logger = logging.getLogger("qkov.scores")
@@ -191,12 +191,6 @@ def _collect(collector, model, batches, fisher_mode: str, micro_batch: int) -> d
     return seconds
 
 
-def _arm_disruptors(collector, arm: str, task_a: str, task_b: str):
-    if arm == "main":
-        return task_b, collector.sample_ids(task_b, "scored")
-    return task_a, collector.sample_ids(task_a, "control")
-
-
 def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b: str,
                  passes: list[list[int]], make_collector: Callable[[list[int]], FisherCollector],
                  *, arms: tuple[str, ...] = ("main",), reference_task: str | None = None,
@@ -224,20 +218,9 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
         metric = QKOVInterferenceMetric(collector.config, collector, **(metric_kwargs or {}))
         store = collector.gradient_manager
         t0 = time.perf_counter()
-        ids_r = collector.sample_ids(reference_task, "reference")
-        if contents is not None:
-            for arm in arms:
-                disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
-                check_disjoint_tasks(collector, contents, task_a, disruptor, ids_j,
-                                     reference_task, ids_r)
-        for arm, (heat, ref) in score_arms(metric, arms, task_a, task_b, reference_task,
-                                           ids_r).items():
-            disruptor, ids_j = _arm_disruptors(collector, arm, task_a, task_b)
-            heat["meta"] = {k: v for k, v in heat["meta"].items() if k != "metric"}
-            parts[arm].append({"heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
-                               "top_k": metric.top_k,
-                               "sq_norms_b": store.grad_norms(disruptor, ids_j) ** 2,
-                               "sq_norms_r": store.grad_norms(reference_task, ids_r) ** 2})
+        for arm, r in arm_results(metric, arms, task_a, task_b, reference_task,
+                                  contents).items():
+            parts[arm].append(r)
         budget = metric.device_memory_mb
         logger.info("layers %d-%d: Fisher samples %.1f s, stored samples %.1f s, %s scored "
                     "in %.1f s (device budget of the operands: %s)", layers[0], layers[-1],

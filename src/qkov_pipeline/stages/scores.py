@@ -90,7 +90,7 @@ def run_stores(job) -> None:
     from interference.gradients import FisherCollector
     from interference.results import write_json
     from interference.scores import QKOVInterferenceMetric
-    from interference.scores.arms import check_disjoint_tasks, score_arms
+    from interference.scores.arms import arm_results
 
     from .chunks import save_chunk_arms
 
@@ -103,27 +103,15 @@ def run_stores(job) -> None:
     check_stores(s, metas)
     with job.timed("open_stores"):
         collector = FisherCollector.from_saved(dirs)
-    ids_r = collector.sample_ids(ref_task, "reference")
-    disruptors = {"main": (b, collector.sample_ids(b, "scored")),
-                  "control": (a, collector.sample_ids(a, "control"))}
-    for arm in arms:
-        check_disjoint_tasks(collector, store_contents(metas), a, *disruptors[arm],
-                             ref_task, ids_r)
     device = job.device()
     metric = QKOVInterferenceMetric(collector.config, collector, device=device,
                                     device_memory_mb=job.exec.get("device_memory_mb"),
                                     **s["metric"])
-    t_score = time.time()
     with job.timed("score_arms"):
-        res = score_arms(metric, arms, a, b, ref_task, ids_r)
-    seconds = time.time() - t_score
-    store = collector.gradient_manager
+        res = arm_results(metric, arms, a, b, ref_task, store_contents(metas))
+    seconds = job.metrics["time.score_arms_s"]
     out = Path(job.output.part)
-    save_chunk_arms(out, {arm: {
-        "heat": heat, "ref": ref, "ids_r": ids_r, "config": collector.config,
-        "top_k": metric.top_k,
-        "sq_norms_b": store.grad_norms(*disruptors[arm]) ** 2,
-        "sq_norms_r": store.grad_norms(ref_task, ids_r) ** 2} for arm, (heat, ref) in res.items()})
+    save_chunk_arms(out, res)
     layers = list(collector.layers)
     write_json(out / "chunk.json", {
         "index": 0, "n_chunks": 1, "layers": layers, "source": "stores",
