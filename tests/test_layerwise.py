@@ -128,3 +128,27 @@ def test_one_pass_frees_a_blocks_rows_before_making_the_next(gradient_format, de
     score_arms(metric, ("main", "control"), "a", "b", "a", fc.sample_ids("a", "reference"))
     assert len(alive) == 2 * 4 * 4          # (A, B, A', R) x 4 blocks x 2 layers, each once
     assert stale == []
+
+
+def test_arm_results_refuse_disruptors_that_are_task_a_samples_when_contents_are_given():
+    """arm_results (the chunk jobs' and the stores' scoring job's per-arm results) runs
+    check_disjoint_tasks on every arm when the tasks' content digests are given: B's
+    scored samples with task A's ids and texts are refused; without contents it scores."""
+    from interference.scores.arms import arm_results
+
+    model = tiny_llama(n_layer=1)
+    cfg = QKOVConfig.from_model(model)
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg)
+    fc.collect_fisher(model, padded_batch(4, 8, 1, "a:f"), task="a", mode="mean", role="fisher")
+    fc.collect_fisher(model, padded_batch(4, 8, 2, "b:f"), task="b", mode="mean", role="fisher")
+    fc.collect_fisher(model, padded_batch(2, 8, 3, "a:s"), task="a", mode="mean", role="scored")
+    fc.collect_fisher(model, padded_batch(2, 8, 4, "a:r"), task="a", mode="mean", role="reference")
+    # B's scored samples carry the ids of A's reference samples
+    fc.collect_fisher(model, padded_batch(2, 8, 5, "a:r"), task="b", mode="mean", role="scored")
+    metric = QKOVInterferenceMetric(cfg, fc, device="cpu")
+    same = {t: {i: "same text" for i in fc.sample_ids("b", "scored")} for t in ("a", "b")}
+    with pytest.raises(ValueError, match="task A equals task B"):
+        arm_results(metric, ("main",), "a", "b", "a", same)
+    got = arm_results(metric, ("main",), "a", "b", "a")["main"]
+    assert got["heat"]["Q"]["scores"].shape[:2] == (2, 2) and got["ref"]["Q"].shape[1] == 2
+    assert np.allclose(got["sq_norms_b"], fc.gradient_manager.grad_norms("b", fc.sample_ids("b", "scored")) ** 2)
