@@ -629,3 +629,128 @@ def test_token_nll_and_its_gradient_equal_the_float64_log_softmax_row_by_row(dty
     # the gradient is rounded to the logits' dtype once
     gtol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float64: 1e-14}[dtype]
     np.testing.assert_allclose(x.grad.double().numpy(), want_grad, rtol=0, atol=gtol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_head_token_nll_and_its_hidden_gradient_equal_a_float64_loop(dtype, bias):
+    """objectives.head_token_nll (the output projection and the loss a block of rows at a
+    time, no [rows, V] logits kept) against a float64 loop: nll_r = -log softmax(W h_r + b)[t_r]
+    and the gradient of Σ w_r nll_r w.r.t. h_r, w_r (softmax - onehot) W. 300 rows over
+    65,536 words span three blocks (the last partial)."""
+    from interference.gradients.objectives import block_rows, head_token_nll
+
+    gen = torch.Generator().manual_seed(1)
+    V, d = 65536, 16
+    head = torch.nn.Linear(d, V, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=gen) / 2)
+        if bias:
+            head.bias.copy_(torch.randn(V, generator=gen))
+    head = head.to(dtype).requires_grad_(False)
+    h = torch.randn(300, d, generator=gen).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (300,), generator=gen)
+    w = torch.randn(300, generator=gen)
+    assert -(-300 // block_rows(V, cuda=False)) == 3
+    nll = head_token_nll(h, head, t)
+    (nll * w.to(nll.dtype)).sum().backward()
+    assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert h.grad.dtype == dtype
+    W = head.weight.double().numpy()
+    b = head.bias.double().numpy() if bias else np.zeros(V)
+    hs = h.detach().double().numpy()
+    want, want_grad = np.empty(300), np.empty((300, d))
+    for r in range(300):
+        x = W @ hs[r] + b
+        e = np.exp(x - x.max())
+        p = e / e.sum()
+        want[r] = -np.log(p[t[r]])
+        p[t[r]] -= 1.0
+        want_grad[r] = float(w[r]) * (p @ W)
+    # bfloat16: the logits are rounded to the model dtype, as the model's own head rounds them
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float64: 1e-10}[dtype]
+    np.testing.assert_allclose(nll.detach().double().numpy(), want, rtol=0, atol=tol)
+    gtol = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float64: 1e-12}[dtype]
+    scale = np.abs(want_grad).max()
+    assert np.abs(h.grad.double().numpy() - want_grad).max() <= gtol * scale
+
+
+def test_head_token_nll_refuses_a_head_that_wants_its_gradient():
+    from interference.gradients.objectives import head_token_nll
+
+    head = torch.nn.Linear(4, 9)
+    with pytest.raises(ValueError, match="frozen output projection"):
+        head_token_nll(torch.randn(3, 4), head, torch.zeros(3, dtype=torch.long))
+
+
+def _tiny_granite():
+    """A causal LM whose logits are the head's divided by ``logits_scaling``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GraniteConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, logits_scaling=4.0,
+                                     attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.GraniteForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "granite"])
+def test_hooks_engine_forms_no_logits_where_they_are_the_heads_and_equals_the_loop(
+        family, monkeypatch):
+    """Where a model's logits are its output projection's (plain_lm_head), the batched
+    engine never calls the projection (no [n, T, V] logits); where they are scaled
+    (Granite), it takes the logits from the model. Either way the per-sample gradients
+    equal the one-sample-at-a-time loop's."""
+    from interference.gradients.objectives import plain_lm_head
+
+    model = _tiny_granite() if family == "granite" else FAMILIES[family][0]()
+    head = model.get_output_embeddings()
+    assert (plain_lm_head(model) is head) == (family != "granite")
+    cfg = QKOVConfig.from_model(model)
+    batch = padded_batch(7, 12, 5, "s")
+    out = {}
+    for engine in ("loop", "hooks"):
+        if engine == "hooks" and family != "granite":
+            def no_logits(*a, **k):
+                raise AssertionError("the engine formed the [n, T, V] logits")
+            monkeypatch.setattr(head, "forward", no_logits)
+        fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, engine=engine,
+                             micro_batch=3)
+        fc.collect_fisher(model, batch, task="t", role="scored")
+        out[engine] = torch.stack([fc.gradient_manager.vector("t", f"s:{k}") for k in range(7)])
+    scale = out["loop"].abs().max()
+    assert (out["hooks"] - out["loop"]).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("fmt,role", [("factored", "fisher"), ("factored", "scored"),
+                                      ("dense", "scored")])
+def test_a_micro_batchs_capture_is_freed_before_the_next_forward(fmt, role, monkeypatch):
+    """When a micro-batch's forward starts, no earlier micro-batch's capture (its x, δ, and
+    per-sample squares or gradients) may still be alive: names left bound in the engine's
+    generators or in the collector's loops held a whole micro-batch's buffers through the
+    next forward (about 0.3 GB on the default run)."""
+    import gc
+    import weakref
+
+    from interference.gradients import per_sample
+
+    made, checked = [], []
+    init, losses = per_sample._HookCapture.__init__, per_sample.PerSampleGradients._batch_losses
+
+    def track(self, *a, **k):
+        init(self, *a, **k)
+        made.append(weakref.ref(self))
+
+    def forward(self, b):
+        gc.collect()
+        alive = [r for r in made[:-1] if r() is not None]
+        checked.append(len(alive))
+        return losses(self, b)
+
+    monkeypatch.setattr(per_sample._HookCapture, "__init__", track)
+    monkeypatch.setattr(per_sample.PerSampleGradients, "_batch_losses", forward)
+    model = tiny_llama()
+    fc = FisherCollector(enable_cross_task_analysis=True, config=QKOVConfig.from_model(model),
+                         gradient_format=fmt, micro_batch=2)
+    fc.collect_fisher(model, padded_batch(7, 12, 5, "s"), task="t", role=role)
+    assert len(checked) == 4 and checked == [0, 0, 0, 0]

@@ -469,3 +469,20 @@ def test_operand_budget_keeps_every_pass_within_the_chunk_budget(fmt):
         assert mem["score_fixed"] == 4 * P * 3
         assert mem["rows"] + mem["score_fixed"] + operands <= budget
         assert operands >= 4 * score_rows * Pb
+
+
+def test_activation_estimate_counts_one_block_of_logits_where_the_loss_forms_no_more(
+        monkeypatch):
+    """A causal LM whose logits are its head's (plain_lm_head) holds one block of float32
+    logits and an h-wide gradient per token for its loss (objectives.head_token_nll); any
+    other holds the [tokens, V] logits and their gradient."""
+    from interference.gradients import objectives
+
+    model = tiny_llama()
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    V, h, m, T = model.config.vocab_size, model.config.hidden_size, 8, 40
+    fused = activation_bytes(model, idx.layers, m, T)
+    monkeypatch.setattr(objectives, "plain_lm_head", lambda model: None)
+    whole = activation_bytes(model, idx.layers, m, T)
+    rows = min(m * T, objectives.block_rows(V, cuda=False))
+    assert whole - fused == m * T * 2 * V * 4 - (rows * V * 4 + m * T * h * 4)

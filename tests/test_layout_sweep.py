@@ -596,8 +596,9 @@ def test_causal_models_run_padded_batches_unmasked_and_others_keep_the_mask():
     batch = text_batch(3, 8, 1, "a", 97)      # samples of 8, 6 and 4 tokens
     gpt2 = float64_copy(tiny_auto_model("gpt2")[0])
     seen = []
-    gpt2.register_forward_pre_hook(lambda m, a, kw: seen.append("attention_mask" in kw),
-                                   with_kwargs=True)
+    # the transformer under the head: the engine calls it directly (no [n, T, V] logits)
+    gpt2.base_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask") is not None), with_kwargs=True)
     assert per_sample.padding_of(gpt2) == "causal"
     seen.clear()
     idx, got = _engine_rows(gpt2, "hooks", batch)

@@ -301,16 +301,24 @@ def activation_bytes(model, layers: list[int], micro_batch: int, max_tokens: int
     """Bytes saved for the backward of one micro-batch (``micro_batch`` samples padded to
     ``max_tokens``) when gradients start at ``min(layers)``: per token and block from there
     up, 12 h-wide and 4 MLP-wide values in the model dtype plus two float32 norm inputs
-    (eager attention: + 2 x heads x T probabilities), and the logits and their gradient
-    (model dtype: the loss works on blocks of rows, objectives.token_nll). An estimate; the
-    test measures it on a tiny model."""
+    (eager attention: + 2 x heads x T probabilities), and for the loss: where the logits are
+    the output projection's (objectives.plain_lm_head) one block of rows' float32 logits
+    and an h-wide gradient per token (objectives.head_token_nll), else the logits and their
+    gradient (model dtype; objectives.token_nll). An estimate."""
+    from .objectives import block_rows, plain_lm_head
+
     d, b = _dims(model), next(model.parameters()).element_size()
     per_token = b * (12 * d["h"] + 4 * d["inter"]) + 8 * d["h"]
     if d["eager"]:
         per_token += 2 * b * d["heads"] * max_tokens
     tokens = micro_batch * max_tokens
     above = d["n_layers"] - min(layers)
-    return int(tokens * (above * per_token + 2 * d["vocab"] * b))
+    if plain_lm_head(model) is None:
+        loss = tokens * 2 * d["vocab"] * b
+    else:
+        cuda = next(model.parameters()).is_cuda
+        loss = min(tokens, block_rows(d["vocab"], cuda)) * d["vocab"] * 4 + tokens * d["h"] * b
+    return int(tokens * above * per_token + loss)
 
 
 def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,

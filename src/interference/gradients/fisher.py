@@ -337,6 +337,7 @@ class FisherCollector:
             for sq, batch_losses, _ in engine.square_sums(batch, ids):
                 total = sq if total is None else total.add_(sq)
                 losses += batch_losses
+                del sq      # the loop's names would hold it through the next forward
         for g in engine(batch, ids) if total is None else ():
             losses.append(g.loss)
             if wants_fisher:
@@ -345,6 +346,7 @@ class FisherCollector:
             if keep:
                 self._store.add(task, "scored" if role == "all" else role, g.sample_id,
                                 g.vector, g.loss, g.n_tokens, factors=g.factors, norm=g.norm)
+            del g   # its x and δ are views of a whole micro-batch's: not into the next forward
         if wants_fisher:
             tf.update(total, n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,

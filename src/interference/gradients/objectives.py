@@ -67,10 +67,14 @@ class _TokenNLL(torch.autograd.Function):
 
 
 def _block_rows(t: torch.Tensor) -> int:
-    """Rows of ``t`` [rows, V] per block: about 32 MB in float32 (256 MB on a GPU, where
-    each block's kernel launches cost more than its memory)."""
-    block_bytes = 1 << (28 if t.is_cuda else 25)
-    return max(1, block_bytes // (4 * t.shape[-1]))
+    """Rows of ``t`` [rows, V] per block (:func:`block_rows`)."""
+    return block_rows(t.shape[-1], t.is_cuda)
+
+
+def block_rows(vocab: int, cuda: bool) -> int:
+    """Rows of [rows, ``vocab``] logits per block of the loss: about 32 MB in float32 (256 MB
+    on a GPU, where each block's kernel launches cost more than its memory)."""
+    return max(1, (1 << (28 if cuda else 25)) // (4 * vocab))
 
 
 def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,6 +85,71 @@ def token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     with at most the logits and one gradient of their size in memory instead of up to four
     (a micro-batch of 8 x 128 tokens over SmolLM2's 49,152 words: 200 MB each)."""
     return _TokenNLL.apply(logits, target)
+
+
+class _HeadTokenNLL(torch.autograd.Function):
+    """token_nll(hidden @ weightᵀ + bias, target) without the [rows, V] logits: each block of
+    rows' logits are formed, reduced to -log softmax[target] and, when a gradient is wanted,
+    to that row's gradient w.r.t. ``hidden`` ((softmax - onehot) @ weight), then freed. Only
+    the [rows, d] gradient is kept for the backward (it scales it by the incoming one)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target):   # [rows, d], [V, d], [V] | None, [rows]
+        nll = hidden.new_empty(len(hidden), dtype=upcast(hidden[:0]).dtype)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        step = block_rows(weight.shape[0], hidden.is_cuda)
+        for k in range(0, len(hidden), step):
+            x = upcast(F.linear(hidden[k:k + step], weight, bias))        # [b, V], fresh
+            t = target[k:k + step, None]
+            lse = torch.logsumexp(x, -1)
+            nll[k:k + step] = lse - x.gather(-1, t)[:, 0]
+            if grad is not None:
+                p = x.sub_(lse[:, None]).exp_()
+                p.scatter_add_(-1, t, p.new_full(t.shape, -1.0))
+                torch.mm(p.to(weight.dtype), weight, out=grad[k:k + step])
+            del x
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):                            # [rows]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out[:, None].to(grad.dtype), None, None, None
+
+
+def head_token_nll(hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor
+                   ) -> torch.Tensor:
+    """``token_nll(head(hidden), target)`` [rows] without ever holding the [rows, V] logits
+    (hidden [rows, d] in the model dtype, ``head`` the output projection, frozen): the
+    forward forms each block's logits, loss and gradient w.r.t. ``hidden`` and keeps the
+    gradient only ([rows, d]; SmolLM2's logits for 8 x 125 tokens are 197 MB, their gradient
+    as much again). Equals the two-step path within float rounding (tests/test_engine.py)."""
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        raise ValueError("head_token_nll needs a frozen output projection (no gradient of "
+                         "its weight is formed)")
+    return _HeadTokenNLL.apply(hidden, head.weight, head.bias, target)
+
+
+# model types whose causal-LM logits are exactly ``lm_head(base_model(...).last_hidden_state)``
+# (no scaling or soft-capping of the logits in transformers' *ForCausalLM.forward)
+PLAIN_HEAD_TYPES = frozenset({
+    "gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gpt_neox", "phi", "phi3",
+    "opt", "gemma", "gptj", "olmo", "olmo2", "stablelm", "starcoder2", "smollm3"})
+
+
+def plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The output projection of a causal LM whose logits are ``head(model.base_model(
+    input_ids, attention_mask).last_hidden_state)`` (``PLAIN_HEAD_TYPES``), else None."""
+    cfg = getattr(model, "config", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if (getattr(cfg, "model_type", None) not in PLAIN_HEAD_TYPES or get_head is None
+            or getattr(model, "base_model", model) is model
+            or not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))):
+        return None
+    head = get_head()
+    return head if type(head) is nn.Linear else None
 
 
 def register_objective(cls):

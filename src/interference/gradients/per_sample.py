@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from .objectives import Objective, token_nll, upcast
+from .objectives import Objective, head_token_nll, plain_lm_head, token_nll, upcast
 
 
 SQUARES_BYTES = 1 << 25   # float64 squares formed at once by a Fisher micro-batch (32 MB)
@@ -511,7 +511,9 @@ class PerSampleGradients:
                                              f"{name}")
             sq = torch.cat([self.indexer.gather(cap.sq, l, b).reshape(-1)
                             for (l, b) in self.indexer.entries])
+            del cap            # its x, δ and squares: not alive through the next forward
             yield sq, loss_of, [int(t) for t in tok_of]
+            del sq
 
     def _hooks(self, samples: list[dict], sample_ids: list[str]):
         """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
@@ -536,6 +538,7 @@ class PerSampleGradients:
                 factors = self._factors_of(capture, k, int(real_of[k])) if self.factors else None
                 yield SampleGradient(sid, rows[k].detach(), loss_of[k], int(tok_of[k]),
                                      factors)
+            del capture, rows    # not alive through the next micro-batch's forward
 
     def _factored(self, samples: list[dict], sample_ids: list[str]):
         """Stored samples of a factored store: x, δ and the norm of g_i, no row [P] (each
@@ -558,6 +561,7 @@ class PerSampleGradients:
                 yield SampleGradient(sid, None, loss_of[k], int(tok_of[k]),
                                      self._factors_of(capture, k, int(real_of[k])),
                                      norm=math.sqrt(total[k]))
+            del capture, norm2   # not alive through the next micro-batch's forward
 
     def _factors_of(self, capture: "_HookCapture", k: int, t: int) -> dict:
         """Sample ``k``'s factors: its own ``t`` tokens (right padding) of x and δ, and its
@@ -576,14 +580,20 @@ class PerSampleGradients:
         """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,
         on the device, without a host sync (checked after the backward: _check_batch)."""
         mask = {"attention_mask": b["attention_mask"]} if self._mask_pads else {}
-        logits = self.model(input_ids=b["input_ids"], **mask).logits          # [n, T, V]
         # position t predicts label t+1: the labels shift, the logits stay whole (a slice
         # [:, :-1] of them would be copied by the reshape, and again in the backward)
         labels = torch.nn.functional.pad(b["labels"][:, 1:], (0, 1), value=-100)
         keep = labels != -100
         n_tok = keep.sum(1)
-        nll = token_nll(logits.reshape(-1, logits.shape[-1]),
-                        labels.reshape(-1).clamp_min(0)).view(labels.shape)
+        target = labels.reshape(-1).clamp_min(0)
+        head = plain_lm_head(self.model)
+        if head is not None and not head.weight.requires_grad:     # no [n, T, V] logits
+            hidden = self.model.base_model(input_ids=b["input_ids"], **mask).last_hidden_state
+            nll = head_token_nll(hidden.reshape(-1, hidden.shape[-1]), head, target)
+        else:
+            logits = self.model(input_ids=b["input_ids"], **mask).logits      # [n, T, V]
+            nll = token_nll(logits.reshape(-1, logits.shape[-1]), target)
+        nll = nll.view(labels.shape)
         per = (nll * keep).sum(1)
         return (per / n_tok if self.objective.loss_reduction == "mean" else per), n_tok
 
