@@ -334,10 +334,8 @@ class FisherCollector:
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
-            for sq, batch_losses, _ in engine.square_sums(batch, ids):
-                total = sq if total is None else total.add_(sq)
+            for total, batch_losses, _ in engine.square_sums(batch, ids):
                 losses += batch_losses
-                del sq      # the loop's names would hold it through the next forward
         for g in engine(batch, ids) if total is None else ():
             losses.append(g.loss)
             if wants_fisher:

@@ -489,11 +489,14 @@ class PerSampleGradients:
                 capture.form_all()
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
-    def square_sums(self, batch: dict, sample_ids: list[str]):
-        """Fisher samples (hooks engine): per micro-batch, (Σ_k g_k ⊙ g_k [P] float64 in the
-        canonical order, per-sample losses, predicted tokens). No per-sample row is formed:
-        each projection's per-sample gradients are squared and summed as soon as they
-        exist, so memory holds one projection's at a time."""
+    def square_sums(self, batch: dict, sample_ids: list[str],
+                    total: torch.Tensor | None = None):
+        """Fisher samples (hooks engine): each micro-batch's Σ_k g_k ⊙ g_k added into ``total``
+        ([P] float64 in the canonical order, on the model's device; made at the first
+        micro-batch when None), then (total, per-sample losses, predicted tokens) yielded.
+        No per-sample row is formed: each projection's per-sample gradients are squared and
+        summed as soon as they exist, so memory holds one projection's at a time, and the
+        micro-batch's sums go into ``total`` (entry by entry) without a [P] copy of their own."""
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
@@ -509,11 +512,16 @@ class PerSampleGradients:
                 k = cap.sample_finite(name).index(False)
                 raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
                                              f"{name}")
-            sq = torch.cat([self.indexer.gather(cap.sq, l, b).reshape(-1)
-                            for (l, b) in self.indexer.entries])
-            del cap            # its x, δ and squares: not alive through the next forward
-            yield sq, loss_of, [int(t) for t in tok_of]
-            del sq
+            if total is None:
+                total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
+                                    device=losses.device)
+            at = 0
+            for (l, b) in self.indexer.entries:
+                part = self.indexer.gather(cap.sq, l, b).reshape(-1)
+                total[at:at + part.numel()].add_(part)
+                at += part.numel()
+            del cap, part      # its x, δ and squares: not alive through the next forward
+            yield total, loss_of, [int(t) for t in tok_of]
 
     def _hooks(self, samples: list[dict], sample_ids: list[str]):
         """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
