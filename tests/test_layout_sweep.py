@@ -635,3 +635,24 @@ def test_the_o_check_catches_a_slice_of_the_wrong_head(family):
                                                                                 h + 1)
     with pytest.raises(LayoutProofError, match=r"L1 O head 1: .*saw heads \[2\]"):
         _check_o(m64, shifted, 1, 1, seed=2001)
+
+
+@pytest.mark.parametrize("model_type", sorted(
+    __import__("interference.gradients.objectives", fromlist=["x"]).PLAIN_HEAD_TYPES))
+def test_every_plain_head_type_gives_the_brute_force_gradients_without_logits(model_type):
+    """Each model type listed in objectives.PLAIN_HEAD_TYPES (logits = the output
+    projection's, so the hooks engine runs the body and head_token_nll) gives the float64
+    brute force's per-sample gradients of a right-padded batch. A type listed wrongly (its
+    logits scaled or capped after the projection) fails here."""
+    from interference.gradients.objectives import plain_lm_head
+    from reference_layouts import text_batch
+
+    model = float64_copy(tiny_auto_model(model_type)[0])
+    assert model.config.model_type == model_type
+    assert plain_lm_head(model) is model.get_output_embeddings()
+    batch = text_batch(3, 8, 1, "a", model.config.vocab_size)
+    idx, got = _engine_rows(model, "hooks", batch)
+    want = _brute_rows(idx, model, batch)
+    for sid in want:     # float32 rows (the store's) against float64: rounding only
+        err = float((got[sid] - want[sid]).abs().max() / want[sid].abs().max())
+        assert err < 1e-6, (model_type, sid, err)
