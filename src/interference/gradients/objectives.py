@@ -103,11 +103,10 @@ class _HeadTokenNLL(torch.autograd.Function):
             t = target[k:k + step, None]
             lse = torch.logsumexp(x, -1)
             nll[k:k + step] = lse - x.gather(-1, t)[:, 0]
-            if grad is not None:
-                p = x.sub_(lse[:, None]).exp_()
-                p.scatter_add_(-1, t, p.new_full(t.shape, -1.0))
-                torch.mm(p.to(weight.dtype), weight, out=grad[k:k + step])
-            del x
+            if grad is not None:      # x becomes softmax - onehot in place
+                x.sub_(lse[:, None]).exp_().scatter_add_(-1, t, x.new_full(t.shape, -1.0))
+                torch.mm(x.to(weight.dtype), weight, out=grad[k:k + step])
+            del x                     # one block alive at a time, not two
         if grad is not None:
             ctx.save_for_backward(grad)
         return nll
@@ -126,10 +125,15 @@ def head_token_nll(hidden: torch.Tensor, head: nn.Linear, target: torch.Tensor
     forward forms each block's logits, loss and gradient w.r.t. ``hidden`` and keeps the
     gradient only ([rows, d]; SmolLM2's logits for 8 x 125 tokens are 197 MB, their gradient
     as much again). Equals the two-step path within float rounding (tests/test_engine.py)."""
-    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+    if not frozen(head):
         raise ValueError("head_token_nll needs a frozen output projection (no gradient of "
                          "its weight is formed)")
     return _HeadTokenNLL.apply(hidden, head.weight, head.bias, target)
+
+
+def frozen(module: nn.Module) -> bool:
+    """Whether no parameter of ``module`` wants a gradient."""
+    return not any(p.requires_grad for p in module.parameters())
 
 
 # model types whose causal-LM logits are exactly ``lm_head(base_model(...).last_hidden_state)``

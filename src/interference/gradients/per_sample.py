@@ -31,7 +31,8 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from .objectives import Objective, head_token_nll, plain_lm_head, token_nll, upcast
+from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token_nll,
+                         upcast)
 
 
 SQUARES_BYTES = 1 << 25   # float64 squares formed at once by a Fisher micro-batch (32 MB)
@@ -489,17 +490,17 @@ class PerSampleGradients:
                 capture.form_all()
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
-    def square_sums(self, batch: dict, sample_ids: list[str],
-                    total: torch.Tensor | None = None):
-        """Fisher samples (hooks engine): each micro-batch's Σ_k g_k ⊙ g_k added into ``total``
-        ([P] float64 in the canonical order, on the model's device; made at the first
-        micro-batch when None), then (total, per-sample losses, predicted tokens) yielded.
+    def square_sums(self, batch: dict, sample_ids: list[str]):
+        """Fisher samples (hooks engine): each micro-batch's Σ_k g_k ⊙ g_k added into a running
+        total ([P] float64 in the canonical order, on the model's device), then (the total so
+        far, per-sample losses, predicted tokens) yielded.
         No per-sample row is formed: each projection's per-sample gradients are squared and
         summed as soon as they exist, so memory holds one projection's at a time, and the
         micro-batch's sums go into ``total`` (entry by entry) without a [P] copy of their own."""
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
+        total = None
         for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares"):
             names = [n for n in self._names if n in cap.finite]
             info = torch.cat([torch.stack([losses.detach().double(), n_tok.double()]),
@@ -595,7 +596,7 @@ class PerSampleGradients:
         n_tok = keep.sum(1)
         target = labels.reshape(-1).clamp_min(0)
         head = plain_lm_head(self.model)
-        if head is not None and not head.weight.requires_grad:     # no [n, T, V] logits
+        if head is not None and frozen(head):                      # no [n, T, V] logits
             hidden = self.model.base_model(input_ids=b["input_ids"], **mask).last_hidden_state
             nll = head_token_nll(hidden.reshape(-1, hidden.shape[-1]), head, target)
         else:
