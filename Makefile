@@ -20,5 +20,6 @@ install: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/snakemake --profile profiles/default
 
+# two pytest-xdist workers; tests/conftest.py keeps each shared workflow run on one of them
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup

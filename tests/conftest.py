@@ -99,11 +99,13 @@ def run_workflow(workdir, *args: str, timeout: float = 600) -> subprocess.Comple
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(request, tmp_path_factory):
     """ONE full run of the tiny experiment per test session, shared read-only by
-    tests/test_workflow.py and tests/test_ablation.py (which copies it before adding to it)."""
+    tests/test_workflow.py and tests/test_ablation.py (which copies it before adding to it).
+    Under pytest-xdist the SLURM test's runs start here (see :func:`start_slurm_runs`)."""
     import time
 
+    start_slurm_runs(request.session)
     work = tmp_path_factory.mktemp("qkov-workflow")
     t0 = time.time()
     res = run_workflow(work, "--cores", "2", "--config", "experiment=tiny", timeout=900)
@@ -117,18 +119,62 @@ def tiny_run(tmp_path_factory):
             "control": results / "tiny" / "tiny" / "math__code.control"}
 
 
+# ----------------------------------------------------------------------------- pytest-xdist
+
+# A session-wide workflow run is made once per process that asks for it, so under
+# pytest-xdist (`make test` runs two workers, `--dist loadgroup`) every test that reads one
+# goes to the same worker: the tests of the two-seed sweep to one, those of the tiny run
+# (or of its copies: the ablation, the faults) and the SLURM tests (one cluster; they
+# compare with the tiny run) to one. Other tests spread over the workers.
+def xdist_group_of(item) -> str | None:
+    used = set(getattr(item, "fixturenames", ()))
+    if "sweep_run" in used:
+        return "sweep"
+    if used & {"tiny_run", "tiny_reference"} or item.get_closest_marker("slurm"):
+        return "tiny"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = xdist_group_of(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # ----------------------------------------------------------------------------- SLURM
 
 SLURM_RUNS = pytest.StashKey[object]()   # tests/test_slurm.py's runs, or why they did not start
 
 
 def pytest_collection_finish(session):
+    """Without pytest-xdist: start the SLURM test's runs as soon as the session is
+    collected (:func:`start_slurm_runs`)."""
+    if not session.config.option.collectonly and not hasattr(session.config, "workerinput"):
+        start_slurm_runs(session)
+
+
+def pytest_runtest_setup(item):
+    """In an xdist worker, a grouped test fails before its fixtures when its group did not
+    reach the scheduler: pytest-xdist 3.8 passes it as a suffix of the test's id, which
+    pytest 9.2 ignores (pytest-xdist issue 1386; hence pytest < 9.2 in pyproject.toml)."""
+    if getattr(item.config.option, "loadgroup", False) and xdist_group_of(item) and "@" not in item.nodeid:
+        pytest.fail("--dist loadgroup lost this test's group: every worker would make its own "
+                    "workflow runs. pytest-xdist's loadgroup does not work with pytest 9.2 "
+                    "(pytest-xdist issue 1386): install pytest<9.2, or run -p no:xdist.",
+                    pytrace=False)
+
+
+def start_slurm_runs(session) -> None:
     """When a SLURM test is selected and a cluster can start here, start it and the SLURM
     test's workflow runs now, in the background (tests/test_slurm.py ``start_runs``): they
-    mostly wait on SLURM's scheduling and status polls, so the tests that run before them
-    use the CPU meanwhile. An error is kept for the test to report. (Not in pytest-xdist
-    workers, which each collect every test: there the test's fixture starts them.)"""
-    if session.config.option.collectonly or hasattr(session.config, "workerinput") or not any(
+    mostly wait on SLURM's scheduling and status polls (about 8 minutes), so the tests that
+    run before them use the CPU meanwhile. An error is kept for the test to report. Once per
+    process. A pytest-xdist worker collects every test, but only the worker given the
+    "tiny" group runs the SLURM tests (they compare with the tiny run): there the tiny run,
+    the group's first fixture, calls this."""
+    if SLURM_RUNS in session.config.stash or not any(
             item.get_closest_marker("slurm") for item in session.items):
         return
     from slurm_cluster import unavailable_reason

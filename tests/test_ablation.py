@@ -38,6 +38,10 @@ NEW_STORES = ("samples_32", "samples_96", "max_length_64", "max_length_256",
               "store_dtype_float32", "store_dtype_float16", "model_pythia_160m",
               "model_qwen2_0_5b")
 SAME_STORES = ("store_dtype_bfloat16",)       # the default's value of a store setting
+# The ablation's jobs leave their MLflow runs to the final `track` rule (deferred mode, as on
+# SLURM): each job then skips importing MLflow, 3-5 s of CPU. The tiny run and the two-seed
+# sweep (tests/test_evidence.py) test direct logging.
+DEFERRED = "tracking.mode=deferred"
 
 
 
@@ -173,11 +177,12 @@ def ablation(tiny_run, tmp_path_factory):
     out = {"work": work, "results": results, "before": before, "times": {}}
     t0 = time.time()
     out["run"] = _ok(run_workflow(work, "--cores", "2", "--config", f"experiment={ABLATION}",
-                                  timeout=600))
+                                  f"overrides=[{DEFERRED}]", timeout=600))
     out["after_ablation"] = _snapshot(results)
     t1 = time.time()
     out["sweep"] = _ok(run_workflow(work, "--cores", "2", "ablation_summary", "--config",
-                                    f"experiment=[{','.join(SWEEP)}]", timeout=300))
+                                    f"experiment=[{','.join(SWEEP)}]", f"overrides=[{DEFERRED}]",
+                                    timeout=300))
     out["after_sweep"] = _snapshot(results)
     t2 = time.time()
     out["report"] = _ok(run_workflow(work, "--report", str(work / "report.html"), "--config",
