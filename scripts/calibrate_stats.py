@@ -6,6 +6,7 @@
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py production --test welch \\
         --designs "48/144, sd ratio 2, heavy"                              # exact production path
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py coverage    # bootstrap intervals
+    PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py small       # groups of 8-16
     PYTHONPATH=src .venv/bin/python scripts/calibrate_stats.py report --update-docs
 
 Each measurement appends its rows (with the command and its runtime) to
@@ -86,38 +87,52 @@ def reference_null(test: str, n_b: int, n_r: int, n_draws: int, seed: int) -> np
     return np.sort(np.concatenate(out))
 
 
-def pvalues(test: str, method: str, x_b, x_r, ref, seed) -> np.ndarray:
+def pvalues(test: str, method: str, x_b, x_r, ref, seed, sides: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(p [m], T [m]): one-sided (upper tail) or two-sided (|T*| >= |T|) p-values; for
+    ``sides=2`` ``ref`` holds the sorted |T*|."""
     if method == "reference":
         t = RANK_TESTS[test][1](x_b, x_r)
-        return (1.0 + ref.size - np.searchsorted(ref, t - 100 * np.finfo(float).eps * abs(t),
-                                                 "left")) / (1.0 + ref.size)
-    return permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM,
-                                   seed=seed).pvalue
+        u = np.abs(t) if sides == 2 else t
+        return (1.0 + ref.size - np.searchsorted(ref, u - 100 * np.finfo(float).eps * abs(u),
+                                                 "left")) / (1.0 + ref.size), t
+    res = permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM, seed=seed,
+                                  alternative="two-sided" if sides == 2 else "greater")
+    return res.pvalue, res.statistic
 
 
-def run_design(test: str, method: str, design: Design, runs: int, seed: int, ref) -> dict:
-    """Null and planted runs of one design -> the row of the table."""
+def run_design(test: str, method: str, design: Design, runs: int, seed: int, ref,
+               sides: int = 1) -> dict:
+    """Null and planted runs of one design -> the row of the table. A cell is claimed when
+    q <= alpha and T > 0 (B higher: a conflict); with ``sides=2`` the p-values are
+    two-sided, so BH runs on them and only the claims in B's direction count."""
     loc = b_location(design.shape, design.ratio, design.null)
     planted = np.zeros(M, dtype=bool)
     planted[list(PLANTED)] = True
     d_of = np.array([PLANTED[c] for c in sorted(PLANTED)])
     anyq, tail_bh, tail_01 = np.zeros(runs, bool), np.zeros(runs), np.zeros(runs)
+    tail_bh_both = np.zeros(runs)
     fdp, found = np.zeros(runs), np.zeros((runs, len(PLANTED)))
     t0 = time.perf_counter()
     for r, child in enumerate(np.random.SeedSequence([seed, runs]).spawn(runs)):
         rng = np.random.default_rng(child)
-        p = pvalues(test, method, *draw(design, rng, M, loc=loc), ref, rng)
-        anyq[r] = np.any(bh_qvalues(p) <= ALPHA)
-        tail_bh[r], tail_01[r] = np.mean(p <= ALPHA / M), np.mean(p <= 0.01)
-        p = pvalues(test, method, *draw(design, rng, M, planted=PLANTED, loc=loc), ref, rng)
-        sig = bh_qvalues(p) <= ALPHA
+        p, t = pvalues(test, method, *draw(design, rng, M, loc=loc), ref, rng, sides)
+        claimed = (bh_qvalues(p) <= ALPHA) & (t > 0)
+        anyq[r] = np.any(claimed)
+        tail_bh[r] = np.mean((p <= ALPHA / M) & (t > 0))
+        tail_bh_both[r] = np.mean(p <= ALPHA / M)
+        tail_01[r] = np.mean((p <= 0.01) & (t > 0))
+        p, t = pvalues(test, method, *draw(design, rng, M, planted=PLANTED, loc=loc), ref,
+                       rng, sides)
+        sig = (bh_qvalues(p) <= ALPHA) & (t > 0)
         fdp[r] = (sig & ~planted).sum() / max(int(sig.sum()), 1)
         found[r] = sig[sorted(PLANTED)]
-    return dict(test=test, method=method, design=design.label, n_b=design.n_b,
+    return dict(test=test, method=method, sides=sides, design=design.label, n_b=design.n_b,
                 n_r=design.n_r, ratio=design.ratio, shape=design.shape, null=design.null,
                 runs=runs, any_discovery=float(anyq.mean()),
                 any_se=float(math.sqrt(max(anyq.mean() * (1 - anyq.mean()), 1e-12) / runs)),
                 tail_bh_ratio=float(tail_bh.mean() / (ALPHA / M)),
+                tail_bh_both=float(tail_bh_both.mean() / (ALPHA / M)),
                 tail_01=float(tail_01.mean()), fdp=float(fdp.mean()),
                 fdp_se=float(fdp.std(ddof=1) / math.sqrt(runs)),
                 power_06=float(found[:, d_of == 0.6].mean()),
@@ -129,8 +144,9 @@ def save(rows: list[dict], command: str, seconds: float) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     def key(r):
-        return (r["kind"], r.get("test"), r.get("method"), r.get("design"), r.get("n_a"),
-                r.get("seed", 17), r.get("runs"))
+        return (r["kind"], r.get("test"), r.get("method"), r.get("sides", 1),
+                r.get("design"), r.get("n_a"), r.get("seed", 17), r.get("runs"),
+                r.get("cells"))
 
     keys = {key(r) for r in rows}
     old = [r for r in old if key(r) not in keys]
@@ -146,13 +162,39 @@ def cmd_grid(args, command: str) -> None:
     refs = {}
     for d in designs:
         if args.method == "reference" and (d.n_b, d.n_r) not in refs:
-            refs[(d.n_b, d.n_r)] = reference_null(args.test, d.n_b, d.n_r,
-                                                  args.reference_draws, args.seed)
+            ref = reference_null(args.test, d.n_b, d.n_r, args.reference_draws, args.seed)
+            refs[(d.n_b, d.n_r)] = np.sort(np.abs(ref)) if args.sides == 2 else ref
         row = run_design(args.test, args.method, d, args.runs, args.seed,
-                         refs.get((d.n_b, d.n_r)))
+                         refs.get((d.n_b, d.n_r)), args.sides)
         row["kind"], row["seed"] = "grid", args.seed
         rows.append(row)
         print(json.dumps(row), flush=True)
+    save(rows, command, time.perf_counter() - t0)
+
+
+def cmd_small(args, command: str) -> None:
+    """Small groups, outside the grid: B three times as spread as R, right-skewed shares,
+    n_R = 4 n_B, independent cells (AUC null at every cell): per seed, the rate of cells
+    claimed (p <= t, T > 0) with one- and two-sided p-values, at t = 0.01 and 0.005, from
+    permutation_test_matrix with args.perms relabellings (rank test, production path)."""
+    t0 = time.perf_counter()
+    rows = []
+    for n_b in args.n_b:
+        design = Design(n_b, 4 * n_b, 3.0, "right", rho=0.0, null="auc")
+        loc = b_location("right", 3.0, "auc")
+        for seed in range(args.seeds):
+            x_b, x_r = draw(design, np.random.default_rng(seed), args.cells, loc=loc)
+            row = dict(kind="small", design=design.label, n_b=n_b, n_r=4 * n_b,
+                       cells=args.cells, perms=args.perms, seed=seed)
+            for sides in (1, 2):
+                res = permutation_test_matrix(
+                    x_b, x_r, statistic="brunner_munzel", n_permutations=args.perms,
+                    seed=seed, alternative="two-sided" if sides == 2 else "greater")
+                for t in (0.01, 0.005):
+                    row[f"sides{sides}_{t}"] = float(
+                        np.mean((res.pvalue <= t) & (res.statistic > 0)) / t)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     save(rows, command, time.perf_counter() - t0)
 
 
@@ -193,6 +235,9 @@ def main():
         p.add_argument("--designs", nargs="*", default=None, help="design labels to run")
         p.add_argument("--seed", type=int, default=17)
         p.add_argument("--reference-draws", type=int, default=1_000_000)
+        p.add_argument("--sides", type=int, default=1, choices=(1, 2),
+                       help="1: upper-tail p-values (the default test); 2: two-sided "
+                            "p-values, claims in B's direction only")
     c = sub.add_parser("coverage")
     c.add_argument("--runs", type=int, default=400)
     c.add_argument("--seed", type=int, default=17)
@@ -200,6 +245,11 @@ def main():
     mo.add_argument("--design", default="48/144, sd ratio 2, right")
     mo.add_argument("--runs", type=int, default=150)
     mo.add_argument("--seed", type=int, default=9)
+    sm = sub.add_parser("small")
+    sm.add_argument("--n-b", type=int, nargs="*", default=[8, 10, 12, 16])
+    sm.add_argument("--seeds", type=int, default=4)
+    sm.add_argument("--cells", type=int, default=40_000)
+    sm.add_argument("--perms", type=int, default=40_000)
     r = sub.add_parser("report")
     r.add_argument("--update-docs", action="store_true")
     args = ap.parse_args()
@@ -213,6 +263,8 @@ def main():
             raise SystemExit("grid (the reference method) is for the rank tests only, "
                              "production for those QKOVStatistics offers")
         cmd_grid(args, command)
+    elif args.cmd == "small":
+        cmd_small(args, command)
     elif args.cmd == "moments":
         cmd_moments(args)
     elif args.cmd == "coverage":

@@ -4,7 +4,8 @@
     PYTHONPATH=src .venv/bin/python scripts/power_plan.py --n-b 48 --n-r 144      # MDE
 
 Cohen's d of a lone conflicting cell found with --power probability by Benjamini-Hochberg
-at --fdr-alpha over --cells distinct cells (level fdr_alpha / cells; one-sided t,
+at --fdr-alpha over --cells distinct cells (two-sided p-values as the default test:
+one-sided t at level fdr_alpha / (2 cells); --one-sided: fdr_alpha / cells;
 interference.stats.power). SmolLM2-135M has 720 distinct cells.
 """
 from __future__ import annotations
@@ -27,16 +28,18 @@ def main(argv=None) -> str:
     ap.add_argument("--cells", type=int, default=720)
     ap.add_argument("--fdr-alpha", type=float, default=0.05)
     ap.add_argument("--power", type=float, default=0.8)
+    ap.add_argument("--one-sided", action="store_true",
+                    help="for runs with stats.two_sided=false")
     args = ap.parse_args(argv)
     if args.effect is not None:
         n_b, n_r = samples_needed(args.effect, args.cells, args.fdr_alpha, args.power,
-                                  args.ratio)
+                                  args.ratio, two_sided=not args.one_sided)
         text = (f"d = {args.effect:g} at {args.power:.0%} power over {args.cells} cells "
                 f"(fdr_alpha {args.fdr_alpha:g}): n_B = {n_b} task-B scored samples and "
                 f"n_R = {n_r} reference samples")
     elif args.n_b and args.n_r:
         d = minimal_detectable_effect(args.n_b, args.n_r, args.cells, args.fdr_alpha,
-                                      args.power)
+                                      args.power, two_sided=not args.one_sided)
         text = (f"n_B = {args.n_b}, n_R = {args.n_r}, {args.cells} cells, fdr_alpha "
                 f"{args.fdr_alpha:g}: minimal detectable Cohen's d at {args.power:.0%} "
                 f"power = {d:.3f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
@@ -80,6 +81,7 @@ def test_statistics_return_the_named_null_of_the_top_cells():
         sb, sr, [0, 1], [0, 1, 2, 3], kv)
     nt, cells = out["null_top"], out["cells"]
     assert nt["null"].shape == (4, 2000) and len(nt["cells"]) == 4
+    # the top cells in the conflict's direction, whatever the sidedness of the p-values
     top = cells.sort_values("statistic", ascending=False, kind="stable").head(4)
     assert list(nt["cells"]) == list(top["name"])
     np.testing.assert_allclose(nt["statistic"], top["statistic"])
@@ -119,6 +121,65 @@ def test_pvalues_exact_with_ties_equal_scipy():
                                axis=0)
     assert res.exact
     np.testing.assert_array_equal(res.pvalue, ref.pvalue)
+
+
+@pytest.mark.parametrize("statistic", ["welch", "mean_diff", "brunner_munzel"])
+def test_two_sided_pvalues_exact_equal_a_loop_over_all_relabellings(statistic):
+    """p = #{|T*| >= |T|} / C(n, n_b) over every relabelling, T* by each statistic's own
+    float64 reference (scipy's Welch t, a mean difference, scipy's Brunner-Munzel)."""
+    rng = np.random.default_rng(8)
+    xb = rng.normal(0.6, 1.0, (5, 4))
+    xr = rng.normal(0.0, 2.0, (6, 4))
+    xb[:, 3] = rng.normal(-8.0, 0.5, 5)                # a cell where B is lower
+    x = np.vstack([xb, xr])
+
+    def stat(b, r):
+        if statistic == "welch":
+            return sps.ttest_ind(b, r, equal_var=False, axis=0).statistic
+        if statistic == "mean_diff":
+            return b.mean(0) - r.mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bm = sps.brunnermunzel(r, b, axis=0)       # B second: > 0 when B tends higher
+        # complete separation: scipy's W is infinite and its p NaN
+        return np.where(np.isfinite(bm.statistic),
+                        np.sign(bm.statistic) * sps.norm.isf(bm.pvalue / 2),
+                        np.sign(bm.statistic) * np.inf)
+
+    t = stat(xb, xr)
+    null = []
+    for subset in combinations(range(11), 5):
+        mask = np.zeros(11, bool)
+        mask[list(subset)] = True
+        null.append(stat(x[mask], x[~mask]))
+    expect = np.mean(np.abs(np.array(null)) >= np.abs(t) * (1 - 1e-9), axis=0)
+    res = qs.permutation_test_matrix(xb, xr, statistic=statistic, alternative="two-sided",
+                                     n_permutations=10_000)
+    assert res.exact and res.alternative == "two-sided"
+    np.testing.assert_allclose(res.pvalue, expect, rtol=1e-12)
+    assert res.statistic[3] < 0 and res.pvalue[3] < 0.05
+
+
+def test_two_sided_default_claims_conflicts_in_one_direction_only():
+    rng = np.random.default_rng(12)
+    xb, xr = rng.normal(0.0, 1.0, (30, 12)), rng.normal(0.0, 1.0, (30, 12))
+    xb[:, 2] += 2.0                                    # B higher: a conflict
+    xb[:, 7] -= 2.0                                    # B lower: not a conflict
+    out = QKOVStatistics(n_permutations=4000, n_bootstrap=0).test_disruption(xb, xr)
+    cells, summary = out["cells"], out["summary"]
+    assert cells["q_value"].iloc[[2, 7]].max() <= 0.05
+    assert cells["q_significant"].tolist() == [c == 2 for c in range(12)]
+    assert cells["significant"].tolist() == [c == 2 for c in range(12)]
+    assert summary["n_q_opposite"] == 1 and summary["two_sided"] is True
+    assert summary["power"]["level"] == pytest.approx(0.05 / 24)
+    one = QKOVStatistics(n_permutations=4000, n_bootstrap=0, two_sided=False,
+                         ).test_disruption(xb, xr)
+    assert one["cells"]["p_value"].iloc[7] > 0.99 and one["summary"]["n_q_opposite"] == 0
+    assert one["summary"]["power"]["level"] == pytest.approx(0.05 / 12)
+    # a milder shift: with the same relabellings the two-sided p is about twice the one-sided
+    xb[:, 2] -= 1.4
+    p1, p2 = (QKOVStatistics(n_permutations=4000, n_bootstrap=0, two_sided=ts).test_disruption(
+        xb, xr)["cells"]["p_value"].iloc[2] for ts in (False, True))
+    assert p1 < 0.05 and 1.5 < p2 / p1 < 2.5, (p1, p2)
 
 
 @pytest.mark.parametrize("alternative", ["greater", "less"])
@@ -360,8 +421,9 @@ def test_plain_mean_difference_fails_under_unequal_variances():
 
 # ------------------------------------------------------------------ power
 def test_power_and_fdr_on_planted_cells():
+    # two-sided p-values (the default) cost power: 0.945 per planted cell one-sided, 0.90-0.92
+    # two-sided at N = 800 or 4000 (N = 800 leaves the two-sided p too coarse for 0.9)
     runs, m, planted, delta = 200, 20, [3, 11], 1.0
-    st = QKOVStatistics(n_permutations=800, n_bootstrap=0)
     found = np.zeros(m)
     fdp = np.empty(runs)
     for r, child in enumerate(np.random.SeedSequence(5).spawn(runs)):
@@ -369,7 +431,7 @@ def test_power_and_fdr_on_planted_cells():
         xb = rng.normal(0.0, 1.0, (40, m))
         xr = rng.normal(0.0, 1.0, (40, m))
         xb[:, planted] += delta  # Cohen's d = 1
-        st = QKOVStatistics(n_permutations=800, n_bootstrap=0, seed=child)
+        st = QKOVStatistics(n_permutations=4000, n_bootstrap=0, seed=child)
         sig = st.test_disruption(xb, xr)["cells"]["significant"].to_numpy()
         found += sig
         false = np.delete(sig, planted).sum()

@@ -36,8 +36,8 @@ STATISTICS = ("brunner_munzel", "welch", "mean_diff")
 """Permutation test statistics: Brunner-Munzel's studentised rank statistic (default),
 Welch's t (studentised; the former default) or the plain mean difference (ablation)."""
 
-ALTERNATIVES = ("greater", "less")
-"""Tails of the one-sided tests."""
+ALTERNATIVES = ("greater", "less", "two-sided")
+"""What counts as extreme in a permutation test: a large T, a small T, or a large |T|."""
 
 DISRUPTION_NORMS = ("share", "l2", "none")
 """Normalisations of a disruptor's per-cell disruption (SPEC 6)."""

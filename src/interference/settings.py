@@ -88,6 +88,10 @@ class StatisticsSettings:
     statistic: str = "brunner_munzel"
     """'brunner_munzel' (studentised ranks, default), 'welch' (studentised means, the former
     default) or 'mean_diff' (ablation) (STATISTICS; docs/statistics.md says why)."""
+    two_sided: bool = True
+    """Two-sided p-values (|T*| >= |T|) go into BH and a cell is claimed only in the conflict
+    direction (default; the rank test's one-sided tail is off by its skew at BH's
+    thresholds, docs/statistics.md); False: one-sided p-values (the former default)."""
     disruption_norm: str = "share"
     """'share', 'l2' or 'none' (DISRUPTION_NORMS, see interference.stats.disruption)."""
     fdr_family: str = "all"

@@ -3,7 +3,7 @@
 Stages, each a small module:
 - cells: the distinct (block, layer, head / kv_head) cells and their columns;
 - disruption: s_jc = mean_i M_ij,c and its normalisation (share / l2 / none);
-- permutation: one shared set of permutations, batched GEMMs, one-sided p-values;
+- permutation: one shared set of permutations, batched GEMMs, one- or two-sided p-values;
 - fdr: Benjamini-Hochberg q-values (statsmodels) and the permutation-count check;
 - rank: Brunner-Munzel's studentised rank statistic (the default test) and its null;
 - edgeworth: a Hall-corrected variant the harness measured and rejected (not offered);

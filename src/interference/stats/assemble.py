@@ -97,7 +97,7 @@ def significant_cells(table: pd.DataFrame, block: str) -> list[dict[str, Any]]:
 
 
 def global_ratio(tot_b: np.ndarray, tot_r: np.ndarray, extra: dict[str, np.ndarray],
-                 alternative: str) -> dict[str, Any]:
+                 alternative: str, two_sided: bool = True) -> dict[str, Any]:
     """summary['global']: the B / R ratio of mean raw total disruption, with its p-value."""
     mean_tot_b, mean_tot_r = float(tot_b.mean()), float(tot_r.mean())
     return {
@@ -108,7 +108,8 @@ def global_ratio(tot_b: np.ndarray, tot_r: np.ndarray, extra: dict[str, np.ndarr
         "p_value": float(extra["p_value"][0]),
         "description": "mean over disruptors of the raw total disruption sum_c s_jc, "
                        "B / R; p-value from the same permutations and statistic, "
-                       f"{'upper' if alternative == 'greater' else 'lower'} tail",
+                       + ("two-sided" if two_sided else
+                          f"{'upper' if alternative == 'greater' else 'lower'} tail"),
     }
 
 

@@ -14,7 +14,7 @@ p-values:
 - exact (C(n, n_b) <= N): every relabelling once, p_c = #{T*_c >= T_c - tol_c} / C(n, n_b)
   (the observed labelling is one of them);
 with tol_c = tol_factor * eps * |T_c| (tol_factor = 100 as in scipy.stats.permutation_test),
-mirrored for the lower tail.
+mirrored for the lower tail; two-sided, |T*_c| >= |T_c| - tol_c.
 """
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ _EPS = np.finfo(np.float64).eps
 class PermutationResult:
     """Outcome of :func:`permutation_test_matrix` (all arrays [m], float64).
 
-    statistic: observed T_c; pvalue: one-sided permutation p-value; null_mean / null_sd:
+    statistic: observed T_c; pvalue: permutation p-value; null_mean / null_sd:
     mean and standard deviation of T*_c over the permutations; n_permutations: N used
     (C(n_b + n_r, n_b) when exact); exact: whether all relabellings were enumerated;
-    alternative: 'greater' or 'less'; statistic_name: 'welch' or 'mean_diff';
+    alternative: 'greater', 'less' or 'two-sided'; statistic_name: 'brunner_munzel',
+    'welch' or 'mean_diff';
     min_pvalue: the smallest p-value this N can give; constant: columns with no variation
     (T = 0, p = 1); null_top_columns [k] and null_top [k, N]: the permutation samples T* of
     the k columns with the most extreme observed T (``keep_null_top=k``; empty otherwise)."""
@@ -146,7 +147,8 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
                             alternative: str = "greater", n_permutations: int = 10_000,
                             seed=0, batch_size: int | None = None,
                             tol_factor: float = 100.0, progress: bool = False,
-                            keep_null_top: int = 0) -> PermutationResult:
+                            keep_null_top: int = 0, top_by: str | None = None
+                            ) -> PermutationResult:
     """Column-wise two-sample permutation test with one shared set of permutations.
 
     Parameters
@@ -155,7 +157,8 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     x_r : [n_r, m] values of the reference group.
     statistic : 'brunner_munzel' (Brunner-Munzel's rank statistic on the normal scale, see
         :mod:`.rank`), 'welch' (Welch's t, studentised) or 'mean_diff' (mean_B - mean_R).
-    alternative : 'greater' (large T is evidence) or 'less' (small T is evidence).
+    alternative : 'greater' (large T is evidence), 'less' (small T is evidence) or
+        'two-sided' (large |T|: p = share of relabellings with |T*| >= |T|).
     n_permutations : N random relabellings; if C(n_b + n_r, n_b) <= N, all relabellings
         are enumerated instead (exact test).
     seed : int, None, SeedSequence or Generator for numpy.random.default_rng.
@@ -163,10 +166,14 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     tol_factor : tolerance multiplier, tol_c = tol_factor * eps * |T_c|.
     progress : show a tqdm progress bar over batches.
     keep_null_top : keep the permutation samples T* of this many columns, those with the
-        most extreme observed T in the direction of ``alternative`` (constant ones last),
+        most extreme observed T in the direction of ``top_by`` (constant ones last),
         for the null-distribution figure; [k, N] float64.
+    top_by : 'greater', 'less' or 'two-sided'; None: ``alternative``.
     """
     x, n_b, n_permutations = _check_groups(x_b, x_r, statistic, alternative, n_permutations)
+    top_by = alternative if top_by is None else top_by
+    if top_by not in ALTERNATIVES:
+        raise ValueError(f"unknown top_by {top_by!r}; expected one of {ALTERNATIVES}")
     n, m = x.shape
     n_all = math.comb(n, n_b)
     exact = n_all <= n_permutations
@@ -176,7 +183,7 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     bar = _progress_bar(progress, n_used)
     if statistic == "brunner_munzel":
         t_obs, constant, scan = _rank_scan(x, n_b, batches, alternative, tol_factor,
-                                           keep_null_top, bar)
+                                           keep_null_top, top_by, bar)
         return _assemble(scan, t_obs, n_used, exact, alternative, statistic, constant,
                          scan.top_cols)
     xc = x - x.mean(axis=0)
@@ -189,16 +196,28 @@ def permutation_test_matrix(x_b, x_r, *, statistic: str = "welch",
     observed_mask = np.zeros((1, n))
     observed_mask[0, :n_b] = 1.0
     t_obs = stat(observed_mask)[0]
-    sign = 1.0 if alternative == "greater" else -1.0
-    top_cols = _top_columns(t_obs, constant, sign, keep_null_top)
-    scan = _scan_null(stat, batches, t_obs, sign, tol_factor, top_cols, bar)
+    top_cols = _top_columns(t_obs, constant, top_by, keep_null_top)
+    scan = _scan_null(stat, batches, t_obs, alternative, tol_factor, top_cols, bar)
     return _assemble(scan, t_obs, n_used, exact, alternative, statistic, constant, top_cols)
 
 
-def _top_columns(t_obs: np.ndarray, constant: np.ndarray, sign: float, k: int) -> np.ndarray:
-    """The k columns with the most extreme observed T in the tested tail, constant last."""
+def extremeness(t: np.ndarray, alternative: str) -> np.ndarray:
+    """T, -T or |T|: larger is more extreme under ``alternative``."""
+    if alternative == "two-sided":
+        return np.abs(t)
+    return t if alternative == "greater" else -t
+
+
+def _threshold(u_obs: np.ndarray, tol_factor: float) -> np.ndarray:
+    """Extremeness at which a relabelling counts: u - tol_factor * eps * |u|."""
+    return u_obs - tol_factor * _EPS * np.abs(u_obs)
+
+
+def _top_columns(t_obs: np.ndarray, constant: np.ndarray, alternative: str, k: int
+                 ) -> np.ndarray:
+    """The k columns with the most extreme observed T under ``alternative``, constant last."""
     k_top = min(max(int(k), 0), t_obs.shape[0])
-    return np.lexsort((-(sign * t_obs), constant))[:k_top]
+    return np.lexsort((-extremeness(t_obs, alternative), constant))[:k_top]
 
 
 def _check_groups(x_b, x_r, statistic: str, alternative: str, n_permutations
@@ -261,7 +280,8 @@ class _NullScan:
 
 
 def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: float,
-               keep_null_top: int, bar) -> tuple[np.ndarray, np.ndarray, _NullScan]:
+               keep_null_top: int, top_by: str, bar
+               ) -> tuple[np.ndarray, np.ndarray, _NullScan]:
     """(T [m], constant [m], scan) of the Brunner-Munzel z statistic (:mod:`.rank`): one
     null per tie pattern of the pooled columns (one for all tie-free columns), p-value
     counts by binary search in each batch's sorted null."""
@@ -274,10 +294,8 @@ def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: f
     constant = np.zeros(m, dtype=bool)
     constant[[c for pat, cols in groups.items() if len(pat) == 1 for c in cols]] = True
     t_obs[constant] = 0.0
-    sign = 1.0 if alternative == "greater" else -1.0
-    u_obs = sign * t_obs
-    threshold = u_obs - tol_factor * _EPS * np.abs(u_obs)
-    top_cols = _top_columns(t_obs, constant, sign, keep_null_top)
+    threshold = _threshold(extremeness(t_obs, alternative), tol_factor)
+    top_cols = _top_columns(t_obs, constant, top_by, keep_null_top)
     index = {pat: np.asarray(cols, dtype=np.intp) for pat, cols in groups.items()}
     count, s1, s2 = np.zeros(m, dtype=np.int64), np.zeros(m), np.zeros(m)
     kept: list[np.ndarray] = []
@@ -288,7 +306,7 @@ def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: f
         for pat, cols in index.items():
             null = null_statistics(masks, pat, n_b)             # [b]
             nulls[pat] = null
-            u_sorted = np.sort(sign * null)
+            u_sorted = np.sort(extremeness(null, alternative))
             count[cols] += u_sorted.size - np.searchsorted(u_sorted, threshold[cols], "left")
             s1[cols] += null.sum()
             s2[cols] += (null * null).sum()
@@ -306,10 +324,9 @@ def _rank_scan(x: np.ndarray, n_b: int, batches, alternative: str, tol_factor: f
     return t_obs, constant, scan
 
 
-def _scan_null(stat: _GroupStatistic, batches, t_obs: np.ndarray, sign: float,
+def _scan_null(stat: _GroupStatistic, batches, t_obs: np.ndarray, alternative: str,
                tol_factor: float, top_cols: np.ndarray, bar) -> _NullScan:
-    u_obs = sign * t_obs
-    threshold = u_obs - tol_factor * _EPS * np.abs(u_obs)
+    threshold = _threshold(extremeness(t_obs, alternative), tol_factor)
     m, k_top = t_obs.shape[0], top_cols.shape[0]
     kept: list[np.ndarray] = []
     count = np.zeros(m, dtype=np.int64)
@@ -320,10 +337,7 @@ def _scan_null(stat: _GroupStatistic, batches, t_obs: np.ndarray, sign: float,
         t = stat(masks)
         if k_top:
             kept.append(t[:, top_cols].T.copy())
-        if sign > 0:
-            count += np.count_nonzero(t >= threshold, axis=0)
-        else:
-            count += np.count_nonzero(-t >= threshold, axis=0)
+        count += np.count_nonzero(extremeness(t, alternative) >= threshold, axis=0)
         t -= shift
         s1 += t.sum(axis=0)
         t *= t

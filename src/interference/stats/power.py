@@ -2,7 +2,9 @@
 
 A lone conflicting cell among m is declared by Benjamini-Hochberg only if its p-value is
 at most fdr_alpha / m (BH's first step), so the MDE is the Cohen's d at which a one-sided
-two-sample test at level fdr_alpha / m has the stated power (80% by default). With k true
+two-sample test at level fdr_alpha / m has the stated power (80% by default); with
+two-sided p-values (the default test) that p-value is reached in the conflict's direction
+at a one-sided level of fdr_alpha / (2 m). With k true
 cells BH's threshold is about k times larger, so for several conflicts this is
 conservative. The power is that of Student's t (noncentral t, df = n_B + n_R - 2) on
 normal shares; the rank test's asymptotic efficiency against it is 3/pi ~ 0.955 there (an
@@ -36,9 +38,10 @@ def t_power(d: float, n_b: int, n_r: int, level: float) -> float:
 
 
 def minimal_detectable_effect(n_b: int, n_r: int, n_cells: int, fdr_alpha: float,
-                              power: float = DEFAULT_POWER) -> float:
-    """Cohen's d found with probability ``power`` at level fdr_alpha / n_cells."""
-    level = fdr_alpha / n_cells
+                              power: float = DEFAULT_POWER, two_sided: bool = True) -> float:
+    """Cohen's d found with probability ``power`` at level fdr_alpha / n_cells (one-sided;
+    fdr_alpha / (2 n_cells) in the conflict's direction when ``two_sided``)."""
+    level = fdr_alpha / (n_cells * (2 if two_sided else 1))
     _check(n_b, n_r, level, power)
     hi = 1.0
     while t_power(hi, n_b, n_r, level) < power:        # bracket the root
@@ -51,14 +54,15 @@ def minimal_detectable_effect(n_b: int, n_r: int, n_cells: int, fdr_alpha: float
 
 
 def samples_needed(effect: float, n_cells: int, fdr_alpha: float,
-                   power: float = DEFAULT_POWER, ratio: float = 1.0) -> tuple[int, int]:
+                   power: float = DEFAULT_POWER, ratio: float = 1.0,
+                   two_sided: bool = True) -> tuple[int, int]:
     """The fewest (n_B, n_R = ceil(ratio n_B)) whose MDE is at most ``effect``."""
     if effect <= 0 or ratio <= 0:
         raise ValueError("effect and ratio must be positive")
 
     def ok(n_b: int) -> bool:
         return minimal_detectable_effect(n_b, max(2, math.ceil(ratio * n_b)), n_cells,
-                                         fdr_alpha, power) <= effect
+                                         fdr_alpha, power, two_sided) <= effect
 
     hi = 4
     while not ok(hi):
@@ -73,11 +77,15 @@ def samples_needed(effect: float, n_cells: int, fdr_alpha: float,
 
 
 def power_summary(n_b: int, n_r: int, n_cells: int, fdr_alpha: float,
-                  power: float = DEFAULT_POWER) -> dict:
+                  power: float = DEFAULT_POWER, two_sided: bool = True) -> dict:
     """summary['power']: the run's MDE and how it was computed."""
-    return {"mde_d": minimal_detectable_effect(n_b, n_r, n_cells, fdr_alpha, power),
-            "power": power, "level": fdr_alpha / n_cells, "n_b": n_b, "n_r": n_r,
-            "n_cells": n_cells,
+    sides = 2 if two_sided else 1
+    return {"mde_d": minimal_detectable_effect(n_b, n_r, n_cells, fdr_alpha, power,
+                                               two_sided),
+            "power": power, "level": fdr_alpha / (sides * n_cells), "n_b": n_b, "n_r": n_r,
+            "n_cells": n_cells, "two_sided": bool(two_sided),
             "method": "Cohen's d at which a one-sided two-sample t test at level "
-                      "fdr_alpha / n_cells (BH's threshold for a lone conflicting cell) has "
-                      "this power (noncentral t); see interference.stats.power"}
+                      + ("fdr_alpha / (2 n_cells) (BH's threshold for a lone conflicting "
+                         "cell, two-sided p)" if two_sided else
+                         "fdr_alpha / n_cells (BH's threshold for a lone conflicting cell)")
+                      + " has this power (noncentral t); see interference.stats.power"}

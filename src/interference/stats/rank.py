@@ -18,7 +18,9 @@ nearly normal while W itself has t-like tails when the smaller group is the more
 which broke the tails BH uses (n_B = 48 vs n_R = 144, B twice as spread: 1.8 times the
 nominal rate at p = 7e-5); the z of W's t p-value carries that correction into every
 relabelling. A skew remains (1.2-1.3 times nominal at p = 7e-5 there with right-skewed
-shares); the Hall correction of :mod:`.edgeworth` removes it but breaks other designs.
+shares, one-sided); the two-sided p-values that QKOVStatistics uses by default cancel it
+to first order, while the Hall correction of :mod:`.edgeworth` removes it but breaks
+other designs.
 
 Why this is cheap: W depends on the data only through the ranks. When a cell has no ties,
 the pooled ranks are 1..N whatever the data, so W* of a relabelling depends only on which

@@ -6,9 +6,11 @@ SPEC section 6. For each distinct cell c (block, layer, head; K/V per kv head un
   reference disruptors, held-out samples of task A or of a control task: group R);
 - s~_jc its normalisation (``share`` by default, see :mod:`.disruption`);
 - T_c = Welch's t of s~_jc between B and R (``mean_diff`` as an ablation);
-- one shared set of permutations of the pooled disruptors gives one-sided p-values (upper
-  tail; lower tail for the ``signed`` variant, whose conflicts are negative);
-- Benjamini-Hochberg q-values over all distinct cells (or per block);
+- one shared set of permutations of the pooled disruptors gives two-sided p-values
+  (|T*| >= |T|; one-sided with ``two_sided=False``);
+- Benjamini-Hochberg q-values over all distinct cells (or per block); a cell is claimed
+  (``q_significant``) when q <= fdr_alpha and T points the conflict's way (T > 0; T < 0 for
+  the ``signed`` variant, whose conflicts are negative); the other way's are counted apart;
 - Cohen's d, AUC, the null mean and sd of T*, stratified bootstrap intervals of the mean
   difference and of ``layer_head_avg``, and Benjamini-Yekutieli-adjusted intervals for the
   selected cells;
@@ -81,6 +83,8 @@ class QKOVStatistics:
         permutation and bootstrap streams are independent children of it.
     statistic : 'brunner_munzel' (default, studentised ranks), 'welch' (studentised means,
         the former default) or 'mean_diff' (ablation, not studentised).
+    two_sided : two-sided p-values into BH, cells claimed only in the conflict direction
+        (default); False: one-sided p-values (the former default).
     disruption_norm : 'share' (default), 'l2' or 'none' (see :mod:`.disruption`).
     fdr_family : 'all' (all distinct cells of all blocks, default) or 'block'.
     ci_level : level of the bootstrap intervals (default 0.95).
@@ -96,7 +100,8 @@ class QKOVStatistics:
 
     def __init__(self, fdr_alpha: float = 0.05, n_permutations: int | None = None,
                  n_bootstrap: int = 1000, min_effect_size: float = 0.2, *, seed=0,
-                 statistic: str = "brunner_munzel", disruption_norm: str = "share",
+                 statistic: str = "brunner_munzel", two_sided: bool = True,
+                 disruption_norm: str = "share",
                  fdr_family: str = "all", ci_level: float = 0.95, ci_method: str = "basic",
                  tol_factor: float = 100.0,
                  batch_size: int | None = None, progress: bool = False,
@@ -104,7 +109,7 @@ class QKOVStatistics:
         self.options = StatisticsSettings(
             fdr_alpha=fdr_alpha, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
             min_effect_size=min_effect_size, seed=seed, statistic=statistic,
-            disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
+            two_sided=two_sided, disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
             ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size,
             progress=progress, kv_rtol=kv_rtol, n_null_top=n_null_top)
 
@@ -115,6 +120,7 @@ class QKOVStatistics:
     min_effect_size = property(lambda self: self.options.min_effect_size)
     seed = property(lambda self: self.options.seed)
     statistic = property(lambda self: self.options.statistic)
+    two_sided = property(lambda self: self.options.two_sided)
     disruption_norm = property(lambda self: self.options.disruption_norm)
     fdr_family = property(lambda self: self.options.fdr_family)
     ci_level = property(lambda self: self.options.ci_level)
@@ -177,12 +183,15 @@ class QKOVStatistics:
         q = bh_qvalues(res.pvalue[:m], families)
         d = cohens_d(x_b, x_r)
         sign = 1.0 if alternative == "greater" else -1.0
-        q_sig = q <= self.fdr_alpha
+        rejected = q <= self.fdr_alpha
+        t_sign = sign * res.statistic[:m]
+        q_sig = rejected & (t_sign > 0)
         sig = q_sig & (sign * d >= self.min_effect_size)
         table = assemble.cells_table(inp.cells, x_b, x_r, res, q, d, auc_fn(x_b, x_r), q_sig,
                                      sig)
-        out = {"cells": table, "settings": self.settings,
-               "summary": self._summary(table, res, x_b, x_r, alternative, warn_list),
+        summary = self._summary(table, res, x_b, x_r, alternative, warn_list)
+        summary["n_q_opposite"] = int((rejected & (t_sign < 0)).sum())
+        out = {"cells": table, "settings": self.settings, "summary": summary,
                "extra": assemble.extra_columns(res, m, inp.k),
                "null_top": assemble.null_top(res, table, m, self.n_null_top)}
         out = {k: out[k] for k in ("cells", "summary", "settings", "extra", "null_top")}
@@ -197,10 +206,12 @@ class QKOVStatistics:
             else default_n_permutations(m, self.fdr_alpha)
         perm_seed, _, _ = self._streams()
         res = permutation_test_matrix(
-            inp.all_b, inp.all_r, statistic=self.statistic, alternative=alternative,
+            inp.all_b, inp.all_r, statistic=self.statistic,
+            alternative="two-sided" if self.two_sided else alternative,
             n_permutations=n_perm, seed=perm_seed, batch_size=self.batch_size,
             tol_factor=self.tol_factor, progress=self.progress,
-            keep_null_top=self.n_null_top + inp.k if self.n_null_top else 0)
+            keep_null_top=self.n_null_top + inp.k if self.n_null_top else 0,
+            top_by=alternative)
         warn_list: list[str] = []
         # BH can only declare a single cell when the smallest reachable p-value is at most
         # alpha / m; N >= 2m / alpha leaves a factor 2 of room (SPEC 6).
@@ -223,6 +234,7 @@ class QKOVStatistics:
             "statistic": self.statistic,
             "tail": "upper" if alternative == "greater" else "lower",
             "alternative": alternative,
+            "two_sided": bool(self.two_sided),
             "n_permutations": res.n_permutations,
             "exact": res.exact,
             "seed": self.seed if isinstance(self.seed, (int, np.integer)) or self.seed is None
@@ -237,7 +249,8 @@ class QKOVStatistics:
             "fdr_alpha": self.fdr_alpha,
             "fdr_family": self.fdr_family,
             "min_effect_size": self.min_effect_size,
-            "power": power_summary(int(x_b.shape[0]), int(x_r.shape[0]), m, self.fdr_alpha),
+            "power": power_summary(int(x_b.shape[0]), int(x_r.shape[0]), m, self.fdr_alpha,
+                                   two_sided=self.two_sided),
             "warnings": warn_list,
         }
 
@@ -256,7 +269,7 @@ class QKOVStatistics:
             reference disruptors j.
         layers, heads : real layer ids and query-head ids of the last two axes.
         kv_head_of : kv head of each entry of `heads` (None: MHA).
-        variant : the score variant ('signed' is tested in the lower tail).
+        variant : the score variant ('signed' conflicts are in the lower tail).
         norms_b, norms_r : [n_b] / [n_r] L2 norms of g_j (needed for disruption_norm='l2').
         ids_b, ids_r, ids_a : dataset ids (hashable); B and R must be disjoint, and neither
             may contain a task-A scored sample (self-pairs would bias the test).
@@ -289,7 +302,8 @@ class QKOVStatistics:
         summary["variant"] = variant
         summary["disruption_norm"] = self.disruption_norm
         summary["blocks"] = arrays.blocks
-        summary["global"] = assemble.global_ratio(tot_b, tot_r, out.pop("extra"), alternative)
+        summary["global"] = assemble.global_ratio(tot_b, tot_r, out.pop("extra"), alternative,
+                                                   self.two_sided)
         out["layer_head_avg"] = self._intervals(out, arrays, cells, cube_b, cube_r, norms_b,
                                                 norms_r, len(layers), len(heads))
         assemble.finish(out)

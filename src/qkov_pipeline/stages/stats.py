@@ -81,6 +81,7 @@ def run(job) -> None:
     job.metric("stats.n_cells", summary["n_cells"])
     job.metric("stats.n_q_significant", summary["n_q_significant"])
     job.metric("stats.n_significant", summary["n_significant"])
+    job.metric("stats.n_q_opposite", summary["n_q_opposite"])
     job.metric("stats.min_pvalue", summary["min_pvalue"])
     job.metric("stats.n_permutations", summary["n_permutations"])
     job.metric("stats.global_ratio", summary["global"]["ratio"])
@@ -91,9 +92,10 @@ def run(job) -> None:
         job.metric(f"score.{blk}.mean", summary["block_means"][blk])
     for w in summary.get("warnings", []):
         logger.warning("%s", w)
-    logger.info("%s split %s: %d distinct cells, %d with q <= %g, %d significant (q and d >= %g)",
+    logger.info("%s split %s: %d distinct cells, %d with q <= %g, %d significant (q and d >= %g)"
+                "; %d with q <= %g the other way (B lower: not conflicts)",
                 job.wildcards["pair"], job.wildcards["seed"], summary["n_cells"],
                 summary["n_q_significant"], stats.fdr_alpha, summary["n_significant"],
-                stats.min_effect_size)
+                stats.min_effect_size, summary["n_q_opposite"], stats.fdr_alpha)
     job.artifact(job.output.cells, "tables")
     job.artifact(job.output.stats, "tables")

@@ -41,7 +41,7 @@ def collect(job) -> dict:
             "n_significant_by_block",
             "n_q_significant_by_block", "block_means", "global", "min_pvalue",
             "n_permutations", "exact", "fdr_alpha", "min_effect_size", "n_a", "n_b", "n_r",
-            "warnings", "test", "power")}
+            "warnings", "test", "two_sided", "n_q_opposite", "power")}
     for path in job.input.cells:
         p = Path(path)
         table = pd.read_csv(p, dtype={"kv_group": str})
