@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from interference.stats import bh_qvalues, permutation_test_matrix  # noqa: E402
-from interference.stats.permutation import _random_masks  # noqa: E402
+from interference.stats.permutation import _random_masks, extremeness  # noqa: E402
 from interference.stats.edgeworth import (edgeworth_z, hall_z, skewness_terms,  # noqa: E402
                                           sorted_labels)
 from interference.stats.rank import brunner_munzel_z, null_statistics  # noqa: E402
@@ -59,6 +59,7 @@ RESULTS = Path(os.environ.get("CALIBRATION_RESULTS",
 FIG = ROOT / "docs" / "figures" / "stats_calibration_grid.png"
 DOC = ROOT / "docs" / "statistics.md"
 ALPHA, M, N_PERM = 0.05, 720, 28_800
+ALTERNATIVE = {1: "greater", 2: "two-sided"}    # --sides -> permutation_test_matrix's
 PLANTED = {24 * 3 * k + 5: (0.6 if k < 5 else 1.0) for k in range(10)}
 NULL_OF = {"brunner_munzel": "auc", "bm_edgeworth": "auc", "welch": "mean",
            "mean_diff": "mean"}
@@ -89,15 +90,15 @@ def reference_null(test: str, n_b: int, n_r: int, n_draws: int, seed: int) -> np
 
 def pvalues(test: str, method: str, x_b, x_r, ref, seed, sides: int
             ) -> tuple[np.ndarray, np.ndarray]:
-    """(p [m], T [m]): one-sided (upper tail) or two-sided (|T*| >= |T|) p-values; for
-    ``sides=2`` ``ref`` holds the sorted |T*|."""
+    """(p [m], T [m]): one-sided (upper tail) or two-sided (|T*| >= |T|) p-values; ``ref``
+    holds the reference null's sorted extremeness under that alternative."""
     if method == "reference":
         t = RANK_TESTS[test][1](x_b, x_r)
-        u = np.abs(t) if sides == 2 else t
+        u = extremeness(t, ALTERNATIVE[sides])
         return (1.0 + ref.size - np.searchsorted(ref, u - 100 * np.finfo(float).eps * abs(u),
                                                  "left")) / (1.0 + ref.size), t
     res = permutation_test_matrix(x_b, x_r, statistic=test, n_permutations=N_PERM, seed=seed,
-                                  alternative="two-sided" if sides == 2 else "greater")
+                                  alternative=ALTERNATIVE[sides])
     return res.pvalue, res.statistic
 
 
@@ -163,7 +164,7 @@ def cmd_grid(args, command: str) -> None:
     for d in designs:
         if args.method == "reference" and (d.n_b, d.n_r) not in refs:
             ref = reference_null(args.test, d.n_b, d.n_r, args.reference_draws, args.seed)
-            refs[(d.n_b, d.n_r)] = np.sort(np.abs(ref)) if args.sides == 2 else ref
+            refs[(d.n_b, d.n_r)] = np.sort(extremeness(ref, ALTERNATIVE[args.sides]))
         row = run_design(args.test, args.method, d, args.runs, args.seed,
                          refs.get((d.n_b, d.n_r)), args.sides)
         row["kind"], row["seed"] = "grid", args.seed
@@ -189,7 +190,7 @@ def cmd_small(args, command: str) -> None:
             for sides in (1, 2):
                 res = permutation_test_matrix(
                     x_b, x_r, statistic="brunner_munzel", n_permutations=args.perms,
-                    seed=seed, alternative="two-sided" if sides == 2 else "greater")
+                    seed=seed, alternative=ALTERNATIVE[sides])
                 for t in (0.01, 0.005):
                     row[f"sides{sides}_{t}"] = float(
                         np.mean((res.pvalue <= t) & (res.statistic > 0)) / t)

@@ -159,7 +159,8 @@ def pytest_runtest_setup(item):
     """In an xdist worker, a grouped test fails before its fixtures when its group did not
     reach the scheduler: pytest-xdist 3.8 passes it as a suffix of the test's id, which
     pytest 9.2 ignores (pytest-xdist issue 1386; hence pytest < 9.2 in pyproject.toml)."""
-    if getattr(item.config.option, "loadgroup", False) and xdist_group_of(item) and "@" not in item.nodeid:
+    if (getattr(item.config.option, "loadgroup", False) and xdist_group_of(item)
+            and "@" not in item.nodeid):
         pytest.fail("--dist loadgroup lost this test's group: every worker would make its own "
                     "workflow runs. pytest-xdist's loadgroup does not work with pytest 9.2 "
                     "(pytest-xdist issue 1386): install pytest<9.2, or run -p no:xdist.",

@@ -310,7 +310,8 @@ COLUMNS = {
     "statistic": ("z (unitless)", "Brunner-Munzel's rank statistic of disruption shares, B vs "
                                   "R, on the normal scale (Welch's t with statistic: welch; "
                                   "mean difference in " + SHARE + " with mean_diff)"),
-    "p_value": ("probability", "permutation p-value, (1 + k) / (1 + N) or exact; two-sided (|T*| >= |T|) unless stats.two_sided is false"),
+    "p_value": ("probability", "permutation p-value, (1 + k) / (1 + N) or exact; two-sided "
+                               "(|T*| >= |T|) unless stats.two_sided is false"),
     "q_value": ("probability", "Benjamini-Hochberg q-value over the FDR family"),
     "effect_size": ("Cohen's d (sd units)", "two-sample Cohen's d of disruption shares, pooled sd"),
     "auc": ("probability", "P(share of a B disruptor > share of an R disruptor)"),

@@ -71,7 +71,8 @@ def markdown(doc: dict) -> str:
              "A cell is significant when q <= alpha (Benjamini-Hochberg over all distinct cells, "
              "two-sided p-values unless `stats.two_sided` is false), the statistic points the "
              "conflict's way and Cohen's d >= the threshold; \"other way\" counts the cells "
-             "with q <= alpha where B puts less there than R (not conflicts). Each pair A vs B has a negative control A vs A' "
+             "with q <= alpha where B puts less there than R (not conflicts). Each pair A vs B "
+             "has a negative control A vs A' "
              "(`.control`: B replaced by held-out samples of A, same normaliser) that should "
              "flag about none.", "",
              "| analysis | arm | split seed | cells | q <= alpha | significant | Q | K | V | O "

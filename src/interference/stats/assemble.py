@@ -97,8 +97,9 @@ def significant_cells(table: pd.DataFrame, block: str) -> list[dict[str, Any]]:
 
 
 def global_ratio(tot_b: np.ndarray, tot_r: np.ndarray, extra: dict[str, np.ndarray],
-                 alternative: str, two_sided: bool = True) -> dict[str, Any]:
-    """summary['global']: the B / R ratio of mean raw total disruption, with its p-value."""
+                 alternative: str) -> dict[str, Any]:
+    """summary['global']: the B / R ratio of mean raw total disruption, with its p-value
+    (``alternative``: what the permutations tested, 'greater', 'less' or 'two-sided')."""
     mean_tot_b, mean_tot_r = float(tot_b.mean()), float(tot_r.mean())
     return {
         "ratio": mean_tot_b / mean_tot_r if mean_tot_r != 0 else float("nan"),
@@ -108,8 +109,8 @@ def global_ratio(tot_b: np.ndarray, tot_r: np.ndarray, extra: dict[str, np.ndarr
         "p_value": float(extra["p_value"][0]),
         "description": "mean over disruptors of the raw total disruption sum_c s_jc, "
                        "B / R; p-value from the same permutations and statistic, "
-                       + ("two-sided" if two_sided else
-                          f"{'upper' if alternative == 'greater' else 'lower'} tail"),
+                       + {"greater": "upper tail", "less": "lower tail"}.get(alternative,
+                                                                          alternative),
     }
 
 

@@ -109,7 +109,8 @@ class QKOVStatistics:
         self.options = StatisticsSettings(
             fdr_alpha=fdr_alpha, n_permutations=n_permutations, n_bootstrap=n_bootstrap,
             min_effect_size=min_effect_size, seed=seed, statistic=statistic,
-            two_sided=two_sided, disruption_norm=disruption_norm, fdr_family=fdr_family, ci_level=ci_level,
+            two_sided=two_sided, disruption_norm=disruption_norm, fdr_family=fdr_family,
+            ci_level=ci_level,
             ci_method=ci_method, tol_factor=tol_factor, batch_size=batch_size,
             progress=progress, kv_rtol=kv_rtol, n_null_top=n_null_top)
 
@@ -198,6 +199,10 @@ class QKOVStatistics:
         assemble.finish(out)
         return out
 
+    def _tested(self, alternative: str) -> str:
+        """What the p-values test: 'two-sided', or the conflict's tail ``alternative``."""
+        return "two-sided" if self.two_sided else alternative
+
     def _permute(self, inp, alternative: str) -> tuple[PermutationResult, list[str]]:
         """One shared set of permutations over the cells and the extra columns, and the
         warning when N is too small for Benjamini-Hochberg at m cells."""
@@ -207,7 +212,7 @@ class QKOVStatistics:
         perm_seed, _, _ = self._streams()
         res = permutation_test_matrix(
             inp.all_b, inp.all_r, statistic=self.statistic,
-            alternative="two-sided" if self.two_sided else alternative,
+            alternative=self._tested(alternative),
             n_permutations=n_perm, seed=perm_seed, batch_size=self.batch_size,
             tol_factor=self.tol_factor, progress=self.progress,
             keep_null_top=self.n_null_top + inp.k if self.n_null_top else 0,
@@ -302,8 +307,8 @@ class QKOVStatistics:
         summary["variant"] = variant
         summary["disruption_norm"] = self.disruption_norm
         summary["blocks"] = arrays.blocks
-        summary["global"] = assemble.global_ratio(tot_b, tot_r, out.pop("extra"), alternative,
-                                                   self.two_sided)
+        summary["global"] = assemble.global_ratio(tot_b, tot_r, out.pop("extra"),
+                                                   self._tested(alternative))
         out["layer_head_avg"] = self._intervals(out, arrays, cells, cube_b, cube_r, norms_b,
                                                 norms_r, len(layers), len(heads))
         assemble.finish(out)
