@@ -387,6 +387,69 @@ def test_memory_budget_spills_to_disk_with_identical_results(llama_model):
         assert np.array_equal(h1[b]["scores"], h2[b]["scores"])
 
 
+def test_a_calls_rows_are_read_back_as_one_view_with_the_values_stored_one_by_one(
+        llama_model, monkeypatch):
+    """collect_fisher reserves one buffer for the rows of a call that the budget holds, so
+    they are read back (and scored on a GPU) in place: a view, not a copy. The values,
+    the heatmap and the rows of a budget that holds only part of a call are those of a
+    store that copies each row on its own."""
+    from interference.gradients.store import GradientStore
+
+    fc, cfg, _ = _collect(llama_model)
+    store = fc.gradient_manager
+    ids = store.ids("code", "scored")
+    rows = store.columns("code", ids)
+    assert rows.data_ptr() == store.shards[("code", "scored")]._buffers[0].data_ptr()
+    backwards = store.columns("code", ids[::-1])          # not in buffer order: a copy
+    assert backwards.data_ptr() != rows.data_ptr()
+    assert torch.equal(backwards, rows.flip(0))
+    row_mb = store.size * 4 / 2 ** 20
+    part, _, _ = _collect(llama_model, memory_mb=5.5 * row_mb)  # 3 + 2 of the 3 + 4 rows
+    use = part.gradient_manager.get_memory_usage()
+    assert use["n_on_disk"] == 2 and use["ram_mb"] == pytest.approx(5 * row_mb)
+    assert [len(b) for b in part.gradient_manager.shards[("code", "scored")]._buffers] == [2]
+    monkeypatch.setattr(GradientStore, "reserve", lambda *a: None)
+    one_by_one, _, _ = _collect(llama_model)
+    for task in ("math", "code"):
+        ids = store.ids(task, "scored")
+        assert torch.equal(store.columns(task, ids),
+                           one_by_one.gradient_manager.columns(task, ids))
+        assert torch.equal(part.gradient_manager.columns(task, ids),
+                           one_by_one.gradient_manager.columns(task, ids))
+    h1 = QKOVInterferenceMetric(cfg, fc).compute_heatmap("math", "code")
+    h2 = QKOVInterferenceMetric(cfg, one_by_one).compute_heatmap("math", "code")
+    for b in "QKVO":
+        assert np.array_equal(h1[b]["scores"], h2[b]["scores"])
+
+
+@pytest.mark.parametrize("opts", [{}, {"ridge_lambda": 1e-14}, {"variant": "signed"}])
+def test_the_normaliser_made_at_once_equals_the_one_made_per_layer_and_block(
+        family_run, opts, monkeypatch):
+    """On CUDA 1 / D and the ridge table are made for every (layer, block) at once
+    (``_weight_table``); forced here on the CPU, the heatmap, its means and its ridge
+    table equal those made per (layer, block), bitwise. A relative ridge keeps the
+    per-(layer, block) path."""
+    from interference.scores import metric as metric_mod
+
+    family, dims, model, fc, cfg, ref, fisher = family_run
+    want = QKOVInterferenceMetric(cfg, fc, backend="torch", **opts).compute_heatmap(
+        "math", "code")
+    monkeypatch.setattr(metric_mod, "WEIGHT_TABLE_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(metric_mod, "WEIGHT_SPAN", 100)    # several spans
+    metric = QKOVInterferenceMetric(cfg, fc, backend="torch", **opts)
+    got = metric.compute_heatmap("math", "code")
+    assert metric._weight_cache[1] is not None
+    for b in "QKVO":
+        assert np.array_equal(got[b]["scores"], want[b]["scores"])
+        assert np.array_equal(got[b]["layer_head_avg"], want[b]["layer_head_avg"])
+        np.testing.assert_allclose(got[b]["layer_head_avg"],
+                                   want[b]["scores"].mean(axis=(0, 1)), rtol=1e-12)
+    assert got["meta"]["ridge"] == want["meta"]["ridge"]
+    rel = QKOVInterferenceMetric(cfg, fc, backend="torch", ridge_lambda_rel=0.1)
+    rel.compute_heatmap("math", "code")
+    assert rel._weight_cache == (rel._fisher_vector(("math", "code")), None)
+
+
 def test_save_and_reload_gives_identical_heatmap(tmp_path, llama_model):
     fc, cfg, _ = _collect(llama_model)
     for t in ("math", "code"):

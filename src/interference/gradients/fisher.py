@@ -331,6 +331,8 @@ class FisherCollector:
                                     rows=layout is None or wants_fisher,
                                     dense_for=layout and (lambda p, t: not layout.factored(p, t)),
                                     covered=self._coverage() if layout is not None else None)
+        if keep:
+            self._store.reserve(task, "scored" if role == "all" else role, n)
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows

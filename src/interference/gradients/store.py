@@ -64,6 +64,11 @@ class _Shard:
         self.ids: list[str] = []
         self.where: dict[str, tuple[str, int]] = {}   # id -> ('ram', k) | ('disk', row)
         self.ram: list[torch.Tensor] = []
+        # in-memory rows added into a reserved [n, size] buffer are views of it:
+        # ram row p is slot[p] = (buffer, row) of _buffers, or None (its own tensor)
+        self._buffers: list[torch.Tensor] = []
+        self._slot: list[tuple[int, int] | None] = []
+        self._free = 0                                   # next unused row of the last buffer
         self.disk_rows = 0
         self._map = None
         # a gathered store: disk rows live in several files, [(path, rows)] in row order
@@ -99,10 +104,28 @@ class _Shard:
     def row_bytes(self) -> int:
         return self.size * torch.finfo(self.dtype).bits // 8
 
+    def reserve(self, n: int):
+        """Room for the next ``n`` in-memory rows in one buffer, so rows added in order read
+        back as a view of it (:meth:`rows`), without a copy."""
+        self._buffers.append(torch.empty(n, self.size, dtype=self.dtype, device=self.device))
+        self._free = 0
+
+    def drop_ram(self):
+        """Forget the in-memory rows (they have been written to disk)."""
+        self.ram, self._buffers, self._slot, self._free = [], [], [], 0
+
     def add(self, sid: str, vec: torch.Tensor, in_ram: bool):
         if in_ram:
             self.where[sid] = ("ram", len(self.ram))
-            self.ram.append(vec.detach().to(self.device, self.dtype).clone())
+            if self._buffers and self._free < len(self._buffers[-1]):
+                row = self._buffers[-1][self._free]
+                row.copy_(vec.detach())
+                self._slot.append((len(self._buffers) - 1, self._free))
+                self._free += 1
+            else:
+                row = vec.detach().to(self.device, self.dtype).clone()
+                self._slot.append(None)
+            self.ram.append(row)
         else:
             if self.parts:
                 raise ValueError("a gathered store's rows are read-only on disk; add rows "
@@ -124,7 +147,10 @@ class _Shard:
     def rows(self, ids: list[str], start: int, stop: int) -> torch.Tensor:
         """float32 [len(ids), stop - start]: columns [start, stop) of the given rows."""
         ram = [(k, self.where[sid][1]) for k, sid in enumerate(ids) if self.where[sid][0] == "ram"]
-        if ram and len(ram) == len(ids):     # all in memory: one stack (no index to copy)
+        if ram and len(ram) == len(ids):     # all in memory: a view, else one stack
+            view = self._buffer_view([p for _, p in ram])
+            if view is not None:
+                return view[:, start:stop].float()
             return torch.stack([self.ram[p][start:stop] for _, p in ram]).float()
         out = torch.empty(len(ids), stop - start, device=self.device)
         if ram:                              # one gather of the in-memory rows
@@ -134,6 +160,17 @@ class _Shard:
             if kind == "disk":
                 out[k] = _from_numpy(self.read_span(pos, start, stop), self.dtype).to(self.device)
         return out
+
+    def _buffer_view(self, positions: list[int]) -> torch.Tensor | None:
+        """[n, size]: the in-memory rows ``positions`` as one view of a reserved buffer,
+        when they are consecutive rows of one; else None."""
+        first = self._slot[positions[0]]
+        if first is None:
+            return None
+        b, k0 = first
+        if any(self._slot[p] != (b, k0 + i) for i, p in enumerate(positions)):
+            return None
+        return self._buffers[b][k0:k0 + len(positions)]
 
     def read_span(self, row: int, start: int, stop: int) -> np.ndarray:
         """Columns [start, stop) of disk row ``row``, read from its file (not mapped: the
@@ -254,6 +291,21 @@ class GradientStore:
                                   self.device)
         return _Shard(self.size, self.dtype, self.spill_dir / f"{task}__{role}.bin", self.device)
 
+    def reserve(self, task: str, role: str, n: int):
+        """Room for the next ``n`` rows of (task, role) in one in-memory buffer (as many as
+        the memory budget has left), so that they are read back without a copy: a dense
+        store's rows on a GPU are then scored in place (``QKOVInterferenceMetric``). A
+        factored store keeps records, not rows: nothing to do."""
+        if self.layout is not None:
+            return
+        key = (task, role)
+        if key not in self.shards:
+            self.shards[key] = self._new_shard(task, role)
+        shard = self.shards[key]
+        fit = int(max(0.0, self.memory_mb * 2**20 - self._ram_bytes) // shard.row_bytes)
+        if min(n, fit) > 1:
+            shard.reserve(min(n, fit))
+
     def add(self, task: str, role: str, sample_id: str, vector: torch.Tensor | None,
             loss: float = float("nan"), n_tokens: int = 0, factors: dict | None = None,
             norm: float | None = None):
@@ -292,8 +344,7 @@ class GradientStore:
             self.n_tokens[(task, sample_id)] = int(n_tokens)
             return
         if key not in self.shards:
-            self.shards[key] = _Shard(self.size, self.dtype,
-                                      self.spill_dir / f"{task}__{role}.bin", self.device)
+            self.shards[key] = self._new_shard(task, role)
         shard = self.shards[key]
         if sample_id in shard.where:
             raise ValueError(f"sample {sample_id!r} already stored for task {task!r} role {role!r}")
@@ -430,7 +481,8 @@ class GradientStore:
         for shard, name, order in moved:     # the store now reads from the saved files
             shard.path, shard._map = directory / name, None
             shard.where = {sid: ("disk", k) for k, sid in enumerate(order)}
-            shard.disk_rows, shard.ram = len(order), []
+            shard.disk_rows = len(order)
+            shard.drop_ram()
         self._ram_bytes = sum(len(sh.ram) * sh.row_bytes for sh in self.shards.values())
 
     def _save_factored(self, directory: Path, tmp: Path, index: dict, tasks):

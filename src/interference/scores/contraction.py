@@ -28,6 +28,7 @@ tests/test_contraction.py) and its arithmetic on the CPU by ``emulate_bf16x3``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -155,28 +156,48 @@ def contract_triton(left, right, weight, left_op="square", right_op="abs",
     n_b = right.shape[0]
     left, right, weight = (t if t.stride(-1) == 1 else t.contiguous()
                            for t in (left, right, weight))
-    cfg = {"block_m": min(128, max(16, triton.next_power_of_2(n_a))),
-           "block_n": min(128, max(16, triton.next_power_of_2(n_b))),
-           "block_k": 64, "num_stages": 3, "waves": 1}   # tuned on an H200 (RESULTS.md)
-    cfg["num_warps"] = 8 if cfg["block_m"] * cfg["block_n"] >= 128 * 128 else 4
-    cfg.update(tiles or {})
-    block_m, block_n, block_k = cfg["block_m"], cfg["block_n"], cfg["block_k"]
-    n_tiles = triton.cdiv(n_a, block_m) * triton.cdiv(n_b, block_n)
-    if left.is_cuda:
-        sms = torch.cuda.get_device_properties(left.device).multi_processor_count
-    else:  # the interpreter (TRITON_INTERPRET=1): few programs keep it quick
-        sms = 1
-    chunks = _num_chunks(s, block_k, n_tiles * n_h, cfg["waves"] * sms)
-    chunk = triton.cdiv(triton.cdiv(s, chunks), block_k) * block_k
-    chunks = triton.cdiv(s, chunk)
+    sms = _multiprocessors(left.device)
+    if tiles:
+        cfg, n_tiles, chunks, chunk = _launch(n_a, n_b, n_h, s, sms, tuple(sorted(tiles.items())))
+    else:   # the same shapes come once per (layer, block): made once
+        cfg, n_tiles, chunks, chunk = _launch_cached(n_a, n_b, n_h, s, sms)
     partial = torch.empty((chunks, n_h, n_a, n_b), dtype=torch.float32, device=left.device)
     _contract_kernel[(n_tiles, n_h, chunks)](
         left, right, weight, partial, n_a, n_b, n_h, s, chunk,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), weight.stride(0),
         LEFT_OP=LEFT_OPS.index(left_op), RIGHT_OP=RIGHT_OPS.index(right_op),
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return partial.sum(0).permute(1, 2, 0)
+        PRECISION=precision, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (partial[0] if chunks == 1 else partial.sum(0)).permute(1, 2, 0)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The card's multiprocessors (1 in the interpreter, TRITON_INTERPRET=1: few programs
+    keep it quick)."""
+    return _cuda_multiprocessors(device.index or 0) if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch(n_a: int, n_b: int, n_h: int, s: int, sms: int, tiles: tuple = ()
+            ) -> tuple[dict, int, int, int]:
+    """(tile configuration, output tiles, chunks of the slice axis, chunk length) of one
+    contraction; ``tiles``: (key, value) overrides of the configuration."""
+    cfg = {"block_m": min(128, max(16, triton.next_power_of_2(n_a))),
+           "block_n": min(128, max(16, triton.next_power_of_2(n_b))),
+           "block_k": 64, "num_stages": 3, "waves": 1}   # tuned on an H200 (RESULTS.md)
+    cfg["num_warps"] = 8 if cfg["block_m"] * cfg["block_n"] >= 128 * 128 else 4
+    cfg.update(dict(tiles))
+    n_tiles = triton.cdiv(n_a, cfg["block_m"]) * triton.cdiv(n_b, cfg["block_n"])
+    chunks = _num_chunks(s, cfg["block_k"], n_tiles * n_h, cfg["waves"] * sms)
+    chunk = triton.cdiv(triton.cdiv(s, chunks), cfg["block_k"]) * cfg["block_k"]
+    return cfg, n_tiles, triton.cdiv(s, chunk), chunk
+
+
+_launch_cached = functools.lru_cache(maxsize=1024)(_launch)
 
 
 def emulate_bf16x3(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:

@@ -23,6 +23,10 @@ from .contraction import PRECISIONS, apply_op, contract
 
 logger = logging.getLogger("fisher.qkov")
 
+WEIGHT_TABLE_DEVICES = ("cuda",)   # where 1 / D is made for all (layer, block)s at once
+WEIGHT_SPAN = 2 ** 24            # entries of the Fisher made float64 at a time for 1 / D
+PINNED_MAX_BYTES = 2 ** 26       # scores copied to the host through pinned memory up to this
+
 
 class QKOVInterferenceMetric:
     """Fisher-normalised interference between samples of two tasks, per block/layer/head.
@@ -69,6 +73,7 @@ class QKOVInterferenceMetric:
         self._held: dict[tuple, torch.Tensor] = {}   # (task, ids) -> rows [n, P] on the device
         self._fisher_cache = None                    # (Fisher values, their mean on the device)
         self._lambda_cache = (None, {})              # (Fisher vector, (layer, block) -> λ)
+        self._weight_cache = (None, None)            # (Fisher vector, _weight_table's)
         self._cfg_check()
 
     def _cfg_check(self):
@@ -154,12 +159,20 @@ class QKOVInterferenceMetric:
 
     def ridge_table(self, fisher: torch.Tensor, layers) -> dict:
         """'L{layer}.{block}' -> {'lambda', 'share_lambda_gt_fisher'} (one device sync)."""
+        table = self._weight_table(fisher)
+        if table is not None:               # λ is one number, the counts are made
+            entries = self._store.entries
+            return {f"L{layer}.{block}": {
+                "lambda": self.ridge_lambda,
+                "share_lambda_gt_fisher": table[1][(layer, block)] /
+                (entries[(layer, block)][1] * entries[(layer, block)][2])}
+                for layer in layers for block in BLOCKS}
         keys, lams, shares = [], [], []
         for layer in layers:
             for block in BLOCKS:
+                keys.append(f"L{layer}.{block}")
                 f = self._slice(fisher, layer, block).double()
                 lam = self._ridge(fisher, layer, block, f)
-                keys.append(f"L{layer}.{block}")
                 lams.append(lam)
                 shares.append((f < lam).double().mean())
         shares = torch.stack(shares).tolist() if shares else []
@@ -225,9 +238,46 @@ class QKOVInterferenceMetric:
 
     def _weight(self, fisher, layer, block) -> torch.Tensor:
         """1 / D [Hb, s] float32 on ``fisher``'s device (the device: see _fisher_vector)."""
+        table = self._weight_table(fisher)
+        if table is not None:
+            return self._slice(table[0], layer, block)
         f = self._slice(fisher, layer, block).double()
         return (f.clamp_min(self.epsilon) + self._ridge(fisher, layer, block, f)
                 ).float().reciprocal()
+
+    def _weight_table(self, fisher) -> tuple[torch.Tensor, dict] | None:
+        """(1 / D [P] float32, (layer, block) -> number of its entries where λ > Î) of
+        every (layer, block) at once, made once per Fisher vector: on CUDA, when λ is one
+        number (no relative ridge) and the table and its temporaries take at most 1/16 of
+        the device budget; else None (each (layer, block) is made where it is used, as on
+        the CPU). The same values as :meth:`_weight`'s per (layer, block), from a few
+        launches and one sync instead of several launches per (layer, block)."""
+        if self._weight_cache[0] is fisher:
+            return self._weight_cache[1]
+        table = None
+        budget = self.device_memory_mb
+        if fisher.device.type in WEIGHT_TABLE_DEVICES and not self.ridge_lambda_rel and (
+                budget is None or fisher.numel() * 16 <= budget * 2 ** 20 / 16):
+            lam = self.ridge_lambda
+            weight = torch.empty_like(fisher, dtype=torch.float32)
+            below = torch.empty_like(fisher, dtype=torch.bool)
+            for start in range(0, fisher.numel(), WEIGHT_SPAN):   # float64 in spans
+                f = fisher[start:start + WEIGHT_SPAN].double()
+                torch.lt(f, lam, out=below[start:start + WEIGHT_SPAN])
+                weight[start:start + WEIGHT_SPAN] = (f.clamp_min(self.epsilon) + lam).float()
+            del f
+            ends = {k: off + n_heads * size
+                    for k, (off, n_heads, size) in self._store.entries.items()}
+            running = torch.cat([below.new_zeros(1, dtype=torch.int64),
+                                 below.cumsum(0)])           # running[i] = Σ below[:i]
+            del below
+            at = torch.as_tensor([[self._store.entries[k][0], e] for k, e in ends.items()],
+                                 device=fisher.device)
+            counts = running[at]
+            counts = (counts[:, 1] - counts[:, 0]).tolist()  # the one sync
+            table = (weight.reciprocal_(), dict(zip(ends, counts)))
+        self._weight_cache = (fisher, table)
+        return table
 
     def _rows_per_tile(self, layer: int, block: str) -> int | None:
         """Gradient rows of one (layer, block) that fit the device budget together with as
@@ -367,10 +417,15 @@ class QKOVInterferenceMetric:
             return self._operands(task_a, ids_a, sets, layer, block, fisher) \
                 if self._fits_twice(n_rows, layer, block) else None
 
-        out = [{b: torch.empty(len(ids_a), len(ids_j), len(layers), len(heads),
-                               device=self.device) for b in BLOCKS} for _, ids_j in sets]
-        cols = {b: torch.as_tensor(self._head_columns(b, heads), device=self.device)
-                for b in BLOCKS}
+        # per set one [4, n_a, n_j, n_layers, n_heads] tensor, a view of it per block
+        out = [dict(zip(BLOCKS, torch.empty(len(BLOCKS), len(ids_a), len(ids_j), len(layers),
+                                            len(heads), device=self.device)))
+               for _, ids_j in sets]
+        n_cols = {b: self.config.num_kv_heads if b in SHARED_BLOCKS else self.config.num_heads
+                  for b in BLOCKS}
+        cols = {b: None if self._head_columns(b, heads) == list(range(n_cols[b])) else
+                torch.as_tensor(self._head_columns(b, heads), device=self.device)
+                for b in BLOCKS}   # None: the score's heads are the columns, in order
         wanted = ([] if self.variant == "fisher_weighted" else [(task_a, ids_a)]) + list(sets)
         try:
             held = self._hold_rows(wanted)
@@ -389,7 +444,8 @@ class QKOVInterferenceMetric:
                         left, left_op, rights, weight = ops
                         s = self._scores_of(left, left_op, *rights[k], weight, len(ids_a))
                         del left, rights, weight    # else they outlive ops into the next block
-                    out[k][block][:, :, li, :] = s.index_select(2, cols[block])
+                    out[k][block][:, :, li, :] = s if cols[block] is None else \
+                        s.index_select(2, cols[block])
                     del s
                 del ops
         finally:
@@ -476,12 +532,12 @@ class QKOVInterferenceMetric:
         :meth:`score_sets`: block -> [n_a, n_j, n_layers, n_heads] on the device."""
         layers, heads = self._layers(layers), self._heads(heads)
         fisher = self._fisher_vector(tuple(fisher_tasks))
-        scores = {b: on_device[b].cpu().double().numpy() for b in BLOCKS}
+        scores, means = _on_host(on_device)
         heatmap = {}
         for block in BLOCKS:
             heatmap[block] = {
                 "scores": scores[block],
-                "layer_head_avg": scores[block].mean(axis=(0, 1)),
+                "layer_head_avg": means[block],
                 "top_conflicts": self.top_conflicts(block, on_device[block], layers, heads,
                                                      ids_a, ids_j),
                 "layers": list(layers), "heads": list(heads),
@@ -539,14 +595,28 @@ class QKOVInterferenceMetric:
         top, values = _smallest(sub.reshape(-1) if self.variant == "signed"
                                 else -sub.reshape(-1), self.top_k)
         out = []
-        for t, v in zip(top.tolist(), values.tolist()):
-            i, j, li, c = np.unravel_index(t, tuple(sub.shape))
+        where = np.unravel_index(top.numpy(), tuple(sub.shape))
+        for i, j, li, c, v in zip(*(w.tolist() for w in where), values.tolist()):
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
                         "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
                         "sample_a": ids_a[i], "sample_b": ids_b[j],
                         "score": v if self.variant == "signed" else -v})
         return out
+
+
+def _on_host(on_device: dict[str, torch.Tensor]
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(block -> scores float64 [n_a, n_j, L, H], block -> their mean over the pairs
+    [L, H] float64) on the host, from float32 scores on any device: one float64 conversion
+    and one copy for all blocks, the means taken where the scores are; on CUDA the copy
+    lands in pinned memory when it takes at most PINNED_MAX_BYTES."""
+    both = torch.stack([on_device[b] for b in BLOCKS]).double()
+    means = both.mean((1, 2)).cpu().numpy()
+    if both.is_cuda and both.numel() * 8 <= PINNED_MAX_BYTES:
+        both = torch.empty(both.shape, dtype=both.dtype, pin_memory=True).copy_(both)
+    both = both.cpu().numpy()
+    return dict(zip(BLOCKS, both)), dict(zip(BLOCKS, means))
 
 
 def check_not_shared(task_a: str, ids_a: list[str], task_b: str, ids_b: list[str]) -> None:
