@@ -422,7 +422,8 @@ def test_a_calls_rows_are_read_back_as_one_view_with_the_values_stored_one_by_on
         assert np.array_equal(h1[b]["scores"], h2[b]["scores"])
 
 
-@pytest.mark.parametrize("opts", [{}, {"ridge_lambda": 1e-14}, {"variant": "signed"}])
+@pytest.mark.parametrize("opts", [{}, {"ridge_lambda": 1e-14}, {"ridge_lambda": 1e-6},
+                                  {"variant": "signed"}])
 def test_the_normaliser_made_at_once_equals_the_one_made_per_layer_and_block(
         family_run, opts, monkeypatch):
     """On CUDA 1 / D and the ridge table are made for every (layer, block) at once

@@ -331,8 +331,9 @@ class FisherCollector:
                                     rows=layout is None or wants_fisher,
                                     dense_for=layout and (lambda p, t: not layout.factored(p, t)),
                                     covered=self._coverage() if layout is not None else None)
+        stored_as = "scored" if role == "all" else role
         if keep:
-            self._store.reserve(task, "scored" if role == "all" else role, n)
+            self._store.reserve(task, stored_as, n)
         total = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
@@ -344,7 +345,7 @@ class FisherCollector:
                 sq = g.vector.double().square()
                 total = sq if total is None else total.add_(sq)
             if keep:
-                self._store.add(task, "scored" if role == "all" else role, g.sample_id,
+                self._store.add(task, stored_as, g.sample_id,
                                 g.vector, g.loss, g.n_tokens, factors=g.factors, norm=g.norm)
             del g   # its x and δ are views of a whole micro-batch's: not into the next forward
         if wants_fisher:

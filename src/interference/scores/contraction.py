@@ -156,11 +156,8 @@ def contract_triton(left, right, weight, left_op="square", right_op="abs",
     n_b = right.shape[0]
     left, right, weight = (t if t.stride(-1) == 1 else t.contiguous()
                            for t in (left, right, weight))
-    sms = _multiprocessors(left.device)
-    if tiles:
-        cfg, n_tiles, chunks, chunk = _launch(n_a, n_b, n_h, s, sms, tuple(sorted(tiles.items())))
-    else:   # the same shapes come once per (layer, block): made once
-        cfg, n_tiles, chunks, chunk = _launch_cached(n_a, n_b, n_h, s, sms)
+    cfg, n_tiles, chunks, chunk = _launch(n_a, n_b, n_h, s, _multiprocessors(left.device),
+                                          tuple(sorted((tiles or {}).items())))
     partial = torch.empty((chunks, n_h, n_a, n_b), dtype=torch.float32, device=left.device)
     _contract_kernel[(n_tiles, n_h, chunks)](
         left, right, weight, partial, n_a, n_b, n_h, s, chunk,
@@ -171,21 +168,21 @@ def contract_triton(left, right, weight, left_op="square", right_op="abs",
     return (partial[0] if chunks == 1 else partial.sum(0)).permute(1, 2, 0)
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     """The card's multiprocessors (1 in the interpreter, TRITON_INTERPRET=1: few programs
     keep it quick)."""
-    return _cuda_multiprocessors(device.index or 0) if device.type == "cuda" else 1
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
+@functools.lru_cache(maxsize=1024)   # the same shapes come once per (layer, block)
 def _launch(n_a: int, n_b: int, n_h: int, s: int, sms: int, tiles: tuple = ()
             ) -> tuple[dict, int, int, int]:
     """(tile configuration, output tiles, chunks of the slice axis, chunk length) of one
-    contraction; ``tiles``: (key, value) overrides of the configuration."""
+    contraction; ``tiles``: (key, value) overrides of the configuration. Read-only: the
+    dictionary is shared between calls."""
     cfg = {"block_m": min(128, max(16, triton.next_power_of_2(n_a))),
            "block_n": min(128, max(16, triton.next_power_of_2(n_b))),
            "block_k": 64, "num_stages": 3, "waves": 1}   # tuned on an H200 (RESULTS.md)
@@ -195,9 +192,6 @@ def _launch(n_a: int, n_b: int, n_h: int, s: int, sms: int, tiles: tuple = ()
     chunks = _num_chunks(s, cfg["block_k"], n_tiles * n_h, cfg["waves"] * sms)
     chunk = triton.cdiv(triton.cdiv(s, chunks), cfg["block_k"]) * cfg["block_k"]
     return cfg, n_tiles, triton.cdiv(s, chunk), chunk
-
-
-_launch_cached = functools.lru_cache(maxsize=1024)(_launch)
 
 
 def emulate_bf16x3(left, right, weight, left_op="square", right_op="abs") -> torch.Tensor:

@@ -160,13 +160,10 @@ class QKOVInterferenceMetric:
     def ridge_table(self, fisher: torch.Tensor, layers) -> dict:
         """'L{layer}.{block}' -> {'lambda', 'share_lambda_gt_fisher'} (one device sync)."""
         table = self._weight_table(fisher)
-        if table is not None:               # λ is one number, the counts are made
-            entries = self._store.entries
-            return {f"L{layer}.{block}": {
-                "lambda": self.ridge_lambda,
-                "share_lambda_gt_fisher": table[1][(layer, block)] /
-                (entries[(layer, block)][1] * entries[(layer, block)][2])}
-                for layer in layers for block in BLOCKS}
+        if table is not None:               # λ is one number, the shares are made
+            return {f"L{layer}.{block}": {"lambda": self.ridge_lambda,
+                                          "share_lambda_gt_fisher": table[1][(layer, block)]}
+                    for layer in layers for block in BLOCKS}
         keys, lams, shares = [], [], []
         for layer in layers:
             for block in BLOCKS:
@@ -246,12 +243,12 @@ class QKOVInterferenceMetric:
                 ).float().reciprocal()
 
     def _weight_table(self, fisher) -> tuple[torch.Tensor, dict] | None:
-        """(1 / D [P] float32, (layer, block) -> number of its entries where λ > Î) of
-        every (layer, block) at once, made once per Fisher vector: on CUDA, when λ is one
-        number (no relative ridge) and the table and its temporaries take at most 1/16 of
-        the device budget; else None (each (layer, block) is made where it is used, as on
-        the CPU). The same values as :meth:`_weight`'s per (layer, block), from a few
-        launches and one sync instead of several launches per (layer, block)."""
+        """(1 / D [P] float32, (layer, block) -> share of its entries where λ > Î) of every
+        (layer, block) at once, made once per Fisher vector: on CUDA, when λ is one number
+        (no relative ridge) and the table and its temporaries (13 bytes an entry) take at
+        most 1/16 of the device budget; else None (each (layer, block) is made where it is
+        used, as on the CPU). The same values as :meth:`_weight` and :meth:`ridge_table`
+        make per (layer, block), from a few launches and one sync."""
         if self._weight_cache[0] is fisher:
             return self._weight_cache[1]
         table = None
@@ -266,16 +263,17 @@ class QKOVInterferenceMetric:
                 torch.lt(f, lam, out=below[start:start + WEIGHT_SPAN])
                 weight[start:start + WEIGHT_SPAN] = (f.clamp_min(self.epsilon) + lam).float()
             del f
-            ends = {k: off + n_heads * size
-                    for k, (off, n_heads, size) in self._store.entries.items()}
-            running = torch.cat([below.new_zeros(1, dtype=torch.int64),
-                                 below.cumsum(0)])           # running[i] = Σ below[:i]
+            running = below.cumsum(0)                     # running[i] = Σ below[:i + 1]
             del below
-            at = torch.as_tensor([[self._store.entries[k][0], e] for k, e in ends.items()],
-                                 device=fisher.device)
-            counts = running[at]
-            counts = (counts[:, 1] - counts[:, 0]).tolist()  # the one sync
-            table = (weight.reciprocal_(), dict(zip(ends, counts)))
+            entries = self._store.entries
+            offsets = torch.as_tensor([off for off, _, _ in entries.values()],
+                                      device=fisher.device)
+            sizes = torch.as_tensor([n * size for _, n, size in entries.values()],
+                                    device=fisher.device)
+            before = torch.where(offsets > 0, running[(offsets - 1).clamp_min(0)], 0)
+            counts = (running[offsets + sizes - 1] - before).tolist()   # the one sync
+            table = (weight.reciprocal_(),
+                     {k: c / (n * size) for (k, (_, n, size)), c in zip(entries.items(), counts)})
         self._weight_cache = (fisher, table)
         return table
 
@@ -421,11 +419,13 @@ class QKOVInterferenceMetric:
         out = [dict(zip(BLOCKS, torch.empty(len(BLOCKS), len(ids_a), len(ids_j), len(layers),
                                             len(heads), device=self.device)))
                for _, ids_j in sets]
-        n_cols = {b: self.config.num_kv_heads if b in SHARED_BLOCKS else self.config.num_heads
-                  for b in BLOCKS}
-        cols = {b: None if self._head_columns(b, heads) == list(range(n_cols[b])) else
-                torch.as_tensor(self._head_columns(b, heads), device=self.device)
-                for b in BLOCKS}   # None: the score's heads are the columns, in order
+        cols = {}                 # None: the score's heads are the columns, in order
+        for b in BLOCKS:
+            c = self._head_columns(b, heads)
+            n_block_heads = self.config.num_kv_heads if b in SHARED_BLOCKS else \
+                self.config.num_heads
+            cols[b] = None if c == list(range(n_block_heads)) else \
+                torch.as_tensor(c, device=self.device)
         wanted = ([] if self.variant == "fisher_weighted" else [(task_a, ids_a)]) + list(sets)
         try:
             held = self._hold_rows(wanted)
