@@ -239,6 +239,37 @@ def test_gradients_match_brute_force_and_are_batch_independent(family_run):
     assert torch.allclose(out["alone"], out["mixed"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("gradient_format", ["dense", "factored"])
+def test_sdpa_attention_gives_the_float64_brute_force_gradients(monkeypatch, gradient_format):
+    """torch's fused attention (the default model's, conf/model/smollm2.yaml): right-padded
+    batches of a causal model run unmasked through sdpa; the stored rows and the Fisher
+    equal the float64 eager brute force of each sample alone."""
+    from interference.gradients.per_sample import padding_of
+
+    model, eager = tiny_llama(), tiny_llama()
+    model.config._attn_implementation = "sdpa"
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: (calls.append(k.get("attn_mask")), sdpa(*a, **k))[1])
+    assert padding_of(model) == "causal"
+    cfg = QKOVConfig.from_model(model)
+    idx = QKOVIndexer(model, cfg)
+    fisher_b, scored_b = padded_batch(5, 12, 3, "f"), padded_batch(5, 12, 4, "s")
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg,
+                         gradient_format=gradient_format)
+    calls.clear()
+    fc.collect_fisher(model, fisher_b, task="t", mode="mean", role="fisher")
+    fc.collect_fisher(model, scored_b, task="t", role="scored")
+    assert len(calls) == 2 * cfg.num_layers and all(m is None for m in calls)
+    want_f = fisher_mean(brute_grads(eager, fisher_b))
+    torch.testing.assert_close(fc.fisher.get("t").double(), idx.flatten(want_f).double(),
+                               rtol=1e-4, atol=1e-7 * float(idx.flatten(want_f).max()))
+    for sid, g in brute_grads(eager, scored_b).items():
+        want = idx.flatten(g).double()
+        got = fc.gradient_manager.vector("t", sid).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
 def test_fisher_ema_and_mean_modes(llama_model):
     cfg = QKOVConfig.from_model(llama_model)
     batches = [padded_batch(3, 10, s, f"m:{s}") for s in range(3)]
@@ -269,22 +300,86 @@ def test_fisher_ema_and_mean_modes(llama_model):
                           atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2_bias", "llama_bias"])
 @pytest.mark.parametrize("squares_bytes", [8, 1 << 25])
 def test_fisher_squares_summed_one_sample_or_all_at_once_match_the_brute_force(
-        llama_model, squares_bytes, monkeypatch):
+        family, squares_bytes, monkeypatch):
     """The hooks engine's float64 Σ_k g_k² (per_sample.SQUARES_BYTES: 8 B forms one
     sample's squares at a time, as for a large parameter; 32 MB all of a micro-batch's at
-    once) against the float64 brute force of each sample alone."""
-    monkeypatch.setattr("interference.gradients.per_sample.SQUARES_BYTES", squares_bytes)
-    cfg = QKOVConfig.from_model(llama_model)
-    idx = QKOVIndexer(llama_model, cfg)
+    once) against the float64 brute force of each sample alone, on split q/k/v (GQA), a
+    fused c_attn with its bias in the Q/K/V slices, and split q/k/v with biases. Each
+    (layer, block) goes into the sum once its parameters are formed: the squares of at
+    most one module's parameters are held at a time, never those of the whole model."""
+    from interference.gradients import per_sample
+    monkeypatch.setattr(per_sample, "SQUARES_BYTES", squares_bytes)
+    model = {"llama": tiny_llama, "gpt2_bias": tiny_gpt2,
+             "llama_bias": lambda: tiny_llama(bias=True)}[family]()
+    cfg = QKOVConfig.from_model(model, include_bias=family != "llama")
+    idx = QKOVIndexer(model, cfg)
     b = padded_batch(6, 10, 7, "m:s")
     want = torch.stack([idx.flatten(g).double() ** 2
-                        for g in brute_grads(llama_model, b).values()]).mean(0)
+                        for g in brute_grads(model, b).values()]).mean(0)
+    held, keep = [], per_sample._HookCapture._keep
+
+    def counting(self, name, g):
+        keep(self, name, g)
+        held.append(len(self.sq))
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", counting)
     fc = FisherCollector(config=cfg, micro_batch=6)
-    fc.collect_fisher(llama_model, b, task="m", mode="mean", role="fisher")
+    fc.collect_fisher(model, b, task="m", mode="mean", role="fisher")
     torch.testing.assert_close(fc.fisher.get("m").double(), want, rtol=1e-4,
                                atol=1e-7 * float(want.max()))
+    per_module = 1 if family == "llama" else 2       # weight, and bias where included
+    assert len(held) == len(idx.param_names) and max(held) == per_module
+
+
+def test_fisher_sums_added_into_the_state_equal_a_calls_total_and_survive_a_failed_call(
+        llama_model, monkeypatch):
+    """On the CPU a call of one micro-batch adds its squares straight into the Fisher
+    state (TaskFisher.sink): bitwise what a [P] total per call added by update() gives.
+    A call that fails on a non-finite gradient leaves the state and its count as they were,
+    and the collector takes the next call."""
+    from interference.gradients import NonFiniteGradientError, per_sample
+    from interference.gradients.fisher import TaskFisher
+
+    cfg = QKOVConfig.from_model(llama_model)
+    batches = [padded_batch(3, 10, s, f"m{s}") for s in range(3)]
+    sunk = []
+    monkeypatch.setattr(TaskFisher, "added", lambda self, n, ids, real=TaskFisher.added: (
+        sunk.append(n), real(self, n, ids)))
+
+    def run(**kw):
+        fc = FisherCollector(config=cfg, micro_batch=3, **kw)
+        for b in batches:
+            fc.collect_fisher(llama_model, b, task="m", mode="mean", role="fisher")
+        return fc
+    direct = run()
+    assert sunk == [3, 3, 3]
+    with monkeypatch.context() as m:
+        m.setattr(TaskFisher, "sink", lambda self, device: None)
+        via_total = run()
+    assert sunk == [3, 3, 3]
+    assert torch.equal(direct.fisher.tasks["m"].state, via_total.fisher.tasks["m"].state)
+    assert torch.equal(direct.fisher.get("m"), via_total.fisher.get("m"))
+
+    before = direct.fisher.tasks["m"].state.clone()
+    real = per_sample._HookCapture._keep
+
+    def poisoned(self, n, g):
+        if n == "model.layers.1.self_attn.v_proj.weight":
+            g = g.clone()
+            g[1, 0, 0] = float("nan")
+        return real(self, n, g)
+    with monkeypatch.context() as m:
+        m.setattr(per_sample._HookCapture, "_keep", poisoned)
+        with pytest.raises(NonFiniteGradientError, match="sample 'bad:1'"):
+            direct.collect_fisher(llama_model, padded_batch(3, 10, 9, "bad"), task="m",
+                                  mode="mean", role="fisher")
+    tf = direct.fisher.tasks["m"]
+    assert torch.equal(tf.state, before) and tf.count == 9
+    direct.collect_fisher(llama_model, padded_batch(3, 10, 9, "good"), task="m", mode="mean",
+                          role="fisher")
+    assert tf.count == 12 and torch.isfinite(direct.fisher.get("m")).all()
 
 
 def test_fisher_sums_held_on_the_gpu_equal_host_sums_bitwise():

@@ -104,6 +104,26 @@ class TaskFisher:
             self.state.add_(batch_sum)
             if self.keep_partials:
                 self.partials.append((batch_sum.detach().to("cpu", torch.float64).clone(), n))
+        self._counted(n, ids)
+
+    def sink(self, device: torch.device) -> torch.Tensor | None:
+        """The state itself, for a call's Σ_i C_i computed on ``device`` to be added into it
+        entry by entry (then :meth:`added`), where :meth:`update` would add them the same
+        way: mode 'mean', no partials, nothing pending, the state and ``device`` on the
+        host. Else None. Saves the call's [P] float64 total (0.21 GB for SmolLM2-135M's
+        attention weights, a fresh mapping on top of the job's heap)."""
+        if self.mode == "mean" and not self.keep_partials and self.pending is None and \
+                self.state is not None and self.state.device.type == "cpu" and \
+                torch.device(device).type == "cpu":
+            return self.state
+        return None
+
+    def added(self, n: int, ids: list[str]) -> None:
+        """Count a call's ``n`` samples whose Σ_i C_i went into :meth:`sink`."""
+        self._value = None
+        self._counted(n, ids)
+
+    def _counted(self, n: int, ids: list[str]) -> None:
         self.steps += 1
         self.count += n
         if self.pending is None:
@@ -334,10 +354,12 @@ class FisherCollector:
         stored_as = "scored" if role == "all" else role
         if keep:
             self._store.reserve(task, stored_as, n)
-        total = None
+        total = into = None
         losses = []
         if role == "fisher" and engine.engine == "hooks":   # sums only: no per-sample rows
-            for total, batch_losses, _ in engine.square_sums(batch, ids):
+            if n <= engine.micro_batch:    # one micro-batch: its sums straight into the state
+                into = tf.sink(next(model.parameters()).device)
+            for total, batch_losses, _ in engine.square_sums(batch, ids, into=into):
                 losses += batch_losses
         for g in engine(batch, ids) if total is None else ():
             losses.append(g.loss)
@@ -348,7 +370,9 @@ class FisherCollector:
                 self._store.add(task, stored_as, g.sample_id,
                                 g.vector, g.loss, g.n_tokens, factors=g.factors, norm=g.norm)
             del g   # its x and δ are views of a whole micro-batch's: not into the next forward
-        if wants_fisher:
+        if into is not None:
+            tf.added(n, ids)
+        elif wants_fisher:
             tf.update(total, n, ids)
         logger.debug("collected %d samples of %s (%s), mean loss %.4f", n, task, role,
                      sum(losses) / n)

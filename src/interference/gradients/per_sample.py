@@ -22,6 +22,7 @@ of an ordinary batched step on 2 CPU cores (loop 0.48) and 0.90 on an H200 in fl
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -462,10 +463,12 @@ class PerSampleGradients:
                 n_tok = int(sample["labels"].ne(-100).sum()) if "labels" in sample else 1
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
 
-    def _micro_batches(self, samples: list[dict], sample_ids: list[str], reduce=None):
+    def _micro_batches(self, samples: list[dict], sample_ids: list[str], reduce=None,
+                       form: bool = True):
         """Forward (hooks) and backward of each micro-batch, per-sample gradients formed
-        and kept or reduced (``reduce``: see :class:`_HookCapture`): yields (ids, capture,
-        losses, n_tok, real) (losses, n_tok, real on the device)."""
+        (``form``; else the caller forms them) and kept or reduced (``reduce``: see
+        :class:`_HookCapture`): yields (ids, capture, losses, n_tok, real) (losses, n_tok,
+        real on the device)."""
         device = next(self.model.parameters()).device
         chunks = range(0, len(samples), self.micro_batch)
         if self.progress:
@@ -487,42 +490,81 @@ class PerSampleGradients:
                 finally:
                     capture.remove()
                 capture.backward(losses.sum())
-                capture.form_all()
+                if form:
+                    capture.form_all()
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
-    def square_sums(self, batch: dict, sample_ids: list[str]):
+    def square_sums(self, batch: dict, sample_ids: list[str], into: torch.Tensor | None = None):
         """Fisher samples (hooks engine): each micro-batch's Σ_k g_k ⊙ g_k added into a running
         total ([P] float64 in the canonical order, on the model's device), then (the total so
         far, per-sample losses, predicted tokens) yielded.
+
         No per-sample row is formed: each projection's per-sample gradients are squared and
-        summed as soon as they exist, so memory holds one projection's at a time, and the
-        micro-batch's sums go into ``total`` (entry by entry) without a [P] copy of their own."""
+        summed as soon as they exist, and each (layer, block)'s sums go into ``total`` as
+        soon as its projections are formed (:meth:`_square_parts`), so memory holds one
+        projection's gradients and a few projections' sums at a time besides ``total``.
+        ``into``: the caller's [P] float64 sums (a Fisher state) to add each micro-batch's
+        squares to instead of a new total, once all of them are known finite (a failed
+        micro-batch leaves it as it was); it is what is yielded."""
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
-        total = None
-        for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares"):
+        total = into
+        for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares",
+                                                              form=False):
+            if into is None:
+                if total is None:
+                    total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
+                                        device=losses.device)
+                parts = ()
+                for e, part in self._square_parts(cap):
+                    total[e.offset:e.offset + e.numel].add_(part)
+            else:       # held until checked: small blocks, not a second [P]
+                parts = list(self._square_parts(cap))
             names = [n for n in self._names if n in cap.finite]
             info = torch.cat([torch.stack([losses.detach().double(), n_tok.double()]),
                               torch.stack([cap.finite[n] for n in names]).double()]).cpu()
             loss_of, tok_of = info[0].tolist(), info[1].tolist()
             self._check_batch(ids, loss_of, tok_of)
             bad = (info[2:] == 0).nonzero().tolist()
-            if bad:
+            if bad:     # a new ``total`` holds the bad sums, but the caller never sees it
                 name = names[bad[0][0]]
                 k = cap.sample_finite(name).index(False)
                 raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
                                              f"{name}")
-            if total is None:
-                total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
-                                    device=losses.device)
-            at = 0
-            for (l, b) in self.indexer.entries:
-                part = self.indexer.gather(cap.sq, l, b).reshape(-1)
-                total[at:at + part.numel()].add_(part)
-                at += part.numel()
-            del cap, part      # its x, δ and squares: not alive through the next forward
+            for e, part in parts:
+                total[e.offset:e.offset + e.numel].add_(part)
+            del cap, parts      # x, δ and squares: not alive through the next forward
             yield total, loss_of, [int(t) for t in tok_of]
+
+    def _square_parts(self, cap: "_HookCapture"):
+        """Form ``cap``'s projections in model order and yield (entry, its squares [numel]
+        float64 in the canonical order) for each (layer, block) once all its parameters are
+        formed; a parameter's squares are dropped when no later (layer, block) reads them."""
+        for path, ready, done in self._square_plan:
+            cap.form(path)
+            for e in ready:
+                yield e, self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1)
+            for name in done:
+                del cap.sq[name]
+
+    @functools.cached_property
+    def _square_plan(self) -> list[tuple[str, list, list[str]]]:
+        """[(module path, the entries complete once it is formed, the parameters no later
+        entry reads)] in the order :class:`_HookCapture` forms its modules."""
+        paths = list(dict.fromkeys(n.rsplit(".", 1)[0] for n in self._names))
+        pos = {p: k for k, p in enumerate(paths)}
+        last = lambda names: max(pos[n.rsplit(".", 1)[0]] for n in names)  # noqa: E731
+        ready, done = [[] for _ in paths], [[] for _ in paths]
+        freed_at = {}          # parameter -> where the last entry reading it is complete
+        for e in self.indexer.entries.values():
+            at = last(p.name for p in e.parts)
+            ready[at].append(e)
+            for p in e.parts:
+                freed_at[p.name] = max(freed_at.get(p.name, at), at)
+        for name, at in freed_at.items():
+            done[at].append(name)
+        return list(zip(paths, ready, done))
 
     def _hooks(self, samples: list[dict], sample_ids: list[str]):
         """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
