@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,8 +101,35 @@ def test_minilm():
 
 @pytest.mark.slow
 def test_smollm2_gguf_convert_reload(tmp_path):
-    """GGUF load (about 15-35 s), conversion to safetensors, fast reload: identical logits."""
-    raw, tok = load_smollm2_gguf()
+    """GGUF load (one parse of the file: gguf_read_once), conversion to safetensors, fast
+    reload: identical logits; weights equal gguf's own dequantisation of the file."""
+    import gguf
+    import numpy as np
+
+    from interference.models import smollm2_gguf_path
+
+    parses, reader = [], gguf.GGUFReader
+
+    class Counted(reader):
+        def __init__(self, *a, **k):
+            parses.append(a[0])
+            super().__init__(*a, **k)
+    gguf.GGUFReader = Counted
+    try:
+        raw, tok = load_smollm2_gguf()
+    finally:
+        gguf.GGUFReader = reader
+    assert len(parses) == 1                                # not one per config, tokenizer, weights
+    assert gguf.get_tensor_name_map.__module__.startswith("gguf")   # restored
+    folder, name = smollm2_gguf_path()
+    tensors = {t.name: t for t in reader(str(Path(folder) / name)).tensors}
+    sd = raw.state_dict()
+    for g, h in [("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),
+                 ("blk.29.attn_output.weight", "model.layers.29.self_attn.o_proj.weight"),
+                 ("token_embd.weight", "model.embed_tokens.weight")]:   # q, k: permuted
+        t = tensors[g]
+        want = torch.from_numpy(np.ascontiguousarray(gguf.dequantize(t.data, t.tensor_type)))
+        assert torch.equal(want.float(), sd[h]), g
     cfg = raw.config
     assert type(raw).__name__ == "LlamaForCausalLM"
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
