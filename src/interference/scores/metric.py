@@ -422,9 +422,7 @@ class QKOVInterferenceMetric:
         cols = {}                 # None: the score's heads are the columns, in order
         for b in BLOCKS:
             c = self._head_columns(b, heads)
-            n_block_heads = self.config.num_kv_heads if b in SHARED_BLOCKS else \
-                self.config.num_heads
-            cols[b] = None if c == list(range(n_block_heads)) else \
+            cols[b] = None if c == list(range(self.config.block_heads(b))) else \
                 torch.as_tensor(c, device=self.device)
         wanted = ([] if self.variant == "fisher_weighted" else [(task_a, ids_a)]) + list(sets)
         try:
