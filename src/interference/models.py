@@ -178,8 +178,8 @@ def gguf_read_once():
     """Inside the block, ``gguf.GGUFReader`` parses each file once and
     ``gguf.get_tensor_name_map`` is made once per (architecture, layers). transformers parses
     a GGUF for the config, again for the tokenizer and again for the weights, and makes the
-    name map once per tensor: 3 parses of 3.3 s and 397 maps (4.5 s) of SmolLM2's 22 s load
-    on one core. transformers imports both names from ``gguf`` at each call, so the cached
+    name map once per tensor (SmolLM2, one core: 3 parses and 397 maps; the load takes 12.9 s
+    without this block, 6.1 s with it; benchmarks/RESULTS.md, session 12). transformers imports both names from ``gguf`` at each call, so the cached
     ones are what it gets; both are restored on exit."""
     import gguf
 
