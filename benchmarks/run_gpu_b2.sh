@@ -3,8 +3,8 @@
 # (conf/experiment/b2_7b.yaml) end to end on the GPU(s) of one host, and one plain
 # forward+backward over the same samples in the same run (benchmarks/bench_b2_workflow.py).
 #
-#   bash benchmarks/run_gpu_b2.sh                 # one GPU: the two layer chunks in turn
-#   GPUS=2 bash benchmarks/run_gpu_b2.sh          # two GPUs: the chunks side by side (issue 21)
+#   bash benchmarks/run_gpu_b2.sh                 # one GPU: one chunk job of every layer
+#   GPUS=2 bash benchmarks/run_gpu_b2.sh          # two GPUs: two layer chunks side by side
 #   EXP=b2_7b OUT=dir WORK=dir bash benchmarks/run_gpu_b2.sh
 #   SITE=/path/site-packages bash ...             # snakemake + hydra carried as a folder
 #   python benchmarks/bench_b2_workflow.py /tmp/x --dry-plan --gpu-gib 139.8   # plan only
@@ -28,6 +28,8 @@ PY=${PY:-python3}
 OUT=${OUT:-benchmarks/out}
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/qkov-b2.XXXXXX")}
 OVERRIDES=${OVERRIDES:-++tracking.mode=off}
+# one chunk job per GPU (b2_7b.yaml: layer_chunks 1, no stores)
+[ "$GPUS" -gt 1 ] && OVERRIDES="$OVERRIDES,++resources.collect.layer_chunks=$GPUS"
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$ROOT/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

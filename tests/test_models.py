@@ -153,3 +153,67 @@ def test_smollm2_gguf_convert_reload(tmp_path):
     # that round differently with differently aligned buffers
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
     assert a.loss.item() < 3.0  # real weights (random init: about ln 49152 = 10.8)
+
+
+# ------------------------------------------- the tokenizer rule: tokenizer and config, no weights
+
+def _model_conf(name: str, tmp_path: Path) -> dict:
+    """conf/model/<name>.yaml as the workflow resolves it; ``local``: a saved tiny LLaMA with
+    its own BPE tokenizer (no pad token: the eos stands in) and no tokenizer kind."""
+    import yaml
+
+    if name != "local":
+        return yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / f"{name}.yaml").read_text())
+    folder = tmp_path / "ckpt"
+    tiny_model("llama", vocab_size=300, seed=0).save_pretrained(folder)
+    tok = train_bpe(TEXTS, vocab_size=300)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    mcfg = _model_conf("tiny", tmp_path)
+    return dict(mcfg, name="local", source="local", path=str(folder), tokenizer={"kind": None})
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_phi3", "tiny_vit", "minilm", "llama2_7b", "local"])
+def test_the_tokenizer_rule_builds_the_models_tokenizer_and_positions(name, tmp_path):
+    """prepare_tokenizer (text_tokenizer, model_config; no weights) gives the tokenizer and
+    positions prepare_model's build_from_config + describe give: the same digest (which the
+    jobs compare where data meet the model) and max_positions; None without a tokenizer."""
+    from interference.models import (build_from_config, max_positions, model_config,
+                                     text_tokenizer, tokenizer_digest, with_pad_token)
+
+    mcfg = _model_conf(name, tmp_path)
+    model, tok = build_from_config(mcfg)
+    tok = with_pad_token(tok)
+    alone = text_tokenizer(mcfg)
+    assert tokenizer_digest(alone) == tokenizer_digest(tok)
+    assert (alone is None) == (name == "tiny_vit")
+    assert max_positions(model_config(mcfg)) == max_positions(model.config)
+    if alone is not None:
+        text = "def f(x):\n    return x + 1  # 2 + 2 = 4"
+        assert alone(text)["input_ids"] == tok(text)["input_ids"]
+        assert alone.pad_token_id is not None and alone.pad_token_id == tok.pad_token_id
+    if name == "local":   # the eos stands in for the missing pad token, on both sides
+        assert alone.pad_token == alone.eos_token
+
+
+def test_a_tokenizer_digest_tells_tokenizers_apart():
+    from interference.models import tokenizer_digest
+
+    a, b = train_bpe(TEXTS, vocab_size=300), train_bpe(TEXTS, vocab_size=300)
+    assert tokenizer_digest(a) == tokenizer_digest(b) and tokenizer_digest(None) is None
+    assert tokenizer_digest(train_bpe(TEXTS, vocab_size=290)) != tokenizer_digest(a)
+    b.pad_token = b.eos_token          # same vocabulary, another pad id
+    assert tokenizer_digest(b) != tokenizer_digest(a)
+
+
+def test_data_tokenised_by_another_tokenizer_are_refused(tmp_path):
+    import json
+
+    from qkov_pipeline.stages.tokenizer import check_same_tokenizer
+
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps({"tokenizer_digest": "aaaa"}))
+    check_same_tokenizer(model_json, {"tokenizer_digest": "aaaa"}, tmp_path / "data")
+    for other in ({"tokenizer_digest": "bbbb"}, {}):
+        with pytest.raises(ValueError, match="tokenised by tokenizer .* records tokenizer aaaa"):
+            check_same_tokenizer(model_json, other, tmp_path / "data")

@@ -232,11 +232,12 @@ def test_sequence_longer_than_the_model_allows(tmp_path):
     from qkov_pipeline.stages import data as stage
 
     cfg = tiny_cfg("data.max_length=512")
-    model_json = tmp_path / "model.json"
-    model_json.write_text(json.dumps({"max_positions": 256, "has_tokenizer": True,
-                                      "class": "LlamaForCausalLM"}))
+    manifest = tmp_path / "tokenizer" / "manifest.json"   # prepare_tokenizer's
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"max_positions": 256, "has_tokenizer": True,
+                                    "class": "LlamaForCausalLM", "tokenizer_digest": "x"}))
     out = tmp_path / "_data" / "math-x"
-    job = FakeJob(_data_slice(cfg), {"model": str(model_json)},
+    job = FakeJob(_data_slice(cfg), {"tokenizer": str(manifest)},
                   {"manifest": str(out / "manifest.json")})
     with pytest.raises(ValueError) as err:
         stage.run(job)

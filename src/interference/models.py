@@ -270,10 +270,15 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = auto.from_pretrained(str(folder), **kwargs).eval()
+    return model, folder_tokenizer(folder, trust_remote_code)
+
+
+def folder_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer stored in a local model folder, or None when it holds none."""
+    folder = Path(folder)
     has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
+    return transformers.AutoTokenizer.from_pretrained(
         str(folder), local_files_only=True, trust_remote_code=trust_remote_code) if has_tok else None
-    return model, tokenizer
 
 
 # -------------------------------------------------- a model config (conf/model) -> a model
@@ -345,24 +350,106 @@ def build_from_config(mcfg: dict):
                              f"{mcfg['vocab_size']}")
         return model, tokenizer
     if source in ("local", "hf"):
-        path = mcfg.get("path")
-        if not path:
-            raise ValueError(f"model.source={source} needs model.path")
-        if source == "hf":
-            from huggingface_hub import snapshot_download
-
-            try:
-                path = snapshot_download(path, local_files_only=True)
-            except Exception as err:
-                raise ValueError(f"model {mcfg['path']!r} is not in the local Hugging Face "
-                                 f"cache and nothing is downloaded at run time ({err}); download "
-                                 "it beforehand or use source: local with a folder") from None
-        model, tokenizer = load_folder(path, mcfg, torch.float32)
+        model, tokenizer = load_folder(checkpoint_folder(mcfg), mcfg, torch.float32)
         if tok_cfg.get("kind"):
             tokenizer = build_tokenizer(tok_cfg["kind"], path=tok_cfg.get("path"),
                                         vocab_size=tok_cfg.get("vocab_size", 512))
         return model, tokenizer
     raise ValueError(f"unknown model.source {source!r}")
+
+
+def checkpoint_folder(mcfg: dict) -> str:
+    """The local folder of a ``source: local`` or ``hf`` model (a Hugging Face name is looked
+    up in the local cache only: nothing is downloaded at run time)."""
+    source, path = mcfg["source"], mcfg.get("path")
+    if not path:
+        raise ValueError(f"model.source={source} needs model.path")
+    if source != "hf":
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except Exception as err:
+        raise ValueError(f"model {path!r} is not in the local Hugging Face cache and nothing "
+                         f"is downloaded at run time ({err}); download it beforehand or use "
+                         "source: local with a folder") from None
+
+
+def text_tokenizer(mcfg: dict):
+    """The tokenizer :func:`build_from_config` gives with the model (None where the model has
+    none), built without the weights, with its pad token set (:func:`with_pad_token`): rule
+    prepare_tokenizer makes it while prepare_model converts the model; the two agree by
+    :func:`tokenizer_digest` (checked where data meet the model)."""
+    tok_cfg = mcfg.get("tokenizer") or {}
+    if tok_cfg.get("kind"):
+        tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
+                                    path=tok_cfg.get("path"))
+        vocab = mcfg.get("vocab_size")
+        if mcfg["source"] in ("random", "tiny") and vocab and len(tokenizer) > vocab:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size "
+                             f"is {vocab}")
+    elif mcfg["source"] in ("local", "hf"):
+        tokenizer = folder_tokenizer(checkpoint_folder(mcfg), mcfg["trust_remote_code"])
+    else:
+        tokenizer = None
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer):
+    """The tokenizer with a pad token: its own, else its eos token (ValueError with neither)."""
+    if tokenizer is not None and tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_digest(tokenizer) -> str | None:
+    """sha256 (16 hex digits) of what decides a tokenizer's ids: its vocabulary, merges and
+    rules (a fast tokenizer's serialised form, else the vocabulary) and its special tokens;
+    None without a tokenizer."""
+    import hashlib
+    import json
+
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(
+        sorted(tokenizer.get_vocab().items()))
+    special = json.dumps({k: getattr(tokenizer, k, None) for k in (
+        "pad_token_id", "eos_token_id", "bos_token_id", "padding_side")}, sort_keys=True)
+    return hashlib.sha256((body + special).encode()).hexdigest()[:16]
+
+
+def model_config(mcfg: dict):
+    """The transformers config of the model a model config describes, without its weights
+    (a GGUF's or a folder's config is read; a random or tiny model's is built)."""
+    source = mcfg["source"]
+    if source == "random":
+        return random_config(mcfg)
+    if source == "tiny":
+        if mcfg["family"] in TINY_FAMILIES:
+            return tiny_config(mcfg["family"], mcfg["vocab_size"], **dict(mcfg.get("overrides") or {}))
+        return build_from_config(dict(mcfg, tokenizer=None))[0].config   # tiny: built at once
+    if source == "smollm2":
+        folder, name = smollm2_gguf_path()
+        with gguf_read_once():
+            return transformers.AutoConfig.from_pretrained(folder, gguf_file=name,
+                                                           local_files_only=True)
+    if source == "minilm":
+        return transformers.AutoConfig.from_pretrained(str(minilm_path()), local_files_only=True)
+    if source in ("local", "hf"):
+        return transformers.AutoConfig.from_pretrained(
+            checkpoint_folder(mcfg), local_files_only=True,
+            trust_remote_code=mcfg["trust_remote_code"])
+    raise ValueError(f"unknown model.source {source!r}")
+
+
+def max_positions(config) -> int | None:
+    """The positions a model config allows (max_position_embeddings or n_positions)."""
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if n else None
 
 
 AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
@@ -383,12 +470,7 @@ def load_folder(folder: str | Path, mcfg: dict, dtype):
                                  local_files_only=True,
                                  trust_remote_code=mcfg["trust_remote_code"],
                                  attn_implementation=mcfg["attn_implementation"]).eval()
-    has_tok = any((Path(folder) / f).is_file()
-                  for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    tok = transformers.AutoTokenizer.from_pretrained(
-        str(folder), local_files_only=True,
-        trust_remote_code=mcfg["trust_remote_code"]) if has_tok else None
-    return model, tok
+    return model, folder_tokenizer(folder, mcfg["trust_remote_code"])
 
 
 def load_prepared(model_dir: str | Path, mcfg: dict, device="cpu"):
@@ -438,16 +520,17 @@ def describe(model, tokenizer, include_bias: bool = False, prove: bool = True,
     indexer = QKOVIndexer(model, qcfg)
     proof = prove_first_contact(model, include_bias, attention_stack) if prove else None
     cfg = model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    max_pos = max_positions(cfg)
     return {"class": type(model).__name__, "qkov_config": qcfg.to_dict(),
             "layers": list(indexer.layers), "n_attention_params": int(indexer.total_size),
             "n_params": int(sum(p.numel() for p in model.parameters())),
-            "max_positions": int(max_pos) if max_pos else None,
+            "max_positions": max_pos,
             "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
             "has_tokenizer": tokenizer is not None,
             "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
             "pad_token_id": getattr(tokenizer, "pad_token_id", None),
             "eos_token_id": getattr(tokenizer, "eos_token_id", None),
+            "tokenizer_digest": tokenizer_digest(tokenizer),
             "bytes_per_gradient_float32": int(indexer.total_size) * 4,
             "layout_proof": None if proof is None else {
                 k: proof[k] for k in ("layout", "on", "layer", "heads", "observables")}}

@@ -40,7 +40,8 @@ SLICE_VERSION = 1  # bump when the meaning of a slice changes (forces new keys)
 
 
 # rule -> its section of `resources` in conf/config.yaml
-RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_data": "prepare_data",
+RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_tokenizer": "prepare_data",
+                    "prepare_data": "prepare_data",
                     "prepare_eval": "prepare_data", "collect": "collect",
                     "chunk_scores": "collect", "scores": "scores",
                     "stats": "stats", "validate": "validate", "tables": "summary",
@@ -149,17 +150,25 @@ def scores_slice(cfg: dict, a: str, b: str, seed: int, arm: str) -> dict:
 
 
 def layer_chunks(cfg: dict) -> int:
-    """resources.collect.layer_chunks: 1 = stores (collect, then one chunk_scores job per
-    pair and split seed scores every layer from them); K > 1 = K chunk_scores jobs per pair
-    and split seed, each collecting and scoring its layers (no stores)."""
+    """resources.collect.layer_chunks: the chunk_scores jobs per pair and split seed (K > 1
+    collect and score their layers without stores, :func:`without_stores`)."""
     return int(cfg["resources"]["collect"].get("layer_chunks", 1) or 1)
+
+
+def without_stores(cfg: dict) -> bool:
+    """True when the chunk_scores jobs collect and score their own layers and no gradient
+    store is written: resources.collect.gradient_stores false, or auto with layer_chunks
+    K > 1. Else (the default) collect writes the stores and one chunk_scores job per pair
+    and split seed scores every layer from them."""
+    stores = cfg["resources"]["collect"].get("gradient_stores", "auto")
+    return stores is False or (stores == "auto" and layer_chunks(cfg) > 1)
 
 
 def resource_section(rule: str, cfg: dict) -> str:
     """The section of ``resources`` that sizes ``rule``'s jobs: chunk_scores is a scoring job
     (resources.scores) when it reads the stores, a collection job (resources.collect) when
     it collects its layers (layer chunks)."""
-    if rule == "chunk_scores" and layer_chunks(cfg) <= 1:
+    if rule == "chunk_scores" and not without_stores(cfg):
         return "scores"
     return RESOURCE_SECTION[rule]
 
@@ -337,7 +346,7 @@ class Plan:
         tasks = pair_tasks(cfg)
         return {"models": [self.model_key(cfg)],
                 "data": [self.data_key(cfg, t, s) for s in seeds for t in tasks],
-                "stores": [] if layer_chunks(cfg) > 1 else
+                "stores": [] if without_stores(cfg) else
                 [self.store_key(cfg, t, s) for s in seeds for t in tasks]}
 
     # -- chunk_scores jobs: both arms of a pair, per layer chunk ------------------------
@@ -346,7 +355,8 @@ class Plan:
         (main or control; both read the main pair's chunks): K layer chunks, or one chunk
         of every layer scored from the stores (layer_chunks = 1)."""
         base = pair.removesuffix(".control")
-        k = layer_chunks(self.analysis(exp, model, pair)["cfg"])
+        cfg = self.analysis(exp, model, pair)["cfg"]
+        k = layer_chunks(cfg) if without_stores(cfg) else 1
         return [f"{self.analysis_dir(exp, model, base)}/split{seed}/chunks/{c}"
                 for c in range(k)]
 
@@ -360,7 +370,7 @@ class Plan:
         x = self.analysis(wc.exp, wc.model, wc.pair)
         r, cfg = self.results, x["cfg"]
         tasks = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed)
-        if layer_chunks(cfg) <= 1:
+        if not without_stores(cfg):
             return {"grads": [f"{r}/_stores/{k}/grads" for k in tasks.values()],
                     "manifests": [f"{r}/_stores/{k}/store.json" for k in tasks.values()]}
         return {"model": [f"{r}/_models/{x['model_key']}/model.json"],
@@ -385,7 +395,7 @@ class Plan:
 
     def params(self, rule: str, wc) -> str:
         """The rule's resolved config slice as canonical JSON (its ``params.slice``)."""
-        if rule == "prepare_model":
+        if rule in ("prepare_model", "prepare_tokenizer"):
             return canonical(self.models[wc.key]["slice"])
         if rule == "prepare_data":
             return canonical(self.data[wc.key]["slice"])
@@ -449,7 +459,8 @@ class Plan:
     def records(self, exp: str) -> list[str]:
         """Every tracking record of one experiment's jobs (the track rule's inputs)."""
         jobs = self.experiment_jobs(exp)
-        out = [f"{self.results}/_models/{k}/mlflow.prepare_model.json" for k in jobs["models"]]
+        out = [f"{self.results}/_models/{k}/mlflow.{rule}.json" for k in jobs["models"]
+               for rule in ("prepare_model", "prepare_tokenizer")]
         out += [f"{self.results}/_data/{k}/mlflow.prepare_data.json" for k in jobs["data"]]
         out += [f"{self.results}/_stores/{k}/mlflow.collect.json" for k in jobs["stores"]]
         out += self.experiment_files(exp, "mlflow.scores.json", per_seed=True)
@@ -599,19 +610,27 @@ def check_plan(plan) -> None:
 
 
 def check_chunks(cfg: dict) -> None:
-    """resources.collect.layer_chunks > 1 scores each chunk of layers without stores: refuse
-    what needs a whole-model gradient (metric.gj_norm=l2 divides by it) or the stores
-    (validation reads them)."""
+    """Chunk jobs that collect their own layers keep no stores (:func:`without_stores`):
+    refuse a contradiction (layer chunks with gradient_stores true) and what needs a
+    whole-model gradient (metric.gj_norm=l2 divides by it) or the stores (validation reads
+    them)."""
     k = layer_chunks(cfg)
-    if k <= 1:
+    stores = cfg["resources"]["collect"].get("gradient_stores", "auto")
+    where = (f"experiment {cfg['experiment']!r}: resources.collect.layer_chunks={k}, "
+             f"gradient_stores={stores}")
+    if stores is True and k > 1:
+        raise ValueError(f"{where}: layer chunks collect their own layers and write no store; "
+                         "set gradient_stores to auto or false, or layer_chunks=1")
+    if not without_stores(cfg):
         return
-    where = f"experiment {cfg['experiment']!r}: resources.collect.layer_chunks={k}"
     if cfg["metric"]["gj_norm"] == "l2":
         raise ValueError(f"{where} but metric.gj_norm=l2 divides each g_j by its norm over "
-                         "all layers, which no chunk sees: use layer_chunks=1 or gj_norm=none")
+                         "all layers, which a chunk job's passes never hold at once: use the "
+                         "gradient stores (layer_chunks=1, gradient_stores auto) or gj_norm=none")
     if cfg["validation"]["enabled"]:
         raise ValueError(f"{where} but validation.enabled reads the gradient stores, which "
-                         "layer chunks do not keep: use layer_chunks=1 for a validated run")
+                         "these chunk jobs do not write: use the stores (layer_chunks=1, "
+                         "gradient_stores auto) for a validated run")
     if cfg["resources"]["collect"].get("shards", 1) > 1:
         raise ValueError(f"{where} and resources.collect.shards > 1: choose one way to split "
                          "the collection (layer chunks spread over GPUs as well)")

@@ -1,12 +1,13 @@
 # prepare_data: one task's records -> disjoint roles (fisher / scored / reference / control,
 # seeded by the split seed, dataset ids kept) -> tokens. Keyed by model + task + split +
-# sizes + tokens: _data/<task>-<hash>/.
+# sizes + tokens: _data/<task>-<hash>/. Tokenised by prepare_tokenizer's tokenizer: the data
+# do not wait for prepare_model.
 
 
 rule prepare_data:
     input:
         run=RUN,
-        model=lambda wc: f"{R}/_models/{PLAN.data[wc.key]['model_key']}/model.json",
+        tokenizer=lambda wc: f"{R}/_models/{PLAN.data[wc.key]['model_key']}/tokenizer/manifest.json",
     output:
         manifest=f"{R}/_data/{{key}}/manifest.json",
         tensors=f"{R}/_data/{{key}}/tensors.safetensors",

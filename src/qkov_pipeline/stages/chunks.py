@@ -28,6 +28,7 @@ def _load(job, ex: dict, slot: int):
     from interference.models import load_prepared
 
     from ..jobs import choose_device
+    from .tokenizer import check_same_tokenizer
 
     threads = set_threads(job, ex)
     device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
@@ -38,6 +39,7 @@ def _load(job, ex: dict, slot: int):
         batches, metas = {}, {}
         for path in job.input.data:
             b, _, meta = load_task_batches(Path(path).parent)
+            check_same_tokenizer(job.input.model[0], meta, Path(path).parent)
             batches[meta["task_name"]], metas[meta["task_name"]] = b, meta
     return model, batches, metas, device, dev_info, threads
 

@@ -6,7 +6,10 @@ records into samples of up to ``data.max_length`` tokens; ``tasks.<t>.keep`` say
 of a longer sample is kept (docs/interpreting.md). With ``data.match_lengths`` every
 (task, role) batch of the experiment's tasks is truncated to the same distribution of
 loss-token counts (interference.data.match_lengths), so the job prepares the whole group
-and saves its own task; it also refuses two tasks that share samples (id and text). Output: ``_data/<task>-<hash>/`` (manifest.json, tensors.safetensors).
+and saves its own task; it also refuses two tasks that share samples (id and text). The
+tokenizer is rule prepare_tokenizer's (stages.tokenizer; its digest goes in the meta), so
+the data need not wait for the model. Output: ``_data/<task>-<hash>/`` (manifest.json,
+tensors.safetensors).
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def run(job) -> None:
 
     s = job.slice
     task = s["task"]
-    info = read_json(job.input.model)
+    info = read_json(job.input.tokenizer)
     if info.get("max_positions") and s["max_length"] > info["max_positions"]:
         raise ValueError(f"data.max_length={s['max_length']} exceeds the {info['max_positions']} "
                          f"positions model {s['model']['name']!r} allows "
@@ -96,11 +99,12 @@ def run(job) -> None:
     if not info.get("has_tokenizer", True):
         raise ValueError(f"model {s['model']['name']!r} ({info['class']}) has no tokenizer: the "
                          "workflow's tasks are text; use a text model or add an image task")
-    tokenizer = load_tokenizer(Path(job.input.model).parent / "hf")
+    tokenizer = load_tokenizer(Path(job.input.tokenizer).parent)
     with job.timed("prepare"):
         prepared = prepare_group(s, tokenizer)
     batches, records, meta = prepared[task]
-    meta = dict(meta, task_name=task, split_seed=s["split_seed"], config_hash=job.config_hash)
+    meta = dict(meta, task_name=task, split_seed=s["split_seed"], config_hash=job.config_hash,
+                tokenizer_digest=info["tokenizer_digest"])
     with job.timed("save"):
         save_task_batches(Path(job.output.manifest).parent, batches, records, meta)
     for role, b in batches.items():

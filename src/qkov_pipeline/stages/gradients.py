@@ -45,6 +45,8 @@ def load_inputs(job, ex: dict, slot: int):
     from interference.data import load_task_batches
     from interference.models import load_prepared
 
+    from .tokenizer import check_same_tokenizer
+
     s = job.slice
     d = s["data"]
     threads = set_threads(job, ex)
@@ -53,6 +55,7 @@ def load_inputs(job, ex: dict, slot: int):
     with job.timed("load"):
         model, _ = load_prepared(Path(job.input.model).parent, d["model"], device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
+    check_same_tokenizer(job.input.model, meta, Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
     if unknown:
         raise ValueError(f"{job.input.data}: unknown roles {unknown}")

@@ -4,7 +4,9 @@ Building, loading, saving and describing a model from its config (conf/model) is
 interference.models (build_from_config, load_prepared, save_prepared, describe).
 
 Output folder ``_models/<name>-<hash>/``: ``hf/`` (config, model.safetensors, tokenizer)
-and ``model.json`` (geometry, sizes, provenance), written last.
+and ``model.json`` (geometry, sizes, provenance, the tokenizer's digest), written last. The
+data are tokenised meanwhile, by the tokenizer that rule prepare_tokenizer builds from the
+same model config (stages.tokenizer); the jobs that meet both check the digests agree.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ logger = logging.getLogger("qkov.model")
 
 
 def run(job) -> None:
-    from interference.models import build_from_config, describe, save_prepared
+    from interference.models import build_from_config, describe, save_prepared, with_pad_token
     from interference.results import write_json
 
     mcfg = job.slice["model"]
@@ -26,11 +28,7 @@ def run(job) -> None:
         shutil.rmtree(hf)   # left over from an interrupted run
     with job.timed("build"):
         model, tokenizer = build_from_config(mcfg)
-    if tokenizer is not None and tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.info("tokenizer has no pad token: using eos %r", tokenizer.eos_token)
+    tokenizer = with_pad_token(tokenizer)   # as prepare_tokenizer's (stages.tokenizer)
     info = describe(model, tokenizer, mcfg.get("include_bias", False),   # an unknown layout
                     attention_stack=mcfg.get("attention_stack"))  # fails here, before output
     with job.timed("save"):

@@ -28,6 +28,8 @@ def run(job) -> None:
 
     from interference.models import load_prepared
 
+    from .tokenizer import check_same_tokenizer
+
     s = job.slice
     scores = s["stats"]["scores"]
     a, b = scores["task_a"], scores["task_b"]
@@ -43,8 +45,10 @@ def run(job) -> None:
         evals = {}
         for path in job.input.eval:
             batches, _, meta = load_task_batches(Path(path).parent)
+            check_same_tokenizer(job.input.model[0], meta, Path(path).parent)
             evals[meta["task_name"]] = batches["eval"]
-        train, _, _ = load_task_batches(Path(job.input.train[0]).parent)
+        train, _, meta = load_task_batches(Path(job.input.train[0]).parent)
+        check_same_tokenizer(job.input.model[0], meta, Path(job.input.train[0]).parent)
     for task in (a, b):
         check_disjoint_eval(collector, task, list(evals[task]["sample_ids"]))
     loss_reduction = next(iter(scores["stores"].values()))["fisher"]["loss_reduction"]
