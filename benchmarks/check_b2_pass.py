@@ -76,7 +76,15 @@ def main(argv=None):
                     help="write torch.profiler's tables (self CUDA / self CPU time) and the "
                          "GPU's busy seconds to this file (slow to tabulate: a 4-layer chunk's "
                          "trace took over 100 s; use --chunks 32, one layer)")
+    ap.add_argument("--sdpa", default=None, choices=["flash", "efficient", "cudnn"],
+                    help="only this fused attention backend (torch.nn.attention.sdpa_kernel); "
+                         "default: torch's choice")
     args = ap.parse_args(argv)
+    if args.sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]
+        sdpa_kernel([backend]).__enter__()   # for the whole run
     mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
     data = yaml.safe_load((ROOT / "conf" / "experiment" / "b2_7b.yaml").read_text())["data"]
     dev = "cuda:0"
@@ -158,7 +166,7 @@ def main(argv=None):
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
         **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {})}))
 
 
@@ -208,8 +216,7 @@ def _install_phase_timers() -> dict:
     wrap(per_sample._HookCapture, "__init__", "_HookCapture.__init__")
     wrap(QKOVIndexer, "gather", "indexer.gather (Fisher squares)")
     wrap(collect, "take", "collect.take (slice a batch)")
-    wrap(layerwise, "arm_heatmap", "arm_heatmap")
-    wrap(layerwise, "reference_scores", "reference_scores")
+    wrap(layerwise, "arm_results", "arm_results (scoring)")
     return seconds
 
 

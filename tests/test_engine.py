@@ -270,6 +270,52 @@ def test_sdpa_attention_gives_the_float64_brute_force_gradients(monkeypatch, gra
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("gradient_format", ["dense", "factored"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_micro_batches_padded_to_a_multiple_give_the_float64_brute_force_gradients(
+        monkeypatch, gradient_format, family):
+    """On a GPU each micro-batch is right-padded to a multiple of PAD_MULTIPLE tokens (fewer
+    batch lengths), never beyond the call's longest sample. The rule forced on the CPU
+    (multiple 4, micro-batches of 2): the batch lengths are as the rule says, and the stored
+    rows and the Fisher still equal the float64 brute force of each sample alone."""
+    from interference.gradients import per_sample
+
+    monkeypatch.setitem(per_sample.PAD_MULTIPLE, "cpu", 4)
+    seen, pad = [], per_sample._right_pad
+    monkeypatch.setattr(per_sample, "_right_pad",
+                        lambda *a: (lambda b: (seen.append(b["input_ids"].shape[1]), b)[1])(pad(*a)))
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    cfg = QKOVConfig.from_model(model)
+    idx = QKOVIndexer(model, cfg)
+    order = [2, 5, 0, 1, 4, 3]      # lengths 10, 10 | 14, 12 | 12, 14
+    fisher_b, scored_b = ({k: (v[order] if hasattr(v, "shape") else [v[i] for i in order])
+                           for k, v in padded_batch(6, 14, seed, p).items()}
+                          for seed, p in ((3, "f"), (4, "s")))
+    fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, micro_batch=2,
+                         gradient_format=gradient_format)
+    fc.collect_fisher(model, fisher_b, task="t", mode="mean", role="fisher")
+    fc.collect_fisher(model, scored_b, task="t", role="scored")
+    assert seen == [12, 14, 14] * 2     # 10 -> 12; 14 stays; 12 -> 16 is beyond 14: 14
+    want_f = fisher_mean(brute_grads(model, fisher_b))
+    torch.testing.assert_close(fc.fisher.get("t").double(), idx.flatten(want_f).double(),
+                               rtol=1e-4, atol=1e-7 * float(idx.flatten(want_f).max()))
+    for sid, g in brute_grads(model, scored_b).items():
+        want = idx.flatten(g).double()
+        got = fc.gradient_manager.vector("t", sid).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
+def test_the_padded_length_rounds_up_within_the_longest_sample():
+    from interference.gradients.per_sample import PAD_MULTIPLE, padded_length
+
+    assert PAD_MULTIPLE.get("cpu", 1) == 1 and PAD_MULTIPLE["cuda"] > 1
+    assert [padded_length(t, "cpu") for t in (1, 7, 250)] == [1, 7, 250]
+    m = PAD_MULTIPLE["cuda"]
+    assert padded_length(m + 1, "cuda") == 2 * m and padded_length(m, "cuda") == m
+    assert padded_length(m + 1, "cuda", longest=m + 5) == m + 5      # capped
+    assert padded_length(m + 5, "cuda", longest=m + 5) == m + 5
+
+
 def test_fisher_ema_and_mean_modes(llama_model):
     cfg = QKOVConfig.from_model(llama_model)
     batches = [padded_batch(3, 10, s, f"m:{s}") for s in range(3)]

@@ -37,6 +37,12 @@ from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token
 
 
 SQUARES_BYTES = 1 << 25   # float64 squares formed at once by a Fisher micro-batch (32 MB)
+# A micro-batch is right-padded to a multiple of this many tokens (device type -> multiple;
+# never beyond the call's longest sample). On a GPU each new batch length costs kernels
+# chosen and memory mapped anew (about 0.15 s per length on an H200, so real data of 35
+# lengths paid some 5 s in a pass; benchmarks/RESULTS.md, session 13); pads change no
+# sample's gradient (their δ is 0). On the CPU nothing is gained: batches keep their length.
+PAD_MULTIPLE = {"cuda": 32}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -124,9 +130,12 @@ def _nonfinite_loss_message(model: nn.Module, sid: str, loss: float) -> str:
     return f"sample {sid!r}: loss is {loss}; {where}"
 
 
-def _right_pad(sample_list: list[dict], device) -> dict:
-    """Re-pad unpadded causal-LM samples to the right: ids/labels/mask [n, T_max]."""
-    T = max(int(s["input_ids"].numel()) for s in sample_list)
+def _right_pad(sample_list: list[dict], device, longest: int | None = None) -> dict:
+    """Re-pad unpadded causal-LM samples to the right: ids/labels/mask [n, T], T the longest
+    sample's length rounded up to ``PAD_MULTIPLE`` of the device type, at most ``longest``
+    (the longest sample of the caller's call, a length the model is known to take)."""
+    T = padded_length(max(int(s["input_ids"].numel()) for s in sample_list),
+                      torch.device(device).type, longest)
     n = len(sample_list)
     ids = torch.zeros(n, T, dtype=torch.long)
     labels = torch.full((n, T), -100, dtype=torch.long)
@@ -136,6 +145,14 @@ def _right_pad(sample_list: list[dict], device) -> dict:
         ids[k, :t], labels[k, :t], mask[k, :t] = s["input_ids"], s["labels"], 1
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "attention_mask": mask.to(device)}
+
+
+def padded_length(t: int, device_type: str, longest: int | None = None) -> int:
+    """A micro-batch's length for samples of at most ``t`` tokens on ``device_type``:
+    ``t`` rounded up to ``PAD_MULTIPLE[device_type]`` (none: ``t``), at most ``longest``."""
+    m = PAD_MULTIPLE.get(device_type, 1)
+    padded = -(-t // m) * m
+    return max(t, min(padded, longest)) if longest is not None else padded
 
 
 @contextlib.contextmanager
@@ -470,6 +487,7 @@ class PerSampleGradients:
         :class:`_HookCapture`): yields (ids, capture, losses, n_tok, real) (losses, n_tok,
         real on the device)."""
         device = next(self.model.parameters()).device
+        longest = max((int(s["input_ids"].numel()) for s in samples), default=0)
         chunks = range(0, len(samples), self.micro_batch)
         if self.progress:
             from tqdm.auto import tqdm
@@ -478,7 +496,7 @@ class PerSampleGradients:
             for start in chunks:
                 ids = sample_ids[start:start + self.micro_batch]
                 part = samples[start:start + self.micro_batch]
-                b = _right_pad(part, device)
+                b = _right_pad(part, device, longest)
                 keep = set()
                 if reduce == "norms" and self.dense_for is not None:
                     lengths = {int(s["input_ids"].numel()) for s in part}
