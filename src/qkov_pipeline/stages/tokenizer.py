@@ -19,13 +19,14 @@ logger = logging.getLogger("qkov.model")
 
 
 def run(job) -> None:
-    from interference.models import max_positions, model_config, text_tokenizer, tokenizer_digest
+    from interference.models import (gguf_read_once, max_positions, model_config,
+                                     text_tokenizer, tokenizer_digest)
     from interference.results import atomic_dir, write_json
 
     mcfg = job.slice["model"]
     out = Path(job.output.manifest).parent
-    with job.timed("build"):
-        tokenizer = text_tokenizer(mcfg)
+    with job.timed("build"), gguf_read_once():     # a GGUF parsed once for both (SmolLM2:
+        tokenizer = text_tokenizer(mcfg)            # 5.3 s -> 2.8 s on one core)
         config = model_config(mcfg)
     if tokenizer is not None:
         with atomic_dir(out) as tmp:    # replaces what an interrupted run left
