@@ -76,6 +76,14 @@ def main(argv=None):
                     help="write torch.profiler's tables (self CUDA / self CPU time) and the "
                          "GPU's busy seconds to this file (slow to tabulate: a 4-layer chunk's "
                          "trace took over 100 s; use --chunks 32, one layer)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="collect and score this many times in one process; the last run's "
+                         "seconds and phases are reported (the first ones carry one-time "
+                         "costs: lazy kernel loading, library handles, probes)")
+    ap.add_argument("--plain", action="store_true",
+                    help="then time one plain forward+backward of the same samples in this "
+                         "process (micro-batches of 8 cut to their longest sample, unmasked, "
+                         "attention projections trainable), after one warm-up micro-batch")
     ap.add_argument("--sdpa", default=None, choices=["flash", "efficient", "cudnn"],
                     help="only this fused attention backend (torch.nn.attention.sdpa_kernel); "
                          "default: torch's choice")
@@ -135,11 +143,17 @@ def main(argv=None):
         from torch.profiler import ProfilerActivity, profile
         tprof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         tprof.__enter__()
-    score_layers(model, batches, "math", "code", plan["passes"], make,
-                 metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
-                 progress=False)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeat):          # the last run's seconds and phases are reported
+        t0 = time.perf_counter()
+        if phases is not None:
+            phases.clear()
+        score_layers(model, batches, "math", "code", plan["passes"], make,
+                     metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
+                     progress=False)
+        torch.cuda.synchronize()
+        runs.append(time.perf_counter() - t0)
+    wall = runs[-1]
     if tprof is not None:
         tprof.__exit__(None, None, None)
         kernels = [e for e in tprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -166,8 +180,34 @@ def main(argv=None):
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
+        "runs_s": runs, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
         **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {})}))
+
+
+def plain_pass(model, batches: dict) -> float:
+    """Seconds of one plain forward+backward over every sample of ``batches``."""
+    import torch
+
+    ids = torch.cat([b["input_ids"] for by in batches.values() for b in by.values()])
+    lengths = torch.cat([b["attention_mask"].sum(1) for by in batches.values()
+                         for b in by.values()])
+    parts = [ids[k:k + 8, :int(lengths[k:k + 8].max())].to(next(model.parameters()).device)
+             for k in range(0, len(ids), 8)]
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+
+    def step(x):
+        model(input_ids=x, labels=x).loss.backward()
+
+    step(parts[0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for x in parts:
+        step(x)
+    torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
 
 
 def _install_phase_timers() -> dict:
