@@ -97,7 +97,7 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
             f"{peak} while saving ({kept} kept) but {size_text(free)} are free (workflow.disk_safety={safety}). Free space, point "
             "workflow.results at a bigger disk, use resources.collect.gradient_format=auto "
             "(factored rows where smaller), fisher.store_dtype=bfloat16 (half the size of "
-            "dense rows), resources.collect.layer_chunks > 1 (nothing stored) or fewer "
+            "dense rows), resources.collect.gradient_stores=false (nothing stored) or fewer "
             "scored/reference/control samples")
 
 
@@ -183,7 +183,8 @@ def check_memory(est: dict, available: int | None, loaded: bool = True) -> None:
             f"held in memory, the float64 Fisher of {size_text(est['fisher_bytes'])} and a "
             f"micro-batch's activations, {size_text(est['activation_bytes'])}) but "
             f"{size_text(available)} are available. Lower resources.collect.gradient_memory_mb "
-            "(rows beyond it go to disk) or use resources.collect.layer_chunks > 1")
+            "(rows beyond it go to disk) or use resources.collect.gradient_stores=false "
+            "(each layer's rows only while it is scored)")
 
 
 def log_estimate(task: str, est: dict) -> None:
