@@ -217,3 +217,24 @@ def test_data_tokenised_by_another_tokenizer_are_refused(tmp_path):
     for other in ({"tokenizer_digest": "bbbb"}, {}):
         with pytest.raises(ValueError, match="tokenised by tokenizer .* records tokenizer aaaa"):
             check_same_tokenizer(model_json, other, tmp_path / "data")
+
+
+def test_a_tokenizer_folder_that_is_not_the_one_its_manifest_records_is_refused(tmp_path):
+    """prepare_data and prepare_eval read prepare_tokenizer's folder through load_checked: the
+    tokenizer loaded must have the digest the manifest records."""
+    import json
+
+    from interference.models import tokenizer_digest, with_pad_token
+    from qkov_pipeline.stages.tokenizer import load_checked
+
+    tok = with_pad_token(train_bpe(TEXTS, vocab_size=300))
+    tok.save_pretrained(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"has_tokenizer": True, "tokenizer_digest": tokenizer_digest(tok)}))
+    loaded, info = load_checked(manifest)
+    assert tokenizer_digest(loaded) == info["tokenizer_digest"]
+    with_pad_token(train_bpe(TEXTS, vocab_size=290)).save_pretrained(tmp_path)   # swapped
+    with pytest.raises(ValueError, match="not the .* its manifest records"):
+        load_checked(manifest)
+    manifest.write_text(json.dumps({"has_tokenizer": False, "tokenizer_digest": None}))
+    assert load_checked(manifest) == (None, {"has_tokenizer": False, "tokenizer_digest": None})

@@ -86,7 +86,8 @@ def check_distinct_tasks(records: dict[str, dict[str, list]]) -> None:
 
 def run(job) -> None:
     from interference.data import save_task_batches
-    from interference.models import load_tokenizer
+
+    from .tokenizer import load_checked
 
     s = job.slice
     task = s["task"]
@@ -99,7 +100,7 @@ def run(job) -> None:
     if not info.get("has_tokenizer", True):
         raise ValueError(f"model {s['model']['name']!r} ({info['class']}) has no tokenizer: the "
                          "workflow's tasks are text; use a text model or add an image task")
-    tokenizer = load_tokenizer(Path(job.input.tokenizer).parent)
+    tokenizer, _ = load_checked(job.input.tokenizer)
     with job.timed("prepare"):
         prepared = prepare_group(s, tokenizer)
     batches, records, meta = prepared[task]

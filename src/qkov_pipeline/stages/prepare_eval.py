@@ -41,11 +41,12 @@ def eval_split(d: dict, n_eval: int, tokenizer):
 
 def run(job) -> None:
     from interference.data import save_task_batches
-    from interference.models import load_tokenizer
+
+    from .tokenizer import load_checked
 
     d, n_eval = job.slice["data"], job.slice["n_eval"]
     task = d["task"]
-    tokenizer = load_tokenizer(Path(job.input.tokenizer).parent)
+    tokenizer, info = load_checked(job.input.tokenizer)
     batches, records, meta = eval_split(d, n_eval, tokenizer)
     manifest = read_json(job.input.data)["roles"]
     for role, entry in manifest.items():
@@ -54,7 +55,7 @@ def run(job) -> None:
                              f"task {task!r}; the data were prepared by another version: "
                              f"rerun with --forcerun prepare_data")
     meta = dict(meta, task_name=task, split_seed=d["split_seed"], config_hash=job.config_hash,
-                role="eval", tokenizer_digest=read_json(job.input.tokenizer)["tokenizer_digest"])
+                role="eval", tokenizer_digest=info["tokenizer_digest"])
     save_task_batches(Path(job.output.manifest).parent, {"eval": batches["eval"]},
                       {"eval": records["eval"]}, meta)
     n = int(batches["eval"]["attention_mask"].sum(1).float().mean())

@@ -45,6 +45,23 @@ def run(job) -> None:
     job.artifact(job.output.manifest)
 
 
+def load_checked(manifest: str | Path):
+    """(tokenizer, manifest) of a prepare_tokenizer output, the tokenizer checked against the
+    digest its manifest records (a folder edited or half-copied since is refused)."""
+    from interference.models import load_tokenizer, tokenizer_digest
+
+    info = read_json(manifest)
+    if not info.get("has_tokenizer", True):
+        return None, info
+    tokenizer = load_tokenizer(Path(manifest).parent)
+    got = tokenizer_digest(tokenizer)
+    if got != info["tokenizer_digest"]:
+        raise ValueError(f"the tokenizer in {Path(manifest).parent} has digest {got}, not the "
+                         f"{info['tokenizer_digest']} its manifest records; rerun with "
+                         "`snakemake --forcerun prepare_tokenizer`")
+    return tokenizer, info
+
+
 def check_same_tokenizer(model_json: str | Path, data_meta: dict, data_dir: str | Path) -> None:
     """The data were tokenised by the tokenizer of the model they meet: the digest in
     ``data_meta`` (prepare_data's) equals model.json's (prepare_model's). Raises ValueError
