@@ -347,17 +347,16 @@ def test_fisher_ema_and_mean_modes(llama_model):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2_bias", "llama_bias"])
-@pytest.mark.parametrize("squares_bytes", [8, 1 << 25])
+@pytest.mark.parametrize("micro_batch", [1, 6])
 def test_fisher_squares_summed_one_sample_or_all_at_once_match_the_brute_force(
-        family, squares_bytes, monkeypatch):
-    """The hooks engine's float64 Σ_k g_k² (per_sample.SQUARES_BYTES: 8 B forms one
-    sample's squares at a time, as for a large parameter; 32 MB all of a micro-batch's at
-    once) against the float64 brute force of each sample alone, on split q/k/v (GQA), a
-    fused c_attn with its bias in the Q/K/V slices, and split q/k/v with biases. Each
-    (layer, block) goes into the sum once its parameters are formed: the squares of at
-    most one module's parameters are held at a time, never those of the whole model."""
+        family, micro_batch, monkeypatch):
+    """The hooks engine's float64 Σ_k g_k² (micro-batches of one sample or of all six)
+    against the float64 brute force of each sample alone, on split q/k/v (GQA), a fused
+    c_attn with its bias in the Q/K/V slices, and split q/k/v with biases; a micro-batch's
+    sum is bitwise the exact float64 squares added in sample order. Each (layer, block)
+    goes into the sum once its parameters are formed: the squares of at most one module's
+    parameters are held at a time, never those of the whole model."""
     from interference.gradients import per_sample
-    monkeypatch.setattr(per_sample, "SQUARES_BYTES", squares_bytes)
     model = {"llama": tiny_llama, "gpt2_bias": tiny_gpt2,
              "llama_bias": lambda: tiny_llama(bias=True)}[family]()
     cfg = QKOVConfig.from_model(model, include_bias=family != "llama")
@@ -370,13 +369,18 @@ def test_fisher_squares_summed_one_sample_or_all_at_once_match_the_brute_force(
     def counting(self, name, g):
         keep(self, name, g)
         held.append(len(self.sq))
+        want_sq = torch.zeros(g.shape[1:], dtype=torch.float64)
+        for gk in g:                               # exact squares, added in sample order
+            want_sq = want_sq + gk.double() ** 2
+        assert torch.equal(self.sq[name], want_sq), name
     monkeypatch.setattr(per_sample._HookCapture, "_keep", counting)
-    fc = FisherCollector(config=cfg, micro_batch=6)
+    fc = FisherCollector(config=cfg, micro_batch=micro_batch)
     fc.collect_fisher(model, b, task="m", mode="mean", role="fisher")
     torch.testing.assert_close(fc.fisher.get("m").double(), want, rtol=1e-4,
                                atol=1e-7 * float(want.max()))
     per_module = 1 if family == "llama" else 2       # weight, and bias where included
-    assert len(held) == len(idx.param_names) and max(held) == per_module
+    n_batches = -(-6 // micro_batch)
+    assert len(held) == n_batches * len(idx.param_names) and max(held) == per_module
 
 
 def test_fisher_sums_added_into_the_state_equal_a_calls_total_and_survive_a_failed_call(

@@ -359,11 +359,11 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
                projections a ``max_tokens`` sample keeps dense (P_d);
       fisher = 8 P (``n_tasks`` + 2): the float64 sums of every task held on the device
                until the stored roles (TaskFisher.pending), a micro-batch's per-parameter
-               Σ g² and their head-major copy, plus 4 m P1 + 16 P1 while one projection's
+               Σ g² and their head-major copy, plus 4 m P1 + 8 P1 while one projection's
                squares are formed;
       norms  = 12 m P1: a stored micro-batch's per-sample norms (the covered values'
                copy and its float64 cast);
-      peak = max(fisher + max(act, 4 m P1 + 16 P1), rows + values + act + grads + norms,
+      peak = max(fisher + max(act, 4 m P1 + 8 P1), rows + values + act + grads + norms,
                  rows + score).
     """
     mine = [(l, b) for (l, b) in indexer.entries if l in layers]
@@ -415,7 +415,7 @@ def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, values: i
     out = {"rows": rows, "grads": 4 * m * (P1 + dense), "cat": 0, "copies": 0,
            "fisher": 8 * P * (int(n_tasks) + 2), "store": 0, "norms": 12 * m * P1,
            "act": act, "values": values, "score": score}
-    out["fisher_phase"] = out["fisher"] + max(act, 4 * m * P1 + 16 * P1)
+    out["fisher_phase"] = out["fisher"] + max(act, 4 * m * P1 + 8 * P1)
     out["stored_phase"] = rows + values + act + out["grads"] + out["norms"]
     out["transient"] = out["stored_phase"] - rows
     out["peak"] = max(out["fisher_phase"], out["stored_phase"], rows + score)

@@ -36,7 +36,6 @@ from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token
                          upcast)
 
 
-SQUARES_BYTES = 1 << 25   # float64 squares formed at once by a Fisher micro-batch (32 MB)
 # A micro-batch is right-padded to a multiple of this many tokens (device type -> multiple;
 # never beyond the call's longest sample). On a GPU each new batch length costs kernels
 # chosen and memory mapped anew (about 0.15 s per length on an H200, so real data of 35
@@ -377,13 +376,12 @@ class _HookCapture:
         if self.reduce is None:
             self.grads[name] = g
         elif self.reduce == "squares":
-            # exact float64 squares (a float32 squared fits float64's mantissa), summed over
-            # the samples a group at a time: few launches for small parameters, one sample's
-            # float64 copy at a time for large ones
-            acc = None
-            for part in g.split(max(1, SQUARES_BYTES // (8 * g[0].numel()))):
-                sq = part.double().square_().sum(0)
-                acc = sq if acc is None else acc.add_(sq)
+            # exact float64 squares (a float32 squared fits float64's mantissa) added sample
+            # by sample, each in one multiply-add computed in float64: no float64 copy of
+            # the gradients, one pass over each (bitwise the sum of the squares in order)
+            acc = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device)
+            for gk in g:
+                acc.addcmul_(gk, gk)
             self.sq[name] = acc
             # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
             # float64); which sample is not: :meth:`sample_finite`, only then
