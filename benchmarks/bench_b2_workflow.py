@@ -76,6 +76,30 @@ def job_stats(results: Path) -> tuple[dict[str, float], dict[str, float]]:
     return rss, secs
 
 
+def attention_trainable(model) -> None:
+    """Only the attention projections require gradients (as in the engine's passes)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+
+
+def timed_passes(model, batches: list[dict]) -> float:
+    """Seconds of one forward+backward, ``model(**b).loss.backward()``, per batch, after
+    one untimed warm-up on the first (the GPU synchronised around the timed ones)."""
+    import torch
+
+    cuda = next(model.parameters()).is_cuda
+
+    def run(bs):
+        for b in bs:
+            model(**b).loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+    run(batches[:1])
+    t0 = time.perf_counter()
+    run(batches)
+    return time.perf_counter() - t0
+
+
 def plain_forward_backward(results: Path, device: str) -> dict:
     """One batched forward+backward over every prepared sample (attention weights
     trainable), timed after one untimed warm-up micro-batch."""
@@ -95,8 +119,7 @@ def plain_forward_backward(results: Path, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_load = time.perf_counter() - t0
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    attention_trainable(model)
     batches = []
     for manifest in sorted((results / "_data").glob("*/manifest.json")):
         by_role, _, _ = load_task_batches(manifest.parent)
@@ -106,23 +129,8 @@ def plain_forward_backward(results: Path, device: str) -> dict:
                          for k in ("input_ids", "attention_mask", "labels")}
                         for a in range(0, n, MICRO_BATCH)]
 
-    def step(b, masked):
-        out = model(input_ids=b["input_ids"], labels=b["labels"],
-                    **({"attention_mask": b["attention_mask"]} if masked else {}))
-        out.loss.backward()
-
-    def timed(masked):
-        step(batches[0], masked)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for b in batches:
-            step(b, masked)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    masked, unmasked = timed(True), timed(False)
+    masked = timed_passes(model, batches)
+    unmasked = timed_passes(model, [{k: b[k] for k in ("input_ids", "labels")} for b in batches])
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
     return {"plain_fwd_bwd_s": min(masked, unmasked), "plain_masked_s": masked,
             "plain_unmasked_s": unmasked, "plain_samples": n, "plain_model_load_s": t_load}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,8 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sys.path.insert(0, str(ROOT / "src"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_b2_workflow import attention_trainable, timed_passes
     from interference.models import DTYPES, random_config, random_model
 
     ap = argparse.ArgumentParser()
@@ -37,16 +38,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     mcfg = yaml.safe_load((ROOT / "conf" / "model" / "llama2_7b.yaml").read_text())
     model = random_model(random_config(mcfg), mcfg["seed"], DTYPES[mcfg["dtype"]], "cuda:0")
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
+    attention_trainable(model)
     gen = torch.Generator().manual_seed(0)
     lengths = (torch.randint(args.min_tokens, args.tokens + 1, (args.n,), generator=gen)
                if args.min_tokens else torch.full((args.n,), args.tokens))
     ids = torch.randint(1, 512, (args.n, args.tokens), generator=gen)
-    batches = [ids[k:k + 8, :int(lengths[k:k + 8].max())].cuda() for k in range(0, args.n, 8)]
-
-    def step(x):
-        model(input_ids=x, labels=x).loss.backward()
+    batches = [{"input_ids": x, "labels": x} for x in
+               (ids[k:k + 8, :int(lengths[k:k + 8].max())].cuda() for k in range(0, args.n, 8))]
 
     backends = {"torch's choice": None, "flash": [SDPBackend.FLASH_ATTENTION],
                 "efficient": [SDPBackend.EFFICIENT_ATTENTION],
@@ -56,14 +54,7 @@ def main(argv=None):
         if ctx:
             ctx.__enter__()
         try:
-            step(batches[0])
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for x in batches:
-                step(x)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            err = None
+            seconds, err = timed_passes(model, batches), None
         except RuntimeError as e:      # a backend that cannot take these inputs
             seconds, err = None, str(e).splitlines()[0][:200]
         finally:
@@ -72,7 +63,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
         print(json.dumps({"backend": label, "seconds": seconds, "error": err, "n": args.n,
                           "tokens": args.tokens, "min_tokens": args.min_tokens,
-                          "distinct_lengths": len({b.shape[1] for b in batches}),
+                          "distinct_lengths": len({b["input_ids"].shape[1] for b in batches}),
                           "device": torch.cuda.get_device_name(0), "torch": torch.__version__}),
               flush=True)
 

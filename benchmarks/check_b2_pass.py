@@ -186,28 +186,22 @@ def main(argv=None):
 
 
 def plain_pass(model, batches: dict) -> float:
-    """Seconds of one plain forward+backward over every sample of ``batches``."""
+    """Seconds of one plain forward+backward over every sample of ``batches``
+    (bench_b2_workflow.timed_passes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
+    from bench_b2_workflow import attention_trainable, timed_passes
 
     ids = torch.cat([b["input_ids"] for by in batches.values() for b in by.values()])
     lengths = torch.cat([b["attention_mask"].sum(1) for by in batches.values()
                          for b in by.values()])
-    parts = [ids[k:k + 8, :int(lengths[k:k + 8].max())].to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    parts = [ids[k:k + 8, :int(lengths[k:k + 8].max())].to(device)
              for k in range(0, len(ids), 8)]
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(k in name for k in ("q_proj", "k_proj", "v_proj", "o_proj")))
-
-    def step(x):
-        model(input_ids=x, labels=x).loss.backward()
-
-    step(parts[0])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for x in parts:
-        step(x)
-    torch.cuda.synchronize()
+    attention_trainable(model)
+    seconds = timed_passes(model, [{"input_ids": x, "labels": x} for x in parts])
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return seconds
 
 
 def _install_phase_timers() -> dict:
