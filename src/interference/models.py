@@ -319,12 +319,7 @@ def build_from_config(mcfg: dict):
     tok_cfg = mcfg.get("tokenizer") or {}
     if source == "random":
         model = random_model(random_config(mcfg), mcfg["seed"], DTYPES[mcfg["dtype"]], "meta")
-        tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
-                                    path=tok_cfg.get("path")) if tok_cfg.get("kind") else None
-        if tokenizer is not None and len(tokenizer) > mcfg["vocab_size"]:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size "
-                             f"is {mcfg['vocab_size']}")
-        return model, tokenizer
+        return model, config_tokenizer(mcfg)
     if source == "smollm2":
         return load_smollm2(cache_dir=None, attn_implementation=mcfg["attn_implementation"])
     if source == "minilm":
@@ -341,20 +336,10 @@ def build_from_config(mcfg: dict):
                 raise ValueError(f"model.family={family!r} is not a tiny family; choose from "
                                  f"{TINY_FAMILIES + FAMILIES_EXTRA}")
             model = tiny_model_extra(family, mcfg["vocab_size"], mcfg["seed"], **overrides)
-        if not tok_cfg.get("kind"):
-            return model, None   # e.g. vision models: no tokenizer
-        tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
-                                    path=tok_cfg.get("path"))
-        if len(tokenizer) > mcfg["vocab_size"]:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
-                             f"{mcfg['vocab_size']}")
-        return model, tokenizer
+        return model, config_tokenizer(mcfg)   # None without a kind (e.g. vision models)
     if source in ("local", "hf"):
         model, tokenizer = load_folder(checkpoint_folder(mcfg), mcfg, torch.float32)
-        if tok_cfg.get("kind"):
-            tokenizer = build_tokenizer(tok_cfg["kind"], path=tok_cfg.get("path"),
-                                        vocab_size=tok_cfg.get("vocab_size", 512))
-        return model, tokenizer
+        return model, config_tokenizer(mcfg) if tok_cfg.get("kind") else tokenizer
     raise ValueError(f"unknown model.source {source!r}")
 
 
@@ -381,6 +366,12 @@ def text_tokenizer(mcfg: dict):
     none), built without the weights, with its pad token set (:func:`with_pad_token`): rule
     prepare_tokenizer makes it while prepare_model converts the model; the two agree by
     :func:`tokenizer_digest` (checked where data meet the model)."""
+    return with_pad_token(config_tokenizer(mcfg))
+
+
+def config_tokenizer(mcfg: dict):
+    """The tokenizer a model config names (``tokenizer.kind``; a random or tiny model's must
+    fit its ``vocab_size``), else a local checkpoint's own, else None."""
     tok_cfg = mcfg.get("tokenizer") or {}
     if tok_cfg.get("kind"):
         tokenizer = build_tokenizer(tok_cfg["kind"], vocab_size=tok_cfg.get("vocab_size", 512),
@@ -389,11 +380,10 @@ def text_tokenizer(mcfg: dict):
         if mcfg["source"] in ("random", "tiny") and vocab and len(tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size "
                              f"is {vocab}")
-    elif mcfg["source"] in ("local", "hf"):
-        tokenizer = folder_tokenizer(checkpoint_folder(mcfg), mcfg["trust_remote_code"])
-    else:
-        tokenizer = None
-    return with_pad_token(tokenizer)
+        return tokenizer
+    if mcfg["source"] in ("local", "hf"):
+        return folder_tokenizer(checkpoint_folder(mcfg), mcfg["trust_remote_code"])
+    return None
 
 
 def with_pad_token(tokenizer):
