@@ -238,3 +238,15 @@ def test_a_tokenizer_folder_that_is_not_the_one_its_manifest_records_is_refused(
         load_checked(manifest)
     manifest.write_text(json.dumps({"has_tokenizer": False, "tokenizer_digest": None}))
     assert load_checked(manifest) == (None, {"has_tokenizer": False, "tokenizer_digest": None})
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
+    """A random or tiny model's tokenizer must fit its embeddings, whether built with the
+    model (build_from_config) or alone (the tokenizer rule)."""
+    from interference.models import build_from_config, text_tokenizer
+
+    mcfg = dict(_model_conf("tiny", tmp_path), vocab_size=300)      # the BPE has 512 tokens
+    for build in (build_from_config, text_tokenizer):
+        with pytest.raises(ValueError, match="512 tokens but model.vocab_size is 300"):
+            build(mcfg)
+    text_tokenizer(dict(mcfg, vocab_size=512))
