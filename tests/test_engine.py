@@ -239,6 +239,18 @@ def test_gradients_match_brute_force_and_are_batch_independent(family_run):
     assert torch.allclose(out["alone"], out["mixed"], rtol=1e-5, atol=1e-7)
 
 
+def assert_brute_force(fc, idx, model, fisher_b, scored_b):
+    """Task 't' of ``fc``: its Fisher (mean of fisher_b) and its stored rows (scored_b)
+    equal the float64 brute force of each sample alone through ``model``."""
+    want_f = idx.flatten(fisher_mean(brute_grads(model, fisher_b))).double()
+    torch.testing.assert_close(fc.fisher.get("t").double(), want_f, rtol=1e-4,
+                               atol=1e-7 * float(want_f.max()))
+    for sid, g in brute_grads(model, scored_b).items():
+        want = idx.flatten(g).double()
+        got = fc.gradient_manager.vector("t", sid).double()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("gradient_format", ["dense", "factored"])
 def test_sdpa_attention_gives_the_float64_brute_force_gradients(monkeypatch, gradient_format):
     """torch's fused attention (the default model's, conf/model/smollm2.yaml): right-padded
@@ -261,13 +273,7 @@ def test_sdpa_attention_gives_the_float64_brute_force_gradients(monkeypatch, gra
     fc.collect_fisher(model, fisher_b, task="t", mode="mean", role="fisher")
     fc.collect_fisher(model, scored_b, task="t", role="scored")
     assert len(calls) == 2 * cfg.num_layers and all(m is None for m in calls)
-    want_f = fisher_mean(brute_grads(eager, fisher_b))
-    torch.testing.assert_close(fc.fisher.get("t").double(), idx.flatten(want_f).double(),
-                               rtol=1e-4, atol=1e-7 * float(idx.flatten(want_f).max()))
-    for sid, g in brute_grads(eager, scored_b).items():
-        want = idx.flatten(g).double()
-        got = fc.gradient_manager.vector("t", sid).double()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert_brute_force(fc, idx, eager, fisher_b, scored_b)
 
 
 @pytest.mark.parametrize("gradient_format", ["dense", "factored"])
@@ -296,13 +302,7 @@ def test_micro_batches_padded_to_a_multiple_give_the_float64_brute_force_gradien
     fc.collect_fisher(model, fisher_b, task="t", mode="mean", role="fisher")
     fc.collect_fisher(model, scored_b, task="t", role="scored")
     assert seen == [12, 14, 14] * 2     # 10 -> 12; 14 stays; 12 -> 16 is beyond 14: 14
-    want_f = fisher_mean(brute_grads(model, fisher_b))
-    torch.testing.assert_close(fc.fisher.get("t").double(), idx.flatten(want_f).double(),
-                               rtol=1e-4, atol=1e-7 * float(idx.flatten(want_f).max()))
-    for sid, g in brute_grads(model, scored_b).items():
-        want = idx.flatten(g).double()
-        got = fc.gradient_manager.vector("t", sid).double()
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert_brute_force(fc, idx, model, fisher_b, scored_b)
 
 
 def test_the_padded_length_rounds_up_within_the_longest_sample():
