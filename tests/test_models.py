@@ -178,16 +178,16 @@ def test_the_tokenizer_rule_builds_the_models_tokenizer_and_positions(name, tmp_
     """prepare_tokenizer (text_tokenizer, model_config; no weights) gives the tokenizer and
     positions prepare_model's build_from_config + describe give: the same digest (which the
     jobs compare where data meet the model) and max_positions; None without a tokenizer."""
-    from interference.models import (build_from_config, max_positions, model_config,
-                                     text_tokenizer, tokenizer_digest, with_pad_token)
+    from interference.models import (build_from_config, max_positions, tokenizer_and_config,
+                                     tokenizer_digest, with_pad_token)
 
     mcfg = _model_conf(name, tmp_path)
     model, tok = build_from_config(mcfg)
     tok = with_pad_token(tok)
-    alone = text_tokenizer(mcfg)
+    alone, config = tokenizer_and_config(mcfg)
     assert tokenizer_digest(alone) == tokenizer_digest(tok)
     assert (alone is None) == (name == "tiny_vit")
-    assert max_positions(model_config(mcfg)) == max_positions(model.config)
+    assert max_positions(config) == max_positions(model.config)
     if alone is not None:
         text = "def f(x):\n    return x + 1  # 2 + 2 = 4"
         assert alone(text)["input_ids"] == tok(text)["input_ids"]

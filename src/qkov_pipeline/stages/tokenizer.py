@@ -10,7 +10,6 @@ data meet the model.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -20,17 +19,13 @@ logger = logging.getLogger("qkov.model")
 
 
 def run(job) -> None:
-    from interference.models import (gguf_read_once, max_positions, model_config,
-                                     text_tokenizer, tokenizer_digest)
+    from interference.models import max_positions, tokenizer_and_config, tokenizer_digest
     from interference.results import atomic_dir, write_json
 
     mcfg = job.slice["model"]
     out = Path(job.output.manifest).parent
-    # SmolLM2's GGUF parsed once for both (5.3 s -> 2.8 s on one core)
-    once = gguf_read_once() if mcfg["source"] == "smollm2" else contextlib.nullcontext()
-    with job.timed("build"), once:
-        tokenizer = text_tokenizer(mcfg)
-        config = model_config(mcfg)
+    with job.timed("build"):
+        tokenizer, config = tokenizer_and_config(mcfg)
     if tokenizer is not None:
         with atomic_dir(out) as tmp:    # replaces what an interrupted run left
             tokenizer.save_pretrained(str(tmp))
