@@ -135,7 +135,6 @@ def main(argv=None):
         metric_kwargs.update(yaml.safe_load((ROOT / "conf" / "metric" / "default.yaml").read_text()))
     phases = _install_phase_timers() if args.phase_times else None
     prof = cProfile.Profile() if args.profile else None
-    t0 = time.perf_counter()
     if prof:
         prof.enable()
     tprof = None
