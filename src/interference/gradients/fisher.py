@@ -60,7 +60,9 @@ class TaskFisher:
                              "jobs do not combine into the EMA of one run. Use mode='mean' "
                              "(exact and order-free) or collect the task in one job")
         self.mode, self.beta = mode, float(ema_decay)
-        self.state = torch.zeros(size, dtype=torch.float64)
+        self.size = int(size)
+        self._state: torch.Tensor | None = None     # made when first needed (``state``)
+        self.dropped = False                        # sums dropped by flush (keep_sums False)
         self._value: torch.Tensor | None = None    # value() cache, cleared by update()
         self.pending: torch.Tensor | None = None   # GPU-side Σ C_i not yet in state (flush)
         self.flushed_count = 0                      # samples folded into state
@@ -75,6 +77,24 @@ class TaskFisher:
         self.keep_partials = keep_partials
         self.partials: list[tuple[torch.Tensor, int]] = []
 
+    @property
+    def state(self) -> torch.Tensor | None:
+        """The running float64 state [P] (mode 'mean': Σ C_i; 'ema': the EMA), None once
+        its sums were dropped. Made as host zeros when first needed, so a layer chunk on a
+        GPU that drops its sums never makes it (for 19 LLaMA-7B layers 10 GB per task,
+        whose zeroing cost seconds of page faults; B2 in benchmarks/RESULTS.md)."""
+        if self._state is None and not self.dropped:
+            self._state = torch.zeros(self.size, dtype=torch.float64)
+        return self._state
+
+    @state.setter
+    def state(self, value: torch.Tensor | None) -> None:
+        self._state, self.dropped = value, value is None
+
+    def _device(self) -> torch.device:
+        """Where the state lives (the host until it is placed elsewhere)."""
+        return self._state.device if self._state is not None else torch.device("cpu")
+
     def update(self, batch_sum: torch.Tensor, n: int, ids: list[str]):
         """Fold in one call's batch: ``batch_sum`` = Σ_i C_i [P] (float64) over ``n`` samples.
 
@@ -85,13 +105,13 @@ class TaskFisher:
         the collector flushes when it turns to stored roles; after a flush, later sums go
         straight to the host). The sums are added in the same order either way (0 + a = a
         exactly), so the values do not depend on where they were added."""
-        if self.state is None:
+        if self.dropped:
             raise ValueError(f"{DROPPED_SUMS}: it takes no more samples")
-        if self.count == 0 and batch_sum.device != self.state.device and \
-                self.state.numel() * 8 <= DEVICE_STATE_BYTES:
-            self.state = self.state.to(batch_sum.device)
+        if self.count == 0 and batch_sum.device != self._device() and \
+                self.size * 8 <= DEVICE_STATE_BYTES:     # no samples yet: zeros made there
+            self._state = torch.zeros(self.size, dtype=torch.float64, device=batch_sum.device)
         self._value = None
-        elsewhere = batch_sum.device != self.state.device if self.defer is None else self.defer
+        elsewhere = batch_sum.device != self._device() if self.defer is None else self.defer
         deferred = self.mode == "mean" and not self.keep_partials and elsewhere and \
             self.flushed_count == 0
         if deferred or self.pending is not None:
@@ -113,7 +133,7 @@ class TaskFisher:
         host. Else None. Saves the call's [P] float64 total (0.21 GB for SmolLM2-135M's
         attention weights, a fresh mapping on top of the job's heap)."""
         if self.mode == "mean" and not self.keep_partials and self.pending is None and \
-                self.state is not None and self.state.device.type == "cpu" and \
+                not self.dropped and self._device().type == "cpu" and \
                 torch.device(device).type == "cpu":
             return self.state
         return None
@@ -141,7 +161,7 @@ class TaskFisher:
                 self._value = (self.pending / self.count).float()
                 # 0 + a = a; or dropped: 8.6 GB per task and 16 LLaMA-7B layers took 4.5 s
                 # to reach the host (B2 in benchmarks/RESULTS.md)
-                self.state = self.pending.to(self.state.device) if self.keep_sums else None
+                self.state = self.pending.to(self._device()) if self.keep_sums else None
             else:
                 self.state.add_(self.pending.to(self.state.device))
             self.pending = None
