@@ -84,6 +84,9 @@ def main(argv=None):
                     help="then time one plain forward+backward of the same samples in this "
                          "process (micro-batches of 8 cut to their longest sample, unmasked, "
                          "attention projections trainable), after one warm-up micro-batch")
+    ap.add_argument("--reserve-gib", type=float, default=0.0,
+                    help="allocate and free this many GiB (1 GiB pieces) before the runs, so "
+                         "the caching allocator holds them; its seconds are printed")
     ap.add_argument("--sdpa", default=None, choices=["flash", "efficient", "cudnn"],
                     help="only this fused attention backend (torch.nn.attention.sdpa_kernel); "
                          "default: torch's choice")
@@ -142,10 +145,19 @@ def main(argv=None):
         from torch.profiler import ProfilerActivity, profile
         tprof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         tprof.__enter__()
-    runs = []
+    reserve_s = None
+    if args.reserve_gib:
+        t0 = time.perf_counter()
+        pieces = [torch.empty(2**30, dtype=torch.uint8, device=dev)
+                  for _ in range(int(args.reserve_gib))]
+        torch.cuda.synchronize()
+        del pieces
+        reserve_s = time.perf_counter() - t0
+    runs, run_phases = [], []
     for _ in range(args.repeat):          # the last run's seconds and phases are reported
         t0 = time.perf_counter()
         if phases is not None:
+            run_phases.append(dict(phases))
             phases.clear()
         score_layers(model, batches, "math", "code", plan["passes"], make,
                      metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
@@ -153,6 +165,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         runs.append(time.perf_counter() - t0)
     wall = runs[-1]
+    earlier = [{k: round(v, 3) for k, v in p.items()} for p in run_phases[1:]]
     if tprof is not None:
         tprof.__exit__(None, None, None)
         kernels = [e for e in tprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -179,9 +192,10 @@ def main(argv=None):
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "memory_terms_gib": {k: v / gib for k, v in plan["memory"][0].items()},
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
-        "runs_s": runs, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
+        "runs_s": runs, "reserve_s": reserve_s, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
-        **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {})}))
+        **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {}),
+        **({"phase_seconds_earlier_runs": earlier} if earlier else {})}))
 
 
 def plain_pass(model, batches: dict) -> float:
