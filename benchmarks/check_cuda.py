@@ -61,8 +61,34 @@ def big_block(out, n=100, heads=32, s=128 * 4096, rows=8):
             ((got.double() - want).abs().max() / want.abs().max()))
 
 
+def gram_norms(out, dtype=torch.bfloat16):
+    """A wide LLaMA (width 512, 8 heads of 64, 24-token samples: every projection takes its
+    per-sample norms from Gram matrices on CUDA, per_sample.GRAM_NORM_DEVICES) in ``dtype``:
+    the factored store's norms on CUDA against the formed-gradient path's on CUDA (the same
+    x and δ), and in float32 against the CPU's."""
+    def norms(device, gram: bool, dt):
+        model = tiny_llama(hidden=512, n_head=8, n_kv=8, head_dim=64).to(device, dt)
+        fc = FisherCollector(enable_cross_task_analysis=True,
+                             config=QKOVConfig.from_model(model), gradient_format="factored")
+        batch = padded_batch(6, 24, 5, "s")
+        with mock.patch.object(per_sample, "GRAM_NORM_DEVICES", {"cuda"} if gram else set()):
+            fc.collect_fisher(model, padded_batch(4, 24, 6, "f"), task="s", mode="mean",
+                              role="fisher")
+            fc.collect_fisher(model, batch, task="s", role="scored")
+        return fc.gradient_manager.grad_norms("s", batch["sample_ids"])
+
+    gram, formed = norms("cuda", True, dtype), norms("cuda", False, dtype)
+    key = str(dtype).removeprefix("torch.")
+    out[f"wide_llama_{key}_gram_vs_formed_norms_cuda"] = float(np.abs(gram / formed - 1).max())
+    if dtype == torch.float32:
+        cpu = norms("cpu", False, dtype)
+        out["wide_llama_float32_gram_cuda_vs_formed_cpu_norms"] = float(np.abs(gram / cpu - 1).max())
+
+
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    gram_norms(out, torch.bfloat16)
+    gram_norms(out, torch.float32)
     if "--big" in sys.argv:
         big_block(out)
     for name, make in [("llama", tiny_llama), ("gpt2", tiny_gpt2)]:

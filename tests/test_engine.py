@@ -305,6 +305,55 @@ def test_micro_batches_padded_to_a_multiple_give_the_float64_brute_force_gradien
     assert_brute_force(fc, idx, model, fisher_b, scored_b)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_gram_norms_of_wide_projections_give_the_float64_brute_force_norms(monkeypatch, family):
+    """On a GPU a wide projection's per-sample squared norm, all a factored store keeps of
+    its g, comes from float64 Gram matrices (Σ_{t,s} (δ_t·δ_s)(x_t·x_s)) instead of the
+    formed g. The rule forced on the CPU for every projection (LLaMA: q/k/v share one x and
+    its Gram; GPT-2: fused Conv1D with biases; padded batches): the stored norms equal the
+    float64 brute force of each sample alone, and the formed-gradient path's within float32
+    rounding; the Gram path was taken for every weight the indexer covers once."""
+    from interference.gradients import per_sample
+
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    cfg = QKOVConfig.from_model(model)
+    idx = QKOVIndexer(model, cfg)
+    fisher_b, scored_b = padded_batch(4, 14, 3, "f"), padded_batch(5, 14, 4, "s")
+
+    def norms(gram: bool):
+        if gram:
+            monkeypatch.setattr(per_sample, "GRAM_NORM_DEVICES", {"cpu"})
+            monkeypatch.setattr(per_sample, "GRAM_NORM_RATIO", 0)
+        fc = FisherCollector(enable_cross_task_analysis=True, config=cfg, micro_batch=2,
+                             gradient_format="factored")
+        fc.collect_fisher(model, fisher_b, task="t", mode="mean", role="fisher")
+        fc.collect_fisher(model, scored_b, task="t", role="scored")
+        monkeypatch.undo()
+        return fc.gradient_manager.grad_norms("t", scored_b["sample_ids"])
+
+    formed = norms(False)
+    calls, gram_norm2 = [], per_sample._HookCapture._gram_norm2
+    monkeypatch.setattr(per_sample._HookCapture, "_gram_norm2",
+                        lambda self, x, d: (calls.append(d.shape[-1]), gram_norm2(self, x, d))[1])
+    gram = norms(True)
+    covered = per_sample._coverage(idx)
+    once = [n for n in idx.param_names if n.endswith(".weight") and covered[n] is None]
+    assert once and len(calls) == len(once) * 3      # every such weight, 3 micro-batches
+    want = np.array([float(idx.flatten(g).double().norm())
+                     for g in brute_grads(model, scored_b).values()])
+    np.testing.assert_allclose(gram, want, rtol=1e-5)
+    np.testing.assert_allclose(formed, want, rtol=1e-5)
+    np.testing.assert_allclose(gram, formed, rtol=1e-6)
+    # a g beyond float32's range (formed: inf) is reported infinite too, not its float64 norm
+    cap = object.__new__(per_sample._HookCapture)
+    cap._x_grams = {}
+    x = torch.full((2, 2, 3), 1e20)
+    x[1] = 1.0
+    n2 = cap._gram_norm2(x, x.clone())
+    assert torch.isinf(torch.einsum("nto,nti->noi", x, x)[0]).all()
+    assert n2[0] == torch.inf and n2[1] == 36.0      # 9 entries of (1 + 1)^2
+
+
 def test_the_padded_length_rounds_up_within_the_longest_sample():
     from interference.gradients.per_sample import PAD_MULTIPLE, padded_length
 

@@ -42,6 +42,14 @@ from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token
 # lengths paid some 5 s in a pass; benchmarks/RESULTS.md, session 13); pads change no
 # sample's gradient (their δ is 0). On the CPU nothing is gained: batches keep their length.
 PAD_MULTIPLE = {"cuda": 32}
+# Per-sample squared norms of a wide projection's weight gradient g = Σ_t δ_t x_tᵀ [out, in]
+# are taken from float64 Gram matrices, ‖g‖² = Σ_{t,s} (δ_t·δ_s)(x_t·x_s), without forming
+# g, on these devices, where GRAM_NORM_RATIO · T · (in + out) <= in · out (a LLaMA-7B
+# projection at 256 tokens; not GPT-2-small's): on an H200 the formed gradients of the
+# stored samples cost some 3 s of B2's 7B chunk (benchmarks/RESULTS.md, session 14).
+GRAM_NORM_DEVICES = {"cuda"}
+GRAM_NORM_RATIO = 4
+_FLOAT32_MAX_SQ = float(torch.finfo(torch.float32).max) ** 2
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -286,6 +294,7 @@ class _HookCapture:
         self.deltas: dict[str, torch.Tensor] = {}
         self.stacked: set[str] = set()
         self._groups: dict[str, str] | None = None
+        self._x_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(x) -> (x, XXᵀ)
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
     def input_groups(self) -> dict[str, str]:
@@ -345,16 +354,43 @@ class _HookCapture:
         self.outputs = {}
 
     def form(self, path: str):
-        """The per-sample gradients of ``path``'s parameters, each through ``_keep``."""
+        """The per-sample gradients of ``path``'s parameters, each through ``_keep`` (or, for
+        a wide weight whose norms are all that is wanted, only its norms: :meth:`_gram_norm2`)."""
         x, delta = self.inputs[path], self.deltas[path]
-        xf, df = upcast(x), upcast(delta)
-        if "weight" in self.by_module[path]:
+        kinds, weight = self.by_module[path], f"{path}.weight"
+        if "weight" in kinds and self._gram_norm_applies(weight, x, delta):
+            self.norm2[weight] = self._gram_norm2(x, delta)
+        elif "weight" in kinds:
+            xf, df = upcast(x), upcast(delta)
             with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
                 g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
                     else torch.einsum("nto,nti->noi", df, xf)
-            self._keep(f"{path}.weight", g)
-        if "bias" in self.by_module[path]:
-            self._keep(f"{path}.bias", df.sum(1))
+            self._keep(weight, g)
+        if "bias" in kinds:
+            self._keep(f"{path}.bias", upcast(delta).sum(1))
+
+    def _gram_norm_applies(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> bool:
+        """Whether ``name``'s per-sample squared norms come from Gram matrices: only its
+        norms are wanted (reduce 'norms', g not kept), over every entry once, on a device
+        of GRAM_NORM_DEVICES, for a projection wide against its tokens."""
+        t, d_in, d_out = x.shape[1], x.shape[-1], delta.shape[-1]
+        return (self.reduce == "norms" and name not in self.keep and
+                self.covered.get(name) is None and x.device.type in GRAM_NORM_DEVICES and
+                GRAM_NORM_RATIO * t * (d_in + d_out) <= d_in * d_out)
+
+    def _gram_norm2(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """[n] float64 ‖Σ_t δ_t x_tᵀ‖² = Σ_{t,s} (δ_t·δ_s)(x_t·x_s) from x [n, T, in] and
+        δ [n, T, out], in float64 (XXᵀ made once for the modules that read one x; pads
+        have δ = 0 and add nothing). A norm at or beyond float32's largest square is
+        reported infinite, as the formed float32 gradient would be (the error path then
+        forms it to name the sample)."""
+        hit = self._x_grams.get(id(x))
+        if hit is None or hit[0] is not x:
+            xd = x.double()
+            hit = self._x_grams[id(x)] = (x, xd @ xd.transpose(1, 2))
+        dd = delta.double()
+        n2 = ((dd @ dd.transpose(1, 2)) * hit[1]).sum((1, 2))
+        return torch.where(n2 < _FLOAT32_MAX_SQ, n2, torch.inf)
 
     def sample_finite(self, name: str) -> list[bool]:
         """Whether each sample's per-sample gradient of parameter ``name`` is finite
