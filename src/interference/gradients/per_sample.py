@@ -382,8 +382,8 @@ class _HookCapture:
         """[n] float64 ‖Σ_t δ_t x_tᵀ‖² = Σ_{t,s} (δ_t·δ_s)(x_t·x_s) from x [n, T, in] and
         δ [n, T, out], in float64 (XXᵀ made once for the modules that read one x; pads
         have δ = 0 and add nothing). A norm at or beyond float32's largest square is
-        reported infinite, as the formed float32 gradient would be (the error path then
-        forms it to name the sample)."""
+        reported infinite, as the formed float32 gradient's would be, so the sample is
+        refused as non-finite, naming its layer."""
         hit = self._x_grams.get(id(x))
         if hit is None or hit[0] is not x:
             xd = x.double()
