@@ -87,10 +87,16 @@ def main(argv=None):
     ap.add_argument("--reserve-gib", type=float, default=0.0,
                     help="allocate and free this many GiB (1 GiB pieces) before the runs, so "
                          "the caching allocator holds them; its seconds are printed")
+    ap.add_argument("--no-gram-norms", action="store_true",
+                    help="form each stored sample's gradient for its norm, as before session "
+                         "14, instead of per_sample's Gram matrices (an A/B of that change)")
     ap.add_argument("--sdpa", default=None, choices=["flash", "efficient", "cudnn"],
                     help="only this fused attention backend (torch.nn.attention.sdpa_kernel); "
                          "default: torch's choice")
     args = ap.parse_args(argv)
+    if args.no_gram_norms:
+        from interference.gradients import per_sample
+        per_sample.GRAM_NORM_DEVICES = set()
     if args.sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -194,6 +200,7 @@ def main(argv=None):
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
         "runs_s": runs, "reserve_s": reserve_s, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
+        "gram_norms": not args.no_gram_norms,
         **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {}),
         **({"phase_seconds_earlier_runs": earlier} if earlier else {})}))
 
