@@ -231,7 +231,8 @@ class FisherCollector:
             (factored for each projection where that is smaller: T·(d_in + d_out) values
             against d_in·d_out). Factored needs the 'hooks' engine; with the 'loop' engine
             'auto' is dense. Fisher and grad norms come from the collection-time g_i in
-            every format.
+            every format (on a GPU a wide projection's norms from the Gram matrices of its
+            x and δ, without forming g: ``per_sample.GRAM_NORM_DEVICES``).
         keep_fisher_sums: keep each task's float64 Fisher sums once its value Î is made
             (default). False drops the GPU-held sums of mode 'mean' when the collector
             turns to stored roles, instead of copying them to the host: the layer chunks

@@ -431,7 +431,8 @@ class GradientStore:
         return shard.rows([sample_id], 0, self.size)[0]
 
     def grad_norms(self, task: str, ids: list[str]) -> np.ndarray:
-        """[n] L2 norms of g_j over all attention parameters (computed from float32 g)."""
+        """[n] L2 norms of g_j over all attention parameters (float64 sums of the float32 g's
+        squares; on a GPU, a wide projection's from the Gram matrices of x and δ)."""
         return np.array([self.norms[(task, s)] for s in ids])
 
     def get_memory_usage(self) -> dict:
