@@ -358,16 +358,19 @@ class _HookCapture:
         a wide weight whose norms are all that is wanted, only its norms: :meth:`_gram_norm2`)."""
         x, delta = self.inputs[path], self.deltas[path]
         kinds, weight = self.by_module[path], f"{path}.weight"
-        if "weight" in kinds and self._gram_norm_applies(weight, x, delta):
+        gram = "weight" in kinds and self._gram_norm_applies(weight, x, delta)
+        formed = "weight" in kinds and not gram
+        df = upcast(delta) if formed or "bias" in kinds else None
+        if gram:
             self.norm2[weight] = self._gram_norm2(x, delta)
-        elif "weight" in kinds:
-            xf, df = upcast(x), upcast(delta)
+        elif formed:
+            xf = upcast(x)
             with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
                 g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
                     else torch.einsum("nto,nti->noi", df, xf)
             self._keep(weight, g)
         if "bias" in kinds:
-            self._keep(f"{path}.bias", upcast(delta).sum(1))
+            self._keep(f"{path}.bias", df.sum(1))
 
     def _gram_norm_applies(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> bool:
         """Whether ``name``'s per-sample squared norms come from Gram matrices: only its
