@@ -159,19 +159,20 @@ def main(argv=None):
         torch.cuda.synchronize()
         del pieces
         reserve_s = time.perf_counter() - t0
-    runs, run_phases = [], []
-    for _ in range(args.repeat):          # the last run's seconds and phases are reported
+    runs, run_phases = [], []       # each run's seconds and phases; the last one is reported
+    for _ in range(args.repeat):
         t0 = time.perf_counter()
         if phases is not None:
-            run_phases.append(dict(phases))
             phases.clear()
         score_layers(model, batches, "math", "code", plan["passes"], make,
                      metric_kwargs=metric_kwargs, fisher_mode="mean", micro_batch=m,
                      progress=False)
         torch.cuda.synchronize()
         runs.append(time.perf_counter() - t0)
+        if phases is not None:
+            run_phases.append({k: round(v, 3) for k, v in phases.items()})
     wall = runs[-1]
-    earlier = [{k: round(v, 3) for k, v in p.items()} for p in run_phases[1:]]
+    earlier = run_phases[:-1]
     if tprof is not None:
         tprof.__exit__(None, None, None)
         kernels = [e for e in tprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -201,7 +202,7 @@ def main(argv=None):
         "runs_s": runs, "reserve_s": reserve_s, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
         "gram_norms": not args.no_gram_norms,
-        **({"phase_seconds": {k: round(v, 3) for k, v in phases.items()}} if phases else {}),
+        **({"phase_seconds": run_phases[-1]} if run_phases else {}),
         **({"phase_seconds_earlier_runs": earlier} if earlier else {})}))
 
 
