@@ -253,6 +253,67 @@ def test_passes_give_the_stored_scores():
     assert runs[1]["main"]["heat"]["meta"]["layers"] == [0, 1, 2]
 
 
+def test_the_only_chunk_is_saved_joined_and_read_back_without_torch(tmp_path):
+    """A run's only chunk is saved as its join (the means and top conflicts as the join
+    recomputes them), so rule scores reads it back, without importing torch, to exactly
+    what the join of the chunk as scored makes; the Snakemake process's planning imports no
+    torch either (both start faster: the 7B benchmark's critical path)."""
+    import json
+    import subprocess
+    import sys
+
+    from interference.results import load_heatmap
+    from interference.scores.join import join_chunk_folders
+    from interference.scores.layerwise import join_heatmaps, score_layers
+    from qkov_pipeline.stages.chunks import save_chunk_arms
+
+    from conftest import ROOT, workflow_env
+
+    model = tiny_llama(n_layer=2)
+    cfg = QKOVConfig.from_model(model)
+    by_task = {"math": {"fisher": padded_batch(3, 8, 1, "math:f"),
+                        "scored": padded_batch(3, 8, 2, "math:s"),
+                        "reference": padded_batch(2, 8, 3, "math:r")},
+               "code": {"fisher": padded_batch(3, 8, 4, "code:f"),
+                        "scored": padded_batch(2, 8, 5, "code:s")}}
+    res = score_layers(model, by_task, "math", "code", [[0, 1]],
+                       lambda layers: FisherCollector(enable_cross_task_analysis=True,
+                                                      config=cfg, layers=layers),
+                       arms=("main",), metric_kwargs={"device": "cpu", "top_k": 7},
+                       progress=False)
+    for name, only in (("raw", False), ("joined", True)):
+        save_chunk_arms(tmp_path / name / "0", res, only=only)
+        (tmp_path / name / "0" / "chunk.json").write_text(json.dumps({"index": 0, "n_chunks": 1}))
+    raw_heat, raw_ref = load_heatmap(tmp_path / "raw" / "0" / "main")
+    want, want_ref = join_heatmaps([raw_heat], [raw_ref], cfg, 7)     # the join as it was
+    heat, ref, norms_b, _, ids_r, _ = join_chunk_folders([tmp_path / "joined" / "0"], "main")
+    assert heat["meta"] == json.loads(json.dumps(want["meta"]))
+    for b in "QKVO":
+        np.testing.assert_array_equal(heat[b]["scores"], want[b]["scores"])
+        np.testing.assert_array_equal(heat[b]["layer_head_avg"], want[b]["layer_head_avg"])
+        np.testing.assert_array_equal(ref[b], want_ref[b])
+        assert heat[b]["top_conflicts"] == want[b]["top_conflicts"] and \
+            len(want[b]["top_conflicts"]) == 7
+        assert (heat[b]["layers"], heat[b]["heads"]) == (want[b]["layers"], want[b]["heads"])
+    np.testing.assert_array_equal(norms_b, np.sqrt(res["main"]["sq_norms_b"]))
+    assert ids_r == res["main"]["ids_r"]
+    light = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from interference.scores.join import join_chunk_folders\n"
+        f"join_chunk_folders([{str(tmp_path / 'joined' / '0')!r}], 'main')\n"
+        "from qkov_pipeline import hooks, plan as qp\n"
+        f"root = Path({str(ROOT)!r})\n"
+        "plan = qp.build_plan(root / 'conf', root / 'workflow/schemas/config.schema.yaml', "
+        "['tiny'], ['++tracking.mode=off'])\n"
+        "hooks.configure_tracking(plan, main=True)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True,
+                         env=workflow_env(), cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_random_model_from_a_named_shape():
     """conf/model/llama2_7b.yaml and llama3_8b.yaml describe the published shapes (built on
     the meta device: no memory, no download); a tiny random model is the same on rebuild."""

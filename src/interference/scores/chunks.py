@@ -1,18 +1,15 @@
-"""One layer chunk of a model as a job: its memory budget, its plan, and the join of the
-chunks' saved heatmaps (the library side of rule ``chunk_scores`` and of rule ``scores``
-with layer chunks; qkov_pipeline.stages.chunks reads the inputs and writes the outputs).
+"""One layer chunk of a model as a job: its memory budget and its plan (the library side of
+rule ``chunk_scores``; qkov_pipeline.stages.chunks reads the inputs and writes the
+outputs). The join of the chunks' saved heatmaps, rule ``scores``, is .join.
 """
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
-import numpy as np
 
 from ..architectures import QKOVConfig, QKOVIndexer
 from ..gradients.collect import stored_format
-from ..results import load_heatmap, read_json_file, size_text
-from .layerwise import chunk_layers, join_heatmaps, plan_chunk
+from ..results import size_text
+from .layerwise import chunk_layers, plan_chunk
 
 logger = logging.getLogger("qkov.scores")
 
@@ -104,24 +101,3 @@ def peak_device_bytes(device: str) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(torch.device(device)))
-
-
-def join_chunk_folders(dirs: list[Path], arm: str) -> tuple[dict, dict | None, np.ndarray,
-                                                             np.ndarray, list[str], list[dict]]:
-    """The saved chunks of one arm (``<dir>/<arm>/`` and ``<dir>/chunk.json`` per chunk),
-    joined in layer order: (heatmap, reference scores, B's and the reference's gradient
-    norms [n] as sqrt of the chunks' summed squares, reference ids, chunk records).
-    Refuses folders that are not chunks 0..K-1 of one plan."""
-    dirs = sorted((Path(d) for d in dirs), key=lambda d: int(d.name))
-    infos = [read_json_file(d / "chunk.json", "snakemake --forcerun chunk_scores") for d in dirs]
-    if [i["index"] for i in infos] != list(range(len(dirs))) or \
-            any(i["n_chunks"] != len(dirs) for i in infos):
-        raise ValueError(f"the chunk folders {[str(d) for d in dirs]} are not chunks "
-                         f"0..{len(dirs) - 1} of one plan")
-    loaded = [load_heatmap(d / arm) for d in dirs]
-    extra = loaded[0][0]["extra"]
-    heat, ref = join_heatmaps([h for h, _ in loaded], [r for _, r in loaded],
-                              QKOVConfig(**extra["qkov_config"]), int(extra["top_k"]))
-    norms_b = np.sqrt(np.sum([h["extra"]["sq_norms_b"] for h, _ in loaded], axis=0))
-    norms_r = np.sqrt(np.sum([h["extra"]["sq_norms_r"] for h, _ in loaded], axis=0))
-    return heat, ref, norms_b, norms_r, list(extra["sample_ids_r"]), infos

@@ -1,7 +1,8 @@
 """Layer chunks (resources.collect.layer_chunks = K > 1): rule ``chunk_scores`` collects and
 scores one contiguous chunk of a model's layers for both arms of a pair, with no gradient
 store (:func:`run_chunk`); rule ``scores`` joins the K chunks (:func:`run_join`; it also
-writes the one chunk that stages.scores.run_stores scores from the stores). A chunk
+writes the one chunk that stages.scores.run_stores scores from the stores). A run's only
+chunk is saved joined, so the ``scores`` job reads it without importing torch. A chunk
 job takes a GPU of its own (slot = chunk index), prints its plan and refuses, before
 collecting, a layer that cannot fit (interference.scores.chunks). The joined cells.csv
 equals the stores' byte for byte (same device type and threads; tests/test_chunks.py).
@@ -115,7 +116,7 @@ def run_chunk(job) -> None:
                            contents={t: m.get("content") for t, m in metas.items()})
     seconds = time.time() - t_collect
     shutil.rmtree(spill, ignore_errors=True)
-    save_chunk_arms(out, res)
+    save_chunk_arms(out, res, only=plan["n_chunks"] == 1)
     write_json(out / "chunk.json", {
         "index": plan["index"], "n_chunks": plan["n_chunks"], "layers": plan["layers"],
         "passes": plan["passes"], "micro_batch": m, "rows_bytes": plan["rows_bytes"],
@@ -132,13 +133,18 @@ def run_chunk(job) -> None:
     job.log_to_mlflow = False
 
 
-def save_chunk_arms(out: Path, res: dict[str, dict]) -> None:
+def save_chunk_arms(out: Path, res: dict[str, dict], only: bool) -> None:
     """Each arm's result of a chunk (score_layers' format: heat, ref, ids_r, sq_norms_b,
-    sq_norms_r, config, top_k) as ``out/<arm>/`` heatmap folders, which run_join reads."""
+    sq_norms_r, config, top_k) as ``out/<arm>/`` heatmap folders, which run_join reads.
+    ``only``: the run's only chunk, saved as its join (interference.scores.join.as_joined),
+    so the join reads it back without torch."""
     from interference.results import save_heatmap
+    from interference.scores.join import as_joined
 
     for arm, r in res.items():
-        save_heatmap(out / arm, r["heat"], reference_scores=r["ref"], extra={
+        heat, ref = as_joined(r["heat"], r["ref"], r["config"], r["top_k"]) if only \
+            else (r["heat"], r["ref"])
+        save_heatmap(out / arm, heat, reference_scores=ref, extra={
             "sq_norms_b": r["sq_norms_b"].tolist(), "sq_norms_r": r["sq_norms_r"].tolist(),
             "qkov_config": r["config"].to_dict(), "top_k": r["top_k"],
             "sample_ids_r": r["ids_r"]})
@@ -148,7 +154,7 @@ def run_join(job) -> None:
     """Rule scores: this arm's heatmap and reference scores from the pair's chunks (layer
     order; norms = sqrt of the chunks' summed squares), written with its record. One chunk
     read from the stores, or K layer chunks (their times and plans go in the record)."""
-    from interference.scores.chunks import join_chunk_folders
+    from interference.scores.join import join_chunk_folders
 
     with job.timed("join"):
         heat, ref, norms_b, norms_r, ids_r, infos = join_chunk_folders(job.input.chunks,

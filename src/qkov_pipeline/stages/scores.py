@@ -111,7 +111,7 @@ def run_stores(job) -> None:
         res = arm_results(metric, arms, a, b, ref_task, store_contents(metas))
     seconds = job.metrics["time.score_arms_s"]
     out = Path(job.output.part)
-    save_chunk_arms(out, res)
+    save_chunk_arms(out, res, only=True)
     layers = list(collector.layers)
     write_json(out / "chunk.json", {
         "index": 0, "n_chunks": 1, "layers": layers, "source": "stores",
