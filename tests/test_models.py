@@ -174,20 +174,23 @@ def _model_conf(name: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_phi3", "tiny_vit", "minilm", "llama2_7b", "local"])
-def test_the_tokenizer_rule_builds_the_models_tokenizer_and_positions(name, tmp_path):
-    """prepare_tokenizer (text_tokenizer, model_config; no weights) gives the tokenizer and
-    positions prepare_model's build_from_config + describe give: the same digest (which the
-    jobs compare where data meet the model) and max_positions; None without a tokenizer."""
-    from interference.models import (build_from_config, max_positions, tokenizer_and_config,
-                                     tokenizer_digest, with_pad_token)
+def test_the_data_jobs_build_the_models_tokenizer_and_positions(name, tmp_path):
+    """A data job's tokenizer (stages.tokenizer.build_tokenizer: text_tokenizer and
+    model_config, no weights) is the one prepare_model's build_from_config + describe give:
+    the same digest (which the jobs compare where data meet the model), size and
+    max_positions; None without a tokenizer."""
+    from interference.models import build_from_config, describe, tokenizer_digest, with_pad_token
+    from qkov_pipeline.stages.tokenizer import build_tokenizer
 
     mcfg = _model_conf(name, tmp_path)
     model, tok = build_from_config(mcfg)
     tok = with_pad_token(tok)
-    alone, config = tokenizer_and_config(mcfg)
-    assert tokenizer_digest(alone) == tokenizer_digest(tok)
+    alone, info = build_tokenizer(mcfg)
+    want = describe(model, tok, prove=False)
+    assert tokenizer_digest(alone) == tokenizer_digest(tok) == info["tokenizer_digest"]
+    for k in ("max_positions", "has_tokenizer", "tokenizer_size"):
+        assert info[k] == want[k], k
     assert (alone is None) == (name == "tiny_vit")
-    assert max_positions(config) == max_positions(model.config)
     if alone is not None:
         text = "def f(x):\n    return x + 1  # 2 + 2 = 4"
         assert alone(text)["input_ids"] == tok(text)["input_ids"]
@@ -219,30 +222,9 @@ def test_data_tokenised_by_another_tokenizer_are_refused(tmp_path):
             check_same_tokenizer(model_json, other, tmp_path / "data")
 
 
-def test_a_tokenizer_folder_that_is_not_the_one_its_manifest_records_is_refused(tmp_path):
-    """prepare_data and prepare_eval read prepare_tokenizer's folder through load_checked: the
-    tokenizer loaded must have the digest the manifest records."""
-    import json
-
-    from interference.models import tokenizer_digest, with_pad_token
-    from qkov_pipeline.stages.tokenizer import load_checked
-
-    tok = with_pad_token(train_bpe(TEXTS, vocab_size=300))
-    tok.save_pretrained(tmp_path)
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"has_tokenizer": True, "tokenizer_digest": tokenizer_digest(tok)}))
-    loaded, info = load_checked(manifest)
-    assert tokenizer_digest(loaded) == info["tokenizer_digest"]
-    with_pad_token(train_bpe(TEXTS, vocab_size=290)).save_pretrained(tmp_path)   # swapped
-    with pytest.raises(ValueError, match="not the .* its manifest records"):
-        load_checked(manifest)
-    manifest.write_text(json.dumps({"has_tokenizer": False, "tokenizer_digest": None}))
-    assert load_checked(manifest) == (None, {"has_tokenizer": False, "tokenizer_digest": None})
-
-
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
     """A random or tiny model's tokenizer must fit its embeddings, whether built with the
-    model (build_from_config) or alone (the tokenizer rule)."""
+    model (build_from_config) or alone (a data job's)."""
     from interference.models import build_from_config, text_tokenizer
 
     mcfg = dict(_model_conf("tiny", tmp_path), vocab_size=300)      # the BPE has 512 tokens

@@ -231,14 +231,9 @@ def test_missing_data_file_fails_the_run_without_partial_output(tmp_path):
 def test_sequence_longer_than_the_model_allows(tmp_path):
     from qkov_pipeline.stages import data as stage
 
-    cfg = tiny_cfg("data.max_length=512")
-    manifest = tmp_path / "tokenizer" / "manifest.json"   # prepare_tokenizer's
-    manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"max_positions": 256, "has_tokenizer": True,
-                                    "class": "LlamaForCausalLM", "tokenizer_digest": "x"}))
+    cfg = tiny_cfg("data.max_length=512")     # the tiny LLaMA allows 256 positions
     out = tmp_path / "_data" / "math-x"
-    job = FakeJob(_data_slice(cfg), {"tokenizer": str(manifest)},
-                  {"manifest": str(out / "manifest.json")})
+    job = FakeJob(_data_slice(cfg), {}, {"manifest": str(out / "manifest.json")})
     with pytest.raises(ValueError) as err:
         stage.run(job)
     msg = str(err.value)

@@ -11,7 +11,7 @@ at the same time and in the background,
 - the tiny workflow with 2 shards per task through ``snakemake --executor slurm`` (the
   profile profiles/slurm, squeue status, a hard ``timeout -s KILL``),
 - the tiny workflow with an invalid value injected (``model.family=no_such_family``, which
-  the schema allows) that makes the first jobs, prepare_model and prepare_tokenizer, raise.
+  the schema allows) that makes the first jobs, prepare_model and prepare_data, raise.
 
 tests/conftest.py calls it as soon as the session is collected (when these tests are
 selected and SLURM is here): the runs mostly wait on SLURM (scheduling, status polls), so
@@ -290,7 +290,7 @@ def test_tiny_workflow_runs_as_slurm_jobs(slurm_runs, cluster):
     ids = _slurm_job_ids(run["work"])
     rules = sorted(ids.values())
     # every job but the local track rule was a SLURM job: 2 shards per task, then gathered
-    assert rules == sorted(["prepare_model", "prepare_tokenizer"] + ["prepare_data"] * 2 +
+    assert rules == sorted(["prepare_model"] + ["prepare_data"] * 2 +
                            ["collect_shard"] * 4 +
                            ["collect"] * 2 + ["chunk_scores"] + ["scores"] * 2 + ["stats"] * 2 +
                            ["tables"] * 2 + ["draw_figures"] * 2 + ["summary"]), rules
@@ -358,7 +358,7 @@ def test_mlflow_runs_exist_after_the_slurm_run(slurm_runs):
     children = [r for r in runs if r.data.tags.get("qkov.kind") == "job"]
     assert len(parents) == 1
     assert sorted(r.data.tags["qkov.rule"] for r in children) == sorted(
-        ["prepare_model", "prepare_tokenizer", "prepare_data", "prepare_data", "collect",
+        ["prepare_model", "prepare_data", "prepare_data", "collect",
          "collect", "scores",
          "scores", "stats", "stats", "tables", "tables", "draw_figures", "draw_figures",
          "summary"])
@@ -374,12 +374,12 @@ def test_mlflow_runs_exist_after_the_slurm_run(slurm_runs):
 def test_a_failing_rule_fails_the_slurm_run(slurm_runs, cluster):
     run = slurm_runs["fail"]
     assert run["rc"] not in (0, 124, 137), f"rc {run['rc']}:\n{run['output'][-5000:]}"
-    # both first jobs build from the bad model config (the tokenizer job reads its config)
+    # the first jobs build from the bad model config (the data jobs build its tokenizer)
     assert "Error in rule prepare_" in run["output"], run["output"][-5000:]
     ids = _slurm_job_ids(run["work"])
     states = cluster.completed_jobs()
     failed = [i for i, rule in ids.items() if states.get(i) == "FAILED"]
-    first = {"prepare_model", "prepare_tokenizer"}
+    first = {"prepare_model", "prepare_data"}
     assert failed and all(ids[i] in first for i in failed), (ids, states)
     assert set(ids.values()) <= first                        # nothing ran after them
     assert not list((run["work"] / "results").glob("_models/*/model.json"))

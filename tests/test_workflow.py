@@ -16,7 +16,7 @@ import pytest
 from conftest import job_counts, run_workflow
 
 TINY_BUDGET_S = float(os.environ.get("QKOV_TINY_BUDGET_S", "180"))
-STAGE_RULES = ("prepare_model", "prepare_tokenizer", "prepare_data", "collect", "chunk_scores", "scores", "stats", "tables",
+STAGE_RULES = ("prepare_model", "prepare_data", "collect", "chunk_scores", "scores", "stats", "tables",
                "draw_figures", "summary", "track")
 REQUIRED_COLUMNS = ("block", "layer", "head", "statistic", "p_value", "q_value", "effect_size",
                     "ci_low", "ci_high", "significant", "schema_version", "config_hash")
@@ -38,10 +38,10 @@ def test_dry_run_plans_every_stage(tmp_path):
     counts = job_counts(res.stdout)
     # one model, two tasks (math, code), one pair plus its negative control
     # (one chunk_scores job scores both arms from the stores; scores writes each arm)
-    assert counts == {"prepare_model": 1, "prepare_tokenizer": 1, "prepare_data": 2,
+    assert counts == {"prepare_model": 1, "prepare_data": 2,
                       "collect": 2, "chunk_scores": 1, "scores": 2, "stats": 2, "tables": 2,
                       "draw_figures": 2, "summary": 1, "track": 1, "all": 1,
-                      "total": 18}, res.stdout
+                      "total": 17}, res.stdout
 
 
 def test_dry_run_default_experiment(tmp_path):
@@ -84,16 +84,13 @@ def test_tiny_run_writes_every_output(tiny_run):
     models = list((r / "_models").glob("tiny-*"))
     assert len(models) == 1
     for f in ("model.json", "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json",
-              "config.prepare_model.yaml", "mlflow.prepare_model.json",
-              "tokenizer/manifest.json", "tokenizer/tokenizer.json",
-              "config.prepare_tokenizer.yaml", "mlflow.prepare_tokenizer.json"):
+              "config.prepare_model.yaml", "mlflow.prepare_model.json"):
         assert (models[0] / f).is_file(), f
     data = sorted(p.name.split("-")[0] for p in (r / "_data").iterdir())
     assert data == ["code", "math"]
-    # the data were tokenised by prepare_tokenizer's tokenizer, the one model.json records
+    # each data job built the model's tokenizer itself: the one model.json records
     digest = json.loads((models[0] / "model.json").read_text())["tokenizer_digest"]
-    assert digest and digest == json.loads(
-        (models[0] / "tokenizer" / "manifest.json").read_text())["tokenizer_digest"]
+    assert digest
     for d in (r / "_data").iterdir():
         for f in ("manifest.json", "tensors.safetensors", "config.prepare_data.yaml"):
             assert (d / f).is_file()
@@ -124,7 +121,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         logs = list((r / "logs" / ("figures" if rule == "draw_figures" else rule)).rglob("*.log"))
         assert logs, rule
         assert all(p.stat().st_size > 0 for p in logs), rule
-    assert len(list((r / "benchmarks").rglob("*.tsv"))) == 17
+    assert len(list((r / "benchmarks").rglob("*.tsv"))) == 16
 
 
 @pytest.mark.slow
@@ -172,7 +169,7 @@ def test_mlflow_parent_and_child_runs(tiny_run):
     parent = parents[0]
     assert any(k.endswith("n_significant") for k in parent.data.metrics)
     rules = sorted(r.data.tags["qkov.rule"] for r in children)
-    assert rules == sorted(["prepare_model", "prepare_tokenizer", "prepare_data", "prepare_data", "collect",
+    assert rules == sorted(["prepare_model", "prepare_data", "prepare_data", "collect",
                             "collect", "scores", "scores", "stats", "stats", "tables",
                             "tables", "draw_figures", "draw_figures", "summary"])
     for run in children:
@@ -190,7 +187,7 @@ def test_mlflow_parent_and_child_runs(tiny_run):
     names = [a.path for a in client.list_artifacts(fig.info.run_id, "figures")]
     assert any(n.endswith("heatmap_Q.png") for n in names), names
     records = list(tiny_run["results"].rglob("mlflow.*.json"))
-    assert len(records) == 15
+    assert len(records) == 14
     assert all(json.loads(p.read_text())["status"] == "logged" for p in records)
 
 
@@ -264,7 +261,7 @@ def test_deferred_mode_logs_each_record_once(tiny_run, tmp_path, monkeypatch):
     exp = client.get_experiment_by_name("qkov/tiny")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     children = [r for r in runs if r.data.tags.get("qkov.kind") == "job"]
-    assert len(children) == len(paths) == 15
+    assert len(children) == len(paths) == 14
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {first["parent_run_id"]}
     parent = client.get_run(first["parent_run_id"])
     assert parent.data.params["metric.variant"] == "qkov"

@@ -363,8 +363,8 @@ def checkpoint_folder(mcfg: dict) -> str:
 
 def text_tokenizer(mcfg: dict):
     """The tokenizer :func:`build_from_config` gives with the model (None where the model has
-    none), built without the weights, with its pad token set (:func:`with_pad_token`): rule
-    prepare_tokenizer makes it while prepare_model converts the model; the two agree by
+    none), built without the weights, with its pad token set (:func:`with_pad_token`): the
+    workflow's data jobs make it while prepare_model converts the model; the two agree by
     :func:`tokenizer_digest` (checked where data meet the model)."""
     return with_pad_token(config_tokenizer(mcfg))
 

@@ -40,8 +40,7 @@ SLICE_VERSION = 1  # bump when the meaning of a slice changes (forces new keys)
 
 
 # rule -> its section of `resources` in conf/config.yaml
-RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_tokenizer": "prepare_data",
-                    "prepare_data": "prepare_data",
+RESOURCE_SECTION = {"prepare_model": "prepare_model", "prepare_data": "prepare_data",
                     "prepare_eval": "prepare_data", "collect": "collect",
                     "chunk_scores": "collect", "scores": "scores",
                     "stats": "stats", "validate": "validate", "tables": "summary",
@@ -395,7 +394,7 @@ class Plan:
 
     def params(self, rule: str, wc) -> str:
         """The rule's resolved config slice as canonical JSON (its ``params.slice``)."""
-        if rule in ("prepare_model", "prepare_tokenizer"):
+        if rule == "prepare_model":
             return canonical(self.models[wc.key]["slice"])
         if rule == "prepare_data":
             return canonical(self.data[wc.key]["slice"])
@@ -459,8 +458,7 @@ class Plan:
     def records(self, exp: str) -> list[str]:
         """Every tracking record of one experiment's jobs (the track rule's inputs)."""
         jobs = self.experiment_jobs(exp)
-        out = [f"{self.results}/_models/{k}/mlflow.{rule}.json" for k in jobs["models"]
-               for rule in ("prepare_model", "prepare_tokenizer")]
+        out = [f"{self.results}/_models/{k}/mlflow.prepare_model.json" for k in jobs["models"]]
         out += [f"{self.results}/_data/{k}/mlflow.prepare_data.json" for k in jobs["data"]]
         out += [f"{self.results}/_stores/{k}/mlflow.collect.json" for k in jobs["stores"]]
         out += self.experiment_files(exp, "mlflow.scores.json", per_seed=True)

@@ -1,13 +1,12 @@
 # prepare_data: one task's records -> disjoint roles (fisher / scored / reference / control,
 # seeded by the split seed, dataset ids kept) -> tokens. Keyed by model + task + split +
-# sizes + tokens: _data/<task>-<hash>/. Tokenised by prepare_tokenizer's tokenizer: the data
-# do not wait for prepare_model.
+# sizes + tokens: _data/<task>-<hash>/. Tokenised by the model's tokenizer, which the job
+# builds from the model config: the data wait for no other job.
 
 
 rule prepare_data:
     input:
         run=RUN,
-        tokenizer=lambda wc: f"{R}/_models/{PLAN.data[wc.key]['model_key']}/tokenizer/manifest.json",
     output:
         manifest=f"{R}/_data/{{key}}/manifest.json",
         tensors=f"{R}/_data/{{key}}/tensors.safetensors",

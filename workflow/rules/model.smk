@@ -1,7 +1,7 @@
 # prepare_model: build (tiny) or convert (SmolLM2 GGUF -> safetensors) the model ONCE.
-# prepare_tokenizer: its tokenizer, from the same config without the weights (the data are
-# tokenised while the model converts; model.json and the data record the tokenizer's digest).
-# Keyed by the model section of the config: _models/<name>-<hash>/.
+# Keyed by the model section of the config: _models/<name>-<hash>/. The data jobs build the
+# tokenizer themselves from the same config (no weights) while the model converts;
+# model.json and the data record the tokenizer's digest, compared where they meet.
 
 
 rule prepare_model:
@@ -27,26 +27,3 @@ rule prepare_model:
     script:
         "../scripts/prepare_model.py"
 
-
-rule prepare_tokenizer:
-    input:
-        run=RUN,
-    output:
-        manifest=f"{R}/_models/{{key}}/tokenizer/manifest.json",
-        config=f"{R}/_models/{{key}}/config.prepare_tokenizer.yaml",
-        record=f"{R}/_models/{{key}}/mlflow.prepare_tokenizer.json",
-    params:
-        slice=lambda wc: PLAN.params("prepare_tokenizer", wc),
-    log:
-        f"{R}/logs/prepare_tokenizer/{{key}}.log",
-    benchmark:
-        f"{R}/benchmarks/prepare_tokenizer/{{key}}.tsv"
-    threads: lambda wc: PLAN.resource("prepare_tokenizer", wc, "threads")
-    resources:
-        mem_mb=lambda wc: PLAN.resource("prepare_tokenizer", wc, "mem_mb"),
-        runtime=lambda wc: PLAN.resource("prepare_tokenizer", wc, "runtime"),
-        gpu=lambda wc: PLAN.resource("prepare_tokenizer", wc, "gpu", 0),
-    conda:
-        "../envs/qkov.yaml"
-    script:
-        "../scripts/prepare_tokenizer.py"

@@ -10,7 +10,6 @@
 rule prepare_eval:
     input:
         run=RUN,
-        tokenizer=lambda wc: f"{R}/_models/{PLAN.evals[wc.key]['model_key']}/tokenizer/manifest.json",
         data=lambda wc: f"{R}/_data/{PLAN.evals[wc.key]['data_key']}/manifest.json",
     output:
         manifest=f"{R}/_eval/{{key}}/manifest.json",

@@ -7,9 +7,9 @@ of a longer sample is kept (docs/interpreting.md). With ``data.match_lengths`` e
 (task, role) batch of the experiment's tasks is truncated to the same distribution of
 loss-token counts (interference.data.match_lengths), so the job prepares the whole group
 and saves its own task; it also refuses two tasks that share samples (id and text). The
-tokenizer is rule prepare_tokenizer's (stages.tokenizer; its digest goes in the meta), so
-the data need not wait for the model. Output: ``_data/<task>-<hash>/`` (manifest.json,
-tensors.safetensors).
+job builds the model's tokenizer from the model config (stages.tokenizer; its digest goes
+in the meta), so the data wait for no other job. Output: ``_data/<task>-<hash>/``
+(manifest.json, tensors.safetensors).
 """
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401 (imported first so the job frame fixes its thread count)
-
-from ..jobs import read_json
 
 logger = logging.getLogger("qkov.data")
 
@@ -87,11 +85,12 @@ def check_distinct_tasks(records: dict[str, dict[str, list]]) -> None:
 def run(job) -> None:
     from interference.data import save_task_batches
 
-    from .tokenizer import load_checked
+    from .tokenizer import build_tokenizer
 
     s = job.slice
     task = s["task"]
-    info = read_json(job.input.tokenizer)
+    with job.timed("tokenizer"):
+        tokenizer, info = build_tokenizer(s["model"])
     if info.get("max_positions") and s["max_length"] > info["max_positions"]:
         raise ValueError(f"data.max_length={s['max_length']} exceeds the {info['max_positions']} "
                          f"positions model {s['model']['name']!r} allows "
@@ -100,7 +99,6 @@ def run(job) -> None:
     if not info.get("has_tokenizer", True):
         raise ValueError(f"model {s['model']['name']!r} ({info['class']}) has no tokenizer: the "
                          "workflow's tasks are text; use a text model or add an image task")
-    tokenizer, _ = load_checked(job.input.tokenizer)
     with job.timed("prepare"):
         prepared = prepare_group(s, tokenizer)
     batches, records, meta = prepared[task]

@@ -5,8 +5,8 @@ interference.models (build_from_config, load_prepared, save_prepared, describe).
 
 Output folder ``_models/<name>-<hash>/``: ``hf/`` (config, model.safetensors, tokenizer)
 and ``model.json`` (geometry, sizes, provenance, the tokenizer's digest), written last. The
-data are tokenised meanwhile, by the tokenizer that rule prepare_tokenizer builds from the
-same model config (stages.tokenizer); the jobs that meet both check the digests agree.
+data are tokenised meanwhile, by the tokenizer each data job builds from the same model
+config (stages.tokenizer); the jobs that meet both check the digests agree.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run(job) -> None:
         shutil.rmtree(hf)   # left over from an interrupted run
     with job.timed("build"):
         model, tokenizer = build_from_config(mcfg)
-    tokenizer = with_pad_token(tokenizer)   # as prepare_tokenizer's (stages.tokenizer)
+    tokenizer = with_pad_token(tokenizer)   # as the data jobs' (stages.tokenizer)
     info = describe(model, tokenizer, mcfg.get("include_bias", False),   # an unknown layout
                     attention_stack=mcfg.get("attention_stack"))  # fails here, before output
     with job.timed("save"):

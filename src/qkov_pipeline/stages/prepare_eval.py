@@ -42,11 +42,11 @@ def eval_split(d: dict, n_eval: int, tokenizer):
 def run(job) -> None:
     from interference.data import save_task_batches
 
-    from .tokenizer import load_checked
+    from .tokenizer import build_tokenizer
 
     d, n_eval = job.slice["data"], job.slice["n_eval"]
     task = d["task"]
-    tokenizer, info = load_checked(job.input.tokenizer)
+    tokenizer, info = build_tokenizer(d["model"])
     batches, records, meta = eval_split(d, n_eval, tokenizer)
     manifest = read_json(job.input.data)["roles"]
     for role, entry in manifest.items():
