@@ -283,20 +283,22 @@ def test_the_only_chunk_is_saved_joined_and_read_back_without_torch(tmp_path):
                        progress=False)
     for name, only in (("raw", False), ("joined", True)):
         save_chunk_arms(tmp_path / name / "0", res, only=only)
-        (tmp_path / name / "0" / "chunk.json").write_text(json.dumps({"index": 0, "n_chunks": 1}))
+        (tmp_path / name / "0" / "chunk.json").write_text(json.dumps(
+            {"index": 0, "n_chunks": 1, "saved_joined": only}))
     raw_heat, raw_ref = load_heatmap(tmp_path / "raw" / "0" / "main")
     want, want_ref = join_heatmaps([raw_heat], [raw_ref], cfg, 7)     # the join as it was
-    heat, ref, norms_b, _, ids_r, _ = join_chunk_folders([tmp_path / "joined" / "0"], "main")
-    assert heat["meta"] == json.loads(json.dumps(want["meta"]))
-    for b in "QKVO":
-        np.testing.assert_array_equal(heat[b]["scores"], want[b]["scores"])
-        np.testing.assert_array_equal(heat[b]["layer_head_avg"], want[b]["layer_head_avg"])
-        np.testing.assert_array_equal(ref[b], want_ref[b])
-        assert heat[b]["top_conflicts"] == want[b]["top_conflicts"] and \
-            len(want[b]["top_conflicts"]) == 7
-        assert (heat[b]["layers"], heat[b]["heads"]) == (want[b]["layers"], want[b]["heads"])
-    np.testing.assert_array_equal(norms_b, np.sqrt(res["main"]["sq_norms_b"]))
-    assert ids_r == res["main"]["ids_r"]
+    for name in ("joined", "raw"):     # read as saved; a chunk saved unjoined is joined
+        heat, ref, norms_b, _, ids_r, _ = join_chunk_folders([tmp_path / name / "0"], "main")
+        assert heat["meta"] == json.loads(json.dumps(want["meta"]))
+        for b in "QKVO":
+            np.testing.assert_array_equal(heat[b]["scores"], want[b]["scores"])
+            np.testing.assert_array_equal(heat[b]["layer_head_avg"], want[b]["layer_head_avg"])
+            np.testing.assert_array_equal(ref[b], want_ref[b])
+            assert heat[b]["top_conflicts"] == want[b]["top_conflicts"] and \
+                len(want[b]["top_conflicts"]) == 7
+            assert (heat[b]["layers"], heat[b]["heads"]) == (want[b]["layers"], want[b]["heads"])
+        np.testing.assert_array_equal(norms_b, np.sqrt(res["main"]["sq_norms_b"]))
+        assert ids_r == res["main"]["ids_r"]
     light = (
         "import sys\n"
         "from pathlib import Path\n"

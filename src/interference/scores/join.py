@@ -3,9 +3,10 @@
 A chunk job saves each arm's heatmap of its layers (``<dir>/<arm>/``, results.save_heatmap)
 and ``<dir>/chunk.json``. K chunks are joined by :func:`layerwise.join_heatmaps` (their
 scores concatenated, the means and top conflicts recomputed over all layers). The one
-chunk of a run with a single chunk is saved already joined (:func:`as_joined`), so reading
-it back is the join, and needs no torch: a ``scores`` job then starts in a fraction of
-the time (the 7B benchmark's critical path; a small CPU job on a cluster).
+chunk of a run with a single chunk is saved already joined (:func:`as_joined`; its
+chunk.json says ``saved_joined``), so reading it back is the join, and needs no torch: a
+``scores`` job then starts in a fraction of the time (the 7B benchmark's critical path; a
+small CPU job on a cluster).
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def join_chunk_folders(dirs: list[Path], arm: str) -> tuple[dict, dict | None, n
     """The saved chunks of one arm (``<dir>/<arm>/`` and ``<dir>/chunk.json`` per chunk),
     joined in layer order: (heatmap, reference scores, B's and the reference's gradient
     norms [n] as sqrt of the chunks' summed squares, reference ids, chunk records).
-    Refuses folders that are not chunks 0..K-1 of one plan. One chunk is read as saved
-    (:func:`as_joined`), without torch."""
+    Refuses folders that are not chunks 0..K-1 of one plan. One chunk saved joined
+    (``saved_joined`` in its chunk.json: :func:`as_joined`) is read as saved, without
+    torch; any other is joined."""
     dirs = sorted((Path(d) for d in dirs), key=lambda d: int(d.name))
     infos = [read_json_file(d / "chunk.json", "snakemake --forcerun chunk_scores") for d in dirs]
     if [i["index"] for i in infos] != list(range(len(dirs))) or \
@@ -41,7 +43,7 @@ def join_chunk_folders(dirs: list[Path], arm: str) -> tuple[dict, dict | None, n
                          f"0..{len(dirs) - 1} of one plan")
     loaded = [load_heatmap(d / arm) for d in dirs]
     extra = loaded[0][0]["extra"]
-    if len(loaded) == 1:
+    if len(loaded) == 1 and infos[0].get("saved_joined"):
         heat, ref = loaded[0]
         heat = {"meta": heat["meta"], **{b: heat[b] for b in BLOCKS}}
     else:

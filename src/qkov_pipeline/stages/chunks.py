@@ -116,9 +116,11 @@ def run_chunk(job) -> None:
                            contents={t: m.get("content") for t, m in metas.items()})
     seconds = time.time() - t_collect
     shutil.rmtree(spill, ignore_errors=True)
-    save_chunk_arms(out, res, only=plan["n_chunks"] == 1)
+    only = plan["n_chunks"] == 1
+    save_chunk_arms(out, res, only=only)
     write_json(out / "chunk.json", {
-        "index": plan["index"], "n_chunks": plan["n_chunks"], "layers": plan["layers"],
+        "index": plan["index"], "n_chunks": plan["n_chunks"], "saved_joined": only,
+        "layers": plan["layers"],
         "passes": plan["passes"], "micro_batch": m, "rows_bytes": plan["rows_bytes"],
         "predicted_peak_bytes": max(plan["peaks"]),
         "budget_bytes": plan["budget_bytes"], "estimate_s": plan["estimate_s"],

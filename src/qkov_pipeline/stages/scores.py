@@ -114,7 +114,7 @@ def run_stores(job) -> None:
     save_chunk_arms(out, res, only=True)
     layers = list(collector.layers)
     write_json(out / "chunk.json", {
-        "index": 0, "n_chunks": 1, "layers": layers, "source": "stores",
+        "index": 0, "n_chunks": 1, "saved_joined": True, "layers": layers, "source": "stores",
         "seconds_score": seconds, "seconds_total": time.time() - t0,
         "started": t0, "finished": time.time(), "device": str(device),
         "config_hash": job.config_hash})
