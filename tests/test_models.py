@@ -155,7 +155,7 @@ def test_smollm2_gguf_convert_reload(tmp_path):
     assert a.loss.item() < 3.0  # real weights (random init: about ln 49152 = 10.8)
 
 
-# ------------------------------------------- the tokenizer rule: tokenizer and config, no weights
+# ------------------------------------- a data job's tokenizer: tokenizer and config, no weights
 
 def _model_conf(name: str, tmp_path: Path) -> dict:
     """conf/model/<name>.yaml as the workflow resolves it; ``local``: a saved tiny LLaMA with
