@@ -90,6 +90,11 @@ def main(argv=None):
     ap.add_argument("--no-gram-norms", action="store_true",
                     help="form each stored sample's gradient for its norm, as before session "
                          "14, instead of per_sample's Gram matrices (an A/B of that change)")
+    ap.add_argument("--pad-multiple", type=int, default=None,
+                    help="right-pad each micro-batch to a multiple of this many tokens on "
+                         "the GPU (per_sample.PAD_MULTIPLE['cuda'], 32): fewer batch shapes, "
+                         "whose first use costs a process about half a second each "
+                         "(RESULTS.md, B2 session 15)")
     ap.add_argument("--sdpa", default=None, choices=["flash", "efficient", "cudnn"],
                     help="only this fused attention backend (torch.nn.attention.sdpa_kernel); "
                          "default: torch's choice")
@@ -97,6 +102,9 @@ def main(argv=None):
     if args.no_gram_norms:
         from interference.gradients import per_sample
         per_sample.GRAM_NORM_DEVICES = set()
+    if args.pad_multiple:
+        from interference.gradients import per_sample
+        per_sample.PAD_MULTIPLE["cuda"] = args.pad_multiple
     if args.sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -201,7 +209,7 @@ def main(argv=None):
         "estimate_s": plan["estimate_s"], "collect_and_score_s": wall, "model_build_s": load_s,
         "runs_s": runs, "reserve_s": reserve_s, **({"plain_s": plain_pass(model, batches)} if args.plain else {}),
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sdpa": args.sdpa,
-        "gram_norms": not args.no_gram_norms,
+        "gram_norms": not args.no_gram_norms, "pad_multiple": args.pad_multiple,
         **({"phase_seconds": run_phases[-1]} if run_phases else {}),
         **({"phase_seconds_earlier_runs": earlier} if earlier else {})}))
 
