@@ -3,10 +3,10 @@
 A chunk job saves each arm's heatmap of its layers (``<dir>/<arm>/``, results.save_heatmap)
 and ``<dir>/chunk.json``. K chunks are joined by :func:`layerwise.join_heatmaps` (their
 scores concatenated, the means and top conflicts recomputed over all layers). The one
-chunk of a run with a single chunk is saved already joined (:func:`as_joined`; its
-chunk.json says ``saved_joined``), so reading it back is the join, and needs no torch: a
-``scores`` job then starts in a fraction of the time (the 7B benchmark's critical path; a
-small CPU job on a cluster).
+chunk of a run with a single chunk is saved already joined (the chunk job passes it through
+``join_heatmaps``; its chunk.json says ``saved_joined``), so reading it back is the join,
+and needs no torch: a ``scores`` job then starts in a fraction of the time (the 7B
+benchmark's critical path; a small CPU job on a cluster).
 """
 from __future__ import annotations
 
@@ -18,23 +18,14 @@ from .._tables import BLOCKS
 from ..results import load_heatmap, read_json_file
 
 
-def as_joined(heat: dict, ref: dict | None, config, top_k: int) -> tuple[dict, dict | None]:
-    """(heatmap, reference scores) of the only chunk of a run, as the join of one chunk
-    makes them (layerwise.join_heatmaps: numpy means over the pairs, top conflicts ranked
-    on the host), for the chunk job to save; ``config``: the model's QKOVConfig."""
-    from .layerwise import join_heatmaps
-
-    return join_heatmaps([heat], [ref], config, top_k)
-
-
 def join_chunk_folders(dirs: list[Path], arm: str) -> tuple[dict, dict | None, np.ndarray,
                                                              np.ndarray, list[str], list[dict]]:
     """The saved chunks of one arm (``<dir>/<arm>/`` and ``<dir>/chunk.json`` per chunk),
     joined in layer order: (heatmap, reference scores, B's and the reference's gradient
     norms [n] as sqrt of the chunks' summed squares, reference ids, chunk records).
     Refuses folders that are not chunks 0..K-1 of one plan. One chunk saved joined
-    (``saved_joined`` in its chunk.json: :func:`as_joined`) is read as saved, without
-    torch; any other is joined."""
+    (``saved_joined`` in its chunk.json) is read as saved, without torch; any other is
+    joined."""
     dirs = sorted((Path(d) for d in dirs), key=lambda d: int(d.name))
     infos = [read_json_file(d / "chunk.json", "snakemake --forcerun chunk_scores") for d in dirs]
     if [i["index"] for i in infos] != list(range(len(dirs))) or \

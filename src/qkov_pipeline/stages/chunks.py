@@ -138,13 +138,14 @@ def run_chunk(job) -> None:
 def save_chunk_arms(out: Path, res: dict[str, dict], only: bool) -> None:
     """Each arm's result of a chunk (score_layers' format: heat, ref, ids_r, sq_norms_b,
     sq_norms_r, config, top_k) as ``out/<arm>/`` heatmap folders, which run_join reads.
-    ``only``: the run's only chunk, saved as its join (interference.scores.join.as_joined),
-    so the join reads it back without torch."""
+    ``only``: the run's only chunk, saved as the join of itself (numpy means over the
+    pairs, top conflicts ranked on the host), so rule scores reads it back without torch
+    (interference.scores.join)."""
     from interference.results import save_heatmap
-    from interference.scores.join import as_joined
+    from interference.scores.layerwise import join_heatmaps
 
     for arm, r in res.items():
-        heat, ref = as_joined(r["heat"], r["ref"], r["config"], r["top_k"]) if only \
+        heat, ref = join_heatmaps([r["heat"]], [r["ref"]], r["config"], r["top_k"]) if only \
             else (r["heat"], r["ref"])
         save_heatmap(out / arm, heat, reference_scores=ref, extra={
             "sq_norms_b": r["sq_norms_b"].tolist(), "sq_norms_r": r["sq_norms_r"].tolist(),
