@@ -5,7 +5,8 @@ and in the same run one plain forward+backward over the same samples.
         [--overrides '...'] [--device cuda]
     python benchmarks/bench_b2_workflow.py WORKDIR --dry-plan [--gpu-gib 139.8]
 
-1. Runs ``snakemake ... --config experiment=b2_7b --resources gpu=N`` up to the pair's
+1. Runs ``snakemake --cores all --config experiment=b2_7b --resources gpu=N`` (the host's
+   cores: the chunk jobs of random weights run beside prepare_model) up to the pair's
    cells.csv (model, data, chunk_scores, scores, stats, tables: gradients -> map ->
    permutations; figures and summary left out) in WORKDIR, timing it.
 2. Reads what the chunk jobs recorded (heatmap.json ``extra.layer_chunks``): device, passes,
@@ -45,7 +46,7 @@ def run_workflow(work: Path, exp: str, gpus: int, overrides: str, extra: list[st
                          [exp], ov)
     targets = [f"{plan.analysis_dir(e, m, p)}/cells.csv" for (e, m, p) in plan.analyses]
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(work),
-           "--cores", str(max(4, 4 * gpus + 2)), "--resources", f"gpu={gpus}",
+           "--cores", "all", "--resources", f"gpu={gpus}",
            "--config", f"experiment={exp}", f"overrides=[{', '.join(ov)}]", *extra,
            "--", *targets]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"),

@@ -35,10 +35,14 @@ export PYTHONPATH="$ROOT/src${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # growable CUDA segments (as the chunk jobs set them): fewer "reserved but unallocated" GiB
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-# byte-compile what a --no-compile install left as source (the device recipe carries wheels
-# that way) and the project, once, as an ordinary pip install does: else every job of the
-# workflow compiles its imports again (where the image sets PYTHONDONTWRITEBYTECODE)
-"$PY" -m compileall -q -j 0 ${SITE:+"$SITE"} src > /dev/null || true
+# byte-compile, once, what was installed without byte-code (a --no-compile install, as the
+# device recipe carries wheels; uv's default, as the device image installed torch) and the
+# project, as an ordinary pip install does: else every job of the workflow compiles its
+# imports again where the environment sets PYTHONDONTWRITEBYTECODE (the device image: 4-5 s
+# of compiling torch in each job; RESULTS.md, B2 session 16). Up-to-date files are skipped.
+PURELIB=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+[ -w "$PURELIB" ] || PURELIB=
+"$PY" -m compileall -q -j 0 ${SITE:+"$SITE"} ${PURELIB:+"$PURELIB"} src > /dev/null || true
 "$PY" -c "import snakemake, hydra, torch; print('snakemake', snakemake.__version__, '| torch', torch.__version__, '|', torch.cuda.device_count(), 'GPU(s)', torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
 GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null \

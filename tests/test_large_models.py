@@ -16,7 +16,7 @@ from interference.results import size_text as size
 from interference.scores import QKOVInterferenceMetric
 from interference.scores.layerwise import chunk_layers, layer_passes, plan_passes
 
-from conftest import padded_batch, tiny_gpt2, tiny_llama
+from conftest import ROOT, padded_batch, tiny_gpt2, tiny_llama
 from reference import brute_grads, brute_scores, fisher_mean
 
 LLAMA = {"L": 2, "H": 4, "Hkv": 2, "dk": 12, "dv": 12}
@@ -340,6 +340,26 @@ def test_random_model_from_a_named_shape():
     assert next(a.parameters()).dtype == torch.bfloat16
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), k
+
+
+def test_random_weights_load_without_the_prepared_folder(tmp_path):
+    """A chunk job of a random-weights model builds the config from the model config
+    (load_prepared(None, ...)): the weights equal those made from prepare_model's saved
+    config; any other source needs the folder."""
+    import yaml
+
+    from interference.models import build_from_config, load_prepared, save_prepared
+
+    mcfg = yaml.safe_load((ROOT / "conf" / "model" / "tiny_random.yaml").read_text())
+    save_prepared(*build_from_config(mcfg), tmp_path / "hf")
+    saved, _ = load_prepared(tmp_path, mcfg)
+    built, tok = load_prepared(None, mcfg)
+    assert tok is None and type(built) is type(saved)
+    a, b = saved.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert built.config.num_hidden_layers == 2 and built.config.head_dim == 24
+    with pytest.raises(ValueError, match="needs the folder"):
+        load_prepared(None, dict(mcfg, source="tiny"))
 
 
 # ------------------------------------------------------------- memory of a pass, the planner

@@ -471,17 +471,24 @@ def load_folder(folder: str | Path, mcfg: dict, dtype):
     return model, folder_tokenizer(folder, mcfg["trust_remote_code"])
 
 
-def load_prepared(model_dir: str | Path, mcfg: dict, device="cpu"):
+def load_prepared(model_dir: str | Path | None, mcfg: dict, device="cpu"):
     """(model, tokenizer or None) from a prepared model folder, in the configured dtype, on
     ``device``. ``source: random``: the folder holds the config only; the weights are made
-    on ``device`` from ``model.seed`` (:func:`random_model`)."""
+    on ``device`` from ``model.seed`` (:func:`random_model`). With ``model_dir`` None (only
+    for ``source: random``) the config is built from ``mcfg`` as prepare_model builds the
+    one it saves (:func:`random_config`; the same weights), and no tokenizer is returned."""
     if mcfg["source"] == "random":
-        folder = Path(model_dir) / "hf"
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        config._attn_implementation = mcfg["attn_implementation"]
-        model = random_model(config, mcfg["seed"], DTYPES[mcfg["dtype"]], device)
-        tok = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
-        return model, tok
+        if model_dir is None:
+            config, tok = random_config(mcfg), None
+        else:
+            folder = Path(model_dir) / "hf"
+            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            config._attn_implementation = mcfg["attn_implementation"]
+            tok = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
+        return random_model(config, mcfg["seed"], DTYPES[mcfg["dtype"]], device), tok
+    if model_dir is None:
+        raise ValueError(f"model.source={mcfg['source']}: load_prepared needs the folder "
+                         "prepare_model wrote (only random weights are made without it)")
     model, tok = load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
     return model.to(device), tok
 

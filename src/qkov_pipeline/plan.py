@@ -154,6 +154,16 @@ def layer_chunks(cfg: dict) -> int:
     return int(cfg["resources"]["collect"].get("layer_chunks", 1) or 1)
 
 
+def loads_prepared(mcfg: dict) -> bool:
+    """Whether a chunk job loads what prepare_model wrote (a converted or copied checkpoint):
+    every model source but ``random``, whose weights each job makes on its own device from
+    ``model.seed`` and whose config it builds from the model config
+    (interference.models.load_prepared). Such chunk jobs start without waiting for
+    prepare_model (the 7B shape's layout proof: 7-8 s on B2's critical path); the scores
+    job that joins their chunks waits for it instead."""
+    return mcfg["source"] != "random"
+
+
 def without_stores(cfg: dict) -> bool:
     """True when the chunk_scores jobs collect and score their own layers and no gradient
     store is written: resources.collect.gradient_stores false, or auto with layer_chunks
@@ -360,21 +370,30 @@ class Plan:
                 for c in range(k)]
 
     def scores_inputs(self, wc) -> dict[str, list[str]]:
-        """The scores job's inputs: the pair's chunk folders, which it joins."""
-        return {"chunks": self.chunk_dirs(wc.exp, wc.model, wc.pair, wc.seed)}
+        """The scores job's inputs: the pair's chunk folders, which it joins, and without
+        stores the model's model.json: its layout proof and tokenizer digest gate the
+        joined scores even where the chunk jobs did not wait for it (:func:`loads_prepared`)."""
+        x = self.analysis(wc.exp, wc.model, wc.pair)
+        chunks = {"chunks": self.chunk_dirs(wc.exp, wc.model, wc.pair, wc.seed)}
+        if not without_stores(x["cfg"]):
+            return chunks
+        return chunks | {"model": [f"{self.results}/_models/{x['model_key']}/model.json"]}
 
     def chunk_inputs(self, wc) -> dict[str, list[str]]:
         """A chunk job's inputs: the stores' ``grads`` and ``store.json`` of the pair's tasks
-        (A, B and the reference task), or with layer chunks the model and their data."""
+        (A, B and the reference task), or without stores their data and the prepared model
+        (not for random weights, which the job makes itself: :func:`loads_prepared`)."""
         x = self.analysis(wc.exp, wc.model, wc.pair)
         r, cfg = self.results, x["cfg"]
         tasks = self.analysis_stores(wc.exp, wc.model, wc.pair, wc.seed)
         if not without_stores(cfg):
             return {"grads": [f"{r}/_stores/{k}/grads" for k in tasks.values()],
                     "manifests": [f"{r}/_stores/{k}/store.json" for k in tasks.values()]}
-        return {"model": [f"{r}/_models/{x['model_key']}/model.json"],
-                "data": [f"{r}/_data/{self.data_key(cfg, t, int(wc.seed))}/manifest.json"
+        data = {"data": [f"{r}/_data/{self.data_key(cfg, t, int(wc.seed))}/manifest.json"
                          for t in tasks]}
+        if not loads_prepared(cfg["model"]):
+            return data
+        return {"model": [f"{r}/_models/{x['model_key']}/model.json"]} | data
 
     # -- what the rules ask ------------------------------------------------------------
     def owner(self, wc) -> str:

@@ -12,6 +12,9 @@
 # resources.collect) collect the Fisher and per-sample gradients of their contiguous
 # layers (in as few forward+backward passes as resources.collect.chunk_memory_mb allows)
 # and score them; `scores` joins them into the same files (byte-identical cells.csv).
+# Random weights (model.source: random) are made by the chunk job itself, which then
+# needs only the data; `scores` waits for the model's model.json (qkov_pipeline.plan.
+# loads_prepared).
 # See qkov_pipeline.stages.scores, docs/workflow.md.
 
 

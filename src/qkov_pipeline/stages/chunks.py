@@ -4,7 +4,9 @@ store (:func:`run_chunk`); rule ``scores`` joins the K chunks (:func:`run_join`;
 writes the one chunk that stages.scores.run_stores scores from the stores). A run's only
 chunk is saved joined, so the ``scores`` job reads it without importing torch. A chunk
 job takes a GPU of its own (slot = chunk index), prints its plan and refuses, before
-collecting, a layer that cannot fit (interference.scores.chunks). The joined cells.csv
+collecting, a layer that cannot fit (interference.scores.chunks). A chunk job of random
+weights makes the model itself and starts without prepare_model's folder; the join then
+checks the data's tokenizer digests it recorded against model.json. The joined cells.csv
 equals the stores' byte for byte (same device type and threads; tests/test_chunks.py).
 """
 from __future__ import annotations
@@ -35,12 +37,16 @@ def _load(job, ex: dict, slot: int):
     device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
     logger.info("device %s (%s); threads %d", device, dev_info, threads)
     mcfg = next(iter(job.slice["stores"].values()))["data"]["model"]
+    # random weights are made here, without prepare_model's folder (plan.loads_prepared):
+    # the data's tokenizer is then checked against model.json where the chunks are joined
+    model_json = job.input.model[0] if "model" in job.input.keys() else None
     with job.timed("load"):
-        model, _ = load_prepared(Path(job.input.model[0]).parent, mcfg, device)
+        model, _ = load_prepared(model_json and Path(model_json).parent, mcfg, device)
         batches, metas = {}, {}
         for path in job.input.data:
             b, _, meta = load_task_batches(Path(path).parent)
-            check_same_tokenizer(job.input.model[0], meta, Path(path).parent)
+            if model_json:
+                check_same_tokenizer(model_json, meta, Path(path).parent)
             batches[meta["task_name"]], metas[meta["task_name"]] = b, meta
     return model, batches, metas, device, dev_info, threads
 
@@ -127,7 +133,8 @@ def run_chunk(job) -> None:
         "seconds_collect_and_score": seconds, "seconds_total": time.time() - t0,
         "seconds_load": job.metrics.get("time.load_s"), "started": t0, "finished": time.time(),
         "device": device, "device_info": dev_info, "threads": threads,
-        "peak_device_bytes": peak_device_bytes(device), "config_hash": job.config_hash})
+        "peak_device_bytes": peak_device_bytes(device), "config_hash": job.config_hash,
+        "tokenizer_digests": {t: m.get("tokenizer_digest") for t, m in metas.items()}})
     logger.info("chunk %d: layers %s collected and scored in %.1f s (estimate %.0f s)",
                 plan["index"], plan["layers"], seconds, plan["estimate_s"])
     # a chunk is part of its pair's scores: the join puts its numbers in the scores record
@@ -162,6 +169,8 @@ def run_join(job) -> None:
     with job.timed("join"):
         heat, ref, norms_b, norms_r, ids_r, infos = join_chunk_folders(job.input.chunks,
                                                                        job.slice["arm"])
+    if "model" in job.input.keys():     # layer chunks: the model gates what they scored
+        check_chunk_tokenizers(job.input.model[0], job.input.chunks, infos)
     if infos[0].get("source") == "stores":
         job.metric("time.score_arms_s", infos[0]["seconds_score"])
         job.metric("time.chunk_total_s", infos[0]["seconds_total"])
@@ -178,3 +187,14 @@ def run_join(job) -> None:
                            "rows_bytes", "peak_device_bytes", "started", "finished")}
         | {k: i.get(k) for k in ("micro_batch", "predicted_peak_bytes")}
         for i in infos])
+
+
+def check_chunk_tokenizers(model_json: str | Path, chunk_dirs: list, infos: list[dict]) -> None:
+    """Each chunk's data were tokenised by the tokenizer model.json records (the digests
+    its chunk.json lists per task; a chunk job that made random weights could not compare
+    them itself). Raises ValueError naming the chunk (stages.tokenizer.check_same_tokenizer)."""
+    from .tokenizer import check_same_tokenizer
+
+    for folder, info in zip(chunk_dirs, infos):
+        for digest in (info.get("tokenizer_digests") or {}).values():
+            check_same_tokenizer(model_json, {"tokenizer_digest": digest}, folder)
