@@ -76,6 +76,9 @@ def main(argv=None):
                     help="write torch.profiler's tables (self CUDA / self CPU time) and the "
                          "GPU's busy seconds to this file (slow to tabulate: a 4-layer chunk's "
                          "trace took over 100 s; use --chunks 32, one layer)")
+    ap.add_argument("--torch-profile-run", type=int, default=1,
+                    help="which run of --repeat the torch profiler records (1: the first, "
+                         "with the process's one-time costs)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="collect and score this many times in one process; the last run's "
                          "seconds and phases are reported (the first ones carry one-time "
@@ -158,7 +161,6 @@ def main(argv=None):
     if args.torch_profile:
         from torch.profiler import ProfilerActivity, profile
         tprof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-        tprof.__enter__()
     reserve_s = None
     if args.reserve_gib:
         t0 = time.perf_counter()
@@ -168,7 +170,9 @@ def main(argv=None):
         del pieces
         reserve_s = time.perf_counter() - t0
     runs, run_phases = [], []       # each run's seconds and phases; the last one is reported
-    for _ in range(args.repeat):
+    for run in range(1, args.repeat + 1):
+        if tprof is not None and run == args.torch_profile_run:
+            tprof.__enter__()
         t0 = time.perf_counter()
         if phases is not None:
             phases.clear()
@@ -177,16 +181,18 @@ def main(argv=None):
                      progress=False)
         torch.cuda.synchronize()
         runs.append(time.perf_counter() - t0)
+        if tprof is not None and run == args.torch_profile_run:
+            tprof.__exit__(None, None, None)
+            profiled = runs[-1]
         if phases is not None:
             run_phases.append({k: round(v, 3) for k, v in phases.items()})
     wall = runs[-1]
     earlier = run_phases[:-1]
     if tprof is not None:
-        tprof.__exit__(None, None, None)
         kernels = [e for e in tprof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         table = tprof.key_averages()
         Path(args.torch_profile).write_text(
-            f"wall {wall:.2f} s, GPU busy {sum(e.device_time for e in kernels) / 1e6:.2f} s, "
+            f"run {args.torch_profile_run}: wall {profiled:.2f} s, GPU busy {sum(e.device_time for e in kernels) / 1e6:.2f} s, "
             f"{len(kernels)} kernels\n"
             + table.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
             + table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))

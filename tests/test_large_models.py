@@ -569,3 +569,36 @@ def test_activation_estimate_counts_one_block_of_logits_where_the_loss_forms_no_
     whole = activation_bytes(model, idx.layers, m, T)
     rows = min(m * T, objectives.block_rows(V, cuda=False))
     assert whole - fused == m * T * 2 * V * 4 - (rows * V * 4 + m * T * h * 4)
+
+
+def test_the_collection_forward_takes_no_cudnn_attention(monkeypatch):
+    """The hooks engine runs each micro-batch's forward inside device.attention_backends:
+    with CUDA's list (here given to the CPU, which CI has) cuDNN's fused attention, which
+    builds a plan per batch shape, is off during the forward and on again after, and the
+    per-sample gradients equal those of torch's own choice of kernel."""
+    from interference import device
+    from interference.gradients import OBJECTIVES
+    from interference.gradients.per_sample import PerSampleGradients
+
+    model = tiny_llama(seed=3)
+    model.config._attn_implementation = "sdpa"
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    batch = padded_batch(5, 12, 4, "s")
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(   # once per forward
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+
+    def rows():
+        eng = PerSampleGradients(model, idx, OBJECTIVES["causal_lm"](), engine="hooks",
+                                 micro_batch=2)
+        return {g.sample_id: g.vector for g in eng(batch, batch["sample_ids"])}
+
+    plain = rows()
+    assert seen and all(seen)                 # the CPU keeps torch's choice
+    seen.clear()
+    monkeypatch.setitem(device.ATTENTION_BACKENDS, "cpu", device.ATTENTION_BACKENDS["cuda"])
+    restricted = rows()
+    assert len(seen) == 3 and not any(seen)  # 3 micro-batches, each without cuDNN
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert plain.keys() == restricted.keys()
+    assert all(torch.allclose(plain[k], restricted[k], rtol=1e-5, atol=1e-7) for k in plain)

@@ -2,10 +2,19 @@
 device-memory budget, and moving operands onto a device while the previous ones are used."""
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_SHARE = 0.8        # share of a card's free memory that an automatic budget takes
+# The fused attention kernels (torch.nn.attention.SDPBackend names) a collection's forward
+# may take per device type; a type not listed keeps torch's choice. cuDNN's, which torch
+# prefers on Hopper, builds an execution plan the first time a process meets each batch
+# shape: 8.7 s of host time in a fresh process's first collection of the B2 samples on an
+# H200 (every micro-batch shape once), 0.2 s in its second (benchmarks/RESULTS.md, B2
+# session 16). Flash and memory-efficient attention need no plan; the math kernel is the
+# fallback every input has.
+ATTENTION_BACKENDS = {"cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
 
 
 def resolve_device(want: str | None = "auto", what: str = "device") -> str:
@@ -23,6 +32,20 @@ def resolve_device(want: str | None = "auto", what: str = "device") -> str:
     if want == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{what}=cuda but no CUDA device is visible")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_backends(device):
+    """A context in which ``scaled_dot_product_attention`` takes only the kernels
+    :data:`ATTENTION_BACKENDS` allows on ``device``'s type (a null context elsewhere). The
+    backward of an attention runs the kernel its forward took."""
+    import torch
+
+    names = ATTENTION_BACKENDS.get(torch.device(device).type)
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, n) for n in names])
 
 
 def free_memory_mb(device) -> float | None:

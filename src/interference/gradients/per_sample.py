@@ -32,6 +32,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
+from ..device import attention_backends
 from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token_nll,
                          upcast)
 
@@ -541,7 +542,8 @@ class PerSampleGradients:
                             if any(self.dense_for(n.rsplit(".", 1)[0], t) for t in lengths)}
                 capture = _HookCapture(self.model, self._names, reduce, self._covered, keep)
                 try:
-                    losses, n_tok = self._batch_losses(b)
+                    with attention_backends(device):     # no per-shape plans on CUDA
+                        losses, n_tok = self._batch_losses(b)
                 finally:
                     capture.remove()
                 capture.backward(losses.sum())
