@@ -167,6 +167,33 @@ def test_dense_store_truncated_or_changed_and_read_without_warnings(tmp_path):
         GradientStore.open(folder / "grads")
 
 
+def test_a_collectors_own_spill_folder_goes_when_the_script_ends(tmp_path):
+    """A FisherCollector whose rows spill to a temporary folder it made (no spill_dir)
+    removes the folder when the script ends while the collector still holds the store (a
+    reference cycle whose __del__ never ran: each such script left its rows, 1.4 GB for the
+    B6 sizes, in /tmp). A folder the caller gave is the caller's and stays."""
+    script = (
+        "import os, sys\n"
+        f"sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT / 'tests')!r}]\n"
+        "from conftest import padded_batch, tiny_llama\n"
+        "from interference.gradients import FisherCollector\n"
+        "fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.0,\n"
+        "                     spill_dir=sys.argv[1] or None)\n"
+        "fc.collect_fisher(tiny_llama(), padded_batch(4, 10, 0, 'a'), 'a', role='scored')\n"
+        "spilled = [p for p in os.scandir(fc._store.spill_dir) if p.stat().st_size]\n"
+        "print(fc._store.spill_dir, len(spilled))\n")
+    for given in ("", str(tmp_path / "mine")):
+        tmp = tmp_path / f"tmp{len(given)}"
+        tmp.mkdir()
+        res = subprocess.run([sys.executable, "-c", script, given], capture_output=True,
+                             text=True, env=dict(os.environ, TMPDIR=str(tmp)), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        folder, n_files = res.stdout.split()
+        assert int(n_files) > 0                      # rows were spilled there
+        assert Path(folder).exists() == bool(given), (folder, given)
+        assert not [p for p in tmp.iterdir() if p.name.startswith("qkov-grads-")]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 SITECUSTOMIZE = '''

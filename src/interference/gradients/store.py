@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -269,8 +270,12 @@ class GradientStore:
         self.size, self.entries = size, dict(entries)
         self.memory_mb, self.store_dtype = float(memory_mb), store_dtype
         self.dtype = STORE_DTYPES[store_dtype]
-        self._own_dir = spill_dir is None
         self.spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="qkov-grads-"))
+        # a spill folder of its own goes with the store, at the latest when the interpreter
+        # exits: a store in a reference cycle (its collector holds it, it holds the
+        # collector) may not be collected before, and __del__ would then never run
+        self._remove_spill = None if spill_dir is not None else weakref.finalize(
+            self, shutil.rmtree, str(self.spill_dir), True)
         self.collector = collector
         self.device = torch.device(device)
         self.shards: dict[tuple[str, str], _Shard] = {}
@@ -592,7 +597,6 @@ class GradientStore:
             if index.get("factor_layout") else None
         store = cls(index["size"], entries, memory_mb, index["store_dtype"],
                     spill_dir=directory, collector=collector, layout=layout)
-        store._own_dir = False
         store.meta = index["meta"]
         for key, info in index["shards"].items():
             task, role = key.split("|")
@@ -722,14 +726,9 @@ class GradientStore:
         self.close()
 
     def close(self):
-        if self._own_dir:
-            shutil.rmtree(self.spill_dir, ignore_errors=True)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Remove the spill folder this store made (none given): its spilled rows go."""
+        if self._remove_spill is not None:
+            self._remove_spill()
 
 
 def _open_factored(store: GradientStore, directory: Path, task: str, info: dict):
