@@ -41,7 +41,8 @@ def _load(job, ex: dict, slot: int):
     # the data's tokenizer is then checked against model.json where the chunks are joined
     model_json = job.input.model[0] if "model" in job.input.keys() else None
     with job.timed("load"):
-        model, _ = load_prepared(model_json and Path(model_json).parent, mcfg, device)
+        folder = Path(model_json).parent if model_json else None
+        model, _ = load_prepared(folder, mcfg, device)
         batches, metas = {}, {}
         for path in job.input.data:
             b, _, meta = load_task_batches(Path(path).parent)
