@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, contract_triton,
-                                             emulate_bf16x3, head_contraction,
-                                             triton_available)
+from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, contract_sets,
+                                             contract_triton, emulate_bf16x3,
+                                             head_contraction, triton_available)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])
@@ -42,6 +42,25 @@ def test_contraction_matches_float64(backend, left_op, right_op, shape):
     want = reference(left.cpu(), right.cpu(), weight.cpu(), left_op, right_op)
     assert got.shape == (shape[0], shape[1], shape[2])
     assert ((got - want).abs().max() / want.abs().max()).item() < TOL[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("left_op", LEFT_OPS)
+def test_contract_sets_is_each_sets_own_contraction_bitwise(backend, left_op):
+    """Task A's rows against several sets (B, A', R; each with its own g): the torch path
+    forms f(left)·w once, and every result equals its own contract() call bit for bit and
+    the float64 reference; mismatched operands are refused as by contract()."""
+    left, right, weight = operands(6, 7, 3, 150, seed=11)
+    others = [operands(6, n, 3, 150, seed=12 + n)[1] for n in (4, 1)]
+    rights = [(right, "abs"), (others[0], "identity"), (others[1], "abs")]
+    got = contract_sets(left, rights, weight, left_op, backend=backend)
+    for out, (r, g) in zip(got, rights):
+        assert torch.equal(out, contract(left, r, weight, left_op, g, backend=backend))
+        want = reference(left.cpu(), r.cpu(), weight.cpu(), left_op, g)
+        assert ((out.cpu().double() - want).abs().max() / want.abs().max()).item() < TOL[backend]
+    with pytest.raises(ValueError, match="shapes do not match"):
+        contract_sets(left, [(right, "abs"), (right[:, :2], "abs")], weight, left_op,
+                      backend=backend)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")

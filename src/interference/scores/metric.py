@@ -19,7 +19,7 @@ from ..architectures import QKOVConfig
 from ..device import memory_budget_mb, prefetched, resolve_device, to_device
 from ..settings import MetricSettings
 from ..settings import choice as _choice
-from .contraction import PRECISIONS, apply_op, contract
+from .contraction import PRECISIONS, apply_op, contract, contract_sets
 
 logger = logging.getLogger("fisher.qkov")
 
@@ -309,10 +309,15 @@ class QKOVInterferenceMetric:
         """[n_a, n_j, Hb] float32: M = Σ_s f(left)·(1/D)·g(right) (/ norm_j), on the device."""
         s = contract(left, right, weight, left_op, right_op, backend=self.backend,
                      precision=self.precision)
+        return self._finished(s, norms, left.shape[-1], n_a)
+
+    def _finished(self, s, norms, slice_size: int, n_a: int) -> torch.Tensor:
+        """A contraction's [a, n_j, Hb] as scores: divided by the norms g_j (gj_norm), by
+        the slice size (aggregate mean), one row expanded to n_a (fisher_weighted)."""
         if norms is not None:
             s = s / norms[None, :, None]
         if self.aggregate == "mean":
-            s = s / left.shape[-1]
+            s = s / slice_size
         if s.shape[0] != n_a:
             s = s.expand(n_a, -1, -1)
         return s
@@ -434,18 +439,25 @@ class QKOVInterferenceMetric:
             for (block, li, layer), ops in prefetched(jobs, load, self.device, overlap):
                 if ops is None and self._fits_once(n_rows, layer, block):
                     ops = self._operands(task_a, ids_a, sets, layer, block, fisher)
+                raw = None
+                if ops is not None:     # every set against task A's rows, f(left)·w once
+                    left, left_op, rights, weight = ops
+                    raw = contract_sets(left, [(r, g) for r, g, _ in rights], weight, left_op,
+                                        backend=self.backend, precision=self.precision)
+                    norms = [n for _, _, n in rights]
+                    width = left.shape[-1]
+                    del left, rights, weight    # else they outlive ops into the next block
+                del ops
                 for k, (task_j, ids_j) in enumerate(sets):
-                    if ops is None:
+                    if raw is None:
                         s = self._block_scores(task_a, ids_a, task_j, ids_j, layer, block,
                                                fisher)
                     else:
-                        left, left_op, rights, weight = ops
-                        s = self._scores_of(left, left_op, *rights[k], weight, len(ids_a))
-                        del left, rights, weight    # else they outlive ops into the next block
+                        s = self._finished(raw[k], norms[k], width, len(ids_a))
+                        raw[k] = None
                     out[k][block][:, :, li, :] = s if cols[block] is None else \
                         s.index_select(2, cols[block])
                     del s
-                del ops
         finally:
             self._held.clear()
         return out
