@@ -109,7 +109,7 @@ def test_the_join_refuses_chunks_of_another_tokenizer(tmp_path):
     same = {"tokenizer_digests": {"math": "aaaa", "code": "aaaa"}}
     check_chunk_tokenizers(model_json, ["c0", "c1"], [same, {}])   # {}: a chunk of the stores
     other = {"tokenizer_digests": {"math": "aaaa", "code": "bbbb"}}
-    with pytest.raises(ValueError, match="c1.*tokenizer bbbb.*tokenizer aaaa"):
+    with pytest.raises(ValueError, match=r"c1 \(task code\).*tokenizer bbbb.*tokenizer aaaa"):
         check_chunk_tokenizers(model_json, ["c0", "c1"], [same, other])
 
 

@@ -197,5 +197,6 @@ def check_chunk_tokenizers(model_json: str | Path, chunk_dirs: list, infos: list
     from .tokenizer import check_same_tokenizer
 
     for folder, info in zip(chunk_dirs, infos):
-        for digest in (info.get("tokenizer_digests") or {}).values():
-            check_same_tokenizer(model_json, {"tokenizer_digest": digest}, folder)
+        for task, digest in (info.get("tokenizer_digests") or {}).items():
+            check_same_tokenizer(model_json, {"tokenizer_digest": digest},
+                                 f"{folder} (task {task})")
