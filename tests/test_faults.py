@@ -171,7 +171,8 @@ def test_a_collectors_own_spill_folder_goes_when_the_script_ends(tmp_path):
     """A FisherCollector whose rows spill to a temporary folder it made (no spill_dir)
     removes the folder when the script ends while the collector still holds the store (a
     reference cycle whose __del__ never ran: each such script left its rows, 1.4 GB for the
-    B6 sizes, in /tmp). A folder the caller gave is the caller's and stays."""
+    B6 sizes, in /tmp), also after the store was released and spilled to again. A folder
+    the caller gave is the caller's and stays."""
     script = (
         "import os, sys\n"
         f"sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT / 'tests')!r}]\n"
@@ -179,7 +180,10 @@ def test_a_collectors_own_spill_folder_goes_when_the_script_ends(tmp_path):
         "from interference.gradients import FisherCollector\n"
         "fc = FisherCollector(enable_cross_task_analysis=True, gradient_memory_mb=0.0,\n"
         "                     spill_dir=sys.argv[1] or None)\n"
-        "fc.collect_fisher(tiny_llama(), padded_batch(4, 10, 0, 'a'), 'a', role='scored')\n"
+        "model = tiny_llama()\n"
+        "fc.collect_fisher(model, padded_batch(4, 10, 0, 'a'), 'a', role='scored')\n"
+        "fc._store.release()      # a pass's rows dropped; the next pass spills anew\n"
+        "fc.collect_fisher(model, padded_batch(4, 10, 1, 'b'), 'b', role='scored')\n"
         "spilled = [p for p in os.scandir(fc._store.spill_dir) if p.stat().st_size]\n"
         "print(fc._store.spill_dir, len(spilled))\n")
     for given in ("", str(tmp_path / "mine")):

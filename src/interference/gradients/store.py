@@ -270,12 +270,13 @@ class GradientStore:
         self.size, self.entries = size, dict(entries)
         self.memory_mb, self.store_dtype = float(memory_mb), store_dtype
         self.dtype = STORE_DTYPES[store_dtype]
+        self._own_dir = spill_dir is None
         self.spill_dir = Path(spill_dir or tempfile.mkdtemp(prefix="qkov-grads-"))
-        # a spill folder of its own goes with the store, at the latest when the interpreter
-        # exits: a store in a reference cycle (its collector holds it, it holds the
-        # collector) may not be collected before, and __del__ would then never run
-        self._remove_spill = None if spill_dir is not None else weakref.finalize(
-            self, shutil.rmtree, str(self.spill_dir), True)
+        if self._own_dir:
+            # a spill folder of its own also goes when the store is collected or, at the
+            # latest, when the interpreter exits: a store in a reference cycle (its
+            # collector holds it, it holds the collector) may not be collected before
+            weakref.finalize(self, shutil.rmtree, str(self.spill_dir), True)
         self.collector = collector
         self.device = torch.device(device)
         self.shards: dict[tuple[str, str], _Shard] = {}
@@ -726,9 +727,10 @@ class GradientStore:
         self.close()
 
     def close(self):
-        """Remove the spill folder this store made (none given): its spilled rows go."""
-        if self._remove_spill is not None:
-            self._remove_spill()
+        """Remove the spill folder this store made (none given): its spilled rows go. Rows
+        spilled after (a released store used again) make it anew."""
+        if self._own_dir:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
 def _open_factored(store: GradientStore, directory: Path, task: str, info: dict):
