@@ -377,6 +377,53 @@ def test_broadcast_to_heads_repeats_kv_groups():
     np.testing.assert_array_equal(k[0], [vals[kidx[0]]] * 2 + [vals[kidx[1]]] * 2)
 
 
+def test_gather_and_broadcast_match_loops_over_the_cells():
+    """gather_cells (the whole-block view when every head is taken in order, a gather
+    otherwise) and broadcast_to_heads (leading axes kept) against loops over the table."""
+    rng = np.random.default_rng(5)
+    for layers, heads, kv in [([0, 1, 2], [0, 1, 2, 3], None),           # MHA, all in order
+                              ([3, 1], [2, 0, 3], None),                  # a reordered subset
+                              ([0, 1], [0, 1, 2, 3], [0, 0, 1, 1])]:      # GQA
+        scores = make_scores(rng, 2, 3, len(layers), kv or list(range(len(heads))))
+        cells = qs.distinct_cells(layers, heads, kv)
+        cube = qs.gather_cells(scores, cells)
+        for c, row in enumerate(cells.itertuples()):
+            np.testing.assert_array_equal(cube[..., c],
+                                          scores[row.block][..., row.layer_pos, row.head_pos])
+        vals = rng.normal(size=(2, len(cells)))
+        for b in "QKVO":
+            grid = qs.broadcast_to_heads(vals, cells, b, len(layers), len(heads))
+            want = np.full((2, len(layers), len(heads)), np.nan)
+            for c, row in enumerate(cells.itertuples()):
+                if row.block == b:
+                    for hp in row.head_positions:
+                        want[:, row.layer_pos, hp] = vals[:, c]
+            np.testing.assert_array_equal(grid, want)
+
+
+def test_bootstrap_draws_equal_a_loop_over_resamples_at_any_batch_size():
+    """Each draw of stratified_bootstrap equals the statistic recomputed in float64 on the
+    resampled samples themselves (i shared by both groups, B and R apart), for the weights
+    drawn in the documented order; and the draws do not depend on the batch size."""
+    rng = np.random.default_rng(6)
+    n_a, n_b, n_r, m, n_boot = 5, 4, 6, 7, 9
+    cb, cr = rng.gamma(2.0, 1.0, (n_a, n_b, m)), rng.gamma(2.0, 1.0, (n_a, n_r, m))
+    draws = [qs.stratified_bootstrap(cb, cr, n_bootstrap=n_boot, seed=3, batch_size=size)
+             for size in (None, 1, 4, 100)]
+    w = np.random.default_rng(3)
+    w_i, w_b, w_r = (qs.bootstrap_weights(w, n, n_boot) for n in (n_a, n_b, n_r))
+    for d in range(n_boot):
+        i, jb, jr = (np.repeat(np.arange(len(x)), np.rint(x * len(x)).astype(int))
+                     for x in (w_i[d], w_b[d], w_r[d]))
+        s_b, s_r = cb[i].mean(axis=0), cr[i].mean(axis=0)        # [n_b, m], [n_r, m]
+        share_b = s_b / np.abs(s_b).sum(axis=1, keepdims=True)
+        share_r = s_r / np.abs(s_r).sum(axis=1, keepdims=True)
+        want = share_b[jb].mean(axis=0) - share_r[jr].mean(axis=0)
+        for got in draws:
+            np.testing.assert_allclose(got.mean_diff[d], want, rtol=1e-12)
+            np.testing.assert_allclose(got.avg_b[d], s_b[jb].mean(axis=0), rtol=1e-12)
+
+
 # ------------------------------------------------------------ calibration
 def _null_runs(design, statistic, runs, m=3, n_perm=199, seed=123):
     """p-values [runs, m] and 'any q <= 0.05' per run on synthetic disruption matrices."""

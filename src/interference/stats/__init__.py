@@ -16,8 +16,8 @@ Stages, each a small module:
 - statistics: QKOVStatistics, tying them together (test_disruption / test_scores /
   test_heatmap); its settings are a frozen StatisticsSettings (interference.settings).
 """
-from .bootstrap import (CI_METHODS, BootstrapDraws, bootstrap_interval, percentile_interval,
-                        stratified_bootstrap)
+from .bootstrap import (CI_METHODS, BootstrapDraws, bootstrap_interval, bootstrap_weights,
+                        percentile_interval, stratified_bootstrap)
 from .cells import BLOCKS, broadcast_to_heads, distinct_cells, gather_cells, n_distinct_cells
 from .disruption import DISRUPTION_NORMS, disruption, normalise
 from .effects import auc, cohens_d, mean_difference, welch_t
@@ -40,5 +40,5 @@ __all__ = [
     "cohens_d", "auc", "welch_t", "mean_difference",
     "disruption", "normalise", "DISRUPTION_NORMS",
     "distinct_cells", "gather_cells", "broadcast_to_heads", "n_distinct_cells", "BLOCKS",
-    "stratified_bootstrap", "percentile_interval", "BootstrapDraws",
+    "stratified_bootstrap", "bootstrap_weights", "percentile_interval", "BootstrapDraws",
 ]

@@ -30,8 +30,15 @@ class BootstrapDraws:
     avg_b: np.ndarray
 
 
-def _weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64) / n
+def bootstrap_weights(rng: np.random.Generator, n: int, n_bootstrap: int) -> np.ndarray:
+    """[n_bootstrap, n] count weights of n items resampled with replacement, divided by n
+    (each row sums to 1): the weighted mean of a row is the mean of a resample."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64) / n
+
+
+# elements of one [draws, n_b + n_r, m] float64 batch (128 MB): about a quarter GB of
+# intermediates per batch; a large batch reads the cubes fewer times (memory-bound GEMMs)
+BATCH_ELEMENTS = 2 ** 24
 
 
 def stratified_bootstrap(cube_b: np.ndarray, cube_r: np.ndarray, *, n_bootstrap: int,
@@ -41,6 +48,9 @@ def stratified_bootstrap(cube_b: np.ndarray, cube_r: np.ndarray, *, n_bootstrap:
 
     cube_b: [n_a, n_b, m] scores M of task A samples i x task B disruptors j per cell.
     cube_r: [n_a, n_r, m] the same for the reference disruptors.
+    The resamples are drawn first, all of i, then all of B, then all of R, so the draws
+    do not depend on ``batch_size`` (draws per GEMM batch; None: about
+    ``BATCH_ELEMENTS / ((n_b + n_r) m)``).
     """
     cube_b = np.asarray(cube_b, dtype=np.float64)
     cube_r = np.asarray(cube_r, dtype=np.float64)
@@ -49,27 +59,24 @@ def stratified_bootstrap(cube_b: np.ndarray, cube_r: np.ndarray, *, n_bootstrap:
     if cube_r.shape[0] != n_a or cube_r.shape[2] != m:
         raise ValueError(f"cube shapes differ: {cube_b.shape} vs {cube_r.shape}")
     rng = np.random.default_rng(seed)
+    w_i = bootstrap_weights(rng, n_a, n_bootstrap)           # [n_bootstrap, n_a]
+    w_b = bootstrap_weights(rng, n_b, n_bootstrap)           # [n_bootstrap, n_b]
+    w_r = bootstrap_weights(rng, n_r, n_bootstrap)           # [n_bootstrap, n_r]
     flat_b = cube_b.reshape(n_a, n_b * m)
     flat_r = cube_r.reshape(n_a, n_r * m)
     if batch_size is None:
-        batch_size = int(np.clip(2 ** 22 // max((n_b + n_r) * m, 1), 1, 1024))
+        batch_size = int(np.clip(BATCH_ELEMENTS // max((n_b + n_r) * m, 1), 1, 1024))
     diff = np.empty((n_bootstrap, m))
     avg = np.empty((n_bootstrap, m))
-    done = 0
-    while done < n_bootstrap:
-        b = min(batch_size, n_bootstrap - done)
-        w_i = _weights(rng, n_a, b)                          # [b, n_a]
-        w_b = _weights(rng, n_b, b)                          # [b, n_b]
-        w_r = _weights(rng, n_r, b)                          # [b, n_r]
-        s_b = (w_i @ flat_b).reshape(b, n_b, m)              # [b, n_b, m]
-        s_r = (w_i @ flat_r).reshape(b, n_r, m)
-        sn_b = normalise(s_b, disruption_norm, norms_b)
-        sn_r = normalise(s_r, disruption_norm, norms_r)
-        mean_b = np.matmul(w_b[:, None, :], sn_b)[:, 0, :]   # [b, m]
-        mean_r = np.matmul(w_r[:, None, :], sn_r)[:, 0, :]
-        diff[done:done + b] = mean_b - mean_r
-        avg[done:done + b] = np.matmul(w_b[:, None, :], s_b)[:, 0, :]
-        done += b
+    for lo in range(0, n_bootstrap, batch_size):
+        d = slice(lo, min(lo + batch_size, n_bootstrap))
+        b = d.stop - d.start
+        s_b = (w_i[d] @ flat_b).reshape(b, n_b, m)           # [b, n_b, m]
+        s_r = (w_i[d] @ flat_r).reshape(b, n_r, m)
+        mean_b = np.matmul(w_b[d, None, :], normalise(s_b, disruption_norm, norms_b))[:, 0]
+        mean_r = np.matmul(w_r[d, None, :], normalise(s_r, disruption_norm, norms_r))[:, 0]
+        diff[d] = mean_b - mean_r
+        avg[d] = np.matmul(w_b[d, None, :], s_b)[:, 0]
     return BootstrapDraws(mean_diff=diff, avg_b=avg)
 
 

@@ -115,7 +115,11 @@ def gather_cells(scores: Mapping[str, np.ndarray], cells: pd.DataFrame, *,
         arr = scores[block]
         lpos = sub["layer_pos"].to_numpy()
         hpos = sub["head_pos"].to_numpy()
-        out.append(arr[..., lpos, hpos])
+        flat = arr.reshape(arr.shape[:-2] + (-1,))
+        col = lpos * arr.shape[-1] + hpos
+        # every (layer, head) in order (no GQA): the block as it is, else one gather
+        out.append(flat if np.array_equal(col, np.arange(flat.shape[-1]))
+                   else np.take(flat, col, axis=-1))
         if block in SHARED_BLOCKS:
             for lp, positions, name in zip(lpos, sub["head_positions"], sub["name"]):
                 if len(positions) < 2:
@@ -137,11 +141,12 @@ def broadcast_to_heads(values: np.ndarray, cells: pd.DataFrame, block: str,
     """Place per-cell values [m] (or [..., m]) of one block on the [.., n_layers, n_heads]
     grid, repeating K/V values over the query heads of their group."""
     values = np.asarray(values)
-    lead = values.shape[:-1]
-    grid = np.full(lead + (n_layers, n_heads), fill, dtype=float)
+    grid = np.full(values.shape[:-1] + (n_layers, n_heads), fill, dtype=float)
     idx = np.flatnonzero(cells["block"].to_numpy() == block)
-    for c in idx:
-        lp = cells["layer_pos"].iat[c]
-        for hp in cells["head_positions"].iat[c]:
-            grid[..., lp, hp] = values[..., c]
+    heads = cells["head_positions"].to_numpy()[idx]
+    count = np.fromiter((len(h) for h in heads), dtype=np.intp, count=len(idx))
+    if count.sum():                      # one cell per (layer, query head) it covers
+        hp = np.concatenate([np.asarray(h, dtype=np.intp) for h in heads])
+        lp = np.repeat(cells["layer_pos"].to_numpy()[idx], count)
+        grid[..., lp, hp] = values[..., np.repeat(idx, count)]
     return grid
