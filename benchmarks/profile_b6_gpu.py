@@ -29,27 +29,6 @@ def gpu_busy(prof) -> tuple[float, int]:
     return sum(e.device_time for e in kernels) / 1e6, len(kernels)
 
 
-def plain_seconds(model, sets, args) -> float:
-    """Batched forward+backward over every sample of the three sets, attention weights
-    trainable (the rest frozen), micro-batch ``args.micro_batch``."""
-    names = [n for n, _ in model.named_parameters() if any(p in n for p in b6.PROJ)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-    ids = torch.cat(list(sets.values())).to(args.device)
-    b6.sync(args.device)
-    t0 = time.perf_counter()
-    for s in range(0, ids.shape[0], args.micro_batch):
-        x = ids[s:s + args.micro_batch]
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-    b6.sync(args.device)
-    dt = time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return dt
-
-
 def stage(name, fn, device, out: dict, rows: int = 25):
     """Run ``fn`` once under torch.profiler and cProfile: wall, GPU busy, kernels, tables."""
     pr = cProfile.Profile()
@@ -81,8 +60,8 @@ def main():
     model = b6.build_model(args)
     sets = b6.make_sets(args)
     out = {"warm_up_s": b6.run_ours(model, sets, args)["seconds"]}    # full shapes, untimed
-    out["plain_fwd_bwd_s"] = min(plain_seconds(model, sets, args) for _ in range(2))
-    stage("plain", lambda: plain_seconds(model, sets, args), args.device, out, 10)
+    out["plain_fwd_bwd_s"] = min(b6.plain_seconds(model, sets, args) for _ in range(2))
+    stage("plain", lambda: b6.plain_seconds(model, sets, args), args.device, out, 10)
     half = args.n // 2
     fc = FisherCollector(enable_cross_task_analysis=True, micro_batch=args.micro_batch)
 
