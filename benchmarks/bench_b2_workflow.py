@@ -186,7 +186,7 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
         plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes,
                           cfg["fisher"]["store_dtype"], fmt, mcfg["dtype"], budget, "cuda",
                           threads, qp.MICRO_BATCH, n_tasks=len(qp.pair_tasks(cfg)),
-                          score_rows=sum(stored_sizes[:2]))
+                          score_rows=sum(stored_sizes[:2]), score_rows_all=sum(stored_sizes))
         chunks.append({"layers": layers, "passes": plan["passes"],
                        "micro_batch": plan["micro_batch"], "estimate_s": plan["estimate_s"],
                        "memory": plan["memory"]})

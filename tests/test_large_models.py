@@ -554,6 +554,40 @@ def test_operand_budget_keeps_every_pass_within_the_chunk_budget(fmt):
         assert operands >= 4 * score_rows * Pb
 
 
+def test_the_plan_reserves_every_sets_operands_where_that_costs_no_pass():
+    """plan_chunk(score_rows_all=): task A's and every disruptor set's operands of a
+    (layer, block) are reserved (so score_arms makes A's rows once and the operand budget
+    holds all the sets) when the passes and micro-batch stay those of the largest arm's
+    reservation; where they would take one more pass, the largest arm's is kept."""
+    from interference.scores.chunks import operand_budget_mb
+    from interference.scores.layerwise import plan_chunk
+
+    model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    stored, every, arm, every_set = [2] * 60, [2] * 68, 40, 60     # short: operands dominate
+    fmt = "factored"
+
+    def peak(layers, rows):
+        size = sum(layer_bytes(idx, stored, "float32", fmt, "float32")[l] for l in layers)
+        return pass_memory(idx, layers, size, 8, 2, fmt, "float32", 2, rows)["peak"]
+
+    def plan(budget):
+        out = plan_chunk(model, idx, [0, 1, 2, 3], stored, every, [4, 4, 20, 20, 20], "float32", fmt,
+                         "float32", budget, "cpu", 1, 8, n_tasks=2, score_rows=arm,
+                         score_rows_all=every_set)
+        return dict(out, budget_bytes=budget)
+
+    layers = [0, 1, 2, 3]
+    assert peak(layers, every_set) > peak(layers, arm)
+    wide = plan(peak(layers, every_set))             # one pass either way: every set
+    assert wide["passes"] == [layers] and wide["score_rows"] == every_set
+    Pb = max(e.numel for e in idx.entries.values())
+    assert operand_budget_mb(wide) * 2**20 >= 4 * every_set * Pb
+    narrow = plan(peak(layers, every_set) - 1)       # every set would need a second pass
+    assert narrow["passes"] == [layers] and narrow["score_rows"] == arm
+    assert narrow["memory"][0]["peak"] == peak(layers, arm)
+
+
 def test_activation_estimate_counts_one_block_of_logits_where_the_loss_forms_no_more(
         monkeypatch):
     """A causal LM whose logits are its head's (plain_lm_head) holds one block of float32

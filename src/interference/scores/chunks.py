@@ -60,7 +60,8 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                       [x for v in tokens.values() for x in v], [len(v) for v in tokens.values()],
                       store_dtype, stored_format(model, gradient_format), model_dtype, budget,
                       device, threads, micro_batch, n_tasks=len(batches),
-                      score_rows=sum(stored_sizes[:2]))     # the largest arm, at most
+                      score_rows=sum(stored_sizes[:2]),     # the largest arm, at most
+                      score_rows_all=sum(stored_sizes))     # task A and every set at once
     # float64 sums per task on the host; on a GPU they are dropped once the values are made
     # (keep_fisher_sums=False), never copied to the host
     fisher_bytes = 0 if str(device).startswith("cuda") else 8 * len(batches) * sum(

@@ -118,7 +118,8 @@ def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
 def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list[int],
                role_sizes: list[int], store_dtype: str, gradient_format: str, model_dtype: str,
                budget_bytes: float | None, device: str, threads: int,
-               max_micro_batch: int = 8, n_tasks: int = 2, score_rows: int = 0) -> dict:
+               max_micro_batch: int = 8, n_tasks: int = 2, score_rows: int = 0,
+               score_rows_all: int = 0) -> dict:
     """Passes and micro-batch of one chunk (:func:`plan_passes` over collect.pass_memory
     and collect.estimate).
 
@@ -129,8 +130,12 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
         budget_bytes: peak bytes a pass may use beyond the model (None: no limit).
         n_tasks / score_rows: tasks whose Fisher is summed, rows of the largest arm's
             (layer, block) operands (collect.pass_memory).
+        score_rows_all: rows of task A and of every disruptor set together (score_arms'
+            one pass over the sets: task A's rows made once per (layer, block)); reserved
+            instead of ``score_rows`` when that takes no more passes and the same
+            micro-batch, else the sets are scored one by one (A's rows made per set).
     Returns plan_passes' dict plus 'memory' (collect.pass_memory of each pass), 'rows_bytes'
-    (largest pass), 'estimate_s'.
+    (largest pass), 'score_rows' (the rows reserved), 'estimate_s'.
     """
     from ..gradients.collect import estimate, layer_bytes, pass_memory
 
@@ -140,16 +145,29 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     sizes = [2 ** k for k in range(int(max_micro_batch).bit_length()) if 2 ** k < max_micro_batch]
     cands = tuple(sorted({int(max_micro_batch), *sizes}, reverse=True))
 
-    def memory(p, m):
+    def memory(p, m, rows):
         return pass_memory(indexer, p, sum(per_layer[l] for l in p), m, longest,
-                           gradient_format, store_dtype, n_tasks, score_rows)
+                           gradient_format, store_dtype, n_tasks, rows)
 
     def seconds(n_passes, m):
         n_micro = sum(-(-n // m) for n in role_sizes)
         return estimate(n_model, every, n_passes, device, model_dtype, threads, n_micro)
 
-    plan = plan_passes(layers, lambda p, m: memory(p, m)["peak"], budget_bytes, seconds, cands)
-    plan["memory"] = [memory(p, plan["micro_batch"]) for p in plan["passes"]]
+    def planned(rows):
+        return dict(plan_passes(layers, lambda p, m: memory(p, m, rows)["peak"], budget_bytes,
+                                seconds, cands), score_rows=rows)
+
+    plan = planned(score_rows)
+    if score_rows_all > score_rows:
+        try:
+            wide = planned(score_rows_all)
+        except ValueError:               # one layer with every set's operands is too much
+            wide = None
+        if wide is not None and len(wide["passes"]) <= len(plan["passes"]) \
+                and wide["micro_batch"] == plan["micro_batch"]:
+            plan = wide
+    plan["memory"] = [memory(p, plan["micro_batch"], plan["score_rows"])
+                      for p in plan["passes"]]
     plan["rows_bytes"] = max(x["rows"] for x in plan["memory"])
     plan["estimate_s"] = plan["seconds"]
     return plan
