@@ -85,8 +85,35 @@ def gram_norms(out, dtype=torch.bfloat16):
         out["wide_llama_float32_gram_cuda_vs_formed_cpu_norms"] = float(np.abs(gram / cpu - 1).max())
 
 
+def lowp_rebuild(out):
+    """A bfloat16 model's factored rows on CUDA (wide LLaMA and GPT-2, 24-token samples):
+    every (layer, block) rebuilt by the float32-output bf16 matmul (factored.LOWP_OUT_DEVICES)
+    against the TF32 einsum of float32 copies, largest difference relative to the block's
+    largest value, and whether the device took the first path."""
+    from interference.gradients import factored
+
+    for name, make in [("llama", lambda: tiny_llama(hidden=512, n_head=8, n_kv=4, head_dim=64)),
+                       ("gpt2", tiny_gpt2)]:
+        model = make().to("cuda", torch.bfloat16)
+        fc = FisherCollector(enable_cross_task_analysis=True,
+                             config=QKOVConfig.from_model(model), gradient_format="factored")
+        fc.collect_fisher(model, padded_batch(4, 24, 6, "f"), task="s", mode="mean", role="fisher")
+        fc.collect_fisher(model, padded_batch(6, 24, 5, "s"), task="s", role="scored")
+        store = fc.gradient_manager
+        ids = store.ids("s", "scored")
+        worst = 0.0
+        for key in store.layout.parts:
+            lowp = store.block("s", ids, *key, device="cuda")
+            with mock.patch.object(factored, "LOWP_OUT_DEVICES", set()):
+                tf32 = store.block("s", ids, *key, device="cuda")
+            worst = max(worst, float((lowp - tf32).abs().max() / tf32.abs().max()))
+        out[f"{name}_bf16_rows_lowp_vs_tf32_einsum"] = worst
+    out["lowp_bmm_used"] = factored._lowp_ok(torch.device("cuda"), torch.bfloat16)
+
+
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    lowp_rebuild(out)
     gram_norms(out, torch.bfloat16)
     gram_norms(out, torch.float32)
     if "--big" in sys.argv:

@@ -338,6 +338,39 @@ def test_lower_precision_factors_rebuild_in_float32(tmp_path, store_dtype):
     assert torch.equal(low.fisher.get("code"), full.fisher.get("code"))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_sixteen_bit_factors_rebuild_by_a_float32_output_matmul_in_the_same_layout(
+        monkeypatch, family):
+    """Where 16-bit matmuls write float32 (factored.LOWP_OUT_DEVICES: CUDA's
+    torch.bmm(out_dtype=)), rows are rebuilt by one δᵀx product per part instead of the
+    float32 copies' einsum. On the CPU, with that product standing in as a float64 bmm
+    rounded to float32, every (layer, block)'s rows (Q/K/V by rows, O by columns; LLaMA
+    GQA, GPT-2 fused QKV) equal the einsum path's within float32 rounding. (The CUDA
+    kernel itself: benchmarks/check_cuda.py.)"""
+    from interference.gradients import factored
+
+    model = tiny_llama() if family == "llama" else tiny_gpt2()
+    low, _ = _collect(model, "factored", store_dtype="bfloat16")
+    store = low.gradient_manager
+    ids = store.ids("code", "scored")
+    keys = list(store.layout.parts)
+    want = {k: store.block("code", ids, *k, device="cpu") for k in keys}
+    calls = []
+
+    def product(a, b):
+        calls.append(a.dtype)
+        return torch.bmm(a.double(), b.double()).float()
+
+    monkeypatch.setattr(factored, "LOWP_OUT_DEVICES", {"cpu"})
+    monkeypatch.setattr(factored, "_LOWP_OK", {})
+    monkeypatch.setattr(factored, "_lowp_bmm", product)
+    for k in keys:
+        got = store.block("code", ids, *k, device="cpu")
+        assert got.dtype == torch.float32 and got.shape == want[k].shape
+        _close(got, want[k], 1e-6)
+    assert calls and set(calls) == {torch.bfloat16}
+
+
 def test_switch_and_engine_checks():
     with pytest.raises(ValueError, match="gradient_format"):
         FisherCollector(gradient_format="sparse")
