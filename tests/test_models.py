@@ -232,3 +232,31 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused(tmp_path):
         with pytest.raises(ValueError, match="512 tokens but model.vocab_size is 300"):
             build(mcfg)
     text_tokenizer(dict(mcfg, vocab_size=512))
+
+
+@pytest.mark.parametrize("name", ["llama2_7b", "llama3_8b", "tiny_random"])
+def test_random_model_facts_without_the_config_equal_the_configs(monkeypatch, name):
+    """models.model_facts of a random model whose overrides name its positions (the data
+    jobs' facts, B2's critical path) equals the facts of its built transformers config,
+    without building it; without positions in the overrides, the config is built."""
+    import yaml
+
+    from interference import models
+
+    root = Path(__file__).resolve().parents[1]
+    mcfg = yaml.safe_load((root / "conf" / "model" / f"{name}.yaml").read_text())
+    config = models.model_config(mcfg)
+    want = {"class": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+            "max_positions": models.max_positions(config)}
+    overrides = dict(mcfg.get("overrides") or {})
+    named = bool(overrides.get("max_position_embeddings") or overrides.get("n_positions"))
+    built = []
+    real = models.model_config
+    monkeypatch.setattr(models, "model_config", lambda m: built.append(m) or real(m))
+    assert models.model_facts(mcfg) == want
+    assert bool(built) != named
+    bare = dict(mcfg, overrides={k: v for k, v in overrides.items()
+                                 if k not in ("max_position_embeddings", "n_positions")})
+    built.clear()
+    facts = models.model_facts(bare)
+    assert built and facts["max_positions"] == models.max_positions(real(bare))

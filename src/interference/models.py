@@ -436,12 +436,27 @@ def model_config(mcfg: dict):
     raise ValueError(f"unknown model.source {source!r}")
 
 
-def tokenizer_and_config(mcfg: dict):
-    """(:func:`text_tokenizer`, :func:`model_config`) of a model config, without the weights;
+def tokenizer_and_facts(mcfg: dict):
+    """(:func:`text_tokenizer`, :func:`model_facts`) of a model config, without the weights;
     SmolLM2's GGUF is parsed once for both (5.3 s -> 2.8 s on one core)."""
     once = gguf_read_once() if mcfg["source"] == "smollm2" else contextlib.nullcontext()
     with once:
-        return text_tokenizer(mcfg), model_config(mcfg)
+        return text_tokenizer(mcfg), model_facts(mcfg)
+
+
+def model_facts(mcfg: dict) -> dict:
+    """{'class': the config's architecture or class name, 'max_positions'} of a model config
+    (:func:`model_config`'s). A random model whose ``overrides`` name its positions gives
+    them without building its transformers config: the first config class of a family
+    imports much of transformers (0.9 s on 2 CPU cores, 3.9 s in a job on the H200 machine:
+    on B2's critical path, RESULTS.md session 17); its class is its family's config class."""
+    overrides = dict(mcfg.get("overrides") or {})
+    positions = overrides.get("max_position_embeddings") or overrides.get("n_positions")
+    if mcfg["source"] == "random" and mcfg.get("family") in _TINY and positions:
+        return {"class": _TINY[mcfg["family"]][0], "max_positions": int(positions)}
+    config = model_config(mcfg)
+    return {"class": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+            "max_positions": max_positions(config)}
 
 
 def max_positions(config) -> int | None:

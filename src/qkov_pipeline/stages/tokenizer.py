@@ -20,14 +20,13 @@ logger = logging.getLogger("qkov.model")
 
 def build_tokenizer(mcfg: dict):
     """(tokenizer with its pad token or None, facts) of model config ``mcfg``
-    (interference.models.tokenizer_and_config; no weights). Facts: the model's name, source
+    (interference.models.tokenizer_and_facts; no weights). Facts: the model's name, source
     and class, the positions it allows, whether it has a tokenizer, its size and digest."""
-    from interference.models import max_positions, tokenizer_and_config, tokenizer_digest
+    from interference.models import tokenizer_and_facts, tokenizer_digest
 
-    tokenizer, config = tokenizer_and_config(mcfg)
-    info = {"name": mcfg["name"], "source": mcfg["source"],
-            "class": (getattr(config, "architectures", None) or [type(config).__name__])[0],
-            "max_positions": max_positions(config), "has_tokenizer": tokenizer is not None,
+    tokenizer, facts = tokenizer_and_facts(mcfg)
+    info = {"name": mcfg["name"], "source": mcfg["source"], **facts,
+            "has_tokenizer": tokenizer is not None,
             "tokenizer_size": len(tokenizer) if tokenizer is not None else None,
             "tokenizer_digest": tokenizer_digest(tokenizer)}
     logger.info("tokenizer of %s: %s tokens, digest %s; %s positions", mcfg["name"],
