@@ -111,8 +111,17 @@ def lowp_rebuild(out):
     out["lowp_bmm_used"] = factored._lowp_ok(torch.device("cuda"), torch.bfloat16)
 
 
+def padding_verdicts(out):
+    """per_sample.padding_of of bfloat16 models, whose float32 probe copy is built where
+    the model is: the CUDA verdict against the CPU's (tiny LLaMA, GPT-2)."""
+    for name, make in [("llama", tiny_llama), ("gpt2", tiny_gpt2)]:
+        got = {dev: per_sample.padding_of(make().to(dev, torch.bfloat16)) for dev in ("cuda", "cpu")}
+        out[f"{name}_bf16_padding_cuda_cpu"] = [got["cuda"], got["cpu"]]
+
+
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    padding_verdicts(out)
     lowp_rebuild(out)
     gram_norms(out, torch.bfloat16)
     gram_norms(out, torch.float32)

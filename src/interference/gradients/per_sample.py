@@ -210,9 +210,12 @@ def padding_of(model: nn.Module) -> str:
     if model in _PADDING:
         return _PADDING[model]
     probe, tol = model, 1e-4
-    if next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
+    p = next(model.parameters())
+    if p.dtype in (torch.float16, torch.bfloat16):
         from ..architectures.proof import shrunk_copy
-        probe = shrunk_copy(model, dtype=torch.float32, attn_implementation=None)
+        # built where the model is (a GPU initialises a 7B shape's copy in milliseconds)
+        probe = shrunk_copy(model, dtype=torch.float32, attn_implementation=None,
+                            device=p.device if p.device.type != "meta" else "cpu")
         if probe is None:
             probe, tol = model, 2e-2
     verdict = _probe_padding(probe, tol)
