@@ -376,10 +376,10 @@ def shrunk_copy(model: nn.Module, n_layers: int = 2, seed: int = 0,
         for k in wide:
             setattr(narrow, k, MLP_WIDTH)
         configs.insert(0, narrow)
+    device = torch.device(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
     for conf in configs:
         try:
-            device = torch.device(device)
-            cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), device:
                 torch.manual_seed(seed)
                 return type(model)(conf).to(dtype).eval()
