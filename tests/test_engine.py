@@ -1001,3 +1001,59 @@ def test_a_micro_batchs_capture_is_freed_before_the_next_forward(fmt, role, monk
                          gradient_format=fmt, micro_batch=2)
     fc.collect_fisher(model, padded_batch(7, 12, 5, "s"), task="t", role=role)
     assert len(checked) == 4 and checked == [0, 0, 0, 0]
+
+
+def test_lagged_factored_reads_yield_the_same_samples_and_errors(llama_model, monkeypatch):
+    """per_sample.LAG_DEVICES (CUDA): the factored engine yields a micro-batch's samples
+    once the next micro-batch is queued. Run that way on the CPU, every SampleGradient
+    (id, loss, tokens, norm, factors) equals the unlagged engine's, in order, and a NaN in
+    a sample of the first of three micro-batches still names that sample."""
+    from interference.gradients import CausalLMObjective, NonFiniteGradientError, PerSampleGradients
+    from interference.gradients import per_sample
+
+    idx = QKOVIndexer(llama_model, QKOVConfig.from_model(llama_model))
+    batch = padded_batch(5, 10, 3, "m")
+
+    def run():
+        eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks",
+                                 micro_batch=2, factors=True, rows=False)
+        return list(eng(batch, batch["sample_ids"]))
+
+    plain = run()
+    calls = []
+    real = per_sample.PerSampleGradients._factored_samples
+
+    def spy(self, ids, *rest):
+        calls.append(list(ids))
+        return real(self, ids, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(per_sample, "LAG_DEVICES", {"cpu"})
+        m.setattr(per_sample.PerSampleGradients, "_factored_samples", spy)
+        lagged = run()
+    assert calls == [["m:0", "m:1"], ["m:2", "m:3"], ["m:4"]]
+    assert [g.sample_id for g in lagged] == [g.sample_id for g in plain] == batch["sample_ids"]
+    for a, b in zip(lagged, plain):
+        assert (a.loss, a.n_tokens, a.norm) == (b.loss, b.n_tokens, b.norm)
+        assert a.factors["T"] == b.factors["T"] and a.factors["groups"] == b.factors["groups"]
+        for kind in ("x", "delta"):
+            assert all(torch.equal(a.factors[kind][k], b.factors[kind][k])
+                       for k in b.factors[kind])
+
+    keep = per_sample._HookCapture._keep
+
+    def poisoned(self, n, g):
+        if n.endswith("layers.1.self_attn.v_proj.weight") and g.shape[0] == 2:
+            g = g.clone()
+            g[1, 0, 0] = float("nan")
+        return keep(self, n, g)
+    monkeypatch.setattr(per_sample, "LAG_DEVICES", {"cpu"})
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
+    got = []
+    with pytest.raises(NonFiniteGradientError, match=r"sample 'm:1': non-finite gradient at "
+                                                     r"layer 1 block V"):
+        for g in PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks",
+                                    micro_batch=2, factors=True, rows=False)(
+                batch, batch["sample_ids"]):
+            got.append(g.sample_id)
+    assert got == ["m:0"]

@@ -50,7 +50,31 @@ PAD_MULTIPLE = {"cuda": 32}
 # stored samples cost some 3 s of B2's 7B chunk (benchmarks/RESULTS.md, session 14).
 GRAM_NORM_DEVICES = {"cuda"}
 GRAM_NORM_RATIO = 4
+# On these devices the factored engine reads a micro-batch's losses and norms on the host
+# only once the next micro-batch is queued (the copy itself is started at once): the device
+# does not wait for the host's launches between micro-batches (B3 on an H200: the per-batch
+# read held the queue 8 ms of each 33 ms micro-batch; benchmarks/RESULTS.md, session 17).
+LAG_DEVICES = {"cuda"}
 _FLOAT32_MAX_SQ = float(torch.finfo(torch.float32).max) ** 2
+
+
+def _start_read(t: torch.Tensor):
+    """Start copying ``t`` to the host without waiting for the device: (host tensor, the
+    CUDA event after the copy, or None where the copy was synchronous)."""
+    if not t.is_cuda:
+        return t.cpu(), None
+    host = t.to("cpu", non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _finish_read(read) -> list:
+    """The values of a :func:`_start_read` copy, once it has landed."""
+    host, done = read
+    if done is not None:
+        done.synchronize()
+    return host.tolist()
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -552,6 +576,7 @@ class PerSampleGradients:
                 capture.backward(losses.sum())
                 if form:
                     capture.form_all()
+                    capture._x_grams.clear()      # XXᵀ serves the forming only
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
     def square_sums(self, batch: dict, sample_ids: list[str], into: torch.Tensor | None = None):
@@ -653,26 +678,42 @@ class PerSampleGradients:
 
     def _factored(self, samples: list[dict], sample_ids: list[str]):
         """Stored samples of a factored store: x, δ and the norm of g_i, no row [P] (each
-        parameter's per-sample gradients are reduced to squared norms when formed)."""
+        parameter's per-sample gradients are reduced to squared norms when formed). On a
+        device of LAG_DEVICES a micro-batch's samples are yielded once the next one is
+        queued, unless its capture holds dense per-sample gradients (two micro-batches of
+        those would exceed what the memory plan allows)."""
+        pending = None
         for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids,
                                                                      "norms"):
             names = [n for n in self._names if n in capture.norm2]
             norm2 = torch.stack([capture.norm2[n] for n in names])        # [params, n]
-            info = torch.cat([torch.stack([losses.detach().double(), n_tok.double(),
-                                           real.double()]), norm2.sum(0, keepdim=True)])
-            loss_of, tok_of, real_of, total = info.cpu().tolist()
-            self._check_batch(ids, loss_of, tok_of)
-            for k, sid in enumerate(ids):
-                if not math.isfinite(total[k]):
-                    bad = {n for n, v in zip(names, norm2[:, k].tolist()) if not math.isfinite(v)}
-                    where = next((f"layer {l} block {b}" for (l, b), e in
-                                  self.indexer.entries.items()
-                                  if any(p.name in bad for p in e.parts)), "unknown location")
-                    raise NonFiniteGradientError(f"sample {sid!r}: non-finite gradient at {where}")
-                yield SampleGradient(sid, None, loss_of[k], int(tok_of[k]),
-                                     self._factors_of(capture, k, int(real_of[k])),
-                                     norm=math.sqrt(total[k]))
-            del capture, norm2   # not alive through the next micro-batch's forward
+            info = _start_read(torch.cat([torch.stack([
+                losses.detach().double(), n_tok.double(), real.double()]),
+                norm2.sum(0, keepdim=True)]))
+            if pending is not None:
+                yield from self._factored_samples(*pending)
+            pending = (ids, capture, names, norm2, info)
+            if losses.device.type not in LAG_DEVICES or capture.grads:
+                yield from self._factored_samples(*pending)
+                pending = None
+            del capture, norm2   # only ``pending`` keeps them through the next forward
+        if pending is not None:
+            yield from self._factored_samples(*pending)
+
+    def _factored_samples(self, ids, capture, names, norm2, info):
+        """:meth:`_factored`'s SampleGradients of one micro-batch, checked."""
+        loss_of, tok_of, real_of, total = _finish_read(info)
+        self._check_batch(ids, loss_of, tok_of)
+        for k, sid in enumerate(ids):
+            if not math.isfinite(total[k]):
+                bad = {n for n, v in zip(names, norm2[:, k].tolist()) if not math.isfinite(v)}
+                where = next((f"layer {l} block {b}" for (l, b), e in
+                              self.indexer.entries.items()
+                              if any(p.name in bad for p in e.parts)), "unknown location")
+                raise NonFiniteGradientError(f"sample {sid!r}: non-finite gradient at {where}")
+            yield SampleGradient(sid, None, loss_of[k], int(tok_of[k]),
+                                 self._factors_of(capture, k, int(real_of[k])),
+                                 norm=math.sqrt(total[k]))
 
     def _factors_of(self, capture: "_HookCapture", k: int, t: int) -> dict:
         """Sample ``k``'s factors: its own ``t`` tokens (right padding) of x and δ, and its
