@@ -214,11 +214,12 @@ class CausalLMObjective(Objective):
         return int(batch["input_ids"].shape[0])
 
     def split(self, batch):
-        ids = torch.as_tensor(batch["input_ids"])
+        # on the host: a boolean index of a GPU tensor waits for the device, twice a sample
+        ids = torch.as_tensor(batch["input_ids"]).cpu()
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [n, T], got shape {tuple(ids.shape)}")
-        mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(ids))).bool()
-        labels = torch.as_tensor(batch["labels"]) if "labels" in batch else None
+        mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(ids))).cpu().bool()
+        labels = torch.as_tensor(batch["labels"]).cpu() if "labels" in batch else None
         if mask.shape != ids.shape or (labels is not None and labels.shape != ids.shape):
             raise ValueError(f"input_ids {tuple(ids.shape)}, attention_mask "
                              f"{tuple(mask.shape)} and labels must have the same shape")
