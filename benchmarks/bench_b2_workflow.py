@@ -20,7 +20,9 @@ and in the same run one plain forward+backward over the same samples.
    the workflow drops it where it probes the model causal). The ratio is to the faster.
 Prints one JSON line and a table: end to end (model load excluded: the chunks' load time
 on the critical path subtracted), plain forward+backward, their ratio, per-chunk times,
-peak host and GPU memory, disk of the results folder. B2 bar: <= 60 s end to end on one H200.
+peak host and GPU memory, disk of the results folder, and two measures of the host's
+speed (a fresh import of torch and transformers; a fixed Python loop), so runs on different
+machines can be compared. B2 bar: <= 60 s end to end on one H200.
 """
 from __future__ import annotations
 
@@ -212,6 +214,21 @@ def print_dry_plan(row: dict) -> None:
                   f"{m['stored_phase'] / gib:.1f}; {terms} GiB)")
 
 
+def host_speed() -> dict:
+    """Two measures of the host's speed, taken after the workflow, to tell a slow machine
+    from a slow workflow when B2 runs are compared (session 17: the same code took 52.7 s
+    on one H200 machine and 68.2 s on another whose CPU-side jobs were 20-30% slower):
+    ``host_import_s``, a fresh interpreter importing torch and transformers and making a
+    LLaMA config (what each job of the workflow pays before its work), and
+    ``host_python_s``, a fixed single-threaded pure-Python loop."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers; transformers.LlamaConfig"],
+                   check=True, capture_output=True)
+    t1 = time.perf_counter()
+    sum(k * k for k in range(3_000_000))
+    return {"host_import_s": t1 - t0, "host_python_s": time.perf_counter() - t1}
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -248,6 +265,7 @@ def main(argv=None):
     plain = plain_forward_backward(results, args.device)
     end_to_end = wall - load
     peaks, seconds = job_stats(results)
+    speed = host_speed()
     row = {"benchmark": "B2 through the workflow", "experiment": args.experiment,
            "gpus": args.gpus, "workflow_wall_s": wall, "model_load_s": load,
            "end_to_end_s": end_to_end, **plain,
@@ -259,7 +277,7 @@ def main(argv=None):
                       for c in chunks],
            "peak_host_rss_mb": max(peaks.values()) if peaks else None, "peak_rss_by_rule_mb": peaks,
            "seconds_by_rule": seconds,
-           "results_disk_bytes": du(results), "cells": str(cells)}
+           "results_disk_bytes": du(results), "cells": str(cells), **speed}
     try:
         import torch
 
@@ -287,6 +305,8 @@ def main(argv=None):
     say("  longest job per rule (s):     " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     say(f"  peak host resident memory     {row['peak_host_rss_mb'] or 0:8.0f} MB (largest job)")
     say(f"  results on disk               {row['results_disk_bytes'] / 2**20:8.1f} MB")
+    say(f"  host speed                    {speed['host_import_s']:8.1f} s to import torch and "
+        f"transformers afresh, {speed['host_python_s']:.2f} s of a fixed Python loop")
 
 
 if __name__ == "__main__":

@@ -636,3 +636,18 @@ def test_the_collection_forward_takes_no_cudnn_attention(monkeypatch):
     assert torch.backends.cuda.cudnn_sdp_enabled()
     assert plain.keys() == restricted.keys()
     assert all(torch.allclose(plain[k], restricted[k], rtol=1e-5, atol=1e-7) for k in plain)
+
+
+def test_the_b2_bench_measures_the_hosts_speed():
+    """benchmarks/bench_b2_workflow.host_speed: a fresh interpreter's import of torch and
+    transformers and a fixed Python loop, both timed (reported beside every B2 run)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_b2_workflow
+    finally:
+        sys.path.pop(0)
+    speed = bench_b2_workflow.host_speed()
+    assert set(speed) == {"host_import_s", "host_python_s"}
+    assert all(0 < v < 120 for v in speed.values())
