@@ -1,5 +1,6 @@
 """Where the library computes: the one rule for choosing a torch device, the automatic
-device-memory budget, and moving operands onto a device while the previous ones are used."""
+device-memory budget, and moving operands onto a device while the previous ones are used
+(and small results off it without waiting)."""
 from __future__ import annotations
 
 import contextlib
@@ -94,6 +95,28 @@ def to_device(t, device):
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def start_host_copy(t):
+    """Start copying ``t`` to the host without waiting for the device: (host tensor, the
+    CUDA event after the copy, or None where the copy was synchronous); read it with
+    :func:`host_values`, e.g. once the next batch's work is queued."""
+    import torch
+
+    if not t.is_cuda:
+        return t.cpu(), None
+    host = t.to("cpu", non_blocking=True)       # pinned, asynchronous
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def host_values(copy) -> list:
+    """The values of a :func:`start_host_copy`, once it has landed (``tolist``)."""
+    host, done = copy
+    if done is not None:
+        done.synchronize()
+    return host.tolist()
 
 
 def _tensors(obj):

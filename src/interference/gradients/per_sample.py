@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from ..device import attention_backends
+from ..device import attention_backends, host_values, start_host_copy
 from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token_nll,
                          upcast)
 
@@ -56,25 +56,6 @@ GRAM_NORM_RATIO = 4
 # read held the queue 8 ms of each 33 ms micro-batch; benchmarks/RESULTS.md, session 17).
 LAG_DEVICES = {"cuda"}
 _FLOAT32_MAX_SQ = float(torch.finfo(torch.float32).max) ** 2
-
-
-def _start_read(t: torch.Tensor):
-    """Start copying ``t`` to the host without waiting for the device: (host tensor, the
-    CUDA event after the copy, or None where the copy was synchronous)."""
-    if not t.is_cuda:
-        return t.cpu(), None
-    host = t.to("cpu", non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return host, done
-
-
-def _finish_read(read) -> list:
-    """The values of a :func:`_start_read` copy, once it has landed."""
-    host, done = read
-    if done is not None:
-        done.synchronize()
-    return host.tolist()
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -436,6 +417,7 @@ class _HookCapture:
     def form_all(self):
         for path in self.by_module:
             self.form(path)
+        self._x_grams.clear()           # XXᵀ serves the forming only
 
     def _keep(self, name: str, g: torch.Tensor):
         """Per-sample gradients g [n, *shape] of parameter ``name``: kept, or reduced at
@@ -576,7 +558,6 @@ class PerSampleGradients:
                 capture.backward(losses.sum())
                 if form:
                     capture.form_all()
-                    capture._x_grams.clear()      # XXᵀ serves the forming only
                 yield ids, capture, losses, n_tok, b["attention_mask"].sum(1)
 
     def square_sums(self, batch: dict, sample_ids: list[str], into: torch.Tensor | None = None):
@@ -687,7 +668,7 @@ class PerSampleGradients:
                                                                      "norms"):
             names = [n for n in self._names if n in capture.norm2]
             norm2 = torch.stack([capture.norm2[n] for n in names])        # [params, n]
-            info = _start_read(torch.cat([torch.stack([
+            info = start_host_copy(torch.cat([torch.stack([
                 losses.detach().double(), n_tok.double(), real.double()]),
                 norm2.sum(0, keepdim=True)]))
             if pending is not None:
@@ -702,7 +683,7 @@ class PerSampleGradients:
 
     def _factored_samples(self, ids, capture, names, norm2, info):
         """:meth:`_factored`'s SampleGradients of one micro-batch, checked."""
-        loss_of, tok_of, real_of, total = _finish_read(info)
+        loss_of, tok_of, real_of, total = host_values(info)
         self._check_batch(ids, loss_of, tok_of)
         for k, sid in enumerate(ids):
             if not math.isfinite(total[k]):
