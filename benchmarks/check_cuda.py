@@ -20,9 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import padded_batch, tiny_gpt2, tiny_llama  # noqa: E402
 
-from interference.architectures import QKOVConfig  # noqa: E402
-from interference.gradients import per_sample  # noqa: E402
-from interference.gradients import FisherCollector  # noqa: E402
+from interference.architectures import QKOVConfig, QKOVIndexer  # noqa: E402
+from interference.gradients import kernels, per_sample  # noqa: E402
+from interference.gradients import (CausalLMObjective, FisherCollector,  # noqa: E402
+                                    PerSampleGradients)
 from interference.scores import QKOVInterferenceMetric  # noqa: E402
 
 
@@ -87,11 +88,9 @@ def gram_norms(out, dtype=torch.bfloat16):
 
 def lowp_rebuild(out):
     """A bfloat16 model's factored rows on CUDA (wide LLaMA and GPT-2, 24-token samples):
-    every (layer, block) rebuilt by the float32-output bf16 matmul (factored.LOWP_OUT_DEVICES)
+    every (layer, block) rebuilt by the float32-output bf16 matmul (kernels.LOWP_OUT_DEVICES)
     against the TF32 einsum of float32 copies, largest difference relative to the block's
     largest value, and whether the device took the first path."""
-    from interference.gradients import factored
-
     for name, make in [("llama", lambda: tiny_llama(hidden=512, n_head=8, n_kv=4, head_dim=64)),
                        ("gpt2", tiny_gpt2)]:
         model = make().to("cuda", torch.bfloat16)
@@ -104,11 +103,51 @@ def lowp_rebuild(out):
         worst = 0.0
         for key in store.layout.parts:
             lowp = store.block("s", ids, *key, device="cuda")
-            with mock.patch.object(factored, "LOWP_OUT_DEVICES", set()):
+            with mock.patch.object(kernels, "LOWP_OUT_DEVICES", set()):
                 tf32 = store.block("s", ids, *key, device="cuda")
             worst = max(worst, float((lowp - tf32).abs().max() / tf32.abs().max()))
         out[f"{name}_bf16_rows_lowp_vs_tf32_einsum"] = worst
-    out["lowp_bmm_used"] = factored._lowp_ok(torch.device("cuda"), torch.bfloat16)
+    out["lowp_bmm_used"] = kernels.lowp_ok(torch.device("cuda"), torch.bfloat16)
+
+
+def engine_kernels(out):
+    """The hooks engine's two CUDA kernels (kernels.py) against their fallbacks on CUDA:
+    Σ_k g_k² by the Triton kernel vs the per-sample multiply-add loop (bitwise; values over
+    60 decades, and a whole Fisher of a bfloat16 GPT-2), and a bfloat16 model's per-sample
+    rows formed by the float32-output matmul vs the TF32 einsum of float32 copies."""
+    g = torch.Generator().manual_seed(0)
+    shape = (16, 3 * 1024 + 5)
+    vals = (torch.randn(shape, generator=g, dtype=torch.float64)
+            * 10.0 ** torch.randint(-30, 30, shape, generator=g)).float().cuda()
+    fused = kernels.square_sum(vals)
+    with mock.patch.object(kernels, "SQUARE_SUM_DEVICES", set()):
+        loop = kernels.square_sum(vals)
+    out["square_sum_triton_equals_loop_bitwise"] = bool(torch.equal(fused, loop))
+
+    def fisher(model):
+        fc = FisherCollector(config=QKOVConfig.from_model(model, include_bias=True))
+        fc.collect_fisher(model, padded_batch(8, 24, 1, "f"), task="a", mode="mean",
+                          role="fisher")
+        return fc.fisher.get("a")
+    model = tiny_gpt2().to("cuda", torch.bfloat16)
+    with_kernel = fisher(model)
+    with mock.patch.object(kernels, "SQUARE_SUM_DEVICES", set()):
+        without = fisher(model)
+    out["bf16_gpt2_fisher_kernel_equals_loop_bitwise"] = bool(torch.equal(with_kernel, without))
+
+    for name, make in [("llama", tiny_llama), ("gpt2", tiny_gpt2)]:
+        model = make().to("cuda", torch.bfloat16)
+        idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+        b = padded_batch(6, 24, 3, "s")
+
+        def rows():
+            eng = PerSampleGradients(model, idx, CausalLMObjective(), engine="hooks")
+            return torch.stack([s.vector for s in eng(b, b["sample_ids"])]).double()
+        lowp = rows()
+        with mock.patch.object(kernels, "LOWP_OUT_DEVICES", set()):
+            tf32 = rows()
+        out[f"{name}_bf16_rows_lowp_vs_tf32_einsum"] = float(
+            ((lowp - tf32).abs() / tf32.abs().amax(1, keepdim=True)).max())
 
 
 def padding_verdicts(out):
@@ -123,6 +162,7 @@ def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     padding_verdicts(out)
     lowp_rebuild(out)
+    engine_kernels(out)
     gram_norms(out, torch.bfloat16)
     gram_norms(out, torch.float32)
     if "--big" in sys.argv:
@@ -135,12 +175,13 @@ def main():
                                                   run(make(), "cuda", "hooks", backend="torch"))
         for dt in ("bfloat16", "float16"):
             out[f"{name}_store_{dt}_rel_err"] = rel(run(make(), "cpu", "loop", dt), ref)
-        # a bfloat16 model: per-sample sums formed with TF32 (exact for bf16 inputs) vs
-        # full float32 matmuls
-        tf32 = run(make(), "cuda", "hooks", dtype=torch.bfloat16)
-        with mock.patch.object(per_sample, "_tf32_if_exact", lambda *a: contextlib.nullcontext()):
+        # a bfloat16 model: per-sample sums formed as the engine does (float32-output bf16
+        # matmuls, exact products) vs full float32 matmuls of float32 copies
+        fast = run(make(), "cuda", "hooks", dtype=torch.bfloat16)
+        with mock.patch.object(kernels, "tf32_if_exact", lambda *a: contextlib.nullcontext()), \
+                mock.patch.object(kernels, "LOWP_OUT_DEVICES", set()):
             fp32 = run(make(), "cuda", "hooks", dtype=torch.bfloat16)
-        out[f"{name}_bf16_model_tf32_vs_fp32_sums"] = rel(tf32, fp32)
+        out[f"{name}_bf16_model_engine_vs_fp32_sums"] = rel(fast, fp32)
     print(json.dumps(out))
 
 

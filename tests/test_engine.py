@@ -202,7 +202,7 @@ def test_memory_budget_settings():
 def test_tf32_sums_only_for_low_precision_cuda_activations():
     """The hooks engine allows TF32 only where it is exact (bfloat16/float16 inputs on CUDA)
     and restores the global flag afterwards; float32 models keep float32 matmuls."""
-    from interference.gradients.per_sample import _tf32_if_exact
+    from interference.gradients.kernels import tf32_if_exact as _tf32_if_exact
 
     flag = torch.backends.cuda.matmul
     before = flag.allow_tf32
@@ -1057,3 +1057,35 @@ def test_lagged_factored_reads_yield_the_same_samples_and_errors(llama_model, mo
                 batch, batch["sample_ids"]):
             got.append(g.sample_id)
     assert got == ["m:0"]
+
+
+def test_causal_lm_split_keeps_each_samples_masked_tokens_as_a_loop_does():
+    """CausalLMObjective.split against a loop of boolean indexes per sample: right and left
+    padding, an empty sample and a mask with a hole (not one run), with and without
+    labels; the samples do not share memory with the caller's batch."""
+    from interference.gradients import CausalLMObjective
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (6, 9), generator=g)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[1, 6:] = 0       # right padding
+    mask[2, :3] = 0       # left padding
+    mask[3] = 0           # no token
+    labels = ids.clone()
+    labels[0, 4] = -100
+    for m in (mask[[0, 1, 2, 3, 5]], torch.ones(4, 9, dtype=torch.long), mask.clone()):
+        if len(m) == 6:
+            m[4, 2] = 0   # a hole: not one run of tokens
+        for lab in (None, labels[:len(m)]):
+            batch = {"input_ids": ids[:len(m)].clone(), "attention_mask": m}
+            if lab is not None:
+                batch["labels"] = lab
+            got = CausalLMObjective().split(batch)
+            assert len(got) == len(m)
+            for k, s in enumerate(got):
+                keep = m[k].bool()
+                want_lab = (lab[k] if lab is not None else batch["input_ids"][k])[keep]
+                assert torch.equal(s["input_ids"], batch["input_ids"][k][keep])
+                assert torch.equal(s["labels"], want_lab)
+            batch["input_ids"].fill_(0)
+            assert all(s["input_ids"].numel() == 0 or s["input_ids"].min() > 0 for s in got)

@@ -341,13 +341,13 @@ def test_lower_precision_factors_rebuild_in_float32(tmp_path, store_dtype):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_sixteen_bit_factors_rebuild_by_a_float32_output_matmul_in_the_same_layout(
         monkeypatch, family):
-    """Where 16-bit matmuls write float32 (factored.LOWP_OUT_DEVICES: CUDA's
+    """Where 16-bit matmuls write float32 (kernels.LOWP_OUT_DEVICES: CUDA's
     torch.bmm(out_dtype=)), rows are rebuilt by one δᵀx product per part instead of the
     float32 copies' einsum. On the CPU, with that product standing in as a float64 bmm
     rounded to float32, every (layer, block)'s rows (Q/K/V by rows, O by columns; LLaMA
     GQA, GPT-2 fused QKV) equal the einsum path's within float32 rounding. (The CUDA
     kernel itself: benchmarks/check_cuda.py.)"""
-    from interference.gradients import factored
+    from interference.gradients import kernels
 
     model = tiny_llama() if family == "llama" else tiny_gpt2()
     low, _ = _collect(model, "factored", store_dtype="bfloat16")
@@ -361,9 +361,9 @@ def test_sixteen_bit_factors_rebuild_by_a_float32_output_matmul_in_the_same_layo
         calls.append(a.dtype)
         return torch.bmm(a.double(), b.double()).float()
 
-    monkeypatch.setattr(factored, "LOWP_OUT_DEVICES", {"cpu"})
-    monkeypatch.setattr(factored, "_LOWP_OK", {})
-    monkeypatch.setattr(factored, "_lowp_bmm", product)
+    monkeypatch.setattr(kernels, "LOWP_OUT_DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_LOWP_OK", {})
+    monkeypatch.setattr(kernels, "lowp_bmm", product)
     for k in keys:
         got = store.block("code", ids, *k, device="cpu")
         assert got.dtype == torch.float32 and got.shape == want[k].shape

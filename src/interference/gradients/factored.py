@@ -26,37 +26,12 @@ import numpy as np
 import torch
 
 from ..architectures.indexer import Part
-from .per_sample import _tf32_if_exact
+from . import kernels
 
 GRADIENT_FORMATS = ("auto", "dense", "factored")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
 _ALIGN = 8
-# devices whose 16-bit matmuls can write float32 (torch.bmm(..., out_dtype=)): a product
-# of two bfloat16/float16 values is exact in float32 and the sums accumulate in float32, as
-# in the TF32 matmul of their float32 copies, without making the copies (B2, session 17)
-LOWP_OUT_DEVICES = {"cuda"}
-_LOWP_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _lowp_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """float32 [n, i, j] = a [n, i, t] @ b [n, t, j] of 16-bit operands."""
-    return torch.bmm(a, b, out_dtype=torch.float32)
-
-
-def _lowp_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether :func:`_lowp_bmm` runs for ``dtype`` on ``device`` (probed once: the
-    ``out_dtype`` argument is recent and CUDA-only)."""
-    if device.type not in LOWP_OUT_DEVICES:
-        return False
-    key = (device.type, dtype)
-    if key not in _LOWP_OK:
-        one = torch.ones(1, 1, 1, dtype=dtype, device=device)
-        try:
-            _LOWP_OK[key] = _lowp_bmm(one, one).dtype == torch.float32
-        except (TypeError, RuntimeError, NotImplementedError):
-            _LOWP_OK[key] = False
-    return _LOWP_OK[key]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -350,14 +325,13 @@ class FactorLayout:
         if not rows:
             x = part_of(x)
         n = len(recs)
-        if d.dtype == x.dtype and d.dtype in (torch.bfloat16, torch.float16) \
-                and _lowp_ok(device, d.dtype):
-            g = _lowp_bmm(d.transpose(1, 2), x)          # δᵀx: [n, out, in] float32
+        if d.dtype == x.dtype and kernels.lowp_ok(device, d.dtype):
+            g = kernels.lowp_bmm(d.transpose(1, 2), x)          # δᵀx: [n, out, in] float32
             if rows:
                 return g.reshape(n, p.n_heads, -1)
             return g.unflatten(-1, (p.n_heads, p.size)).transpose(1, 2).reshape(
                 n, p.n_heads, -1)
-        with _tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
+        with kernels.tf32_if_exact(self.fdt, self.fdt, device.type == "cuda"):
             if rows:                     # G[idx, :] = δ[:, idx]ᵀ x: [n, (h, s), in]
                 return torch.einsum("nto,nti->noi", d.float(), x.float()).reshape(
                     n, p.n_heads, -1)

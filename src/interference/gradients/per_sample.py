@@ -33,8 +33,8 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
 from ..device import attention_backends, host_values, start_host_copy
-from .objectives import (Objective, frozen, head_token_nll, plain_lm_head, token_nll,
-                         upcast)
+from .kernels import square_sum, weight_grads
+from .objectives import Objective, frozen, head_token_nll, plain_lm_head, token_nll
 
 
 # A micro-batch is right-padded to a multiple of this many tokens (device type -> multiple;
@@ -168,24 +168,6 @@ def padded_length(t: int, device_type: str, longest: int | None = None) -> int:
     return max(t, min(padded, longest)) if longest is not None else padded
 
 
-@contextlib.contextmanager
-def _tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
-    """Allow TF32 tensor-core matmuls while forming Σ_t δ_t x_tᵀ from bfloat16/float16
-    activations: every such value is exact in TF32 (8-bit exponent, 10-bit mantissa), so the
-    products are exact and the sum accumulates in float32 as before, at tensor-core speed
-    (B3 in benchmarks/RESULTS.md). Float32 models keep full float32 matmuls."""
-    low = (torch.bfloat16, torch.float16)
-    if not (cuda and x_dtype in low and d_dtype in low):
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 _PADDING: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -285,8 +267,9 @@ class _HookCapture:
     """
 
     def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
-                 covered: dict | None = None, keep: set | None = None):
-        modules = dict(model.named_modules())
+                 covered: dict | None = None, keep: set | None = None,
+                 modules: dict | None = None):
+        modules = modules or dict(model.named_modules())
         self.reduce, self.covered, self.keep = reduce, covered or {}, keep or set()
         self.by_module: dict[str, list[str]] = {}
         for name in names:
@@ -303,6 +286,7 @@ class _HookCapture:
         self.deltas: dict[str, torch.Tensor] = {}
         self.stacked: set[str] = set()
         self._groups: dict[str, str] | None = None
+        self._views: tuple | None = None
         self._x_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(x) -> (x, XXᵀ)
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
@@ -313,6 +297,18 @@ class _HookCapture:
         if self._groups is None:
             self._groups = self._find_input_groups()
         return self._groups
+
+    def sample_views(self) -> tuple[dict, dict, dict, dict]:
+        """(input groups, {group: x_k}, {path: δ_k}, {param: g_k}), each a tuple of the
+        samples' views [T, ...] (the kept x, δ and per-sample gradients unbound once per
+        micro-batch, not indexed once per sample)."""
+        if self._views is None:
+            groups = self.input_groups()
+            self._views = (groups,
+                           {g: self.inputs[g].unbind(0) for g in set(groups.values())},
+                           {p: d.unbind(0) for p, d in self.deltas.items()},
+                           {n: g.unbind(0) for n, g in self.grads.items()})
+        return self._views
 
     def _find_input_groups(self) -> dict[str, str]:
         groups, seen = {}, []
@@ -334,7 +330,7 @@ class _HookCapture:
             if not output.requires_grad:   # applied without gradients: adds nothing
                 return
             x = inputs[0].detach()
-            self._groups = None
+            self._groups = self._views = None
             # the output's place in the graph, not its values (held until the backward)
             edge = (get_gradient_edge(output), output.shape, output.dtype)
             if path in self.inputs or x.dim() != 3:   # applied again, or [n, ..., in]
@@ -368,18 +364,13 @@ class _HookCapture:
         x, delta = self.inputs[path], self.deltas[path]
         kinds, weight = self.by_module[path], f"{path}.weight"
         gram = "weight" in kinds and self._gram_norm_applies(weight, x, delta)
-        formed = "weight" in kinds and not gram
-        df = upcast(delta) if formed or "bias" in kinds else None
         if gram:
             self.norm2[weight] = self._gram_norm2(x, delta)
-        elif formed:
-            xf = upcast(x)
-            with _tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
-                g = torch.einsum("nti,nto->nio", xf, df) if self.conv1d[path] \
-                    else torch.einsum("nto,nti->noi", df, xf)
-            self._keep(weight, g)
+        elif "weight" in kinds:
+            self._keep(weight, weight_grads(x, delta, transposed=self.conv1d[path]))
         if "bias" in kinds:
-            self._keep(f"{path}.bias", df.sum(1))
+            wide = torch.float64 if delta.dtype == torch.float64 else torch.float32
+            self._keep(f"{path}.bias", delta.sum(1, dtype=wide))
 
     def _gram_norm_applies(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> bool:
         """Whether ``name``'s per-sample squared norms come from Gram matrices: only its
@@ -425,13 +416,8 @@ class _HookCapture:
         if self.reduce is None:
             self.grads[name] = g
         elif self.reduce == "squares":
-            # exact float64 squares (a float32 squared fits float64's mantissa) added sample
-            # by sample, each in one multiply-add computed in float64: no float64 copy of
-            # the gradients, one pass over each (bitwise the sum of the squares in order)
-            acc = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device)
-            for gk in g:
-                acc.addcmul_(gk, gk)
-            self.sq[name] = acc
+            # exact float64 squares added in sample order, no float64 copy of g
+            self.sq[name] = acc = square_sum(g)
             # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
             # float64); which sample is not: :meth:`sample_finite`, only then
             self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
@@ -549,7 +535,8 @@ class PerSampleGradients:
                     lengths = {int(s["input_ids"].numel()) for s in part}
                     keep = {n for n in self._names
                             if any(self.dense_for(n.rsplit(".", 1)[0], t) for t in lengths)}
-                capture = _HookCapture(self.model, self._names, reduce, self._covered, keep)
+                capture = _HookCapture(self.model, self._names, reduce, self._covered, keep,
+                                       self._modules)
                 try:
                     with attention_backends(device):     # no per-shape plans on CUDA
                         losses, n_tok = self._batch_losses(b)
@@ -613,6 +600,11 @@ class PerSampleGradients:
                 yield e, self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1)
             for name in done:
                 del cap.sq[name]
+
+    @functools.cached_property
+    def _modules(self) -> dict[str, nn.Module]:
+        """path -> module of the model, walked once per engine, not once per micro-batch."""
+        return dict(self.model.named_modules())
 
     @functools.cached_property
     def _square_plan(self) -> list[tuple[str, list, list[str]]]:
@@ -703,11 +695,13 @@ class PerSampleGradients:
             raise ValueError(f"per-sample factors need each module applied once per forward "
                              f"to [n, T, in]; {sorted(capture.stacked)[:3]} are not: use "
                              "a dense gradient store")
-        groups = capture.input_groups()
-        return {"T": t, "groups": groups,
-                "x": {g: capture.inputs[g][k, :t] for g in set(groups.values())},
-                "delta": {p: d[k, :t] for p, d in capture.deltas.items()},
-                "grads": {n: g[k] for n, g in capture.grads.items()}}
+        groups, xs, ds, gs = capture.sample_views()
+        if next(iter(xs.values()))[k].shape[0] == t:     # no right padding (one T per batch)
+            x, delta = {g: v[k] for g, v in xs.items()}, {p: v[k] for p, v in ds.items()}
+        else:
+            x, delta = {g: v[k][:t] for g, v in xs.items()}, {p: v[k][:t] for p, v in ds.items()}
+        return {"T": t, "groups": groups, "x": x, "delta": delta,
+                "grads": {n: v[k] for n, v in gs.items()}}
 
     def _batch_losses(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample losses [n] float32, predicted tokens [n]) of a right-padded batch,

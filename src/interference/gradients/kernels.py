@@ -1,0 +1,122 @@
+"""The dense arithmetic of per-sample gradients, shared by the engine and the factored store.
+
+- :func:`weight_grads`: per-sample weight gradients Σ_t δ_t x_tᵀ [n, out, in] in float32
+  from a projection's inputs x [n, T, in] and output gradients δ [n, T, out] (the hooks
+  engine forms them, the factored store rebuilds them). From bfloat16/float16 factors every
+  product is exact in float32 and the sums accumulate in float32, on CUDA in one
+  tensor-core matmul writing float32 (``torch.bmm(out_dtype=)``).
+- :func:`square_sum`: Σ_k g_k² [*shape] in float64 of per-sample gradients g [n, *shape]
+  added in sample order (the Fisher samples' sums), on CUDA in one Triton kernel instead of
+  one launch per sample.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .objectives import upcast
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+LOW = (torch.bfloat16, torch.float16)
+# devices whose 16-bit matmuls can write float32 (torch.bmm(..., out_dtype=)): a product
+# of two bfloat16/float16 values is exact in float32 and the sums accumulate in float32, as
+# in the TF32 matmul of their float32 copies, without making the copies (B2, session 17)
+LOWP_OUT_DEVICES = {"cuda"}
+_LOWP_OK: dict[tuple[str, torch.dtype], bool] = {}
+# devices where square_sum runs as one Triton kernel (else one multiply-add per sample)
+SQUARE_SUM_DEVICES = {"cuda"}
+
+
+def lowp_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """float32 [n, i, j] = a [n, i, t] @ b [n, t, j] of 16-bit operands."""
+    return torch.bmm(a, b, out_dtype=torch.float32)
+
+
+def lowp_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`lowp_bmm` runs for ``dtype`` on ``device`` (probed once: the
+    ``out_dtype`` argument is recent and CUDA-only)."""
+    if device.type not in LOWP_OUT_DEVICES or dtype not in LOW:
+        return False
+    key = (device.type, dtype)
+    if key not in _LOWP_OK:
+        one = torch.ones(1, 1, 1, dtype=dtype, device=device)
+        try:
+            _LOWP_OK[key] = lowp_bmm(one, one).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _LOWP_OK[key] = False
+    return _LOWP_OK[key]
+
+
+@contextlib.contextmanager
+def tf32_if_exact(x_dtype: torch.dtype, d_dtype: torch.dtype, cuda: bool):
+    """Allow TF32 tensor-core matmuls while forming Σ_t δ_t x_tᵀ from the float32 copies of
+    bfloat16/float16 activations: every such value is exact in TF32 (8-bit exponent, 10-bit
+    mantissa), so the products are exact and the sum accumulates in float32 as before, at
+    tensor-core speed (B3 in benchmarks/RESULTS.md). Float32 models keep float32 matmuls."""
+    if not (cuda and x_dtype in LOW and d_dtype in LOW):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def weight_grads(x: torch.Tensor, delta: torch.Tensor, transposed: bool = False
+                 ) -> torch.Tensor:
+    """Per-sample Σ_t δ_t x_tᵀ: [n, out, in] (``transposed``: [n, in, out], the layout of
+    GPT-2's Conv1D weights) in float32 (float64 for float64 factors), from x [n, T, in] and
+    δ [n, T, out] of one dtype or two."""
+    if x.dtype == delta.dtype and lowp_ok(x.device, x.dtype):
+        return lowp_bmm(x.transpose(1, 2), delta) if transposed \
+            else lowp_bmm(delta.transpose(1, 2), x)
+    xf, df = upcast(x), upcast(delta)
+    with tf32_if_exact(x.dtype, delta.dtype, x.is_cuda):
+        return torch.einsum("nti,nto->nio", xf, df) if transposed \
+            else torch.einsum("nto,nti->noi", df, xf)
+
+
+if triton is not None:
+    @triton.jit
+    def _square_sum_kernel(G, OUT, n, m, stride_n, BLOCK: tl.constexpr):
+        # each program: BLOCK entries, their float64 squares added over the n samples in order
+        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < m
+        acc = tl.zeros((BLOCK,), dtype=tl.float64)
+        for k in range(0, n):
+            g = tl.load(G + k * stride_n + cols, mask=inside, other=0.0).to(tl.float64)
+            acc += g * g
+        tl.store(OUT + cols, acc, mask=inside)
+
+
+def square_sum(g: torch.Tensor) -> torch.Tensor:
+    """Σ_k g_k ⊙ g_k [*shape] float64 of ``g`` [n, *shape] (float32 or float64), the squares
+    added in sample order: the square of a float32 value is exact in float64, so each step
+    rounds once, and the result is bitwise the loop ``acc.addcmul_(g_k, g_k)`` over k (no
+    float64 copy of ``g``). On a device of SQUARE_SUM_DEVICES with triton (or in triton's
+    CPU interpreter, TRITON_INTERPRET=1, for tests), one kernel; else that loop."""
+    from ..scores.contraction import triton_available
+
+    n, shape = g.shape[0], g.shape[1:]
+    if g.dtype == torch.float32 and g.device.type in SQUARE_SUM_DEVICES and \
+            triton_available(g.device):
+        flat = g.reshape(n, -1)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        out = torch.empty(flat.shape[1], dtype=torch.float64, device=g.device)
+        block = 1024
+        _square_sum_kernel[(triton.cdiv(flat.shape[1], block),)](
+            flat, out, n, flat.shape[1], flat.stride(0), BLOCK=block)
+        return out.view(shape)
+    acc = torch.zeros(shape, dtype=torch.float64, device=g.device)
+    for gk in g:
+        acc.addcmul_(gk, gk)
+    return acc
