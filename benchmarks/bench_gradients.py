@@ -7,7 +7,9 @@ GPT-2-small shape (12 layers, 12 heads, d = 768, vocab 50257), random init, 256 
 
 Each side runs one untimed pass over the same micro-batches first (kernel selection and
 library set-up at the timed shapes; before session 17 the engines warmed up on 2 samples
-only, so their timed pass paid those first-use costs while the ordinary step's did not).
+only, so their timed pass paid those first-use costs while the ordinary step's did not),
+then ``--repeat`` timed passes, of which the median is reported (session 18: one timed
+pass of 8 micro-batches on an H200 varied by up to 12% between two runs of the same code).
 Prints one JSON line with samples/s of: the ordinary step (all parameters, one batched
 backward), and each per-sample engine (attention weights only): ``hooks`` and ``loop`` form
 every sample's canonical row [P]; ``factored`` is what the workflow's collect does for the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -55,6 +58,8 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="timed passes per side; the median is reported (before session 18: 1)")
     ap.add_argument("--engines", default="hooks,loop")
     ap.add_argument("--profile", type=int, default=0,
                     help="also print the N ops taking most device (CUDA) or CPU time in one "
@@ -70,7 +75,7 @@ def main(argv=None):
     ids = torch.randint(0, 50257, (args.n, args.tokens), device=args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     out = {"benchmark": "B3 per-sample gradients", "n": args.n, "tokens": args.tokens,
-           "dtype": args.dtype, "threads": torch.get_num_threads(),
+           "dtype": args.dtype, "threads": torch.get_num_threads(), "repeat": args.repeat,
            "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()}
 
     def ordinary():
@@ -79,12 +84,19 @@ def main(argv=None):
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
-    ordinary()  # warm-up
-    sync(args.device)
-    t0 = time.perf_counter()
-    ordinary()
-    sync(args.device)
-    out["ordinary_samples_per_s"] = args.n / (time.perf_counter() - t0)
+    def rate(fn):
+        """samples/s of fn(): the median of ``--repeat`` timed passes after one untimed."""
+        fn()
+        sync(args.device)
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        return args.n / statistics.median(times)
+
+    out["ordinary_samples_per_s"] = rate(ordinary)
 
     indexer = QKOVIndexer(model, QKOVConfig.from_model(model))
     sample_ids = [f"s:{k}" for k in range(args.n)]
@@ -94,14 +106,7 @@ def main(argv=None):
         eng = PerSampleGradients(model, indexer, CausalLMObjective(), micro_batch=args.batch,
                                  **kind)
         run = eng.square_sums if engine == "fisher" else eng
-        for _ in run(batch, sample_ids):    # warm-up at the timed shapes, as ordinary()'s
-            pass
-        sync(args.device)
-        t0 = time.perf_counter()
-        for _ in run(batch, sample_ids):
-            pass
-        sync(args.device)
-        out[f"{engine}_samples_per_s"] = args.n / (time.perf_counter() - t0)
+        out[f"{engine}_samples_per_s"] = rate(lambda: [None for _ in run(batch, sample_ids)])
         out[f"{engine}_over_ordinary"] = out[f"{engine}_samples_per_s"] / out["ordinary_samples_per_s"]
         if args.profile:
             profile(f"engine {engine}", lambda: [None for _ in run(batch, sample_ids)],
