@@ -1089,3 +1089,39 @@ def test_causal_lm_split_keeps_each_samples_masked_tokens_as_a_loop_does():
                 assert torch.equal(s["labels"], want_lab)
             batch["input_ids"].fill_(0)
             assert all(s["input_ids"].numel() == 0 or s["input_ids"].min() > 0 for s in got)
+
+
+def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypatch):
+    """per_sample.LAG_DEVICES (CUDA): without ``into``, a Fisher micro-batch is checked on
+    the host once the next one is queued, from per-sample finiteness flags (its capture is
+    freed at once). Run that way on the CPU, the total is bitwise the unlagged one and the
+    losses and tokens are the same; a NaN in a sample of the first of three micro-batches
+    names that sample and parameter only after the second micro-batch has run."""
+    from interference.gradients import CausalLMObjective, NonFiniteGradientError, PerSampleGradients
+    from interference.gradients import per_sample
+
+    idx = QKOVIndexer(llama_model, QKOVConfig.from_model(llama_model))
+    batch = padded_batch(5, 10, 3, "m")
+
+    eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks", micro_batch=2)
+    plain = [(t.clone(), loss, tok) for t, loss, tok in eng.square_sums(batch, batch["sample_ids"])]
+    monkeypatch.setattr(per_sample, "LAG_DEVICES", {"cpu"})
+    eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks", micro_batch=2)
+    lagged = [(t, loss, tok) for t, loss, tok in eng.square_sums(batch, batch["sample_ids"])]
+    assert [x[1:] for x in lagged] == [x[1:] for x in plain] and len(plain) == 3
+    assert torch.equal(lagged[-1][0], plain[-1][0])
+
+    keep, formed = per_sample._HookCapture._keep, []
+
+    def poisoned(self, n, g):
+        formed.append(g.shape[0])
+        if n.endswith("layers.1.self_attn.v_proj.weight") and len(formed) <= len(idx.param_names):
+            g = g.clone()
+            g[1, 0, 0] = float("nan")
+        return keep(self, n, g)
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
+    eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks", micro_batch=2)
+    with pytest.raises(NonFiniteGradientError, match=r"sample 'm:1': non-finite gradient of "
+                                                     r"model\.layers\.1\.self_attn\.v_proj"):
+        list(eng.square_sums(batch, batch["sample_ids"]))
+    assert len(formed) == 2 * len(idx.param_names)      # raised after the second micro-batch

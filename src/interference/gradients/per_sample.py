@@ -32,7 +32,7 @@ import torch.nn as nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
-from ..device import attention_backends, host_values, start_host_copy
+from ..device import attention_backends, host_values, start_host_copy, to_device
 from .kernels import square_sum, weight_grads
 from .objectives import Objective, frozen, head_token_nll, plain_lm_head, token_nll
 
@@ -149,15 +149,15 @@ def _right_pad(sample_list: list[dict], device, longest: int | None = None) -> d
     (the longest sample of the caller's call, a length the model is known to take)."""
     T = padded_length(max(int(s["input_ids"].numel()) for s in sample_list),
                       torch.device(device).type, longest)
-    n = len(sample_list)
-    ids = torch.zeros(n, T, dtype=torch.long)
-    labels = torch.full((n, T), -100, dtype=torch.long)
-    mask = torch.zeros(n, T, dtype=torch.long)
+    both = torch.zeros(3, len(sample_list), T, dtype=torch.long)     # ids, labels, mask
+    ids, labels, mask = both
+    labels.fill_(-100)
     for k, s in enumerate(sample_list):
         t = s["input_ids"].numel()
         ids[k, :t], labels[k, :t], mask[k, :t] = s["input_ids"], s["labels"], 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device),
-            "attention_mask": mask.to(device)}
+    # one copy, pinned and non-blocking to a GPU: a plain copy waits for the queued work
+    ids, labels, mask = to_device(both, device)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def padded_length(t: int, device_type: str, longest: int | None = None) -> int:
@@ -287,6 +287,8 @@ class _HookCapture:
         self.stacked: set[str] = set()
         self._groups: dict[str, str] | None = None
         self._views: tuple | None = None
+        # reduce 'squares': ``finite`` per sample (else one flag for all, expanded)
+        self.per_sample_finite = False
         self._x_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(x) -> (x, XXᵀ)
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
@@ -418,9 +420,12 @@ class _HookCapture:
         elif self.reduce == "squares":
             # exact float64 squares added in sample order, no float64 copy of g
             self.sq[name] = acc = square_sum(g)
-            # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot overflow
-            # float64); which sample is not: :meth:`sample_finite`, only then
-            self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
+            if self.per_sample_finite:    # a float32 g's float64 sum is finite iff g is
+                self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
+            else:
+                # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot
+                # overflow float64); which sample is not: :meth:`sample_finite`, only then
+                self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
         else:
             idx = self.covered.get(name)
             flat = g.flatten(1) if idx is None else g.flatten(1).index_select(1, idx)
@@ -549,8 +554,9 @@ class PerSampleGradients:
 
     def square_sums(self, batch: dict, sample_ids: list[str], into: torch.Tensor | None = None):
         """Fisher samples (hooks engine): each micro-batch's Σ_k g_k ⊙ g_k added into a running
-        total ([P] float64 in the canonical order, on the model's device), then (the total so
-        far, per-sample losses, predicted tokens) yielded.
+        total ([P] float64 in the canonical order, on the model's device), then (the total,
+        per-sample losses, predicted tokens) yielded per micro-batch; once the loop ends, the
+        total holds every sample's squares.
 
         No per-sample row is formed: each projection's per-sample gradients are squared and
         summed as soon as they exist, and each (layer, block)'s sums go into ``total`` as
@@ -558,13 +564,20 @@ class PerSampleGradients:
         projection's gradients and a few projections' sums at a time besides ``total``.
         ``into``: the caller's [P] float64 sums (a Fisher state) to add each micro-batch's
         squares to instead of a new total, once all of them are known finite (a failed
-        micro-batch leaves it as it was); it is what is yielded."""
+        micro-batch leaves it as it was); it is what is yielded.
+
+        Without ``into``, on a device of LAG_DEVICES, a micro-batch's losses and finiteness
+        are read on the host only once the next micro-batch is queued (the device does not
+        wait for the host between micro-batches); the total yielded may then already hold
+        the next micro-batch's squares. A failure discards the new total either way."""
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
-        total = into
+        total, pending = into, None
         for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares",
                                                               form=False):
+            lag = into is None and losses.device.type in LAG_DEVICES
+            cap.per_sample_finite = lag        # the check may come after the capture is gone
             if into is None:
                 if total is None:
                     total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
@@ -575,20 +588,38 @@ class PerSampleGradients:
             else:       # held until checked: small blocks, not a second [P]
                 parts = list(self._square_parts(cap))
             names = [n for n in self._names if n in cap.finite]
-            info = torch.cat([torch.stack([losses.detach().double(), n_tok.double()]),
-                              torch.stack([cap.finite[n] for n in names]).double()]).cpu()
-            loss_of, tok_of = info[0].tolist(), info[1].tolist()
-            self._check_batch(ids, loss_of, tok_of)
-            bad = (info[2:] == 0).nonzero().tolist()
-            if bad:     # a new ``total`` holds the bad sums, but the caller never sees it
-                name = names[bad[0][0]]
-                k = cap.sample_finite(name).index(False)
-                raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
-                                             f"{name}")
+            info = start_host_copy(torch.cat([
+                torch.stack([losses.detach().double(), n_tok.double()]),
+                torch.stack([cap.finite[n] for n in names]).double()]))
+            if lag:
+                del cap        # x, δ and squares: not alive through the next forward
+                if pending is not None:
+                    yield total, *self._checked_squares(*pending)
+                pending = (ids, None, names, info)
+                continue
+            loss_of, tok_of = self._checked_squares(ids, cap, names, info)
             for e, part in parts:
                 total[e.offset:e.offset + e.numel].add_(part)
             del cap, parts      # x, δ and squares: not alive through the next forward
-            yield total, loss_of, [int(t) for t in tok_of]
+            yield total, loss_of, tok_of
+        if pending is not None:
+            yield total, *self._checked_squares(*pending)
+
+    def _checked_squares(self, ids: list[str], cap: "_HookCapture | None", names: list[str],
+                         info) -> tuple[list[float], list[int]]:
+        """(losses, predicted tokens) of a Fisher micro-batch from its host copy ``info``
+        (losses, tokens, then per parameter whether each sample's gradient is finite, or
+        whether all are: then ``cap`` names the sample); the error naming the first bad
+        sample and parameter."""
+        info = host_values(info)
+        loss_of, tok_of = info[0], info[1]
+        self._check_batch(ids, loss_of, tok_of)
+        for name, ok in zip(names, info[2:]):
+            if not all(ok):
+                k = ok.index(0.0) if cap is None else cap.sample_finite(name).index(False)
+                raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
+                                             f"{name}")
+        return loss_of, [int(t) for t in tok_of]
 
     def _square_parts(self, cap: "_HookCapture"):
         """Form ``cap``'s projections in model order and yield (entry, its squares [numel]
