@@ -8,8 +8,11 @@ GPT-2-small shape (12 layers, 12 heads, d = 768, vocab 50257), random init, 256 
 Each side runs one untimed pass over the same micro-batches first (kernel selection and
 library set-up at the timed shapes; before session 17 the engines warmed up on 2 samples
 only, so their timed pass paid those first-use costs while the ordinary step's did not),
-then ``--repeat`` timed passes, of which the median is reported (session 18: one timed
-pass of 8 micro-batches on an H200 varied by up to 12% between two runs of the same code).
+then ``--repeat`` timed rounds of one ordinary pass followed by one engine pass: an
+engine's rate is the median of its passes, its ratio the median of the rounds' ratios (and
+their range), the ordinary rate the median of all its passes. Session 18 on an H200: one
+timed pass of each, the ordinary one first, varied by up to 25% between runs of the same
+code on one machine (the host, which issues the kernels, sets the pace of both sides).
 Prints one JSON line with samples/s of: the ordinary step (all parameters, one batched
 backward), and each per-sample engine (attention weights only): ``hooks`` and ``loop`` form
 every sample's canonical row [P]; ``factored`` is what the workflow's collect does for the
@@ -59,7 +62,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=5,
-                    help="timed passes per side; the median is reported (before session 18: 1)")
+                    help="timed rounds per engine, each an ordinary pass then an engine pass; "
+                         "the medians are reported (before session 18: one pass each)")
     ap.add_argument("--engines", default="hooks,loop")
     ap.add_argument("--profile", type=int, default=0,
                     help="also print the N ops taking most device (CUDA) or CPU time in one "
@@ -84,20 +88,15 @@ def main(argv=None):
             loss = model(input_ids=x, labels=x).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
-    def rate(fn):
-        """samples/s of fn(): the median of ``--repeat`` timed passes after one untimed."""
+    def seconds(fn):
+        t0 = time.perf_counter()
         fn()
         sync(args.device)
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            fn()
-            sync(args.device)
-            times.append(time.perf_counter() - t0)
-        return args.n / statistics.median(times)
+        return time.perf_counter() - t0
 
-    out["ordinary_samples_per_s"] = rate(ordinary)
-
+    ordinary()                     # warm-up at the timed shapes
+    sync(args.device)
+    ordinary_times = []
     indexer = QKOVIndexer(model, QKOVConfig.from_model(model))
     sample_ids = [f"s:{k}" for k in range(args.n)]
     for engine in args.engines.split(","):
@@ -106,11 +105,17 @@ def main(argv=None):
         eng = PerSampleGradients(model, indexer, CausalLMObjective(), micro_batch=args.batch,
                                  **kind)
         run = eng.square_sums if engine == "fisher" else eng
-        out[f"{engine}_samples_per_s"] = rate(lambda: [None for _ in run(batch, sample_ids)])
-        out[f"{engine}_over_ordinary"] = out[f"{engine}_samples_per_s"] / out["ordinary_samples_per_s"]
+        passes = lambda: [None for _ in run(batch, sample_ids)]  # noqa: E731
+        seconds(passes)            # warm-up at the timed shapes, as ordinary()'s
+        rounds = [(seconds(ordinary), seconds(passes)) for _ in range(args.repeat)]
+        ordinary_times += [o for o, _ in rounds]
+        out[f"{engine}_samples_per_s"] = args.n / statistics.median(e for _, e in rounds)
+        out[f"{engine}_over_ordinary"] = statistics.median(o / e for o, e in rounds)
+        out[f"{engine}_over_ordinary_range"] = [min(o / e for o, e in rounds),
+                                                max(o / e for o, e in rounds)]
         if args.profile:
-            profile(f"engine {engine}", lambda: [None for _ in run(batch, sample_ids)],
-                    args.device, args.profile)
+            profile(f"engine {engine}", passes, args.device, args.profile)
+    out["ordinary_samples_per_s"] = args.n / statistics.median(ordinary_times)
     if args.profile:
         profile("ordinary step", ordinary, args.device, args.profile)
     out["torch"] = torch.__version__
