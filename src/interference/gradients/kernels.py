@@ -1,9 +1,10 @@
 """The dense arithmetic of per-sample gradients, shared by the engine and the factored store.
 
 - :func:`weight_grads`: per-sample weight gradients Σ_t δ_t x_tᵀ [n, out, in] in float32
-  from a projection's inputs x [n, T, in] and output gradients δ [n, T, out] (the hooks
-  engine forms them, the factored store rebuilds them). From bfloat16/float16 factors every
-  product is exact in float32 and the sums accumulate in float32, on CUDA in one
+  from a projection's inputs x [n, T, in] and output gradients δ [n, T, out], as the hooks
+  engine forms them (the factored store rebuilds its parts of them, in head-major layouts,
+  with the same :func:`lowp_bmm` and :func:`tf32_if_exact`). From bfloat16/float16 factors
+  every product is exact in float32 and the sums accumulate in float32, on CUDA in one
   tensor-core matmul writing float32 (``torch.bmm(out_dtype=)``).
 - :func:`square_sum`: Σ_k g_k² [*shape] in float64 of per-sample gradients g [n, *shape]
   added in sample order (the Fisher samples' sums), on CUDA in one Triton kernel instead of
