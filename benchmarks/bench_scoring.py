@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from original_baseline import original_pairwise_scores  # noqa: E402
 
-from interference.scores.contraction import contract, triton_available  # noqa: E402
+from interference.device import triton_available  # noqa: E402
+from interference.scores.contraction import contract  # noqa: E402
 
 
 def make_inputs(n, layers, heads, head_dim, device, seed=0):

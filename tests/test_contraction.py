@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from interference.device import triton_available
 from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, contract_sets,
                                              contract_triton, emulate_bf16x3,
-                                             head_contraction, triton_available)
+                                             head_contraction)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available(DEVICE) else [])

@@ -8,7 +8,7 @@ import torch
 from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
 from interference.scores import QKOVInterferenceMetric
-from interference.scores.contraction import triton_available
+from interference.device import triton_available
 
 from conftest import padded_batch, tiny_gpt2, tiny_llama
 from reference import brute_grads, brute_scores, fisher_mean

@@ -31,13 +31,15 @@ def _loop(g):
 
 def _spy_on_kernel(monkeypatch) -> list:
     """The grids the square-sum kernel is launched with, from now on."""
-    launched, real = [], kernels._square_sum_kernel
+    from interference.gradients import triton_squares
+
+    launched, real = [], triton_squares._square_sum_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launched.append(grid)
             return real[grid]
-    monkeypatch.setattr(kernels, "_square_sum_kernel", Spy())
+    monkeypatch.setattr(triton_squares, "_square_sum_kernel", Spy())
     return launched
 
 
@@ -135,3 +137,17 @@ def test_a_bf16_models_rows_by_the_float32_output_matmul_equal_the_einsums(monke
     assert calls and set(calls) == {torch.bfloat16}
     scale = want.abs().amax(1, keepdim=True)
     assert float(((got - want).abs() / scale).max()) <= 1e-5
+
+
+def test_collecting_gradients_imports_no_triton():
+    """The square-sum kernel's module (and triton, about 0.25 s) is imported only where the
+    kernel runs: not by a CPU job that collects gradients."""
+    import subprocess
+    import sys
+
+    code = ("import sys, interference.gradients.fisher, interference.gradients.per_sample; "
+            "print(sorted(m for m in ('triton', 'interference.gradients.triton_squares') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,9 +1,12 @@
 """Where the library computes: the one rule for choosing a torch device, the automatic
-device-memory budget, and moving operands onto a device while the previous ones are used
-(and small results off it without waiting)."""
+device-memory budget, whether the Triton kernels can run, and moving operands onto a device
+while the previous ones are used (and small results off it without waiting)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -16,6 +19,21 @@ AUTO_SHARE = 0.8        # share of a card's free memory that an automatic budget
 # session 16). Flash and memory-efficient attention need no plan; the math kernel is the
 # fallback every input has.
 ATTENTION_BACKENDS = {"cuda": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device) -> bool:
+    """The project's Triton kernels can run on ``device`` (a torch.device): CUDA with triton
+    installed, or triton's CPU interpreter (TRITON_INTERPRET=1: the tests without a GPU).
+    Nothing is imported to find out."""
+    if not _has_triton():
+        return False
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def resolve_device(want: str | None = "auto", what: str = "device") -> str:

@@ -7,8 +7,8 @@
   every product is exact in float32 and the sums accumulate in float32, on CUDA in one
   tensor-core matmul writing float32 (``torch.bmm(out_dtype=)``).
 - :func:`square_sum`: Σ_k g_k² [*shape] in float64 of per-sample gradients g [n, *shape]
-  added in sample order (the Fisher samples' sums), on CUDA in one Triton kernel instead of
-  one launch per sample.
+  added in sample order (the Fisher samples' sums), on CUDA in one Triton kernel
+  (``triton_squares``) instead of one launch per sample.
 """
 from __future__ import annotations
 
@@ -16,13 +16,8 @@ import contextlib
 
 import torch
 
+from ..device import triton_available
 from .objectives import upcast
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
-    triton = None
 
 LOW = (torch.bfloat16, torch.float16)
 # devices whose 16-bit matmuls can write float32 (torch.bmm(..., out_dtype=)): a product
@@ -85,39 +80,17 @@ def weight_grads(x: torch.Tensor, delta: torch.Tensor, transposed: bool = False
             else torch.einsum("nto,nti->noi", df, xf)
 
 
-if triton is not None:
-    @triton.jit
-    def _square_sum_kernel(G, OUT, n, m, stride_n, BLOCK: tl.constexpr):
-        # each program: BLOCK entries, their float64 squares added over the n samples in order
-        cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < m
-        acc = tl.zeros((BLOCK,), dtype=tl.float64)
-        for k in range(0, n):
-            g = tl.load(G + k * stride_n + cols, mask=inside, other=0.0).to(tl.float64)
-            acc += g * g
-        tl.store(OUT + cols, acc, mask=inside)
-
-
 def square_sum(g: torch.Tensor) -> torch.Tensor:
     """Σ_k g_k ⊙ g_k [*shape] float64 of ``g`` [n, *shape] (float32 or float64), the squares
     added in sample order: the square of a float32 value is exact in float64, so each step
     rounds once, and the result is bitwise the loop ``acc.addcmul_(g_k, g_k)`` over k (no
     float64 copy of ``g``). On a device of SQUARE_SUM_DEVICES with triton (or in triton's
     CPU interpreter, TRITON_INTERPRET=1, for tests), one kernel; else that loop."""
-    from ..scores.contraction import triton_available
-
-    n, shape = g.shape[0], g.shape[1:]
     if g.dtype == torch.float32 and g.device.type in SQUARE_SUM_DEVICES and \
             triton_available(g.device):
-        flat = g.reshape(n, -1)
-        if flat.stride(-1) != 1:
-            flat = flat.contiguous()
-        out = torch.empty(flat.shape[1], dtype=torch.float64, device=g.device)
-        block = 1024
-        _square_sum_kernel[(triton.cdiv(flat.shape[1], block),)](
-            flat, out, n, flat.shape[1], flat.stride(0), BLOCK=block)
-        return out.view(shape)
-    acc = torch.zeros(shape, dtype=torch.float64, device=g.device)
+        from . import triton_squares
+        return triton_squares.square_sum(g)
+    acc = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device)
     for gk in g:
         acc.addcmul_(gk, gk)
     return acc

@@ -29,9 +29,10 @@ tests/test_contraction.py) and its arithmetic on the CPU by ``emulate_bf16x3``.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from ..device import triton_available
 
 LEFT_OPS = ("square", "identity", "abs")
 RIGHT_OPS = ("abs", "identity")
@@ -211,14 +212,6 @@ def emulate_bf16x3(left, right, weight, left_op="square", right_op="abs") -> tor
     (xh, xl), (yh, yl) = parts
     e = "ahs,bhs->abh"
     return (torch.einsum(e, xh, yh) + torch.einsum(e, xh, yl) + torch.einsum(e, xl, yh)).float()
-
-
-def triton_available(device: torch.device) -> bool:
-    """The fused kernel can run here: CUDA with triton, or triton's CPU interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu"
-                                     and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def contract(left, right, weight, left_op="square", right_op="abs", backend="auto",
