@@ -101,28 +101,41 @@ def test_minilm():
 
 @pytest.mark.slow
 def test_smollm2_gguf_convert_reload(tmp_path):
-    """GGUF load (one parse of the file: gguf_read_once), conversion to safetensors, fast
-    reload: identical logits; weights equal gguf's own dequantisation of the file."""
+    """GGUF load (one parse of the file, from memory: gguf_read_once), conversion to
+    safetensors, fast reload: identical logits; weights equal gguf's own dequantisation of
+    the file read through its memory map, and every metadata field read from memory equals
+    the memory-mapped read's."""
     import gguf
+    import gguf.gguf_reader
     import numpy as np
 
-    from interference.models import smollm2_gguf_path
+    from interference.models import gguf_read_once, smollm2_gguf_path
 
     parses, reader = [], gguf.GGUFReader
 
     class Counted(reader):
         def __init__(self, *a, **k):
-            parses.append(a[0])
             super().__init__(*a, **k)
+            parses.append(type(self.data))
     gguf.GGUFReader = Counted
     try:
         raw, tok = load_smollm2_gguf()
     finally:
         gguf.GGUFReader = reader
-    assert len(parses) == 1                                # not one per config, tokenizer, weights
+    assert parses == [np.ndarray]         # once (not per config, tokenizer, weights), in memory
     assert gguf.get_tensor_name_map.__module__.startswith("gguf")   # restored
+    assert gguf.gguf_reader.np is np
     folder, name = smollm2_gguf_path()
-    tensors = {t.name: t for t in reader(str(Path(folder) / name)).tensors}
+    mapped = reader(str(Path(folder) / name))
+    assert isinstance(mapped.data, np.memmap)
+    with gguf_read_once():
+        in_memory = gguf.GGUFReader(str(Path(folder) / name))
+    assert list(in_memory.fields) == list(mapped.fields)
+    for key, field in mapped.fields.items():
+        other = in_memory.fields[key]
+        assert other.types == field.types and other.data == field.data, key
+        assert all(np.array_equal(a, b) for a, b in zip(other.parts, field.parts)), key
+    tensors = {t.name: t for t in mapped.tensors}
     sd = raw.state_dict()
     for g, h in [("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"),
                  ("blk.29.attn_output.weight", "model.layers.29.self_attn.o_proj.weight"),

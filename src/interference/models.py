@@ -173,23 +173,49 @@ def load_smollm2_gguf(attn_implementation: str | None = "eager"):
     return model.eval(), tokenizer
 
 
+class _NumpyReadingIntoMemory:
+    """numpy as gguf's reader sees it inside :func:`gguf_read_once`: ``np.memmap(path,
+    mode='r')`` reads the file into an ordinary array instead (SmolLM2's GGUF: 98 MB). The
+    reader slices its memory map once per metadata value, some 4 x 10^6 times for a
+    49,152-word vocabulary, and each slice of a memmap runs numpy's Python-level
+    ``memmap.__array_finalize__``: parsing SmolLM2 took 3.7 s that way and 1.1 s from
+    memory, with bitwise the same fields and tensors (benchmarks/RESULTS.md, session 18)."""
+
+    def __getattr__(self, name):
+        import numpy
+
+        return getattr(numpy, name)
+
+    @staticmethod
+    def memmap(path, mode="r", **kwargs):
+        import numpy
+
+        if mode != "r" or kwargs:
+            return numpy.memmap(path, mode=mode, **kwargs)
+        return numpy.fromfile(path, dtype=numpy.uint8)
+
+
 @contextlib.contextmanager
 def gguf_read_once():
-    """Inside the block, ``gguf.GGUFReader`` parses each file once and
-    ``gguf.get_tensor_name_map`` is made once per (architecture, layers). transformers parses
-    a GGUF for the config, again for the tokenizer and again for the weights, and makes the
-    name map once per tensor (SmolLM2, one core: 3 parses and 397 maps; the load takes 12.9 s
-    without this block, 6.1 s with it; benchmarks/RESULTS.md, session 12). transformers imports both names from ``gguf`` at each call, so the cached
-    ones are what it gets; both are restored on exit."""
+    """Inside the block, ``gguf.GGUFReader`` parses each file once, from memory
+    (:class:`_NumpyReadingIntoMemory`), and ``gguf.get_tensor_name_map`` is made once per
+    (architecture, layers). transformers parses a GGUF for the config, again for the
+    tokenizer and again for the weights, and makes the name map once per tensor (SmolLM2,
+    one core: 3 parses and 397 maps; the load takes 12.9 s without this block, 6.1 s with
+    it; benchmarks/RESULTS.md, session 12). transformers imports both names from ``gguf``
+    at each call, so the cached ones are what it gets; all three are restored on exit."""
     import gguf
+    import gguf.gguf_reader as gguf_reader
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader, name_map, np_seen = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_reader.np
     gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    gguf_reader.np = _NumpyReadingIntoMemory()
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+        gguf_reader.np = np_seen
 
 
 def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
