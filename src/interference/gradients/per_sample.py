@@ -149,14 +149,14 @@ def _right_pad(sample_list: list[dict], device, longest: int | None = None) -> d
     (the longest sample of the caller's call, a length the model is known to take)."""
     T = padded_length(max(int(s["input_ids"].numel()) for s in sample_list),
                       torch.device(device).type, longest)
-    both = torch.zeros(3, len(sample_list), T, dtype=torch.long)     # ids, labels, mask
-    ids, labels, mask = both
+    packed = torch.zeros(3, len(sample_list), T, dtype=torch.long)   # ids, labels, mask
+    ids, labels, mask = packed
     labels.fill_(-100)
     for k, s in enumerate(sample_list):
         t = s["input_ids"].numel()
         ids[k, :t], labels[k, :t], mask[k, :t] = s["input_ids"], s["labels"], 1
     # one copy, pinned and non-blocking to a GPU: a plain copy waits for the queued work
-    ids, labels, mask = to_device(both, device)
+    ids, labels, mask = to_device(packed, device)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -727,11 +727,10 @@ class PerSampleGradients:
                              f"to [n, T, in]; {sorted(capture.stacked)[:3]} are not: use "
                              "a dense gradient store")
         groups, xs, ds, gs = capture.sample_views()
-        if next(iter(xs.values()))[k].shape[0] == t:     # no right padding (one T per batch)
-            x, delta = {g: v[k] for g, v in xs.items()}, {p: v[k] for p, v in ds.items()}
-        else:
-            x, delta = {g: v[k][:t] for g, v in xs.items()}, {p: v[k][:t] for p, v in ds.items()}
-        return {"T": t, "groups": groups, "x": x, "delta": delta,
+        padded = next(iter(xs.values()))[k].shape[0] != t      # one T per micro-batch
+        own = (lambda v: v[k][:t]) if padded else (lambda v: v[k])  # noqa: E731
+        return {"T": t, "groups": groups, "x": {g: own(v) for g, v in xs.items()},
+                "delta": {p: own(v) for p, v in ds.items()},
                 "grads": {n: v[k] for n, v in gs.items()}}
 
     def _batch_losses(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
