@@ -40,8 +40,8 @@ import bench_default_run as b
 args = b.parse({argv!r})
 torch.set_num_threads(args.threads)
 if not args.glibc_default_heap:   # as the workflow's job frame does
-    from qkov_pipeline.jobs import return_large_frees
-    return_large_frees()
+    from qkov_pipeline.jobs import set_freed_memory
+    set_freed_memory("return")
 t0 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 cpu0 = ru.ru_utime + ru.ru_stime
@@ -68,7 +68,7 @@ def parse(argv=None):
     ap.add_argument("--store-dtype", default="float32", help="fisher.store_dtype")
     ap.add_argument("--glibc-default-heap", action="store_true",
                     help="leave glibc's dynamic mmap threshold as it is (before session 6), "
-                         "not the job frame's jobs.return_large_frees")
+                         "not the job frame's jobs.set_freed_memory")
     ap.add_argument("--masked-batches", action="store_true",
                     help="run the engine's right-padded batches with their attention mask even "
                          "where the model is causal (as before session 6): an A/B of "

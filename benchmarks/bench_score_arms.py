@@ -15,7 +15,8 @@ rows four times and R's twice. This script times, in one process on the same sto
 and checks that both ways give bitwise the same scores. Prints one JSON line.
 
     python benchmarks/bench_score_arms.py --stores results/_stores/math-*/grads \\
-        results/_stores/code-*/grads --task-a math --task-b code --threads 2
+        results/_stores/code-*/grads --task-a math --task-b code --threads 2 \\
+        [--freed-memory keep|return|glibc]
 """
 from __future__ import annotations
 
@@ -33,7 +34,14 @@ def main(argv=None) -> dict:
     p.add_argument("--task-b", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1, help="timings per way (the least kept)")
+    p.add_argument("--freed-memory", default="keep", choices=("keep", "return", "glibc"),
+                   help="the C heap's policy for freed blocks (qkov_pipeline.jobs."
+                        "set_freed_memory): keep, as the workflow's scoring jobs since "
+                        "session 19; return, as before; glibc: its default")
     args = p.parse_args(argv)
+    if args.freed_memory != "glibc":
+        from qkov_pipeline.jobs import set_freed_memory
+        set_freed_memory(args.freed_memory)
 
     import numpy as np
     import torch
@@ -83,6 +91,7 @@ def main(argv=None) -> dict:
                               results["arm_by_arm"][arm][1][blk])
                for arm in ("main", "control") for blk in BLOCKS)
     row = {"benchmark": "score_arms", "threads": args.threads,
+           "freed_memory": args.freed_memory,
            "layers": len(fc.layers), "n_a": len(metric.scored_ids(a)),
            "n_b": len(metric.scored_ids(b)), "n_control": len(fc.sample_ids(a, "control")),
            "n_reference": len(ids_r), "gradient_format": fc.gradient_manager.gradient_format,

@@ -6,7 +6,7 @@ the process's resident set every 2 ms and keeps the largest value per step: ``lo
 role outside the engine's steps, ``forward`` (the batched loss), ``backward`` (the
 projections' output gradients) and ``form`` (per-sample gradients reduced or kept). Prints
 one line per role and the process's ``ru_maxrss``. The job frame's heap setting
-(``qkov_pipeline.jobs.return_large_frees``) is applied as in the workflow.
+(``qkov_pipeline.jobs.set_freed_memory``) is applied as in the workflow.
 
     make run    # once, for results/
     python benchmarks/probe_collect_memory.py --results results --task math --micro-batch 4
@@ -78,9 +78,9 @@ def main(argv=None):
     import torch
     import yaml
 
-    from qkov_pipeline.jobs import return_large_frees
+    from qkov_pipeline.jobs import set_freed_memory
     torch.set_num_threads(args.threads)
-    return_large_frees()
+    set_freed_memory("return")
     peaks = StepPeaks()
 
     from interference.architectures import QKOVConfig

@@ -387,11 +387,12 @@ def test_two_experiments_started_at_once_on_a_fresh_store_both_get_their_parent(
 class FakeSmk:
     """The ``snakemake`` object a script gets, for :func:`qkov_pipeline.jobs.run_stage`."""
 
-    def __init__(self, folder: Path, settings, rule: str = "probe"):
+    def __init__(self, folder: Path, settings, rule: str = "probe", **resources):
         from qkov_pipeline import tracking as T
 
         run = folder / ".qkov" / "run.json"
-        T.write_run_file(run, settings, {"owners": {}, "exec": {"tiny": {rule: {"threads": 1}}}})
+        T.write_run_file(run, settings, {"owners": {},
+                                         "exec": {"tiny": {rule: {"threads": 1, **resources}}}})
         outs = {"out": str(folder / "out.txt"), "config": str(folder / f"config.{rule}.yaml"),
                 "record": str(folder / f"mlflow.{rule}.json")}
         self.rule, self.wildcards, self.threads = rule, {"exp": "tiny"}, 1
@@ -455,6 +456,22 @@ def test_a_job_failing_after_mlflow_logged_it_is_failed_and_the_rerun_logs_it_on
     assert all(r[1] == parents["tiny"] for r in runs)
     rec = json.loads((tmp_path / "mlflow.probe.json").read_text())
     assert rec["status"] == "logged" and rec["outputs"]["out.txt"]["bytes"] == 6
+
+
+def test_the_job_frame_sets_the_rules_freed_memory_before_the_stage_runs(
+        tmp_path, monkeypatch, probe_stage):
+    """resources.<rule>.freed_memory reaches jobs.set_freed_memory before the stage runs
+    ('return' where the rule does not say); the heap itself: tests/test_reliability.py."""
+    from qkov_pipeline import jobs
+
+    calls = []
+    monkeypatch.setattr(jobs, "set_freed_memory", calls.append)
+    probe_stage.run = lambda job: (calls.append(("stage", job.exec.get("freed_memory"))),
+                                   Path(job.output.out).write_text("result"))
+    s = _settings(None, {}).replace(mode="off")
+    jobs.run_stage(FakeSmk(tmp_path, s, freed_memory="keep"), "probe")
+    jobs.run_stage(FakeSmk(tmp_path, s), "probe")
+    assert calls == ["keep", ("stage", "keep"), "return", ("stage", None)]
 
 
 def test_disk_full_while_drawing_figures_leaves_no_partial_file(tiny, tmp_path, monkeypatch):

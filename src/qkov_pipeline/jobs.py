@@ -156,8 +156,8 @@ def write_resolved_config(job: Job) -> None:
 def run_stage(smk, stage: str) -> None:
     """Run ``qkov_pipeline.stages.<stage>.run(job)`` inside the job frame."""
     offline_environment()
-    return_large_frees()
     job = Job(smk)
+    set_freed_memory(job.exec.get("freed_memory", "return"))
     # Thread counts come from the config (resources.<rule>.threads), not from what the
     # scheduler granted: set before numpy / torch are imported, and for torch explicitly.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -189,22 +189,38 @@ def run_stage(smk, stage: str) -> None:
 
 # blocks at least this large are mapped on their own and unmapped when freed
 MMAP_THRESHOLD_BYTES = 8 * 2**20
+FREED_MEMORY = ("return", "keep")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc's mallopt params
 
 
-def return_large_frees(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Give freed blocks of ``threshold`` bytes or more back to the system at once (glibc's
-    mallopt M_MMAP_THRESHOLD; False where the C library is not glibc). glibc raises its
-    threshold after each large free, up to 32 MB, and keeps what is freed below it in the
-    heap, so a job that builds and frees activations micro-batch after micro-batch held
-    GBs it no longer used. Measured on the default run's collect stage
-    (benchmarks/RESULTS.md, "Heap retention"): 8 MB keeps the time and cuts the peak
-    resident memory by a quarter; lower thresholds cost time (page faults)."""
+def set_freed_memory(policy: str = "return", threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """What the C heap does with freed blocks of ``threshold`` bytes or more
+    (``resources.<rule>.freed_memory``; glibc's mallopt; False where the C library is not
+    glibc, which then keeps its own policy):
+
+    - 'return': each is mapped on its own and given back to the system when freed. glibc's
+      default raises its threshold after each large free, up to 32 MB, and keeps what is
+      freed below it, so a job that builds and frees activations micro-batch after
+      micro-batch held GBs it no longer used (benchmarks/RESULTS.md, "Heap retention":
+      the collect stage's peak cut by a quarter at the same speed).
+    - 'keep': nothing is mapped on its own and the heap is trimmed only above 2 GB free
+      at its top, so a freed block is reused by the next one of its size. Each block made
+      afresh costs a page fault per 4 KB; a scoring job makes and frees the same blocks
+      once per (layer, block) and set of samples (the default run's both arms: 26.8 ->
+      17.1 s, bitwise the same scores; RESULTS.md, session 19). Resident memory stays
+      near the job's peak until it ends.
+    """
     import ctypes
     import ctypes.util
 
+    if policy not in FREED_MEMORY:
+        raise ValueError(f"freed_memory must be one of {FREED_MEMORY}, got {policy!r}")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))   # -3: M_MMAP_THRESHOLD
+        if policy == "return":
+            return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))       # mallopt takes a C int
     except (OSError, AttributeError):
         return False
 
