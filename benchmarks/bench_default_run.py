@@ -39,9 +39,9 @@ sys.path.insert(0, {bench_dir!r})
 import bench_default_run as b
 args = b.parse({argv!r})
 torch.set_num_threads(args.threads)
-if not args.glibc_default_heap:   # as the workflow's job frame does
+if not args.glibc_default_heap:   # as the workflow's job frame does for the rule
     from qkov_pipeline.jobs import set_freed_memory
-    set_freed_memory("return")
+    set_freed_memory("keep" if {stage!r} == "scores" else "return")
 t0 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 cpu0 = ru.ru_utime + ru.ru_stime
@@ -68,7 +68,8 @@ def parse(argv=None):
     ap.add_argument("--store-dtype", default="float32", help="fisher.store_dtype")
     ap.add_argument("--glibc-default-heap", action="store_true",
                     help="leave glibc's dynamic mmap threshold as it is (before session 6), "
-                         "not the job frame's jobs.set_freed_memory")
+                         "not the job frame's jobs.set_freed_memory (the scores stage 'keep', "
+                         "as resources.scores since session 19; the others 'return')")
     ap.add_argument("--masked-batches", action="store_true",
                     help="run the engine's right-padded batches with their attention mask even "
                          "where the model is causal (as before session 6): an A/B of "
@@ -144,8 +145,6 @@ def stage_scores(args, task: str) -> dict:
 
 def stage_plain(args, task: str) -> dict:
     """Batched forward+backward over every collected sample, attention weights trainable."""
-    import torch
-
     model = model_of(args)
     for name, p in model.named_parameters():
         p.requires_grad_(".self_attn." in name)

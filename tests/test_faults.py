@@ -17,7 +17,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
