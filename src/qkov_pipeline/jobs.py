@@ -194,20 +194,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc's mallo
 
 
 def set_freed_memory(policy: str = "return", threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """What the C heap does with freed blocks of ``threshold`` bytes or more
-    (``resources.<rule>.freed_memory``; glibc's mallopt; False where the C library is not
-    glibc, which then keeps its own policy):
+    """What the C heap does with large freed blocks (``resources.<rule>.freed_memory``;
+    glibc's mallopt; False where the C library is not glibc, which then keeps its own
+    policy):
 
-    - 'return': each is mapped on its own and given back to the system when freed. glibc's
-      default raises its threshold after each large free, up to 32 MB, and keeps what is
-      freed below it, so a job that builds and frees activations micro-batch after
-      micro-batch held GBs it no longer used (benchmarks/RESULTS.md, "Heap retention":
-      the collect stage's peak cut by a quarter at the same speed).
+    - 'return': each block of ``threshold`` bytes or more is mapped on its own and given
+      back to the system when freed. glibc's default raises its threshold after each
+      large free, up to 32 MB, and keeps what is freed below it, so a job that builds and
+      frees activations micro-batch after micro-batch held GBs it no longer used
+      (benchmarks/RESULTS.md, "Heap retention": the collect stage's peak cut by a quarter
+      at the same speed).
     - 'keep': nothing is mapped on its own and the heap is trimmed only above 2 GB free
       at its top, so a freed block is reused by the next one of its size. Each block made
       afresh costs a page fault per 4 KB; a scoring job makes and frees the same blocks
-      once per (layer, block) and set of samples (the default run's both arms: 26.8 ->
-      17.1 s, bitwise the same scores; RESULTS.md, session 19). Resident memory stays
+      once per (layer, block) and set of samples (the default run's scoring job: 36.3 ->
+      20.0 s, bitwise the same scores; RESULTS.md, session 19). Resident memory stays
       near the job's peak until it ends.
     """
     import ctypes

@@ -257,7 +257,9 @@ class _HookCapture:
 
     What :meth:`form` keeps of each parameter's g (``_keep``), by ``reduce``:
     None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and whether each
-    sample's g is finite (``finite``); 'norms': Σ of g_k² over the entries the indexer
+    sample's g is finite (``finite``: one flag per sample with ``per_sample_finite``, else
+    one for all, expanded, and :meth:`sample_finite` names the sample when it is False);
+    'norms': Σ of g_k² over the entries the indexer
     covers (float64 [n], ``norm2``), and g itself for the parameters in ``keep`` only.
 
     A module applied more than once per forward (a looped layer, ProphetNet's main and
@@ -268,7 +270,7 @@ class _HookCapture:
 
     def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
                  covered: dict | None = None, keep: set | None = None,
-                 modules: dict | None = None):
+                 modules: dict | None = None, per_sample_finite: bool = False):
         modules = modules or dict(model.named_modules())
         self.reduce, self.covered, self.keep = reduce, covered or {}, keep or set()
         self.by_module: dict[str, list[str]] = {}
@@ -288,7 +290,7 @@ class _HookCapture:
         self._groups: dict[str, str] | None = None
         self._views: tuple | None = None
         # reduce 'squares': ``finite`` per sample (else one flag for all, expanded)
-        self.per_sample_finite = False
+        self.per_sample_finite = per_sample_finite
         self._x_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(x) -> (x, XXᵀ)
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
@@ -519,11 +521,11 @@ class PerSampleGradients:
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
 
     def _micro_batches(self, samples: list[dict], sample_ids: list[str], reduce=None,
-                       form: bool = True):
+                       form: bool = True, per_sample_finite: bool = False):
         """Forward (hooks) and backward of each micro-batch, per-sample gradients formed
-        (``form``; else the caller forms them) and kept or reduced (``reduce``: see
-        :class:`_HookCapture`): yields (ids, capture, losses, n_tok, real) (losses, n_tok,
-        real on the device)."""
+        (``form``; else the caller forms them) and kept or reduced (``reduce``,
+        ``per_sample_finite``: see :class:`_HookCapture`): yields (ids, capture, losses,
+        n_tok, real) (losses, n_tok, real on the device)."""
         device = next(self.model.parameters()).device
         longest = max((int(s["input_ids"].numel()) for s in samples), default=0)
         chunks = range(0, len(samples), self.micro_batch)
@@ -541,7 +543,7 @@ class PerSampleGradients:
                     keep = {n for n in self._names
                             if any(self.dense_for(n.rsplit(".", 1)[0], t) for t in lengths)}
                 capture = _HookCapture(self.model, self._names, reduce, self._covered, keep,
-                                       self._modules)
+                                       self._modules, per_sample_finite)
                 try:
                     with attention_backends(device):     # no per-shape plans on CUDA
                         losses, n_tok = self._batch_losses(b)
@@ -574,10 +576,11 @@ class PerSampleGradients:
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
         total, pending = into, None
+        # lagged, the check may come after the capture is gone: per-sample finiteness flags
+        lag = into is None and next(self.model.parameters()).device.type in LAG_DEVICES
         for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares",
-                                                              form=False):
-            lag = into is None and losses.device.type in LAG_DEVICES
-            cap.per_sample_finite = lag        # the check may come after the capture is gone
+                                                              form=False,
+                                                              per_sample_finite=lag):
             if into is None:
                 if total is None:
                     total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
