@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -539,10 +540,10 @@ def test_config_refuses_unknown_sources_unsafe_names_and_no_bootstrap():
 def test_disk_check_states_small_sizes_in_mb(tmp_path, caplog):
     import logging
 
-    from interference.gradients.collect import check_disk
+    from interference.gradients.collect import check_disk, logger
 
     small = {"final_bytes": 3 * 2**20, "peak_bytes": 3 * 2**20}
-    with caplog.at_level(logging.INFO, logger="interference.gradients.collect"):
+    with caplog.at_level(logging.INFO, logger=logger.name):
         check_disk(tmp_path, small, 0.9)
     assert "3.0 MB on disk (peak 3.0 MB while saving)" in caplog.text
     with pytest.raises(RuntimeError, match=r"needs up to 3\.0 MB while saving \(3\.0 MB kept\)"
@@ -552,28 +553,120 @@ def test_disk_check_states_small_sizes_in_mb(tmp_path, caplog):
 
 
 def test_a_job_learns_its_settings_only_from_its_run_file(tmp_path, monkeypatch, probe_stage):
-    """No run file among the inputs: a clear error before anything runs. A job that turns
-    its own logging off (a collect shard, a layer chunk) writes its record and logs no run,
-    also in direct mode with a parent run."""
+    """No run file among the inputs: a clear error before anything runs. A job of a rule
+    that logs no run of its own (a collect shard, a layer chunk) writes its record and
+    logs no run, also in direct mode with a parent run, and starts no logging process."""
     from qkov_pipeline import jobs
     from qkov_pipeline import tracking as T
 
     s = _settings(f"sqlite:///{tmp_path / 'mlflow.db'}", {"tiny": "parent-run"})
-    logged = []
+    logged, started = [], []
     monkeypatch.setattr(T, "log_with_timeout", lambda *a, **k: logged.append(a))
+    monkeypatch.setattr(T, "start_logging_process", lambda *a: started.append(a))
     smk = FakeSmk(tmp_path, s)
     smk.input = _Named({})
     with pytest.raises(ValueError, match="declares no input 'run'"):
         jobs.run_stage(smk, "probe")
 
-    def quiet(job):
-        Path(job.output.out).write_text("result")
-        job.log_to_mlflow = False
+    assert "chunk_scores" in jobs.RULES_WITHOUT_RUNS
+    probe_stage.run = lambda job: Path(job.output.out).write_text("result")
+    jobs.run_stage(FakeSmk(tmp_path, s, rule="chunk_scores"), "probe")
+    assert json.loads((tmp_path / "mlflow.chunk_scores.json").read_text())["status"] == \
+        "pending"
+    assert logged == [] and started == []
 
-    probe_stage.run = quiet
+
+def _store_with_parent(tmp_path):
+    """Direct-mode settings on a fresh sqlite store with a RUNNING parent run for 'tiny'."""
+    from qkov_pipeline import tracking as T
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    T.init_store(uri, None, ["qkov/tiny"])
+    parents = T.start_parents(uri, None, {"tiny": "qkov/tiny"}, {})
+    return _settings(uri, parents)
+
+
+def _job_runs(tmp_path) -> list[tuple]:
+    """(status, run name, params as a dict) of every job run in the test's store."""
+    db = tmp_path / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        runs = con.execute("SELECT r.run_uuid, r.status, r.name FROM runs r JOIN tags k ON "
+                           "k.run_uuid = r.run_uuid WHERE k.key = 'qkov.kind' AND k.value = "
+                           "'job' AND r.lifecycle_stage = 'active'").fetchall()
+        return [(st, name, dict(con.execute("SELECT key, value FROM params WHERE run_uuid "
+                                            "= ?", (rid,)).fetchall()))
+                for rid, st, name in runs]
+
+
+def test_a_job_logs_its_run_through_a_process_that_warmed_up_while_it_worked(
+        tmp_path, probe_stage):
+    """The job frame starts the logging process before the stage runs; the stage's
+    record is logged through it (the run the store then holds has the job's params), and
+    the process has ended when the job has. A failing stage is a FAILED run, logged the
+    same way. Fails when the frame starts the process after the stage, or logs without
+    it, or leaves it running."""
+    from qkov_pipeline import jobs
+
+    s = _store_with_parent(tmp_path)
+    seen = {}
+
+    def work(job):
+        proc = job.logging_process
+        seen["alive"] = proc is not None and proc.proc.poll() is None
+        seen["proc"] = proc
+        Path(job.output.out).write_text("result")
+
+    probe_stage.run = work
     jobs.run_stage(FakeSmk(tmp_path, s), "probe")
-    assert json.loads((tmp_path / "mlflow.probe.json").read_text())["status"] == "pending"
-    assert logged == []
+    record = json.loads((tmp_path / "mlflow.probe.json").read_text())
+    assert seen["alive"] and record["status"] == "logged", record
+    assert seen["proc"].answered and seen["proc"].proc.poll() is not None   # and ended
+    assert _job_runs(tmp_path) == [("FINISHED", "probe tiny", {"v": "1"})]
+
+    def fail(job):
+        seen["proc"] = job.logging_process
+        raise RuntimeError("stage broke")
+
+    probe_stage.run = fail
+    with pytest.raises(RuntimeError, match="stage broke"):
+        jobs.run_stage(FakeSmk(tmp_path, s), "probe")
+    assert seen["proc"] is not None and seen["proc"].answered
+    assert sorted(r[0] for r in _job_runs(tmp_path)) == ["FAILED", "FINISHED"]
+
+
+def test_a_logging_process_that_ends_or_hangs_never_loses_a_record(tmp_path, monkeypatch):
+    """A logging process killed before the job asks: the job logs its run itself. One that
+    never answers: the record stays pending within the timeout (the track rule logs it)
+    and the process is ended. Fails when a dead process loses the run, or a hung one holds
+    the job past its timeout."""
+    from qkov_pipeline import tracking as T
+    from qkov_pipeline.tracking import process as P
+
+    s = _store_with_parent(tmp_path)
+
+    def record(k):
+        return T.new_record(s, experiment="tiny", rule="stats", run_name=f"stats {k}",
+                            params={"k": k}, tags={}, wildcards={})
+
+    dead = T.start_logging_process(s, "tiny")
+    dead.proc.kill()
+    dead.proc.wait()
+    assert T.log_with_timeout(s, record(0), via=dead)["status"] == "logged"
+    dead.close()
+
+    hung = P.LoggingProcess.__new__(P.LoggingProcess)   # a process that reads and never answers
+    hung.closed = hung.answered = False
+    hung.proc = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                                  "for line in sys.stdin: pass"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    t0 = time.time()
+    out = T.log_with_timeout(s, record(1), timeout_s=3, via=hung)
+    assert time.time() - t0 < 10 and out["status"] == "pending", out
+    assert "no answer within 3 s" in out["mlflow_error"]
+    hung.close()
+    assert hung.proc.poll() is not None
+    time.sleep(1)          # the abandoned call must not log the run in the job meanwhile
+    assert [r[1] for r in _job_runs(tmp_path)] == ["stats 0"]
 
 
 def test_tracking_settings_refuse_an_unknown_mode_or_key():

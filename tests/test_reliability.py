@@ -51,7 +51,7 @@ class FakeJob:
         self.wildcards, self.rule, self.experiment = dict(wildcards or {}), rule, "test"
         self.exec, self.threads = {}, 1
         self.metrics, self.artifacts, self.tags = {}, [], {}
-        self.held_locks, self.log_to_mlflow = [], True
+        self.held_locks, self.logging_process = [], None
 
     def exec_of(self, rule):
         return dict(self.exec)

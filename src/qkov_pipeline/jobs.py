@@ -42,6 +42,11 @@ from .plan import digest
 
 logger = logging.getLogger("qkov")
 
+# a collect shard's and a layer chunk's numbers go into the run of the job that gathers
+# them (collect, scores): when they succeed they log no MLflow run of their own (a failure
+# is still a FAILED run)
+RULES_WITHOUT_RUNS = ("collect_shard", "chunk_scores")
+
 
 class Job:
     """What a stage sees: inputs, outputs, its config slice and execution settings.
@@ -50,8 +55,9 @@ class Job:
     ``config_hash``, ``experiment`` (whose MLflow run it belongs to), ``exec`` (the rule's
     ``resources`` entry: threads, device, gradient_memory_mb, ...), ``tracking`` (the
     :class:`~qkov_pipeline.tracking.TrackingSettings`), ``input``/``output`` (snakemake's
-    named lists), ``metrics`` / ``artifacts`` / ``tags`` for the record, ``log_to_mlflow``
-    (False: the record is written but never logged as a run of its own), ``held_locks``
+    named lists), ``metrics`` / ``artifacts`` / ``tags`` for the record,
+    ``logging_process`` (the process that logs the record as an MLflow run,
+    :mod:`qkov_pipeline.tracking.process`; None for ``RULES_WITHOUT_RUNS``), ``held_locks``
     (GPU lock files held for the job's lifetime).
 
     Everything but the config slice comes from the declared input ``run``, the run file
@@ -78,7 +84,7 @@ class Job:
         self.artifacts: list[dict] = []
         self.tags: dict[str, str] = {}
         self.record: dict | None = None      # once written: the job's tracking record
-        self.log_to_mlflow = True
+        self.logging_process = None     # tracking.start_logging_process's, while it runs
         self.held_locks: list = []
         self.t0 = time.time()
 
@@ -157,6 +163,8 @@ def run_stage(smk, stage: str) -> None:
     """Run ``qkov_pipeline.stages.<stage>.run(job)`` inside the job frame."""
     offline_environment()
     job = Job(smk)
+    if job.rule not in RULES_WITHOUT_RUNS:      # imports MLflow while the job works
+        job.logging_process = tracking.start_logging_process(job.tracking, job.experiment)
     set_freed_memory(job.exec.get("freed_memory", "return"))
     # Thread counts come from the config (resources.<rule>.threads), not from what the
     # scheduler granted: set before numpy / torch are imported, and for torch explicitly.
@@ -181,10 +189,14 @@ def run_stage(smk, stage: str) -> None:
         logger.error("rule %s failed:\n%s", job.rule, traceback.format_exc())
         if job.record and job.record.get("mlflow"):   # MLflow logged it, then the job failed
             tracking.mark_failed(job.tracking, job.record)
-        elif job.log_to_mlflow:
-            tracking.log_failure(job.tracking, job.experiment, job.rule, job.run_name, job.slice, job.tags,
-                                 job.wildcards, f"{type(err).__name__}: {err}")
+        else:
+            tracking.log_failure(job.tracking, job.experiment, job.rule, job.run_name,
+                                 job.slice, job.tags, job.wildcards,
+                                 f"{type(err).__name__}: {err}", via=job.logging_process)
         raise
+    finally:
+        if job.logging_process is not None:
+            job.logging_process.close()
 
 
 # blocks at least this large are mapped on their own and unmapped when freed
@@ -255,8 +267,8 @@ def finish(job: Job) -> None:
     where = Path(job.output.record).parent
     record["outputs"] = output_digests([p for p in job.output if p != job.output.record], where)
     tracking.write_record(job.output.record, record)
-    job.record = tracking.log_with_timeout(job.tracking, record) if job.log_to_mlflow \
-        else record
+    job.record = record if job.rule in RULES_WITHOUT_RUNS else \
+        tracking.log_with_timeout(job.tracking, record, via=job.logging_process)
     tracking.write_record(job.output.record, record)
     logger.info("finished in %.1f s (MLflow record: %s)", time.time() - job.t0,
                 record["status"])

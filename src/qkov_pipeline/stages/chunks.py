@@ -139,8 +139,7 @@ def run_chunk(job) -> None:
     logger.info("chunk %d: layers %s collected and scored in %.1f s (estimate %.0f s)",
                 plan["index"], plan["layers"], seconds, plan["estimate_s"])
     # a chunk is part of its pair's scores: the join puts its numbers in the scores record
-    # and it logs no MLflow run of its own (as a collect shard)
-    job.log_to_mlflow = False
+    # (it logs no MLflow run of its own: jobs.RULES_WITHOUT_RUNS)
 
 
 def save_chunk_arms(out: Path, res: dict[str, dict], only: bool) -> None:

@@ -120,7 +120,7 @@ def run_stores(job) -> None:
         "config_hash": job.config_hash})
     logger.info("%s: %s and the reference scored in one pass over %d layers in %.1f s",
                 job.wildcards["pair"], " and ".join(arms), len(layers), seconds)
-    job.log_to_mlflow = False       # its numbers go into each arm's scores record
+    # its numbers go into each arm's scores record (no run of its own: RULES_WITHOUT_RUNS)
 
 
 def write(job, heat: dict, ref: dict, ids_r: list[str], norms_b, norms_r, **more) -> None:

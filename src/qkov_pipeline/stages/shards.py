@@ -83,8 +83,7 @@ def run_shard(job) -> None:
     shard["memory"] = collector.gradient_manager.get_memory_usage()
     write_json(job.output.manifest, shard)
     # A shard is part of its store's collect run: the gather puts its numbers in store.json
-    # and in the collect record; it logs no MLflow run of its own (in no tracking mode).
-    job.log_to_mlflow = False
+    # and in the collect record (no MLflow run of its own: jobs.RULES_WITHOUT_RUNS).
 
 
 def run_gather(job) -> None:

@@ -4,8 +4,9 @@ Every job writes a RECORD (JSON, next to its outputs): params (its resolved conf
 flattened), metrics, tags and artifact paths. What happens to it depends on the mode:
 
 - ``direct`` (default): the job logs the record as a child run right away, bounded by
-  ``timeout_s``; if MLflow is slow or failing the job still succeeds and the record stays
-  ``pending``. The parent run is created once, before any job starts (Snakefile
+  ``timeout_s``, through a process started with the job that has imported MLflow and
+  opened the store meanwhile (:mod:`.process`); if MLflow is slow or failing the job
+  still succeeds and the record stays ``pending``. The parent run is created once, before any job starts (Snakefile
   ``onstart``), which also initialises a fresh sqlite store, so concurrent jobs never race
   on its creation.
 - ``deferred``: jobs only write records; the local rule ``track`` logs every pending
@@ -23,10 +24,11 @@ The store: ``MLFLOW_TRACKING_URI`` if set, else ``tracking.uri``, else
 
 Modules: :mod:`.settings` (settings, run file, provenance), :mod:`.store` (client,
 retries, bounded calls, store creation, parent runs), :mod:`.records` (job records and
-their child runs), :mod:`.replay` (the ``track`` rule), :mod:`.sweep` (ablation sweeps).
+their child runs), :mod:`.process` (the process that imports MLflow while a job works and
+logs its record), :mod:`.replay` (the ``track`` rule), :mod:`.sweep` (ablation sweeps).
 """
 from .records import (log_failure, log_record, log_with_timeout, mark_failed, new_record,
-                      read_record, write_record)
+                      read_record, start_logging_process, write_record)
 from .replay import sync
 from .settings import (MODES, PACKAGES, RECORD_VERSION, TrackingSettings, default_artifacts,
                        flatten, git_commit, mlflow_experiment, new_settings, package_versions,
@@ -40,4 +42,5 @@ __all__ = ["MODES", "PACKAGES", "RECORD_VERSION", "TrackingSettings", "bounded",
            "flatten", "git_commit", "init_store", "log_failure", "log_record", "log_sweep",
            "log_with_timeout", "mark_failed", "mlflow_experiment", "new_record",
            "new_settings", "package_versions", "read_record", "read_run_file", "resolve_uri",
-           "record_sweep", "start_parents", "sync", "write_record", "write_run_file"]
+           "record_sweep", "start_logging_process", "start_parents", "sync", "write_record",
+           "write_run_file"]

@@ -83,11 +83,44 @@ def log_record(uri: str, artifacts: str | None, record: dict, parent_run_id: str
     return rid
 
 
+def start_logging_process(settings: TrackingSettings, experiment: str):
+    """Direct mode with a parent run: a :class:`~.process.LoggingProcess` that warms up
+    while the job works; None otherwise, or when it cannot start (the job then logs in its
+    own process)."""
+    from .process import LoggingProcess
+
+    s = settings
+    if s.mode != "direct" or not s.uri or not s.parents.get(experiment):
+        return None
+    try:
+        return LoggingProcess(s.uri, s.artifacts, mlflow_experiment(s.prefix, experiment))
+    except OSError as err:
+        logger.warning("could not start the MLflow logging process (%s); logging in the job",
+                       err)
+        return None
+
+
+def _log_via(process, settings: TrackingSettings, record: dict, parent: str,
+             status: str) -> str:
+    """:func:`log_record` through ``process`` (:func:`start_logging_process`), or in this
+    process when there is none or it ended without an answer (idempotent: a run it logged
+    before it ended is reused)."""
+    from .process import ProcessGone
+
+    if process is not None:
+        try:
+            return process.log(record, parent, status)
+        except ProcessGone as err:
+            logger.warning("the MLflow logging process ended (%s); logging in the job", err)
+    return log_record(settings.uri, settings.artifacts, record, parent, status)
+
+
 def log_with_timeout(settings: TrackingSettings, record: dict,
-                     timeout_s: float | None = None) -> dict:
+                     timeout_s: float | None = None, via=None) -> dict:
     """Direct mode: log the record as a child of this workflow run's parent, within
-    timeout_s; on failure or timeout, or without a parent run (MLflow was down when the
-    workflow started), the record stays pending and ``track`` logs it under its parent."""
+    timeout_s, through the logging process ``via`` when given (:func:`start_logging_process`).
+    On failure or timeout, or without a parent run (MLflow was down when the workflow
+    started), the record stays pending and ``track`` logs it under its parent."""
     s = settings
     if s.mode != "direct" or not s.uri:
         return record
@@ -95,7 +128,7 @@ def log_with_timeout(settings: TrackingSettings, record: dict,
     if not parent:
         record["mlflow_error"] = "no parent run (MLflow was unreachable at the start)"
         return record
-    run_id, why = bounded(lambda: log_record(s.uri, s.artifacts, record, parent),
+    run_id, why = bounded(lambda: _log_via(via, s, record, parent, "FINISHED"),
                           timeout_s if timeout_s is not None else s.timeout_s, "mlflow-log")
     if why is None:
         record["status"] = "logged"
@@ -107,18 +140,19 @@ def log_with_timeout(settings: TrackingSettings, record: dict,
     return record
 
 
-def log_failure(settings: TrackingSettings, experiment: str, rule: str, run_name: str, params: dict, tags: dict,
-                wildcards: dict, error: str) -> None:
-    """Direct mode: a FAILED child run for a job that failed (its error as a tag); never
-    raises, at most ``timeout_s`` (no record file: Snakemake removes a failed job's outputs)."""
+def log_failure(settings: TrackingSettings, experiment: str, rule: str, run_name: str,
+                params: dict, tags: dict, wildcards: dict, error: str, via=None) -> None:
+    """Direct mode: a FAILED child run for a job that failed (its error as a tag), through
+    the logging process ``via`` when given; never raises, at most ``timeout_s`` (no record
+    file: Snakemake removes a failed job's outputs)."""
     s = settings
     parent = s.parents.get(experiment)
     if s.mode != "direct" or not s.uri or not parent:
         return
     record = new_record(s, experiment=experiment, rule=rule, run_name=run_name, params=params,
                         tags={**tags, "qkov.error": error[:4000]}, wildcards=wildcards)
-    _, why = bounded(lambda: log_record(s.uri, s.artifacts, record, parent, "FAILED"),
-                     s.timeout_s, "mlflow-failed")
+    _, why = bounded(lambda: _log_via(via, s, record, parent, "FAILED"), s.timeout_s,
+                     "mlflow-failed")
     if why:
         logger.warning("could not record the failure in MLflow: %s", why)
 
