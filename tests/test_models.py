@@ -273,3 +273,33 @@ def test_random_model_facts_without_the_config_equal_the_configs(monkeypatch, na
     built.clear()
     facts = models.model_facts(bare)
     assert built and facts["max_positions"] == models.max_positions(real(bare))
+
+
+def test_smollm2_tokenizer_and_facts_without_the_config_equal_autotokenizers(monkeypatch):
+    """The data jobs' SmolLM2 tokenizer (the fast-tokenizer class reading the GGUF) and facts
+    (the GGUF's metadata) equal what AutoTokenizer and the GGUF's transformers config give:
+    the same class, digest and ids on text with special tokens, the same positions and
+    class name; and no model config is built on the way."""
+    import transformers
+
+    from interference import models
+
+    folder, name = models.smollm2_gguf_path()
+    auto = models.with_pad_token(
+        transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True))
+    config = models.model_config({"source": "smollm2"})
+    want = {"class": (getattr(config, "architectures", None) or [type(config).__name__])[0],
+            "max_positions": models.max_positions(config)}
+    built = []
+    real = models.model_config
+    monkeypatch.setattr(models, "model_config", lambda m: built.append(m) or real(m))
+    tok, facts = models.tokenizer_and_facts({"source": "smollm2", "name": "smollm2",
+                                             "tokenizer": {"kind": "smollm2"}})
+    assert not built and facts == want and facts["max_positions"] == 8192
+    assert type(tok) is type(auto)
+    assert models.tokenizer_digest(tok) == models.tokenizer_digest(auto)
+    texts = ["def f(x):\n    return 2 * x + 1<|im_end|>", "Solve 12 + 30 = ?  Answer: 42",
+             "<|im_start|>user\nhi<|im_end|>\n", "  ünïcode\ttabs\n\nand  spaces "]
+    assert tok(texts)["input_ids"] == auto(texts)["input_ids"]
+    assert (tok.pad_token, tok.eos_token, tok.bos_token, tok.padding_side) == (
+        auto.pad_token, auto.eos_token, auto.bos_token, auto.padding_side)

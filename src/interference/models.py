@@ -65,7 +65,8 @@ def build_tokenizer(kind: str = "bpe", *, texts: Iterable[str] | None = None, vo
     - "bpe": train_bpe(texts, vocab_size); texts=None trains on HumanEval + 400 math
       problems (seed 0) + the pydoc prose (about 0.5 s).
     - "folder": load_tokenizer(path), e.g. a folder written by tok.save_pretrained.
-    - "smollm2": the tokenizer stored in the SmolLM2 GGUF (about 3 s); pad = <|im_end|>.
+    - "smollm2": the tokenizer stored in the SmolLM2 GGUF (:func:`smollm2_tokenizer`, about
+      1 s); pad = <|im_end|>.
     - "minilm": the all-MiniLM-L6-v2 WordPiece tokenizer.
     """
     if kind == "bpe":
@@ -75,8 +76,7 @@ def build_tokenizer(kind: str = "bpe", *, texts: Iterable[str] | None = None, vo
             raise ValueError("build_tokenizer('folder') needs path=")
         return load_tokenizer(path)
     if kind == "smollm2":
-        folder, name = smollm2_gguf_path()
-        return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        return smollm2_tokenizer()
     if kind == "minilm":
         return load_tokenizer(minilm_path())
     raise ValueError(f"unknown tokenizer kind {kind!r}; use bpe, folder, smollm2 or minilm")
@@ -153,6 +153,31 @@ def minilm_path() -> Path:
     return package_dir(MINILM_PACKAGE) / "model"
 
 
+def smollm2_tokenizer():
+    """The tokenizer stored in the SmolLM2 GGUF: the one ``AutoTokenizer`` gives (same class,
+    vocabulary, merges and specials), built by the fast-tokenizer class itself, which reads
+    the GGUF's tokenizer without the model config (AutoTokenizer parses the GGUF a second
+    time and imports the model's config class: 3.1 s against 0.85 s in a fresh process)."""
+    folder, name = smollm2_gguf_path()
+    return transformers.PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name,
+                                                                local_files_only=True)
+
+
+def gguf_facts(path: str | Path) -> dict:
+    """{'class', 'max_positions'} of a GGUF's model from its metadata (``general.architecture``
+    and ``<architecture>.context_length``), as :func:`model_facts` gives them from the config
+    transformers builds, without building it: the config class's module imports much of
+    transformers (1.7 s here, on every data job's path)."""
+    import gguf
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = fields["general.architecture"].contents()
+    length = fields.get(f"{arch}.context_length")
+    return {"class": CONFIG_MAPPING_NAMES.get(arch, arch),
+            "max_positions": int(length.contents()) if length is not None else None}
+
+
 def _is_converted(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
@@ -166,8 +191,7 @@ def load_smollm2_gguf(attn_implementation: str | None = "eager"):
     folder, name = smollm2_gguf_path()
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     with gguf_read_once():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name,
-                                                               local_files_only=True)
+        tokenizer = smollm2_tokenizer()
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32, local_files_only=True, **kwargs)
     return model.eval(), tokenizer
@@ -464,7 +488,8 @@ def model_config(mcfg: dict):
 
 def tokenizer_and_facts(mcfg: dict):
     """(:func:`text_tokenizer`, :func:`model_facts`) of a model config, without the weights;
-    SmolLM2's GGUF is parsed once for both (5.3 s -> 2.8 s on one core)."""
+    SmolLM2's GGUF is parsed once for both, and no model config is built (5.3 s -> 2.8 s on
+    one core with one parse, 3.0-3.5 -> 1.9 s without the config; RESULTS.md session 20)."""
     once = gguf_read_once() if mcfg["source"] == "smollm2" else contextlib.nullcontext()
     with once:
         return text_tokenizer(mcfg), model_facts(mcfg)
@@ -475,11 +500,15 @@ def model_facts(mcfg: dict) -> dict:
     (:func:`model_config`'s). A random model whose ``overrides`` name its positions gives
     them without building its transformers config: the first config class of a family
     imports much of transformers (0.9 s on 2 CPU cores, 3.9 s in a job on the H200 machine:
-    on B2's critical path, RESULTS.md session 17); its class is its family's config class."""
+    on B2's critical path, RESULTS.md session 17); its class is its family's config class.
+    SmolLM2's come from its GGUF's metadata (:func:`gguf_facts`), for the same reason."""
     overrides = dict(mcfg.get("overrides") or {})
     positions = overrides.get("max_position_embeddings") or overrides.get("n_positions")
     if mcfg["source"] == "random" and mcfg.get("family") in _TINY and positions:
         return {"class": _TINY[mcfg["family"]][0], "max_positions": int(positions)}
+    if mcfg["source"] == "smollm2":
+        folder, name = smollm2_gguf_path()
+        return gguf_facts(folder / name)
     config = model_config(mcfg)
     return {"class": (getattr(config, "architectures", None) or [type(config).__name__])[0],
             "max_positions": max_positions(config)}
