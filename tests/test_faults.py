@@ -327,6 +327,28 @@ def _runs(db: Path) -> list[tuple]:
             "WHERE r.lifecycle_stage = 'active'").fetchall()
 
 
+def _job_runs(tmp_path) -> list[tuple]:
+    """(status, run name, params as a dict) of every job run in the test's store."""
+    db = tmp_path / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        runs = con.execute("SELECT r.run_uuid, r.status, r.name FROM runs r JOIN tags k ON "
+                           "k.run_uuid = r.run_uuid WHERE k.key = 'qkov.kind' AND k.value = "
+                           "'job' AND r.lifecycle_stage = 'active'").fetchall()
+        return [(st, name, dict(con.execute("SELECT key, value FROM params WHERE run_uuid "
+                                            "= ?", (rid,)).fetchall()))
+                for rid, st, name in runs]
+
+
+def _store_with_parent(tmp_path):
+    """Direct-mode settings on a fresh sqlite store with a RUNNING parent run for 'tiny'."""
+    from qkov_pipeline import tracking as T
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    T.init_store(uri, None, ["qkov/tiny"])
+    parents = T.start_parents(uri, None, {"tiny": "qkov/tiny"}, {})
+    return _settings(uri, parents)
+
+
 def test_store_left_half_made_by_a_crash_is_made_again_and_track_logs_every_record(
         tmp_path, monkeypatch):
     """kill -9 while MLflow creates its tables leaves some of them (``table review_queues
@@ -432,10 +454,7 @@ def test_a_job_failing_after_mlflow_logged_it_is_failed_and_the_rerun_logs_it_on
     from qkov_pipeline import jobs
     from qkov_pipeline import tracking as T
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    T.init_store(uri, None, ["qkov/tiny"])
-    parents = T.start_parents(uri, None, {"tiny": "qkov/tiny"}, {})
-    s = _settings(uri, parents)
+    s = _store_with_parent(tmp_path)
     probe_stage.run = lambda job: Path(job.output.out).write_text("result")
     real_write, calls = T.write_record, []
 
@@ -453,7 +472,7 @@ def test_a_job_failing_after_mlflow_logged_it_is_failed_and_the_rerun_logs_it_on
     jobs.run_stage(FakeSmk(tmp_path, s), "probe")                    # the rerun
     runs = [r for r in _runs(tmp_path / "mlflow.db") if r[2] == "job"]
     assert sorted(r[0] for r in runs) == ["FAILED", "FINISHED"], runs
-    assert all(r[1] == parents["tiny"] for r in runs)
+    assert all(r[1] == s.parents["tiny"] for r in runs)
     rec = json.loads((tmp_path / "mlflow.probe.json").read_text())
     assert rec["status"] == "logged" and rec["outputs"]["out.txt"]["bytes"] == 6
 
@@ -576,28 +595,6 @@ def test_a_job_learns_its_settings_only_from_its_run_file(tmp_path, monkeypatch,
     assert logged == [] and started == []
 
 
-def _store_with_parent(tmp_path):
-    """Direct-mode settings on a fresh sqlite store with a RUNNING parent run for 'tiny'."""
-    from qkov_pipeline import tracking as T
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    T.init_store(uri, None, ["qkov/tiny"])
-    parents = T.start_parents(uri, None, {"tiny": "qkov/tiny"}, {})
-    return _settings(uri, parents)
-
-
-def _job_runs(tmp_path) -> list[tuple]:
-    """(status, run name, params as a dict) of every job run in the test's store."""
-    db = tmp_path / "mlflow.db"
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        runs = con.execute("SELECT r.run_uuid, r.status, r.name FROM runs r JOIN tags k ON "
-                           "k.run_uuid = r.run_uuid WHERE k.key = 'qkov.kind' AND k.value = "
-                           "'job' AND r.lifecycle_stage = 'active'").fetchall()
-        return [(st, name, dict(con.execute("SELECT key, value FROM params WHERE run_uuid "
-                                            "= ?", (rid,)).fetchall()))
-                for rid, st, name in runs]
-
-
 def test_a_job_logs_its_run_through_a_process_that_warmed_up_while_it_worked(
         tmp_path, probe_stage):
     """The job frame starts the logging process before the stage runs; the stage's
@@ -635,7 +632,8 @@ def test_a_job_logs_its_run_through_a_process_that_warmed_up_while_it_worked(
 
 
 def test_a_logging_process_that_ends_or_hangs_never_loses_a_record(tmp_path, monkeypatch):
-    """A logging process killed before the job asks: the job logs its run itself. One that
+    """A logging process that dies as it starts: the job has none (and logs in its own
+    process). One killed before the job asks: the job logs its run itself. One that
     never answers: the record stays pending within the timeout (the track rule logs it)
     and the process is ended. Fails when a dead process loses the run, or a hung one holds
     the job past its timeout."""
@@ -647,6 +645,13 @@ def test_a_logging_process_that_ends_or_hangs_never_loses_a_record(tmp_path, mon
     def record(k):
         return T.new_record(s, experiment="tiny", rule="stats", run_name=f"stats {k}",
                             params={"k": k}, tags={}, wildcards={})
+
+    def gone(self, doc):
+        raise P.ProcessGone("its input is closed (BrokenPipeError)")
+
+    with monkeypatch.context() as m:                # one that dies before its first line
+        m.setattr(P.LoggingProcess, "_send", gone)
+        assert T.start_logging_process(s, "tiny") is None
 
     dead = T.start_logging_process(s, "tiny")
     dead.proc.kill()

@@ -6,9 +6,9 @@ flattened), metrics, tags and artifact paths. What happens to it depends on the 
 - ``direct`` (default): the job logs the record as a child run right away, bounded by
   ``timeout_s``, through a process started with the job that has imported MLflow and
   opened the store meanwhile (:mod:`.process`); if MLflow is slow or failing the job
-  still succeeds and the record stays ``pending``. The parent run is created once, before any job starts (Snakefile
-  ``onstart``), which also initialises a fresh sqlite store, so concurrent jobs never race
-  on its creation.
+  still succeeds and the record stays ``pending``. The parent run is created once,
+  before any job starts (Snakefile ``onstart``), which also initialises a fresh sqlite
+  store, so concurrent jobs never race on its creation.
 - ``deferred``: jobs only write records; the local rule ``track`` logs every pending
   record at the end (one writer: safe where sqlite on a shared file system is not).
 - ``off``: records only.

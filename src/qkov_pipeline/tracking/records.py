@@ -87,14 +87,14 @@ def start_logging_process(settings: TrackingSettings, experiment: str):
     """Direct mode with a parent run: a :class:`~.process.LoggingProcess` that warms up
     while the job works; None otherwise, or when it cannot start (the job then logs in its
     own process)."""
-    from .process import LoggingProcess
+    from .process import LoggingProcess, ProcessGone
 
     s = settings
     if s.mode != "direct" or not s.uri or not s.parents.get(experiment):
         return None
     try:
         return LoggingProcess(s.uri, s.artifacts, mlflow_experiment(s.prefix, experiment))
-    except OSError as err:
+    except (OSError, ProcessGone) as err:      # no python to start; it died at once
         logger.warning("could not start the MLflow logging process (%s); logging in the job",
                        err)
         return None
