@@ -150,6 +150,35 @@ def engine_kernels(out):
             ((lowp - tf32).abs() / tf32.abs().amax(1, keepdim=True)).max())
 
 
+def compiled(kernel) -> int:
+    """How many variants of a Triton kernel this process has compiled for the current GPU."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
+def warm_ups_cover_the_first_calls(out):
+    """The kernels score_layers compiles ahead (kernels.warm_up_square_sum,
+    contraction.warm_up) are the variants the real calls then use: a B2-sized square sum
+    and contractions (a strided view of held rows on the left, GQA's 8 heads too) compile
+    nothing more after the warm-ups. Run first, before any other check compiles them."""
+    from interference.gradients import triton_squares
+    from interference.scores import contraction
+
+    dev = torch.device("cuda")
+    kernels.warm_up_square_sum(dev, 8)
+    warmed = compiled(triton_squares._square_sum_kernel)
+    kernels.square_sum(torch.randn(8, 4096 * 64, device=dev))
+    out["square_sum_compiled_after_warm_up"] = compiled(triton_squares._square_sum_kernel) - warmed
+    contraction.warm_up(dev, 100, [100, 300], [32, 8], "square", "abs")
+    warmed = compiled(contraction._contract_kernel)
+    held = torch.randn(100, 3 * 32 * 128 * 16, device=dev)      # rows of three blocks
+    for heads in (32, 8):
+        left = held[:, 32 * 128 * 16:][:, :heads * 128 * 16].view(100, heads, 128 * 16)
+        for n_b in (100, 300):
+            contraction.contract_triton(left, torch.randn(n_b, heads, 128 * 16, device=dev),
+                                        torch.rand(heads, 128 * 16, device=dev))
+    out["contractions_compiled_after_warm_up"] = compiled(contraction._contract_kernel) - warmed
+
+
 def padding_verdicts(out):
     """per_sample.padding_of of bfloat16 models, whose float32 probe copy is built where
     the model is: the CUDA verdict against the CPU's (tiny LLaMA, GPT-2)."""
@@ -160,6 +189,7 @@ def padding_verdicts(out):
 
 def main():
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    warm_ups_cover_the_first_calls(out)
     padding_verdicts(out)
     lowp_rebuild(out)
     engine_kernels(out)

@@ -6,8 +6,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+logger = logging.getLogger("interference.device")
 
 DEVICES = ("auto", "cpu", "cuda")
 AUTO_SHARE = 0.8        # share of a card's free memory that an automatic budget takes
@@ -135,6 +139,27 @@ def host_values(copy) -> list:
     if done is not None:
         done.synchronize()
     return host.tolist()
+
+
+def in_background(work, device, what: str) -> threading.Thread:
+    """Start ``work()`` in a daemon thread whose current CUDA device is ``device``'s (a torch
+    device) and return the thread, to be joined. For work that only saves time later, as
+    compiling kernels while a model loads: an error is logged, not raised (the real call
+    meets it again and raises)."""
+    def run():
+        try:
+            if device.type == "cuda" and device.index is not None:
+                import torch
+
+                torch.cuda.set_device(device)
+            work()
+        except Exception as err:   # noqa: BLE001 (logged: the later real call raises it)
+            logger.warning("%s failed (%s: %s); the first real use will do it",
+                           what, type(err).__name__, err)
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    return thread
 
 
 def _tensors(obj):

@@ -94,3 +94,11 @@ def square_sum(g: torch.Tensor) -> torch.Tensor:
     for gk in g:
         acc.addcmul_(gk, gk)
     return acc
+
+
+def warm_up_square_sum(device: torch.device, micro_batch: int) -> None:
+    """Compile the square-sum kernel for micro-batches of ``micro_batch`` samples (Triton
+    compiles a kernel per class of its integer arguments: 1, divisible by 16, other), on 16
+    entries, so that a collection's first Fisher micro-batch finds it compiled. Nothing to
+    do where :func:`square_sum` runs no kernel."""
+    square_sum(torch.zeros(micro_batch, 16, device=device))

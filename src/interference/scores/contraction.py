@@ -258,6 +258,25 @@ def _check(left, right, weight, left_op: str, right_op: str) -> None:
                          f"{tuple(right.shape)}, weight {tuple(weight.shape)}")
 
 
+def warm_up(device: torch.device, n_a: int, n_bs, head_counts, left_op="square",
+            right_op="abs", backend="auto", precision="bf16x3") -> None:
+    """Compile the fused kernel for the contractions of ``n_a`` left rows against ``n_b``
+    right rows (each of ``n_bs``) with ``n_h`` heads (each of ``head_counts``), so that the
+    first real ones find it compiled: Triton compiles one kernel per class of the integer
+    arguments (1, divisible by 16, other) and per tile sizes (set by n_a and n_b), which
+    these operands of 64 entries a head share with any slice length divisible by 16.
+    Nothing to do where :func:`contract` runs no kernel."""
+    if _backend(torch.empty(0, device=device), backend) != "triton" or \
+            not triton_available(device):
+        return
+    for n_h in sorted(set(head_counts)):
+        weight = torch.zeros(n_h, 64, device=device)
+        left = torch.zeros(n_a, n_h, 64, device=device)
+        for n_b in sorted(set(n_bs)):
+            contract_triton(left, torch.zeros(n_b, n_h, 64, device=device), weight,
+                            left_op, right_op, precision)
+
+
 def _backend(left, backend: str) -> str:
     """'auto' resolved: triton on CUDA when it is importable, else torch."""
     if backend == "auto":

@@ -32,12 +32,16 @@ from tqdm.auto import tqdm
 
 from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
+from ..device import in_background
 from ..gradients import FisherCollector
 from ..gradients.collect import collect_role
+from ..gradients.kernels import warm_up_square_sum
 from .arms import arm_results
 from .metric import QKOVInterferenceMetric
 
 logger = logging.getLogger("qkov.scores")
+
+WARM_UP_DEVICES = ("cuda",)   # where score_layers compiles its kernels ahead, in a thread
 
 
 def chunk_layers(layers: list[int], n_chunks: int) -> list[list[int]]:
@@ -230,8 +234,12 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
     """
     reference_task = reference_task or task_a
     parts: dict[str, list] = {arm: [] for arm in arms}
+    warming = None
     for layers in tqdm(passes, desc="layer passes", disable=not progress):
         collector = make_collector(list(layers))
+        if warming is None:
+            warming = warm_up_kernels(model, batches, task_a, collector.config,
+                                      metric_kwargs, micro_batch)
         took = _collect(collector, model, batches, fisher_mode, micro_batch)
         metric = QKOVInterferenceMetric(collector.config, collector, **(metric_kwargs or {}))
         store = collector.gradient_manager
@@ -250,7 +258,31 @@ def score_layers(model, batches: dict[str, dict[str, dict]], task_a: str, task_b
         gc.collect()                    # collector <-> store/Fisher are cycles
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if warming is not None:
+        warming.join()
     return {arm: join_parts(p) for arm, p in parts.items()}
+
+
+def warm_up_kernels(model, batches: dict, task_a: str, config: QKOVConfig,
+                    metric_kwargs: dict | None, micro_batch: int):
+    """On a device of :data:`WARM_UP_DEVICES`, a started thread (to be joined) that compiles
+    the Triton kernels a pass will first need, while the pass collects: the Fisher samples'
+    square sums at ``micro_batch`` and the metric's contraction of task A's scored samples
+    against each set's size (from ``batches``). On a fresh machine each kernel's first use
+    otherwise compiles it on the critical path (RESULTS.md, B2 session 21). None elsewhere."""
+    device = next(model.parameters()).device
+    if device.type not in WARM_UP_DEVICES:
+        return None
+    metric = QKOVInterferenceMetric(config, None, **(metric_kwargs or {}))
+    n_a = len(batches[task_a]["scored"]["input_ids"])
+    n_js = [len(b["input_ids"]) for by_role in batches.values()
+            for role, b in by_role.items() if role != "fisher"]
+
+    def work():
+        warm_up_square_sum(device, micro_batch)
+        metric.warm_up(n_a, n_js)
+
+    return in_background(work, device, "kernel warm-up")
 
 
 def join_parts(parts: list[dict]) -> dict:

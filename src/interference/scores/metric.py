@@ -19,6 +19,7 @@ from ..architectures import QKOVConfig
 from ..device import memory_budget_mb, prefetched, resolve_device, to_device
 from ..settings import MetricSettings
 from ..settings import choice as _choice
+from . import contraction
 from .contraction import PRECISIONS, apply_op, contract, contract_sets
 
 logger = logging.getLogger("fisher.qkov")
@@ -92,6 +93,27 @@ class QKOVInterferenceMetric:
     aggregate = property(lambda self: self.options.aggregate)
     variant = property(lambda self: self.options.variant)
     gj_norm = property(lambda self: self.options.gj_norm)
+
+    @property
+    def left_op(self) -> str:
+        """f of the contraction, applied to task A's rows (the task-A Fisher's, 'identity',
+        for fisher_weighted)."""
+        return {"qkov": "square", "signed": "identity", "symmetric": "abs",
+                "fisher_weighted": "identity"}[self.variant]
+
+    @property
+    def right_op(self) -> str:
+        """g of the contraction, applied to the disruptors' rows."""
+        return "identity" if self.variant == "signed" else "abs"
+
+    def warm_up(self, n_a: int, n_js) -> None:
+        """Compile the contraction kernel for ``n_a`` task-A samples against sets of each of
+        ``n_js`` samples, for every block's head count (:func:`contraction.warm_up`; nothing
+        to do off CUDA), e.g. in a thread while the gradients are collected."""
+        heads = [self.config.block_heads(b) for b in BLOCKS]
+        contraction.warm_up(self.device, 1 if self.variant == "fisher_weighted" else n_a,
+                            n_js, heads, self.left_op, self.right_op, self.backend,
+                            self.precision)
 
     def settings(self) -> dict:
         """The score's settings as a plain dict (saved in a heatmap's meta)."""
@@ -220,9 +242,8 @@ class QKOVInterferenceMetric:
         """(left [n_a, Hb, s] or the task-A Fisher [1, Hb, s], f) on the device."""
         if self.variant == "fisher_weighted":
             left = self._slice(self.fisher_collector.fisher.get(task_a), layer, block)[None]
-            return to_device(left, self.device), "identity"
-        left = self._rows(task_a, ids_a, layer, block)
-        return left, {"qkov": "square", "signed": "identity", "symmetric": "abs"}[self.variant]
+            return to_device(left, self.device), self.left_op
+        return self._rows(task_a, ids_a, layer, block), self.left_op
 
     def _right(self, task_j, ids_j, layer, block):
         """(right [n_j, Hb, s], g, norms [n_j] or None) on the device."""
@@ -231,7 +252,7 @@ class QKOVInterferenceMetric:
         if self.gj_norm == "l2":
             norms = torch.as_tensor(self._store.grad_norms(task_j, ids_j), dtype=torch.float32
                                     ).to(self.device).clamp_min(1e-30)
-        return right, "identity" if self.variant == "signed" else "abs", norms
+        return right, self.right_op, norms
 
     def _weight(self, fisher, layer, block) -> torch.Tensor:
         """1 / D [Hb, s] float32 on ``fisher``'s device (the device: see _fisher_vector)."""
