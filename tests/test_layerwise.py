@@ -156,10 +156,11 @@ def test_arm_results_refuse_disruptors_that_are_task_a_samples_when_contents_are
 
 def test_kernels_are_compiled_in_a_thread_beside_the_first_pass_leaving_the_scores_as_they_were(
         monkeypatch):
-    """On a device of WARM_UP_DEVICES (the CPU here, where backend='triton' runs the kernel in
-    Triton's interpreter) score_layers compiles the square sum at the micro-batch and the
-    contraction of task A's scored samples against every set's size, for each block's head
-    count, in a thread it joins; the scores are bitwise those of a run without it."""
+    """On a device of WARM_UP_DEVICES (the CPU here) score_layers asks, in a thread it joins,
+    for the square sum at the micro-batch and the contraction of task A's scored samples
+    against every set's size, for each block's head count, with the metric's f, g, backend
+    and precision; the scores are bitwise those of a run without it. (That the warm-ups
+    compile what the real calls use is checked on a GPU: benchmarks/check_cuda.py.)"""
     import threading
 
     from interference.scores import contraction, layerwise
@@ -168,34 +169,31 @@ def test_kernels_are_compiled_in_a_thread_beside_the_first_pass_leaving_the_scor
     batches = {"a": {"fisher": padded_batch(3, 8, 1, "a:f"), "scored": padded_batch(3, 8, 2, "a:s"),
                      "reference": padded_batch(2, 8, 3, "a:r")},
                "b": {"fisher": padded_batch(3, 8, 4, "b:f"), "scored": padded_batch(4, 8, 5, "b:s")}}
-    kwargs = dict(layers_per_chunk=1, metric_kwargs={"ridge_lambda_rel": 1e-3, "backend": "triton"},
+    kwargs = dict(layers_per_chunk=1, metric_kwargs={"ridge_lambda_rel": 1e-3, "backend": "torch"},
                   progress=False, micro_batch=2)
     want, want_ref = layerwise_heatmap(model, batches, "a", "b", **kwargs)
     calls, threads = [], []
-    real_warm_up, real_square = contraction.warm_up, layerwise.warm_up_square_sum
-
-    def spy_warm_up(*args):
-        calls.append(("contraction", threading.current_thread().name, args[1:]))
-        return real_warm_up(*args)
-
-    def spy_square(device, micro_batch):
-        calls.append(("square_sum", threading.current_thread().name, micro_batch))
-        return real_square(device, micro_batch)
-
     real_background = layerwise.in_background
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(layerwise, "in_background",
                         lambda *a: threads.append(real_background(*a)) or threads[-1])
-    monkeypatch.setattr(contraction, "warm_up", spy_warm_up)
-    monkeypatch.setattr(layerwise, "warm_up_square_sum", spy_square)
+    monkeypatch.setattr(contraction, "warm_up", lambda *a: calls.append(
+        ("contraction", threading.current_thread().name, a[1:])))
+    monkeypatch.setattr(layerwise, "warm_up_square_sum", lambda device, m: calls.append(
+        ("square_sum", threading.current_thread().name, m)))
     monkeypatch.setattr(layerwise, "WARM_UP_DEVICES", ("cpu",))
     got, got_ref = layerwise_heatmap(model, batches, "a", "b", **kwargs)
     assert calls == [("square_sum", "kernel warm-up", 2),
                      ("contraction", "kernel warm-up",
-                      (3, [3, 2, 4], [4, 2, 2, 4], "square", "abs", "triton", "bf16x3"))]
+                      (3, [3, 2, 4], [4, 2, 2, 4], "square", "abs", "torch", "bf16x3"))]
     assert len(threads) == 1 and not threads[0].is_alive()      # one warm-up, joined
     for b in "QKVO":
         np.testing.assert_array_equal(got[b]["scores"], want[b]["scores"])
         np.testing.assert_array_equal(got_ref[b], want_ref[b])
+    # Triton's interpreter compiles nothing, and runs one kernel at a time: no warm-up
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert layerwise.warm_up_kernels(model, batches, "a", QKOVConfig.from_model(model),
+                                     kwargs["metric_kwargs"], 2) is None
 
 
 def test_background_work_that_fails_is_logged_not_raised(caplog):

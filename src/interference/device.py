@@ -30,14 +30,19 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_interpreting() -> bool:
+    """Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: the tests without a
+    GPU), which compiles nothing and runs one kernel at a time in a process."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_available(device) -> bool:
     """The project's Triton kernels can run on ``device`` (a torch.device): CUDA with triton
-    installed, or triton's CPU interpreter (TRITON_INTERPRET=1: the tests without a GPU).
-    Nothing is imported to find out."""
+    installed, or triton's CPU interpreter (:func:`triton_interpreting`). Nothing is
+    imported to find out."""
     if not _has_triton():
         return False
-    return device.type == "cuda" or (device.type == "cpu"
-                                     and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
 
 
 def resolve_device(want: str | None = "auto", what: str = "device") -> str:

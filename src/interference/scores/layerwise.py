@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .._tables import ROLES
 from ..architectures import BLOCKS, QKOVConfig, QKOVIndexer
-from ..device import in_background
+from ..device import in_background, triton_interpreting
 from ..gradients import FisherCollector
 from ..gradients.collect import collect_role
 from ..gradients.kernels import warm_up_square_sum
@@ -269,9 +269,10 @@ def warm_up_kernels(model, batches: dict, task_a: str, config: QKOVConfig,
     the Triton kernels a pass will first need, while the pass collects: the Fisher samples'
     square sums at ``micro_batch`` and the metric's contraction of task A's scored samples
     against each set's size (from ``batches``). On a fresh machine each kernel's first use
-    otherwise compiles it on the critical path (RESULTS.md, B2 session 21). None elsewhere."""
+    otherwise compiles it on the critical path (RESULTS.md, B2 session 21). None elsewhere,
+    and in Triton's interpreter (nothing to compile; two threads in it would collide)."""
     device = next(model.parameters()).device
-    if device.type not in WARM_UP_DEVICES:
+    if device.type not in WARM_UP_DEVICES or triton_interpreting():
         return None
     metric = QKOVInterferenceMetric(config, None, **(metric_kwargs or {}))
     n_a = len(batches[task_a]["scored"]["input_ids"])
