@@ -388,5 +388,5 @@ def load_heatmap(directory) -> tuple[dict, dict | None]:
                    "top_conflicts": doc["top_conflicts"][b],
                    "layers": doc["meta"]["layers"], "heads": doc["meta"]["heads"]}
     ref = ({b: arrays[f"reference_{b}"] for b in BLOCKS}
-           if f"reference_Q" in arrays else None)
+           if "reference_Q" in arrays else None)
     return heat, ref
