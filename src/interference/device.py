@@ -149,8 +149,8 @@ def host_values(copy) -> list:
 def in_background(work, device, what: str) -> threading.Thread:
     """Start ``work()`` in a daemon thread whose current CUDA device is ``device``'s (a torch
     device) and return the thread, to be joined. For work that only saves time later, as
-    compiling kernels while a model loads: an error is logged, not raised (the real call
-    meets it again and raises)."""
+    compiling kernels while gradients are collected: an error is logged, not raised (the
+    real call meets it again and raises)."""
     def run():
         try:
             if device.type == "cuda" and device.index is not None:
