@@ -36,6 +36,52 @@ def test_default_bpe_vocab():
     assert len(tok) == 512
 
 
+def test_the_default_bpe_is_read_from_the_package_not_trained(monkeypatch):
+    """kind bpe at 512 tokens reads the shipped file: no corpus is made (sympy's 400 math
+    problems), and it is the tokenizer the file holds, with train_bpe's specials."""
+    import interference.models as models
+    from tokenizers import Tokenizer
+
+    def no_corpus():
+        raise AssertionError("the default corpus was made")
+
+    monkeypatch.setattr(models, "_default_corpus", no_corpus)
+    tok = build_tokenizer("bpe", vocab_size=512)
+    assert tok.backend_tokenizer.to_str() == Tokenizer.from_file(str(models.DEFAULT_BPE)).to_str()
+    assert (tok.eos_token, tok.bos_token, tok.pad_token, tok.padding_side) == \
+        ("<|endoftext|>", "<|endoftext|>", "<pad>", "right")
+    assert (tok.convert_tokens_to_ids("<|endoftext|>"), tok.pad_token_id) == (0, 1)
+    text = "def sub(a, b):\n    return a - b  # 12 * 7 = 84, é"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    with pytest.raises(AssertionError, match="default corpus"):   # other sizes still train
+        build_tokenizer("bpe", vocab_size=300)
+
+
+def test_the_shipped_bpe_is_the_default_corpus_trained(tmp_path):
+    """The shipped tokenizer is what train_bpe gives on today's default corpus, wherever
+    that corpus is the one the file was made from (its digest in bpe512.meta.json; the
+    pydoc prose differs between Python versions, the math problems between sympy's). And
+    write_default_bpe writes what it reads back."""
+    import json
+
+    import interference.models as models
+
+    meta = json.loads(models.DEFAULT_BPE_META.read_text())
+    shipped = models.tokenizer_digest(models.default_bpe())
+    assert shipped == meta["tokenizer_digest"]
+    texts = models._default_corpus()
+    if models.corpus_digest(texts) != meta["corpus_sha256"]:
+        pytest.skip(f"the default corpus differs from the one the shipped tokenizer was made "
+                    f"from ({meta['made_with']})")
+    assert models.tokenizer_digest(train_bpe(texts, 512)) == shipped
+    written = models.write_default_bpe(tmp_path / "bpe512.json")
+    assert {k: v for k, v in written.items() if k != "made_with"} == \
+        {k: v for k, v in meta.items() if k != "made_with"}
+    assert (tmp_path / "bpe512.json").read_bytes() == models.DEFAULT_BPE.read_bytes()
+    with pytest.raises(ValueError, match="make_default_bpe"):
+        models.default_bpe(tmp_path / "missing.json")
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_tiny_models_deterministic(family):
     before = torch.random.get_rng_state()

