@@ -315,8 +315,8 @@ def join_heatmaps(parts: list[dict], refs: list[dict | None] | None, config: QKO
     ranker = QKOVInterferenceMetric(config, None, **meta["settings"], top_k=top_k,
                                     device="cpu")
     out = {}
-    for b in BLOCKS:
-        scores = np.concatenate([p[b]["scores"] for p in parts], axis=2)
+    for b in BLOCKS:     # one part: its arrays as they are (a copy is 1.3 GB for B2's arms)
+        scores = _joined([p[b]["scores"] for p in parts], axis=2)
         out[b] = {"scores": scores, "layer_head_avg": scores.mean(axis=(0, 1)),
                   "top_conflicts": ranker.top_conflicts(b, scores, layers, meta["heads"],
                                                         meta["sample_ids_a"],
@@ -329,8 +329,13 @@ def join_heatmaps(parts: list[dict], refs: list[dict | None] | None, config: QKO
     out["meta"] = meta
     ref = None
     if refs and all(r is not None for r in refs):
-        ref = {b: np.concatenate([r[b] for r in refs], axis=2) for b in BLOCKS}
+        ref = {b: _joined([r[b] for r in refs], axis=2) for b in BLOCKS}
     return out, ref
+
+
+def _joined(arrays: list[np.ndarray], axis: int) -> np.ndarray:
+    """np.concatenate of ``arrays`` along ``axis``; the array itself when there is one."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=axis)
 
 
 def layerwise_heatmap(model, batches: dict[str, dict[str, dict]], task_a: str, task_b: str, *,

@@ -622,17 +622,16 @@ class QKOVInterferenceMetric:
                     seen.add(self.config.kv_head(h))
                     cols.append(c)
         scores = torch.as_tensor(scores)
-        sub = scores.index_select(3, torch.as_tensor(cols, device=scores.device))
-        top, values = _smallest(sub.reshape(-1) if self.variant == "signed"
-                                else -sub.reshape(-1), self.top_k)
+        sub = scores if cols == list(range(scores.shape[3])) else \
+            scores.index_select(3, torch.as_tensor(cols, device=scores.device))
+        top, values = _extreme(sub.reshape(-1), self.top_k, largest=self.variant != "signed")
         out = []
         where = np.unravel_index(top.numpy(), tuple(sub.shape))
         for i, j, li, c, v in zip(*(w.tolist() for w in where), values.tolist()):
             h = heads[cols[c]]
             out.append({"block": block, "layer": layers[li], "head": h,
                         "kv_head": self.config.kv_head(h) if block in SHARED_BLOCKS else None,
-                        "sample_a": ids_a[i], "sample_b": ids_b[j],
-                        "score": v if self.variant == "signed" else -v})
+                        "sample_a": ids_a[i], "sample_b": ids_b[j], "score": v})
         return out
 
 
@@ -660,19 +659,20 @@ def check_not_shared(task_a: str, ids_a: list[str], task_b: str, ids_b: list[str
                          f"a task conflict")
 
 
-def _smallest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices, float64 keys) on the host of the k smallest entries of ``key`` (1-D,
-    any device), smallest first, ties by index: the k-th smallest key is found on the
-    device (topk), every entry at or below it comes to the host and is sorted there."""
-    k = min(int(k), key.numel())
-    if k < key.numel():
-        kth = torch.topk(key, k, largest=False).values.max()
-        cand = (key <= kth).nonzero().flatten()
+def _extreme(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, float64 values) on the host of the k largest (``largest``) or smallest
+    entries of ``x`` (1-D, any device), most extreme first, ties by index: the k-th value
+    is found on the device (topk), every entry at least as extreme comes to the host and is
+    sorted there."""
+    k = min(int(k), x.numel())
+    if k < x.numel():
+        kth = torch.topk(x, k, largest=largest).values
+        cand = ((x >= kth.min()) if largest else (x <= kth.max())).nonzero().flatten()
     else:
-        cand = torch.arange(key.numel(), device=key.device)
+        cand = torch.arange(x.numel(), device=x.device)
     idx = cand.cpu().numpy()
-    val = key[cand].double().cpu().numpy()
-    order = np.lexsort((idx, val))[:k]
+    val = x[cand].double().cpu().numpy()
+    order = np.lexsort((idx, -val if largest else val))[:k]
     return torch.from_numpy(idx[order]), torch.from_numpy(val[order])
 
 
