@@ -401,14 +401,21 @@ def test_gather_and_broadcast_match_loops_over_the_cells():
             np.testing.assert_array_equal(grid, want)
 
 
-def test_bootstrap_draws_equal_a_loop_over_resamples_at_any_batch_size():
+@pytest.mark.parametrize("norm", ["share", "l2", "none"])
+def test_bootstrap_draws_equal_a_loop_over_resamples_at_any_batch_size(norm):
     """Each draw of stratified_bootstrap equals the statistic recomputed in float64 on the
     resampled samples themselves (i shared by both groups, B and R apart), for the weights
-    drawn in the documented order; and the draws do not depend on the batch size."""
+    drawn in the documented order, under each normalisation (signed scores for the shares);
+    and the draws do not depend on the batch size."""
     rng = np.random.default_rng(6)
     n_a, n_b, n_r, m, n_boot = 5, 4, 6, 7, 9
     cb, cr = rng.gamma(2.0, 1.0, (n_a, n_b, m)), rng.gamma(2.0, 1.0, (n_a, n_r, m))
-    draws = [qs.stratified_bootstrap(cb, cr, n_bootstrap=n_boot, seed=3, batch_size=size)
+    if norm == "share":
+        cb[:, :, 0] *= -1.0
+    g_b, g_r = rng.uniform(0.5, 2.0, n_b), rng.uniform(0.5, 2.0, n_r)
+    norms = dict(norms_b=g_b, norms_r=g_r) if norm == "l2" else {}
+    draws = [qs.stratified_bootstrap(cb, cr, n_bootstrap=n_boot, seed=3, batch_size=size,
+                                     disruption_norm=norm, **norms)
              for size in (None, 1, 4, 100)]
     w = np.random.default_rng(3)
     w_i, w_b, w_r = (qs.bootstrap_weights(w, n, n_boot) for n in (n_a, n_b, n_r))
@@ -416,8 +423,13 @@ def test_bootstrap_draws_equal_a_loop_over_resamples_at_any_batch_size():
         i, jb, jr = (np.repeat(np.arange(len(x)), np.rint(x * len(x)).astype(int))
                      for x in (w_i[d], w_b[d], w_r[d]))
         s_b, s_r = cb[i].mean(axis=0), cr[i].mean(axis=0)        # [n_b, m], [n_r, m]
-        share_b = s_b / np.abs(s_b).sum(axis=1, keepdims=True)
-        share_r = s_r / np.abs(s_r).sum(axis=1, keepdims=True)
+        if norm == "share":
+            share_b = s_b / np.abs(s_b).sum(axis=1, keepdims=True)
+            share_r = s_r / np.abs(s_r).sum(axis=1, keepdims=True)
+        elif norm == "l2":
+            share_b, share_r = s_b / g_b[:, None], s_r / g_r[:, None]
+        else:
+            share_b, share_r = s_b, s_r
         want = share_b[jb].mean(axis=0) - share_r[jr].mean(axis=0)
         for got in draws:
             np.testing.assert_allclose(got.mean_diff[d], want, rtol=1e-12)

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.stats import norm
 
 from .._tables import CI_METHODS
-from .disruption import normalise
+from .disruption import disruptor_scale
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,14 @@ def stratified_bootstrap(cube_b: np.ndarray, cube_r: np.ndarray, *, n_bootstrap:
         b = d.stop - d.start
         s_b = (w_i[d] @ flat_b).reshape(b, n_b, m)           # [b, n_b, m]
         s_r = (w_i[d] @ flat_r).reshape(b, n_r, m)
-        mean_b = np.matmul(w_b[d, None, :], normalise(s_b, disruption_norm, norms_b))[:, 0]
-        mean_r = np.matmul(w_r[d, None, :], normalise(s_r, disruption_norm, norms_r))[:, 0]
-        diff[d] = mean_b - mean_r
-        avg[d] = np.matmul(w_b[d, None, :], s_b)[:, 0]
+        # the normalisation scales each disruptor's row: B's weighted means of the
+        # normalised and of the raw rows come from one pass over its rows
+        scale_b = disruptor_scale(s_b, disruption_norm, norms_b)          # [b, n_b]
+        scale_r = disruptor_scale(s_r, disruption_norm, norms_r)
+        means_b = np.matmul(np.stack([w_b[d] * scale_b, w_b[d]], axis=1), s_b)   # [b, 2, m]
+        mean_r = np.matmul((w_r[d] * scale_r)[:, None, :], s_r)[:, 0]
+        diff[d] = means_b[:, 0] - mean_r
+        avg[d] = means_b[:, 1]
     return BootstrapDraws(mean_diff=diff, avg_b=avg)
 
 
