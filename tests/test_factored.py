@@ -195,6 +195,35 @@ def test_save_open_round_trip(tmp_path, memory_mb):
                                       fc.gradient_manager.grad_norms(t, ids))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sections_on_disk_are_read_into_the_padded_batch(tmp_path, dtype):
+    """Factors left on disk (factored.OnDisk) are read straight into their rows of the
+    zero-padded batch: the same bytes as pad_sequence of the tensors, also mixed with
+    factors in memory and when every length is equal; a section cut short is refused."""
+    from interference.gradients.factored import OnDisk, _padded, to_numpy
+
+    gen = torch.Generator().manual_seed(0)
+    factors = [torch.randn(t, 6, generator=gen).to(dtype) for t in (5, 3, 7, 1)]
+    path, sections, off = tmp_path / "records.bin", [], 3       # unaligned offsets too
+    with open(path, "wb") as fh:
+        fh.write(bytes(off))
+        for f in factors:
+            fh.write(to_numpy(f).tobytes())
+            nbytes = f.numel() * f.element_size()
+            sections.append(OnDisk(str(path), off, dtype, tuple(f.shape), nbytes))
+            off += nbytes
+    want = torch.nn.utils.rnn.pad_sequence(factors, batch_first=True)
+    mixed = [sections[0], factors[1], sections[2], factors[3]]
+    for got in (_padded(sections, "cpu"), _padded(mixed, "cpu")):
+        assert got.dtype == dtype and torch.equal(got, want)
+    same = [sections[0], sections[0]]
+    assert torch.equal(_padded(same, "cpu"), torch.stack([factors[0], factors[0]]))
+    assert torch.equal(sections[2].load(), factors[2])
+    beyond = OnDisk(str(path), off - 4, dtype, (1, 6), 6 * factors[0].element_size())
+    with pytest.raises(ValueError, match="cut short"):
+        _padded([sections[0], beyond], "cpu")
+
+
 def test_gather_of_factored_shards(tmp_path):
     """Two saved stores of disjoint samples gather (files linked) into one that reads the
     same rows; gathering it again (parts of parts) and re-saving keep them."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,6 +53,45 @@ def from_bytes(buf, dtype: torch.dtype, shape) -> torch.Tensor:
     arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
     t = torch.from_numpy(arr.copy())
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """A section of a saved record, not read yet: ``path``, byte ``offset``, ``dtype`` and
+    ``shape``. :func:`_padded` reads such sections straight into their rows of the padded
+    batch (one positioned read each, no intermediate buffer); :meth:`load` reads one."""
+
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple
+    nbytes: int
+
+    def load(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        _read_into([(self, out)])
+        return out
+
+
+def _read_into(pairs: list[tuple["OnDisk", torch.Tensor]]) -> None:
+    """Read each section into its contiguous host tensor of the section's size, each file
+    opened once; a section cut short (an interrupted save) is a ValueError."""
+    fds: dict[str, int] = {}
+    try:
+        for sec, dst in pairs:
+            if sec.path not in fds:
+                fds[sec.path] = os.open(sec.path, os.O_RDONLY)
+            view = memoryview(dst.view(torch.uint8).numpy()).cast("B")
+            if os.preadv(fds[sec.path], [view], sec.offset) != sec.nbytes:
+                raise ValueError(f"{sec.path}: the section at byte {sec.offset} is cut short "
+                                 "(an interrupted save?)")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _loaded(t) -> torch.Tensor:
+    return t.load() if isinstance(t, OnDisk) else t
 
 
 def factor_dtype(model_dtype: torch.dtype, store_dtype: str) -> str:
@@ -157,19 +197,20 @@ class FactorLayout:
         return T * (m["d_in"] + m["d_out"]) * fbytes < m["d_in"] * m["d_out"] * sbytes
 
     def plan(self, T: int) -> dict:
-        """Sections of a T-token record: key -> (byte offset, dtype, shape), and 'bytes'.
+        """Sections of a T-token record: key -> (byte offset, dtype, shape), their sizes
+        ('nbytes': key -> bytes) and the record's padded size ('bytes').
         Keys: ('x', group), ('delta', module), ('grad', param name)."""
         if T in self._plans:
             return self._plans[T]
         if self.groups is None:
             raise ValueError("the factor layout has no input groups yet (nothing collected)")
-        sections, off = {}, 0
+        sections, sizes, off = {}, {}, 0
 
         def put(key, dtype, shape):
             nonlocal off
             sections[key] = (off, dtype, tuple(shape))
-            nbytes = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
-            off += -(-nbytes // _ALIGN) * _ALIGN
+            sizes[key] = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
+            off += -(-sizes[key] // _ALIGN) * _ALIGN
 
         for path, m in self.modules.items():
             g = self.groups[path]
@@ -180,7 +221,7 @@ class FactorLayout:
             else:
                 for kind, name in m["params"].items():
                     put(("grad", name), self.sdt, m["shapes"][kind])
-        plan = {"sections": sections, "bytes": off,
+        plan = {"sections": sections, "nbytes": sizes, "bytes": off,
                 "factored": {p: self.factored(p, T) for p in self.modules}}
         self._plans[T] = plan
         return plan
@@ -258,6 +299,16 @@ class FactorLayout:
                 out[key] = from_bytes(buf, dtype, shape)
         return out
 
+    def locate(self, path, offset: int, T: int, keys=None) -> dict:
+        """Section key -> :class:`OnDisk` of the record at byte ``offset`` of ``path`` (only
+        ``keys`` if given): what :meth:`read` reads, left for :meth:`rebuild` to read into
+        its batch."""
+        plan = self.plan(T)
+        path = str(path)
+        return {key: OnDisk(path, offset + off, dtype, shape, plan["nbytes"][key])
+                for key, (off, dtype, shape) in plan["sections"].items()
+                if keys is None or key in keys}
+
     def keys_for(self, layer: int, block: str, T: int) -> set:
         """Section keys a (layer, block) needs from a T-token record."""
         plan = self.plan(T)
@@ -277,7 +328,7 @@ class FactorLayout:
     def rebuild(self, records: list[tuple[int, dict]], layer: int, block: str,
                 device) -> torch.Tensor:
         """float32 [n, n_block_heads, slice_size] of one (layer, block) from the records
-        [(T, {section key: tensor})] of n samples, computed on ``device``."""
+        [(T, {section key: tensor or OnDisk})] of n samples, computed on ``device``."""
         device = torch.device(device)
         n = len(records)
         pieces = []
@@ -290,7 +341,8 @@ class FactorLayout:
                 got.append((fac, self._from_factors([records[k] for k in fac], p, path, kind,
                                                     device)))
             if den:
-                g = torch.stack([records[k][1][("grad", p.name)] for k in den]).to(device)
+                g = torch.stack([_loaded(records[k][1][("grad", p.name)]) for k in den]
+                                ).to(device)
                 got.append((den, p.take(g.float())))
             if len(got) == 1:            # one kind of record: its rows are the piece
                 pieces.append(got[0][1])
@@ -340,9 +392,22 @@ class FactorLayout:
             return torch.einsum("nto,nths->nhos", d.float(), xs).reshape(n, p.n_heads, -1)
 
 
-def _padded(factors: list[torch.Tensor], device) -> torch.Tensor:
-    """[n, T_max, d] on ``device`` from n factors [T_k, d], zero-padded (zero rows add exact
-    zeros to δᵀx): one stack when every T_k is equal, else one ``pad_sequence``."""
+def _padded(factors: list, device) -> torch.Tensor:
+    """[n, T_max, d] on ``device`` from n factors [T_k, d] (tensors, or :class:`OnDisk`
+    sections, read straight into their rows on the host), zero-padded (zero rows add exact
+    zeros to δᵀx): one stack when every T_k is equal and all are in memory, else one
+    ``pad_sequence`` or one zeroed batch the rows are read into."""
+    if any(isinstance(f, OnDisk) for f in factors):
+        t_max = max(f.shape[0] for f in factors)
+        out = torch.zeros(len(factors), t_max, *factors[0].shape[1:], dtype=factors[0].dtype)
+        on_disk = []
+        for k, f in enumerate(factors):
+            if isinstance(f, OnDisk):
+                on_disk.append((f, out[k, :f.shape[0]]))
+            else:
+                out[k, :f.shape[0]] = f
+        _read_into(on_disk)
+        return out.to(device)
     factors = [f.to(device) for f in factors]
     if all(f.shape[0] == factors[0].shape[0] for f in factors):
         return torch.stack(factors)

@@ -227,14 +227,15 @@ class _FactoredShard:
         return self._maps[k]
 
     def record(self, sid: str, keys=None) -> tuple[int, dict]:
-        """(T, section key -> tensor) of one sample (only ``keys`` if given)."""
+        """(T, section key -> tensor, or factored.OnDisk for a record on disk, read where
+        the rows are rebuilt) of one sample (only ``keys`` if given)."""
         kind, pos = self.where[sid]
         T = self.T[sid]
         if kind == "ram":
             rec = pos if keys is None else {k: v for k, v in pos.items() if k in keys}
             return T, rec
         k, off = pos
-        return T, self.layout.read(self.files[k], off, T, keys)
+        return T, self.layout.locate(self.files[k], off, T, keys)
 
     def disk_bytes(self) -> int:
         return sum(self.record_bytes(s) for s, (k, _) in self.where.items() if k == "disk")
