@@ -173,6 +173,10 @@ def test_save_open_round_trip(tmp_path, memory_mb):
     before = _heatmap(fc, cfg)
     rows = {t: fc.gradient_manager.block(t, fc.gradient_manager.ids(t, "scored"), 1, "K")
             for t in ("math", "code")}
+    kept = fc.gradient_manager.shards[("math", "scored")]
+    collected = {sid: {key: t.clone() for key, t in pos.items()}
+                 for sid, (where, pos) in kept.where.items() if where == "ram"}
+    assert bool(collected) == (memory_mb > 0)
     for task in ("math", "code"):
         fc.save_task(task, tmp_path / task)
     index = json.loads((tmp_path / "math" / "index.json").read_text())
@@ -188,6 +192,14 @@ def test_save_open_round_trip(tmp_path, memory_mb):
     for block in "QKVO":
         np.testing.assert_array_equal(after_save[block]["scores"], before[block]["scores"])
         np.testing.assert_array_equal(after_open[block]["scores"], before[block]["scores"])
+    # a record read whole from the saved file (FactorLayout.read) holds what was collected
+    shard = loaded.gradient_manager.shards[("math", "scored")]
+    for sid in shard.ids:
+        k, off = shard.where[sid][1]
+        got = shard.layout.read(shard.files[k], off, shard.T[sid])
+        want = collected.get(sid) or {key: sec.load()
+                                      for key, sec in shard.record(sid)[1].items()}
+        assert got.keys() == want.keys() and all(torch.equal(got[x], want[x]) for x in got)
     for t in ("math", "code"):
         ids = loaded.gradient_manager.ids(t, "scored")
         assert torch.equal(loaded.gradient_manager.block(t, ids, 1, "K"), rows[t])

@@ -276,27 +276,18 @@ class FactorLayout:
         for key, (off, dtype, shape) in plan["sections"].items():
             if keys is not None and key not in keys:
                 continue
-            n = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
+            n = plan["nbytes"][key]
             out[key] = from_bytes(buf[off:off + n], dtype, shape)
         return out
 
     def read(self, path, offset: int, T: int, keys=None) -> dict:
         """:meth:`decode` of the record at byte ``offset`` of the file ``path``, reading
-        only the sections in ``keys`` (all if None) with positioned reads: nothing is
-        memory-mapped, so a scoring pass over a large store does not keep its pages in the
-        process's resident memory."""
-        plan = self.plan(T)
-        out = {}
-        with open(path, "rb") as fh:
-            for key, (off, dtype, shape) in plan["sections"].items():
-                if keys is not None and key not in keys:
-                    continue
-                n = int(np.prod(shape)) * (torch.finfo(dtype).bits // 8)
-                buf = os.pread(fh.fileno(), n, offset + off)
-                if len(buf) != n:
-                    raise ValueError(f"{path}: record at byte {offset} is cut short (an "
-                                     "interrupted save?)")
-                out[key] = from_bytes(buf, dtype, shape)
+        only the sections in ``keys`` (all if None) with positioned reads (those of
+        :meth:`locate`): nothing is memory-mapped, so a scoring pass over a large store does
+        not keep its pages in the process's resident memory."""
+        sections = self.locate(path, offset, T, keys)
+        out = {key: torch.empty(sec.shape, dtype=sec.dtype) for key, sec in sections.items()}
+        _read_into([(sec, out[key]) for key, sec in sections.items()])
         return out
 
     def locate(self, path, offset: int, T: int, keys=None) -> dict:
