@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from interference.device import triton_available
-from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, contract, contract_sets,
-                                             contract_triton, emulate_bf16x3,
+from interference.scores.contraction import (LEFT_OPS, RIGHT_OPS, apply_op, contract,
+                                             contract_sets, contract_triton, emulate_bf16x3,
                                              head_contraction)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,6 +62,28 @@ def test_contract_sets_is_each_sets_own_contraction_bitwise(backend, left_op):
     with pytest.raises(ValueError, match="shapes do not match"):
         contract_sets(left, [(right, "abs"), (right[:, :2], "abs")], weight, left_op,
                       backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("left_op", LEFT_OPS)
+def test_contract_sets_writing_over_its_operands_gives_the_same_bits(backend, left_op):
+    """overwrite=True (rows rebuilt for the call): every result is bitwise the one without
+    it; the torch path leaves f(left)·w and g(right) in the operands' memory, the fused
+    kernel reads them only."""
+    left, right, weight = operands(6, 7, 3, 150, seed=11)
+    other = operands(6, 4, 3, 150, seed=16)[1]
+    want = contract_sets(left, [(right, "abs"), (other, "identity")], weight, left_op,
+                         backend=backend)
+    mine = [t.clone() for t in (left, right, other)]
+    got = contract_sets(mine[0], [(mine[1], "abs"), (mine[2], "identity")], weight, left_op,
+                        backend=backend, overwrite=True)
+    for out, ref in zip(got, want):
+        assert torch.equal(out, ref)
+    if backend == "torch":
+        assert torch.equal(mine[0], apply_op(left_op, left) * weight)
+        assert torch.equal(mine[1], right.abs()) and torch.equal(mine[2], other)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(mine, (left, right, other)))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")

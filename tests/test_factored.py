@@ -118,6 +118,31 @@ def test_auto_mixes_dense_and_factored_projections_per_sample():
     _assert_same(auto, dense, cfg)
 
 
+@pytest.mark.parametrize("variant", ["qkov", "fisher_weighted"])
+@pytest.mark.parametrize("budget_mb", [None, 1000.0])
+def test_scoring_writes_over_rebuilt_rows_only(variant, budget_mb):
+    """The torch contraction writes f(left)·w and g(right) over its operands only where a
+    factored store rebuilt them for it: after a heatmap a dense store's rows (resident on
+    the device within the budget, or read from the store) and the Fisher are as collected,
+    and the two stores' heatmaps agree."""
+    model = tiny_llama()
+    dense, cfg = _collect(model, "dense")
+    factored, _ = _collect(model, "factored")
+    store = dense.gradient_manager
+    ids = {t: store.ids(t, "scored") for t in ("math", "code")}
+    rows = {(t, s): store.vector(t, s).clone() for t in ids for s in ids[t]}
+    fisher = {(k, t): fc.fisher.get(t).clone() for k, fc in enumerate((dense, factored))
+              for t in ids}
+    maps = [_heatmap(fc, cfg, variant=variant, device_memory_mb=budget_mb)
+            for fc in (dense, factored)]
+    for (t, s), row in rows.items():
+        assert torch.equal(store.vector(t, s), row)
+    for (k, t), f in fisher.items():
+        assert torch.equal((dense, factored)[k].fisher.get(t), f)
+    for block in "QKVO":
+        _close(maps[1][block]["scores"], maps[0][block]["scores"])
+
+
 def test_shared_input_of_q_k_v_is_stored_once():
     fc, _ = _collect(tiny_llama(), "factored")
     layout = fc.gradient_manager.layout

@@ -388,6 +388,12 @@ class QKOVInterferenceMetric:
             self._held[(task, ids)] = to_device(store.columns(task, list(ids)), self.device)
         return True
 
+    def _rows_rebuilt(self) -> bool:
+        """Whether a (layer, block)'s operands are made for its one contraction, so it may
+        write over them: rows a factored store rebuilds (dense stores' rows may be views of
+        resident rows; the task-A Fisher of ``fisher_weighted`` is the Fisher itself)."""
+        return self._store.layout is not None and self.variant != "fisher_weighted"
+
     def _fits_twice(self, n_rows: int, layer: int, block: str) -> bool:
         """Two (layer, block)s' operands of ``n_rows`` rows fit the device budget at once."""
         r = self._rows_per_tile(layer, block)
@@ -464,7 +470,8 @@ class QKOVInterferenceMetric:
                 if ops is not None:     # every set against task A's rows, f(left)·w once
                     left, left_op, rights, weight = ops
                     raw = contract_sets(left, [(r, g) for r, g, _ in rights], weight, left_op,
-                                        backend=self.backend, precision=self.precision)
+                                        backend=self.backend, precision=self.precision,
+                                        overwrite=self._rows_rebuilt())
                     norms = [n for _, _, n in rights]
                     width = left.shape[-1]
                     del left, rights, weight    # else they outlive ops into the next block
