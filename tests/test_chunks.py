@@ -129,6 +129,11 @@ def test_layer_chunks_refuse_what_needs_every_layer():
     assert "model" in one.scores_inputs(Wildcards("tiny", "tiny", "math__code", "0"))
     stores = qp.build_plan(ROOT / "conf", schema, ["tiny"], [])
     assert "grads" in stores.chunk_inputs(Wildcards("tiny", "tiny", "math__code", "0"))
+    # prepare_model goes first where the data's consumers read the model (collect, chunk
+    # jobs of a prepared model), not where only the join waits for it (random weights)
+    assert stores.model_priority == one.model_priority == plan.model_priority == 1
+    assert qp.build_plan(ROOT / "conf", schema, ["tiny"], [RANDOM, NO_STORES]).model_priority == 0
+    assert qp.build_plan(ROOT / "conf", schema, ["tiny"], [RANDOM]).model_priority == 1
     with pytest.raises(ValueError, match="gradient_stores"):
         qp.check_plan(qp.build_plan(ROOT / "conf", schema, ["tiny"],
                                     [CHUNKS, "++resources.collect.gradient_stores=true"]))

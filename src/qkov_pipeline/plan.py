@@ -358,6 +358,17 @@ class Plan:
                 "stores": [] if without_stores(cfg) else
                 [self.store_key(cfg, t, s) for s in seeds for t in tasks]}
 
+    @property
+    def model_priority(self) -> int:
+        """Snakemake priority of prepare_model: 1 where a job that reads the data also reads
+        the prepared model (collect; chunk jobs of a converted checkpoint), so on few cores
+        the model converts beside the first data job instead of after all of them (the
+        default run on 2 cores: two 12 s data jobs, then the 16 s conversion, before
+        collection could start); 0 where only the scores job that joins the chunks waits
+        for it (random weights, made in each chunk job: the data come first)."""
+        return int(any(self.experiment_jobs(exp)["stores"] or loads_prepared(cfg["model"])
+                       for exp, cfg in self.experiments.items()))
+
     # -- chunk_scores jobs: both arms of a pair, per layer chunk ------------------------
     def chunk_dirs(self, exp: str, model: str, pair: str, seed) -> list[str]:
         """``<main analysis>/split<seed>/chunks/<c>`` of every chunk of the analysis ``pair``

@@ -17,6 +17,8 @@ rule prepare_model:
         f"{R}/logs/prepare_model/{{key}}.log",
     benchmark:
         f"{R}/benchmarks/prepare_model/{{key}}.tsv"
+    # first among ready jobs where the data's consumers read the model too (few cores)
+    priority: PLAN.model_priority
     threads: lambda wc: PLAN.resource("prepare_model", wc, "threads")
     resources:
         mem_mb=lambda wc: PLAN.resource("prepare_model", wc, "mem_mb"),
