@@ -255,10 +255,11 @@ def contract_sets(left, rights, weight, left_op="square", backend="auto",
     if _backend(left, backend) != "torch":
         return [contract(left, right, weight, left_op, right_op, backend, precision)
                 for right, right_op in rights]
-    own = overwrite and left.dtype == torch.float32
-    x = weighted_left(left.float(), weight.float(), left_op, in_place=own)
-    return [head_contraction(x, apply_op(right_op, right.float(),
-                                         in_place=overwrite and right.dtype == torch.float32))
+    def mine(t):                 # operands written over: float32 ones the caller gave up
+        return overwrite and t.dtype == torch.float32
+
+    x = weighted_left(left.float(), weight.float(), left_op, in_place=mine(left))
+    return [head_contraction(x, apply_op(right_op, right.float(), in_place=mine(right)))
             for right, right_op in rights]
 
 
