@@ -1,7 +1,9 @@
-"""Session 23: one score_arms pass (both arms and the reference, 2 threads, freed memory
-kept, as the scoring job runs it) on a finished default run's stores, timed without a
-profiler, with a sha256 over every score array it returns (the trees must agree bit for
-bit); run it alternately with the tree before and after the change:
+"""One score_arms pass (both arms and the reference, 2 threads, freed memory kept, as the
+scoring job runs it) on a finished default run's stores, timed without a profiler, with a
+sha256 over every score array it returns (the trees must agree bit for bit); run it
+alternately with the tree before and after a change (session 22's padded reads, as
+ab_padded_read_s22.py without the sha256, `ab_padded_read_s22.log`; session 23's scoring
+in place, `ab_score_pass_s23.log`):
 
     PYTHONPATH=<tree>/src python benchmarks/results/default_cpu/ab_score_pass_s23.py RESULTS
 """
