@@ -389,7 +389,7 @@ def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, 
     from qkov_pipeline.stages import gradients, model as model_stage
 
     bart, _ = tiny_auto_model("bart")
-    monkeypatch.setattr(models, "build_from_config", lambda mcfg: (bart, None))
+    monkeypatch.setattr(models, "build_from_config", lambda mcfg, **kw: (bart, None))
     monkeypatch.setattr(models, "save_prepared", lambda *a, **k: None)
     monkeypatch.setattr(models, "load_prepared", lambda *a, **k: (bart, None))
     monkeypatch.setattr(data, "load_task_batches", lambda *a, **k: ({}, None, {}))

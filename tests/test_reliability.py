@@ -126,6 +126,159 @@ def test_unknown_architecture_in_the_workflow_leaves_no_model_folder(tmp_path):
     assert not out.exists() or files_under(out) == [], files_under(out)
 
 
+def _checkpoint(tmp_path: Path, dtype=torch.float32) -> tuple[Path, dict, object]:
+    """A user's checkpoint folder (a tiny LLaMA's safetensors, config and tokenizer, plus
+    weights in another format and a subfolder, which are never read) and the model config
+    naming it (source local)."""
+    from interference.models import build_tokenizer, tiny_model
+
+    folder = tmp_path / "ckpt"
+    model = tiny_model("llama", vocab_size=512, seed=3).to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    build_tokenizer("bpe", vocab_size=512).save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"pickle: never read")
+    (folder / "original").mkdir()
+    (folder / "original" / "consolidated.pth").write_bytes(b"never read")
+    mcfg = dict(tiny_cfg()["model"], source="local", path=str(folder), name="ckpt",
+                tokenizer={"kind": None})
+    return folder, mcfg, model
+
+
+def _prepare(mcfg: dict, out: Path):
+    from qkov_pipeline.stages import model as stage
+
+    job = FakeJob({"v": 1, "model": mcfg}, {}, {"manifest": str(out / "model.json")})
+    stage.run(job)
+    return json.loads((out / "model.json").read_text())
+
+
+def test_prepare_model_links_a_checkpoint_without_reading_its_weights(tmp_path, monkeypatch):
+    """prepare_model of a checkpoint folder (source local) describes the model from its
+    config and hard-links its safetensors into hf/ (no weight is read: every loader fails
+    here); model.json equals the description of the loaded model and records the links; a
+    job then reads the same weights, bitwise, in the configured dtype."""
+    import safetensors.torch
+    import transformers as T
+
+    from interference.models import build_from_config, describe, load_prepared, with_pad_token
+
+    folder, mcfg, model = _checkpoint(tmp_path)
+    want = describe(*[with_pad_token(x) if k else x
+                      for k, x in enumerate(build_from_config(mcfg))], prove=False)
+    out = tmp_path / "results" / "_models" / "ckpt-000000000000"
+
+    def read(*a, **k):
+        raise AssertionError("prepare_model read the checkpoint's weights")
+
+    with monkeypatch.context() as m:
+        for owner, name in ((T.AutoModelForCausalLM, "from_pretrained"),
+                            (T.PreTrainedModel, "from_pretrained"),
+                            (safetensors.torch, "load_file"), (safetensors, "safe_open")):
+            m.setattr(owner, name, read)
+        info = _prepare(mcfg, out)
+    for k in ("class", "qkov_config", "layers", "n_attention_params", "n_params",
+              "tokenizer_digest", "max_positions", "pad_token_id"):
+        assert info[k] == want[k], k
+    assert info["layout_proof"]["on"] == "shrunk copy"
+    linked = out / "hf" / "model.safetensors"
+    assert os.path.samefile(linked, folder / "model.safetensors")
+    assert info["checkpoint"] == {"folder": str(folder.resolve()), "files": {
+        "model.safetensors": {"bytes": linked.stat().st_size,
+                              "mtime_ns": linked.stat().st_mtime_ns, "how": "linked"}}}
+    assert not (out / "hf" / "pytorch_model.bin").exists()
+    assert not (out / "hf" / "original").exists()
+    for dtype in ("float32", "bfloat16"):
+        loaded, _ = load_prepared(out, dict(mcfg, dtype=dtype))
+        got, ref = loaded.state_dict(), model.state_dict()
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(got[k], ref[k].to(getattr(torch, dtype))), (dtype, k)
+
+
+def test_a_checkpoint_rewritten_after_prepare_model_is_refused(tmp_path, monkeypatch):
+    """A hard-linked weight file shares the user's file: rewritten in place after
+    prepare_model, a job refuses it (naming the file) instead of reading other weights than
+    model.json describes. Where the file system cannot link, the files are copied, and the
+    copy is unaffected."""
+    from interference.models import load_prepared
+
+    folder, mcfg, model = _checkpoint(tmp_path)
+    out = tmp_path / "linked"
+    _prepare(mcfg, out)
+    original = folder / "model.safetensors"
+    data = original.read_bytes()
+    time.sleep(0.01)
+    with open(original, "r+b") as f:         # in place: the same inode, a new mtime
+        f.write(data)
+    with pytest.raises(ValueError, match=r"model\.safetensors changed after prepare_model "
+                                         r"linked it .* Rerun prepare_model"):
+        load_prepared(out, mcfg)
+
+    def no_links(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = tmp_path / "copied"
+    info = _prepare(mcfg, copied)
+    assert info["checkpoint"]["files"]["model.safetensors"]["how"] == "copied"
+    assert not os.path.samefile(copied / "hf" / "model.safetensors", original)
+    with open(original, "r+b") as f:
+        f.write(b"\0" * 64)                   # the user's file changes; the copy does not
+    loaded, _ = load_prepared(copied, mcfg)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+
+
+def test_a_folder_without_safetensors_is_refused(tmp_path):
+    from interference.models import build_from_config
+
+    folder, mcfg, _ = _checkpoint(tmp_path)
+    (folder / "model.safetensors").unlink()
+    for weights in (True, False):
+        with pytest.raises(ValueError, match=r"holds no safetensors weights .*, only "
+                                             r"\['pytorch_model.bin'\]: only safetensors"):
+            build_from_config(mcfg, weights=weights)
+
+
+def test_weights_that_do_not_fit_their_device_are_refused_before_reading(tmp_path,
+                                                                           monkeypatch):
+    """A model larger than its device's free memory is refused before a weight is read, with
+    its size; an out-of-memory error while reading becomes the same error, counted from
+    the model's shapes."""
+    import psutil
+    import transformers as T
+
+    import interference.device as device
+    from interference.models import ModelDoesNotFitError, load_prepared, weights_fit
+
+    _, mcfg, model = _checkpoint(tmp_path)
+    out = tmp_path / "prepared"
+    _prepare(mcfg, out)
+    n = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+
+    def read(*a, **k):
+        raise AssertionError("weights read")
+
+    monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", read)
+    with pytest.raises(ModelDoesNotFitError, match=rf"the model's weights \({n:,} parameters "
+                                                  r"in float32, 0\.0 GiB\) do not fit the "
+                                                  r"host \(0\.0 GiB free\)\. Each job holds"):
+        load_prepared(out, mcfg)
+    # a 7B model in bfloat16 on an 80 GiB card with 10 GiB free; then one read out of memory
+    monkeypatch.setattr(device, "free_memory_mb", lambda d: 10 * 1024)
+    with pytest.raises(ModelDoesNotFitError, match=r"\(7,000,000,000 parameters in "
+                                                  r"bfloat16, 13\.0 GiB\) do not fit cuda:0 "
+                                                  r"\(10\.0 GiB free\)"):
+        with weights_fit("cuda:0", torch.bfloat16, 7_000_000_000):
+            pytest.fail("read although it cannot fit")
+    meta = model.to("meta")
+    with pytest.raises(ModelDoesNotFitError, match=rf"\({n:,} parameters in bfloat16, .* "
+                                                  r"out of memory while reading them"):
+        with weights_fit("cuda:0", torch.bfloat16, lambda: meta):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+
 def test_manual_config_contradicting_the_weights_names_both_shapes(llama_model):
     """A QKOVConfig whose geometry does not fit the weights: expected and actual shapes."""
     from interference.architectures import QKOVConfig, QKOVIndexer

@@ -8,6 +8,7 @@ downstream of the scores (dry runs against the same directory).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pandas as pd
@@ -185,6 +186,33 @@ def test_rerun_does_nothing(tiny_run):
     res = run_workflow(tiny_run["work"], "-n", "--config", "experiment=tiny", timeout=120)
     assert res.returncode == 0, res.stderr
     assert "Nothing to be done" in res.stdout + res.stderr, res.stdout
+
+
+@pytest.mark.slow
+def test_a_local_checkpoint_runs_as_the_model_it_holds(tiny_run, tmp_path):
+    """``model.source: local`` through the workflow, with the tiny run's prepared model
+    folder as a user's checkpoint: prepare_model links its weights (no copy), the collect
+    jobs read them, and both arms' cells.csv equal the tiny run's to the last bit (but for
+    the hash of the config, which names another model source)."""
+    checkpoint = next((tiny_run["results"] / "_models").glob("*/hf"))
+    work = tmp_path / "local"
+    targets = [f"results/tiny/tiny/math__code{arm}/split0/cells.csv" for arm in ("", ".control")]
+    res = run_workflow(work, "--cores", "2", "--config", "experiment=tiny",
+                       f"overrides=[model.source=local,model.path={checkpoint},"
+                       "++tracking.mode=off]", "--", *targets, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    counts = job_counts(res.stdout + res.stderr)
+    assert counts.get("prepare_model") == 1 and counts.get("collect") == 2, counts
+    prepared = next((work / "results" / "_models").glob("*/model.json"))
+    info = json.loads(prepared.read_text())
+    assert info["checkpoint"]["files"]["model.safetensors"]["how"] == "linked"
+    assert os.path.samefile(prepared.parent / "hf" / "model.safetensors",
+                            checkpoint / "model.safetensors")
+    for target in targets:       # every column but the config's hash, to the last bit
+        got, want = pd.read_csv(work / target), pd.read_csv(tiny_run["work"] / target)
+        assert got.config_hash.nunique() == 1 and (got.config_hash != want.config_hash).all()
+        pd.testing.assert_frame_equal(got.drop(columns="config_hash"),
+                                      want.drop(columns="config_hash"), check_exact=True)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -425,10 +426,13 @@ def random_model(config, seed: int, dtype: torch.dtype = torch.float32, device="
     return model.eval()
 
 
-def build_from_config(mcfg: dict):
+def build_from_config(mcfg: dict, weights: bool = True):
     """(model, tokenizer) as a model config (conf/model: source, family, tokenizer, ...)
     asks; nothing is downloaded. ``source: random``: the model on the meta device (shapes
-    only; its weights are made where it is loaded, :func:`load_prepared`)."""
+    only; its weights are made where it is loaded, :func:`load_prepared`). ``weights``
+    False: a checkpoint folder's model (``source: local`` or ``hf``) on the meta device too,
+    built from its config without reading the weights (prepare_model links the files,
+    :func:`save_prepared`; the jobs read them straight onto their device)."""
     source = mcfg["source"]
     tok_cfg = mcfg.get("tokenizer") or {}
     if source == "random":
@@ -452,7 +456,8 @@ def build_from_config(mcfg: dict):
             model = tiny_model_extra(family, mcfg["vocab_size"], mcfg["seed"], **overrides)
         return model, config_tokenizer(mcfg)   # None without a kind (e.g. vision models)
     if source in ("local", "hf"):
-        model, tokenizer = load_folder(checkpoint_folder(mcfg), mcfg, torch.float32)
+        model, tokenizer = load_folder(checkpoint_folder(mcfg), mcfg, *(
+            (torch.float32, "cpu") if weights else (DTYPES[mcfg["dtype"]], "meta")))
         return model, config_tokenizer(mcfg) if tok_cfg.get("kind") else tokenizer
     raise ValueError(f"unknown model.source {source!r}")
 
@@ -589,20 +594,97 @@ AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
                 "image_classification": "AutoModelForImageClassification"}
 
 
-def load_folder(folder: str | Path, mcfg: dict, dtype):
+def load_folder(folder: str | Path, mcfg: dict, dtype, device="cpu"):
     """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
-    remote code only when model.trust_remote_code is true."""
-    if mcfg["kind"] in ("causal_lm", "base"):
-        model, tok = load_pretrained(folder, trust_remote_code=mcfg["trust_remote_code"],
-                                     dtype=dtype, kind=mcfg["kind"],
-                                     attn_implementation=mcfg["attn_implementation"])
-        return model.eval(), tok
+    remote code only when model.trust_remote_code is true. ``device``: where the weights
+    are read to (a GPU's are read straight from the files, never whole on the host);
+    ``'meta'``: the model of the folder's config, its weights not read (shapes only)."""
+    folder, device = Path(folder), torch.device(device)
+    trust, attn = mcfg["trust_remote_code"], mcfg.get("attn_implementation")
+    weight_files(folder)                                     # none: a clear error
     auto = getattr(transformers, AUTO_CLASSES[mcfg["kind"]])
-    model = auto.from_pretrained(str(folder), dtype=dtype, use_safetensors=True,
-                                 local_files_only=True,
-                                 trust_remote_code=mcfg["trust_remote_code"],
-                                 attn_implementation=mcfg["attn_implementation"]).eval()
-    return model, folder_tokenizer(folder, mcfg["trust_remote_code"])
+    if device.type == "meta":
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                         trust_remote_code=trust)
+        if attn is not None:
+            config._attn_implementation = attn
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
+    else:
+        kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=True,
+                      trust_remote_code=trust)
+        if attn is not None:
+            kwargs["attn_implementation"] = attn
+        if device.type != "cpu":
+            kwargs["device_map"] = {"": str(device)}
+        model = auto.from_pretrained(str(folder), **kwargs)
+    return model.eval(), folder_tokenizer(folder, trust)
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder (the only format read: no
+    pickle); ValueError when it holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"a model checkpoint must be a local folder; not a folder: {folder}")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        other = sorted(f.name for f in folder.iterdir() if f.suffix in OTHER_WEIGHTS)
+        raise ValueError(f"{folder} holds no safetensors weights (*.safetensors)"
+                         + (f", only {other}" if other else "") + ": only safetensors are "
+                         "read (never pickle); save the model with safe_serialization=True")
+    return files
+
+
+# weight formats a checkpoint folder may also hold: never read, not linked by prepare_model
+OTHER_WEIGHTS = {".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf", ".onnx", ".ot",
+                 ".tflite", ".pkl", ".npz"}
+
+
+def link_checkpoint(folder: str | Path, out: str | Path) -> dict:
+    """A checkpoint folder's files that loading it reads, placed in ``out``: each weight
+    file (*.safetensors) hard-linked where ``out`` is on the same file system (no copy, no
+    memory), else copied; the other top-level files (config, index, tokenizer, remote code)
+    copied; weights of other formats and subfolders left out. Returns the record
+    model.json keeps: {"folder", "files": {name: {"bytes", "mtime_ns", "how"}}} of the
+    weight files (:func:`check_linked_weights` compares them before a job reads them)."""
+    import shutil
+
+    folder, out = Path(folder).resolve(), Path(out)
+    weights = weight_files(folder)
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.suffix in OTHER_WEIGHTS:
+            continue
+        dest = out / f.name
+        how = "copied"
+        if f in weights:
+            try:
+                os.link(f, dest)
+                how = "linked"
+            except OSError:                      # another file system, or no hard links
+                shutil.copyfile(f, dest)
+            st = dest.stat()
+            files[f.name] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "how": how}
+        else:
+            shutil.copyfile(f, dest)
+    return {"folder": str(folder), "files": files}
+
+
+def check_linked_weights(hf: str | Path, record: dict | None) -> None:
+    """ValueError when a weight file prepare_model linked or copied into ``hf`` (``record``:
+    :func:`link_checkpoint`'s) is gone or was rewritten in place since (its size or
+    modification time differ): a hard link shares the original's contents."""
+    for name, was in ((record or {}).get("files") or {}).items():
+        path = Path(hf) / name
+        st = path.stat() if path.is_file() else None
+        if st is None or (st.st_size, st.st_mtime_ns) != (was["bytes"], was["mtime_ns"]):
+            now = "is gone" if st is None else f"has {st.st_size} bytes, modified {st.st_mtime_ns}"
+            raise ValueError(
+                f"{path} changed after prepare_model {was['how']} it from "
+                f"{record['folder']} ({was['bytes']} bytes, modified {was['mtime_ns']}; now "
+                f"{now}): the model model.json describes is not the one on disk. Rerun "
+                "prepare_model (snakemake --forcerun prepare_model)")
 
 
 def load_prepared(model_dir: str | Path | None, mcfg: dict, device="cpu"):
@@ -611,6 +693,7 @@ def load_prepared(model_dir: str | Path | None, mcfg: dict, device="cpu"):
     on ``device`` from ``model.seed`` (:func:`random_model`). With ``model_dir`` None (only
     for ``source: random``) the config is built from ``mcfg`` as prepare_model builds the
     one it saves (:func:`random_config`; the same weights), and no tokenizer is returned."""
+    dtype = DTYPES[mcfg["dtype"]]
     if mcfg["source"] == "random":
         if model_dir is None:
             config, tok = random_config(mcfg), None
@@ -619,28 +702,93 @@ def load_prepared(model_dir: str | Path | None, mcfg: dict, device="cpu"):
             config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
             config._attn_implementation = mcfg["attn_implementation"]
             tok = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
-        return random_model(config, mcfg["seed"], DTYPES[mcfg["dtype"]], device), tok
+        with weights_fit(device, dtype, lambda: random_model(config, 0, dtype, "meta")):
+            return random_model(config, mcfg["seed"], dtype, device), tok
     if model_dir is None:
         raise ValueError(f"model.source={mcfg['source']}: load_prepared needs the folder "
                          "prepare_model wrote (only random weights are made without it)")
-    model, tok = load_folder(Path(model_dir) / "hf", mcfg, DTYPES[mcfg["dtype"]])
-    return model.to(device), tok
+    info = Path(model_dir) / "model.json"
+    info = json.loads(info.read_text()) if info.is_file() else {}
+    check_linked_weights(Path(model_dir) / "hf", info.get("checkpoint"))
+    with weights_fit(device, dtype, info.get("n_params")):
+        return load_folder(Path(model_dir) / "hf", mcfg, dtype, device)
 
 
-def save_prepared(model, tokenizer, out_dir: Path) -> None:
-    """Safetensors weights (+ tokenizer) into out_dir, atomically; a model on the meta
-    device (``source: random``) saves its config only."""
+class ModelDoesNotFitError(MemoryError):
+    """A model's weights exceed the memory of the device a job would hold them on."""
+
+
+@contextlib.contextmanager
+def weights_fit(device, dtype: torch.dtype, n_params):
+    """Around reading a model's weights onto ``device``: refuse at once (ModelDoesNotFitError)
+    when ``n_params`` (an int) of ``dtype`` exceed what the device has free (a CUDA card's
+    free memory, the host's available memory), and turn a CUDA out-of-memory error while
+    reading into the same error (``n_params`` then an int, a callable giving a model on
+    the meta device to count, or None). The workflow holds a whole model on one device
+    per job."""
+    from .device import free_memory_mb
+
+    device = torch.device(device)
+    if device.type == "meta":
+        yield
+        return
+    where = "the host" if device.type == "cpu" else str(device)
+
+    def error(free_bytes, n, reading: bool) -> ModelDoesNotFitError:
+        have = "" if free_bytes is None else f" ({free_bytes / 2**30:.1f} GiB free)"
+        what = "the model's weights" if not n else (
+            f"the model's weights ({n:,} parameters in {str(dtype).replace('torch.', '')}, "
+            f"{n * dtype.itemsize / 2**30:.1f} GiB)")
+        return ModelDoesNotFitError(
+            f"{what} do not fit {where}{have}{': out of memory while reading them' if reading else ''}. "
+            "Each job holds the whole model on one device: use a device with more memory, a "
+            "16-bit model.dtype, or a smaller model")
+
+    if isinstance(n_params, int):          # known beforehand: refuse before reading
+        if device.type == "cuda":
+            free = free_memory_mb(device) * 2**20
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        if n_params * dtype.itemsize > free:
+            raise error(free, n_params, False)
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        n = n_params() if callable(n_params) else n_params
+        if isinstance(n, torch.nn.Module):
+            n = sum(p.numel() for p in n.parameters())
+        free = free_memory_mb(device)
+        raise error(None if free is None else free * 2**20, n, True) from err
+
+
+def save_prepared(model, tokenizer, out_dir: Path, weights_from: str | Path | None = None
+                  ) -> dict | None:
+    """Safetensors weights (+ tokenizer) into out_dir, atomically. A model on the meta
+    device saves its config only (``source: random``), or, with ``weights_from`` (the
+    checkpoint folder it was built from, ``build_from_config(..., weights=False)``), the
+    folder's weight files hard-linked or copied with its config (:func:`link_checkpoint`,
+    whose record is returned; None otherwise): the weights never pass through memory."""
     if next(model.parameters()).device.type == "meta":
+        record = None
         with atomic_dir(out_dir) as tmp:
-            model.config.save_pretrained(str(tmp))
+            if weights_from is not None:
+                record = link_checkpoint(weights_from, tmp)
+            else:
+                model.config.save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
-        return
+        return record
+    if weights_from is not None:
+        raise ValueError("save_prepared: weights_from is for a model built without its "
+                         "weights (on the meta device)")
     if tokenizer is not None:
         convert_to_safetensors(model, tokenizer, out_dir, overwrite=True)
         return
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+    return None
 
 
 def describe(model, tokenizer, include_bias: bool = False, prove: bool = True,
