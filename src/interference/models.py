@@ -432,7 +432,7 @@ def build_from_config(mcfg: dict, weights: bool = True):
     only; its weights are made where it is loaded, :func:`load_prepared`). ``weights``
     False: a checkpoint folder's model (``source: local`` or ``hf``) on the meta device too,
     built from its config without reading the weights (prepare_model links the files,
-    :func:`save_prepared`; the jobs read them straight onto their device)."""
+    :func:`save_prepared`; the jobs read them onto their device)."""
     source = mcfg["source"]
     tok_cfg = mcfg.get("tokenizer") or {}
     if source == "random":
@@ -597,7 +597,7 @@ AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
 def load_folder(folder: str | Path, mcfg: dict, dtype, device="cpu"):
     """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
     remote code only when model.trust_remote_code is true. ``device``: where the weights
-    are read to (a GPU's are read straight from the files, never whole on the host);
+    are read to (a GPU's through ``device_map``, from the files' memory map);
     ``'meta'``: the model of the folder's config, its weights not read (shapes only)."""
     folder, device = Path(folder), torch.device(device)
     trust, attn = mcfg["trust_remote_code"], mcfg.get("attn_implementation")
