@@ -339,6 +339,37 @@ class CustomSplitModel(nn.Module):
         return type("Out", (), {"attentions": attns, "last": x})()
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_head_slices_in_one_range_are_taken_as_views(name):
+    """Part.take where a part's rows or columns are one range (most layouts): narrowed
+    views, bitwise the values an index_select of the same indices gives (the rows of a
+    Linear weight, and biases, then share the tensor's memory: no copy); where they are
+    not one range (interleaved layouts: GPT-NeoX, Falcon's grouped and interleaved,
+    BLOOM), an index_select."""
+    import dataclasses
+
+    model = _model(name)
+    params = dict(model.named_parameters())
+    spans = []
+    for e in QKOVIndexer(model, QKOVConfig.from_model(model, include_bias=True)).entries.values():
+        for p in e.parts:
+            t = torch.randn(3, *params[p.name].shape, dtype=torch.float64)
+            got = p.take(t)
+            forced = dataclasses.replace(p)
+            forced.__dict__["_span"] = None            # the index_select path
+            assert torch.equal(got, forced.take(t)), (name, e.layer, e.block, p.name)
+            idx = p.index.tolist()
+            spans.append(p.span is not None)
+            assert (p.span is not None) == (idx == list(range(idx[0], idx[0] + len(idx))))
+            if p.span is not None and not p.kernel and (
+                    p.axis == "bias" or p.axis == "rows" and not p.transposed):
+                assert got._base is t, (name, p.name)
+    if name in ("gpt_neox", "falcon", "falcon_mha", "bloom"):
+        assert not all(spans), name
+    else:
+        assert all(spans), name
+
+
 def test_unknown_layout_raises_seed_error_listing_patterns():
     model = CustomSplitModel()
     for block in model.blocks:          # names outside the generic discovery's vocabulary

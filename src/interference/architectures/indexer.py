@@ -116,29 +116,47 @@ class Part:
             copies[device] = self.index.to(device)
         return copies[device]
 
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """(start, length) when ``index`` is one range of rows/columns (the heads' slices
+        side by side, as in most layouts), else None; found once."""
+        if "_span" not in self.__dict__:                       # not a dataclass field
+            k = self.index.numel()
+            lo = int(self.index[0]) if k else 0
+            whole = k and torch.equal(self.index, torch.arange(lo, lo + k))
+            self.__dict__["_span"] = (lo, k) if whole else None
+        return self.__dict__["_span"]
+
+    def select(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """``t``'s entries ``index`` along ``dim``: a view where they are one range
+        (:attr:`span`), else a copy (index_select)."""
+        span = self.span
+        return t.narrow(dim, *span) if span else t.index_select(dim, self.index_on(t.device))
+
     def take(self, t: torch.Tensor) -> torch.Tensor:
         """[*lead, n_heads, size·fan] from ``t`` shaped [*lead, *param.shape].
 
         Entries are ordered (row, input) for row slices and (output, column) for column
-        slices, whatever the storage; gathers run along the stored layout (no transposed
-        index_select, which is slow on GPU), then one permuting copy.
+        slices, whatever the storage; the slices are taken along the stored layout (a view
+        where they are one range, else an index_select, never a transposed one, which is
+        slow on GPU), then at most one permuting copy. A row slice of a Linear weight, or a
+        bias, is then a view of ``t``: never write into what this returns.
         """
-        idx = self.index_on(t.device)
         n, size = self.n_heads, self.size
         if self.kernel:
             t = t.squeeze(-1)
         if self.axis == "bias":
-            return t.index_select(-1, idx).unflatten(-1, (n, size))
+            return self.select(t, -1).unflatten(-1, (n, size))
         lead = t.shape[:-2]
         if self.axis == "rows":
             if self.transposed:                       # stored [*, in, out]
-                x = t.index_select(-1, idx).unflatten(-1, (n, size))   # [*, in, n, size]
+                x = self.select(t, -1).unflatten(-1, (n, size))        # [*, in, n, size]
                 return x.movedim(-3, -1).reshape(*lead, n, -1)       # [*, n, size, in]
-            return t.index_select(-2, idx).reshape(*lead, n, -1)
+            return self.select(t, -2).reshape(*lead, n, -1)
         if self.transposed:                           # stored [*, cols, d]
-            x = t.index_select(-2, idx).unflatten(-2, (n, size))       # [*, n, size, d]
+            x = self.select(t, -2).unflatten(-2, (n, size))            # [*, n, size, d]
             return x.transpose(-1, -2).reshape(*lead, n, -1)         # [*, n, d, size]
-        x = t.index_select(-1, idx).unflatten(-1, (n, size))           # [*, d, n, size]
+        x = self.select(t, -1).unflatten(-1, (n, size))                # [*, d, n, size]
         return x.movedim(-2, -3).reshape(*lead, n, -1)
 
 

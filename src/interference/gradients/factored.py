@@ -351,22 +351,15 @@ class FactorLayout:
         or inputs (columns) taken from them (a view where they are a range), and the
         product formed in the head-major order that ``Part.take`` gives."""
         group = self.groups[path]
-        idx = p.index_on(device)
-        lo = int(p.index[0]) if p.index.numel() else 0
-        span = p.index.numel() and torch.equal(p.index, torch.arange(lo, lo + p.index.numel()))
-
-        def part_of(t):                  # t[..., idx]: a view where idx is a range
-            return t.narrow(-1, lo, idx.numel()) if span else t.index_select(-1, idx)
-
         rows = kind == "bias" or p.axis == "rows"
         d = _padded([rec[("delta", path)] for _, rec in recs], device)
         if rows:
-            d = part_of(d)
+            d = p.select(d, -1)       # δ[..., idx]: a view where idx is a range
         if kind == "bias":
             return d.float().sum(1).unflatten(-1, (p.n_heads, p.size))       # [n, nh, s]
         x = _padded([rec[("x", group)] for _, rec in recs], device)
         if not rows:
-            x = part_of(x)
+            x = p.select(x, -1)
         n = len(recs)
         if d.dtype == x.dtype and kernels.lowp_ok(device, d.dtype):
             g = kernels.lowp_bmm(d.transpose(1, 2), x)          # δᵀx: [n, out, in] float32
