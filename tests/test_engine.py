@@ -354,6 +354,34 @@ def test_gram_norms_of_wide_projections_give_the_float64_brute_force_norms(monke
     assert n2[0] == torch.inf and n2[1] == 36.0      # 9 entries of (1 + 1)^2
 
 
+def test_stored_norms_from_row_norms_give_the_float64_norm():
+    """A formed per-sample weight gradient's squared norm on the CPU (ROW_NORM_DEVICES):
+    the float64 sum of its rows' float32 norms, within 3e-8 of the float64 norm of the
+    whole over magnitudes spread by 10^6 (the bound is 2 ulp of a float32 square); a bias
+    keeps the float64 norm; a row whose float32 norm overflows although g is finite falls
+    back to the float64 norm (finite, as before), and a NaN stays NaN."""
+    from interference.gradients import per_sample
+
+    assert "cpu" in per_sample.ROW_NORM_DEVICES
+    cap = object.__new__(per_sample._HookCapture)
+    cap.reduce, cap.covered, cap.keep, cap.norm2, cap.grads = "norms", {}, set(), {}, {}
+    g = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 3, 24)
+    huge = g.clone()
+    huge[1, 5] = 1e30                              # finite; its row's float32 norm is not
+    nan = g.clone()
+    nan[2, 0, 0] = float("nan")
+    for name, t in (("w", g), ("huge", huge), ("nan", nan), ("b", g[:, 0])):
+        cap._keep(name, t)
+    want = lambda t: t.double().flatten(1).square().sum(1)   # noqa: E731
+    np.testing.assert_allclose(cap.norm2["w"].numpy(), want(g).numpy(), rtol=3e-8)
+    np.testing.assert_allclose(cap.norm2["b"].numpy(), want(g[:, 0]).numpy(), rtol=1e-14)
+    assert per_sample._row_norms2(huge) is None
+    assert torch.isfinite(cap.norm2["huge"]).all()
+    np.testing.assert_allclose(cap.norm2["huge"].numpy(), want(huge).numpy(), rtol=1e-14)
+    assert torch.isnan(cap.norm2["nan"][2]) and torch.isfinite(cap.norm2["nan"][:2]).all()
+    assert cap.norm2["w"].dtype == torch.float64
+
+
 def test_the_padded_length_rounds_up_within_the_longest_sample():
     from interference.gradients.per_sample import PAD_MULTIPLE, padded_length
 

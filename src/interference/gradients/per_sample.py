@@ -55,7 +55,24 @@ GRAM_NORM_RATIO = 4
 # does not wait for the host's launches between micro-batches (B3 on an H200: the per-batch
 # read held the queue 8 ms of each 33 ms micro-batch; benchmarks/RESULTS.md, session 17).
 LAG_DEVICES = {"cuda"}
+# On these devices a formed per-sample weight gradient's squared norm (a stored sample's,
+# for its store) is the float64 sum of the squares of its rows' norms, each taken in the
+# gradient's dtype (:func:`_row_norms2`): within float32 rounding of the float64 norm of
+# the whole (at most 2 ulp of a float32 square, about 1e-8 over a weight's many rows), at
+# an eighth of its time on the CPU, whose float64 copy of each gradient took 0.5 s of a
+# 7 s collect of 16 samples (RESULTS.md, session 24). Elsewhere, and for biases, the
+# float64 norm.
+ROW_NORM_DEVICES = {"cpu"}
 _FLOAT32_MAX_SQ = float(torch.finfo(torch.float32).max) ** 2
+
+
+def _row_norms2(g: torch.Tensor) -> torch.Tensor | None:
+    """[n] float64 Σ_rows ‖g_k[row]‖² of per-sample gradients g [n, ..., last], each row's
+    norm in g's dtype; None where one is not finite (a row beyond the dtype's range, or a
+    NaN/Inf in g: the float64 norm of the whole then decides, as before)."""
+    n2 = torch.linalg.vector_norm(g.reshape(len(g), -1, g.shape[-1]), dim=-1).double()
+    n2 = n2.square_().sum(-1)
+    return n2 if bool(torch.isfinite(n2).all()) else None
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -430,8 +447,12 @@ class _HookCapture:
                 self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
         else:
             idx = self.covered.get(name)
-            flat = g.flatten(1) if idx is None else g.flatten(1).index_select(1, idx)
-            self.norm2[name] = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+            n2 = _row_norms2(g) if idx is None and g.dim() > 2 and \
+                g.device.type in ROW_NORM_DEVICES else None
+            if n2 is None:
+                flat = g.flatten(1) if idx is None else g.flatten(1).index_select(1, idx)
+                n2 = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).square()
+            self.norm2[name] = n2
             if name in self.keep:
                 self.grads[name] = g
 
