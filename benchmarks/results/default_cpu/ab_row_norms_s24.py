@@ -10,7 +10,6 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 import bench_default_run as b
 from interference.gradients import FisherCollector, per_sample
-from interference.gradients.kernels import square_sum
 from qkov_pipeline.jobs import set_freed_memory
 set_freed_memory("return")
 args = b.parse(["--threads", "2"])
