@@ -245,17 +245,17 @@ def test_weights_that_do_not_fit_their_device_are_refused_before_reading(tmp_pat
     """A model larger than its device's free memory is refused before a weight is read, with
     its size; an out-of-memory error while reading becomes the same error, counted from
     the model's shapes."""
-    import psutil
     import transformers as T
 
     import interference.device as device
+    import interference.gradients.collect as collect
     from interference.models import ModelDoesNotFitError, load_prepared, weights_fit
 
     _, mcfg, model = _checkpoint(tmp_path)
     out = tmp_path / "prepared"
     _prepare(mcfg, out)
     n = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    monkeypatch.setattr(collect, "available_memory", lambda: 1000)
 
     def read(*a, **k):
         raise AssertionError("weights read")

@@ -368,22 +368,27 @@ def load_minilm(dtype: torch.dtype = torch.float32, attn_implementation: str = "
 
 
 def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-                    kind: str = "causal_lm", attn_implementation: str | None = "eager"):
+                    kind: str = "causal_lm", attn_implementation: str | None = "eager",
+                    device="cpu"):
     """(model, tokenizer or None) from a LOCAL folder of safetensors weights.
 
-    kind: "causal_lm" (AutoModelForCausalLM) or "base" (AutoModel). Only
-    safetensors are read (use_safetensors=True, no pickle); trust_remote_code is off
-    unless asked for. The tokenizer is None when the folder has none.
+    kind: a key of AUTO_CLASSES ("causal_lm": AutoModelForCausalLM, "base": AutoModel, ...).
+    Only safetensors are read (use_safetensors=True, no pickle); trust_remote_code is off
+    unless asked for. ``device``: where the weights are read to (a GPU's through
+    ``device_map``, from the files' memory map). The tokenizer is None when the folder has
+    none.
     """
     folder = Path(name_or_path)
     if not folder.is_dir():
         raise ValueError(f"load_pretrained reads local folders only; not a folder: {folder}")
-    auto = {"causal_lm": transformers.AutoModelForCausalLM, "base": transformers.AutoModel}.get(kind)
-    if auto is None:
-        raise ValueError(f"kind must be 'causal_lm' or 'base', got {kind!r}")
+    if kind not in AUTO_CLASSES:
+        raise ValueError(f"kind must be one of {sorted(AUTO_CLASSES)}, got {kind!r}")
     kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": str(device)}
+    auto = getattr(transformers, AUTO_CLASSES[kind])
     model = auto.from_pretrained(str(folder), **kwargs).eval()
     return model, folder_tokenizer(folder, trust_remote_code)
 
@@ -596,28 +601,21 @@ AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "base": "AutoModel",
 
 def load_folder(folder: str | Path, mcfg: dict, dtype, device="cpu"):
     """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
-    remote code only when model.trust_remote_code is true. ``device``: where the weights
-    are read to (a GPU's through ``device_map``, from the files' memory map);
-    ``'meta'``: the model of the folder's config, its weights not read (shapes only)."""
+    remote code only when model.trust_remote_code is true (:func:`load_pretrained` onto
+    ``device``); ``'meta'``: the model of the folder's config, its weights not read
+    (shapes only)."""
     folder, device = Path(folder), torch.device(device)
     trust, attn = mcfg["trust_remote_code"], mcfg.get("attn_implementation")
     weight_files(folder)                                     # none: a clear error
-    auto = getattr(transformers, AUTO_CLASSES[mcfg["kind"]])
-    if device.type == "meta":
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
-                                                         trust_remote_code=trust)
-        if attn is not None:
-            config._attn_implementation = attn
-        with torch.device("meta"):
-            model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
-    else:
-        kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=True,
-                      trust_remote_code=trust)
-        if attn is not None:
-            kwargs["attn_implementation"] = attn
-        if device.type != "cpu":
-            kwargs["device_map"] = {"": str(device)}
-        model = auto.from_pretrained(str(folder), **kwargs)
+    if device.type != "meta":
+        return load_pretrained(folder, trust, dtype, mcfg["kind"], attn, device)
+    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                     trust_remote_code=trust)
+    if attn is not None:
+        config._attn_implementation = attn
+    with torch.device("meta"):
+        model = getattr(transformers, AUTO_CLASSES[mcfg["kind"]]).from_config(
+            config, dtype=dtype, trust_remote_code=trust)
     return model.eval(), folder_tokenizer(folder, trust)
 
 
@@ -748,10 +746,10 @@ def weights_fit(device, dtype: torch.dtype, n_params):
         if device.type == "cuda":
             free = free_memory_mb(device) * 2**20
         else:
-            import psutil
+            from .gradients.collect import available_memory
 
-            free = psutil.virtual_memory().available
-        if n_params * dtype.itemsize > free:
+            free = available_memory()
+        if free is not None and n_params * dtype.itemsize > free:
             raise error(free, n_params, False)
     try:
         yield
