@@ -317,21 +317,24 @@ def test_the_only_chunk_is_saved_joined_and_read_back_without_torch(tmp_path):
 
 
 def test_random_model_from_a_named_shape():
-    """conf/model/llama2_7b.yaml and llama3_8b.yaml describe the published shapes (built on
-    the meta device: no memory, no download); a tiny random model is the same on rebuild."""
+    """conf/model/llama2_7b.yaml, llama3_8b.yaml and llama2_70b.yaml describe the published
+    shapes (built on the meta device: no memory, no download); a tiny random model is the
+    same on rebuild."""
     import yaml
 
     from interference.models import DTYPES, describe, random_config, random_model
     from conftest import ROOT
 
-    want = {"llama2_7b": (6_738_415_616, 32, 32), "llama3_8b": (8_030_261_248, 32, 8)}
-    for name, (n, heads, kv) in want.items():
+    want = {"llama2_7b": (6_738_415_616, 32, 32, 32, 4096),
+            "llama3_8b": (8_030_261_248, 32, 8, 32, 4096),
+            "llama2_70b": (68_976_648_192, 64, 8, 80, 8192)}
+    for name, (n, heads, kv, layers, width) in want.items():
         mcfg = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
         info = describe(random_model(random_config(mcfg), 0, DTYPES["bfloat16"], "meta"), None,
                         prove=False)                      # sizes only (the proof: test_layout_*)
         assert info["n_params"] == n
         assert (info["qkov_config"]["num_heads"], info["qkov_config"]["num_kv_heads"]) == (heads, kv)
-        assert info["n_attention_params"] == 32 * 4096 * 128 * (2 * heads + 2 * kv)
+        assert info["n_attention_params"] == layers * width * 128 * (2 * heads + 2 * kv)
     small = {"family": "llama", "vocab_size": 64, "attn_implementation": "eager",
              "overrides": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                            "num_attention_heads": 2, "num_key_value_heads": 1}}

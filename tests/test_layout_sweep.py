@@ -394,7 +394,7 @@ def test_the_workflow_maps_the_configured_stack_of_an_encoder_decoder(tmp_path, 
     monkeypatch.setattr(models, "load_prepared", lambda *a, **k: (bart, None))
     monkeypatch.setattr(data, "load_task_batches", lambda *a, **k: ({}, None, {}))
     monkeypatch.setattr(gradients, "set_threads", lambda *a, **k: 1)
-    monkeypatch.setattr(gradients, "choose_device", lambda *a, **k: ("cpu", "cpu"))
+    monkeypatch.setattr(gradients, "choose_devices", lambda *a, **k: (["cpu"], "cpu"))
     for stack, side in (("encoder", "encoder"), (None, "decoder")):
         mcfg = {"name": "bart", "source": "tiny", "attention_stack": stack}
         out = tmp_path / str(stack) / "model.json"

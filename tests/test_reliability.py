@@ -263,7 +263,7 @@ def test_weights_that_do_not_fit_their_device_are_refused_before_reading(tmp_pat
     monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", read)
     with pytest.raises(ModelDoesNotFitError, match=rf"the model's weights \({n:,} parameters "
                                                   r"in float32, 0\.0 GiB\) do not fit the "
-                                                  r"host \(0\.0 GiB free\)\. Each job holds"):
+                                                  r"host \(0\.0 GiB free\)\. A job holds"):
         load_prepared(out, mcfg)
     # a 7B model in bfloat16 on an 80 GiB card with 10 GiB free; then one read out of memory
     monkeypatch.setattr(device, "free_memory_mb", lambda d: 10 * 1024)
@@ -271,6 +271,14 @@ def test_weights_that_do_not_fit_their_device_are_refused_before_reading(tmp_pat
                                                   r"bfloat16, 13\.0 GiB\) do not fit cuda:0 "
                                                   r"\(10\.0 GiB free\)"):
         with weights_fit("cuda:0", torch.bfloat16, 7_000_000_000):
+            pytest.fail("read although it cannot fit")
+    # a job's two GPUs together: 20 GiB free hold the 7B model, not a 13B one
+    with weights_fit(["cuda:0", "cuda:1"], torch.bfloat16, 7_000_000_000):
+        pass
+    with pytest.raises(ModelDoesNotFitError, match=r"\(13,000,000,000 parameters in "
+                                                  r"bfloat16, 24\.2 GiB\) do not fit cuda:0, "
+                                                  r"cuda:1 \(20\.0 GiB free\)"):
+        with weights_fit(["cuda:0", "cuda:1"], torch.bfloat16, 13_000_000_000):
             pytest.fail("read although it cannot fit")
     meta = model.to("meta")
     with pytest.raises(ModelDoesNotFitError, match=rf"\({n:,} parameters in bfloat16, .* "

@@ -375,8 +375,9 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
     kind: a key of AUTO_CLASSES ("causal_lm": AutoModelForCausalLM, "base": AutoModel, ...).
     Only safetensors are read (use_safetensors=True, no pickle); trust_remote_code is off
     unless asked for. ``device``: where the weights are read to (a GPU's through
-    ``device_map``, from the files' memory map). The tokenizer is None when the folder has
-    none.
+    ``device_map``, from the files' memory map); a list of several devices: the model's
+    blocks placed over them (interference.placement). The tokenizer is None when the
+    folder has none.
     """
     folder = Path(name_or_path)
     if not folder.is_dir():
@@ -386,9 +387,26 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
     kwargs = dict(dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    auto = getattr(transformers, AUTO_CLASSES[kind])
+    if isinstance(device, (list, tuple)) and len(device) > 1:
+        from .placement import dispatch, plan_placement
+
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            shapes = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        device_map = plan_placement(shapes, device, dtype)
+        kwargs["device_map"] = device_map
+        model = auto.from_pretrained(str(folder), **kwargs).eval()
+        if not hasattr(model, "_hf_hook"):        # transformers dispatches it itself
+            model = dispatch(model, device_map)
+        return model, folder_tokenizer(folder, trust_remote_code)
+    if isinstance(device, (list, tuple)):
+        device = device[0]
     if torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": str(device)}
-    auto = getattr(transformers, AUTO_CLASSES[kind])
     model = auto.from_pretrained(str(folder), **kwargs).eval()
     return model, folder_tokenizer(folder, trust_remote_code)
 
@@ -421,14 +439,26 @@ def random_config(mcfg: dict):
 
 
 def random_model(config, seed: int, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A random-init model of ``config`` built directly on ``device`` in ``dtype`` (nothing
-    on the host for a 7B shape; ``device='meta'``: shapes only). The same (config, seed,
-    dtype, device type) gives the same weights; the global RNG is left as it was."""
-    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.device(device):
-        torch.manual_seed(seed)
+    """A random-init model of ``config`` made directly on ``device`` in ``dtype`` (nothing
+    on the host for a 7B shape; ``device='meta'``: shapes only); ``device`` a list of
+    several devices: placed over them (interference.placement: a model larger than one
+    GPU). Each module's weights come from its own seed (``seed`` and its name) where it
+    lives, so the same (config, seed, dtype, device type) gives the same weights however
+    the model is placed; the global RNG is left as it was."""
+    from accelerate import init_empty_weights
+
+    from .placement import dispatch, make_random_weights, plan_placement
+
+    devices = list(device) if isinstance(device, (list, tuple)) else [device]
+    if torch.device(devices[0]).type == "meta":
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with init_empty_weights(include_buffers=False):    # parameters on meta, buffers real
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    device_map = ({"": str(torch.device(devices[0]))} if len(devices) == 1
+                  else plan_placement(model, devices, dtype))
+    make_random_weights(model, seed, device_map)
+    return dispatch(model, device_map).eval()
 
 
 def build_from_config(mcfg: dict, weights: bool = True):
@@ -603,11 +633,11 @@ def load_folder(folder: str | Path, mcfg: dict, dtype, device="cpu"):
     """(model, tokenizer or None) from a local folder: safetensors only, nothing downloaded,
     remote code only when model.trust_remote_code is true (:func:`load_pretrained` onto
     ``device``); ``'meta'``: the model of the folder's config, its weights not read
-    (shapes only)."""
-    folder, device = Path(folder), torch.device(device)
+    (shapes only); a list of devices: placed over them."""
+    folder = Path(folder)
     trust, attn = mcfg["trust_remote_code"], mcfg.get("attn_implementation")
     weight_files(folder)                                     # none: a clear error
-    if device.type != "meta":
+    if isinstance(device, (list, tuple)) or torch.device(device).type != "meta":
         return load_pretrained(folder, trust, dtype, mcfg["kind"], attn, device)
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                                      trust_remote_code=trust)
@@ -687,7 +717,8 @@ def check_linked_weights(hf: str | Path, record: dict | None) -> None:
 
 def load_prepared(model_dir: str | Path | None, mcfg: dict, device="cpu"):
     """(model, tokenizer or None) from a prepared model folder, in the configured dtype, on
-    ``device``. ``source: random``: the folder holds the config only; the weights are made
+    ``device`` (a list of several devices: its blocks placed over them, a model larger
+    than one GPU: interference.placement). ``source: random``: the folder holds the config only; the weights are made
     on ``device`` from ``model.seed`` (:func:`random_model`). With ``model_dir`` None (only
     for ``source: random``) the config is built from ``mcfg`` as prepare_model builds the
     one it saves (:func:`random_config`; the same weights), and no tokenizer is returned."""
@@ -720,17 +751,18 @@ class ModelDoesNotFitError(MemoryError):
 def weights_fit(device, dtype: torch.dtype, n_params):
     """Around reading a model's weights onto ``device``: refuse at once (ModelDoesNotFitError)
     when ``n_params`` (an int) of ``dtype`` exceed what the device has free (a CUDA card's
-    free memory, the host's available memory), and turn a CUDA out-of-memory error while
-    reading into the same error (``n_params`` then an int, a callable giving a model on
-    the meta device to count, or None). The workflow holds a whole model on one device
-    per job."""
+    free memory, the host's available memory; a list of devices: their sum), and turn a
+    CUDA out-of-memory error while reading into the same error (``n_params`` then an int,
+    a callable giving a model on the meta device to count, or None). A job holds its
+    model on its device, or placed over its GPUs (resources.collect.gpu > 1)."""
     from .device import free_memory_mb
 
-    device = torch.device(device)
-    if device.type == "meta":
+    devices = [torch.device(d) for d in (device if isinstance(device, (list, tuple))
+                                         else [device])]
+    if devices[0].type == "meta":
         yield
         return
-    where = "the host" if device.type == "cpu" else str(device)
+    where = "the host" if devices[0].type == "cpu" else ", ".join(map(str, devices))
 
     def error(free_bytes, n, reading: bool) -> ModelDoesNotFitError:
         have = "" if free_bytes is None else f" ({free_bytes / 2**30:.1f} GiB free)"
@@ -739,16 +771,19 @@ def weights_fit(device, dtype: torch.dtype, n_params):
             f"{n * dtype.itemsize / 2**30:.1f} GiB)")
         return ModelDoesNotFitError(
             f"{what} do not fit {where}{have}{': out of memory while reading them' if reading else ''}. "
-            "Each job holds the whole model on one device: use a device with more memory, a "
-            "16-bit model.dtype, or a smaller model")
+            "A job holds the model on its device, or over its GPUs: give it more GPUs "
+            "(resources.collect.gpu), a 16-bit model.dtype, or use a smaller model")
 
-    if isinstance(n_params, int):          # known beforehand: refuse before reading
-        if device.type == "cuda":
-            free = free_memory_mb(device) * 2**20
-        else:
+    def free_bytes():
+        if devices[0].type == "cpu":
             from .gradients.collect import available_memory
 
-            free = available_memory()
+            return available_memory()
+        free = [free_memory_mb(d) for d in devices]
+        return None if None in free else sum(free) * 2**20
+
+    if isinstance(n_params, int):          # known beforehand: refuse before reading
+        free = free_bytes()
         if free is not None and n_params * dtype.itemsize > free:
             raise error(free, n_params, False)
     try:
@@ -757,8 +792,7 @@ def weights_fit(device, dtype: torch.dtype, n_params):
         n = n_params() if callable(n_params) else n_params
         if isinstance(n, torch.nn.Module):
             n = sum(p.numel() for p in n.parameters())
-        free = free_memory_mb(device)
-        raise error(None if free is None else free * 2**20, n, True) from err
+        raise error(free_bytes(), n, True) from err
 
 
 def save_prepared(model, tokenizer, out_dir: Path, weights_from: str | Path | None = None

@@ -345,30 +345,41 @@ def acquire_gpu(ids: list[str], held: list, preferred: int = 0,
         time.sleep(poll_s)
 
 
-def choose_device(held: list, want: str = "auto", slot: int = 0) -> tuple[str, dict]:
-    """The torch device of a collect job and how it was chosen (for the manifest).
+def choose_devices(held: list, want: str = "auto", slot: int = 0, n: int = 1
+                   ) -> tuple[list[str], dict]:
+    """The torch devices of a collect job and how they were chosen (for the manifest): the
+    CPU, or ``n`` GPUs (resources.collect.gpu; more than one: the model is placed over
+    them, interference.placement).
 
-    ``held``: where a GPU lock is kept (:attr:`Job.held_locks`); ``want``:
-    resources.collect.device (auto | cpu | cuda). Several visible GPUs and no
-    scheduler assignment: a free one by lock (:func:`acquire_gpu`, ``slot`` first);
-    otherwise the first visible GPU (SLURM's ``--gpus`` makes it the job's own).
+    ``held``: where GPU locks are kept (:attr:`Job.held_locks`); ``want``:
+    resources.collect.device (auto | cpu | cuda). Several visible GPUs and no scheduler
+    assignment: ``n`` free ones by lock (:func:`acquire_gpu`, ``slot``'s first);
+    otherwise the first ``n`` visible GPUs (SLURM's ``--gpus`` makes them the job's own).
     """
     info = {"host": platform.node(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     from interference.device import resolve_device
 
     if resolve_device(want, "resources.collect.device") == "cpu":
-        return "cpu", dict(info, how="config" if want == "cpu" else "no CUDA device")
+        return ["cpu"], dict(info, how="config" if want == "cpu" else "no CUDA device")
     import torch
 
-    n = torch.cuda.device_count()
+    count, n = torch.cuda.device_count(), max(1, int(n))
+    if n > count:
+        raise RuntimeError(f"the job asks for {n} GPUs (resources.collect.gpu) but sees "
+                           f"{count} (CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']})")
     visible = (info["cuda_visible_devices"] or "").split(",")
-    ids = [v.strip() for v in visible] if len(visible) == n and all(visible) else \
-        [str(k) for k in range(n)]
-    if n == 1 or info["slurm_job_id"] or os.environ.get("QKOV_GPU_LOCKS") == "0":
-        idx, how = 0, "first visible GPU" + (" (SLURM)" if info["slurm_job_id"] else "")
+    ids = [v.strip() for v in visible] if len(visible) == count and all(visible) else \
+        [str(k) for k in range(count)]
+    if count == n or info["slurm_job_id"] or os.environ.get("QKOV_GPU_LOCKS") == "0":
+        idx = list(range(n))
+        how = ("first visible GPU" if n == 1 else f"first {n} visible GPUs") + (
+            " (SLURM)" if info["slurm_job_id"] else "")
     else:
-        idx, how = acquire_gpu(ids, held, slot % n), f"lock (slot {slot} of {n} GPUs)"
-    torch.cuda.set_device(idx)
-    info.update(how=how, index=idx, gpu=ids[idx], name=torch.cuda.get_device_name(idx))
-    return f"cuda:{idx}", info
+        idx = [acquire_gpu(ids, held, (slot * n + k) % count) for k in range(n)]
+        how = f"lock (slot {slot} of {count} GPUs)"
+    torch.cuda.set_device(idx[0])
+    info.update(how=how, index=idx[0], gpu=ids[idx[0]], name=torch.cuda.get_device_name(idx[0]))
+    if n > 1:
+        info.update(indices=idx, gpus=[ids[k] for k in idx])
+    return [f"cuda:{k}" for k in idx], info

@@ -17,6 +17,7 @@ import torch.nn as nn
 from .config import BLOCKS, SHARED_BLOCKS, QKOVConfig
 from .generic import LayoutNotFound, discover, text_stacks
 from .registry import LAYOUTS, AttentionLayout, HeadSlices, SplitLayout, weight2d
+from ..placement import on_one_device
 
 logger = logging.getLogger("fisher.qkov")
 
@@ -278,14 +279,16 @@ class QKOVIndexer:
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The canonical vector [P] of ``tensors`` over all (layer, block), float32."""
-        return torch.cat([self.gather(tensors, l, b).reshape(-1).float()
-                          for (l, b) in self.entries])
+        """The canonical vector [P] of ``tensors`` over all (layer, block), float32, on the
+        first layer's device (a model placed over several: interference.placement)."""
+        return torch.cat(on_one_device([self.gather(tensors, l, b).reshape(-1).float()
+                                        for (l, b) in self.entries]))
 
     def flatten_rows(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[n, P] float32 from per-sample tensors (name -> [n, *param.shape])."""
-        return torch.cat([self.gather(tensors, l, b).flatten(1).float()
-                          for (l, b) in self.entries], dim=1)
+        """[n, P] float32 from per-sample tensors (name -> [n, *param.shape]), on the first
+        layer's device."""
+        return torch.cat(on_one_device([self.gather(tensors, l, b).flatten(1).float()
+                                        for (l, b) in self.entries]), dim=1)
 
     def head_param_indices(self, layer: int, block: str, head: int) -> dict[str, torch.Tensor]:
         """S(B, l, h): param name -> flat indices of the entries owned by query head ``head``

@@ -33,6 +33,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..architectures import QKOVIndexer
 from ..device import attention_backends, host_values, start_host_copy, to_device
+from ..placement import on_one_device
 from .kernels import square_sum, weight_grads
 from .objectives import Objective, frozen, head_token_nll, plain_lm_head, token_nll
 
@@ -353,7 +354,7 @@ class _HookCapture:
             x = inputs[0].detach()
             self._groups = self._views = None
             # the output's place in the graph, not its values (held until the backward)
-            edge = (get_gradient_edge(output), output.shape, output.dtype)
+            edge = (get_gradient_edge(output), output.shape, output.dtype, output.device)
             if path in self.inputs or x.dim() != 3:   # applied again, or [n, ..., in]
                 self.stacked.add(path)
                 x = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -370,11 +371,10 @@ class _HookCapture:
         formed from x and δ by :meth:`form`)."""
         paths = [p for p in self.by_module if p in self.outputs]
         outs = [o for p in paths for o in self.outputs[p]]
-        grads = iter(torch.autograd.grad(loss, [e for e, _, _ in outs], allow_unused=True))
+        grads = iter(torch.autograd.grad(loss, [e for e, _, _, _ in outs], allow_unused=True))
         for p in paths:
-            ds = [g.detach() if g is not None else torch.zeros(shape, dtype=dtype,
-                                                               device=loss.device)
-                  for (_, shape, dtype), g in zip(self.outputs[p], grads)]
+            ds = [g.detach() if g is not None else torch.zeros(shape, dtype=dtype, device=dev)
+                  for (_, shape, dtype, dev), g in zip(self.outputs[p], grads)]
             self.deltas[p] = ds[0] if p not in self.stacked else torch.cat(
                 [d.reshape(d.shape[0], -1, d.shape[-1]) for d in ds], 1)
         self.outputs = {}
@@ -608,13 +608,14 @@ class PerSampleGradients:
                                         device=losses.device)
                 parts = ()
                 for e, part in self._square_parts(cap):
-                    total[e.offset:e.offset + e.numel].add_(part)
+                    total[e.offset:e.offset + e.numel].add_(part.to(total.device))
             else:       # held until checked: small blocks, not a second [P]
                 parts = list(self._square_parts(cap))
             names = [n for n in self._names if n in cap.finite]
             info = start_host_copy(torch.cat([
                 torch.stack([losses.detach().double(), n_tok.double()]),
-                torch.stack([cap.finite[n] for n in names]).double()]))
+                torch.stack(on_one_device([cap.finite[n] for n in names],
+                                          losses.device)).double()]))
             if lag:
                 del cap        # x, δ and squares: not alive through the next forward
                 if pending is not None:
@@ -623,7 +624,7 @@ class PerSampleGradients:
                 continue
             loss_of, tok_of = self._checked_squares(ids, cap, names, info)
             for e, part in parts:
-                total[e.offset:e.offset + e.numel].add_(part)
+                total[e.offset:e.offset + e.numel].add_(part.to(total.device))
             del cap, parts      # x, δ and squares: not alive through the next forward
             yield total, loss_of, tok_of
         if pending is not None:
@@ -689,7 +690,7 @@ class PerSampleGradients:
             rows = self.indexer.flatten_rows(capture.grads)
             # a row holds a NaN/Inf iff its float64 sum does (float32 values cannot
             # overflow it): one read of the rows instead of isfinite's three passes
-            finite = torch.isfinite(rows.sum(1, dtype=torch.float64))
+            finite = torch.isfinite(rows.sum(1, dtype=torch.float64)).to(losses.device)
             info = torch.stack([losses.detach().double(), n_tok.double(), real.double(),
                                 finite.double()]).cpu().tolist()
             loss_of, tok_of, real_of, finite = info
@@ -714,7 +715,8 @@ class PerSampleGradients:
         for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids,
                                                                      "norms"):
             names = [n for n in self._names if n in capture.norm2]
-            norm2 = torch.stack([capture.norm2[n] for n in names])        # [params, n]
+            norm2 = torch.stack(on_one_device([capture.norm2[n] for n in names],
+                                              losses.device))             # [params, n]
             info = start_host_copy(torch.cat([torch.stack([
                 losses.detach().double(), n_tok.double(), real.double()]),
                 norm2.sum(0, keepdim=True)]))
@@ -770,7 +772,9 @@ class PerSampleGradients:
         head = plain_lm_head(self.model)
         if head is not None and frozen(head):                      # no [n, T, V] logits
             hidden = self.model.base_model(input_ids=b["input_ids"], **mask).last_hidden_state
-            nll = head_token_nll(hidden.reshape(-1, hidden.shape[-1]), head, target)
+            at = head.weight.device       # the head's, on a model placed over several
+            nll = head_token_nll(hidden.reshape(-1, hidden.shape[-1]).to(at), head,
+                                 target.to(at)).to(labels.device)
         else:
             logits = self.model(input_ids=b["input_ids"], **mask).logits      # [n, T, V]
             nll = token_nll(logits.reshape(-1, logits.shape[-1]), target)

@@ -30,19 +30,21 @@ def _load(job, ex: dict, slot: int):
     from interference.data import load_task_batches
     from interference.models import load_prepared
 
-    from ..jobs import choose_device
+    from ..jobs import choose_devices
     from .tokenizer import check_same_tokenizer
 
     threads = set_threads(job, ex)
-    device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
-    logger.info("device %s (%s); threads %d", device, dev_info, threads)
+    devices, dev_info = choose_devices(job.held_locks, ex.get("device", "auto"), slot,
+                                       ex.get("gpu") or 1)
+    device = devices[0]
+    logger.info("device %s (%s); threads %d", ", ".join(devices), dev_info, threads)
     mcfg = next(iter(job.slice["stores"].values()))["data"]["model"]
     # random weights are made here, without prepare_model's folder (plan.loads_prepared):
     # the data's tokenizer is then checked against model.json where the chunks are joined
     model_json = job.input.model[0] if "model" in job.input.keys() else None
     with job.timed("load"):
         folder = Path(model_json).parent if model_json else None
-        model, _ = load_prepared(folder, mcfg, device)
+        model, _ = load_prepared(folder, mcfg, devices if len(devices) > 1 else device)
         batches, metas = {}, {}
         for path in job.input.data:
             b, _, meta = load_task_batches(Path(path).parent)
@@ -54,11 +56,15 @@ def _load(job, ex: dict, slot: int):
 
 def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict:
     """This chunk's plan, logged before any collection (scores.chunks.plan_chunk_job)."""
+    from interference.placement import model_devices
     from interference.scores.chunks import memory_budget, plan_chunk_job
 
     store = next(iter(job.slice["stores"].values()))
     mcfg = store["data"]["model"]
-    budget = memory_budget(ex.get("chunk_memory_mb"), ex.get("gradient_memory_mb", 1024), device)
+    # a model placed over several GPUs: each must have the pass's budget free (activations
+    # and x, δ of its layers live on it)
+    budget = min(memory_budget(ex.get("chunk_memory_mb"), ex.get("gradient_memory_mb", 1024),
+                               str(d)) for d in model_devices(model))
     return plan_chunk_job(model, batches, int(job.wildcards["chunk"]),
                           int(job.slice["layer_chunks"]),
                           include_bias=mcfg.get("include_bias", False),

@@ -9,6 +9,8 @@ states its estimate and refuses a store the disk (or, on the CPU, the memory) ca
 With ``resources.collect.shards`` = N > 1 the work is split into N ``collect_shard`` jobs
 and gathered bitwise (qkov_pipeline.stages.shards). GPUs: a free one by lock file
 (qkov_pipeline.jobs.acquire_gpu), under SLURM the one given; store.json says which.
+resources.collect.gpu = N > 1: the job holds N GPUs and places the model over them (a
+model larger than one GPU; interference.placement).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from interference.gradients.collect import (available_memory, check_disk, check_
                                             engine_micro_batch, log_estimate, make_collector,
                                             role_entry, stored_entry)
 
-from ..jobs import choose_device, set_threads
+from ..jobs import choose_devices, set_threads
 from ..plan import MICRO_BATCH, ROLE_ORDER
 
 logger = logging.getLogger("qkov.gradients")
@@ -50,10 +52,13 @@ def load_inputs(job, ex: dict, slot: int):
     s = job.slice
     d = s["data"]
     threads = set_threads(job, ex)
-    device, dev_info = choose_device(job.held_locks, ex.get("device", "auto"), slot)
-    logger.info("device %s (%s); threads %d", device, dev_info, threads)
+    devices, dev_info = choose_devices(job.held_locks, ex.get("device", "auto"), slot,
+                                       ex.get("gpu") or 1)
+    device = devices[0]
+    logger.info("device %s (%s); threads %d", ", ".join(devices), dev_info, threads)
     with job.timed("load"):
-        model, _ = load_prepared(Path(job.input.model).parent, d["model"], device)
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"],
+                                 devices if len(devices) > 1 else device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     check_same_tokenizer(job.input.model, meta, Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
