@@ -24,9 +24,10 @@ def test_llama2_70b_is_placed_over_two_80gb_gpus_in_whole_balanced_layers():
     """LLaMA-2-70B in bfloat16 (128.5 GiB) over two H100s (76.9 GiB free each): whole
     decoder layers, contiguous, the embeddings on the first card and the head on the last,
     each card within 90% of its free memory and the two within one layer of each other;
-    one card, or one H200 (139.8 GiB), cannot hold it: refused with the sizes."""
+    the summary logged by the job gives each card's blocks and GiB; one card, or one H200
+    (139.8 GiB), cannot hold it: refused with the sizes."""
     from interference.models import ModelDoesNotFitError
-    from interference.placement import WEIGHT_SHARE, plan_placement
+    from interference.placement import WEIGHT_SHARE, placement_summary, plan_placement
 
     model = _meta("llama2_70b")
     free = {"cuda:0": 76.9 * GIB, "cuda:1": 76.9 * GIB}
@@ -42,6 +43,13 @@ def test_llama2_70b_is_placed_over_two_80gb_gpus_in_whole_balanced_layers():
     layer_bytes = sum(p.numel() * 2 for p in model.model.layers[0].parameters())
     assert all(held[d] <= WEIGHT_SHARE * free[d] for d in free)
     assert abs(held["cuda:0"] - held["cuda:1"]) <= 2 * layer_bytes, held
+    model.hf_device_map = placed
+    where = placement_summary(model)
+    assert list(where) == ["cuda:0", "cuda:1"]
+    assert where["cuda:0"]["blocks"][0] == "model.embed_tokens"
+    assert where["cuda:1"]["blocks"][1] == "lm_head"
+    assert sum(e["n_blocks"] for e in where.values()) == len(placed)
+    assert [round(where[d]["gib"] * 2**30) for d in free] == [held[d] for d in free]
     with pytest.raises(ModelDoesNotFitError, match=r"68,976,648,192 parameters in bfloat16, "
                                                    r"128\.5 GiB\) do not fit 1 device"):
         plan_placement(model, ["cuda:0"], torch.bfloat16, {"cuda:0": 139.8 * GIB})
@@ -146,7 +154,7 @@ def test_a_placed_model_on_one_device_collects_as_before(make):
     heatmap of a model placed over ['cpu'] equal the plain model's exactly."""
     from interference.architectures import QKOVConfig
     from interference.gradients import FisherCollector
-    from interference.placement import place
+    from interference.placement import place, placement_summary
     from interference.scores import QKOVInterferenceMetric
 
     def run(model):
@@ -161,7 +169,7 @@ def test_a_placed_model_on_one_device_collects_as_before(make):
 
     f1, h1 = run(make())
     placed = place(make(), ["cpu"], free_bytes={"cpu": GIB})
-    assert set(placed.hf_device_map.values()) == {"cpu"}
+    assert set(placed.hf_device_map.values()) == {"cpu"} and placement_summary(placed) is None
     f2, h2 = run(placed)
     assert torch.equal(f1, f2)
     for b in "QKVO":

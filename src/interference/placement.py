@@ -149,27 +149,45 @@ def _post_order(module: nn.Module, prefix: str = ""):
 
 def dispatch(model: nn.Module, device_map: dict[str, str]) -> nn.Module:
     """``model`` (its blocks already on their devices) run across them: accelerate's hooks
-    move each block's inputs to its device; the outputs stay where they are made."""
+    move each block's inputs to its device; the outputs stay where they are made.
+    ``model.hf_device_map`` says where each block is (:func:`placement_summary`)."""
     from accelerate import dispatch_model
 
-    if len(set(device_map.values())) == 1:
-        return model
-    # main_device: where inputs start; a 'cpu' entry is a device that computes, not an
-    # offload of weights to be streamed to a GPU
-    return dispatch_model(model, device_map=device_map,
-                          main_device=device_map[next(iter(device_map))])
+    if len(set(device_map.values())) > 1:
+        # main_device: where inputs start; a 'cpu' entry is a device that computes, not an
+        # offload of weights to be streamed to a GPU
+        model = dispatch_model(model, device_map=device_map,
+                               main_device=device_map[next(iter(device_map))])
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def placement_summary(model: nn.Module) -> dict[str, dict] | None:
+    """{device: {"blocks": [first block, last block], "n_blocks", "gib"}} of a model placed
+    over several devices (its ``hf_device_map``; the GiB of its blocks' weights on each, a
+    tied weight counted with each block holding it), in placement order; None for a model
+    on one device (for logs and manifests)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if len(set(map(str, device_map.values()))) < 2:
+        return None
+    out: dict[str, dict] = {}
+    for name, dev in device_map.items():
+        entry = out.setdefault(str(dev), {"blocks": [name, name], "n_blocks": 0, "gib": 0.0})
+        entry["blocks"][1] = name
+        entry["n_blocks"] += 1
+        entry["gib"] += sum(p.numel() * p.element_size()
+                            for p in model.get_submodule(name).parameters()) / 2**30
+    return out
 
 
 def place(model: nn.Module, devices: list, free_bytes: dict | None = None) -> nn.Module:
     """A model in memory placed over ``devices`` (:func:`plan_placement` in its dtype; each
-    block moved, then :func:`dispatch`); ``model.hf_device_map`` says where each block is."""
+    block moved, then :func:`dispatch`)."""
     dtype = next(model.parameters()).dtype
     device_map = plan_placement(model, devices, dtype, free_bytes)
     for name, dev in device_map.items():
         model.get_submodule(name).to(dev)
-    model = dispatch(model, device_map)
-    model.hf_device_map = device_map
-    return model
+    return dispatch(model, device_map)
 
 
 def model_devices(model: nn.Module) -> list[torch.device]:

@@ -383,3 +383,17 @@ def choose_devices(held: list, want: str = "auto", slot: int = 0, n: int = 1
     if n > 1:
         info.update(indices=idx, gpus=[ids[k] for k in idx])
     return [f"cuda:{k}" for k in idx], info
+
+
+def log_placement(model, info: dict) -> None:
+    """Log where a model placed over several GPUs is, block range and GiB per device, and
+    keep it in the job's device info (the manifest's ``device_info.placement``)."""
+    from interference.placement import placement_summary
+
+    where = placement_summary(model)
+    if where is None:
+        return
+    info["placement"] = where
+    for dev, e in where.items():
+        logger.info("model on %s: %s .. %s (%d blocks, %.1f GiB of weights)", dev,
+                    e["blocks"][0], e["blocks"][1], e["n_blocks"], e["gib"])

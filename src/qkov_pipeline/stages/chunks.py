@@ -30,7 +30,7 @@ def _load(job, ex: dict, slot: int):
     from interference.data import load_task_batches
     from interference.models import load_prepared
 
-    from ..jobs import choose_devices
+    from ..jobs import choose_devices, log_placement
     from .tokenizer import check_same_tokenizer
 
     threads = set_threads(job, ex)
@@ -45,6 +45,7 @@ def _load(job, ex: dict, slot: int):
     with job.timed("load"):
         folder = Path(model_json).parent if model_json else None
         model, _ = load_prepared(folder, mcfg, devices if len(devices) > 1 else device)
+        log_placement(model, dev_info)
         batches, metas = {}, {}
         for path in job.input.data:
             b, _, meta = load_task_batches(Path(path).parent)

@@ -24,7 +24,7 @@ from interference.gradients.collect import (available_memory, check_disk, check_
                                             engine_micro_batch, log_estimate, make_collector,
                                             role_entry, stored_entry)
 
-from ..jobs import choose_devices, set_threads
+from ..jobs import choose_devices, log_placement, set_threads
 from ..plan import MICRO_BATCH, ROLE_ORDER
 
 logger = logging.getLogger("qkov.gradients")
@@ -60,6 +60,7 @@ def load_inputs(job, ex: dict, slot: int):
         model, _ = load_prepared(Path(job.input.model).parent, d["model"],
                                  devices if len(devices) > 1 else device)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
+    log_placement(model, dev_info)
     check_same_tokenizer(job.input.model, meta, Path(job.input.data).parent)
     unknown = sorted(set(batches) - set(ROLE_ORDER))
     if unknown:
