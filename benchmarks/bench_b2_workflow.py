@@ -175,7 +175,19 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
     indexer = QKOVIndexer(model, QKOVConfig.from_model(model, include_bias=mcfg.get(
         "include_bias", False)))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    free = gpu_gib * 2**30 - model_bytes - CUDA_CONTEXT_GIB * 2**30
+    n_gpus = max(1, int(col.get("gpu") or 1))
+    placement = None
+    if n_gpus > 1:      # the model over the job's GPUs (interference.placement)
+        from interference.placement import placement_summary, plan_placement
+
+        cards = [f"cuda:{k}" for k in range(n_gpus)]
+        card_free = (gpu_gib - CUDA_CONTEXT_GIB) * 2**30
+        model.hf_device_map = plan_placement(model, cards, DTYPES[mcfg["dtype"]],
+                                             {c: card_free for c in cards})
+        placement = placement_summary(model)
+        free = min(card_free - e["gib"] * 2**30 for e in placement.values())
+    else:
+        free = gpu_gib * 2**30 - model_bytes - CUDA_CONTEXT_GIB * 2**30
     budget = col["chunk_memory_mb"] * 2**20 if col.get("chunk_memory_mb") else 0.8 * free
     T = int(cfg["data"]["max_length"])
     sizes = [n for t in qp.pair_tasks(cfg) for n in qp._roles_of(cfg, t).values() if n]
@@ -194,15 +206,19 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
                        "memory": plan["memory"]})
     return {"experiment": exp, "gpu_gib": gpu_gib, "model_bytes": model_bytes,
             "budget_bytes": budget, "format": fmt, "samples": sum(sizes), "tokens": T,
-            "chunks": chunks}
+            "gpus_per_job": n_gpus, "placement": placement, "chunks": chunks}
 
 
 def print_dry_plan(row: dict) -> None:
     gib = 2**30
-    print(f"{row['experiment']} on a {row['gpu_gib']:.1f} GiB GPU: model "
-          f"{row['model_bytes'] / gib:.1f} GiB, budget per pass {row['budget_bytes'] / gib:.1f} "
-          f"GiB beyond it; {row['samples']} samples of <= {row['tokens']} tokens, "
-          f"{row['format']} rows")
+    n = row["gpus_per_job"]
+    print(f"{row['experiment']} on {'a' if n == 1 else n} {row['gpu_gib']:.1f} GiB GPU"
+          f"{'' if n == 1 else 's per job'}: model {row['model_bytes'] / gib:.1f} GiB, budget "
+          f"per pass {row['budget_bytes'] / gib:.1f} GiB beyond it; {row['samples']} samples "
+          f"of <= {row['tokens']} tokens, {row['format']} rows")
+    for dev, e in (row["placement"] or {}).items():
+        print(f"  {dev}: {e['blocks'][0]} .. {e['blocks'][1]} ({e['n_blocks']} blocks, "
+              f"{e['gib']:.1f} GiB)")
     for c, ch in enumerate(row["chunks"]):
         print(f"chunk {c}: layers {ch['layers'][0]}-{ch['layers'][-1]} in {len(ch['passes'])} "
               f"pass(es), micro-batch {ch['micro_batch']}, about {ch['estimate_s']:.0f} s")

@@ -591,6 +591,40 @@ def test_the_plan_reserves_every_sets_operands_where_that_costs_no_pass():
     assert narrow["memory"][0]["peak"] == peak(layers, arm)
 
 
+def test_a_layer_over_the_budget_with_whole_operands_is_scored_in_tiles():
+    """Where one layer cannot fit with a (layer, block)'s whole operands (LLaMA-2-70B's
+    query block over two 80 GB cards), the plan reserves the largest tile of rows that fits
+    (halving), says so, and its operand budget holds that tile, which the metric's tiles
+    then keep to; where even a row of each task does not fit, the refusal stands."""
+    from interference.scores.chunks import operand_budget_mb
+    from interference.scores.layerwise import plan_chunk
+
+    model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    stored, every, arm, fmt = [2] * 64, [2] * 72, 64, "factored"   # short: operands dominate
+
+    def peak(layers, rows):
+        size = sum(layer_bytes(idx, stored, "float32", fmt, "float32")[l] for l in layers)
+        return pass_memory(idx, layers, size, 1, 2, fmt, "float32", 2, rows)["peak"]
+
+    def plan(budget):
+        out = plan_chunk(model, idx, [0, 1, 2, 3], stored, every, [4, 4, 32, 32], "float32",
+                         fmt, "float32", budget, "cpu", 1, 8, n_tasks=2, score_rows=arm)
+        return dict(out, budget_bytes=budget)
+
+    whole = plan(peak([0, 1, 2, 3], arm))
+    assert whole["score_rows"] == arm and not whole.get("score_tiles")
+    budget = peak([0], 16)                           # a 16-row tile fits, 32 rows do not
+    assert peak([0], 32) > budget
+    tiled = plan(budget)
+    assert tiled["score_tiles"] and tiled["score_rows"] == 16
+    Pb = max(e.numel for e in idx.entries.values())
+    assert operand_budget_mb(tiled) * 2**20 >= 4 * 16 * Pb
+    assert all(m["peak"] <= budget for m in tiled["memory"])
+    with pytest.raises(ValueError, match="one layer's pass peaks"):
+        plan(peak([0], 2) - 1)
+
+
 def test_activation_estimate_counts_one_block_of_logits_where_the_loss_forms_no_more(
         monkeypatch):
     """A causal LM whose logits are its head's (plain_lm_head) holds one block of float32

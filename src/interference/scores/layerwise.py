@@ -138,6 +138,10 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
             one pass over the sets: task A's rows made once per (layer, block)); reserved
             instead of ``score_rows`` when that takes no more passes and the same
             micro-batch, else the sets are scored one by one (A's rows made per set).
+        When not even one layer fits with ``score_rows`` rows of operands, the largest
+            tile of rows that fits is reserved instead (halving, down to one row of each
+            task; 'score_tiles' True): the metric then scores each (layer, block) in tiles
+            of rows, rebuilding each tile's rows (the time estimate leaves that out).
     Returns plan_passes' dict plus 'memory' (collect.pass_memory of each pass), 'rows_bytes'
     (largest pass), 'score_rows' (the rows reserved), 'estimate_s'.
     """
@@ -161,8 +165,25 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
         return dict(plan_passes(layers, lambda p, m: memory(p, m, rows)["peak"], budget_bytes,
                                 seconds, cands), score_rows=rows)
 
-    plan = planned(score_rows)
-    if score_rows_all > score_rows:
+    try:
+        plan = planned(score_rows)
+    except ValueError:
+        # one layer with a (layer, block)'s whole operands is over the budget (LLaMA-2-70B's
+        # query block: 64 MiB a row): the metric scores in tiles of rows within what the
+        # plan leaves it (QKOVInterferenceMetric._rows_per_tile), so reserve the largest
+        # tile that fits, down to a row of each task; each tile rebuilds its rows again
+        plan = None
+        tile = score_rows
+        while plan is None and tile > 2:
+            tile = max(2, tile // 2)
+            try:
+                plan = dict(planned(tile), score_tiles=True)
+            except ValueError:
+                if tile == 2:
+                    raise
+        if plan is None:
+            raise
+    if score_rows_all > score_rows and not plan.get("score_tiles"):
         try:
             wide = planned(score_rows_all)
         except ValueError:               # one layer with every set's operands is too much
