@@ -195,15 +195,19 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
                            if r != "fisher" and n), reverse=True)
     stored = [T] * sum(stored_sizes)
     fmt = stored_format(model, col.get("gradient_format", "dense"))
+    host = 0.8 * float(col.get("mem_mb") or 0) * 2**20 or None   # the job's, as it plans
     chunks = []
     for layers in chunk_layers(indexer.layers, qp.layer_chunks(cfg)):
         plan = plan_chunk(model, indexer, layers, stored, [T] * sum(sizes), sizes,
                           cfg["fisher"]["store_dtype"], fmt, mcfg["dtype"], budget, "cuda",
                           threads, qp.MICRO_BATCH, n_tasks=len(qp.pair_tasks(cfg)),
-                          score_rows=sum(stored_sizes[:2]), score_rows_all=sum(stored_sizes))
+                          score_rows=sum(stored_sizes[:2]), score_rows_all=sum(stored_sizes),
+                          host_budget_bytes=host)
         chunks.append({"layers": layers, "passes": plan["passes"],
                        "micro_batch": plan["micro_batch"], "estimate_s": plan["estimate_s"],
-                       "memory": plan["memory"]})
+                       "memory": plan["memory"], "rows_on_host": plan["rows_on_host"],
+                       "host_rows_bytes": plan["host_rows_bytes"],
+                       "score_tiles": plan["score_tiles"], "score_rows": plan["score_rows"]})
     return {"experiment": exp, "gpu_gib": gpu_gib, "model_bytes": model_bytes,
             "budget_bytes": budget, "format": fmt, "samples": sum(sizes), "tokens": T,
             "gpus_per_job": n_gpus, "placement": placement, "chunks": chunks}
@@ -221,10 +225,15 @@ def print_dry_plan(row: dict) -> None:
               f"{e['gib']:.1f} GiB)")
     for c, ch in enumerate(row["chunks"]):
         print(f"chunk {c}: layers {ch['layers'][0]}-{ch['layers'][-1]} in {len(ch['passes'])} "
-              f"pass(es), micro-batch {ch['micro_batch']}, about {ch['estimate_s']:.0f} s")
+              f"pass(es), micro-batch {ch['micro_batch']}, about {ch['estimate_s']:.0f} s"
+              + (f"; rows on the host (<= {ch['host_rows_bytes'] / gib:.1f} GiB a pass)"
+                 if ch["rows_on_host"] else "")
+              + (f"; scored in tiles ({ch['score_rows']} rows reserved)"
+                 if ch["score_tiles"] else ""))
         for p, m in zip(ch["passes"], ch["memory"]):
-            terms = ", ".join(f"{k} {m[k] / gib:.1f}" for k in
-                              ("rows", "grads", "cat", "copies", "fisher", "act", "score"))
+            terms = ", ".join(f"{k} {m.get(k, 0) / gib:.1f}" for k in
+                              ("rows", "staged", "grads", "cat", "copies", "fisher", "act",
+                               "score"))
             print(f"  pass layers {p[0]}-{p[-1]}: predicted peak {m['peak'] / gib:.1f} GiB "
                   f"beyond the model (Fisher phase {m['fisher_phase'] / gib:.1f}, stored phase "
                   f"{m['stored_phase'] / gib:.1f}; {terms} GiB)")

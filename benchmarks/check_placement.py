@@ -10,7 +10,8 @@ here. Tiny LLaMA-GQA and GPT-2, 4 layers of width 128, float32: the Fisher, the 
 per-sample gradients and the heatmap of the placed model against the same weights on
 cuda:0 alone, also with the collector restricted to the layers of one device (a layer
 chunk); random weights made over [cpu, cuda:0] against those made on cuda:0 alone (equal
-where a module is on the GPU both times). Prints one JSON line.
+where a module is on the GPU both times); factored rows kept in host memory against rows
+kept on the card (the same heatmap to the bit). Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ from interference.placement import place  # noqa: E402
 from interference.scores import QKOVInterferenceMetric  # noqa: E402
 
 
-def run(model, fmt, layers=None):
+def run(model, fmt, layers=None, store_device="auto"):
     fc = FisherCollector(enable_cross_task_analysis=True, config=QKOVConfig.from_model(model),
-                         engine="hooks", gradient_format=fmt, layers=layers, micro_batch=4)
+                         engine="hooks", gradient_format=fmt, layers=layers, micro_batch=4,
+                         store_device=store_device)
     fc.collect_fisher(model, padded_batch(8, 24, 1, "a:f"), task="a", mode="mean", role="fisher")
     fc.collect_fisher(model, padded_batch(8, 24, 2, "b:f"), task="b", mode="mean", role="fisher")
     fc.collect_fisher(model, padded_batch(6, 24, 3, "a:s"), task="a", mode="mean", role="scored")
@@ -70,6 +72,13 @@ def main():
                                                 torch.as_tensor(np.asarray(h1[b]["scores"])))
                                             for b in "QKVO")}
         out[f"{name}.placement"] = {k: str(v) for k, v in split.hf_device_map.items()}
+        # a chunk job's factored rows kept in host memory (layerwise.plan_chunk's
+        # rows_on_host): the same heatmap as rows kept on the card, to the bit
+        h1, _ = run(one, "factored", None, "cuda:0")
+        h2, _ = run(one, "factored", None, "cpu")
+        out[f"{name}.rows_on_host_equal"] = all(
+            np.array_equal(np.asarray(h1[b]["scores"]), np.asarray(h2[b]["scores"]))
+            for b in "QKVO")
     # random weights: per module, wherever it is made
     cfg = tiny_config("llama", num_hidden_layers=4)
     one = random_model(cfg, 7, torch.float32, "cuda:0")
@@ -81,7 +90,8 @@ def main():
     print(json.dumps(out))
     worst = max(max(v.values()) for k, v in out.items()
                 if isinstance(v, dict) and "fisher_rel" in v)
-    ok = worst < 1e-4 and out["random.on_gpu_equal"] and 0 < len(on_gpu) < len(b)
+    ok = worst < 1e-4 and out["random.on_gpu_equal"] and 0 < len(on_gpu) < len(b) and all(
+        v for k, v in out.items() if k.endswith("rows_on_host_equal"))
     print(f"worst relative difference {worst:.2e}: {'OK' if ok else 'FAILED'}")
     sys.exit(0 if ok else 1)
 

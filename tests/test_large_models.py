@@ -625,6 +625,52 @@ def test_a_layer_over_the_budget_with_whole_operands_is_scored_in_tiles():
         plan(peak([0], 2) - 1)
 
 
+def test_factored_rows_stay_on_the_host_where_that_takes_fewer_passes():
+    """plan_chunk(host_budget_bytes=): with the factored rows of a pass in host memory (the
+    device holding one layer's factors while it is scored) the same layers fit in fewer
+    passes (the device holding one layer's factors twice while it is scored: B2 on an H100
+    peaked 2.8 GiB over a plan that counted them once); such a plan is taken only when it
+    needs fewer, keeps each pass's rows within
+    the host budget, and leaves the scoring operands room beside the staged layer. A host
+    that cannot hold one layer's rows, or dense rows, keep the rows on the device."""
+    from interference.gradients.collect import pass_memory as pm
+    from interference.scores.chunks import operand_budget_mb
+    from interference.scores.layerwise import plan_chunk
+
+    model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    stored, every, fmt = [16] * 40, [16] * 48, "factored"       # rows dominate
+    per = layer_bytes(idx, stored, "float32", fmt, "float32")
+
+    def plan(budget, host, f=fmt):
+        out = plan_chunk(model, idx, [0, 1, 2, 3], stored, every, [4, 4, 20, 20], "float32",
+                         f, "float32", budget, "cuda", 1, 8, n_tasks=2, score_rows=20,
+                         host_budget_bytes=host)
+        return dict(out, budget_bytes=budget)
+
+    budget = pm(idx, [0, 1], per[0] + per[1], 8, 16, fmt, "float32", 2, 20)["peak"]
+    on_device = plan(budget, None)
+    assert not on_device["rows_on_host"] and on_device["host_rows_bytes"] == 0
+    on_host = plan(budget, 10 * sum(per.values()))
+    assert on_host["rows_on_host"] and len(on_host["passes"]) < len(on_device["passes"])
+    for p, mem in zip(on_host["passes"], on_host["memory"]):
+        assert mem["rows"] == 0 and mem["staged"] == 2 * max(per[l] for l in p)
+        assert mem["peak"] <= budget
+    assert on_host["host_rows_bytes"] == max(sum(per[l] for l in p) for p in on_host["passes"])
+    Pb = max(e.numel for e in idx.entries.values())
+    room = operand_budget_mb(on_host) * 2**20
+    assert room >= 4 * 20 * Pb
+    assert all(m["staged"] + m["score_fixed"] + room <= budget for m in on_host["memory"])
+    # a host budget of two layers' rows: passes of at most two layers
+    two = plan(budget, per[0] + per[1])
+    assert all(sum(per[l] for l in p) <= per[0] + per[1] for p in two["passes"])
+    assert not plan(budget, min(per.values()) - 1)["rows_on_host"]
+    dense = layer_bytes(idx, stored, "float32", "dense", "float32")
+    two_dense = pm(idx, [0, 1], dense[0] + dense[1], 8, 16, "dense", "float32", 2, 20)["peak"]
+    kept = plan(two_dense, 10 * sum(dense.values()), "dense")
+    assert len(kept["passes"]) > 1 and not kept["rows_on_host"]
+
+
 def test_activation_estimate_counts_one_block_of_logits_where_the_loss_forms_no_more(
         monkeypatch):
     """A causal LM whose logits are its head's (plain_lm_head) holds one block of float32

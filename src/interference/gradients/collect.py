@@ -324,7 +324,7 @@ def activation_bytes(model, layers: list[int], micro_batch: int, max_tokens: int
 
 def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
                 max_tokens: int, gradient_format: str = "dense", store_dtype: str = "float32",
-                n_tasks: int = 1, score_rows: int = 0) -> dict:
+                n_tasks: int = 1, score_rows: int = 0, staged_bytes: int = 0) -> dict:
     """Peak bytes of one pass over ``layers`` (beyond the model), micro-batch ``micro_batch``,
     the Fisher samples of every task collected before any stored row (layerwise._collect),
     then the pass's (layer, block)s scored.
@@ -363,8 +363,11 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
                squares are formed;
       norms  = 12 m P1: a stored micro-batch's per-sample norms (the covered values'
                copy and its float64 cast);
+      staged = ``staged_bytes``: with the rows kept on the host (``rows_bytes`` 0), the
+               device copies of one layer's factors while its blocks are rebuilt and
+               scored (layerwise.plan_chunk: twice the layer's rows);
       peak = max(fisher + max(act, 4 m P1 + 8 P1), rows + values + act + grads + norms,
-                 rows + score).
+                 rows + staged + score).
     """
     mine = [(l, b) for (l, b) in indexer.entries if l in layers]
     P = sum(indexer.entries[k].numel for k in mine)
@@ -376,7 +379,9 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     if gradient_format != "dense":
         out = _factored_pass(indexer, mine, P, m, int(rows_bytes), act, values, score,
                              gradient_format, store_dtype, max_tokens, n_tasks)
-        return dict(out, score_fixed=values + 4 * P)
+        staged = int(staged_bytes)
+        out["peak"] = max(out["peak"], out["rows"] + staged + score)
+        return dict(out, staged=staged, score_fixed=values + 4 * P)
     Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
     out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
            "copies": 4 * m * (Pc + Pb) if Pc else 0, "fisher": 24 * P, "store": 4 * P,

@@ -38,12 +38,15 @@ def memory_budget(chunk_memory_mb: float | None, gradient_memory_mb: float,
 def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_bias: bool,
                    store_dtype: str, gradient_format: str, model_dtype: str, budget: float,
                    device: str, threads: int, micro_batch: int,
-                   attention_stack: str | None = None) -> dict:
+                   attention_stack: str | None = None, host_budget: float | None = None
+                   ) -> dict:
     """Chunk ``index`` of ``n_chunks``: its layers, passes, micro-batch and estimate (peak
     memory per pass in bytes, seconds; layerwise.plan_chunk), logged before any collection.
     ``batches``: task -> role -> batch. Refuses (ValueError) a chunk index past the model's
     layers and a chunk whose single layer does not fit ``budget`` at micro-batch 1.
-    ``attention_stack``: the stack an encoder-decoder maps (QKOVConfig.from_model)."""
+    ``attention_stack``: the stack an encoder-decoder maps (QKOVConfig.from_model).
+    ``host_budget``: host bytes a pass's factored rows may take where keeping them there
+    (not on the GPU) takes fewer passes (layerwise.plan_chunk)."""
     qcfg = QKOVConfig.from_model(model, include_bias=include_bias,
                                  attention_stack=attention_stack)
     indexer = QKOVIndexer(model, qcfg)
@@ -61,7 +64,8 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                       store_dtype, stored_format(model, gradient_format), model_dtype, budget,
                       device, threads, micro_batch, n_tasks=len(batches),
                       score_rows=sum(stored_sizes[:2]),     # the largest arm, at most
-                      score_rows_all=sum(stored_sizes))     # task A and every set at once
+                      score_rows_all=sum(stored_sizes),     # task A and every set at once
+                      host_budget_bytes=host_budget)
     # float64 sums per task on the host; on a GPU they are dropped once the values are made
     # (keep_fisher_sums=False), never copied to the host
     fisher_bytes = 0 if str(device).startswith("cuda") else 8 * len(batches) * sum(
@@ -76,6 +80,13 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
                 size_text(mem["grads"] + mem["cat"]), size_text(mem["fisher"]),
                 size_text(mem["act"]), size_text(mem["score"]), size_text(fisher_bytes),
                 plan["estimate_s"])
+    if plan["rows_on_host"] or plan["score_tiles"]:
+        logger.info("chunk %d: %s", index, "; ".join(filter(None, [
+            plan["rows_on_host"] and f"rows kept on the host (<= "
+            f"{size_text(plan['host_rows_bytes'])} a pass), one layer's copied to the device "
+            "while it is scored",
+            plan["score_tiles"] and f"each (layer, block) scored in tiles of rows (operands "
+            f"of {plan['score_rows']} rows reserved)"])))
     if plan["micro_batch"] != micro_batch:
         logger.warning("chunk %d: micro-batch %d instead of %d to fit the budget: the Fisher "
                        "is summed in other units, so cells.csv may differ from the stores' "
@@ -91,7 +102,8 @@ def operand_budget_mb(plan: dict) -> float:
     Fisher values and the pooled Fisher: ``score_fixed``). The planner made each pass fit
     one (layer, block)'s operands of the largest arm, so this is at least those; the one
     pass over every disruptor set (score_arms) runs where it fits, else set by set."""
-    room = min(plan["budget_bytes"] - m["rows"] - m["score_fixed"] for m in plan["memory"])
+    room = min(plan["budget_bytes"] - m["rows"] - m.get("staged", 0) - m["score_fixed"]
+               for m in plan["memory"])
     return max(room, 0) / 2**20
 
 

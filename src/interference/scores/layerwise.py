@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from typing import Callable
 
@@ -123,7 +124,7 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
                role_sizes: list[int], store_dtype: str, gradient_format: str, model_dtype: str,
                budget_bytes: float | None, device: str, threads: int,
                max_micro_batch: int = 8, n_tasks: int = 2, score_rows: int = 0,
-               score_rows_all: int = 0) -> dict:
+               score_rows_all: int = 0, host_budget_bytes: float | None = None) -> dict:
     """Passes and micro-batch of one chunk (:func:`plan_passes` over collect.pass_memory
     and collect.estimate).
 
@@ -138,12 +139,19 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
             one pass over the sets: task A's rows made once per (layer, block)); reserved
             instead of ``score_rows`` when that takes no more passes and the same
             micro-batch, else the sets are scored one by one (A's rows made per set).
-        When not even one layer fits with ``score_rows`` rows of operands, the largest
-            tile of rows that fits is reserved instead (halving, down to one row of each
-            task; 'score_tiles' True): the metric then scores each (layer, block) in tiles
-            of rows, rebuilding each tile's rows (the time estimate leaves that out).
+        host_budget_bytes: host memory a pass's factored rows may take when kept there
+            instead of on the device (None: never): such a plan ('rows_on_host' True; the
+            device then holds one layer's factors twice while that layer is scored: their
+            copies and their padded stack, factored._padded) is taken
+            when it needs fewer passes, or where none fits with the rows on the device.
+        When not even one layer fits with ``score_rows`` rows of operands, a tile of rows
+            is reserved instead (``score_rows`` halved, down to one row of each task: the
+            tile whose plan takes the least estimated time, of equal times the largest;
+            'score_tiles' True): the metric then scores each (layer, block) in tiles of
+            rows, rebuilding each tile's rows (the time estimate leaves that out).
     Returns plan_passes' dict plus 'memory' (collect.pass_memory of each pass), 'rows_bytes'
-    (largest pass), 'score_rows' (the rows reserved), 'estimate_s'.
+    (largest pass's rows on the device), 'host_rows_bytes' (on the host), 'score_rows' (the
+    rows reserved), 'estimate_s'.
     """
     from ..gradients.collect import estimate, layer_bytes, pass_memory
 
@@ -153,47 +161,69 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     sizes = [2 ** k for k in range(int(max_micro_batch).bit_length()) if 2 ** k < max_micro_batch]
     cands = tuple(sorted({int(max_micro_batch), *sizes}, reverse=True))
 
-    def memory(p, m, rows):
-        return pass_memory(indexer, p, sum(per_layer[l] for l in p), m, longest,
-                           gradient_format, store_dtype, n_tasks, rows)
+    def memory(p, m, rows, host):
+        held = sum(per_layer[l] for l in p)
+        return pass_memory(indexer, p, 0 if host else held, m, longest, gradient_format,
+                           store_dtype, n_tasks, rows,
+                           staged_bytes=2 * max(per_layer[l] for l in p) if host else 0)
 
     def seconds(n_passes, m):
         n_micro = sum(-(-n // m) for n in role_sizes)
         return estimate(n_model, every, n_passes, device, model_dtype, threads, n_micro)
 
-    def planned(rows):
-        return dict(plan_passes(layers, lambda p, m: memory(p, m, rows)["peak"], budget_bytes,
-                                seconds, cands), score_rows=rows)
+    def planned(rows, host):
+        def peak(p, m):
+            if host and sum(per_layer[l] for l in p) > host_budget_bytes:
+                return math.inf                      # the host cannot hold the pass's rows
+            return memory(p, m, rows, host)["peak"]
+        return dict(plan_passes(layers, peak, budget_bytes, seconds, cands), score_rows=rows)
 
-    try:
-        plan = planned(score_rows)
-    except ValueError:
-        # one layer with a (layer, block)'s whole operands is over the budget (LLaMA-2-70B's
-        # query block: 64 MiB a row): the metric scores in tiles of rows within what the
-        # plan leaves it (QKOVInterferenceMetric._rows_per_tile), so reserve the largest
-        # tile that fits, down to a row of each task; each tile rebuilds its rows again
-        plan = None
-        tile = score_rows
-        while plan is None and tile > 2:
-            tile = max(2, tile // 2)
-            try:
-                plan = dict(planned(tile), score_tiles=True)
-            except ValueError:
-                if tile == 2:
-                    raise
-        if plan is None:
-            raise
-    if score_rows_all > score_rows and not plan.get("score_tiles"):
+    def fitted(host):
         try:
-            wide = planned(score_rows_all)
+            return dict(planned(score_rows, host), score_tiles=False)
+        except ValueError as err:
+            last = err
+        tiles, best = [score_rows], None
+        while tiles[-1] > 2:
+            tiles.append(max(2, tiles[-1] // 2))
+        for rows in tiles[1:]:               # the least time; of equal times, larger tiles
+            try:
+                got = planned(rows, host)
+            except ValueError as err:
+                last = err
+                continue
+            if best is None or got["seconds"] < best["seconds"]:
+                best = got
+        if best is None:
+            raise last
+        return dict(best, score_tiles=True)
+
+    where = [False] + ([True] if host_budget_bytes and gradient_format != "dense" else [])
+    plans, errors = {}, {}
+    for host in where:
+        try:
+            plans[host] = fitted(host)
+        except ValueError as err:
+            errors[host] = err
+    if not plans:
+        raise errors[False]
+    host = True in plans and (False not in plans or
+                              len(plans[True]["passes"]) < len(plans[False]["passes"]))
+    plan = plans[host]
+    if score_rows_all > score_rows and not plan["score_tiles"]:
+        try:
+            wide = planned(score_rows_all, host)
         except ValueError:               # one layer with every set's operands is too much
             wide = None
         if wide is not None and len(wide["passes"]) <= len(plan["passes"]) \
                 and wide["micro_batch"] == plan["micro_batch"]:
-            plan = wide
-    plan["memory"] = [memory(p, plan["micro_batch"], plan["score_rows"])
+            plan = dict(wide, score_tiles=False)
+    plan["rows_on_host"] = host
+    plan["memory"] = [memory(p, plan["micro_batch"], plan["score_rows"], host)
                       for p in plan["passes"]]
     plan["rows_bytes"] = max(x["rows"] for x in plan["memory"])
+    plan["host_rows_bytes"] = max(sum(per_layer[l] for l in p) for p in plan["passes"]) \
+        if host else 0
     plan["estimate_s"] = plan["seconds"]
     return plan
 

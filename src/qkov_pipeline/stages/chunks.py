@@ -22,6 +22,7 @@ from ..plan import MICRO_BATCH
 from .scores import write
 
 logger = logging.getLogger("qkov.scores")
+HOST_SHARE = 0.8   # of the host's free memory (and the job's mem_mb) rows kept there may take
 
 
 def _load(job, ex: dict, slot: int):
@@ -66,6 +67,14 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
     # and x, δ of its layers live on it)
     budget = min(memory_budget(ex.get("chunk_memory_mb"), ex.get("gradient_memory_mb", 1024),
                                str(d)) for d in model_devices(model))
+    # on a GPU, factored rows may stay in host memory instead (fewer passes for a large
+    # model): within HOST_SHARE of what the host has free and the job asked for (mem_mb)
+    host = None
+    if device.startswith("cuda"):
+        from interference.gradients.collect import available_memory
+
+        have = [x for x in (available_memory(), float(ex.get("mem_mb") or 0) * 2**20) if x]
+        host = HOST_SHARE * min(have) if have else None
     return plan_chunk_job(model, batches, int(job.wildcards["chunk"]),
                           int(job.slice["layer_chunks"]),
                           include_bias=mcfg.get("include_bias", False),
@@ -73,7 +82,7 @@ def chunk_plan(job, model, batches, ex: dict, device: str, threads: int) -> dict
                           store_dtype=store["fisher"]["store_dtype"],
                           gradient_format=ex.get("gradient_format", "dense"),
                           model_dtype=mcfg["dtype"], budget=budget, device=device,
-                          threads=threads, micro_batch=MICRO_BATCH)
+                          threads=threads, micro_batch=MICRO_BATCH, host_budget=host)
 
 
 def run_chunk(job) -> None:
@@ -104,12 +113,18 @@ def run_chunk(job) -> None:
 
     def make(layers):
         # on the GPU the store holds what the stored roles' transients leave of the budget
-        # (beyond it rows spill to disk rather than run out of memory)
-        held = dict(ex, gradient_memory_mb=max(
-            0.0, plan["budget_bytes"] - transient[tuple(layers)]) / 2**20) \
-            if device.startswith("cuda") else ex
+        # (beyond it rows spill to disk rather than run out of memory); rows kept on the
+        # host: what the plan gave them there
+        if plan["rows_on_host"]:
+            held = dict(ex, gradient_memory_mb=plan["host_rows_bytes"] / 2**20)
+        elif device.startswith("cuda"):
+            held = dict(ex, gradient_memory_mb=max(
+                0.0, plan["budget_bytes"] - transient[tuple(layers)]) / 2**20)
+        else:
+            held = ex
         return make_collector(fisher, held, plan["qkov_config"], spill, False, m,
-                              layers=layers, store_device=device, keep_fisher_sums=False)
+                              layers=layers, keep_fisher_sums=False,
+                              store_device="cpu" if plan["rows_on_host"] else device)
 
     ref_task = s["task_a"] if s["reference"] == "within_task" else s["reference"]
     # the scoring operands on a GPU stay within what the plan left them (not 80% of the
@@ -136,7 +151,8 @@ def run_chunk(job) -> None:
         "index": plan["index"], "n_chunks": plan["n_chunks"], "saved_joined": only,
         "layers": plan["layers"],
         "passes": plan["passes"], "micro_batch": m, "rows_bytes": plan["rows_bytes"],
-        "predicted_peak_bytes": max(plan["peaks"]),
+        "rows_on_host": plan["rows_on_host"], "host_rows_bytes": plan["host_rows_bytes"],
+        "score_tiles": plan["score_tiles"], "predicted_peak_bytes": max(plan["peaks"]),
         "budget_bytes": plan["budget_bytes"], "estimate_s": plan["estimate_s"],
         "seconds_collect_and_score": seconds, "seconds_total": time.time() - t0,
         "seconds_load": job.metrics.get("time.load_s"), "started": t0, "finished": time.time(),
