@@ -99,9 +99,11 @@ def operand_budget_mb(plan: dict) -> float:
     """The scoring operands' device budget (QKOVInterferenceMetric's ``device_memory_mb``)
     that keeps every pass of a chunk plan within its budget: the least, over the passes, of
     the budget less the pass's rows and what scoring holds besides the operands (the
-    Fisher values and the pooled Fisher: ``score_fixed``). The planner made each pass fit
-    one (layer, block)'s operands of the largest arm, so this is at least those; the one
-    pass over every disruptor set (score_arms) runs where it fits, else set by set."""
+    Fisher values and the pooled Fisher: ``score_fixed``; with rows on the host, the
+    staged copies of the layer being scored). The planner made each pass fit one (layer,
+    block)'s operands of the rows it reserved (``score_rows``: the largest arm's, or a
+    tile's), so this is at least those; the one pass over every disruptor set
+    (score_arms) runs where it fits, else set by set."""
     room = min(plan["budget_bytes"] - m["rows"] - m.get("staged", 0) - m["score_fixed"]
                for m in plan["memory"])
     return max(room, 0) / 2**20
