@@ -107,8 +107,9 @@ def make_random_weights(model: nn.Module, seed: int, device_map: dict[str, str])
     seed (:func:`module_seed`), children before parents as ``nn.Module.apply`` visits them.
     The weights thus depend on (seed, module name, device type) only: not on which device
     of a type holds a module, nor on the order modules are made. Tied weights are tied
-    again after (the input embedding's values, as transformers ties them). A parameter the model's
-    ``_init_weights`` leaves unset (it was filled with NaN) is an error naming it."""
+    again after (the input embedding's values, as transformers ties them). A parameter
+    the model's ``_init_weights`` leaves unset (it was filled with NaN) is an error naming
+    it."""
     made: dict[int, nn.Parameter] = {}          # tied parameters stay one parameter
     for name, module in model.named_modules():
         dev = device_of(name, device_map)
