@@ -156,13 +156,15 @@ CUDA_CONTEXT_GIB = 0.6   # what a process's CUDA context and cuBLAS take before 
 
 def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict:
     """The chunk jobs' plans (layerwise.plan_chunk) for ``exp`` on a GPU of ``gpu_gib``
-    GiB, without data or memory: the model on the meta device, every sample at
+    GiB (``resources.collect.gpu`` of them per job, the model placed over them), without
+    data or memory: the model on the meta device (random weights, or a checkpoint
+    folder's config: ``model.source: local``), every sample at
     data.max_length tokens (the worst case), the budget as a chunk job takes it (80% of
     the free memory after the model and a CUDA context, or resources.collect.chunk_memory_mb)."""
     sys.path.insert(0, str(ROOT / "src"))
     from interference.architectures import QKOVConfig, QKOVIndexer
     from interference.gradients.collect import stored_format
-    from interference.models import DTYPES, random_config, random_model
+    from interference.models import DTYPES, build_from_config
     from interference.scores.layerwise import chunk_layers, plan_chunk
     from qkov_pipeline import plan as qp
 
@@ -170,8 +172,8 @@ def dry_plan(exp: str, overrides: str, gpu_gib: float, threads: int = 4) -> dict
     cfg = qp.build_plan(ROOT / "conf", ROOT / "workflow" / "schemas" / "config.schema.yaml",
                         [exp], ov).experiments[exp]
     mcfg, col = cfg["model"], cfg["resources"]["collect"]
-    model = random_model(random_config(mcfg), int(mcfg.get("seed", 0)), DTYPES[mcfg["dtype"]],
-                         "meta")
+    # random weights and checkpoint folders on the meta device (no weights read)
+    model = build_from_config(mcfg, weights=False)[0]
     indexer = QKOVIndexer(model, QKOVConfig.from_model(model, include_bias=mcfg.get(
         "include_bias", False)))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -203,3 +203,26 @@ def test_a_checkpoint_is_read_block_by_block_where_the_placement_puts_it(monkeyp
     assert set(asked["placed"].values()) == {"cuda:0", "cuda:1"}
     a, b = got.state_dict(), want.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path):
+    """benchmarks/bench_b2_workflow.py --dry-plan with resources.collect.gpu = 2: the model
+    (random weights, or a local checkpoint's config: no weight read) placed over two
+    cards as a job would place it, every layer planned, and the budget that of the card
+    with the least memory left after its weights."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_b2_workflow as bench
+
+    tiny_llama(n_layer=4).save_pretrained(tmp_path, safe_serialization=True)
+    for over, n_layers in (("[model=tiny_random, resources.collect.gpu=2]", 2),
+                           (f"[model=tiny_random, model.source=local, model.path={tmp_path}, "
+                            "resources.collect.gpu=2]", 4)):
+        row = bench.dry_plan("tiny", over, 1.0)
+        assert row["gpus_per_job"] == 2 and list(row["placement"]) == ["cuda:0", "cuda:1"]
+        left = min((1.0 - bench.CUDA_CONTEXT_GIB - e["gib"]) * GIB
+                   for e in row["placement"].values())
+        assert row["budget_bytes"] == pytest.approx(0.8 * left)
+        planned = [l for ch in row["chunks"] for p in ch["passes"] for l in p]
+        assert planned == list(range(n_layers))
