@@ -391,12 +391,7 @@ def load_pretrained(name_or_path: str | Path, trust_remote_code: bool = False, d
     if isinstance(device, (list, tuple)) and len(device) > 1:
         from .placement import dispatch, plan_placement
 
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
-                                                         trust_remote_code=trust_remote_code)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        with torch.device("meta"):
-            shapes = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        shapes = config_model(folder, kind, dtype, trust_remote_code, attn_implementation)
         device_map = plan_placement(shapes, device, dtype)
         kwargs["device_map"] = device_map
         model = auto.from_pretrained(str(folder), **kwargs).eval()
@@ -639,14 +634,21 @@ def load_folder(folder: str | Path, mcfg: dict, dtype, device="cpu"):
     weight_files(folder)                                     # none: a clear error
     if isinstance(device, (list, tuple)) or torch.device(device).type != "meta":
         return load_pretrained(folder, trust, dtype, mcfg["kind"], attn, device)
+    return config_model(folder, mcfg["kind"], dtype, trust, attn), folder_tokenizer(folder, trust)
+
+
+def config_model(folder: str | Path, kind: str, dtype, trust_remote_code: bool = False,
+                 attn_implementation: str | None = None):
+    """The model of a checkpoint folder's config (AUTO_CLASSES ``kind``) on the meta
+    device, in eval mode: shapes only, no weight read."""
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
-                                                     trust_remote_code=trust)
-    if attn is not None:
-        config._attn_implementation = attn
+                                                     trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = getattr(transformers, AUTO_CLASSES[mcfg["kind"]]).from_config(
-            config, dtype=dtype, trust_remote_code=trust)
-    return model.eval(), folder_tokenizer(folder, trust)
+        model = getattr(transformers, AUTO_CLASSES[kind]).from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -755,7 +757,7 @@ def weights_fit(device, dtype: torch.dtype, n_params):
     CUDA out-of-memory error while reading into the same error (``n_params`` then an int,
     a callable giving a model on the meta device to count, or None). A job holds its
     model on its device, or placed over its GPUs (resources.collect.gpu > 1)."""
-    from .device import free_memory_mb
+    from .placement import free_memory_bytes
 
     devices = [torch.device(d) for d in (device if isinstance(device, (list, tuple))
                                          else [device])]
@@ -775,12 +777,8 @@ def weights_fit(device, dtype: torch.dtype, n_params):
             "(resources.collect.gpu), a 16-bit model.dtype, or use a smaller model")
 
     def free_bytes():
-        if devices[0].type == "cpu":
-            from .gradients.collect import available_memory
-
-            return available_memory()
-        free = [free_memory_mb(d) for d in devices]
-        return None if None in free else sum(free) * 2**20
+        free = [free_memory_bytes(d) for d in devices]
+        return None if None in free else sum(free)
 
     if isinstance(n_params, int):          # known beforehand: refuse before reading
         free = free_bytes()

@@ -31,14 +31,13 @@ def plan_placement(model: nn.Module, devices: list, dtype: torch.dtype,
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
-    from .device import free_memory_mb
     from .models import ModelDoesNotFitError
 
     devices = [str(torch.device(d)) for d in devices]
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must be distinct, got {devices}")
     if free_bytes is None:
-        free_bytes = {d: _free_bytes(d, free_memory_mb) for d in devices}
+        free_bytes = {d: free_memory_bytes(d) or 0 for d in devices}
     # accelerate's planner fills GPU indices in order: device k of ``devices`` is index k
     # to it (whatever its type), mapped back to its name after
     key = dict(enumerate(devices))
@@ -71,12 +70,17 @@ def plan_placement(model: nn.Module, devices: list, dtype: torch.dtype,
     return {name: key[v] for name, v in placed.items()}
 
 
-def _free_bytes(device: str, free_memory_mb) -> int:
+def free_memory_bytes(device) -> int | None:
+    """Bytes free on ``device`` now: a CUDA card's (device.free_memory_mb), the host's
+    available memory for the CPU (collect.available_memory); None where unknown."""
     if torch.device(device).type == "cpu":
         from .gradients.collect import available_memory
 
-        return int(available_memory() or 0)
-    return int(free_memory_mb(torch.device(device)) * 2**20)
+        return available_memory()
+    from .device import free_memory_mb
+
+    free = free_memory_mb(torch.device(device))
+    return None if free is None else int(free * 2**20)
 
 
 def device_of(name: str, device_map: dict[str, str]) -> str:

@@ -378,10 +378,9 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     score = values + 4 * P + max(values, 4 * int(score_rows) * Pb)
     if gradient_format != "dense":
         out = _factored_pass(indexer, mine, P, m, int(rows_bytes), act, values, score,
-                             gradient_format, store_dtype, max_tokens, n_tasks)
-        staged = int(staged_bytes)
-        out["peak"] = max(out["peak"], out["rows"] + staged + score)
-        return dict(out, staged=staged, score_fixed=values + 4 * P)
+                             gradient_format, store_dtype, max_tokens, n_tasks,
+                             int(staged_bytes))
+        return dict(out, score_fixed=values + 4 * P)
     Pc = sum(indexer.entries[k].numel for k in mine if not _gathered_view(indexer, *k))
     out = {"rows": int(rows_bytes), "grads": 4 * m * P, "cat": 4 * m * P,
            "copies": 4 * m * (Pc + Pb) if Pc else 0, "fisher": 24 * P, "store": 4 * P,
@@ -400,7 +399,7 @@ _PLANNED_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, values: int, score: int,
                    gradient_format: str, store_dtype: str, max_tokens: int,
-                   n_tasks: int) -> dict:
+                   n_tasks: int, staged: int = 0) -> dict:
     """:func:`pass_memory` of a factored store (see there)."""
     from .factored import FactorLayout
 
@@ -419,11 +418,11 @@ def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, values: i
                 not layout.factored(n.rsplit(".", 1)[0], max_tokens))
     out = {"rows": rows, "grads": 4 * m * (P1 + dense), "cat": 0, "copies": 0,
            "fisher": 8 * P * (int(n_tasks) + 2), "store": 0, "norms": 12 * m * P1,
-           "act": act, "values": values, "score": score}
+           "act": act, "values": values, "score": score, "staged": staged}
     out["fisher_phase"] = out["fisher"] + max(act, 4 * m * P1 + 8 * P1)
     out["stored_phase"] = rows + values + act + out["grads"] + out["norms"]
     out["transient"] = out["stored_phase"] - rows
-    out["peak"] = max(out["fisher_phase"], out["stored_phase"], rows + score)
+    out["peak"] = max(out["fisher_phase"], out["stored_phase"], rows + staged + score)
     return out
 
 

@@ -45,7 +45,7 @@ def _load(job, ex: dict, slot: int):
     model_json = job.input.model[0] if "model" in job.input.keys() else None
     with job.timed("load"):
         folder = Path(model_json).parent if model_json else None
-        model, _ = load_prepared(folder, mcfg, devices if len(devices) > 1 else device)
+        model, _ = load_prepared(folder, mcfg, devices)
         log_placement(model, dev_info)
         batches, metas = {}, {}
         for path in job.input.data:

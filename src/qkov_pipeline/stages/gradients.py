@@ -57,8 +57,7 @@ def load_inputs(job, ex: dict, slot: int):
     device = devices[0]
     logger.info("device %s (%s); threads %d", ", ".join(devices), dev_info, threads)
     with job.timed("load"):
-        model, _ = load_prepared(Path(job.input.model).parent, d["model"],
-                                 devices if len(devices) > 1 else device)
+        model, _ = load_prepared(Path(job.input.model).parent, d["model"], devices)
         batches, records, meta = load_task_batches(Path(job.input.data).parent)
     log_placement(model, dev_info)
     check_same_tokenizer(job.input.model, meta, Path(job.input.data).parent)
