@@ -81,6 +81,9 @@ def test_random_weights_come_from_each_modules_own_seed(family):
         assert torch.equal(p, q), name
     assert not torch.equal(two[next(n for n in two if "proj" in n or "attn" in n)],
                            other[next(n for n in two if "proj" in n or "attn" in n)])
+    # modules of one shape have their own draws: layer 0's weights are not layer 1's
+    first = next(n for n in two if ".0." in n and n.endswith("weight") and two[n].dim() == 2)
+    assert not torch.equal(two[first], two[first.replace(".0.", ".1.", 1)])
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -197,7 +200,18 @@ def test_a_checkpoint_is_read_block_by_block_where_the_placement_puts_it(monkeyp
         return {k: "cpu" for k in placed}
 
     monkeypatch.setattr(placement, "plan_placement", plan)
+    import transformers as T
+
+    read = T.AutoModelForCausalLM.from_pretrained
+    maps = []
+
+    def spy(*a, **k):
+        maps.append(k.get("device_map"))
+        return read(*a, **k)
+
+    monkeypatch.setattr(T.AutoModelForCausalLM, "from_pretrained", spy)
     got, _ = load_pretrained(tmp_path, device=["cuda:0", "cuda:1"])
+    assert maps == [{k: "cpu" for k in asked["placed"]}]      # read with the placement
     want, _ = load_pretrained(tmp_path)
     assert asked["devices"] == ["cuda:0", "cuda:1"] and asked["meta"] == {"meta"}
     assert set(asked["placed"].values()) == {"cuda:0", "cuda:1"}
