@@ -656,6 +656,8 @@ def test_factored_rows_stay_on_the_host_where_that_takes_fewer_passes():
     for p, mem in zip(on_host["passes"], on_host["memory"]):
         assert mem["rows"] == 0 and mem["staged"] == 2 * max(per[l] for l in p)
         assert mem["staged"] + mem["score"] <= mem["peak"] <= budget
+    staged = pm(idx, [0], 0, 8, 16, fmt, "float32", 2, 20, staged_bytes=10**12)
+    assert staged["peak"] == 10**12 + staged["score"]          # the scoring phase holds it
     assert on_host["host_rows_bytes"] == max(sum(per[l] for l in p) for p in on_host["passes"])
     Pb = max(e.numel for e in idx.entries.values())
     room = operand_budget_mb(on_host) * 2**20
