@@ -95,6 +95,20 @@ def compose(experiment: str | None) -> dict:
     return cfg
 
 
+def _assign(tree: dict, item: str) -> None:
+    """Set ``tree``'s entry at dotted KEY of ``item`` ('KEY=VALUE', VALUE read as YAML); a
+    KEY that names no existing entry is an error (a typo would otherwise change nothing)."""
+    import yaml
+
+    key, _, value = item.partition("=")
+    *path, last = key.split(".")
+    for p in path:
+        tree = tree[p]
+    if last not in tree:
+        raise KeyError(f"{key!r} is not a setting of the composed config")
+    tree[last] = yaml.safe_load(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experiment", default="validate")
@@ -106,6 +120,9 @@ def main() -> None:
                     help="validation.micro_batch (samples per forward; larger on a GPU)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a validation setting, e.g. --set n_eval=24 --set intervention=false")
+    ap.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other setting of the composed config, e.g. --config "
+                         "fisher.store_dtype=float32")
     args = ap.parse_args()
 
     import logging
@@ -138,20 +155,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = compose(args.experiment)
+    for item in args.config:
+        _assign(cfg, item)
     vcfg = dict(cfg["validation"], enabled=True)
     if args.max_cells:
         vcfg["max_cells"] = args.max_cells
     if args.micro_batch:
         vcfg["micro_batch"] = args.micro_batch
-    import yaml
-
     for item in args.set:
-        key, _, value = item.partition("=")
-        node, *path = key.split(".")
-        target = vcfg
-        for p in [node, *path][:-1]:
-            target = target[p]
-        target[[node, *path][-1]] = yaml.safe_load(value)
+        _assign(vcfg, item)
     a, b = cfg["pairs"][0]
     seed = cfg["data"]["split_seeds"][0]
     times: dict[str, float] = {}
@@ -269,6 +281,8 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if device == "cuda"
               else platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "config_overrides": args.config, "validation_overrides": args.set,
+              "store_dtype": cfg["fisher"]["store_dtype"],
               "times_s": times, "validate_floor_s": floor,
               "validate_over_floor": times["validate"] / floor,
               "n_cells": n_cells, "n_arms_x_seeds": n_arms,

@@ -63,6 +63,8 @@ def fake_cells(seed=0):
     sig = [("Q", 7, 4), ("K", 3, 4), ("O", 11, 0)]  # K/L3/KV1 covers heads 4, 5, 6
     df["significant"] = [(b, l, h) in sig for b, l, h in zip(df["block"], df["layer"], df["head"])]
     df.loc[df["significant"], ["p_value", "q_value"]] = [1e-4, 0.01]
+    # a significant cell's statistic points the conflict's way (T > 0), as the stats' are
+    df.loc[df["significant"], "statistic"] = df.loc[df["significant"], "statistic"].abs()
     df["q_significant"] = df["q_value"] <= 0.05
     return df
 
@@ -147,9 +149,18 @@ def test_block_means_bootstrap():
 
 def test_top_table_rows_and_latex(tmp_path):
     cells = fake_cells()
+    # a cell significant the other way (two-sided q): the smallest q, but no conflict
+    other_way = cells.index[~cells["significant"]][5]
+    cells.loc[other_way, ["p_value", "q_value", "statistic"]] = [1e-5, 0.001, -5.0]
     F.write_top_table(cells, tmp_path, n=10, meta=fake_heatmap()["meta"])
     table = pd.read_csv(tmp_path / "top_conflicts.csv", dtype={"kv_group": str})
-    expected = cells.sort_values(["q_value", "statistic"], ascending=[True, False]).head(10)
+    # the conflict's way (T > 0) first by q, then T; then the others, least significant first
+    toward = cells[cells["statistic"] > 0].sort_values(["q_value", "statistic"],
+                                                       ascending=[True, False])
+    other = cells[cells["statistic"] <= 0].sort_values(["q_value", "statistic"],
+                                                       ascending=[False, False])
+    expected = pd.concat([toward, other]).head(10)
+    assert (expected["statistic"] > 0).all() and other_way not in expected.index
     assert list(table["statistic"]) == pytest.approx(list(expected["statistic"]))
     assert list(table["block"]) == list(expected["block"])
     assert table["significant"].sum() == cells["significant"].sum() == 3

@@ -891,3 +891,29 @@ def test_test_heatmap_errors():
     with pytest.raises(ValueError, match="scorer"):
         stats.test_heatmap(hm, col.contribution_cache, col.gradient_manager, col.fisher,
                            scorer=other_metric)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_conflict_order_puts_cells_significant_the_other_way_last(signed):
+    # against a brute-force sort: (the conflict's way first; there by q ascending, then T
+    # the farther that way first; the others by q descending, then T nearer zero first;
+    # then layer, then position)
+    from interference.stats.cells import conflict_order
+
+    rng = np.random.default_rng(3)
+    n = 200
+    q = rng.choice([1e-4, 0.01, 0.3, 1.0], size=n)
+    t = rng.choice([-3.0, -0.5, 0.0, 0.5, 3.0], size=n)
+    layer = rng.integers(0, 3, size=n)
+    s = -1.0 if signed else 1.0
+    got = conflict_order(q, s * t, signed, then=(layer,))
+
+    def key(i):
+        toward = t[i]
+        return (0, q[i], -toward, layer[i], i) if toward > 0 else (1, -q[i], -toward, layer[i], i)
+
+    assert list(got) == sorted(range(n), key=key)
+    # by q then T alone (the order before): a significant cell of the other way ranks
+    # before a less significant conflict
+    first_other = min(k for k, i in enumerate(got) if t[i] <= 0)
+    assert all(t[i] > 0 for i in got[:first_other]) and all(t[i] <= 0 for i in got[first_other:])

@@ -429,3 +429,47 @@ def test_the_sweep_summary_ranks_variants_by_predictive_validity():
     assert [r.split("|")[3].strip() for r in rows] == ["signed", "qkov"]
     assert "first_order (0.90)" in rows[0]
     assert validity_markdown({"variants": {"x": {}}}) == []
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_map_ranks_conflicts_first_and_cells_significant_the_other_way_last(signed):
+    # two-sided q-values: a small q says "significant", the sign of T says which way. The
+    # arms' top-k must hold only cells T points the conflict's way (T > 0; T < 0 for the
+    # signed variant), the most significant first; the cells most significantly the other
+    # way are the map's last (the bottom arm), as a one-sided test ranked them
+    from interference.validation.run import _ranked
+
+    s = -1.0 if signed else 1.0
+    rows = [  # name: (q, T in the conflict's direction)
+        ("conflict_q0_strong", 0.001, 5.0), ("conflict_q0_weak", 0.001, 3.0),
+        ("other_q0_strong", 0.001, -6.0), ("conflict_q1", 0.02, 2.5),
+        ("other_q1", 0.02, -2.4), ("null_pos", 0.7, 0.3), ("null_neg", 0.7, -0.2),
+        ("null_zero", 0.9, 0.0)]
+    cells = [Cell("Q", 0, k) for k in range(len(rows))]
+    table = pd.DataFrame({"name": [c.name for c in cells],
+                          "q_value": [q for _, q, _ in rows],
+                          "statistic": [s * t for _, _, t in rows]})
+    got = [rows[c.head][0] for c in _ranked(cells, table, np.zeros(len(cells)), "map", signed)]
+    assert got == ["conflict_q0_strong", "conflict_q0_weak", "conflict_q1", "null_pos",
+                   "null_zero", "null_neg", "other_q1", "other_q0_strong"]
+    # the order q then T alone (before the fix) put a cell significant the other way third
+    t = table.set_index("name")
+    by_q = np.lexsort((-s * t["statistic"].to_numpy(float), t["q_value"].to_numpy(float)))
+    assert [rows[k][0] for k in by_q][2] == "other_q0_strong"
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_map_s_neg_log10_q_is_signed_by_the_direction_of_its_statistic(signed):
+    # a two-sided q is direction-blind: a cell significant the other way (code puts a
+    # smaller share on it) must score below a null cell, not beside the top conflicts
+    from interference.validation.candidates import map_statistics
+
+    s = -1.0 if signed else 1.0
+    cells = [Cell("O", 1, k) for k in range(4)]
+    table = pd.DataFrame({"name": [c.name for c in cells], "q_value": [0.001, 0.001, 0.5, 1.0],
+                          "statistic": [s * 4.0, s * -4.0, s * 0.1, 0.0],
+                          "effect_size": [s * 0.8, s * -0.8, s * 0.01, 0.0]})
+    got = map_statistics(table, cells, signed)
+    np.testing.assert_allclose(got["neg_log10_q"], [3.0, -3.0, math.log10(2.0), 0.0])
+    np.testing.assert_allclose(got["statistic"], [4.0, -4.0, 0.1, 0.0])
+    np.testing.assert_allclose(got["effect_size"], [0.8, -0.8, 0.01, 0.0])

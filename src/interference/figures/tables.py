@@ -1,8 +1,10 @@
 """Table 1: the top conflicting cells (CSV and booktabs LaTeX).
 
-Rows are distinct cells (a K/V cell is one row covering its GQA group's query heads),
-sorted by q-value, then by the statistic (largest first; smallest first for the signed
-variant, whose conflicts are negative), then layer and head. Interval: the stats stage's
+Rows are distinct cells (a K/V cell is one row covering its GQA group's query heads) in
+the order of :func:`interference.stats.cells.conflict_order`: the cells whose statistic
+points the conflict's way (T > 0; T < 0 for the signed variant) by q-value, then by the
+statistic, then layer and head; then the others, so that a cell significant the other way
+(two-sided q) never ranks among the conflicts. Interval: the stats stage's
 bootstrap percentile interval of the cell's mean difference of normalised disruption
 (B minus R), not of the statistic itself.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..stats.cells import conflict_order
 from . import style
 from .inputs import load_cells
 
@@ -26,9 +29,9 @@ def top_cells(cells, n: int | None = 20, variant: str = "qkov",
     df = load_cells(cells)
     if only_significant:
         df = df[df["significant"]]
-    asc_stat = variant == "signed"
-    df = df.sort_values(["q_value", "statistic", "layer", "head"],
-                        ascending=[True, asc_stat, True, True], kind="stable")
+    order = conflict_order(df["q_value"], df["statistic"], variant == "signed",
+                           then=(df["layer"], df["head"]))
+    df = df.iloc[order]
     return df[[c for c in COLUMNS if c in df.columns]].head(n).reset_index(drop=True)
 
 
@@ -56,8 +59,8 @@ def to_latex(table: pd.DataFrame, caption: str, label: str = "tab:top-conflicts"
 def caption(meta: dict | None, n_rows: int, summary: dict | None = None) -> str:
     what = style.describe(meta) if meta else "QK-OV interference"
     test = (summary or {}).get("test", "permutation test, B vs reference disruptors")
-    return (f"Top {n_rows} conflicting cells ({what}), sorted by q then the statistic T "
-            f"({test}). Interval: bootstrap "
+    return (f"Top {n_rows} conflicting cells ({what}): cells whose statistic T points the "
+            f"conflict's way first, sorted by q then T ({test}). Interval: bootstrap "
             "percentile interval of the mean difference of normalised disruption; p: "
             "permutation p-value; q: Benjamini-Hochberg; d: Cohen's d. K/V rows are shared "
             f"by the listed query heads (GQA). *: significant ({style.significance_rule(summary)}).")

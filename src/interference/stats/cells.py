@@ -136,6 +136,21 @@ def gather_cells(scores: Mapping[str, np.ndarray], cells: pd.DataFrame, *,
     return np.concatenate(out, axis=-1)
 
 
+def conflict_order(q, statistic, signed: bool = False, then: Sequence = ()) -> np.ndarray:
+    """Indices of cells, most conflicting first: the cells whose statistic T points the
+    conflict's way (T > 0; T < 0 for the ``signed`` variant) by q, then by T (the farther
+    that way first); after them the others, the least significant first, so the cells most
+    significantly the other way come last. Ties: by the arrays of ``then`` in turn
+    (ascending), then by position. A two-sided q says how significant a cell is, not which
+    way: ordered by q alone, cells significant the other way rank among the conflicts."""
+    toward = (-1.0 if signed else 1.0) * np.asarray(statistic, float)
+    q = np.asarray(q, float)
+    other = ~(toward > 0)                 # NaN T: with the others
+    keys = [np.asarray(k) for k in reversed(list(then))]
+    # np.lexsort sorts by its last key first
+    return np.lexsort((*keys, -toward, np.where(other, -q, q), other))
+
+
 def broadcast_to_heads(values: np.ndarray, cells: pd.DataFrame, block: str,
                        n_layers: int, n_heads: int, fill: float = np.nan) -> np.ndarray:
     """Place per-cell values [m] (or [..., m]) of one block on the [.., n_layers, n_heads]

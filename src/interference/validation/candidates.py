@@ -6,7 +6,9 @@ Every candidate is oriented so that LARGER means "predicted to hurt task A more"
   (SPEC 5), from the mean operands (``QKOVInterferenceMetric.layer_head_average``);
   ``signed`` is negated (its conflicts are negative).
 - ``effect_size``, ``statistic``, ``neg_log10_q``: the statistics of the run's own map
-  (cells.csv: Cohen's d, Welch T, -log10 q), the numbers that decide significance.
+  (cells.csv: Cohen's d, the test's statistic T, -log10 q), the numbers that decide
+  significance; -log10 q takes the sign of T's direction (a two-sided q says how
+  significant a cell is, T which way: a cell significant the other way scores low).
 - Baselines a sceptical reviewer would propose:
   ``grad_share`` — B's raw gradient share on the cell, mean_j Σ_{k∈c}|g_jk| / Σ_k |g_jk|
   (no Fisher, no task A); ``overlap`` — Σ_{k∈c} |ḡ_A,k| |ḡ_B,k| (Fisher-free overlap of the
@@ -84,7 +86,8 @@ def map_means(collector, config, task_a: str, task_b: str, metric_settings: dict
 def map_statistics(cells_table: pd.DataFrame, cells: list[Cell], signed: bool
                    ) -> dict[str, np.ndarray]:
     """'effect_size', 'statistic', 'neg_log10_q' -> [n_cells] from the run's cells.csv,
-    oriented so that larger means more conflict."""
+    oriented so that larger means more conflict (-log10 q times the sign of T in the
+    conflict's direction: 0 where T is)."""
     table = cells_table.set_index("name")
     missing = [c.name for c in cells if c.name not in table.index]
     if missing:
@@ -93,9 +96,10 @@ def map_statistics(cells_table: pd.DataFrame, cells: list[Cell], signed: bool
     rows = table.loc[[c.name for c in cells]]
     sign = -1.0 if signed else 1.0
     q = rows["q_value"].to_numpy(float)
+    toward = sign * rows["statistic"].to_numpy(float)
     return {"effect_size": sign * rows["effect_size"].to_numpy(float),
-            "statistic": sign * rows["statistic"].to_numpy(float),
-            "neg_log10_q": -np.log10(np.clip(q, 1e-300, 1.0))}
+            "statistic": toward,
+            "neg_log10_q": np.sign(toward) * -np.log10(np.clip(q, 1e-300, 1.0))}
 
 
 def baselines(cells: list[Cell], a: GradientMoments, b: GradientMoments,

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from ..architectures import QKOVIndexer
+from ..stats.cells import conflict_order
 from .candidates import baselines, gradient_moments, map_means, map_statistics
 from .cells import Cell, CellParams, distinct_cells
 from .counterfactual import STEP_RULES, StepRule, measure
@@ -42,8 +43,9 @@ class ValidationSettings:
             the map's mean score within each block (deciles), seeded.
         fractions: k as fractions of the cells, for precision@k and the arms.
         n_bootstrap / ci_level / seed: intervals and every random choice.
-        rank_by: the map's ranking of cells for the arms: 'map' (q, then the statistic T,
-            as the top-conflicts table), 'effect_size' or 'mean_score'.
+        rank_by: the map's ranking of cells for the arms: 'map' (the cells whose statistic
+            T points the conflict's way by q, then T; then the others: :func:`_ranked`),
+            'effect_size' or 'mean_score'.
         intervention: run the fine-tuning arms.
         finetune: the fine-tuning (AdamW) settings; lr and steps also set the 'adam' rule.
         n_random: random draws per k; seeds: fine-tuning seeds (data order).
@@ -136,11 +138,13 @@ def stratified_cells(cells: list[Cell], score: np.ndarray, n: int, seed: int) ->
 
 def _ranked(cells: list[Cell], table: pd.DataFrame, mean_score: np.ndarray, rank_by: str,
             signed: bool) -> list[Cell]:
-    """Cells in the map's order, most conflicting first."""
+    """Cells in the map's order, most conflicting first ('map': stats.cells.conflict_order,
+    the order of the top-conflicts table; by q alone, the two-sided test's q put cells
+    significant the other way among the conflicts: 11 of the default pair's 20% arm)."""
     t = table.set_index("name").loc[[c.name for c in cells]]
     sign = -1.0 if signed else 1.0
     if rank_by == "map":
-        key = np.lexsort((-sign * t["statistic"].to_numpy(float), t["q_value"].to_numpy(float)))
+        key = conflict_order(t["q_value"], t["statistic"], signed)
     elif rank_by == "effect_size":
         key = np.argsort(-sign * t["effect_size"].to_numpy(float), kind="stable")
     else:
