@@ -473,3 +473,20 @@ def test_the_map_s_neg_log10_q_is_signed_by_the_direction_of_its_statistic(signe
     np.testing.assert_allclose(got["neg_log10_q"], [3.0, -3.0, math.log10(2.0), 0.0])
     np.testing.assert_allclose(got["statistic"], [4.0, -4.0, 0.1, 0.0])
     np.testing.assert_allclose(got["effect_size"], [0.8, -0.8, 0.01, 0.0])
+
+
+def test_the_verdict_counts_every_statistic_of_the_map_as_the_map_s():
+    # -log10 q is the map's own number: were it the best score, the verdict must say the
+    # map predicts best, not count it as a baseline that beats the map
+    from interference.validation.run import ValidationResult, verdict
+
+    names = ["mean_M[qkov]", "effect_size", "statistic", "neg_log10_q", "first_order",
+             "grad_share", "random"]
+    rho = [0.1, 0.2, 0.3, 0.9, 0.5, 0.0, 0.01]
+    validity = pd.DataFrame({"candidate": names, "rho": rho, "step_rule": "adam",
+                             "rho_cells_low": np.array(rho) - 0.05,
+                             "rho_cells_high": np.array(rho) + 0.05, "first_order_rho": 0.5})
+    empty = pd.DataFrame()
+    got = verdict(ValidationResult(pd.DataFrame(), validity, empty, empty, empty, {}))["adam"]
+    assert got["best_map"] == "neg_log10_q" and got["best_baseline"] == "first_order"
+    assert got["map_beats_baselines"] is True

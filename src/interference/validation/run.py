@@ -246,9 +246,10 @@ def intervention_arms(model, objective, params: CellParams, all_cells: list[Cell
     return arms, comparison
 
 
-def verdict(result: ValidationResult, map_candidates=("mean_M", "effect_size", "statistic")
-            ) -> dict:
-    """Per step rule: the best map candidate and the best baseline by rho, whether the map's
+def verdict(result: ValidationResult,
+            map_candidates=("mean_M", "effect_size", "statistic", "neg_log10_q")) -> dict:
+    """Per step rule: the best map candidate (the map's scores and statistics, candidates.py)
+    and the best baseline by rho, whether the map's
     best interval lies above the best baseline's point estimate, and the intervention's
     top-vs-random difference at each k. Plain numbers for summary.md and the README."""
     out = {}
