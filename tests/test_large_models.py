@@ -11,7 +11,8 @@ from interference.architectures import QKOVConfig, QKOVIndexer
 from interference.gradients import FisherCollector
 from interference.gradients.collect import (activation_bytes, check_disk, check_memory,
                                             collection_estimate, disk_plan,
-                                            estimate, layer_bytes, pass_memory, RATE_FLOPS)
+                                            estimate, layer_bytes, pass_flops_per_token,
+                                            pass_memory, RATE_FLOPS)
 from interference.results import size_text as size
 from interference.scores import QKOVInterferenceMetric
 from interference.scores.layerwise import chunk_layers, layer_passes, plan_passes
@@ -122,9 +123,10 @@ def test_collection_estimate_and_disk_refusal(tmp_path, monkeypatch):
     assert collection_estimate(model, idx, batches, "float32", "auto", 1024.0, "cpu", 2,
                                4)["activation_bytes"] == activation_bytes(model, idx.layers, 4,
                                                                           max(every))
-    assert est["seconds"] == pytest.approx(6 * n * sum(every) / (2 * RATE_FLOPS["cpu"]))
-    assert estimate(7e9, [256] * 300, 2, "cuda:0", "bfloat16", 1) == pytest.approx(
-        6 * 7e9 * 256 * 300 * 2 / 150e12)
+    flops = pass_flops_per_token(model, idx, idx.layers)
+    assert est["seconds"] == pytest.approx(flops * sum(every) / (2 * RATE_FLOPS["cpu"]))
+    assert estimate([3e10, 2e10], [256] * 300, "cuda:0", "bfloat16", 1, 40) == pytest.approx(
+        (3e10 + 2e10) * 256 * 300 / RATE_FLOPS["cuda/bfloat16"] + 2 * 40 * 0.03)
     free = est["disk"]["peak_bytes"] * 2     # room for the factored store, not 100x it
     monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": free})())
     check_disk(tmp_path, est["disk"], 0.9)
@@ -482,12 +484,12 @@ def test_planner_fits_the_budget_with_fewest_passes_then_smaller_micro_batches()
         return pass_memory(idx, p, sum(per[l] for l in p), m, 16)["peak"]
 
     layers = [0, 1, 2, 3]
-    by_pass = lambda n, m: 10.0 * n + 0.01 * n * (-(-40 // m))      # noqa: E731
+    by_pass = lambda ps, m: 10.0 * len(ps) + 0.01 * len(ps) * (-(-40 // m))  # noqa: E731
     assert plan_passes(layers, peak, peak(layers, 8), by_pass)["passes"] == [layers]
     budget = (peak(layers, 2) + peak(layers, 4)) / 2          # all 4 fit at 2, not at 4
     plan = plan_passes(layers, peak, budget, by_pass)
     assert (plan["passes"], plan["micro_batch"]) == ([layers], 2)
-    by_micro = lambda n, m: 1.0 * n + 10.0 * n * (-(-40 // m))     # noqa: E731
+    by_micro = lambda ps, m: 1.0 * len(ps) + 10.0 * len(ps) * (-(-40 // m))  # noqa: E731
     plan = plan_passes(layers, peak, budget, by_micro)
     assert plan["micro_batch"] == 8 and len(plan["passes"]) > 1
     assert [l for p in plan["passes"] for l in p] == layers
@@ -736,3 +738,36 @@ def test_the_b2_bench_measures_the_hosts_speed():
     speed = bench_b2_workflow.host_speed()
     assert set(speed) == {"host_import_s", "host_python_s"}
     assert all(0 < v < 120 for v in speed.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pass_flops_per_token_counts_the_matrix_products_of_a_pass(family):
+    """pass_flops_per_token against torch's FLOP counter: a forward and backward with the
+    pass's attention weights alone wanting gradients (what a pass computes: autograd's
+    weight gradient of them costs what the engine's per-sample gradients do), counting the
+    matrix products of the linear layers (mm, addmm; the attention scores' T² products are
+    left out, as in the estimate). Autograd also skips the input gradient of the lowest
+    layer's Q/K/V projections, which the estimate counts (it takes whole layers): the
+    difference is exactly that. Tied (GPT-2) and untied (LLaMA) heads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model))
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    for layers in ([0, 1], [1]):
+        want = {n for (l, _), e in idx.entries.items() if l in layers for n in
+                (p.name for p in e.parts)}
+        for n, p in params.items():
+            p.requires_grad_(n in want)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(input_ids=ids, labels=ids).loss.backward()
+        counts = counter.get_flop_counts()["Global"]
+        linear = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))
+        low = min(layers)
+        qkv_in = sum(e.numel for (l, b), e in idx.entries.items() if l == low and b in "QKV")
+        got = pass_flops_per_token(model, idx, layers)
+        assert got == pytest.approx(linear / ids.numel() + 2 * qkv_in, rel=1e-12)
+    for p in params.values():
+        p.requires_grad_(True)

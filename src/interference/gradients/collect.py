@@ -101,26 +101,58 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
             "scored/reference/control samples")
 
 
-# forward + backward FLOPs per token ~ 6 x parameters; sustained rates assumed for the
-# estimate (B3: 2 CPU cores ~ 13 GFLOP/s each through the per-sample engine; H200 hooks
-# engine ~ 40 TFLOP/s float32, ~ 150 TFLOP/s bfloat16)
-RATE_FLOPS = {"cpu": 13e9, "cuda/float32": 40e12, "cuda/bfloat16": 150e12,
-              "cuda/float16": 150e12}
+# Sustained FLOP rates of a collection (:func:`pass_flops_per_token` over the wall time of
+# everything it does), measured, not peak (benchmarks/results/estimate_s26/calibrate.py):
+# "cpu" per thread, float32 (a 2-core Intel Xeon with AMX, the default run's collect jobs:
+# 78 and 81 GFLOP/s per thread, session 26; an AMD EPYC ran about 1.5x slower in session
+# 19); bfloat16 on a GPU from B2 through the workflow, LLaMA-2-7B shape, collect and score
+# (H200, 2 passes: 143-202 TFLOP/s since session 17; H100, 4 passes: 209-249). float32 on a
+# GPU: assumed, not measured.
+RATE_FLOPS = {"cpu": 80e9, "cuda/float32": 40e12, "cuda/bfloat16": 200e12,
+              "cuda/float16": 200e12}
 # Fixed cost of one micro-batch beyond its FLOPs (kernel launches of a whole forward and
 # backward, the per-sample rows' gather and cat, Python), assumed, seconds: it prices the
 # choice between fewer passes and smaller micro-batches (:func:`estimate`).
 MICRO_BATCH_S = {"cpu": 0.005, "cuda": 0.03}
 
 
-def estimate(n_model_params: int, tokens: list[int], passes: int, device: str,
-             model_dtype: str, threads: int, micro_batches: int = 0) -> float:
-    """Seconds of gradient collection, roughly: ``passes`` forward+backward passes of
-    6 x ``n_model_params`` FLOPs per token over ``tokens`` at :data:`RATE_FLOPS`, plus
-    :data:`MICRO_BATCH_S` for each of the ``micro_batches`` micro-batches of every pass."""
+def pass_flops_per_token(model, indexer, layers: list[int]) -> float:
+    """FLOPs per token of one forward + backward that collects the attention gradients of
+    ``layers`` (an estimate):
+      forward   2 per entry of every matrix that multiplies (the input and position
+                embeddings are lookups, not products; an output projection tied to the input
+                embedding multiplies);
+      backward  2 per entry of the output projection and of the blocks from min(layers) up:
+                activation gradients only, the weights being frozen (decoder layers taken
+                as equal in size);
+      per-sample weight gradients: 2 per attention entry of ``layers`` (each sample's
+                Σ_t δ_t x_tᵀ from x and δ; the Fisher's squares and the norms are memory
+                passes, not counted)."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head, "weight", None)
+    lookups = {id(m.weight) for m in model.modules()
+               if isinstance(m, nn.Embedding) and m.weight is not head_w}
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in lookups)
+    n_head = head_w.numel() if head_w is not None else 0
+    n_layers = _dims(model)["n_layers"]
+    above = (n_layers - min(layers)) / n_layers
+    attention = sum(e.numel for (l, _), e in indexer.entries.items() if l in layers)
+    return 2.0 * matrices + 2.0 * (n_head + above * (matrices - n_head)) + 2.0 * attention
+
+
+def estimate(flops_per_token: list[float], tokens: list[int], device: str, model_dtype: str,
+             threads: int, micro_batches: int = 0) -> float:
+    """Seconds of gradient collection, roughly: for each pass (``flops_per_token``, one
+    entry per pass: :func:`pass_flops_per_token`), its FLOPs over ``tokens`` at
+    :data:`RATE_FLOPS` (per thread on the CPU), plus :data:`MICRO_BATCH_S` for each of its
+    ``micro_batches`` micro-batches."""
     cpu = device.startswith("cpu")
     rate = RATE_FLOPS["cpu"] * max(1, threads) if cpu else RATE_FLOPS[f"cuda/{model_dtype}"]
     fixed = MICRO_BATCH_S["cpu" if cpu else "cuda"] * micro_batches
-    return (6.0 * n_model_params * float(sum(tokens)) / rate + fixed) * passes
+    n_tokens = float(sum(tokens))
+    return sum(f * n_tokens / rate + fixed for f in flops_per_token)
 
 
 def stored_format(model, gradient_format: str) -> str:
@@ -153,12 +185,12 @@ def collection_estimate(model, indexer, batches: dict, store_dtype: str, gradien
     fisher = 8 * indexer.total_size
     act = activation_bytes(model, indexer.layers, micro_batch, max(every)) if every else 0
     memory = model_bytes + min(rows, gradient_memory_mb * 2**20) + fisher + act
-    n_model = sum(p.numel() for p in model.parameters())
+    flops = pass_flops_per_token(model, indexer, indexer.layers)
     return {"format": fmt, "rows_bytes": int(rows), "model_bytes": int(model_bytes),
             "fisher_bytes": int(fisher), "activation_bytes": int(act),
             "memory_bytes": int(memory),
             "disk": disk_plan(indexer.total_size, len(stored), store_dtype, rows),
-            "seconds": estimate(n_model, every, 1, device, dtype, threads)}
+            "seconds": estimate([flops], every, device, dtype, threads)}
 
 
 def available_memory() -> int | None:

@@ -84,7 +84,7 @@ def layer_passes(layers: list[int], bytes_of_layer: dict[int, int],
 
 
 def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
-                budget_bytes: float | None, seconds_of: Callable[[int, int], float],
+                budget_bytes: float | None, seconds_of: Callable[[list[list[int]], int], float],
                 micro_batches: tuple[int, ...] = (8, 4, 2, 1)) -> dict:
     """The fastest split of ``layers`` into contiguous passes, and its micro-batch, whose
     every pass peaks within ``budget_bytes``.
@@ -92,7 +92,7 @@ def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
     For each micro-batch m of ``micro_batches`` the layers are packed greedily from the
     lowest (``peak_of(pass_layers, m)``: bytes, monotone in the pass's layers, e.g.
     collect.pass_memory); among the m whose single layers fit, the one of least
-    ``seconds_of(n_passes, m)`` wins, ties to the larger m. A pass re-runs every sample's
+    ``seconds_of(passes, m)`` wins, ties to the larger m. A pass re-runs every sample's
     forward and backward, a smaller m only adds per-micro-batch overhead, so fewer passes
     with a smaller m usually win (see collect.estimate).
     Returns {'passes', 'micro_batch', 'seconds', 'peaks': bytes per pass}; budget None:
@@ -100,13 +100,14 @@ def plan_passes(layers: list[int], peak_of: Callable[[list[int], int], int],
     """
     if budget_bytes is None:
         m = max(micro_batches)
-        return {"passes": [list(layers)], "micro_batch": m, "seconds": seconds_of(1, m),
+        return {"passes": [list(layers)], "micro_batch": m,
+                "seconds": seconds_of([list(layers)], m),
                 "peaks": [peak_of(list(layers), m)]}
     best = None
     for m in sorted(micro_batches, reverse=True):
         passes = _pack(layers, lambda p: peak_of(p, m), budget_bytes)
         if passes is not None:
-            t = seconds_of(len(passes), m)
+            t = seconds_of(passes, m)
             if best is None or t < best["seconds"]:
                 best = {"passes": passes, "micro_batch": m, "seconds": t,
                         "peaks": [peak_of(p, m) for p in passes]}
@@ -153,11 +154,10 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     (largest pass's rows on the device), 'host_rows_bytes' (on the host), 'score_rows' (the
     rows reserved), 'estimate_s'.
     """
-    from ..gradients.collect import estimate, layer_bytes, pass_memory
+    from ..gradients.collect import estimate, layer_bytes, pass_flops_per_token, pass_memory
 
     per_layer = layer_bytes(indexer, stored, store_dtype, gradient_format, model_dtype)
     longest = max(every)
-    n_model = sum(p.numel() for p in model.parameters())
     sizes = [2 ** k for k in range(int(max_micro_batch).bit_length()) if 2 ** k < max_micro_batch]
     cands = tuple(sorted({int(max_micro_batch), *sizes}, reverse=True))
 
@@ -167,9 +167,10 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
                            store_dtype, n_tasks, rows,
                            staged_bytes=2 * max(per_layer[l] for l in p) if host else 0)
 
-    def seconds(n_passes, m):
+    def seconds(passes, m):
         n_micro = sum(-(-n // m) for n in role_sizes)
-        return estimate(n_model, every, n_passes, device, model_dtype, threads, n_micro)
+        return estimate([pass_flops_per_token(model, indexer, p) for p in passes], every,
+                        device, model_dtype, threads, n_micro)
 
     def planned(rows, host):
         def peak(p, m):
