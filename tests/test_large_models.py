@@ -627,17 +627,19 @@ def test_a_layer_over_the_budget_with_whole_operands_is_scored_in_tiles():
         plan(peak([0], 2) - 1)
 
 
-def test_factored_rows_stay_on_the_host_where_that_takes_fewer_passes():
+def test_factored_rows_stay_on_the_host_where_that_takes_less_time(monkeypatch):
     """plan_chunk(host_budget_bytes=): with the factored rows of a pass in host memory (the
     device holding one layer's factors while it is scored) the same layers fit in fewer
     passes (the device holding one layer's factors twice while it is scored: B2 on an H100
-    peaked 2.8 GiB over a plan that counted them once); such a plan is taken only when it
-    needs fewer, keeps each pass's rows within
+    peaked 2.8 GiB over a plan that counted them once); such a plan is taken only when its
+    estimate, the rows' copies both ways included, is less, keeps each pass's rows within
     the host budget, and leaves the scoring operands room beside the staged layer. A host
-    that cannot hold one layer's rows, or dense rows, keep the rows on the device."""
+    that cannot hold one layer's rows, or dense rows, keep the rows on the device; so do
+    copies slow enough to cost more than the passes saved."""
+    from interference.gradients import collect
     from interference.gradients.collect import pass_memory as pm
     from interference.scores.chunks import operand_budget_mb
-    from interference.scores.layerwise import plan_chunk
+    from interference.scores.layerwise import HOST_PLAN_SHARE, plan_chunk
 
     model = tiny_llama(n_layer=4, hidden=64, head_dim=16)
     idx = QKOVIndexer(model, QKOVConfig.from_model(model))
@@ -655,6 +657,19 @@ def test_factored_rows_stay_on_the_host_where_that_takes_fewer_passes():
     assert not on_device["rows_on_host"] and on_device["host_rows_bytes"] == 0
     on_host = plan(budget, 10 * sum(per.values()))
     assert on_host["rows_on_host"] and len(on_host["passes"]) < len(on_device["passes"])
+    copies = 2 * sum(per.values()) / collect.HOST_COPY_BYTES_S
+    n_micro = sum(-(-k // on_host["micro_batch"]) for k in (4, 4, 20, 20))
+    passes_s = estimate([pass_flops_per_token(model, idx, p) for p in on_host["passes"]],
+                        every, "cuda", "float32", 1, n_micro)
+    assert on_host["estimate_s"] == pytest.approx(passes_s + copies, rel=1e-12)
+    assert on_host["estimate_s"] <= HOST_PLAN_SHARE * on_device["estimate_s"]
+    # copies that leave the host plan less than HOST_PLAN_SHARE's gain: the rows stay on
+    # the device (just inside it, the host plan is taken)
+    for share, where in ((HOST_PLAN_SHARE * 1.01, False), (HOST_PLAN_SHARE * 0.99, True)):
+        slow = share * on_device["estimate_s"] - passes_s          # copies' seconds
+        monkeypatch.setattr(collect, "HOST_COPY_BYTES_S", 2 * sum(per.values()) / slow)
+        assert plan(budget, 10 * sum(per.values()))["rows_on_host"] is where
+    monkeypatch.undo()
     for p, mem in zip(on_host["passes"], on_host["memory"]):
         assert mem["rows"] == 0 and mem["staged"] == 2 * max(per[l] for l in p)
         assert mem["staged"] + mem["score"] <= mem["peak"] <= budget

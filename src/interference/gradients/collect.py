@@ -110,6 +110,11 @@ def check_disk(where: Path, plan: dict, safety: float) -> None:
 # GPU: assumed, not measured.
 RATE_FLOPS = {"cpu": 80e9, "cuda/float32": 40e12, "cuda/bfloat16": 200e12,
               "cuda/float16": 200e12}
+# Bytes per second at which a plan keeping its factored rows on the host moves them: each
+# pass's rows to the host as they are collected and each layer's back to the card to be
+# scored, both counted. Measured once (B2 on one H100, session 25: 125 GiB of rows, 30 s
+# beyond the estimate of its 6 passes; benchmarks/results/estimate_s26/host_copy.py).
+HOST_COPY_BYTES_S = 9e9
 # Fixed cost of one micro-batch beyond its FLOPs (kernel launches of a whole forward and
 # backward, the per-sample rows' gather and cat, Python), assumed, seconds: it prices the
 # choice between fewer passes and smaller micro-batches (:func:`estimate`).

@@ -46,7 +46,7 @@ def plan_chunk_job(model, batches: dict, index: int, n_chunks: int, *, include_b
     layers and a chunk whose single layer does not fit ``budget`` at micro-batch 1.
     ``attention_stack``: the stack an encoder-decoder maps (QKOVConfig.from_model).
     ``host_budget``: host bytes a pass's factored rows may take where keeping them there
-    (not on the GPU) takes fewer passes (layerwise.plan_chunk)."""
+    (not on the GPU) is estimated faster, their copies included (layerwise.plan_chunk)."""
     qcfg = QKOVConfig.from_model(model, include_bias=include_bias,
                                  attention_stack=attention_stack)
     indexer = QKOVIndexer(model, qcfg)

@@ -43,6 +43,11 @@ from .metric import QKOVInterferenceMetric
 logger = logging.getLogger("qkov.scores")
 
 WARM_UP_DEVICES = ("cuda",)   # where score_layers compiles its kernels ahead, in a thread
+# a plan keeping its rows on the host is taken over one keeping them on the device only when
+# its estimate is at most this share of the other's: the estimates are within 0.74-1.20x of
+# measured times, and the host plan's copies are the least known part (RESULTS.md, "The
+# collection time estimate")
+HOST_PLAN_SHARE = 0.9
 
 
 def chunk_layers(layers: list[int], n_chunks: int) -> list[list[int]]:
@@ -143,8 +148,10 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
         host_budget_bytes: host memory a pass's factored rows may take when kept there
             instead of on the device (None: never): such a plan ('rows_on_host' True; the
             device then holds one layer's factors twice while that layer is scored: their
-            copies and their padded stack, factored._padded) is taken
-            when it needs fewer passes, or where none fits with the rows on the device.
+            copies and their padded stack, factored._padded) is taken when its estimate,
+            the rows' copies to the host and back included (collect.HOST_COPY_BYTES_S), is
+            at most HOST_PLAN_SHARE of the plan with the rows on the device, or where none
+            fits that way.
         When not even one layer fits with ``score_rows`` rows of operands, a tile of rows
             is reserved instead (``score_rows`` halved, down to one row of each task: the
             tile whose plan takes the least estimated time, of equal times the largest;
@@ -154,7 +161,8 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     (largest pass's rows on the device), 'host_rows_bytes' (on the host), 'score_rows' (the
     rows reserved), 'estimate_s'.
     """
-    from ..gradients.collect import estimate, layer_bytes, pass_flops_per_token, pass_memory
+    from ..gradients.collect import (HOST_COPY_BYTES_S, estimate, layer_bytes,
+                                     pass_flops_per_token, pass_memory)
 
     per_layer = layer_bytes(indexer, stored, store_dtype, gradient_format, model_dtype)
     longest = max(every)
@@ -172,12 +180,16 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
         return estimate([pass_flops_per_token(model, indexer, p) for p in passes], every,
                         device, model_dtype, threads, n_micro)
 
+    # every layer's rows go to the host and back once, however many passes
+    copy_s = 2 * sum(per_layer[l] for l in layers) / HOST_COPY_BYTES_S
+
     def planned(rows, host):
         def peak(p, m):
             if host and sum(per_layer[l] for l in p) > host_budget_bytes:
                 return math.inf                      # the host cannot hold the pass's rows
             return memory(p, m, rows, host)["peak"]
-        return dict(plan_passes(layers, peak, budget_bytes, seconds, cands), score_rows=rows)
+        timed = (lambda ps, m: seconds(ps, m) + copy_s) if host else seconds  # noqa: E731
+        return dict(plan_passes(layers, peak, budget_bytes, timed, cands), score_rows=rows)
 
     def fitted(host):
         try:
@@ -209,7 +221,7 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
     if not plans:
         raise errors[False]
     host = True in plans and (False not in plans or
-                              len(plans[True]["passes"]) < len(plans[False]["passes"]))
+                              plans[True]["seconds"] <= HOST_PLAN_SHARE * plans[False]["seconds"])
     plan = plans[host]
     if score_rows_all > score_rows and not plan["score_tiles"]:
         try:
