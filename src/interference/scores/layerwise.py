@@ -188,7 +188,9 @@ def plan_chunk(model, indexer, layers: list[int], stored: list[int], every: list
             if host and sum(per_layer[l] for l in p) > host_budget_bytes:
                 return math.inf                      # the host cannot hold the pass's rows
             return memory(p, m, rows, host)["peak"]
-        timed = (lambda ps, m: seconds(ps, m) + copy_s) if host else seconds  # noqa: E731
+
+        def timed(passes, m):
+            return seconds(passes, m) + (copy_s if host else 0.0)
         return dict(plan_passes(layers, peak, budget_bytes, timed, cands), score_rows=rows)
 
     def fitted(host):
