@@ -219,20 +219,18 @@ def test_a_checkpoint_is_read_block_by_block_where_the_placement_puts_it(monkeyp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path):
-    """benchmarks/bench_b2_workflow.py --dry-plan with resources.collect.gpu = 2: the model
-    (random weights, or a local checkpoint's config: no weight read) placed over two
-    cards as a job would place it, every layer planned, and the budget that of the card
-    with the least memory left after its weights."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_b2_workflow as bench
+def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path, capsys):
+    """qkov plan (qkov_pipeline.dry_plan) with resources.collect.gpu = 2: the model (random
+    weights, or a local checkpoint's config: no weight read) placed over two cards as a job
+    would place it, every layer planned, and the budget that of the card with the least
+    memory left after its weights; the command prints it."""
+    from qkov_pipeline import cli
+    from qkov_pipeline import dry_plan as bench
 
     tiny_llama(n_layer=4).save_pretrained(tmp_path, safe_serialization=True)
-    for over, n_layers in (("[model=tiny_random, resources.collect.gpu=2]", 2),
-                           (f"[model=tiny_random, model.source=local, model.path={tmp_path}, "
-                            "resources.collect.gpu=2]", 4)):
+    for over, n_layers in ((["model=tiny_random", "resources.collect.gpu=2"], 2),
+                           (["model=tiny_random", "model.source=local", f"model.path={tmp_path}",
+                             "resources.collect.gpu=2"], 4)):
         row = bench.dry_plan("tiny", over, 1.0)
         assert row["gpus_per_job"] == 2 and list(row["placement"]) == ["cuda:0", "cuda:1"]
         left = min((1.0 - bench.CUDA_CONTEXT_GIB - e["gib"]) * GIB
@@ -240,3 +238,12 @@ def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path):
         assert row["budget_bytes"] == pytest.approx(0.8 * left)
         planned = [l for ch in row["chunks"] for p in ch["passes"] for l in p]
         assert planned == list(range(n_layers))
+        capsys.readouterr()
+        assert cli.main(["plan", "-e", "tiny", "--gpu-gib", "1.0",
+                         *[x for o in over for x in ("-o", o)]]) == 0
+        printed = capsys.readouterr().out
+        assert "on 2 1.0 GiB GPUs per job" in printed and "cuda:1:" in printed
+        for c, ch in enumerate(row["chunks"]):
+            assert (f"chunk {c}: layers {ch['layers'][0]}-{ch['layers'][-1]} in "
+                    f"{len(ch['passes'])} pass(es), micro-batch {ch['micro_batch']}, about "
+                    f"{ch['estimate_s']:.0f} s") in printed

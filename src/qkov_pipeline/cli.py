@@ -2,6 +2,9 @@
 
     qkov run [-e EXPERIMENT ...] [-o OVERRIDE ...] [-n] [-- SNAKEMAKE ARGS]
     qkov config [-e EXPERIMENT] [-o OVERRIDE ...]     print the composed, validated config
+    qkov plan [-e EXPERIMENT] [-o OVERRIDE ...] [--gpu-gib G]
+                                                      the chunk jobs' placement, passes,
+                                                      memory and time, before any run
     qkov ui [--results results]                       mlflow ui on 127.0.0.1
     qkov ui --explorer [ANALYSIS] [-e EXPERIMENT]     open an analysis's cell explorer
 
@@ -61,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the workflow (snakemake)")
     show = sub.add_parser("config", help="print the composed config of an experiment")
-    for p in (run, show):
+    dry = sub.add_parser("plan", help="print what the chunk jobs of an experiment will do on "
+                                      "GPUs of --gpu-gib GiB: placement, passes, memory, "
+                                      "time (nothing runs, no weight is read)")
+    dry.add_argument("--gpu-gib", type=float, default=79.1,
+                     help="each GPU's memory (default 79.1: an 80 GB H100; an H200: 139.8)")
+    for p in (run, show, dry):
         p.add_argument("-e", "--experiment", action="append", default=[],
                        help="a file of conf/experiment (repeat for a sweep)")
         p.add_argument("-o", "--override", action="append", default=[],
@@ -90,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                       args.override)
         validate(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
         print(yaml.safe_dump(cfg, sort_keys=False))
+        return 0
+    if args.command == "plan":
+        from .dry_plan import dry_plan, print_dry_plan
+
+        if len(args.experiment) > 1:
+            parser.error("qkov plan takes one experiment")
+        print_dry_plan(dry_plan(args.experiment[0] if args.experiment else None,
+                                args.override, args.gpu_gib))
         return 0
     if args.command == "ui":
         if args.explorer is not None:
