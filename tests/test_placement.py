@@ -247,3 +247,18 @@ def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path, capsys):
             assert (f"chunk {c}: layers {ch['layers'][0]}-{ch['layers'][-1]} in "
                     f"{len(ch['passes'])} pass(es), micro-batch {ch['micro_batch']}, about "
                     f"{ch['estimate_s']:.0f} s") in printed
+
+
+def test_qkov_config_and_plan_report_a_bad_experiment_or_override_in_one_line(capsys):
+    """`qkov config` and `qkov plan` with an unknown experiment, an unknown key or a value
+    the schema refuses: exit status 2 and one error line naming it, no traceback."""
+    from qkov_pipeline import cli
+
+    for argv, says in ((["config", "-e", "nosuch"], "unknown experiment 'nosuch'"),
+                       (["plan", "-e", "tiny", "-o", "model.nosuch=1"],
+                        "unknown config key 'model.nosuch'"),
+                       (["config", "-o", "stats.fdr_alpha=2"], "stats.fdr_alpha: 2")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qkov {argv[0]}: error: ") and says in err
+        assert "Traceback" not in err

@@ -59,6 +59,26 @@ def open_explorer(results: Path, experiment: str, analysis: str) -> int:
     return 0
 
 
+def _show(args, parser) -> int:
+    """``qkov config``: the composed, validated config; ``qkov plan``: the chunk jobs' plan."""
+    if len(args.experiment) > 1:
+        parser.error(f"qkov {args.command} takes one experiment")
+    experiment = args.experiment[0] if args.experiment else None
+    if args.command == "plan":
+        from .dry_plan import dry_plan, print_dry_plan
+
+        print_dry_plan(dry_plan(experiment, args.override, args.gpu_gib))
+        return 0
+    import yaml
+
+    from .config import compose, validate
+
+    cfg = compose(ROOT / "conf", experiment, args.override)
+    validate(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    print(yaml.safe_dump(cfg, sort_keys=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkov", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,24 +109,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the experiment of --explorer (default: default)")
     args = parser.parse_args(argv)
 
-    if args.command == "config":
-        import yaml
-
-        from .config import compose, validate
-
-        cfg = compose(ROOT / "conf", args.experiment[0] if args.experiment else None,
-                      args.override)
-        validate(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
-        print(yaml.safe_dump(cfg, sort_keys=False))
-        return 0
-    if args.command == "plan":
-        from .dry_plan import dry_plan, print_dry_plan
-
-        if len(args.experiment) > 1:
-            parser.error("qkov plan takes one experiment")
-        print_dry_plan(dry_plan(args.experiment[0] if args.experiment else None,
-                                args.override, args.gpu_gib))
-        return 0
+    if args.command in ("config", "plan"):
+        try:
+            return _show(args, parser)
+        except (ValueError, KeyError) as err:     # a bad experiment or override: no trace
+            print(f"qkov {args.command}: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "ui":
         if args.explorer is not None:
             return open_explorer(Path(args.results), args.experiment, args.explorer)
