@@ -34,6 +34,14 @@ def experiment(name: str, overrides=()):
     return cfg, model, QKOVIndexer(model, QKOVConfig.from_model(model))
 
 
+def b2_tokens(chunk: dict, n_params: int, sizes: list[int]) -> tuple[float, int]:
+    """(tokens, micro-batches per pass) of a B2 chunk job, recovered exactly from its old
+    estimate: 6 x parameters x tokens / 150 TFLOP/s + 0.03 s per micro-batch, per pass."""
+    n_micro = sum(-(-k // chunk["micro_batch"]) for k in sizes)
+    per_pass = chunk["estimate_s"] / len(chunk["passes"]) - MICRO_BATCH_S["cuda"] * n_micro
+    return per_pass * OLD_RATE["cuda/bfloat16"] / (6 * n_params), n_micro
+
+
 def cpu_rows(results: Path):
     from safetensors.torch import load_file
 
@@ -68,12 +76,10 @@ def gpu_rows():
             if d.get("experiment") != "b2_7b" or not d.get("chunks") or d["gpus"] != 1:
                 continue
             for c in d["chunks"]:
-                passes, m = c["passes"], c["micro_batch"]
+                passes = c["passes"]
                 if len(c["layers"] if "layers" in c else sum(passes, [])) != 32:
                     continue
-                n_micro = sum(-(-k // m) for k in sizes)
-                per_pass = c["estimate_s"] / len(passes) - MICRO_BATCH_S["cuda"] * n_micro
-                n_tokens = per_pass * OLD_RATE["cuda/bfloat16"] / (6 * n)
+                n_tokens, n_micro = b2_tokens(c, n, sizes)
                 key = (d["device_name"][:11], len(passes), round(c["seconds_collect_and_score"], 1))
                 if key in seen:
                     continue

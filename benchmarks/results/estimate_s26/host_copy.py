@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibrate import OLD_RATE, ROOT, experiment  # noqa: E402
+from calibrate import ROOT, b2_tokens, experiment  # noqa: E402
 
-from interference.gradients.collect import (MICRO_BATCH_S, estimate, layer_bytes,  # noqa: E402
+from interference.gradients.collect import (estimate, layer_bytes,  # noqa: E402
                                             pass_flops_per_token, stored_format)
 from qkov_pipeline import plan as qp  # noqa: E402
 
@@ -27,9 +27,7 @@ sizes = [k for r in roles.values() for k in r.values() if k]
 stored_n = sum(k for r in roles.values() for role, k in r.items() if role != "fisher" and k)
 run = ROOT / "benchmarks/results/placement/rows_on_host_h100_s25/b2_rows_on_host.jsonl"
 c = json.loads(run.read_text().splitlines()[0])["chunks"][0]
-n_micro = sum(-(-k // c["micro_batch"]) for k in sizes)
-tokens = (c["estimate_s"] / len(c["passes"]) - MICRO_BATCH_S["cuda"] * n_micro) \
-    * OLD_RATE["cuda/bfloat16"] / (6 * n)
+tokens, n_micro = b2_tokens(c, n, sizes)
 stored_tokens = tokens * stored_n / sum(sizes)
 fmt = stored_format(model, cfg["resources"]["collect"].get("gradient_format", "auto"))
 per_1000 = layer_bytes(idx, [1000], cfg["fisher"]["store_dtype"], fmt, cfg["model"]["dtype"])
