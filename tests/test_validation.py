@@ -198,6 +198,25 @@ def test_random_arms_match_the_top_arm_by_block_and_parameter_count():
     assert arm_sets(ranked, (0.25,), 2, seed=3) == arm_sets(ranked, (0.25,), 2, seed=3)
 
 
+def test_random_arms_depend_on_the_ranking_only_through_the_top_arm_s_blocks():
+    """Two rankings whose first k cells fall in the same blocks draw the same random cells
+    (the pool is in (block, layer, head) order, not the map's)."""
+    model = _model(layers=3)
+    cells = distinct_cells(QKOVIndexer(model))
+    rng = np.random.default_rng(1)
+    ranked = [cells[k] for k in rng.permutation(len(cells))]
+    k = int(np.ceil(0.25 * len(ranked)))
+    # shuffle within the top k and within the rest: the blocks of the first k stay the same
+    other = ([ranked[i] for i in rng.permutation(k)]
+             + [ranked[k + i] for i in rng.permutation(len(ranked) - k)])
+    assert other != ranked
+    draws = [[c for a, _, _, c in arm_sets(r, (0.25,), 3, seed=3) if a == "random"]
+             for r in (ranked, other)]
+    assert draws[0] == draws[1]
+    assert all(sorted(c.block for c in d) == sorted(c.block for c in ranked[:k])
+               for d in draws[0])
+
+
 def test_rho_rows_and_validity_table_against_scipy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(7, 30))

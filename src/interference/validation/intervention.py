@@ -6,7 +6,8 @@ Arms, each a fresh fine-tuning of the same starting model on task B (AdamW):
 - ``top``: the k cells the map ranks first frozen; ``bottom``: the k it ranks last;
 - ``random``: k random cells with the same number of cells per block as ``top`` (so the
   same number of frozen parameters, exactly), ``n_random`` draws; draw r is the same set
-  for every seed.
+  for every seed. Each block's cells are drawn from that block's cells in (layer, head)
+  order, so the draws depend on the ranking only through top's count per block.
 
 Freezing is exact: the frozen entries' gradients are zeroed before every optimizer step
 and their values put back bitwise after it (AdamW's weight decay would move them
@@ -120,7 +121,9 @@ def finetune(model, objective, train: dict, params: CellParams, frozen: list[Cel
 
 def matched_random(ranked: list[Cell], k: int, all_cells: list[Cell],
                    rng: np.random.Generator) -> list[Cell]:
-    """k random cells with as many cells per block as the first k of ``ranked``."""
+    """k random cells with as many cells per block as the first k of ``ranked``, drawn
+    from ``all_cells`` in its own order (so a draw depends on the map only through those
+    counts when ``all_cells`` is in a fixed order)."""
     need: dict[str, int] = {}
     for c in ranked[:k]:
         need[c.block] = need.get(c.block, 0) + 1
@@ -135,12 +138,13 @@ def arm_sets(ranked: list[Cell], fractions, n_random: int, seed: int
              ) -> list[tuple[str, float, int, list[Cell]]]:
     """[(arm, fraction, draw, frozen cells)] for every arm of the design (module docstring)."""
     out = [("none", 0.0, 0, [])]
+    pool = sorted(ranked)              # block, layer, head: draws independent of the ranking
     for f in fractions:
         k = max(1, math.ceil(f * len(ranked)))
         out.append(("top", f, 0, ranked[:k]))
         out.append(("bottom", f, 0, ranked[-k:]))
         rng = np.random.default_rng([seed, int(round(f * 1e6))])
-        out += [("random", f, r, matched_random(ranked, k, ranked, rng))
+        out += [("random", f, r, matched_random(ranked, k, pool, rng))
                 for r in range(n_random)]
     return out
 
