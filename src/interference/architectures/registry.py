@@ -203,8 +203,9 @@ class AttentionLayout:
         """(geometry of the first layer, extra) with ``_fit_split_geometry`` per layer;
         layers whose d_k / d_v differ go to extra['layer_head_dims']; KV heads or widths
         that differ between layers raise ValueError (one KV grouping per model)."""
-        fits = {l: _fit_split_geometry(g, {b: model.get_submodule(
-            self.modules_by_layer(model, b)[l]) for b in BLOCKS}) for l in layers}
+        paths = {b: self.modules_by_layer(model, b) for b in BLOCKS}
+        fits = {l: _fit_split_geometry(g, {b: model.get_submodule(paths[b][l])
+                                           for b in BLOCKS}) for l in layers}
         base = fits[layers[0]]
         dims = lambda f: [f["head_dim"], f.get("v_head_dim", f["head_dim"])]
         other = {str(l): dims(f) for l, f in fits.items() if dims(f) != dims(base)}

@@ -139,14 +139,28 @@ def pass_flops_per_token(model, indexer, layers: list[int]) -> float:
     return 2.0 * matrices + 2.0 * (n_head + above * (matrices - n_head)) + 2.0 * attention
 
 
-_FLOP_COUNTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# What a planner asks of one indexer for each of the hundreds of passes it prices (LLaMA-2-
+# 70B's dry plan: 3,594 pass memories, 580 pass FLOPs), computed once: indexer -> {key: value}
+_PLANNING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _planning(indexer) -> dict:
+    return _PLANNING.setdefault(indexer, {})
+
+
+def _param_shapes(indexer) -> dict:
+    """{parameter name: torch.Size} of the indexer's model."""
+    cache = _planning(indexer)
+    if "shapes" not in cache:
+        cache["shapes"] = {n: p.shape for n, p in indexer.model.named_parameters()}
+    return cache["shapes"]
 
 
 def _flop_counts(model, indexer) -> tuple[int, int, int, dict[int, int]]:
     """(entries of the matrices that multiply, of the output projection, decoder layers,
-    {layer: attention entries}) of ``model``, counted once per indexer (a planner asks for
-    hundreds of passes: LLaMA-2-70B's dry plan walked its modules 580 times)."""
-    if indexer not in _FLOP_COUNTS:
+    {layer: attention entries}) of ``model``, counted once per indexer."""
+    cache = _planning(indexer)
+    if "flops" not in cache:
         from torch import nn
 
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
@@ -159,9 +173,9 @@ def _flop_counts(model, indexer) -> tuple[int, int, int, dict[int, int]]:
         attention_of: dict[int, int] = {}
         for (l, _), e in indexer.entries.items():
             attention_of[l] = attention_of.get(l, 0) + e.numel
-        _FLOP_COUNTS[indexer] = (matrices, head_w.numel() if head_w is not None else 0,
-                                 _dims(model)["n_layers"], attention_of)
-    return _FLOP_COUNTS[indexer]
+        cache["flops"] = (matrices, head_w.numel() if head_w is not None else 0,
+                          _dims(model)["n_layers"], attention_of)
+    return cache["flops"]
 
 
 def estimate(flops_per_token: list[float], tokens: list[int], device: str, model_dtype: str,
@@ -448,26 +462,23 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
     return out
 
 
-_PLANNED_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def _factored_pass(indexer, mine, P: int, m: int, rows: int, act: int, values: int, score: int,
                    gradient_format: str, store_dtype: str, max_tokens: int,
                    n_tasks: int, staged: int = 0) -> dict:
     """:func:`pass_memory` of a factored store (see there)."""
     from .factored import FactorLayout
 
-    params = dict(indexer.model.named_parameters())
+    shapes = _param_shapes(indexer)
     names = {p.name for k in mine for p in indexer.entries[k].parts}
-    P1 = max(params[n].numel() for n in names if n.endswith("weight"))
-    # one layout per indexer and format: a planner tries dozens of passes (B2: 66 layouts
-    # of 32 layers took 4.4 s of a chunk job's 7 s plan)
-    built = _PLANNED_LAYOUTS.setdefault(indexer, {})
-    key = (gradient_format, store_dtype)
+    P1 = max(shapes[n].numel() for n in names if n.endswith("weight"))
+    # one layout per indexer and format (B2: 66 layouts of 32 layers took 4.4 s of a chunk
+    # job's 7 s plan)
+    built = _planning(indexer)
+    key = ("layout", gradient_format, store_dtype)
     if key not in built:
         built[key] = FactorLayout.from_indexer(indexer, gradient_format, store_dtype)
     layout = built[key]
-    dense = sum(params[n].numel() for n in names
+    dense = sum(shapes[n].numel() for n in names
                 if n.rsplit(".", 1)[0] in layout.modules and
                 not layout.factored(n.rsplit(".", 1)[0], max_tokens))
     out = {"rows": rows, "grads": 4 * m * (P1 + dense), "cat": 0, "copies": 0,
@@ -485,9 +496,9 @@ def _gathered_view(indexer, layer: int, block: str) -> bool:
     gradients (no copy), decided on meta tensors (no memory)."""
     import torch
 
-    params = dict(indexer.model.named_parameters())
+    shapes = _param_shapes(indexer)
     names = [p.name for p in indexer.entry(layer, block).parts]
-    fake = {n: torch.empty((1, *params[n].shape), device="meta") for n in names}
+    fake = {n: torch.empty((1, *shapes[n]), device="meta") for n in names}
     piece = indexer.gather(fake, layer, block).flatten(1)
     return any(piece._base is t for t in fake.values())
 
