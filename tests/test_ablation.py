@@ -33,7 +33,8 @@ GRADIENT_RULES = ("prepare_model", "prepare_data", "collect")
 METRIC_ONLY = {"fisher_source_a": "a", "fisher_source_b": "b", "fisher_source_pooled": None,
                "variant_signed": "signed", "variant_symmetric": "symmetric",
                "variant_qkov": None, "gj_norm_l2": "l2", "aggregate_mean": "mean",
-               "ridge_lambda_rel_0.01": 0.01, "ridge_lambda_rel_0.0001": 0.0001}
+               "ridge_lambda_rel_0.01": 0.01, "ridge_lambda_rel_0.0001": 0.0001,
+               "ridge_lambda_0": 0.0, "ridge_lambda_0.00000001": None}
 NEW_STORES = ("samples_32", "samples_96", "max_length_64", "max_length_256",
               "store_dtype_float32", "store_dtype_float16", "model_pythia_160m",
               "model_qwen2_0_5b")
