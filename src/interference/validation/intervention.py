@@ -160,7 +160,7 @@ def _row(name, f, draw, seed, frozen, params, before, after) -> dict:
 
 def run_arms(model, objective, train_b: dict, eval_a: dict, eval_b: dict,
              params: CellParams, ranked: list[Cell], settings: FinetuneSettings,
-             fractions=(0.05, 0.1, 0.2), n_random: int = 5, seeds=(0, 1, 2),
+             fractions=(0.05, 0.1, 0.2), n_random: int = 20, seeds=(0, 1, 2),
              micro_batch: int = 16, progress: bool = True, runs_per_pass: int = 1
              ) -> pd.DataFrame:
     """Every arm x seed: one row with arm, fraction, k, draw, seed, n_frozen_params,

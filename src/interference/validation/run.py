@@ -64,7 +64,7 @@ class ValidationSettings:
     rank_by: str = "map"
     intervention: bool = True
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
-    n_random: int = 5
+    n_random: int = 20
     seeds: tuple = (0, 1, 2)
     micro_batch: int = 16
     runs_per_pass: int | None = None
