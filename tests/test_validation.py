@@ -265,6 +265,38 @@ def test_compare_arms_against_brute_force():
     assert (got["n_random"], got["n_seeds"]) == (6, 3)
 
 
+def test_the_intervention_figure_draws_each_arm_minus_random_with_its_interval(tmp_path):
+    """The right panel's points and bars are compare_arms' diff and interval per k and arm,
+    in order of k, and the figure is written."""
+    import matplotlib.pyplot as plt
+
+    from interference.figures.validation import _differences, intervention
+
+    rng = np.random.default_rng(5)
+    rows = []
+    for f, k in ((0.2, 6), (0.1, 3)):
+        for seed in (0, 1, 2):
+            for arm in ("top", "bottom"):
+                rows.append({"arm": arm, "fraction": f, "k": k, "draw": 0, "seed": seed,
+                             "forgetting": rng.normal(), "learning": 1.0})
+            rows += [{"arm": "random", "fraction": f, "k": k, "draw": d, "seed": seed,
+                      "forgetting": rng.normal(), "learning": 1.0} for d in range(4)]
+    arms = pd.DataFrame(rows)
+    comparison = pd.concat([compare_arms(arms, v, n_bootstrap=200) for v in ("top", "bottom")])
+    fig, ax = plt.subplots()
+    _differences(ax, comparison)
+    drawn = {c.get_label(): c for c in ax.containers}
+    for arm in ("top", "bottom"):
+        want = comparison[comparison.arm == arm].sort_values("fraction")
+        line, _, (bars,) = drawn[f"{arm} - random"]
+        np.testing.assert_array_equal(line.get_ydata(), want["diff"])
+        ends = np.array([seg[:, 1] for seg in bars.get_segments()])
+        np.testing.assert_allclose(ends, want[["diff_low", "diff_high"]].to_numpy())
+    plt.close(fig)
+    paths = intervention(arms, tmp_path / "arms", "t", comparison)
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
 def _canonical_slice(indexer, cell):
     e = indexer.entry(cell.layer, cell.block)
     return slice(e.offset + cell.head * e.size, e.offset + (cell.head + 1) * e.size)

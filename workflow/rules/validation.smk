@@ -71,6 +71,7 @@ rule draw_validation:
         validity=lambda wc: PLAN.seed_files(wc, "validation/validity.csv")[0],
         precision=lambda wc: PLAN.seed_files(wc, "validation/precision.csv")[0],
         arms=lambda wc: PLAN.seed_files(wc, "validation/arms.csv")[0],
+        comparison=lambda wc: PLAN.seed_files(wc, "validation/comparison.csv")[0],
     output:
         scatter=qp.figure_report(R, "validation_scatter.png", "validation_scatter",
                                  ("Counterfactual validation", "score vs measured harm")),
@@ -79,7 +80,8 @@ rule draw_validation:
                                    ("Counterfactual validation", "precision@k")),
         precision_pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/validation_precision.pdf",
         arms=qp.figure_report(R, "validation_intervention.png", "validation_intervention",
-                              ("Counterfactual validation", "forgetting vs learning")),
+                              ("Counterfactual validation", "forgetting vs learning; "
+                                                            "each arm minus random")),
         arms_pdf=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/validation_intervention.pdf",
         config=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/config.draw_validation.yaml",
         record=f"{R}/{{exp}}/{{model}}/{{pair}}/figures/mlflow.draw_validation.json",

@@ -5,8 +5,10 @@
   Spearman's rho with its bootstrap interval over cells.
 - ``validation_precision``: precision@k curves per candidate and step rule, with the
   random expectation k / n.
-- ``validation_intervention``: forgetting (increase of A's loss) vs learning (decrease of
-  B's loss) per arm and k, mean over seeds with the range over seeds and draws.
+- ``validation_intervention``: left, forgetting (increase of A's loss) vs learning
+  (decrease of B's loss) per arm and k, mean over seeds with the range over seeds and
+  draws; right, the test: top-k and bottom-k minus the matched random draws per k, with
+  the bootstrap interval and the permutation p (``compare_arms``).
 """
 from __future__ import annotations
 
@@ -79,10 +81,17 @@ def precision(curves: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
         return style.save_figure(fig, stem)
 
 
-def intervention(arms: pd.DataFrame, stem: str | Path, title: str) -> list[Path]:
-    """Forgetting vs learning per arm and k (mean over seeds; bars: range)."""
+def intervention(arms: pd.DataFrame, stem: str | Path, title: str,
+                 comparison: pd.DataFrame | None = None) -> list[Path]:
+    """Forgetting vs learning per arm and k (mean over seeds; bars: range); beside it, with
+    ``comparison`` (compare_arms' rows), each arm minus random per k (bars: interval)."""
     with style.context():
-        fig, ax = style.new_figure(4.2, 3.0)
+        both = comparison is not None and not comparison.empty and not arms.empty
+        fig, axes = style.new_figure(8.0 if both else 4.2, 3.0, ncols=2 if both else 1,
+                                     squeeze=False)
+        ax = axes[0, 0]
+        if both:
+            _differences(axes[0, 1], comparison)
         if arms.empty:
             ax.text(0.5, 0.5, "intervention not run (validation.intervention: false)",
                     ha="center", va="center", transform=ax.transAxes)
@@ -105,6 +114,33 @@ def intervention(arms: pd.DataFrame, stem: str | Path, title: str) -> list[Path]
         return style.save_figure(fig, stem)
 
 
+def _differences(ax, comparison: pd.DataFrame) -> None:
+    """Per k: forgetting of the top (bottom) arm minus the random draws' mean, with the
+    bootstrap interval; p = the one-sided permutation p that the arm forgets less."""
+    fractions = sorted(comparison["fraction"].unique())
+    shift = {"top": -0.12, "bottom": 0.12}
+    for arm, g in comparison.groupby("arm", sort=False):
+        g = g.set_index("fraction").loc[[f for f in fractions if f in set(g["fraction"])]]
+        x = [fractions.index(f) + shift.get(arm, 0.0) for f in g.index]
+        y = g["diff"].to_numpy()
+        ax.errorbar(x, y, yerr=[y - g["diff_low"].to_numpy(), g["diff_high"].to_numpy() - y],
+                    ls="none", lw=0.9, capsize=2, marker=ARM_MARKERS.get(arm, "o"), ms=6,
+                    color=style.OKABE_ITO[1 if arm == "top" else 2], label=f"{arm} - random")
+        for xi, (_, r) in zip(x, g.iterrows()):
+            ax.annotate(f"p {r['p_value']:.2g}", (xi, r["diff_high"]), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=5)
+    ax.axhline(0.0, color="0.5", lw=0.6)
+    ax.set_xticks(range(len(fractions)))
+    k = comparison.groupby("fraction")["k"].first()
+    ax.set_xticklabels([f"{f:g} (k={int(k[f])})" for f in fractions])
+    ax.set_xlabel("share of cells frozen")
+    ax.set_ylabel("forgetting minus random's (nats)\n< 0: protects A better than random")
+    n = comparison[["n_random", "n_seeds"]].iloc[0]
+    ax.set_title(f"versus {int(n['n_random'])} random draws x {int(n['n_seeds'])} seeds "
+                 "(bars: bootstrap intervals)")
+    ax.legend(fontsize=5, frameon=False)
+
+
 def make_validation_figures(out_dir: str | Path, tables: dict[str, pd.DataFrame], doc: dict
                             ) -> dict[str, list[Path]]:
     """All three figures into ``out_dir``; returns name -> paths."""
@@ -117,7 +153,8 @@ def make_validation_figures(out_dir: str | Path, tables: dict[str, pd.DataFrame]
         "precision": precision(tables["precision"], out_dir / "validation_precision",
                                f"precision@k: {what}"),
         "intervention": intervention(tables["arms"], out_dir / "validation_intervention",
-                                     f"Fine-tuning on {doc.get('task_b')}, cells frozen"),
+                                     f"Fine-tuning on {doc.get('task_b')}, cells frozen",
+                                     tables.get("comparison")),
     }
 
 

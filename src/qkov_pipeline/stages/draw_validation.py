@@ -1,6 +1,6 @@
 """draw_validation: the validation's figures from its saved tables (never from gradients):
-score vs measured ΔL_A per cell, precision@k, forgetting vs learning per arm
-(interference.figures.validation)."""
+score vs measured ΔL_A per cell, precision@k, forgetting vs learning per arm and each
+arm minus random (interference.figures.validation)."""
 from __future__ import annotations
 
 from pathlib import Path
