@@ -370,6 +370,24 @@ def test_head_slices_in_one_range_are_taken_as_views(name):
         assert all(spans), name
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_adding_a_gather_through_views_equals_adding_the_gather(name):
+    """indexer.add_gathered(dest, t, l, b) is dest += gather(t, l, b).reshape(-1), to the
+    bit, on every layout (biases included; the interleaved ones take index_select copies)."""
+    model = _model(name)
+    params = dict(model.named_parameters())
+    idx = QKOVIndexer(model, QKOVConfig.from_model(model, include_bias=True))
+    gen = torch.Generator().manual_seed(0)
+    t = {n: torch.randn(params[n].shape, dtype=torch.float64, generator=gen)
+         for n in idx.param_names}
+    for (layer, block), e in idx.entries.items():
+        base = torch.randn(e.numel + 3, dtype=torch.float64, generator=gen)
+        want = base.clone()
+        want[1:1 + e.numel] += idx.gather(t, layer, block).reshape(-1)
+        idx.add_gathered(base[1:1 + e.numel], t, layer, block)
+        assert torch.equal(base, want), (name, layer, block)
+
+
 def test_unknown_layout_raises_seed_error_listing_patterns():
     model = CustomSplitModel()
     for block in model.blocks:          # names outside the generic discovery's vocabulary

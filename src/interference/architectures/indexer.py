@@ -160,6 +160,28 @@ class Part:
         x = self.select(t, -1).unflatten(-1, (n, size))                # [*, d, n, size]
         return x.movedim(-2, -3).reshape(*lead, n, -1)
 
+    def add_into(self, dest: torch.Tensor, t: torch.Tensor) -> None:
+        """``dest += self.take(t)`` for ``dest`` [n_heads, size·fan] (a view, e.g. columns of
+        a canonical vector's block), with no head-major copy of ``t``: the permutation
+        :meth:`take` would copy is applied to ``dest``'s view instead (one kernel)."""
+        n, size = self.n_heads, self.size
+        if self.kernel:
+            t = t.squeeze(-1)
+        if self.axis == "bias":
+            dest.add_(self.select(t, -1).unflatten(-1, (n, size)))
+        elif self.axis == "rows" and self.transposed:                  # t [in, out]
+            x = self.select(t, -1).unflatten(-1, (n, size))            # [in, n, size]
+            dest.unflatten(-1, (size, -1)).movedim(-1, 0).add_(x)
+        elif self.axis == "rows":                                      # t [out, in]
+            x = self.select(t, -2).unflatten(0, (n, size))             # [n, size, in]
+            dest.unflatten(-1, (size, -1)).add_(x)
+        elif self.transposed:                                          # t [cols, d]
+            x = self.select(t, -2).unflatten(0, (n, size))             # [n, size, d]
+            dest.unflatten(-1, (-1, size)).transpose(-1, -2).add_(x)
+        else:                                                          # t [d, cols]
+            x = self.select(t, -1).unflatten(-1, (n, size))            # [d, n, size]
+            dest.unflatten(-1, (-1, size)).movedim(0, 1).add_(x)
+
 
 @dataclass(frozen=True)
 class BlockEntry:
@@ -277,6 +299,28 @@ class QKOVIndexer:
         e = self.entry(layer, block)
         pieces = [p.take(tensors[p.name]) for p in e.parts]
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+    def add_gathered(self, dest: torch.Tensor, tensors: dict[str, torch.Tensor], layer: int,
+                     block: str) -> None:
+        """``dest += gather(tensors, layer, block).reshape(-1)`` for ``dest`` [numel] (the
+        (layer, block)'s slice of a canonical vector, on the tensors' device), each part
+        added through a view of ``dest``: no head-major copy, no cat."""
+        e = self.entry(layer, block)
+        heads = dest.view(e.n_heads, e.size)
+        col = 0
+        for p, width in zip(e.parts, self._part_widths(e)):
+            p.add_into(heads[:, col:col + width], tensors[p.name])
+            col += width
+
+    def _part_widths(self, e: BlockEntry) -> list[int]:
+        """Each part's entries per head in ``e`` (its columns in :meth:`gather`'s cat), found
+        once on meta tensors."""
+        widths = self.__dict__.setdefault("_widths", {})
+        if (e.layer, e.block) not in widths:
+            widths[(e.layer, e.block)] = [
+                p.take(torch.empty(self._params[p.name].shape, device="meta")).shape[-1]
+                for p in e.parts]
+        return widths[(e.layer, e.block)]
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The canonical vector [P] of ``tensors`` over all (layer, block), float32, on the

@@ -583,7 +583,7 @@ class PerSampleGradients:
 
         No per-sample row is formed: each projection's per-sample gradients are squared and
         summed as soon as they exist, and each (layer, block)'s sums go into ``total`` as
-        soon as its projections are formed (:meth:`_square_parts`), so memory holds one
+        soon as its projections are formed (:meth:`_square_entries`), so memory holds one
         projection's gradients and a few projections' sums at a time besides ``total``.
         ``into``: the caller's [P] float64 sums (a Fisher state) to add each micro-batch's
         squares to instead of a new total, once all of them are known finite (a failed
@@ -607,10 +607,11 @@ class PerSampleGradients:
                     total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
                                         device=losses.device)
                 parts = ()
-                for e, part in self._square_parts(cap):
-                    total[e.offset:e.offset + e.numel].add_(part.to(total.device))
+                for e in self._square_entries(cap):
+                    self._add_squares(total[e.offset:e.offset + e.numel], cap, e)
             else:       # held until checked: small blocks, not a second [P]
-                parts = list(self._square_parts(cap))
+                parts = [(e, self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1))
+                         for e in self._square_entries(cap)]
             names = [n for n in self._names if n in cap.finite]
             info = start_host_copy(torch.cat([
                 torch.stack([losses.detach().double(), n_tok.double()]),
@@ -646,16 +647,23 @@ class PerSampleGradients:
                                              f"{name}")
         return loss_of, [int(t) for t in tok_of]
 
-    def _square_parts(self, cap: "_HookCapture"):
-        """Form ``cap``'s projections in model order and yield (entry, its squares [numel]
-        float64 in the canonical order) for each (layer, block) once all its parameters are
-        formed; a parameter's squares are dropped when no later (layer, block) reads them."""
+    def _square_entries(self, cap: "_HookCapture"):
+        """Form ``cap``'s projections in model order and yield each (layer, block) entry once
+        all its parameters' squares (``cap.sq``, parameter-shaped float64) are formed; a
+        parameter's squares are dropped when no later (layer, block) reads them."""
         for path, ready, done in self._square_plan:
             cap.form(path)
-            for e in ready:
-                yield e, self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1)
+            yield from ready
             for name in done:
                 del cap.sq[name]
+
+    def _add_squares(self, dest: torch.Tensor, cap: "_HookCapture", e) -> None:
+        """``dest`` (the entry's slice of a canonical total) += the entry's squares, added
+        through views of ``dest`` (no head-major copy, no cat) where they share its device."""
+        if all(cap.sq[p.name].device == dest.device for p in e.parts):
+            self.indexer.add_gathered(dest, cap.sq, e.layer, e.block)
+        else:                                  # a model placed over several devices
+            dest.add_(self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1).to(dest.device))
 
     @functools.cached_property
     def _modules(self) -> dict[str, nn.Module]:
