@@ -161,9 +161,10 @@ class Part:
         return x.movedim(-2, -3).reshape(*lead, n, -1)
 
     def add_into(self, dest: torch.Tensor, t: torch.Tensor) -> None:
-        """``dest += self.take(t)`` for ``dest`` [n_heads, size·fan] (a view, e.g. columns of
-        a canonical vector's block), with no head-major copy of ``t``: the permutation
-        :meth:`take` would copy is applied to ``dest``'s view instead (one kernel)."""
+        """``dest += self.take(t)`` for ``t`` shaped like the parameter (no leading dims) and
+        ``dest`` [n_heads, size·fan] (a view, e.g. columns of a canonical vector's block),
+        with no head-major copy of ``t``: the permutation :meth:`take` would copy is applied
+        to ``dest``'s view instead (one kernel; interleaved layouts still index_select)."""
         n, size = self.n_heads, self.size
         if self.kernel:
             t = t.squeeze(-1)
