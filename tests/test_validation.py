@@ -206,10 +206,13 @@ def test_random_arms_depend_on_the_ranking_only_through_the_top_arm_s_blocks():
     rng = np.random.default_rng(1)
     ranked = [cells[k] for k in rng.permutation(len(cells))]
     k = int(np.ceil(0.25 * len(ranked)))
-    # shuffle within the top k and within the rest: the blocks of the first k stay the same
+    # shuffle within the top k and within the rest, then swap a top cell with a cell of
+    # its block from the rest: other top cells, in the same blocks
     other = ([ranked[i] for i in rng.permutation(k)]
              + [ranked[k + i] for i in rng.permutation(len(ranked) - k)])
-    assert other != ranked
+    j = next(i for i in range(k, len(other)) if other[i].block == other[0].block)
+    other[0], other[j] = other[j], other[0]
+    assert set(other[:k]) != set(ranked[:k])
     draws = [[c for a, _, _, c in arm_sets(r, (0.25,), 3, seed=3) if a == "random"]
              for r in (ranked, other)]
     assert draws[0] == draws[1]
