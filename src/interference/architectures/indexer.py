@@ -193,7 +193,8 @@ class BlockEntry:
     n_heads: int
     size: int
     offset: int
-    parts: tuple  # (Part, ...)
+    parts: tuple   # (Part, ...)
+    widths: tuple  # each part's entries per head: its columns in gather's cat; sum = size
 
     @property
     def numel(self) -> int:
@@ -265,8 +266,8 @@ class QKOVIndexer:
         bias = getattr(module, "bias", None)
         if self.config.include_bias and hs.axis == "rows" and bias is not None:
             parts.append(Part(f"{hs.module}.bias", "bias", index, n, hs.size))
-        size = sum(p.take(self._params[p.name].detach()).shape[-1] for p in parts)
-        return BlockEntry(layer, block, n, size, offset, tuple(parts))
+        widths = tuple(p.take(self._params[p.name].detach()).shape[-1] for p in parts)
+        return BlockEntry(layer, block, n, sum(widths), offset, tuple(parts), widths)
 
     def _check_extent(self, weight: torch.Tensor, hs: HeadSlices, layer: int, block: str):
         """ValueError naming expected and actual shapes when the config does not fit."""
@@ -309,19 +310,9 @@ class QKOVIndexer:
         e = self.entry(layer, block)
         heads = dest.view(e.n_heads, e.size)
         col = 0
-        for p, width in zip(e.parts, self._part_widths(e)):
+        for p, width in zip(e.parts, e.widths):
             p.add_into(heads[:, col:col + width], tensors[p.name])
             col += width
-
-    def _part_widths(self, e: BlockEntry) -> list[int]:
-        """Each part's entries per head in ``e`` (its columns in :meth:`gather`'s cat), found
-        once on meta tensors."""
-        widths = self.__dict__.setdefault("_widths", {})
-        if (e.layer, e.block) not in widths:
-            widths[(e.layer, e.block)] = [
-                p.take(torch.empty(self._params[p.name].shape, device="meta")).shape[-1]
-                for p in e.parts]
-        return widths[(e.layer, e.block)]
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The canonical vector [P] of ``tensors`` over all (layer, block), float32, on the
