@@ -225,15 +225,15 @@ def test_the_dry_plan_places_the_model_as_a_job_would(tmp_path, capsys):
     would place it, every layer planned, and the budget that of the card with the least
     memory left after its weights; the command prints it."""
     from qkov_pipeline import cli
-    from qkov_pipeline import dry_plan as bench
+    from qkov_pipeline import dry_plan as dp
 
     tiny_llama(n_layer=4).save_pretrained(tmp_path, safe_serialization=True)
     for over, n_layers in ((["model=tiny_random", "resources.collect.gpu=2"], 2),
                            (["model=tiny_random", "model.source=local", f"model.path={tmp_path}",
                              "resources.collect.gpu=2"], 4)):
-        row = bench.dry_plan("tiny", over, 1.0)
+        row = dp.dry_plan("tiny", over, 1.0)
         assert row["gpus_per_job"] == 2 and list(row["placement"]) == ["cuda:0", "cuda:1"]
-        left = min((1.0 - bench.CUDA_CONTEXT_GIB - e["gib"]) * GIB
+        left = min((1.0 - dp.CUDA_CONTEXT_GIB - e["gib"]) * GIB
                    for e in row["placement"].values())
         assert row["budget_bytes"] == pytest.approx(0.8 * left)
         planned = [l for ch in row["chunks"] for p in ch["passes"] for l in p]
