@@ -1121,10 +1121,12 @@ def test_causal_lm_split_keeps_each_samples_masked_tokens_as_a_loop_does():
 
 def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypatch):
     """per_sample.LAG_DEVICES (CUDA): without ``into``, a Fisher micro-batch is checked on
-    the host once the next one is queued, from per-sample finiteness flags (its capture is
-    freed at once). Run that way on the CPU, the total is bitwise the unlagged one and the
-    losses and tokens are the same; a NaN in a sample of the first of three micro-batches
-    names that sample and parameter only after the second micro-batch has run."""
+    the host once the next one is queued, from each parameter's sum of squares (its capture
+    is freed at once). Run that way on the CPU, the total is bitwise the unlagged one and
+    the losses and tokens are the same; a NaN in a sample of the first of three
+    micro-batches is found only after the second micro-batch has run, and named (sample and
+    parameter) by running the first again; a NaN the second run does not reproduce names
+    the micro-batch's samples."""
     from interference.gradients import CausalLMObjective, NonFiniteGradientError, PerSampleGradients
     from interference.gradients import per_sample
 
@@ -1139,17 +1141,39 @@ def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypa
     assert [x[1:] for x in lagged] == [x[1:] for x in plain] and len(plain) == 3
     assert torch.equal(lagged[-1][0], plain[-1][0])
 
+    m1 = CausalLMObjective().split(batch)[1]["input_ids"]
+    seen = {}
+    hook = llama_model.get_input_embeddings().register_forward_pre_hook(
+        lambda mod, args: seen.update(ids=args[0]))
     keep, formed = per_sample._HookCapture._keep, []
 
-    def poisoned(self, n, g):
+    def poisoned(self, n, g, every_run):
         formed.append(g.shape[0])
-        if n.endswith("layers.1.self_attn.v_proj.weight") and len(formed) <= len(idx.param_names):
+        ids = seen["ids"]
+        m1_second = ids.shape[0] > 1 and torch.equal(ids[1, :len(m1)], m1)
+        if n.endswith("layers.1.self_attn.v_proj.weight") and m1_second and \
+                (every_run or len(formed) <= len(idx.param_names)):
             g = g.clone()
             g[1, 0, 0] = float("nan")
         return keep(self, n, g)
-    monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
-    eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks", micro_batch=2)
-    with pytest.raises(NonFiniteGradientError, match=r"sample 'm:1': non-finite gradient of "
-                                                     r"model\.layers\.1\.self_attn\.v_proj"):
-        list(eng.square_sums(batch, batch["sample_ids"]))
-    assert len(formed) == 2 * len(idx.param_names)      # raised after the second micro-batch
+    try:
+        requires = llama_model.model.layers[0].self_attn.q_proj.weight.requires_grad
+        monkeypatch.setattr(per_sample._HookCapture, "_keep",
+                            lambda self, n, g: poisoned(self, n, g, True))
+        eng = PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks",
+                                 micro_batch=2)
+        with pytest.raises(NonFiniteGradientError, match=r"sample 'm:1': non-finite gradient of "
+                                                         r"model\.layers\.1\.self_attn\.v_proj"):
+            list(eng.square_sums(batch, batch["sample_ids"]))
+        # raised after the second micro-batch, having formed v_proj's gradients of the first again
+        assert len(formed) == 2 * len(idx.param_names) + 1
+        # the nested run left the model's gradient flags as they were
+        assert llama_model.model.layers[0].self_attn.q_proj.weight.requires_grad == requires
+        formed.clear()
+        monkeypatch.setattr(per_sample._HookCapture, "_keep",
+                            lambda self, n, g: poisoned(self, n, g, False))
+        with pytest.raises(NonFiniteGradientError, match=r"v_proj\.weight in one of samples "
+                                                         r"\['m:0', 'm:1'\], finite when"):
+            list(eng.square_sums(batch, batch["sample_ids"]))
+    finally:
+        hook.remove()

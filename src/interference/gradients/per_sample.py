@@ -274,9 +274,9 @@ class _HookCapture:
     gradients [n, *param.shape] in float32 from x and δ, one module at a time.
 
     What :meth:`form` keeps of each parameter's g (``_keep``), by ``reduce``:
-    None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and whether each
-    sample's g is finite (``finite``: one flag per sample with ``per_sample_finite``, else
-    one for all, expanded, and :meth:`sample_finite` names the sample when it is False);
+    None: g itself (``grads``); 'squares': Σ_k g_k² (float64, ``sq``) and its sum over
+    the parameter's entries (0-d float64, ``sq_total``: finite iff every sample's g is, as
+    float32 squares cannot overflow float64; :meth:`sample_finite` names the sample);
     'norms': Σ of g_k² over the entries the indexer
     covers (float64 [n], ``norm2``), and g itself for the parameters in ``keep`` only.
 
@@ -288,7 +288,7 @@ class _HookCapture:
 
     def __init__(self, model: nn.Module, names: list[str], reduce: str | None = None,
                  covered: dict | None = None, keep: set | None = None,
-                 modules: dict | None = None, per_sample_finite: bool = False):
+                 modules: dict | None = None):
         modules = modules or dict(model.named_modules())
         self.reduce, self.covered, self.keep = reduce, covered or {}, keep or set()
         self.by_module: dict[str, list[str]] = {}
@@ -298,7 +298,7 @@ class _HookCapture:
         self.conv1d = {p: type(modules[p]).__name__ == "Conv1D" for p in self.by_module}
         self.grads: dict[str, torch.Tensor] = {}
         self.sq: dict[str, torch.Tensor] = {}
-        self.finite: dict[str, torch.Tensor] = {}
+        self.sq_total: dict[str, torch.Tensor] = {}
         self.norm2: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}
         # path -> [(gradient edge, shape, dtype)] of its applications' outputs
@@ -307,8 +307,6 @@ class _HookCapture:
         self.stacked: set[str] = set()
         self._groups: dict[str, str] | None = None
         self._views: tuple | None = None
-        # reduce 'squares': ``finite`` per sample (else one flag for all, expanded)
-        self.per_sample_finite = per_sample_finite
         self._x_grams: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # id(x) -> (x, XXᵀ)
         self.handles = [modules[p].register_forward_hook(self._hook(p)) for p in self.by_module]
 
@@ -437,14 +435,11 @@ class _HookCapture:
         if self.reduce is None:
             self.grads[name] = g
         elif self.reduce == "squares":
-            # exact float64 squares added in sample order, no float64 copy of g
+            # exact float64 squares added in sample order, no float64 copy of g; their
+            # sum is one launch reading P values (isfinite is four more, and a per-sample
+            # check reads n x P): the host tests it, and only then is a sample named
             self.sq[name] = acc = square_sum(g)
-            if self.per_sample_finite:    # a float32 g's float64 sum is finite iff g is
-                self.finite[name] = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
-            else:
-                # every sample's g is finite iff Σ_k g_k² is (float32 squares cannot
-                # overflow float64); which sample is not: :meth:`sample_finite`, only then
-                self.finite[name] = torch.isfinite(acc.sum()).reshape(1).expand(len(g))
+            self.sq_total[name] = acc.sum()
         else:
             idx = self.covered.get(name)
             n2 = _row_norms2(g) if idx is None and g.dim() > 2 and \
@@ -542,11 +537,11 @@ class PerSampleGradients:
                 yield SampleGradient(sid, vec.detach(), float(loss.detach()), n_tok)
 
     def _micro_batches(self, samples: list[dict], sample_ids: list[str], reduce=None,
-                       form: bool = True, per_sample_finite: bool = False):
+                       form: bool = True):
         """Forward (hooks) and backward of each micro-batch, per-sample gradients formed
-        (``form``; else the caller forms them) and kept or reduced (``reduce``,
-        ``per_sample_finite``: see :class:`_HookCapture`): yields (ids, capture, losses,
-        n_tok, real) (losses, n_tok, real on the device)."""
+        (``form``; else the caller forms them) and kept or reduced (``reduce``: see
+        :class:`_HookCapture`): yields (ids, capture, losses, n_tok, real) (losses, n_tok,
+        real on the device)."""
         device = next(self.model.parameters()).device
         longest = max((int(s["input_ids"].numel()) for s in samples), default=0)
         chunks = range(0, len(samples), self.micro_batch)
@@ -564,7 +559,7 @@ class PerSampleGradients:
                     keep = {n for n in self._names
                             if any(self.dense_for(n.rsplit(".", 1)[0], t) for t in lengths)}
                 capture = _HookCapture(self.model, self._names, reduce, self._covered, keep,
-                                       self._modules, per_sample_finite)
+                                       self._modules)
                 try:
                     with attention_backends(device):     # no per-shape plans on CUDA
                         losses, n_tok = self._batch_losses(b)
@@ -592,16 +587,19 @@ class PerSampleGradients:
         Without ``into``, on a device of LAG_DEVICES, a micro-batch's losses and finiteness
         are read on the host only once the next micro-batch is queued (the device does not
         wait for the host between micro-batches); the total yielded may then already hold
-        the next micro-batch's squares. A failure discards the new total either way."""
+        the next micro-batch's squares. A failure discards the new total either way.
+
+        Finiteness is read from each parameter's sum of squares (one number a parameter);
+        only when one is not finite is the sample found (lagged, by running its micro-batch
+        again: its capture is gone by then)."""
         if self.engine != "hooks":
             raise ValueError("square_sums needs the 'hooks' engine")
         samples = self.objective.split(batch)
-        total, pending = into, None
-        # lagged, the check may come after the capture is gone: per-sample finiteness flags
+        total, pending, done = into, None, 0
         lag = into is None and next(self.model.parameters()).device.type in LAG_DEVICES
         for ids, cap, losses, n_tok, _ in self._micro_batches(samples, sample_ids, "squares",
-                                                              form=False,
-                                                              per_sample_finite=lag):
+                                                              form=False):
+            part_samples, done = samples[done:done + len(ids)], done + len(ids)
             if into is None:
                 if total is None:
                     total = torch.zeros(self.indexer.total_size, dtype=torch.float64,
@@ -612,16 +610,16 @@ class PerSampleGradients:
             else:       # held until checked: small blocks, not a second [P]
                 parts = [(e, self.indexer.gather(cap.sq, e.layer, e.block).reshape(-1))
                          for e in self._square_entries(cap)]
-            names = [n for n in self._names if n in cap.finite]
+            names = [n for n in self._names if n in cap.sq_total]
+            # one [2n + parameters] float64 copy: losses, predicted tokens, sums of squares
             info = start_host_copy(torch.cat([
-                torch.stack([losses.detach().double(), n_tok.double()]),
-                torch.stack(on_one_device([cap.finite[n] for n in names],
-                                          losses.device)).double()]))
+                losses.detach().double(), n_tok.double(),
+                torch.stack(on_one_device([cap.sq_total[n] for n in names], losses.device))]))
             if lag:
                 del cap        # x, δ and squares: not alive through the next forward
                 if pending is not None:
                     yield total, *self._checked_squares(*pending)
-                pending = (ids, None, names, info)
+                pending = (ids, part_samples, names, info)
                 continue
             loss_of, tok_of = self._checked_squares(ids, cap, names, info)
             for e, part in parts:
@@ -631,21 +629,36 @@ class PerSampleGradients:
         if pending is not None:
             yield total, *self._checked_squares(*pending)
 
-    def _checked_squares(self, ids: list[str], cap: "_HookCapture | None", names: list[str],
-                         info) -> tuple[list[float], list[int]]:
+    def _checked_squares(self, ids: list[str], cap_or_samples: "_HookCapture | list[dict]",
+                         names: list[str], info) -> tuple[list[float], list[int]]:
         """(losses, predicted tokens) of a Fisher micro-batch from its host copy ``info``
-        (losses, tokens, then per parameter whether each sample's gradient is finite, or
-        whether all are: then ``cap`` names the sample); the error naming the first bad
-        sample and parameter."""
-        info = host_values(info)
-        loss_of, tok_of = info[0], info[1]
+        (losses, tokens, then each parameter's sum of squares); the error naming the first
+        bad sample and parameter, found from the micro-batch's capture, or from its samples
+        run again where the capture is gone."""
+        info, n = host_values(info), len(ids)
+        loss_of, tok_of = info[:n], info[n:2 * n]
         self._check_batch(ids, loss_of, tok_of)
-        for name, ok in zip(names, info[2:]):
-            if not all(ok):
-                k = ok.index(0.0) if cap is None else cap.sample_finite(name).index(False)
-                raise NonFiniteGradientError(f"sample {ids[k]!r}: non-finite gradient of "
-                                             f"{name}")
+        bad = [name for name, s in zip(names, info[2 * n:]) if not math.isfinite(s)]
+        if bad:
+            raise self._nonfinite_squares(ids, cap_or_samples, bad[0])
         return loss_of, [int(t) for t in tok_of]
+
+    def _nonfinite_squares(self, ids: list[str], cap_or_samples, name: str
+                           ) -> NonFiniteGradientError:
+        """The error for parameter ``name``'s non-finite squares in micro-batch ``ids``,
+        naming the sample whose gradient of ``name`` is not finite."""
+        if isinstance(cap_or_samples, _HookCapture):
+            ok = cap_or_samples.sample_finite(name)
+        else:                                  # the capture is gone: run the samples again
+            with contextlib.closing(self._micro_batches(cap_or_samples, ids, "squares",
+                                                        form=False)) as again:
+                ok = next(again)[1].sample_finite(name)
+        if all(ok):
+            return NonFiniteGradientError(
+                f"non-finite gradient of {name} in one of samples {ids}, finite when their "
+                f"micro-batch was run again (a nondeterministic overflow?)")
+        return NonFiniteGradientError(f"sample {ids[ok.index(False)]!r}: non-finite gradient "
+                                      f"of {name}")
 
     def _square_entries(self, cap: "_HookCapture"):
         """Form ``cap``'s projections in model order and yield each (layer, block) entry once
