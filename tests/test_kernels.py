@@ -46,18 +46,21 @@ def _spy_on_kernel(monkeypatch) -> list:
 @pytest.mark.parametrize("shape", [(1, 7), (5, 3, 700), (16, 2100)])
 def test_square_sum_kernel_is_bitwise_the_in_order_loop(monkeypatch, shape):
     """The Triton kernel (one program per 1024 entries, a ragged last one) and the
-    multiply-add loop both equal the float64 loop bitwise, NaN and Inf included."""
+    multiply-add loop, whole or over blocks of entries (a ragged last one), all equal the
+    float64 loop bitwise, NaN and Inf included."""
     g = _spread(shape, 0)
     g.view(-1)[3] = float("nan")
     g.view(-1)[-1] = float("inf")
     want = _loop(g)
     assert torch.equal(kernels.square_sum(g).isnan(), want.isnan())
     loop = kernels.square_sum(g)
+    monkeypatch.setattr(kernels, "SQUARE_SUM_CPU_BLOCK", max(1, 97 // torch.get_num_threads()))
+    blocks = kernels.square_sum(g)
     monkeypatch.setattr(kernels, "SQUARE_SUM_DEVICES", {"cpu"})
     launched = _spy_on_kernel(monkeypatch)
     fused = kernels.square_sum(g)
     assert launched == [(-(-g[0].numel() // 1024),)]
-    for got in (loop, fused):
+    for got in (loop, blocks, fused):
         assert got.dtype == torch.float64 and got.shape == g.shape[1:]
         both_nan = got.isnan() & want.isnan()
         assert both_nan.sum() == want.isnan().sum()
