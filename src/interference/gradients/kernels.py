@@ -28,9 +28,9 @@ _LOWP_OK: dict[tuple[str, torch.dtype], bool] = {}
 # devices where square_sum runs as one Triton kernel (else one multiply-add per sample)
 SQUARE_SUM_DEVICES = {"cuda"}
 # square_sum's loop on the CPU: entries a thread adds over all samples before the next ones,
-# so that their float64 sums stay in its cache (256 KB) rather than travel to memory once a
-# sample: 5-6x faster for a 576 x 576 weight of 16 samples (benchmarks/RESULTS.md, session 28)
-SQUARE_SUM_CPU_BLOCK = 1 << 15
+# so that their float64 sums and copies stay in its cache rather than travel to memory once
+# a sample (benchmarks/results/default_cpu/square_sum_blocks_s28.py)
+SQUARE_SUM_CPU_BLOCK = 1 << 16
 
 
 def lowp_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,10 +99,13 @@ def square_sum(g: torch.Tensor) -> torch.Tensor:
     flat, out = g.reshape(len(g), -1), acc.view(-1)
     step = SQUARE_SUM_CPU_BLOCK * torch.get_num_threads() if g.device.type == "cpu" \
         else max(out.numel(), 1)
+    wide = torch.empty(min(step, out.numel()), dtype=torch.float64, device=g.device)
     for start in range(0, out.numel(), step):
         block = out[start:start + step]
+        gk64 = wide[:block.numel()]      # each g_k in float64 once, into one buffer
         for gk in flat[:, start:start + step]:
-            block.addcmul_(gk, gk)
+            gk64.copy_(gk)
+            block.addcmul_(gk64, gk64)
     return acc
 
 
