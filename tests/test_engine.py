@@ -1126,7 +1126,8 @@ def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypa
     the losses and tokens are the same; a NaN in a sample of the first of three
     micro-batches is found only after the second micro-batch has run, and named (sample and
     parameter) by running the first again; a NaN the second run does not reproduce names
-    the micro-batch's samples."""
+    the micro-batch's samples, as does (unlagged) a sum of squares that overflows while
+    every gradient is finite."""
     from interference.gradients import CausalLMObjective, NonFiniteGradientError, PerSampleGradients
     from interference.gradients import per_sample
 
@@ -1172,8 +1173,26 @@ def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypa
         formed.clear()
         monkeypatch.setattr(per_sample._HookCapture, "_keep",
                             lambda self, n, g: poisoned(self, n, g, False))
-        with pytest.raises(NonFiniteGradientError, match=r"v_proj\.weight in one of samples "
-                                                         r"\['m:0', 'm:1'\], finite when"):
+        with pytest.raises(NonFiniteGradientError, match=r"v_proj\.weight's gradients in samples "
+                                                         r"\['m:0', 'm:1'\] do not sum to a "
+                                                         r"finite number, yet each sample's "
+                                                         r"gradient is finite when"):
             list(eng.square_sums(batch, batch["sample_ids"]))
     finally:
         hook.remove()
+
+    # every gradient finite but a sum of squares not (a float64 overflow): named as such
+    monkeypatch.setattr(per_sample._HookCapture, "_keep", keep)
+    monkeypatch.setattr(per_sample, "LAG_DEVICES", set())
+    square_sum = per_sample.square_sum
+
+    def overflowing(g):
+        acc = square_sum(g)
+        if g.shape[1:] == llama_model.model.layers[0].self_attn.o_proj.weight.shape:
+            acc[0, 0] = float("inf")
+        return acc
+    monkeypatch.setattr(per_sample, "square_sum", overflowing)
+    with pytest.raises(NonFiniteGradientError, match=r"in samples \['m:0', 'm:1'\] do not sum "
+                                                     r"to a finite number, yet each sample's "
+                                                     r"gradient is finite$"):
+        list(eng.square_sums(batch, batch["sample_ids"]))

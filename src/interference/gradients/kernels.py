@@ -27,9 +27,11 @@ LOWP_OUT_DEVICES = {"cuda"}
 _LOWP_OK: dict[tuple[str, torch.dtype], bool] = {}
 # devices where square_sum runs as one Triton kernel (else one multiply-add per sample)
 SQUARE_SUM_DEVICES = {"cuda"}
-# square_sum's loop on the CPU: entries a thread adds over all samples before the next ones,
-# so that their float64 sums and copies stay in its cache rather than travel to memory once
-# a sample (benchmarks/results/default_cpu/square_sum_blocks_s28.py)
+# devices where square_sum's loop runs over blocks of SQUARE_SUM_CPU_BLOCK entries a thread,
+# all samples added into a block before the next, so that its float64 sums and copies stay
+# in the thread's cache rather than travel to memory once a sample
+# (benchmarks/results/default_cpu/square_sum_blocks_s28.py)
+SQUARE_SUM_BLOCK_DEVICES = {"cpu"}
 SQUARE_SUM_CPU_BLOCK = 1 << 16
 
 
@@ -89,16 +91,19 @@ def square_sum(g: torch.Tensor) -> torch.Tensor:
     added in sample order: the square of a float32 value is exact in float64, so each step
     rounds once, and the result is bitwise the loop ``acc.addcmul_(g_k, g_k)`` over k (no
     float64 copy of ``g``). On a device of SQUARE_SUM_DEVICES with triton (or in triton's
-    CPU interpreter, TRITON_INTERPRET=1, for tests), one kernel; else that loop, on the CPU
-    over blocks of SQUARE_SUM_CPU_BLOCK entries a thread."""
+    CPU interpreter, TRITON_INTERPRET=1, for tests), one kernel; else that loop, on a
+    device of SQUARE_SUM_BLOCK_DEVICES over blocks of entries."""
     if g.dtype == torch.float32 and g.device.type in SQUARE_SUM_DEVICES and \
             triton_available(g.device):
         from . import triton_squares
         return triton_squares.square_sum(g)
     acc = torch.zeros(g.shape[1:], dtype=torch.float64, device=g.device)
+    if g.device.type not in SQUARE_SUM_BLOCK_DEVICES:      # one launch a sample
+        for gk in g:
+            acc.addcmul_(gk, gk)
+        return acc
     flat, out = g.reshape(len(g), -1), acc.view(-1)
-    step = SQUARE_SUM_CPU_BLOCK * torch.get_num_threads() if g.device.type == "cpu" \
-        else max(out.numel(), 1)
+    step = SQUARE_SUM_CPU_BLOCK * torch.get_num_threads()
     wide = torch.empty(min(step, out.numel()), dtype=torch.float64, device=g.device)
     for start in range(0, out.numel(), step):
         block = out[start:start + step]

@@ -647,16 +647,18 @@ class PerSampleGradients:
                            ) -> NonFiniteGradientError:
         """The error for parameter ``name``'s non-finite squares in micro-batch ``ids``,
         naming the sample whose gradient of ``name`` is not finite."""
-        if isinstance(cap_or_samples, _HookCapture):
+        again = not isinstance(cap_or_samples, _HookCapture)
+        if not again:
             ok = cap_or_samples.sample_finite(name)
         else:                                  # the capture is gone: run the samples again
             with contextlib.closing(self._micro_batches(cap_or_samples, ids, "squares",
-                                                        form=False)) as again:
-                ok = next(again)[1].sample_finite(name)
-        if all(ok):
+                                                        form=False)) as runs:
+                ok = next(runs)[1].sample_finite(name)
+        if all(ok):       # a float64 overflow, or (run again) a nondeterministic one
             return NonFiniteGradientError(
-                f"non-finite gradient of {name} in one of samples {ids}, finite when their "
-                f"micro-batch was run again (a nondeterministic overflow?)")
+                f"the squares of {name}'s gradients in samples {ids} do not sum to a finite "
+                f"number, yet each sample's gradient is finite"
+                f"{' when their micro-batch is run again' if again else ''}")
         return NonFiniteGradientError(f"sample {ids[ok.index(False)]!r}: non-finite gradient "
                                       f"of {name}")
 
