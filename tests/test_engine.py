@@ -1119,6 +1119,65 @@ def test_causal_lm_split_keeps_each_samples_masked_tokens_as_a_loop_does():
             assert all(s["input_ids"].numel() == 0 or s["input_ids"].min() > 0 for s in got)
 
 
+def test_lagged_dense_rows_are_the_same_and_formed_after_the_previous_are_yielded(
+        llama_model, monkeypatch):
+    """per_sample.LAG_DEVICES (CUDA): the dense-rows engine checks and yields a
+    micro-batch's rows once the next micro-batch's forward and backward are queued, and
+    forms that one's gradients only after them (so its activations, not its gradients, live
+    beside the previous rows: the memory plan's bytes). Run that way on the CPU: the same
+    SampleGradients bitwise, in that order of events, and a NaN in a sample of the first of
+    three micro-batches names the sample, layer and block after the second's forward."""
+    from interference.gradients import CausalLMObjective, NonFiniteGradientError, PerSampleGradients
+    from interference.gradients import per_sample
+
+    idx = QKOVIndexer(llama_model, QKOVConfig.from_model(llama_model))
+    batch = padded_batch(5, 10, 3, "m")
+    events = []
+    hook = llama_model.get_input_embeddings().register_forward_pre_hook(
+        lambda mod, args: events.append("forward"))
+    form_all = per_sample._HookCapture.form_all
+    monkeypatch.setattr(per_sample._HookCapture, "form_all",
+                        lambda self: (events.append("form"), form_all(self))[1])
+
+    def run():
+        events.clear()
+        out = []
+        for g in PerSampleGradients(llama_model, idx, CausalLMObjective(), engine="hooks",
+                                    micro_batch=2)(batch, batch["sample_ids"]):
+            events.append(g.sample_id)
+            out.append(g)
+        return out
+    try:
+        run()                 # the model's padding probe (its own forwards) runs once
+        plain, plain_events = run(), list(events)
+        monkeypatch.setattr(per_sample, "LAG_DEVICES", {"cpu"})
+        lagged = run()
+        assert plain_events == ["forward", "form", "m:0", "m:1", "forward", "form", "m:2",
+                                "m:3", "forward", "form", "m:4"]
+        assert events == ["forward", "form", "forward", "m:0", "m:1", "form", "forward",
+                          "m:2", "m:3", "form", "m:4"]
+        assert [g.sample_id for g in lagged] == batch["sample_ids"]
+        for a, b in zip(lagged, plain):
+            assert (a.loss, a.n_tokens) == (b.loss, b.n_tokens)
+            assert torch.equal(a.vector, b.vector)
+
+        keep = per_sample._HookCapture._keep
+
+        def poisoned(self, n, g):
+            if n.endswith("layers.1.self_attn.v_proj.weight") and not \
+                    any(e.startswith("m:") for e in events):
+                g = g.clone()
+                g[1, 0, 0] = float("nan")
+            return keep(self, n, g)
+        monkeypatch.setattr(per_sample._HookCapture, "_keep", poisoned)
+        with pytest.raises(NonFiniteGradientError, match=r"sample 'm:1': non-finite gradient "
+                                                         r"at layer 1 block V"):
+            run()
+        assert events == ["forward", "form", "forward", "m:0"]
+    finally:
+        hook.remove()
+
+
 def test_lagged_fisher_reads_give_the_same_sums_and_errors(llama_model, monkeypatch):
     """per_sample.LAG_DEVICES (CUDA): without ``into``, a Fisher micro-batch is checked on
     the host once the next one is queued, from each parameter's sum of squares (its capture

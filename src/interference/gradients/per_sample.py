@@ -705,28 +705,52 @@ class PerSampleGradients:
 
     def _hooks(self, samples: list[dict], sample_ids: list[str]):
         """Batched engine: micro-batches of right-padded samples, Σ_k L_k backward once.
-        One device-to-host transfer per micro-batch (losses, token counts, finiteness)."""
+        One device-to-host transfer per micro-batch (losses, token counts, each row's sum).
+
+        On a device of LAG_DEVICES (and without factors), a micro-batch's rows are checked
+        and yielded once the next micro-batch's forward and backward are queued, and that
+        one's gradients are formed only after: its activations live beside the previous
+        rows [m, P] instead of beside its own per-sample gradients, the same bytes, so the
+        memory plan (collect.pass_memory) holds, while the device works through the host's
+        read instead of waiting for its next launches."""
         if not self.rows:
             yield from self._factored(samples, sample_ids)
             return
-        for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids):
+        lag = not self.factors and next(self.model.parameters()).device.type in LAG_DEVICES
+        pending = None
+        for ids, capture, losses, n_tok, real in self._micro_batches(samples, sample_ids,
+                                                                     form=not lag):
+            if pending is not None:
+                yield from self._dense_samples(*pending)
+                pending = None       # its rows: freed before this micro-batch's gradients
+            if lag:
+                capture.form_all()
             rows = self.indexer.flatten_rows(capture.grads)
             # a row holds a NaN/Inf iff its float64 sum does (float32 values cannot
-            # overflow it): one read of the rows instead of isfinite's three passes
-            finite = torch.isfinite(rows.sum(1, dtype=torch.float64)).to(losses.device)
-            info = torch.stack([losses.detach().double(), n_tok.double(), real.double(),
-                                finite.double()]).cpu().tolist()
-            loss_of, tok_of, real_of, finite = info
-            self._check_batch(ids, loss_of, tok_of)
-            for k, sid in enumerate(ids):
-                if not finite[k]:
-                    raise NonFiniteGradientError(
-                        f"sample {sid!r}: non-finite gradient at "
-                        f"{_first_bad_cell(self.indexer, rows[k].cpu())}")
-                factors = self._factors_of(capture, k, int(real_of[k])) if self.factors else None
-                yield SampleGradient(sid, rows[k].detach(), loss_of[k], int(tok_of[k]),
-                                     factors)
-            del capture, rows    # not alive through the next micro-batch's forward
+            # overflow it): one read of the rows, tested on the host
+            info = start_host_copy(torch.stack([
+                losses.detach().double(), n_tok.double(), real.double(),
+                rows.sum(1, dtype=torch.float64).to(losses.device)]))
+            pending = (ids, capture if self.factors else None, rows, info)
+            del capture, rows    # only ``pending`` keeps the rows (and factors' capture)
+            if not lag:
+                yield from self._dense_samples(*pending)
+                pending = None
+        if pending is not None:
+            yield from self._dense_samples(*pending)
+
+    def _dense_samples(self, ids: list[str], capture: "_HookCapture | None",
+                       rows: torch.Tensor, info):
+        """:meth:`_hooks`'s SampleGradients of one micro-batch (rows [m, P]), checked."""
+        loss_of, tok_of, real_of, sums = host_values(info)
+        self._check_batch(ids, loss_of, tok_of)
+        for k, sid in enumerate(ids):
+            if not math.isfinite(sums[k]):
+                raise NonFiniteGradientError(
+                    f"sample {sid!r}: non-finite gradient at "
+                    f"{_first_bad_cell(self.indexer, rows[k].cpu())}")
+            factors = self._factors_of(capture, k, int(real_of[k])) if self.factors else None
+            yield SampleGradient(sid, rows[k].detach(), loss_of[k], int(tok_of[k]), factors)
 
     def _factored(self, samples: list[dict], sample_ids: list[str]):
         """Stored samples of a factored store: x, δ and the norm of g_i, no row [P] (each
