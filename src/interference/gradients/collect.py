@@ -414,7 +414,9 @@ def pass_memory(indexer, layers: list[int], rows_bytes: int, micro_batch: int,
       copies = 4 m (P_c + P_1): ``flatten_rows``'s head-major pieces that are copies
                (P_c: parameters of those blocks; index_select copies them all), held until
                the cat, and one piece's permuting intermediate (P_1: the largest block);
-      cat    = 4 m P: the [m, P] float32 rows (``grads`` stays live while they are used);
+      cat    = 4 m P: the [m, P] float32 rows (``grads`` stays live while they are used;
+               on a device of per_sample.LAG_DEVICES a micro-batch's rows live through
+               the next one's forward and backward, before its ``grads`` exist: act + grads);
       fisher = 24 P: a Fisher micro-batch's float64 running Σ g², one sample's float64
                copy and its square;
       store  = 4 P: the store's copy of one sample's row;
