@@ -25,7 +25,8 @@ LOW = (torch.bfloat16, torch.float16)
 # in the TF32 matmul of their float32 copies, without making the copies (B2, session 17)
 LOWP_OUT_DEVICES = {"cuda"}
 _LOWP_OK: dict[tuple[str, torch.dtype], bool] = {}
-# devices where square_sum runs as one Triton kernel (else one multiply-add per sample)
+# devices where square_sum runs as one Triton kernel (else a multiply-add per sample, over
+# blocks on SQUARE_SUM_BLOCK_DEVICES)
 SQUARE_SUM_DEVICES = {"cuda"}
 # devices where square_sum's loop runs over blocks of SQUARE_SUM_CPU_BLOCK entries a thread,
 # all samples added into a block before the next, so that its float64 sums and copies stay

@@ -51,11 +51,12 @@ PAD_MULTIPLE = {"cuda": 32}
 # stored samples cost some 3 s of B2's 7B chunk (benchmarks/RESULTS.md, session 14).
 GRAM_NORM_DEVICES = {"cuda"}
 GRAM_NORM_RATIO = 4
-# On these devices every engine reads a micro-batch's losses and checks on the host only
-# once the next micro-batch is queued (the copy itself is started at once): the device does
-# not wait for the host's launches between micro-batches (B3 on an H200: the per-batch read
-# held the queue 8 ms of each 33 ms micro-batch, session 17; the dense rows' read, 0.68-0.69x
-# -> 0.81-0.94x of an ordinary step on an H100, session 28; benchmarks/RESULTS.md).
+# On these devices the engines read a micro-batch's losses and checks on the host only once
+# the next micro-batch is queued (the copy itself is started at once; not for a Fisher
+# state's ``into``, nor where a capture's dense per-sample gradients are kept): the device
+# does not wait for the host's launches between micro-batches (B3 on an H200: the per-batch
+# read held the queue 8 ms of each 33 ms micro-batch, session 17; the dense rows' read,
+# 0.68-0.69x -> 0.81-0.94x of an ordinary step on an H100, session 28; RESULTS.md).
 LAG_DEVICES = {"cuda"}
 # On these devices a formed per-sample weight gradient's squared norm (a stored sample's,
 # for its store) is the float64 sum of the squares of its rows' norms, each taken in the
