@@ -434,6 +434,30 @@ def test_nan_or_inf_names_the_sample_and_the_layer(llama_model):
         fc.collect_fisher(model, batch, task="math", role="scored")
 
 
+def test_a_collector_that_cannot_keep_what_a_role_asks_refuses_before_any_pass(llama_model,
+                                                                                monkeypatch):
+    """role='scored' without enable_cross_task_analysis ran every sample's forward and
+    backward and kept nothing; store_device='cuda' without CUDA failed with torch's
+    AssertionError after the first micro-batch. Both now refuse before any pass."""
+    from interference.gradients import FisherCollector, PerSampleGradients
+    from conftest import padded_batch
+
+    passes = []
+    monkeypatch.setattr(PerSampleGradients, "_micro_batches",
+                        lambda self, *a, **k: passes.append(1) or iter(()))
+    batch = padded_batch(3, 10, 0, "math:s")
+    for role in ("scored", "reference", "control"):
+        with pytest.raises(ValueError, match=rf"role='{role}' keeps per-sample gradients.*"
+                                             r"enable_cross_task_analysis=True"):
+            FisherCollector().collect_fisher(llama_model, batch, task="math", role=role)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"store_device='cuda', but torch sees no CUDA "
+                                             r"device here; use 'auto' or 'cpu'"):
+            FisherCollector(enable_cross_task_analysis=True, store_device="cuda") \
+                .collect_fisher(llama_model, batch, task="math", role="scored")
+    assert passes == []
+
+
 def test_task_a_equal_to_task_b_is_decided_by_sample_ids_and_texts(bpe):
     from qkov_pipeline.config import compose, validate
     from qkov_pipeline.stages.data import prepare_group

@@ -337,6 +337,10 @@ class FisherCollector:
             raise ValueError(f"role must be one of {COLLECT_ROLES}, got {role!r}")
         if not task:
             raise ValueError("task name must be a non-empty string")
+        if role not in ("fisher", "all") and not self.enable_cross_task_analysis:
+            raise ValueError(f"role={role!r} keeps per-sample gradients, which this collector "
+                             "does not: make it with FisherCollector("
+                             "enable_cross_task_analysis=True)")
         self._bind(model)
         n = self.objective.batch_size(batch)
         if n == 0:
@@ -588,6 +592,9 @@ def _store_placement(model: nn.Module, store_device, memory_mb) -> tuple[torch.d
         device = next(model.parameters()).device
     else:
         device = torch.device(store_device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"store_device={store_device!r}, but torch sees no CUDA device "
+                             "here; use 'auto' or 'cpu'")
     if isinstance(memory_mb, str) and memory_mb == "auto":
         free = free_memory_mb(device)
         return device, CPU_STORE_MB if free is None else STORE_SHARE * free

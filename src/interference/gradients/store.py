@@ -44,7 +44,9 @@ def natural_key(sample_id: str):
 
 
 def _to_numpy(vec: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    t = vec.detach().to("cpu", dtype)
+    """``vec`` as a C-contiguous host array of the store's dtype (bfloat16 as int16 bits):
+    written to a file from its own memory (``.data``), not through a ``tobytes`` copy."""
+    t = vec.detach().to("cpu", dtype).contiguous()
     return (t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy()
 
 
@@ -123,8 +125,9 @@ class _Shard:
                 row.copy_(vec.detach())
                 self._slot.append((len(self._buffers) - 1, self._free))
                 self._free += 1
-            else:
-                row = vec.detach().to(self.device, self.dtype).clone()
+            else:   # one copy (a cross-device .to() and then a clone made two)
+                row = torch.empty(vec.shape, dtype=self.dtype, device=self.device)
+                row.copy_(vec.detach())
                 self._slot.append(None)
             self.ram.append(row)
         else:
@@ -133,7 +136,7 @@ class _Shard:
                                  "to a store being collected, then save and gather it")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as fh:
-                fh.write(_to_numpy(vec, self.dtype).tobytes())
+                fh.write(_to_numpy(vec, self.dtype).data)
             self.where[sid] = ("disk", self.disk_rows)
             self.disk_rows += 1
             self._map = None
@@ -578,7 +581,7 @@ class GradientStore:
                 shutil.copyfile(shard.path, target)
         with open(target, "ab" if disk_ids else "wb") as fh:
             for sid in ram_ids:
-                fh.write(_to_numpy(shard.ram[shard.where[sid][1]], self.dtype).tobytes())
+                fh.write(_to_numpy(shard.ram[shard.where[sid][1]], self.dtype).data)
         return disk_ids + ram_ids
 
     @classmethod
