@@ -451,10 +451,11 @@ def test_a_collector_that_cannot_keep_what_a_role_asks_refuses_before_any_pass(l
                                              r"enable_cross_task_analysis=True"):
             FisherCollector().collect_fisher(llama_model, batch, task="math", role=role)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"store_device='cuda', but torch sees no CUDA "
-                                             r"device here; use 'auto' or 'cpu'"):
-            FisherCollector(enable_cross_task_analysis=True, store_device="cuda") \
-                .collect_fisher(llama_model, batch, task="math", role="scored")
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(RuntimeError, match=rf"store_device={device} but no CUDA device "
+                                                   r"is visible; use auto or cpu"):
+                FisherCollector(enable_cross_task_analysis=True, store_device=device) \
+                    .collect_fisher(llama_model, batch, task="math", role="scored")
     assert passes == []
 
 

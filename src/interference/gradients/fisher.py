@@ -586,15 +586,12 @@ def _store_placement(model: nn.Module, store_device, memory_mb) -> tuple[torch.d
     """(device, budget in MB) of a collector's gradient store: ``store_device`` 'auto' is
     the model's device; ``memory_mb`` 'auto' is STORE_SHARE of that card's free memory now,
     or CPU_STORE_MB in host memory."""
-    from ..device import free_memory_mb
+    from ..device import free_memory_mb, resolve_device
 
     if store_device in (None, "auto"):
         device = next(model.parameters()).device
     else:
-        device = torch.device(store_device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"store_device={store_device!r}, but torch sees no CUDA device "
-                             "here; use 'auto' or 'cpu'")
+        device = torch.device(resolve_device(store_device, "store_device"))
     if isinstance(memory_mb, str) and memory_mb == "auto":
         free = free_memory_mb(device)
         return device, CPU_STORE_MB if free is None else STORE_SHARE * free
